@@ -1,0 +1,404 @@
+"""Every method of the Pigeon protocol, typed with msgspec Structs.
+
+A request struct names its method (``service.method``) and, through its generic parameter,
+its response type: ``GetProfile`` is a ``Request[Profile]``, so ``await client.call(
+GetProfile(identity="crm:42"))`` returns a `Profile`. A ``StreamRequest[T]`` yields items of
+type ``T`` followed by an end marker.
+
+Requests forbid unknown fields (a misspelt option is an error that names it); responses
+tolerate them (an older client can read a newer server). New fields always get defaults.
+"""
+
+from __future__ import annotations
+
+import typing
+from datetime import datetime
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
+
+import msgspec
+
+__all__ = [
+    "IDENTITY_PATTERN",
+    "Identity",
+    "AppId",
+    "Platform",
+    "PushToken",
+    "EventType",
+    "Timestamp",
+    "Request",
+    "StreamRequest",
+    "MethodSpec",
+    "METHODS",
+    # server
+    "GetHealth",
+    "Health",
+    "GetStats",
+    "Stats",
+    "ActorStats",
+    "MethodStats",
+    "ConnectionStats",
+    "ProcessStats",
+    "StoreStats",
+    # profiles
+    "Registration",
+    "ConsentEntry",
+    "Profile",
+    "GetProfile",
+    "UpsertProfile",
+    "PatchProfile",
+    "DeleteProfile",
+    "ProfileDeleted",
+    "LinkIdentity",
+    "UnlinkIdentity",
+    # tokens and consent
+    "RegisterToken",
+    "TokenRegistered",
+    "UnregisterToken",
+    "TokenUnregistered",
+    "SetConsent",
+    # events
+    "Event",
+    "IngestEvents",
+    "IngestResult",
+    "Rejection",
+    "ListEvents",
+    "StoredEvent",
+    "MAX_EVENTS_PER_BATCH",
+]
+
+R = TypeVar("R")
+
+#: ``namespace:value``: a lower-case namespace (``crm``, ``email``, ``ecid``) and a value
+#: without control characters.
+IDENTITY_PATTERN = r"^[a-z][a-z0-9_.-]{0,31}:[^\x00-\x1f\x7f]+\Z"
+Identity = Annotated[
+    str,
+    msgspec.Meta(
+        pattern=IDENTITY_PATTERN,
+        max_length=400,
+        description="namespace:value, e.g. crm:42 or email:ana@example.com",
+    ),
+]
+#: An application id: an iOS bundle id or an Android package name.
+AppId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")]
+#: ``apns`` (production), ``apns-sandbox`` (development builds) or ``fcm``.
+Platform = Literal["apns", "apns-sandbox", "fcm"]
+PushToken = Annotated[str, msgspec.Meta(pattern=r"^[\x21-\x7e]{1,4096}\Z")]
+EventType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")]
+Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
+MAX_EVENTS_PER_BATCH = 10_000
+
+
+class Request(
+    msgspec.Struct, Generic[R], kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True
+):
+    """Base of unary requests. Subclasses set ``method`` and parametrize the response type."""
+
+    method: ClassVar[str]
+
+
+class StreamRequest(Request[R]):
+    """Base of server-streamed requests; ``R`` is the type of each item."""
+
+
+class Response(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base of responses and items."""
+
+
+# ---------------------------------------------------------------------------------------------
+# server
+
+
+class Health(Response):
+    status: Literal["serving", "stopping"]
+    version: str
+    protocol: int
+    uptime_s: float
+
+
+class GetHealth(Request[Health]):
+    method: ClassVar[str] = "server.health"
+
+
+class ActorStats(Response):
+    name: str
+    #: starting, running, restarting, stopped or failed
+    state: str
+    restarts: int = 0
+    crashes: int = 0
+    last_error: str | None = None
+    mailbox_used: int = 0
+    mailbox_size: int = 0
+    details: dict[str, Any] = {}
+
+
+class MethodStats(Response):
+    calls: int = 0
+    errors: int = 0
+    p50_us: float = 0.0
+    p99_us: float = 0.0
+    max_us: float = 0.0
+
+
+class ConnectionStats(Response):
+    open: int = 0
+    accepted: int = 0
+    closed_by_protocol_error: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+
+
+class ProcessStats(Response):
+    pid: int
+    cpu_user_s: float
+    cpu_system_s: float
+    rss_bytes: int
+    max_rss_bytes: int
+
+
+class StoreStats(Response):
+    path: str
+    schema_version: int
+    map_size: int
+    used_bytes: int
+    profiles: int
+    identities: int
+    tokens: int
+    events: int
+    commits: int = 0
+    writes: int = 0
+    map_resizes: int = 0
+
+
+class Stats(Response):
+    version: str
+    uptime_s: float
+    process: ProcessStats
+    actors: list[ActorStats]
+    connections: ConnectionStats
+    methods: dict[str, MethodStats]
+    store: StoreStats
+
+
+class GetStats(Request[Stats]):
+    method: ClassVar[str] = "server.stats"
+
+
+# ---------------------------------------------------------------------------------------------
+# profiles
+
+
+class Registration(Response):
+    """A push registration: one app's token on one device."""
+
+    app: str
+    platform: Platform
+    token: str
+    first_seen: Timestamp
+    last_seen: Timestamp
+    state: Literal["active", "invalid"] = "active"
+    invalid_reason: str | None = None
+    invalid_at: Timestamp | None = None
+
+
+class ConsentEntry(Response):
+    push: Literal["in", "out"]
+    updated: Timestamp
+
+
+class Profile(Response):
+    identities: list[str]
+    attributes: dict[str, Any]
+    registrations: list[Registration]
+    consent: dict[str, ConsentEntry]
+    created: Timestamp
+    updated: Timestamp
+
+
+class GetProfile(Request[Profile]):
+    method: ClassVar[str] = "profiles.get"
+    identity: Identity
+
+
+class UpsertProfile(Request[Profile]):
+    """Create the profile or replace its attributes (registrations and consent are kept)."""
+
+    method: ClassVar[str] = "profiles.upsert"
+    identity: Identity
+    attributes: dict[str, Any] = {}
+
+
+class PatchProfile(Request[Profile]):
+    """Merge-patch the attributes (RFC 7386: a null value deletes the key)."""
+
+    method: ClassVar[str] = "profiles.patch"
+    identity: Identity
+    patch: dict[str, Any]
+    #: Create the profile when no profile has this identity (else NOT_FOUND).
+    create: bool = True
+
+
+class ProfileDeleted(Response):
+    identities: list[str]
+    registrations: int
+    events: int
+
+
+class DeleteProfile(Request[ProfileDeleted]):
+    """Delete the profile and every trace of it: identities, tokens, consent, events."""
+
+    method: ClassVar[str] = "profiles.delete"
+    identity: Identity
+
+
+class LinkIdentity(Request[Profile]):
+    """Make ``link`` a further identity of the profile found by ``identity``."""
+
+    method: ClassVar[str] = "profiles.link"
+    identity: Identity
+    link: Identity
+
+
+class UnlinkIdentity(Request[Profile]):
+    """Remove ``identity`` from its profile; a profile keeps at least one identity."""
+
+    method: ClassVar[str] = "profiles.unlink"
+    identity: Identity
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens and consent
+
+
+class TokenRegistered(Response):
+    registration: Registration
+    #: True when the profile was created by this call.
+    created_profile: bool = False
+    #: An identity of the profile the token was moved from, if it belonged to another one.
+    moved_from: str | None = None
+
+
+class RegisterToken(Request[TokenRegistered]):
+    """Register (or refresh) a push token on a profile, creating the profile if needed.
+
+    A token that belongs to another profile moves to this one.
+    """
+
+    method: ClassVar[str] = "tokens.register"
+    identity: Identity
+    app: AppId
+    platform: Platform
+    token: PushToken
+
+
+class TokenUnregistered(Response):
+    identity: str
+
+
+class UnregisterToken(Request[TokenUnregistered]):
+    method: ClassVar[str] = "tokens.unregister"
+    app: AppId
+    token: PushToken
+
+
+class SetConsent(Request[ConsentEntry]):
+    method: ClassVar[str] = "consent.set"
+    identity: Identity
+    app: AppId
+    push: Literal["in", "out"]
+
+
+# ---------------------------------------------------------------------------------------------
+# events
+
+
+class Event(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """An experience event for the profile with ``identity`` (created if needed)."""
+
+    identity: Identity
+    type: EventType
+    #: When it happened; the server's clock when omitted.
+    ts: Timestamp | None = None
+    data: dict[str, Any] = {}
+
+
+class Rejection(Response):
+    index: int
+    code: str
+    message: str
+    field: str | None = None
+
+
+class IngestResult(Response):
+    accepted: int
+    rejected: list[Rejection] = []
+    #: Sequence number of the last accepted event (events are numbered in commit order).
+    last_seq: int = 0
+
+
+class IngestEvents(Request[IngestResult]):
+    """Ingest a batch; each event is validated on its own and a bad one is reported by index
+    without rejecting its neighbours. The reply comes after the accepted events are durable."""
+
+    method: ClassVar[str] = "events.ingest"
+    events: Annotated[list[Event], msgspec.Meta(max_length=MAX_EVENTS_PER_BATCH)]
+
+
+class StoredEvent(Response):
+    seq: int
+    type: str
+    ts: Timestamp
+    data: dict[str, Any] = {}
+
+
+class ListEvents(StreamRequest[StoredEvent]):
+    """Stream a profile's events in time order (newest first with ``reverse``)."""
+
+    method: ClassVar[str] = "events.list"
+    identity: Identity
+    type: EventType | None = None
+    since: Timestamp | None = None
+    until: Timestamp | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 100
+    reverse: bool = False
+
+
+# ---------------------------------------------------------------------------------------------
+# registry
+
+
+class MethodSpec(msgspec.Struct, frozen=True):
+    name: str
+    request: type
+    response: type
+    streaming: bool
+
+
+def _spec(cls: type) -> MethodSpec:
+    base = next(b for b in cls.__orig_bases__ if typing.get_origin(b) in (Request, StreamRequest))  # type: ignore[attr-defined]
+    (response,) = typing.get_args(base)
+    return MethodSpec(cls.method, cls, response, typing.get_origin(base) is StreamRequest)
+
+
+#: Every method, by name.
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in map(
+        _spec,
+        [
+            GetHealth,
+            GetStats,
+            GetProfile,
+            UpsertProfile,
+            PatchProfile,
+            DeleteProfile,
+            LinkIdentity,
+            UnlinkIdentity,
+            RegisterToken,
+            UnregisterToken,
+            SetConsent,
+            IngestEvents,
+            ListEvents,
+        ],
+    )
+}

@@ -1,0 +1,438 @@
+"""Sans-IO protocol state machines for both ends of a connection.
+
+Like h2's ``H2Connection``: ``receive_data(bytes)`` returns a list of events, the ``send_*``
+methods queue frames, and ``data_to_send()`` drains the queued bytes. Nothing here blocks,
+reads a socket or imports an async library; the Trio server and both clients drive these.
+
+Protocol violations by the peer are answered here: a frame that cannot be decoded gets an
+``Error`` for its call (or for call 0 when its id cannot be read), and a stream that cannot be
+resynchronised (a frame over the size limit, a broken handshake) gets a ``GoAway`` and a
+`Terminated` event, after which the I/O layer flushes and closes.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from typing import Any
+
+import msgspec
+
+from .errors import FrameTooLarge, HandshakeError, MalformedFrame, Status
+from .frames import (
+    PROTOCOL_VERSION,
+    AnyFrame,
+    Call,
+    Cancel,
+    End,
+    Error,
+    GoAway,
+    Hello,
+    Item,
+    Ping,
+    Pong,
+    Reply,
+    Welcome,
+)
+from .framing import DEFAULT_MAX_FRAME, HEADER_SIZE, FrameDecoder, FrameEncoder
+
+__all__ = [
+    "State",
+    "ServerConnection",
+    "ClientConnection",
+    # events
+    "HelloReceived",
+    "CallReceived",
+    "CallCancelled",
+    "Terminated",
+    "Closed",
+    "Welcomed",
+    "ReplyReceived",
+    "ItemReceived",
+    "EndReceived",
+    "ErrorReceived",
+    "GoAwayReceived",
+    "PongReceived",
+]
+
+
+class State(enum.Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    #: GoAway sent (server) or received (client): no new calls.
+    DRAINING = "draining"
+    CLOSED = "closed"
+
+
+# ---------------------------------------------------------------------------------------------
+# events
+
+
+class HelloReceived(msgspec.Struct, frozen=True):
+    hello: Hello
+
+
+class CallReceived(msgspec.Struct, frozen=True):
+    call: Call
+
+
+class CallCancelled(msgspec.Struct, frozen=True):
+    id: int
+
+
+class Terminated(msgspec.Struct, frozen=True):
+    """This end sent a GoAway for a protocol violation; flush, then close."""
+
+    code: Status
+    message: str
+
+
+class Closed(msgspec.Struct, frozen=True):
+    """The peer closed its side. ``truncated`` is how many bytes of a partial frame were left."""
+
+    truncated: int = 0
+
+
+class Welcomed(msgspec.Struct, frozen=True):
+    welcome: Welcome
+
+
+class ReplyReceived(msgspec.Struct, frozen=True):
+    id: int
+    body: msgspec.Raw
+
+
+class ItemReceived(msgspec.Struct, frozen=True):
+    id: int
+    body: msgspec.Raw
+
+
+class EndReceived(msgspec.Struct, frozen=True):
+    id: int
+
+
+class ErrorReceived(msgspec.Struct, frozen=True):
+    id: int
+    code: Status
+    message: str
+    field: str | None = None
+
+
+class GoAwayReceived(msgspec.Struct, frozen=True):
+    goaway: GoAway
+
+
+class PongReceived(msgspec.Struct, frozen=True):
+    nonce: int
+
+
+class _Salvage(msgspec.Struct):
+    """Reads just the call id of a frame that failed to decode as a whole."""
+
+    id: int = 0
+
+
+_frame_decoder = msgspec.msgpack.Decoder(AnyFrame)
+_salvage_decoder = msgspec.msgpack.Decoder(_Salvage)
+
+
+def _field_of(exc: msgspec.ValidationError) -> str | None:
+    text = str(exc)
+    marker = " - at `"
+    at = text.rfind(marker)
+    return text[at + len(marker) : -1] if at >= 0 else None
+
+
+class _Base:
+    def __init__(self, max_frame: int) -> None:
+        self.state = State.HANDSHAKE
+        self._decoder = FrameDecoder(max_frame)
+        self._encoder = FrameEncoder()
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self.frames_in = 0
+        self.frames_out = 0
+
+    def _queue(self, frame: AnyFrame) -> None:
+        data = self._encoder.frame(frame)
+        self._out.append(data)
+        self._out_size += len(data)
+        self.frames_out += 1
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes queued and not yet taken by `data_to_send`."""
+        return self._out_size
+
+    def data_to_send(self) -> bytes:
+        """Take every byte queued for the peer (named so because it performs no I/O)."""
+        data = b"".join(self._out)
+        self._out.clear()
+        self._out_size = 0
+        return data
+
+    def encode_body(self, obj: Any) -> msgspec.Raw:
+        return self._encoder.body(obj)
+
+
+class ServerConnection(_Base):
+    """The server's end of one connection.
+
+    Args:
+        server: name and version announced in the welcome.
+        max_frame: largest frame accepted (announced in the welcome).
+        max_calls: calls a client may keep in flight (announced; the I/O layer enforces it by
+            not reading further).
+    """
+
+    def __init__(self, *, server: str, max_frame: int = DEFAULT_MAX_FRAME, max_calls: int = 256) -> None:
+        super().__init__(max_frame)
+        self.server = server
+        self.max_frame = max_frame
+        self.max_calls = max_calls
+        #: Ids of calls received and not yet answered with a terminal frame.
+        self.open_calls: set[int] = set()
+        self.last_id = 0
+        self.hello: Hello | None = None
+
+    # -- input ------------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        """Feed bytes from the client; ``b""`` means the client closed its side."""
+        if self.state is State.CLOSED:
+            return []
+        if not data:
+            truncated = self._decoder.buffered
+            self.state = State.CLOSED
+            return [Closed(truncated)]
+        try:
+            payloads = self._decoder.feed(data)
+        except FrameTooLarge as exc:
+            return self._terminate(Status.RESOURCE_EXHAUSTED, str(exc))
+        events: list[Any] = []
+        for payload in payloads:
+            self.frames_in += 1
+            events.extend(self._receive_frame(payload))
+            if self.state is State.CLOSED:
+                break
+        return events
+
+    def _receive_frame(self, payload: bytes) -> list[Any]:
+        try:
+            frame = _frame_decoder.decode(payload)
+        except msgspec.DecodeError as exc:
+            return self._malformed(payload, exc)
+        if self.state is State.HANDSHAKE:
+            return self._receive_hello(frame)
+        match frame:
+            case Call():
+                return self._receive_call(frame)
+            case Cancel(id=call_id):
+                return [CallCancelled(call_id)] if call_id in self.open_calls else []
+            case Ping(nonce=nonce):
+                self._queue(Pong(nonce=nonce))
+                return []
+            case Pong():
+                return []
+            case _:
+                self._queue(
+                    Error(
+                        id=0,
+                        code=Status.INVALID_ARGUMENT,
+                        message=f"a client may not send a {frame.__struct_config__.tag!r} frame",
+                        field="$.t",
+                    )
+                )
+                return []
+
+    def _malformed(self, payload: bytes, exc: msgspec.DecodeError) -> list[Any]:
+        try:
+            call_id = _salvage_decoder.decode(payload).id
+        except msgspec.DecodeError:
+            call_id = 0
+        if self.state is State.HANDSHAKE:
+            return self._terminate(Status.INVALID_ARGUMENT, f"malformed hello frame: {exc}")
+        field = _field_of(exc) if isinstance(exc, msgspec.ValidationError) else None
+        if call_id <= 0 or call_id in self.open_calls:
+            call_id = 0
+        self._queue(Error(id=call_id, code=Status.INVALID_ARGUMENT, message=f"malformed frame: {exc}", field=field))
+        return []
+
+    def _receive_hello(self, frame: AnyFrame) -> list[Any]:
+        if not isinstance(frame, Hello):
+            tag = frame.__struct_config__.tag
+            return self._terminate(Status.FAILED_PRECONDITION, f"expected a hello frame first, got {tag!r}")
+        if frame.version != PROTOCOL_VERSION:
+            return self._terminate(
+                Status.FAILED_PRECONDITION,
+                f"unsupported protocol version {frame.version}; this server speaks version {PROTOCOL_VERSION}",
+            )
+        self.hello = frame
+        self.state = State.OPEN
+        self._queue(
+            Welcome(version=PROTOCOL_VERSION, server=self.server, max_frame=self.max_frame, max_calls=self.max_calls)
+        )
+        return [HelloReceived(frame)]
+
+    def _receive_call(self, call: Call) -> list[Any]:
+        if call.id in self.open_calls:
+            self._queue(
+                Error(
+                    id=call.id,
+                    code=Status.INVALID_ARGUMENT,
+                    message=f"call id {call.id} is already in flight on this connection; "
+                    "this second call was rejected and the first one continues",
+                    field="$.id",
+                )
+            )
+            return []
+        if self.state is State.DRAINING:
+            self._queue(
+                Error(
+                    id=call.id,
+                    code=Status.UNAVAILABLE,
+                    message="the server is shutting down and accepts no new calls; retry on a new connection",
+                )
+            )
+            return []
+        self.open_calls.add(call.id)
+        if call.id > self.last_id:
+            self.last_id = call.id
+        return [CallReceived(call)]
+
+    def _terminate(self, code: Status, message: str) -> list[Any]:
+        self._queue(GoAway(code=code, message=message, last_id=self.last_id))
+        self.state = State.CLOSED
+        return [Terminated(code, message)]
+
+    # -- output -----------------------------------------------------------------------------
+
+    def send_reply(self, call_id: int, body: Any) -> bool:
+        """Queue the unary result of a call. False if the call is no longer open."""
+        if call_id not in self.open_calls:
+            return False
+        self.open_calls.discard(call_id)
+        self._queue(Reply(id=call_id, body=self._encoder.body(body)))
+        return True
+
+    def send_item(self, call_id: int, body: Any) -> bool:
+        """Queue one item of a streamed call. False if the call is no longer open."""
+        if call_id not in self.open_calls:
+            return False
+        self._queue(Item(id=call_id, body=self._encoder.body(body)))
+        return True
+
+    def send_end(self, call_id: int) -> bool:
+        if call_id not in self.open_calls:
+            return False
+        self.open_calls.discard(call_id)
+        self._queue(End(id=call_id))
+        return True
+
+    def send_error(self, call_id: int, code: Status, message: str, field: str | None = None) -> bool:
+        if call_id not in self.open_calls:
+            return False
+        self.open_calls.discard(call_id)
+        self._queue(Error(id=call_id, code=code, message=message, field=field))
+        return True
+
+    def send_goaway(self, code: Status, message: str) -> None:
+        """Announce that no new calls are accepted; calls already open are still answered."""
+        if self.state in (State.OPEN, State.HANDSHAKE):
+            self._queue(GoAway(code=code, message=message, last_id=self.last_id))
+            self.state = State.DRAINING
+
+
+class ClientConnection(_Base):
+    """The client's end of one connection: allocates call ids and tracks the handshake.
+
+    Call `hello` first and send its bytes; calls may be queued before the welcome arrives.
+    """
+
+    def __init__(self, *, client: str = "pigeon-client", api_key: str | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+        super().__init__(max_frame)
+        self.client = client
+        self.api_key = api_key
+        self.welcome: Welcome | None = None
+        self.goaway: GoAway | None = None
+        self._ids = itertools.count(1)
+        #: The server's frame limit, known after the welcome (the default until then).
+        self.server_max_frame = DEFAULT_MAX_FRAME
+
+    def hello(self) -> None:
+        self._queue(Hello(version=PROTOCOL_VERSION, client=self.client, api_key=self.api_key))
+
+    def start_call(self, method: str, body: Any, *, timeout_ms: int | None = None) -> int:
+        """Queue a call and return its id.
+
+        Raises:
+            FrameTooLarge: the encoded call exceeds the server's frame limit; nothing was queued.
+            HandshakeError: the connection is draining or closed.
+        """
+        if self.state in (State.DRAINING, State.CLOSED):
+            reason = self.goaway.message if self.goaway else "connection closed"
+            raise HandshakeError(f"cannot start {method}: {reason}")
+        call_id = next(self._ids)
+        raw = body if isinstance(body, msgspec.Raw) else self._encoder.body(body)
+        data = self._encoder.frame(Call(id=call_id, method=method, body=raw, timeout_ms=timeout_ms))
+        if len(data) - HEADER_SIZE > self.server_max_frame:
+            raise FrameTooLarge(len(data) - HEADER_SIZE, self.server_max_frame)
+        self._out.append(data)
+        self._out_size += len(data)
+        self.frames_out += 1
+        return call_id
+
+    def cancel(self, call_id: int) -> None:
+        if self.state is not State.CLOSED:
+            self._queue(Cancel(id=call_id))
+
+    def ping(self, nonce: int = 0) -> None:
+        self._queue(Ping(nonce=nonce))
+
+    def receive_data(self, data: bytes) -> list[Any]:
+        """Feed bytes from the server; ``b""`` means the server closed.
+
+        Raises:
+            ProtocolError: the server sent something this client cannot accept.
+        """
+        if not data:
+            truncated = self._decoder.buffered
+            self.state = State.CLOSED
+            return [Closed(truncated)]
+        events: list[Any] = []
+        for payload in self._decoder.feed(data):
+            self.frames_in += 1
+            try:
+                frame = _frame_decoder.decode(payload)
+            except msgspec.DecodeError as exc:
+                raise MalformedFrame(f"malformed frame from server: {exc}") from exc
+            match frame:
+                case Reply(id=i, body=b):
+                    events.append(ReplyReceived(i, b))
+                case Item(id=i, body=b):
+                    events.append(ItemReceived(i, b))
+                case End(id=i):
+                    events.append(EndReceived(i))
+                case Error(id=i, code=c, message=m, field=f):
+                    events.append(ErrorReceived(i, c, m, f))
+                case Welcome():
+                    if self.welcome is not None:
+                        raise HandshakeError("the server sent a second welcome")
+                    if frame.version != PROTOCOL_VERSION:
+                        raise HandshakeError(f"server speaks protocol version {frame.version}, not {PROTOCOL_VERSION}")
+                    self.welcome = frame
+                    self.server_max_frame = frame.max_frame
+                    if self.state is State.HANDSHAKE:
+                        self.state = State.OPEN
+                    events.append(Welcomed(frame))
+                case GoAway():
+                    self.goaway = frame
+                    self.state = State.DRAINING
+                    events.append(GoAwayReceived(frame))
+                case Ping(nonce=n):
+                    self._queue(Pong(nonce=n))
+                case Pong(nonce=n):
+                    events.append(PongReceived(n))
+                case _:
+                    raise MalformedFrame(f"a server may not send a {frame.__struct_config__.tag!r} frame")
+        return events

@@ -1,0 +1,118 @@
+"""Status codes and the protocol's exception tree.
+
+The tree, drawn once::
+
+    PigeonProtocolError                 any failure seen by a protocol user
+    ├── ProtocolError                   the byte stream broke the rules
+    │   ├── FrameTooLarge               a length prefix above the advertised maximum
+    │   ├── MalformedFrame              a frame that is not a valid envelope
+    │   └── HandshakeError              hello/welcome went wrong (version, order)
+    ├── CallError                       a call ended with a non-OK status
+    └── ConnectionClosed                the peer went away (carries the goaway, if any)
+
+`CallError` carries a canonical gRPC `Status` and the server's message, which names the bad
+field where there is one.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = [
+    "Status",
+    "PigeonProtocolError",
+    "ProtocolError",
+    "FrameTooLarge",
+    "MalformedFrame",
+    "HandshakeError",
+    "CallError",
+    "ConnectionClosed",
+]
+
+
+class Status(enum.StrEnum):
+    """The canonical gRPC status codes, sent on the wire by name."""
+
+    OK = "OK"
+    CANCELLED = "CANCELLED"
+    UNKNOWN = "UNKNOWN"
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
+    NOT_FOUND = "NOT_FOUND"
+    ALREADY_EXISTS = "ALREADY_EXISTS"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
+    RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    OUT_OF_RANGE = "OUT_OF_RANGE"
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+    INTERNAL = "INTERNAL"
+    UNAVAILABLE = "UNAVAILABLE"
+    DATA_LOSS = "DATA_LOSS"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+
+    @property
+    def number(self) -> int:
+        """The numeric gRPC code (``OK`` is 0, ``UNAUTHENTICATED`` is 16)."""
+        return _NUMBERS[self]
+
+
+_NUMBERS = {status: number for number, status in enumerate(Status)}
+
+
+class PigeonProtocolError(Exception):
+    """Root of every error raised by the protocol package and its clients."""
+
+
+class ProtocolError(PigeonProtocolError):
+    """The byte stream violated the protocol; the connection cannot be trusted any more."""
+
+
+class FrameTooLarge(ProtocolError):
+    """A frame's length prefix exceeds the maximum the receiver advertised.
+
+    Raised before the frame's body is buffered.
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the maximum frame size of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+class MalformedFrame(ProtocolError):
+    """A complete frame that does not decode to a valid envelope."""
+
+
+class HandshakeError(ProtocolError):
+    """The hello/welcome exchange failed (wrong order, unsupported version)."""
+
+
+class CallError(PigeonProtocolError):
+    """A call finished with a non-OK status.
+
+    Attributes:
+        status: the canonical status code.
+        message: the server's explanation; it names the offending field when there is one.
+        field: the path of the offending field (``$.events[3].type``) when known.
+    """
+
+    def __init__(self, status: Status, message: str, field: str | None = None) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = Status(status)
+        self.message = message
+        self.field = field
+
+
+class ConnectionClosed(PigeonProtocolError):
+    """The connection is gone; calls still in flight on it fail with this.
+
+    Attributes:
+        status: the goaway's status if the server sent one, else ``UNAVAILABLE``.
+        message: why.
+    """
+
+    def __init__(self, message: str, status: Status = Status.UNAVAILABLE) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = Status(status)
+        self.message = message

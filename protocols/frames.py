@@ -1,0 +1,136 @@
+"""The envelope: every frame on the wire is one of these tagged structs.
+
+A frame is a MessagePack map whose ``t`` key names its kind. Call bodies stay encoded
+(`msgspec.Raw`) in the envelope and are decoded later against the method's own types, so
+a bad body is reported for its call without losing the connection.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from .errors import Status
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "CallId",
+    "Frame",
+    "Hello",
+    "Welcome",
+    "Call",
+    "Reply",
+    "Item",
+    "End",
+    "Error",
+    "Cancel",
+    "Ping",
+    "Pong",
+    "GoAway",
+    "AnyFrame",
+    "EMPTY_BODY",
+]
+
+#: The protocol version this package speaks.
+PROTOCOL_VERSION = 1
+
+#: Call ids are chosen by the client: 1 .. 2**63-1; 0 means "the connection itself".
+CallId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+
+#: An encoded empty map, the body of calls that take no arguments.
+EMPTY_BODY = msgspec.Raw(b"\x80")
+
+
+class Frame(msgspec.Struct, tag_field="t", frozen=True, kw_only=True, omit_defaults=True):
+    """Base of all frames."""
+
+
+class Hello(Frame, tag="hello"):
+    """Client → server, first frame on a connection."""
+
+    version: int
+    client: str = ""
+    #: Reserved for API keys; accepted and ignored until keys are enforced.
+    api_key: str | None = None
+
+
+class Welcome(Frame, tag="welcome"):
+    """Server → client, answer to `Hello`. Nothing else is sent before it."""
+
+    version: int
+    server: str
+    #: Largest frame (length prefix value) the server accepts.
+    max_frame: int
+    #: Calls a client may have in flight on this connection; the server stops reading beyond it.
+    max_calls: int
+
+
+class Call(Frame, tag="call"):
+    """Client → server: start call ``id`` of ``method`` (``service.method``)."""
+
+    id: CallId
+    method: str
+    body: msgspec.Raw = EMPTY_BODY
+    #: Optional deadline relative to receipt; the call ends with DEADLINE_EXCEEDED after it.
+    timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class Reply(Frame, tag="reply"):
+    """Server → client: the unary result of call ``id``. Terminal."""
+
+    id: int
+    body: msgspec.Raw
+
+
+class Item(Frame, tag="item"):
+    """Server → client: one item of a server-streamed call."""
+
+    id: int
+    body: msgspec.Raw
+
+
+class End(Frame, tag="end"):
+    """Server → client: a server-streamed call finished successfully. Terminal."""
+
+    id: int
+
+
+class Error(Frame, tag="error"):
+    """Server → client: call ``id`` failed. Terminal. ``id`` 0 concerns the connection."""
+
+    id: int
+    code: Status
+    message: str
+    field: str | None = None
+
+
+class Cancel(Frame, tag="cancel"):
+    """Client → server: abandon call ``id``; the server answers with CANCELLED if still running."""
+
+    id: CallId
+
+
+class Ping(Frame, tag="ping"):
+    """Either way: answered by a `Pong` carrying the same nonce."""
+
+    nonce: int = 0
+
+
+class Pong(Frame, tag="pong"):
+    nonce: int = 0
+
+
+class GoAway(Frame, tag="goaway"):
+    """Server → client: no new calls will be accepted; the connection closes soon.
+
+    Calls with ids up to ``last_id`` that were received are still answered; later ones are
+    answered with UNAVAILABLE and may be retried elsewhere.
+    """
+
+    code: Status
+    message: str
+    last_id: int = 0
+
+
+AnyFrame = Hello | Welcome | Call | Reply | Item | End | Error | Cancel | Ping | Pong | GoAway

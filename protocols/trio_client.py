@@ -1,0 +1,385 @@
+"""The Trio client.
+
+    async with open_client("127.0.0.1:7600") as client:
+        profile = await client.call(GetProfile(identity="crm:42"))
+        async with client.stream(ListEvents(identity="crm:42")) as events:
+            async for event in events:
+                ...
+        async with client.event_batcher(batch_size=500) as batcher:
+            for event in events:
+                await batcher.add(event)
+
+Calls are pipelined: any number of tasks may call at once on one connection and replies are
+matched by id. Deadlines follow Trio's rule: wrap a call in ``trio.fail_after``; the
+remaining time is sent to the server, which abandons the call when it runs out.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import msgspec
+import trio
+
+from . import api
+from ._client_core import CallSink, closed_error, decoder_for, parse_target, response_type, route_events
+from .connection import ClientConnection, State
+from .errors import ConnectionClosed, PigeonProtocolError, ProtocolError
+from .frames import Welcome
+
+__all__ = ["Client", "open_client", "EventBatcher", "BatchFailed"]
+
+R = TypeVar("R")
+_STREAM_BUFFER = 64
+
+
+class _Unary(CallSink):
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.outcome: msgspec.Raw | BaseException | None = None
+
+    def resolve(self, outcome: msgspec.Raw | BaseException) -> None:
+        self.outcome = outcome
+        self.event.set()
+
+
+class _Stream(CallSink):
+    streaming = True
+
+    def __init__(self) -> None:
+        self.send, self.receive = trio.open_memory_channel[Any](_STREAM_BUFFER)
+
+    def resolve(self, outcome: msgspec.Raw | BaseException) -> None:
+        # Connection-level failure: end the consumer's wait without blocking the reader.
+        try:
+            self.send.send_nowait(outcome)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+        self.send.close()
+
+
+class Client:
+    """A connection to a Pigeon server. Create it with `open_client`."""
+
+    def __init__(self, stream: trio.abc.Stream, conn: ClientConnection, nursery: trio.Nursery) -> None:
+        self._stream = stream
+        self._conn = conn
+        self._nursery = nursery
+        self._pending: dict[int, CallSink] = {}
+        self._send_lock = trio.Lock()
+        self._welcomed = trio.Event()
+        self._pongs: dict[int, trio.Event] = {}
+        self._closed_error: PigeonProtocolError | None = None
+
+    @property
+    def welcome(self) -> Welcome:
+        """The server's welcome: its name, frame limit and calls-in-flight limit."""
+        assert self._conn.welcome is not None
+        return self._conn.welcome
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def call(self, request: api.Request[R]) -> R:
+        """Call the request's method and return its decoded response.
+
+        Raises:
+            CallError: the server answered with a non-OK status.
+            ConnectionClosed: the connection ended before the answer.
+            FrameTooLarge: the request exceeds the server's frame limit (nothing was sent).
+        """
+        sink = _Unary()
+        call_id = self._start(request, sink)
+        try:
+            await self._flush()
+            await sink.event.wait()
+        except BaseException:
+            self._abandon(call_id)
+            raise
+        outcome = sink.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return decoder_for(response_type(request)).decode(outcome)
+
+    @asynccontextmanager
+    async def stream(self, request: api.StreamRequest[R]) -> AsyncIterator[AsyncIterator[R]]:
+        """Start a server-streamed call; iterate the yielded object for its items.
+
+        Leaving the block early cancels the call on the server.
+        """
+        sink = _Stream()
+        call_id = self._start(request, sink)
+        try:
+            await self._flush()
+            yield self._items(sink, decoder_for(response_type(request)))
+        finally:
+            self._abandon(call_id)
+
+    async def _items(self, sink: _Stream, decoder: msgspec.msgpack.Decoder) -> AsyncIterator[Any]:
+        async for outcome in sink.receive:
+            if outcome is None:
+                return
+            if isinstance(outcome, BaseException):
+                raise outcome
+            yield decoder.decode(outcome)
+
+    async def ping(self) -> float:
+        """Round-trip time to the server, in seconds."""
+        nonce = len(self._pongs) + 1
+        while nonce in self._pongs:
+            nonce += 1
+        done = self._pongs[nonce] = trio.Event()
+        started = trio.current_time()
+        self._conn.ping(nonce)
+        try:
+            await self._flush()
+            await done.wait()
+        finally:
+            self._pongs.pop(nonce, None)
+        if self._closed_error is not None:
+            raise self._closed_error
+        return trio.current_time() - started
+
+    def event_batcher(
+        self, *, batch_size: int = 500, max_in_flight: int = 4, linger: float = 0.01
+    ) -> EventBatcher:
+        """A helper for high-rate ingestion; see `EventBatcher`."""
+        return EventBatcher(self, batch_size=batch_size, max_in_flight=max_in_flight, linger=linger)
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    def _start(self, request: api.Request[Any], sink: CallSink) -> int:
+        if self._closed_error is not None:
+            raise self._closed_error
+        deadline = trio.current_effective_deadline()
+        timeout_ms = None
+        if deadline != math.inf:
+            timeout_ms = max(1, int((deadline - trio.current_time()) * 1000))
+        try:
+            call_id = self._conn.start_call(request.method, request, timeout_ms=timeout_ms)
+        except ProtocolError as exc:
+            if self._conn.state in (State.DRAINING, State.CLOSED):
+                raise closed_error(self._conn) from exc
+            raise
+        self._pending[call_id] = sink
+        return call_id
+
+    def _abandon(self, call_id: int) -> None:
+        if self._pending.pop(call_id, None) is not None and self._closed_error is None:
+            self._conn.cancel(call_id)
+            self._nursery.start_soon(self._flush_quietly)
+
+    async def _flush(self) -> None:
+        async with self._send_lock:
+            data = self._conn.data_to_send()
+            if data:
+                try:
+                    await self._stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    self._fail_all(closed_error(self._conn, f"sending failed: {exc!r}"))
+                    raise self._closed_error from exc  # type: ignore[misc]
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except PigeonProtocolError:
+            pass
+
+    async def _reader(self) -> None:
+        conn = self._conn
+        try:
+            while True:
+                try:
+                    data = await self._stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
+                    self._fail_all(closed_error(conn, f"the connection broke: {exc!r}"))
+                    return
+                events = conn.receive_data(data)
+                for sink, outcome in route_events(
+                    events, self._pending, on_welcome=self._welcomed.set, on_pong=self._pong
+                ):
+                    assert isinstance(sink, _Stream)
+                    try:
+                        await sink.send.send(outcome)
+                        if outcome is None or isinstance(outcome, BaseException):
+                            sink.send.close()
+                    except (trio.ClosedResourceError, trio.BrokenResourceError):
+                        pass  # the consumer left
+                if conn.pending_bytes:
+                    await self._flush_quietly()
+                if not data:
+                    self._fail_all(closed_error(conn))
+                    return
+        except ProtocolError as exc:
+            self._fail_all(exc)
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self._stream)
+
+    def _pong(self, nonce: int) -> None:
+        event = self._pongs.get(nonce)
+        if event is not None:
+            event.set()
+
+    def _fail_all(self, error: PigeonProtocolError) -> None:
+        if self._closed_error is None:
+            self._closed_error = error
+        pending, self._pending = self._pending, {}
+        for sink in pending.values():
+            sink.resolve(error)
+        self._welcomed.set()
+        for event in self._pongs.values():
+            event.set()
+
+    async def aclose(self) -> None:
+        self._fail_all(ConnectionClosed("the client closed the connection"))
+        await trio.aclose_forcefully(self._stream)
+
+
+@asynccontextmanager
+async def open_client(
+    target: str = "127.0.0.1:7600",
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    api_key: str | None = None,
+    client_name: str = "pigeon-trio",
+) -> AsyncIterator[Client]:
+    """Connect, say hello, wait for the welcome, and yield a `Client`.
+
+    Args:
+        target: ``HOST:PORT`` or ``unix:PATH``.
+        ssl_context: speak TLS (``ssl.create_default_context(cafile=...)``).
+        server_hostname: the name to verify in the server's certificate (default: the host).
+        api_key: sent in the hello (reserved; not enforced yet).
+    """
+    host, port = parse_target(target)
+    if host == "unix":
+        stream: trio.abc.Stream = await trio.open_unix_socket(str(port))
+    else:
+        stream = await trio.open_tcp_stream(host, int(port))
+        if ssl_context is not None:
+            stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
+    conn = ClientConnection(client=client_name, api_key=api_key)
+    try:
+        async with trio.open_nursery() as nursery:
+            client = Client(stream, conn, nursery)
+            conn.hello()
+            await client._flush()
+            nursery.start_soon(client._reader)
+            await client._welcomed.wait()
+            if client._closed_error is not None:
+                raise client._closed_error
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.aclose_forcefully(stream)
+
+
+class BatchFailed(PigeonProtocolError):
+    """A batch of events was not acknowledged; ``events`` lists them so they can be retried."""
+
+    def __init__(self, error: BaseException, events: Sequence[api.Event]) -> None:
+        super().__init__(f"{len(events)} events were not acknowledged: {error}")
+        self.error = error
+        self.events = list(events)
+
+
+class EventBatcher:
+    """Groups events into ``events.ingest`` calls and keeps several in flight.
+
+    Use it as an async context manager; `add` waits when ``max_in_flight`` batches are
+    outstanding (backpressure), a partial batch is sent after ``linger`` seconds, and leaving
+    the block sends the rest and waits for every acknowledgement.
+
+    Attributes:
+        accepted: events acknowledged as durable.
+        rejected: ``(event, rejection)`` for each event the server refused.
+        failed: `BatchFailed` errors for batches whose call failed (leaving the block raises
+            the first of them).
+    """
+
+    def __init__(self, client: Client, *, batch_size: int, max_in_flight: int, linger: float) -> None:
+        if not 1 <= batch_size <= api.MAX_EVENTS_PER_BATCH:
+            raise ValueError(f"batch_size must be between 1 and {api.MAX_EVENTS_PER_BATCH}")
+        self.client = client
+        self.batch_size = batch_size
+        self.linger = linger
+        self.accepted = 0
+        self.rejected: list[tuple[api.Event, api.Rejection]] = []
+        self.failed: list[BatchFailed] = []
+        self._slots = trio.Semaphore(max_in_flight)
+        self._in_flight = 0
+        self._idle = trio.Event()
+        self._idle.set()
+        self._batch: list[api.Event] = []
+        self._nursery: trio.Nursery | None = None
+        self._batch_started = 0.0
+
+    async def __aenter__(self) -> EventBatcher:
+        self._cm = trio.open_nursery()
+        self._nursery = await self._cm.__aenter__()
+        self._nursery.start_soon(self._linger_loop)
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        assert self._nursery is not None
+        try:
+            if exc_info[0] is None:
+                await self.flush()
+            self._nursery.cancel_scope.cancel()
+        finally:
+            result = await self._cm.__aexit__(*exc_info)
+        if exc_info[0] is None and self.failed:
+            raise self.failed[0]
+        return result
+
+    async def add(self, event: api.Event) -> None:
+        if not self._batch:
+            self._batch_started = trio.current_time()
+        self._batch.append(event)
+        if len(self._batch) >= self.batch_size:
+            await self._send_batch()
+
+    async def flush(self) -> None:
+        """Send the partial batch and wait until every batch in flight is answered."""
+        if self._batch:
+            await self._send_batch()
+        while self._in_flight:
+            await self._idle.wait()
+
+    async def _send_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        await self._slots.acquire()
+        self._in_flight += 1
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        assert self._nursery is not None
+        self._nursery.start_soon(self._call, batch)
+
+    async def _call(self, batch: list[api.Event]) -> None:
+        try:
+            result = await self.client.call(api.IngestEvents(events=batch))
+        except PigeonProtocolError as exc:
+            self.failed.append(BatchFailed(exc, batch))
+        else:
+            self.accepted += result.accepted
+            self.rejected.extend((batch[r.index], r) for r in result.rejected)
+        finally:
+            self._slots.release()
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def _linger_loop(self) -> None:
+        while True:
+            await trio.sleep(self.linger)
+            if self._batch and trio.current_time() - self._batch_started >= self.linger:
+                await self._send_batch()

@@ -1,0 +1,154 @@
+"""The server: builds the actors, supervises them, and shuts them down gracefully.
+
+Start order (stop order is the reverse): store, reporting, delivery, journeys, ingestion,
+listener. The listener starts last, so a client is only accepted once everything it may call
+is ready, and it stops first, so nothing new arrives while the rest drains and commits.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import ssl
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import trio
+
+from ._config import Config
+from ._delivery import Delivery
+from ._ingest import Ingestion
+from ._journeys import Journeys
+from ._reporting import Reporting
+from ._rpc import Listener
+from ._services import build_router
+from ._store import ProfileStore
+from ._supervisor import ChildSpec, Supervisor, SupervisorOptions
+
+__all__ = ["Server", "serve", "VERSION"]
+
+log = logging.getLogger("pigeon")
+
+try:
+    VERSION = version("pigeon-push")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    VERSION = "0.0.0"
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class Server:
+    """One Pigeon node.
+
+    Args:
+        config: the settings.
+        clock: current time in µs since the epoch (tests move it).
+    """
+
+    def __init__(self, config: Config, *, clock: Any = _now_us) -> None:
+        self.config = config
+        self.version = VERSION
+        self.started_at = time.monotonic()
+        self.stopping = False
+        self._stop = trio.Event()
+        retention_us = int(config.store.retention_days * 86_400 * 1_000_000)
+        self.store = ProfileStore(
+            config.data,
+            map_size=config.store.map_size_mb * 1024 * 1024,
+            max_batch=config.store.max_batch,
+            retention_us=retention_us,
+            sweep_interval=config.store.sweep_interval_s,
+            clock=clock,
+            sync=config.store.sync,
+        )
+        self.reporting = Reporting()
+        self.delivery = Delivery(self.reporting)
+        self.journeys = Journeys()
+        self.ingestion = Ingestion(
+            self.store, on_committed=self.journeys.events_committed, clock=clock, retention_us=retention_us
+        )
+        self.listener = Listener(
+            build_router(self),
+            listen=config.listen,
+            ssl_context=self._ssl_context(),
+            server_name=f"pigeon/{VERSION}",
+            max_frame=config.max_frame,
+            max_calls=config.max_calls,
+            max_connections=config.max_connections,
+            write_timeout=config.write_timeout_s,
+        )
+        s = config.supervisor
+        self.supervisor = Supervisor(
+            "root",
+            [
+                ChildSpec(self.store),
+                ChildSpec(self.reporting),
+                ChildSpec(self.delivery),
+                ChildSpec(self.journeys),
+                ChildSpec(self.ingestion),
+                ChildSpec(self.listener),
+            ],
+            SupervisorOptions(
+                intensity=s.intensity, period=s.period_s, backoff_min=s.backoff_min_s, backoff_max=s.backoff_max_s
+            ),
+        )
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        cert, key = self.config.tls_cert, self.config.tls_key
+        if cert is None and key is None:
+            return None
+        from ._errors import ConfigError
+
+        if cert is None or key is None:
+            raise ConfigError("TLS needs both tls_cert and tls_key")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        try:
+            context.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load the TLS certificate {cert!r} and key {key!r}: {exc}") from None
+        return context
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.listener.addresses
+
+    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until `request_stop`; then stop within the configured grace time."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.supervisor.run)
+            log.info("pigeon %s ready on %s (data in %s)", self.version, ", ".join(self.addresses), self.config.data)
+            task_status.started(self)
+            await self._stop.wait()
+            log.info("stopping: no new calls; finishing those in flight")
+            await self.supervisor.stop(self.config.shutdown_grace_s)
+            log.info("stopped")
+
+    def request_stop(self) -> None:
+        self.stopping = True
+        self._stop.set()
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a server until SIGINT or SIGTERM, then stop it gracefully.
+
+    A second signal cancels whatever is still running.
+    """
+    server = Server(config)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                async for signum in signals:
+                    if not server.stopping:
+                        log.info("received %s", signal.Signals(signum).name)
+                        server.request_stop()
+                    else:
+                        log.warning("received %s again; exiting now", signal.Signals(signum).name)
+                        nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            await server.run(task_status=task_status)
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,140 @@
+"""Configuration: defaults, then a TOML file, then ``PIGEON_*`` variables, then flags.
+
+The file is ``--config FILE`` (or ``PIGEON_CONFIG``), else ``./pigeon.toml`` when it exists.
+Environment variables name a key in upper case, with ``__`` between a section and its key:
+``PIGEON_DATA``, ``PIGEON_LISTEN`` (comma-separated), ``PIGEON_STORE__RETENTION_DAYS``.
+A wrong value is reported with its key and where it came from.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from protocols.framing import DEFAULT_MAX_FRAME
+
+from ._errors import ConfigError
+
+__all__ = ["Config", "StoreSettings", "SupervisorSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
+
+DEFAULT_LISTEN = "127.0.0.1:7600"
+DEFAULT_DATA = "./pigeon-data"
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    #: Initial LMDB map size; it doubles whenever it fills.
+    map_size_mb: Positive = 256
+    #: Most write ops in one group commit.
+    max_batch: Positive = 1024
+    #: Experience events older than this are deleted.
+    retention_days: PositiveFloat = 90.0
+    sweep_interval_s: PositiveFloat = 3600.0
+    #: fsync every commit; turn off only for throwaway data.
+    sync: bool = True
+
+
+class SupervisorSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    intensity: Annotated[int, msgspec.Meta(ge=0)] = 5
+    period_s: PositiveFloat = 10.0
+    backoff_min_s: PositiveFloat = 0.05
+    backoff_max_s: PositiveFloat = 5.0
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    data: str = DEFAULT_DATA
+    listen: list[str] = msgspec.field(default_factory=lambda: [DEFAULT_LISTEN])
+    #: Serve TLS on TCP addresses with this certificate chain and key (PEM files).
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    max_frame: Positive = DEFAULT_MAX_FRAME
+    max_calls: Positive = 256
+    max_connections: Positive = 1024
+    write_timeout_s: PositiveFloat = 30.0
+    shutdown_grace_s: PositiveFloat = 10.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
+
+
+_LIST_KEYS = {"listen"}
+
+
+def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, raw in env.items():
+        if not name.startswith("PIGEON_") or name in ("PIGEON_CONFIG", "PIGEON_SERVER"):
+            continue
+        path = name[len("PIGEON_") :].lower().split("__")
+        target = values
+        for part in path[:-1]:
+            target = target.setdefault(part, {})
+        key = path[-1]
+        target[key] = [item.strip() for item in raw.split(",") if item.strip()] if key in _LIST_KEYS else raw
+        sources[".".join(path)] = f"environment variable {name}"
+    return values, sources
+
+
+def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    result = dict(base)
+    for key, value in top.items():
+        if isinstance(value, Mapping) and isinstance(result.get(key), dict):
+            result[key] = _merge(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def _paths(values: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        out.extend(_paths(value, path + ".") if isinstance(value, Mapping) else [path])
+    return out
+
+
+def load_config(
+    path: str | None = None,
+    *,
+    env: Mapping[str, str],
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration; raise `ConfigError` naming the bad key and its source."""
+    file_values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    path = path or env.get("PIGEON_CONFIG")
+    if path is None and Path("pigeon.toml").is_file():
+        path = "pigeon.toml"
+    if path is not None:
+        try:
+            file_values = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read the configuration file {path!r}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"the configuration file {path!r} is not valid TOML: {exc}") from None
+        sources.update({key: f"{path}" for key in _paths(file_values)})
+    env_values, env_sources = _from_env(env)
+    sources.update(env_sources)
+    flag_values = dict(overrides or {})
+    sources.update({key: "the command line" for key in _paths(flag_values)})
+    merged = _merge(_merge(file_values, env_values), flag_values)
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        at = message.rfind(" - at `$.")
+        key = message[at + 9 : -1] if at >= 0 else ""
+        source = sources.get(key.split("[")[0]) if key else None
+        if "unknown field" in message:
+            field = message.rsplit("`", 2)[-2]
+            source = next((s for k, s in sources.items() if k.split(".")[-1] == field), None)
+            raise ConfigError(f"unknown configuration key {field!r}" + (f" (from {source})" if source else "")) from None
+        where = f" (from {source})" if source else ""
+        raise ConfigError(f"configuration key {key!r}{where}: {message.split(' - at ')[0]}") from None

@@ -1,0 +1,236 @@
+"""Ingestion: validates experience-event batches and feeds them to the store.
+
+`decode_batch` checks every event on its own, so one bad event is reported by its index and
+its neighbours are still accepted. The actor takes every validated batch waiting in its
+mailbox and hands them to the store as one write op (many small ingest calls, one nested
+transaction); when the store has committed, each caller gets its own result and the journeys
+engine is told how far the committed event log now reaches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import msgspec
+import trio
+
+from protocols import api
+
+from ._actor import Actor, Future
+from ._errors import InvalidArgument
+from ._keys import MAX_KEY_BYTES
+from ._records import to_us
+from ._store import InEvent, ProfileStore, WriteOp, ingest_events
+
+__all__ = ["Ingestion", "decode_batch", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US"]
+
+log = logging.getLogger("pigeon.ingest")
+
+#: Largest encoded ``data`` map of one event.
+MAX_EVENT_DATA_BYTES = 64 * 1024
+#: How far in the future an event's timestamp may be (clock skew allowance): 5 minutes.
+MAX_FUTURE_SKEW_US = 5 * 60 * 1_000_000
+
+_EMPTY_MAP = msgspec.Raw(b"\x80")
+
+
+class _InEvent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    identity: api.Identity
+    type: api.EventType
+    ts: api.Timestamp | None = None
+    data: msgspec.Raw = _EMPTY_MAP
+
+
+class _Batch(msgspec.Struct, forbid_unknown_fields=True):
+    events: Annotated[list[_InEvent], msgspec.Meta(max_length=api.MAX_EVENTS_PER_BATCH)]
+
+
+class _LooseBatch(msgspec.Struct, forbid_unknown_fields=True):
+    events: Annotated[list[msgspec.Raw], msgspec.Meta(max_length=api.MAX_EVENTS_PER_BATCH)]
+
+
+_batch_decoder = msgspec.msgpack.Decoder(_Batch)
+_loose_decoder = msgspec.msgpack.Decoder(_LooseBatch)
+_event_decoder = msgspec.msgpack.Decoder(_InEvent)
+
+
+def _is_map(raw: msgspec.Raw) -> bool:
+    view = memoryview(raw)
+    return len(view) > 0 and (0x80 <= view[0] <= 0x8F or view[0] in (0xDE, 0xDF))
+
+
+def _validation_field(exc: msgspec.ValidationError, index: int) -> str | None:
+    text = str(exc)
+    at = text.rfind(" - at `$")
+    return f"$.events[{index}]" + text[at + 8 : -1] if at >= 0 else f"$.events[{index}]"
+
+
+def decode_batch(
+    body: bytes | msgspec.Raw, *, now_us: int, retention_us: int
+) -> tuple[list[InEvent], list[api.Rejection]]:
+    """Decode and check an ``events.ingest`` body.
+
+    Returns the accepted events (identity, type, µs timestamp, encoded data) and a rejection
+    per bad event, by index. Raises `InvalidArgument` only when the body as a whole is not a
+    batch (not a map with an ``events`` list).
+    """
+    rejected: list[api.Rejection] = []
+    try:
+        events: list[Any] = _batch_decoder.decode(body).events
+    except msgspec.ValidationError:
+        try:
+            raws = _loose_decoder.decode(body).events
+        except msgspec.DecodeError as exc:
+            raise InvalidArgument(f"not an event batch: {exc}", field=_path_of(exc)) from None
+        events = []
+        for index, raw in enumerate(raws):
+            try:
+                events.append(_event_decoder.decode(raw))
+            except msgspec.ValidationError as exc:
+                events.append(None)
+                message = str(exc)
+                rejected.append(
+                    api.Rejection(
+                        index=index,
+                        code="INVALID_ARGUMENT",
+                        message=message.split(" - at `", 1)[0],
+                        field=_validation_field(exc, index),
+                    )
+                )
+            except msgspec.DecodeError as exc:
+                events.append(None)
+                rejected.append(
+                    api.Rejection(index=index, code="INVALID_ARGUMENT", message=str(exc), field=f"$.events[{index}]")
+                )
+    except msgspec.DecodeError as exc:
+        raise InvalidArgument(f"not an event batch: {exc}") from None
+
+    accepted: list[InEvent] = []
+    oldest = now_us - retention_us
+    newest = now_us + MAX_FUTURE_SKEW_US
+    for index, event in enumerate(events):
+        if event is None:
+            continue
+        problem = None
+        if event.ts is None:
+            ts = now_us
+        else:
+            ts = to_us(event.ts)
+            if ts > newest:
+                problem = ("OUT_OF_RANGE", "ts is more than 5 minutes in the future", "ts")
+            elif ts < oldest:
+                days = retention_us / 86_400_000_000
+                problem = ("OUT_OF_RANGE", f"ts is older than the retention window of {days:g} days", "ts")
+        if problem is None:
+            if not _is_map(event.data):
+                problem = ("INVALID_ARGUMENT", "data must be a map", "data")
+            elif (size := memoryview(event.data).nbytes) > MAX_EVENT_DATA_BYTES:
+                problem = (
+                    "INVALID_ARGUMENT",
+                    f"data is {size} bytes encoded; the limit is {MAX_EVENT_DATA_BYTES}",
+                    "data",
+                )
+            elif len(event.identity.encode()) > MAX_KEY_BYTES:
+                problem = ("INVALID_ARGUMENT", f"identity is longer than {MAX_KEY_BYTES} bytes", "identity")
+        if problem is not None:
+            code, message, name = problem
+            rejected.append(api.Rejection(index=index, code=code, message=message, field=f"$.events[{index}].{name}"))
+            continue
+        accepted.append((event.identity, event.type, ts, event.data))
+    rejected.sort(key=lambda r: r.index)
+    return accepted, rejected
+
+
+def _path_of(exc: msgspec.DecodeError) -> str | None:
+    text = str(exc)
+    at = text.rfind(" - at `")
+    return text[at + 7 : -1] if at >= 0 else None
+
+
+class _Job:
+    __slots__ = ("events", "rejected", "future")
+
+    def __init__(self, events: list[InEvent], rejected: list[api.Rejection]) -> None:
+        self.events = events
+        self.rejected = rejected
+        self.future: Future[api.IngestResult] = Future()
+
+
+class Ingestion(Actor):
+    """Validates event batches and forwards them to the store, coalescing concurrent batches.
+
+    Args:
+        store: where events are written.
+        on_committed: called with the last committed sequence number after each commit
+            (the journeys engine's trigger).
+        clock: current time in µs.
+        retention_us: events older than this are refused.
+        max_coalesce: most batches merged into one store op.
+    """
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        *,
+        on_committed: Callable[[int, int], None],
+        clock: Callable[[], int],
+        retention_us: int,
+        mailbox_size: int = 256,
+        max_coalesce: int = 64,
+    ) -> None:
+        super().__init__("ingestion", mailbox_size)
+        self.store = store
+        self.on_committed = on_committed
+        self.clock = clock
+        self.retention_us = retention_us
+        self.max_coalesce = max_coalesce
+        self.accepted = 0
+        self.rejected = 0
+        self.batches = 0
+        self.store_ops = 0
+
+    async def ingest(self, body: bytes | msgspec.Raw) -> api.IngestResult:
+        """Validate a raw ``events.ingest`` body, store what is valid, return once durable."""
+        events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
+        self.rejected += len(rejected)
+        if not events:
+            return api.IngestResult(accepted=0, rejected=rejected)
+        job = _Job(events, rejected)
+        await self.send(job)
+        return await job.future.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while jobs := await self.receive_batch(self.max_coalesce):
+            op = WriteOp(ingest_events, [job.events for job in jobs])
+            op.future.on_done(functools.partial(self._committed, jobs))
+            await self.store.send(op)
+            # The store now holds the op; its outcome resolves the jobs.
+            self._in_hand = []
+            self.batches += len(jobs)
+            self.store_ops += 1
+
+    def _committed(self, jobs: list[_Job], done: Future[list[int]]) -> None:
+        try:
+            lasts = done.result()
+        except BaseException as exc:
+            for job in jobs:
+                job.future.fail(exc)
+            return
+        count = 0
+        for job, last in zip(jobs, lasts):
+            count += len(job.events)
+            job.future.set(api.IngestResult(accepted=len(job.events), rejected=job.rejected, last_seq=last))
+        self.accepted += count
+        self.on_committed(max(lasts), count)
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "events_accepted": self.accepted,
+            "events_rejected": self.rejected,
+            "batches": self.batches,
+            "store_ops": self.store_ops,
+        }

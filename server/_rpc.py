@@ -1,0 +1,430 @@
+"""The socket protocol's server: listeners, connections, calls.
+
+One task reads each connection and feeds `protocols.connection.ServerConnection`; every call
+runs in its own task, at most ``max_calls`` per connection (the reader stops reading while the
+limit is reached, so a client cannot queue unbounded work). Replies are queued on the
+connection and flushed under a lock by whichever task gets there first, so pipelined replies
+share system calls. A client that stops reading blocks its own flush; after ``write_timeout``
+seconds without progress the connection is closed, so its memory stays bounded by
+``max_calls`` replies.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket as _stdlib_socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import trio
+from hdrh.histogram import HdrHistogram
+
+from protocols import api
+from protocols.connection import (
+    CallCancelled,
+    CallReceived,
+    Closed,
+    HelloReceived,
+    ServerConnection,
+    Terminated,
+)
+from protocols.errors import Status
+from protocols.frames import Call
+
+from ._actor import Actor
+from ._errors import ServerError
+
+__all__ = ["Router", "CallContext", "Listener", "parse_address"]
+
+log = logging.getLogger("pigeon.rpc")
+
+UnaryHandler = Callable[["CallContext", Any], Awaitable[Any]]
+StreamHandler = Callable[["CallContext", Any, Callable[[Any], Awaitable[None]]], Awaitable[None]]
+
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+_STREAM_FLUSH_BYTES = 32 * 1024
+
+
+class CallContext(msgspec.Struct):
+    """What a handler knows about the call besides its request."""
+
+    method: str
+    peer: str
+    client: str
+    #: The call's undecoded body, for handlers that decode it themselves.
+    body: msgspec.Raw
+
+
+class _Route(msgspec.Struct, frozen=True):
+    spec: api.MethodSpec
+    handler: Callable[..., Awaitable[Any]]
+    decoder: msgspec.msgpack.Decoder | None
+
+
+class Router:
+    """Maps method names to handlers; requests are decoded against the method's types."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, _Route] = {}
+
+    def add(self, request_type: type, handler: Callable[..., Awaitable[Any]], *, raw: bool = False) -> None:
+        """Route ``request_type.method`` to ``handler(ctx, request)`` (or ``(ctx, request, send)``
+        for a streamed method). With ``raw`` the handler gets ``None`` and decodes ``ctx.body``."""
+        spec = api.METHODS[request_type.method]  # type: ignore[attr-defined]
+        decoder = None if raw else msgspec.msgpack.Decoder(spec.request)
+        self.routes[spec.name] = _Route(spec, handler, decoder)
+
+
+def _friendly(message: str) -> str:
+    """Replace regexes in msgspec messages by what they mean."""
+    return message.replace(
+        f"matching regex '{api.IDENTITY_PATTERN}'", "an identity like crm:42 (namespace:value)"
+    )
+
+
+def _field_of(message: str) -> tuple[str, str | None]:
+    at = message.rfind(" - at `")
+    if at < 0:
+        return message, None
+    return message, message[at + 7 : -1]
+
+
+class _MethodStats:
+    __slots__ = ("calls", "errors", "histogram")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.errors = 0
+        self.histogram = HdrHistogram(1, 60_000_000, 2)
+
+    def snapshot(self) -> api.MethodStats:
+        h = self.histogram
+        return api.MethodStats(
+            calls=self.calls,
+            errors=self.errors,
+            p50_us=float(h.get_value_at_percentile(50)),
+            p99_us=float(h.get_value_at_percentile(99)),
+            max_us=float(h.get_max_value()),
+        )
+
+
+def parse_address(address: str) -> tuple[str, str | int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``unix:PATH`` → (host or "unix", port or path)."""
+    if address.startswith("unix:"):
+        path = address[5:]
+        if not path:
+            raise ValueError(f"{address!r}: a unix address needs a path (unix:/run/pigeon.sock)")
+        return "unix", path
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT (e.g. 127.0.0.1:7600) or unix:PATH")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+class Listener(Actor):
+    """Serves the socket protocol on every configured address.
+
+    Args:
+        router: the methods.
+        listen: addresses (see `parse_address`).
+        ssl_context: wrap TCP connections in TLS when given.
+        server_name: announced in the welcome.
+        max_frame, max_calls: per connection, announced in the welcome.
+        max_connections: further connections get a goaway and are closed.
+        write_timeout: seconds a flush may make no progress before the connection is dropped.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        listen: list[str],
+        ssl_context: ssl.SSLContext | None = None,
+        server_name: str,
+        max_frame: int,
+        max_calls: int,
+        max_connections: int,
+        write_timeout: float,
+    ) -> None:
+        super().__init__("listener", 1)
+        self.router = router
+        self.listen = listen
+        self.ssl_context = ssl_context
+        self.server_name = server_name
+        self.max_frame = max_frame
+        self.max_calls = max_calls
+        self.max_connections = max_connections
+        self.write_timeout = write_timeout
+        #: The bound addresses, once listening (a port of 0 is replaced by the real one).
+        self.addresses: list[str] = []
+        self.connections: set[_Connection] = set()
+        self.method_stats: dict[str, _MethodStats] = {}
+        self.accepted = 0
+        self.protocol_errors = 0
+        self.frames_in = 0
+        self.frames_out = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await self._open_listeners()
+        try:
+            async with trio.open_nursery() as connections:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(self._accept_loop, listener, connections)
+                    log.info("listening on %s", ", ".join(self.addresses))
+                    task_status.started()
+                    while await self.receive_batch():
+                        pass
+                    accepting.cancel_scope.cancel()
+                # Stop requested: no new connections; tell the open ones, let their calls finish.
+                for connection in list(self.connections):
+                    connections.start_soon(connection.go_away, Status.UNAVAILABLE, "the server is shutting down")
+        finally:
+            for listener in listeners:
+                with trio.CancelScope(shield=True):
+                    await listener.aclose()
+            for address in self.addresses:
+                if address.startswith("unix:"):
+                    try:
+                        os.unlink(address[5:])
+                    except OSError:
+                        pass
+
+    async def _open_listeners(self) -> list[trio.abc.Listener[Any]]:
+        listeners: list[trio.abc.Listener[Any]] = []
+        addresses = []
+        for address in self.listen:
+            host, port = parse_address(address)
+            if host == "unix":
+                assert isinstance(port, str)
+                sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+                if os.path.exists(port):
+                    os.unlink(port)
+                await sock.bind(port)
+                sock.listen(128)
+                listeners.append(trio.SocketListener(sock))
+                addresses.append(f"unix:{port}")
+                continue
+            for tcp in await trio.open_tcp_listeners(port, host=host):
+                name = tcp.socket.getsockname()
+                addresses.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
+                listeners.append(tcp)
+        if self.ssl_context is not None:
+            listeners = [
+                trio.SSLListener(l, self.ssl_context) if isinstance(l, trio.SocketListener) and l.socket.family != _stdlib_socket.AF_UNIX else l
+                for l in listeners
+            ]
+        self.addresses = addresses
+        return listeners
+
+    async def _accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_CAPACITY_ERRNOS:
+                    log.error("accept failed (%s); retrying in 100 ms", os.strerror(exc.errno or 0))
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            self.accepted += 1
+            nursery.start_soon(self._serve_connection, stream)
+
+    async def _serve_connection(self, stream: trio.abc.Stream) -> None:
+        connection = _Connection(self, stream)
+        if len(self.connections) >= self.max_connections:
+            await connection.go_away(
+                Status.RESOURCE_EXHAUSTED, f"the server already has {self.max_connections} connections"
+            )
+        self.connections.add(connection)
+        try:
+            await connection.serve()
+        finally:
+            self.connections.discard(connection)
+            self.frames_in += connection.conn.frames_in
+            self.frames_out += connection.conn.frames_out
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    def stats_for(self, method: str) -> _MethodStats:
+        stats = self.method_stats.get(method)
+        if stats is None:
+            stats = self.method_stats[method] = _MethodStats()
+        return stats
+
+    def connection_stats(self) -> api.ConnectionStats:
+        return api.ConnectionStats(
+            open=len(self.connections),
+            accepted=self.accepted,
+            closed_by_protocol_error=self.protocol_errors,
+            frames_in=self.frames_in + sum(c.conn.frames_in for c in self.connections),
+            frames_out=self.frames_out + sum(c.conn.frames_out for c in self.connections),
+        )
+
+    def details(self) -> dict[str, Any]:
+        return {"addresses": self.addresses, "connections": len(self.connections)}
+
+
+def _peer_name(stream: trio.abc.Stream) -> str:
+    inner = getattr(stream, "transport_stream", stream)
+    sock = getattr(inner, "socket", None)
+    try:
+        name = sock.getpeername() if sock is not None else "?"
+    except OSError:
+        return "?"
+    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else (name or "unix")
+
+
+class _Connection:
+    def __init__(self, listener: Listener, stream: trio.abc.Stream) -> None:
+        self.listener = listener
+        self.stream = stream
+        self.peer = _peer_name(stream)
+        self.conn = ServerConnection(
+            server=listener.server_name, max_frame=listener.max_frame, max_calls=listener.max_calls
+        )
+        self.send_lock = trio.Lock()
+        self.slots = trio.Semaphore(listener.max_calls)
+        self.calls: dict[int, trio.CancelScope] = {}
+        self.cancelled_by_client: set[int] = set()
+        self.closing = False
+        self.scope = trio.CancelScope()
+
+    async def go_away(self, code: Status, message: str) -> None:
+        """Send a goaway: no new calls; close once the open ones are answered."""
+        self.conn.send_goaway(code, message)
+        self.closing = True
+        await self.flush()
+        if not self.conn.open_calls:
+            self.scope.cancel()
+
+    async def serve(self) -> None:
+        if self.closing:
+            return
+        with self.scope:
+            async with trio.open_nursery() as calls:
+                await self._read(calls)
+
+    async def _read(self, calls: trio.Nursery) -> None:
+        conn = self.conn
+        while True:
+            try:
+                data = await self.stream.receive_some(65536)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+                log.debug("connection from %s broke: %r", self.peer, exc)
+                calls.cancel_scope.cancel()
+                return
+            for event in conn.receive_data(data):
+                if isinstance(event, CallReceived):
+                    await self.slots.acquire()
+                    calls.start_soon(self._run_call, event.call)
+                elif isinstance(event, CallCancelled):
+                    scope = self.calls.get(event.id)
+                    if scope is not None:
+                        self.cancelled_by_client.add(event.id)
+                        scope.cancel()
+                elif isinstance(event, HelloReceived):
+                    log.debug("client %r connected from %s", event.hello.client, self.peer)
+                elif isinstance(event, Terminated):
+                    self.listener.protocol_errors += 1
+                    log.warning("closing connection from %s: %s: %s", self.peer, event.code, event.message)
+                    await self.flush()
+                    calls.cancel_scope.cancel()
+                    return
+                elif isinstance(event, Closed):
+                    if event.truncated:
+                        log.warning(
+                            "connection from %s closed in the middle of a frame (%d bytes discarded)",
+                            self.peer, event.truncated,
+                        )
+                    # The client will send nothing more; answer what is open if it still reads.
+                    return
+            await self.flush()
+            if self.closing and not conn.open_calls:
+                return
+
+    async def flush(self) -> None:
+        """Send everything queued; drop the connection if the client makes us wait too long."""
+        async with self.send_lock:
+            data = self.conn.data_to_send()
+            if not data:
+                return
+            with trio.move_on_after(self.listener.write_timeout) as waited:
+                try:
+                    await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+                    log.debug("send to %s failed: %r", self.peer, exc)
+                    self.scope.cancel()
+                    return
+            if waited.cancelled_caught:
+                log.warning(
+                    "client %s read nothing for %gs; closing its connection", self.peer, self.listener.write_timeout
+                )
+                self.scope.cancel()
+
+    async def _run_call(self, call: Call) -> None:
+        stats = self.listener.stats_for(call.method)
+        started = time.perf_counter()
+        ok = False
+        try:
+            ok = await self._dispatch(call)
+        finally:
+            self.calls.pop(call.id, None)
+            self.cancelled_by_client.discard(call.id)
+            self.slots.release()
+            stats.calls += 1
+            stats.errors += not ok
+            stats.histogram.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
+        await self.flush()
+        if self.closing and not self.conn.open_calls:
+            self.scope.cancel()
+
+    async def _dispatch(self, call: Call) -> bool:
+        """Run the call's handler and queue its answer; True if it succeeded."""
+        conn = self.conn
+        route = self.listener.router.routes.get(call.method)
+        if route is None:
+            conn.send_error(call.id, Status.UNIMPLEMENTED, f"unknown method {call.method!r}", field="$.method")
+            return False
+        try:
+            with trio.CancelScope() as scope:
+                self.calls[call.id] = scope
+                if call.timeout_ms is not None:
+                    scope.deadline = trio.current_time() + call.timeout_ms / 1000
+                try:
+                    request = route.decoder.decode(call.body) if route.decoder is not None else None
+                except msgspec.DecodeError as exc:
+                    message, field = _field_of(_friendly(str(exc)))
+                    conn.send_error(call.id, Status.INVALID_ARGUMENT, message, field=field)
+                    return False
+                ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
+                if route.spec.streaming:
+                    await route.handler(ctx, request, lambda item: self._send_item(call.id, item))
+                    conn.send_end(call.id)
+                else:
+                    conn.send_reply(call.id, await route.handler(ctx, request))
+                return True
+        except ServerError as exc:
+            conn.send_error(call.id, exc.status, exc.message, field=exc.field)
+            return False
+        except Exception:
+            log.exception("%s failed", call.method)
+            conn.send_error(call.id, Status.INTERNAL, f"internal error in {call.method}; see the server log")
+            return False
+        # Only reached when the scope swallowed a cancellation.
+        if call.id in self.cancelled_by_client:
+            conn.send_error(call.id, Status.CANCELLED, "cancelled by the client")
+        else:
+            conn.send_error(call.id, Status.DEADLINE_EXCEEDED, f"deadline of {call.timeout_ms} ms exceeded")
+        return False
+
+    async def _send_item(self, call_id: int, item: Any) -> None:
+        self.conn.send_item(call_id, item)
+        if self.conn.pending_bytes >= _STREAM_FLUSH_BYTES:
+            await self.flush()

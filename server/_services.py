@@ -1,0 +1,215 @@
+"""The protocol's methods, bound to the actors that serve them."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import TYPE_CHECKING, Any
+
+from protocols import api
+from protocols.frames import PROTOCOL_VERSION
+
+from . import _store as store_ops
+from ._errors import InvalidArgument
+from ._records import from_us, profile_to_api, to_us
+from ._rpc import CallContext, Router
+
+if TYPE_CHECKING:
+    from ._app import Server
+
+__all__ = ["build_router", "MAX_ATTRIBUTE_DEPTH"]
+
+MAX_ATTRIBUTE_DEPTH = 32
+_END_OF_TIME_US = 2**63 - 1
+_PAGE = 256
+
+
+def _check_depth(value: Any, field: str, depth: int = 0) -> None:
+    if depth > MAX_ATTRIBUTE_DEPTH:
+        raise InvalidArgument(f"attributes nest deeper than {MAX_ATTRIBUTE_DEPTH} levels", field=field)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                _check_depth(item, f"{field}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, (dict, list)):
+                _check_depth(item, f"{field}[{index}]", depth + 1)
+
+
+def _check_apns_token(platform: str, token: str) -> str:
+    if platform.startswith("apns"):
+        if len(token) % 2 or any(c not in "0123456789abcdefABCDEF" for c in token):
+            raise InvalidArgument(
+                "an APNs device token is the hexadecimal text of the token bytes (an even number of 0-9a-f)",
+                field="$.token",
+            )
+        return token.lower()
+    return token
+
+
+def _process_stats() -> api.ProcessStats:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        rss = usage.ru_maxrss * 1024
+    return api.ProcessStats(
+        pid=os.getpid(),
+        cpu_user_s=usage.ru_utime,
+        cpu_system_s=usage.ru_stime,
+        rss_bytes=rss,
+        max_rss_bytes=usage.ru_maxrss * 1024,
+    )
+
+
+def build_router(server: Server) -> Router:
+    store = server.store
+    router = Router()
+
+    # -- server -------------------------------------------------------------------------------
+
+    async def health(ctx: CallContext, req: api.GetHealth) -> api.Health:
+        return api.Health(
+            status="stopping" if server.stopping else "serving",
+            version=server.version,
+            protocol=PROTOCOL_VERSION,
+            uptime_s=time.monotonic() - server.started_at,
+        )
+
+    async def stats(ctx: CallContext, req: api.GetStats) -> api.Stats:
+        supervised = {c.name: c for c in server.supervisor.statistics()}
+        actors = []
+        for actor in server.supervisor.actors():
+            s = actor.statistics()
+            child = supervised[actor.name]
+            actors.append(
+                api.ActorStats(
+                    name=actor.name,
+                    state=child.state,
+                    restarts=child.restarts,
+                    crashes=child.crashes,
+                    last_error=child.last_error,
+                    mailbox_used=s.mailbox_used,
+                    mailbox_size=s.mailbox_size,
+                    details=s.details,
+                )
+            )
+        counts = store.counts()
+        return api.Stats(
+            version=server.version,
+            uptime_s=time.monotonic() - server.started_at,
+            process=_process_stats(),
+            actors=actors,
+            connections=server.listener.connection_stats(),
+            methods={name: m.snapshot() for name, m in sorted(server.listener.method_stats.items())},
+            store=api.StoreStats(
+                path=str(store.path),
+                schema_version=store_ops.SCHEMA_VERSION,
+                map_size=counts["map_size"],
+                used_bytes=counts["used_bytes"],
+                profiles=counts["profiles"],
+                identities=counts["identities"],
+                tokens=counts["tokens"],
+                events=counts["events"],
+                commits=store.commits,
+                writes=store.writes,
+                map_resizes=store.map_resizes,
+            ),
+        )
+
+    router.add(api.GetHealth, health)
+    router.add(api.GetStats, stats)
+
+    # -- profiles -----------------------------------------------------------------------------
+
+    async def get_profile(ctx: CallContext, req: api.GetProfile) -> api.Profile:
+        return profile_to_api(store.get_profile(req.identity))
+
+    async def upsert_profile(ctx: CallContext, req: api.UpsertProfile) -> api.Profile:
+        _check_depth(req.attributes, "$.attributes")
+        return profile_to_api(await store.write(store_ops.upsert_profile, req.identity, req.attributes))
+
+    async def patch_profile(ctx: CallContext, req: api.PatchProfile) -> api.Profile:
+        _check_depth(req.patch, "$.patch")
+        return profile_to_api(await store.write(store_ops.patch_profile, req.identity, req.patch, req.create))
+
+    async def delete_profile(ctx: CallContext, req: api.DeleteProfile) -> api.ProfileDeleted:
+        identities, registrations, events = await store.write(store_ops.delete_profile, req.identity)
+        return api.ProfileDeleted(identities=identities, registrations=registrations, events=events)
+
+    async def link_identity(ctx: CallContext, req: api.LinkIdentity) -> api.Profile:
+        return profile_to_api(await store.write(store_ops.link_identity, req.identity, req.link))
+
+    async def unlink_identity(ctx: CallContext, req: api.UnlinkIdentity) -> api.Profile:
+        return profile_to_api(await store.write(store_ops.unlink_identity, req.identity))
+
+    router.add(api.GetProfile, get_profile)
+    router.add(api.UpsertProfile, upsert_profile)
+    router.add(api.PatchProfile, patch_profile)
+    router.add(api.DeleteProfile, delete_profile)
+    router.add(api.LinkIdentity, link_identity)
+    router.add(api.UnlinkIdentity, unlink_identity)
+
+    # -- tokens and consent -------------------------------------------------------------------
+
+    async def register_token(ctx: CallContext, req: api.RegisterToken) -> api.TokenRegistered:
+        token = _check_apns_token(req.platform, req.token)
+        registration, created, moved_from = await store.write(
+            store_ops.register_token, req.identity, req.app, req.platform, token
+        )
+        return api.TokenRegistered(
+            registration=api.Registration(
+                app=registration.app,
+                platform=registration.platform,
+                token=registration.token,
+                first_seen=from_us(registration.first_seen),
+                last_seen=from_us(registration.last_seen),
+            ),
+            created_profile=created,
+            moved_from=moved_from,
+        )
+
+    async def unregister_token(ctx: CallContext, req: api.UnregisterToken) -> api.TokenUnregistered:
+        # APNs tokens are stored in lower case; the caller may not know the platform.
+        candidates = (req.token, req.token.lower()) if req.token != req.token.lower() else (req.token,)
+        identity = await store.write(store_ops.unregister_token, req.app, candidates)
+        return api.TokenUnregistered(identity=identity)
+
+    async def set_consent(ctx: CallContext, req: api.SetConsent) -> api.ConsentEntry:
+        entry = await store.write(store_ops.set_consent, req.identity, req.app, req.push)
+        return api.ConsentEntry(push=entry.push, updated=from_us(entry.updated))
+
+    router.add(api.RegisterToken, register_token)
+    router.add(api.UnregisterToken, unregister_token)
+    router.add(api.SetConsent, set_consent)
+
+    # -- events -------------------------------------------------------------------------------
+
+    async def ingest(ctx: CallContext, req: None) -> api.IngestResult:
+        return await server.ingestion.ingest(ctx.body)
+
+    async def list_events(ctx: CallContext, req: api.ListEvents, send: Any) -> None:
+        since = 0 if req.since is None else max(0, to_us(req.since))
+        until = _END_OF_TIME_US - 1 if req.until is None else to_us(req.until)
+        remaining = req.limit
+        start: bytes | None = None
+        while remaining > 0:
+            page, start = store.read_events(
+                req.identity, start=start, since_us=since, until_us=until, reverse=req.reverse, limit=_PAGE
+            )
+            for seq, record in page:
+                if req.type is not None and record.type != req.type:
+                    continue
+                await send(api.StoredEvent(seq=seq, type=record.type, ts=from_us(record.ts), data=record.data))
+                remaining -= 1
+                if remaining == 0:
+                    return
+            if start is None:
+                return
+
+    router.add(api.IngestEvents, ingest, raw=True)
+    router.add(api.ListEvents, list_events)
+    return router

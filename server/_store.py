@@ -1,0 +1,612 @@
+"""The profile store: one LMDB environment, one writer actor with group commit.
+
+Writes are `WriteOp` messages. The writer takes every op waiting in its mailbox, applies them
+in one write transaction inside one ``trio.to_thread.run_sync`` call (an LMDB write transaction
+belongs to its thread), commits, and only then resolves each op's future: an acknowledged write
+is on disk. Each op runs in a nested transaction, so an op that fails (a missing profile, a
+value too large) is rolled back alone and its neighbours still commit. While one batch
+commits the next one gathers, so the batch size follows the load.
+
+Reads are synchronous, short read transactions on the Trio thread: LMDB readers never block
+the writer and a point read costs microseconds, far less than a hop to a worker thread. No read
+transaction is held across an ``await``, which is what makes growing the map between two write
+batches safe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgspec
+import trio
+
+from . import _keys as keys
+from ._actor import Actor, Future
+from ._errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    SchemaError,
+    ServerError,
+    StorageError,
+    ActorError,
+    MailboxClosed,
+)
+from ._records import (
+    SCHEMA_VERSION,
+    ConsentRecord,
+    EventRecord,
+    ProfileRecord,
+    RegistrationRecord,
+    decode_event,
+    decode_profile,
+    encode_event,
+    encode_profile,
+)
+
+__all__ = ["ProfileStore", "WriteOp", "InEvent", "MAX_PROFILE_BYTES", "MAX_REGISTRATIONS"]
+
+log = logging.getLogger("pigeon.store")
+
+#: An encoded profile record may not exceed this.
+MAX_PROFILE_BYTES = 256 * 1024
+#: Registrations kept per profile; registering one more evicts the least recently seen.
+MAX_REGISTRATIONS = 50
+
+_DATABASES = ("meta", "identities", "profiles", "tokens", "events")
+_meta_encoder = msgspec.msgpack.Encoder()
+
+
+class WriteOp:
+    """A write for the store actor: ``fn(writer, *args)`` runs inside the write transaction."""
+
+    __slots__ = ("fn", "args", "future")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn = fn
+        self.args = args
+        self.future: Future[Any] = Future()
+
+
+#: A validated event ready for storage: identity, type, timestamp (µs), encoded data map.
+InEvent = tuple[str, str, int, msgspec.Raw]
+
+
+class ProfileStore(Actor):
+    """Owns the LMDB environment in ``path``.
+
+    Args:
+        path: the data folder (created if missing).
+        map_size: initial map size in bytes; doubled whenever a write finds it full.
+        max_batch: most ops committed in one transaction.
+        retention_us: events older than this are deleted by the sweeper.
+        sweep_interval: seconds between retention sweeps.
+        clock: returns the current time in µs since the epoch.
+        sync: fsync on commit (turn off only for throwaway data).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        map_size: int = 256 * 1024 * 1024,
+        max_batch: int = 1024,
+        retention_us: int = 90 * 86_400 * 1_000_000,
+        sweep_interval: float = 3600.0,
+        clock: Callable[[], int],
+        sync: bool = True,
+        mailbox_size: int = 1024,
+    ) -> None:
+        super().__init__("store", mailbox_size)
+        self.path = Path(path)
+        self.map_size = map_size
+        self.max_batch = max_batch
+        self.retention_us = retention_us
+        self.sweep_interval = sweep_interval
+        self.clock = clock
+        self.sync = sync
+        self._env: lmdb.Environment | None = None
+        self._dbs: dict[str, Any] = {}
+        self._next_pid = 1
+        self._next_seq = 1
+        self.commits = 0
+        self.writes = 0
+        self.map_resizes = 0
+        self.swept = 0
+        self._last_sweep: float | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._open()
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.sweep_interval > 0:
+                    nursery.start_soon(self._sweeper)
+                task_status.started()
+                while batch := await self.receive_batch(self.max_batch):
+                    await self._write(batch)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._close()
+
+    def _open(self) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            env = lmdb.open(
+                str(self.path),
+                map_size=self.map_size,
+                max_dbs=len(_DATABASES) + 4,
+                sync=self.sync,
+                readahead=False,
+                writemap=False,  # nested transactions need it off
+            )
+        except (OSError, lmdb.Error) as exc:
+            raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
+        try:
+            with env.begin(write=True) as txn:
+                dbs = {name: env.open_db(name.encode(), txn=txn) for name in _DATABASES}
+                meta = dbs["meta"]
+                version = txn.get(b"schema", db=meta)
+                if version is None:
+                    txn.put(b"schema", _meta_encoder.encode(SCHEMA_VERSION), db=meta)
+                    txn.put(b"created_us", _meta_encoder.encode(self.clock()), db=meta)
+                elif (found := msgspec.msgpack.decode(version)) != SCHEMA_VERSION:
+                    raise SchemaError(
+                        f"the data folder {str(self.path)!r} has schema version {found}; "
+                        f"this Pigeon reads version {SCHEMA_VERSION} and has no migration from it"
+                    )
+                self._next_pid = msgspec.msgpack.decode(txn.get(b"next_pid", db=meta) or b"\x01")
+                self._next_seq = msgspec.msgpack.decode(txn.get(b"next_seq", db=meta) or b"\x01")
+        except BaseException:
+            env.close()
+            raise
+        self._env, self._dbs = env, dbs
+        log.info("store open at %s (map %d MiB)", self.path, env.info()["map_size"] >> 20)
+
+    def _close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+            self._dbs = {}
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._env is None:
+            raise ActorError("the profile store is not open (starting or restarting); retry shortly")
+        return self._env
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Apply ``fn(writer, *args)`` in the next group commit; return its result once durable."""
+        op = WriteOp(fn, *args)
+        await self.send(op)
+        return await op.future.wait()
+
+    async def _write(self, ops: list[WriteOp]) -> None:
+        while True:
+            try:
+                results = await trio.to_thread.run_sync(self._apply, ops)
+                break
+            except lmdb.MapFullError:
+                self._grow()
+            except ServerError:
+                raise
+            except lmdb.Error as exc:
+                raise StorageError(f"LMDB write failed: {exc}") from exc
+            except Exception:
+                if len(ops) == 1:
+                    raise
+                log.exception("a write batch failed; retrying its %d ops one by one", len(ops))
+                for op in ops:
+                    await self._write_alone(op)
+                return
+        self.commits += 1
+        self.writes += len(ops)
+        for op, (ok, value) in zip(ops, results):
+            if ok:
+                op.future.set(value)
+            else:
+                op.future.fail(value)
+
+    async def _write_alone(self, op: WriteOp) -> None:
+        try:
+            await self._write([op])
+        except StorageError:
+            raise
+        except Exception as exc:
+            log.exception("write op %s failed", getattr(op.fn, "__name__", op.fn))
+            op.future.fail(ServerError(f"internal error while writing: {exc!r}"))
+
+    def _grow(self) -> None:
+        env = self.env
+        size = env.info()["map_size"] * 2
+        env.set_mapsize(size)
+        self.map_resizes += 1
+        log.info("store map grown to %d MiB", size >> 20)
+
+    def _apply(self, ops: list[WriteOp]) -> list[tuple[bool, Any]]:
+        """Runs in a worker thread: one write transaction, one nested transaction per op."""
+        env = self.env
+        results: list[tuple[bool, Any]] = []
+        pid, seq = self._next_pid, self._next_seq
+        try:
+            with env.begin(write=True) as txn:
+                writer = Writer(self, txn)
+                for op in ops:
+                    child = env.begin(write=True, parent=txn)
+                    writer.txn = child
+                    try:
+                        value = op.fn(writer, *op.args)
+                    except ServerError as exc:
+                        child.abort()
+                        results.append((False, exc))
+                        continue
+                    except BaseException:
+                        child.abort()
+                        raise
+                    child.commit()
+                    results.append((True, value))
+                meta = self._dbs["meta"]
+                if self._next_pid != pid:
+                    txn.put(b"next_pid", _meta_encoder.encode(self._next_pid), db=meta)
+                if self._next_seq != seq:
+                    txn.put(b"next_seq", _meta_encoder.encode(self._next_seq), db=meta)
+        except BaseException:
+            # Nothing was committed: hand the numbers out again.
+            self._next_pid, self._next_seq = pid, seq
+            raise
+        return results
+
+    # -- retention --------------------------------------------------------------------------
+
+    async def _sweeper(self) -> None:
+        while not self.stopping:
+            await trio.sleep(self.sweep_interval)
+            try:
+                await self.sweep()
+            except MailboxClosed:
+                return
+
+    async def sweep(self, budget: int = 10_000) -> int:
+        """Delete events older than the retention window, ``budget`` keys per transaction."""
+        cutoff = self.clock() - self.retention_us
+        start: bytes | None = b""
+        deleted = 0
+        while start is not None:
+            count, start = await self.write(_sweep_events, cutoff, start, budget)
+            deleted += count
+        self.swept += deleted
+        self._last_sweep = trio.current_time()
+        if deleted:
+            log.info("retention sweep deleted %d events", deleted)
+        return deleted
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get_profile(self, identity: str) -> ProfileRecord:
+        """The profile with ``identity``; raises `NotFound`."""
+        key = keys.identity_key(identity)
+        dbs = self._dbs
+        with self.env.begin() as txn:
+            pid = txn.get(key, db=dbs["identities"])
+            if pid is None:
+                raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
+            return decode_profile(txn.get(pid, db=dbs["profiles"]))
+
+    def find_token(self, app: str, token: str) -> ProfileRecord | None:
+        with self.env.begin() as txn:
+            pid = txn.get(keys.token_key(app, token), db=self._dbs["tokens"])
+            return None if pid is None else decode_profile(txn.get(pid, db=self._dbs["profiles"]))
+
+    def read_events(
+        self,
+        identity: str,
+        *,
+        start: bytes | None,
+        since_us: int,
+        until_us: int,
+        reverse: bool,
+        limit: int,
+    ) -> tuple[list[tuple[int, EventRecord]], bytes | None]:
+        """One page of a profile's events in time order, from ``start`` (a key) or the range edge.
+
+        Returns ``[(seq, record)]`` and the key to resume from, or None at the end.
+        """
+        dbs = self._dbs
+        with self.env.begin() as txn:
+            pid_bytes = txn.get(keys.identity_key(identity), db=dbs["identities"])
+            if pid_bytes is None:
+                raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
+            pid = keys.pid_of(pid_bytes)
+            low = keys.event_prefix(pid, since_us)
+            high = keys.event_prefix(pid, until_us + 1)
+            cursor = txn.cursor(db=dbs["events"])
+            out: list[tuple[int, EventRecord]] = []
+            if not reverse:
+                found = cursor.set_range(start or low)
+                while found and len(out) < limit:
+                    key = cursor.key()
+                    if key >= high:
+                        return out, None
+                    out.append((keys.split_event_key(key)[2], decode_event(cursor.value())))
+                    found = cursor.next()
+                return out, (cursor.key() if found and cursor.key() < high else None)
+            # newest first: position on the last key below ``start`` (or ``high``)
+            bound = start or high
+            found = cursor.set_range(bound)
+            found = cursor.prev() if found else cursor.last()
+            while found and len(out) < limit:
+                key = cursor.key()
+                if key < low:
+                    return out, None
+                out.append((keys.split_event_key(key)[2], decode_event(cursor.value())))
+                found = cursor.prev()
+            if found and cursor.key() >= low:
+                # resume strictly below this key: the next page starts at the key after it
+                return out, _successor(cursor.key())
+            return out, None
+
+    def counts(self) -> dict[str, int]:
+        env = self.env
+        with env.begin() as txn:
+            counts = {name: txn.stat(db)["entries"] for name, db in self._dbs.items() if name != "meta"}
+        info, stat = env.info(), env.stat()
+        counts["map_size"] = info["map_size"]
+        counts["used_bytes"] = (info["last_pgno"] + 1) * stat["psize"]
+        return counts
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "commits": self.commits,
+            "writes": self.writes,
+            "map_resizes": self.map_resizes,
+            "events_swept": self.swept,
+        }
+
+
+def _successor(key: bytes) -> bytes:
+    return key + b"\x00"
+
+
+class Writer:
+    """What a write op sees: the transaction, the databases and helpers. Runs in the writer thread."""
+
+    def __init__(self, store: ProfileStore, txn: lmdb.Transaction) -> None:
+        self.store = store
+        self.txn = txn
+        self.dbs = store._dbs
+        self.now = store.clock()
+
+    def pid(self, identity: str) -> bytes | None:
+        return self.txn.get(keys.identity_key(identity), db=self.dbs["identities"])
+
+    def load(self, pid: bytes) -> ProfileRecord:
+        return decode_profile(self.txn.get(pid, db=self.dbs["profiles"]))
+
+    def require(self, identity: str) -> tuple[bytes, ProfileRecord]:
+        pid = self.pid(identity)
+        if pid is None:
+            raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
+        return pid, self.load(pid)
+
+    def get_or_create(self, identity: str) -> tuple[bytes, ProfileRecord, bool]:
+        pid = self.pid(identity)
+        if pid is not None:
+            return pid, self.load(pid), False
+        store = self.store
+        pid = keys.pid_key(store._next_pid)
+        store._next_pid += 1
+        record = ProfileRecord([identity], {}, [], {}, self.now, self.now)
+        self.txn.put(keys.identity_key(identity), pid, db=self.dbs["identities"])
+        self.save(pid, record, touch=False)
+        return pid, record, True
+
+    def save(self, pid: bytes, record: ProfileRecord, *, touch: bool = True) -> None:
+        if touch:
+            record.updated = self.now
+        value = encode_profile(record)
+        if len(value) > MAX_PROFILE_BYTES:
+            raise InvalidArgument(
+                f"the profile would take {len(value)} bytes; the limit is {MAX_PROFILE_BYTES}",
+                field="$.attributes",
+            )
+        self.txn.put(pid, value, db=self.dbs["profiles"])
+
+    def next_seq(self) -> int:
+        store = self.store
+        seq = store._next_seq
+        store._next_seq = seq + 1
+        return seq
+
+
+# ---------------------------------------------------------------------------------------------
+# write ops: each checks before it writes; a ServerError rolls back its nested transaction.
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def upsert_profile(w: Writer, identity: str, attributes: dict[str, Any]) -> ProfileRecord:
+    pid, record, _ = w.get_or_create(identity)
+    record.attributes = attributes
+    w.save(pid, record)
+    return record
+
+
+def patch_profile(w: Writer, identity: str, patch: dict[str, Any], create: bool) -> ProfileRecord:
+    pid, record, _ = w.get_or_create(identity) if create else (*w.require(identity), False)
+    record.attributes = merge_patch(record.attributes, patch)
+    w.save(pid, record)
+    return record
+
+
+def delete_profile(w: Writer, identity: str) -> tuple[list[str], int, int]:
+    pid, record = w.require(identity)
+    txn, dbs = w.txn, w.dbs
+    for other in record.identities:
+        txn.delete(keys.identity_key(other), db=dbs["identities"])
+    for reg in record.registrations:
+        txn.delete(keys.token_key(reg.app, reg.token), db=dbs["tokens"])
+    events = _delete_events(txn, dbs["events"], keys.pid_of(pid))
+    txn.delete(pid, db=dbs["profiles"])
+    return record.identities, len(record.registrations), events
+
+
+def _delete_events(txn: lmdb.Transaction, db: Any, pid: int) -> int:
+    cursor = txn.cursor(db=db)
+    prefix = keys.pid_key(pid)
+    count = 0
+    found = cursor.set_range(prefix)
+    while found and cursor.key()[:8] == prefix:
+        found = cursor.delete()
+        count += 1
+    return count
+
+
+def link_identity(w: Writer, identity: str, link: str) -> ProfileRecord:
+    pid, record = w.require(identity)
+    owner = w.pid(link)
+    if owner == pid:
+        return record
+    if owner is not None:
+        other = w.load(owner)
+        raise AlreadyExists(
+            f"identity {link!r} already belongs to another profile ({other.identities[0]!r})", field="$.link"
+        )
+    w.txn.put(keys.identity_key(link), pid, db=w.dbs["identities"])
+    record.identities.append(link)
+    w.save(pid, record)
+    return record
+
+
+def unlink_identity(w: Writer, identity: str) -> ProfileRecord:
+    pid, record = w.require(identity)
+    if len(record.identities) == 1:
+        raise FailedPrecondition(
+            f"{identity!r} is the profile's only identity; delete the profile instead", field="$.identity"
+        )
+    w.txn.delete(keys.identity_key(identity), db=w.dbs["identities"])
+    record.identities.remove(identity)
+    w.save(pid, record)
+    return record
+
+
+def register_token(
+    w: Writer, identity: str, app: str, platform: str, token: str
+) -> tuple[RegistrationRecord, bool, str | None]:
+    tkey = keys.token_key(app, token)
+    pid, record, created = w.get_or_create(identity)
+    txn, dbs = w.txn, w.dbs
+    owner = txn.get(tkey, db=dbs["tokens"])
+    moved_from = None
+    first_seen = w.now
+    if owner is not None and owner != pid:
+        previous = w.load(owner)
+        for reg in previous.registrations:
+            if reg.app == app and reg.token == token:
+                first_seen = reg.first_seen
+        previous.registrations = [r for r in previous.registrations if not (r.app == app and r.token == token)]
+        w.save(owner, previous)
+        moved_from = previous.identities[0]
+    kept = []
+    for reg in record.registrations:
+        if reg.app == app and reg.token == token:
+            first_seen = reg.first_seen
+        else:
+            kept.append(reg)
+    registration = RegistrationRecord(app, platform, token, first_seen, w.now)
+    kept.append(registration)
+    if len(kept) > MAX_REGISTRATIONS:
+        kept.sort(key=lambda r: r.last_seen)
+        for evicted in kept[: len(kept) - MAX_REGISTRATIONS]:
+            txn.delete(keys.token_key(evicted.app, evicted.token), db=dbs["tokens"])
+        kept = kept[len(kept) - MAX_REGISTRATIONS :]
+    record.registrations = kept
+    w.save(pid, record)
+    txn.put(tkey, pid, db=dbs["tokens"])
+    return registration, created, moved_from
+
+
+def unregister_token(w: Writer, app: str, candidates: tuple[str, ...]) -> str:
+    """Remove the first of ``candidates`` (spellings of one token) registered for ``app``."""
+    for token in candidates:
+        tkey = keys.token_key(app, token)
+        owner = w.txn.get(tkey, db=w.dbs["tokens"])
+        if owner is not None:
+            break
+    else:
+        raise NotFound(f"token is not registered for app {app!r}", field="$.token")
+    record = w.load(owner)
+    record.registrations = [r for r in record.registrations if not (r.app == app and r.token == token)]
+    w.save(owner, record)
+    w.txn.delete(tkey, db=w.dbs["tokens"])
+    return record.identities[0]
+
+
+def set_consent(w: Writer, identity: str, app: str, push: str) -> ConsentRecord:
+    pid, record, _ = w.get_or_create(identity)
+    entry = ConsentRecord(push, w.now)
+    record.consent[app] = entry
+    w.save(pid, record)
+    return entry
+
+
+def ingest_events(w: Writer, segments: list[list[InEvent]]) -> list[int]:
+    """Store each segment's events; return the last sequence number of each segment."""
+    txn, dbs = w.txn, w.dbs
+    cache: dict[str, int] = {}
+    puts = []
+    lasts = []
+    seq = 0
+    for events in segments:
+        for identity, type_, ts, data in events:
+            pid = cache.get(identity)
+            if pid is None:
+                pid = keys.pid_of(w.get_or_create(identity)[0])
+                cache[identity] = pid
+            seq = w.next_seq()
+            puts.append((keys.event_key(pid, ts, seq), encode_event(EventRecord(type_, ts, data))))
+        lasts.append(seq)
+    if puts:
+        added = txn.cursor(db=dbs["events"]).putmulti(puts)[1]
+        if added != len(puts):
+            raise StorageError(f"stored {added} of {len(puts)} events")
+    return lasts
+
+
+def _sweep_events(w: Writer, cutoff_us: int, start: bytes, budget: int) -> tuple[int, bytes | None]:
+    """Delete events older than ``cutoff_us`` from ``start`` on; stop after ``budget`` keys."""
+    cursor = w.txn.cursor(db=w.dbs["events"])
+    deleted = 0
+    visited = 0
+    found = cursor.set_range(start)
+    while found:
+        if visited >= budget:
+            return deleted, cursor.key()
+        visited += 1
+        pid, ts, _ = keys.split_event_key(cursor.key())
+        if ts < cutoff_us:
+            found = cursor.delete()
+            deleted += 1
+        else:
+            # the rest of this profile's events are newer: jump to the next profile
+            found = cursor.set_range(keys.pid_key(pid + 1))
+    return deleted, None

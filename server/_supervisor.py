@@ -1,0 +1,185 @@
+"""A one-for-one supervisor with OTP restart intensity and Akka-style backoff.
+
+Children start in order, each with ``nursery.start``, so the supervisor reports ready only once
+every child is ready; they stop in reverse order. A crashed child is restarted after a jittered
+exponential backoff that resets after a healthy run. More than ``intensity`` crashes within
+``period`` seconds raise `RestartIntensityExceeded`, which cancels the siblings and escalates
+to the parent. A child that fails before it is first ready fails the supervisor's start.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+from collections import deque
+from typing import Any
+
+import msgspec
+import trio
+
+from ._actor import Actor
+from ._errors import RestartIntensityExceeded
+
+__all__ = ["Restart", "ChildSpec", "SupervisorOptions", "Supervisor", "ChildStatistics"]
+
+log = logging.getLogger("pigeon.supervisor")
+
+
+class Restart(enum.Enum):
+    #: Always restarted, even after a normal return.
+    PERMANENT = "permanent"
+    #: Restarted only after a crash.
+    TRANSIENT = "transient"
+    #: Never restarted.
+    TEMPORARY = "temporary"
+
+
+class ChildSpec(msgspec.Struct, frozen=True):
+    actor: Actor
+    restart: Restart = Restart.PERMANENT
+
+    @property
+    def id(self) -> str:
+        return self.actor.name
+
+
+class SupervisorOptions(msgspec.Struct, frozen=True, kw_only=True):
+    #: Restarts allowed within ``period`` seconds before escalating.
+    intensity: int = 5
+    period: float = 10.0
+    backoff_min: float = 0.05
+    backoff_max: float = 5.0
+    #: Each delay is multiplied by a random factor in [1 - jitter, 1 + jitter].
+    jitter: float = 0.2
+    #: A run this long (seconds) resets the backoff to ``backoff_min``.
+    reset_after: float = 30.0
+
+
+class ChildStatistics(msgspec.Struct, frozen=True):
+    name: str
+    state: str
+    restarts: int
+    crashes: int
+    last_error: str | None
+
+
+class _Child:
+    def __init__(self, spec: ChildSpec) -> None:
+        self.spec = spec
+        self.state = "starting"
+        self.restarts = 0
+        self.crashes = 0
+        self.last_error: str | None = None
+        self.scope = trio.CancelScope()
+        self.finished = trio.Event()
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class Supervisor:
+    """Runs ``children`` one-for-one.
+
+    Args:
+        name: for logs.
+        children: started in this order, stopped in the reverse order.
+        options: restart intensity and backoff.
+    """
+
+    def __init__(self, name: str, children: list[ChildSpec], options: SupervisorOptions | None = None) -> None:
+        self.name = name
+        self.options = options or SupervisorOptions()
+        self._children = [_Child(spec) for spec in children]
+        self._stopping = False
+        self._random = random.Random()
+
+    async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start every child, report ready, and supervise until `stop` completes."""
+        async with trio.open_nursery() as nursery:
+            for child in self._children:
+                await nursery.start(self._supervise, child)
+            log.info("%s: %d actors running", self.name, len(self._children))
+            task_status.started(self)
+
+    async def stop(self, grace: float) -> None:
+        """Stop the children in reverse order, each within ``grace`` seconds, then cancel it."""
+        self._stopping = True
+        for child in reversed(self._children):
+            child.spec.actor.request_stop()
+            with trio.move_on_after(grace) as waited:
+                await child.finished.wait()
+            if waited.cancelled_caught:
+                log.warning("%s: %s did not stop within %gs; cancelling it", self.name, child.spec.id, grace)
+                child.scope.cancel()
+                await child.finished.wait()
+
+    def statistics(self) -> list[ChildStatistics]:
+        return [
+            ChildStatistics(c.spec.id, c.state, c.restarts, c.crashes, c.last_error) for c in self._children
+        ]
+
+    def actors(self) -> list[Actor]:
+        return [c.spec.actor for c in self._children]
+
+    def child_state(self, name: str) -> str:
+        return next(c.state for c in self._children if c.spec.id == name)
+
+    async def _supervise(self, child: _Child, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        spec, options = child.spec, self.options
+        actor = spec.actor
+        crash_times: deque[float] = deque()
+        backoff = options.backoff_min
+        first = True
+        try:
+            with child.scope:
+                while True:
+                    started_at = trio.current_time()
+                    try:
+                        async with trio.open_nursery() as nursery:
+                            await nursery.start(actor.run)
+                            child.state = "running"
+                            if first:
+                                first = False
+                                task_status.started()
+                        if self._stopping or actor.stopping or spec.restart is not Restart.PERMANENT:
+                            child.state = "stopped"
+                            return
+                        raise RuntimeError(f"{spec.id} returned without being asked to stop")
+                    except Exception as exc:
+                        error = _unwrap(exc)
+                        actor.fail_in_hand(error)
+                        child.last_error = repr(error)
+                        if first:
+                            child.state = "failed"
+                            raise
+                        now = trio.current_time()
+                        child.crashes += 1
+                        if now - started_at >= options.reset_after:
+                            backoff = options.backoff_min
+                        crash_times.append(now)
+                        while crash_times and crash_times[0] < now - options.period:
+                            crash_times.popleft()
+                        if len(crash_times) > options.intensity or spec.restart is Restart.TEMPORARY:
+                            child.state = "failed"
+                            log.error("%s: %s crashed, giving up", self.name, spec.id, exc_info=error)
+                            raise RestartIntensityExceeded(spec.id, len(crash_times), options.period, error) from exc
+                        delay = backoff * self._random.uniform(1 - options.jitter, 1 + options.jitter)
+                        backoff = min(backoff * 2, options.backoff_max)
+                        child.state = "restarting"
+                        log.error(
+                            "%s: %s crashed (%d within %gs); restarting in %.2fs",
+                            self.name, spec.id, len(crash_times), options.period, delay, exc_info=error,
+                        )
+                        await trio.sleep(delay)
+                        child.restarts += 1
+        finally:
+            if child.state not in ("stopped", "failed"):
+                child.state = "stopped"
+            child.finished.set()
+
+    def details(self) -> dict[str, Any]:
+        return {c.spec.id: c.state for c in self._children}
