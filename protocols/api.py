@@ -64,9 +64,14 @@ __all__ = [
     "ListEvents",
     "StoredEvent",
     "MAX_EVENTS_PER_BATCH",
+    "describe_validation_error",
 ]
 
 R = TypeVar("R")
+
+_APP_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z"
+_TOKEN_PATTERN = r"^[\x21-\x7e]{1,4096}\Z"
+_EVENT_TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z"
 
 #: ``namespace:value``: a lower-case namespace (``crm``, ``email``, ``ecid``) and a value
 #: without control characters.
@@ -80,13 +85,35 @@ Identity = Annotated[
     ),
 ]
 #: An application id: an iOS bundle id or an Android package name.
-AppId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z")]
+AppId = Annotated[str, msgspec.Meta(pattern=_APP_PATTERN)]
 #: ``apns`` (production), ``apns-sandbox`` (development builds) or ``fcm``.
 Platform = Literal["apns", "apns-sandbox", "fcm"]
-PushToken = Annotated[str, msgspec.Meta(pattern=r"^[\x21-\x7e]{1,4096}\Z")]
-EventType = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z")]
+PushToken = Annotated[str, msgspec.Meta(pattern=_TOKEN_PATTERN)]
+EventType = Annotated[str, msgspec.Meta(pattern=_EVENT_TYPE_PATTERN)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 MAX_EVENTS_PER_BATCH = 10_000
+
+_PATTERN_MEANINGS = {
+    IDENTITY_PATTERN: "an identity like crm:42 (a lower-case namespace, a colon, a value)",
+    _APP_PATTERN: "an app id like com.example.app (letters, digits, '.', '_', '-')",
+    _TOKEN_PATTERN: "a push token (1 to 4096 printable characters, no spaces)",
+    _EVENT_TYPE_PATTERN: "an event type like commerce.purchase (letters, digits, '.', '_', ':', '-'; at most 128)",
+}
+
+
+def describe_validation_error(error: msgspec.ValidationError | str) -> tuple[str, str | None]:
+    """Turn a msgspec validation message into ``("$.path: what is wrong", "$.path")``.
+
+    Regular expressions are replaced by what they mean.
+    """
+    text = str(error)
+    for pattern, meaning in _PATTERN_MEANINGS.items():
+        text = text.replace(f"`str` matching regex {pattern!r}", meaning)
+    at = text.rfind(" - at `")
+    if at < 0:
+        return text, None
+    field = text[at + 7 : -1]
+    return f"{field}: {text[:at]}", field
 
 
 class Request(

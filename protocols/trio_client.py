@@ -266,7 +266,7 @@ async def open_client(
             stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
     conn = ClientConnection(client=client_name, api_key=api_key)
     try:
-        async with trio.open_nursery() as nursery:
+        async with _unwrapped(), trio.open_nursery() as nursery:
             client = Client(stream, conn, nursery)
             conn.hello()
             await client._flush()
@@ -281,6 +281,17 @@ async def open_client(
     finally:
         with trio.CancelScope(shield=True):
             await trio.aclose_forcefully(stream)
+
+
+@asynccontextmanager
+async def _unwrapped() -> AsyncIterator[None]:
+    """Let the caller see its own exception, not a group of one, when it leaves the block."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and not isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise group.exceptions[0] from None
+        raise
 
 
 class BatchFailed(PigeonProtocolError):
@@ -336,7 +347,8 @@ class EventBatcher:
                 await self.flush()
             self._nursery.cancel_scope.cancel()
         finally:
-            result = await self._cm.__aexit__(*exc_info)
+            async with _unwrapped():
+                result = await self._cm.__aexit__(*exc_info)
         if exc_info[0] is None and self.failed:
             raise self.failed[0]
         return result

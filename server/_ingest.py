@@ -62,10 +62,14 @@ def _is_map(raw: msgspec.Raw) -> bool:
     return len(view) > 0 and (0x80 <= view[0] <= 0x8F or view[0] in (0xDE, 0xDF))
 
 
-def _validation_field(exc: msgspec.ValidationError, index: int) -> str | None:
-    text = str(exc)
-    at = text.rfind(" - at `$")
-    return f"$.events[{index}]" + text[at + 8 : -1] if at >= 0 else f"$.events[{index}]"
+def _rejection(index: int, exc: msgspec.DecodeError) -> api.Rejection:
+    """Describe a bad event with paths relative to the batch (``$.events[3].type``)."""
+    prefix = f"$.events[{index}]"
+    message, field = api.describe_validation_error(str(exc))
+    if field is None:
+        return api.Rejection(index=index, code="INVALID_ARGUMENT", message=f"{prefix}: {message}", field=prefix)
+    full = prefix + field[1:]
+    return api.Rejection(index=index, code="INVALID_ARGUMENT", message=full + message[len(field) :], field=full)
 
 
 def decode_batch(
@@ -84,27 +88,15 @@ def decode_batch(
         try:
             raws = _loose_decoder.decode(body).events
         except msgspec.DecodeError as exc:
-            raise InvalidArgument(f"not an event batch: {exc}", field=_path_of(exc)) from None
+            message, field = api.describe_validation_error(str(exc))
+            raise InvalidArgument(f"not an event batch: {message}", field=field) from None
         events = []
         for index, raw in enumerate(raws):
             try:
                 events.append(_event_decoder.decode(raw))
-            except msgspec.ValidationError as exc:
-                events.append(None)
-                message = str(exc)
-                rejected.append(
-                    api.Rejection(
-                        index=index,
-                        code="INVALID_ARGUMENT",
-                        message=message.split(" - at `", 1)[0],
-                        field=_validation_field(exc, index),
-                    )
-                )
             except msgspec.DecodeError as exc:
                 events.append(None)
-                rejected.append(
-                    api.Rejection(index=index, code="INVALID_ARGUMENT", message=str(exc), field=f"$.events[{index}]")
-                )
+                rejected.append(_rejection(index, exc))
     except msgspec.DecodeError as exc:
         raise InvalidArgument(f"not an event batch: {exc}") from None
 
@@ -137,17 +129,12 @@ def decode_batch(
                 problem = ("INVALID_ARGUMENT", f"identity is longer than {MAX_KEY_BYTES} bytes", "identity")
         if problem is not None:
             code, message, name = problem
-            rejected.append(api.Rejection(index=index, code=code, message=message, field=f"$.events[{index}].{name}"))
+            field = f"$.events[{index}].{name}"
+            rejected.append(api.Rejection(index=index, code=code, message=f"{field}: {message}", field=field))
             continue
         accepted.append((event.identity, event.type, ts, event.data))
     rejected.sort(key=lambda r: r.index)
     return accepted, rejected
-
-
-def _path_of(exc: msgspec.DecodeError) -> str | None:
-    text = str(exc)
-    at = text.rfind(" - at `")
-    return text[at + 7 : -1] if at >= 0 else None
 
 
 class _Job:

@@ -80,20 +80,6 @@ class Router:
         self.routes[spec.name] = _Route(spec, handler, decoder)
 
 
-def _friendly(message: str) -> str:
-    """Replace regexes in msgspec messages by what they mean."""
-    return message.replace(
-        f"matching regex '{api.IDENTITY_PATTERN}'", "an identity like crm:42 (namespace:value)"
-    )
-
-
-def _field_of(message: str) -> tuple[str, str | None]:
-    at = message.rfind(" - at `")
-    if at < 0:
-        return message, None
-    return message, message[at + 7 : -1]
-
-
 class _MethodStats:
     __slots__ = ("calls", "errors", "histogram")
 
@@ -400,7 +386,7 @@ class _Connection:
                 try:
                     request = route.decoder.decode(call.body) if route.decoder is not None else None
                 except msgspec.DecodeError as exc:
-                    message, field = _field_of(_friendly(str(exc)))
+                    message, field = api.describe_validation_error(str(exc))
                     conn.send_error(call.id, Status.INVALID_ARGUMENT, message, field=field)
                     return False
                 ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)

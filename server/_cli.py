@@ -1,0 +1,421 @@
+"""The ``pigeon`` command line.
+
+``pigeon serve`` runs a server; every other command is a client of one (``--server``, or
+``PIGEON_SERVER``, default 127.0.0.1:7600) and prints a readable summary, or the response
+as JSON with ``--json``. Exit status: 0 on success, 1 when the server refused the call or
+could not be reached, 2 for a usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import ssl
+import sys
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import trio
+
+from protocols import api
+from protocols.errors import CallError, PigeonProtocolError
+from protocols.trio_client import BatchFailed, Client, open_client
+
+from ._config import DEFAULT_LISTEN, load_config
+from ._errors import ConfigError, RestartIntensityExceeded, ServerError
+
+__all__ = ["main", "COMMANDS"]
+
+log = logging.getLogger("pigeon")
+
+#: The CLI command of every protocol method.
+COMMANDS: dict[str, str] = {
+    "server.health": "health",
+    "server.stats": "stats",
+    "profiles.get": "profiles get",
+    "profiles.upsert": "profiles upsert",
+    "profiles.patch": "profiles patch",
+    "profiles.delete": "profiles delete",
+    "profiles.link": "profiles link",
+    "profiles.unlink": "profiles unlink",
+    "tokens.register": "tokens register",
+    "tokens.unregister": "tokens unregister",
+    "consent.set": "consent set",
+    "events.ingest": "events send / events import",
+    "events.list": "events list",
+}
+
+
+class UsageError(Exception):
+    """Bad command-line input; printed without a traceback, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def _json(obj: Any) -> str:
+    return json.dumps(json.loads(msgspec.json.encode(obj)), indent=2, ensure_ascii=False)
+
+
+def _when(dt: datetime | None) -> str:
+    return "-" if dt is None else dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _flatten(item, f"{prefix}.{key}" if prefix else str(key))
+    else:
+        yield prefix, value
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip()]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def _short_token(token: str) -> str:
+    return token if len(token) <= 24 else f"{token[:10]}…{token[-10:]}"
+
+
+def show_profile(p: api.Profile) -> str:
+    out = [f"profile {p.identities[0]}"]
+    if len(p.identities) > 1:
+        out.append(f"  also known as: {', '.join(p.identities[1:])}")
+    out.append(f"  created {_when(p.created)}, updated {_when(p.updated)}")
+    out.append("attributes:")
+    attrs = list(_flatten(p.attributes))
+    out += [f"  {k} = {json.dumps(v, ensure_ascii=False, default=str)}" for k, v in attrs if k] or ["  (none)"]
+    out.append("push registrations:")
+    if p.registrations:
+        rows = [
+            [r.app, r.platform, _short_token(r.token), r.state + (f" ({r.invalid_reason})" if r.invalid_reason else ""), _when(r.last_seen)]
+            for r in p.registrations
+        ]
+        out += ["  " + line for line in _table(rows, ["APP", "PLATFORM", "TOKEN", "STATE", "LAST SEEN"]).splitlines()]
+    else:
+        out.append("  (none)")
+    out.append("consent:")
+    out += [f"  {app}: push {c.push} since {_when(c.updated)}" for app, c in p.consent.items()] or ["  (none)"]
+    return "\n".join(out)
+
+
+def show_stats(s: api.Stats) -> str:
+    pr = s.process
+    out = [
+        f"pigeon {s.version}, up {s.uptime_s:.0f}s, pid {pr.pid}, cpu {pr.cpu_user_s + pr.cpu_system_s:.2f}s, "
+        f"rss {pr.rss_bytes / 2**20:.1f} MiB",
+        "",
+        _table(
+            [[a.name, a.state, str(a.restarts), str(a.crashes), f"{a.mailbox_used}/{a.mailbox_size}", a.last_error or ""] for a in s.actors],
+            ["ACTOR", "STATE", "RESTARTS", "CRASHES", "MAILBOX", "LAST ERROR"],
+        ),
+        "",
+        f"connections: {s.connections.open} open, {s.connections.accepted} accepted, "
+        f"{s.connections.closed_by_protocol_error} closed for protocol errors",
+        f"store: {s.store.profiles} profiles, {s.store.identities} identities, {s.store.tokens} tokens, "
+        f"{s.store.events} events; {s.store.used_bytes / 2**20:.1f} of {s.store.map_size / 2**20:.0f} MiB map; "
+        f"{s.store.commits} commits for {s.store.writes} writes",
+    ]
+    if s.methods:
+        out += [
+            "",
+            _table(
+                [[name, str(m.calls), str(m.errors), f"{m.p50_us:.0f}", f"{m.p99_us:.0f}"] for name, m in s.methods.items()],
+                ["METHOD", "CALLS", "ERRORS", "P50 µs", "P99 µs"],
+            ),
+        ]
+    return "\n".join(out)
+
+
+def show_event(e: api.StoredEvent) -> str:
+    data = json.dumps(e.data, ensure_ascii=False, default=str) if e.data else ""
+    return f"{_when(e.ts)}  #{e.seq}  {e.type}  {data}".rstrip()
+
+
+def show_ingest(r: api.IngestResult) -> str:
+    lines = [f"accepted {r.accepted} event(s)" + (f", last seq {r.last_seq}" if r.accepted else "")]
+    lines += [f"rejected #{x.index}: {x.code}: {x.message}" for x in r.rejected]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# input
+
+
+def _parse_json_object(text: str, what: str) -> dict[str, Any]:
+    if text.startswith("@"):
+        path = text[1:]
+        try:
+            text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        except OSError as exc:
+            raise UsageError(f"cannot read {what} from {path!r}: {exc.strerror}") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _parse_time(text: str | None, what: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise UsageError(f"{what} {text!r} is not an ISO 8601 time (2026-11-22T10:00:00Z)") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _event(identity: str, type_: str, data: dict[str, Any], ts: datetime | None) -> api.Event:
+    try:
+        return msgspec.convert({"identity": identity, "type": type_, "data": data, "ts": ts}, api.Event)
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"bad event: {api.describe_validation_error(exc)[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+Action = Callable[[Client, argparse.Namespace], Any]
+
+
+async def _simple(request: api.Request[Any], show: Callable[[Any], str] | None, args: argparse.Namespace, client: Client) -> None:
+    result = await client.call(request)
+    print(_json(result) if args.json or show is None else show(result))
+
+
+def _req(build: Callable[[argparse.Namespace], api.Request[Any]], show: Callable[[Any], str] | None) -> Action:
+    async def action(client: Client, args: argparse.Namespace) -> None:
+        await _simple(build(args), show, args, client)
+
+    return action
+
+
+async def _events_send(client: Client, args: argparse.Namespace) -> None:
+    data = _parse_json_object(args.data, "--data") if args.data else {}
+    event = _event(args.identity, args.type, data, _parse_time(args.ts, "--ts"))
+    result = await client.call(api.IngestEvents(events=[event]))
+    print(_json(result) if args.json else show_ingest(result))
+    if result.rejected:
+        raise SystemExit(1)
+
+
+async def _events_import(client: Client, args: argparse.Namespace) -> None:
+    source = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115
+    decoder = msgspec.json.Decoder(api.Event)
+    invalid = []
+    lines = 0
+    try:
+        async with client.event_batcher(batch_size=args.batch_size) as batcher:
+            for lineno, line in enumerate(source, 1):
+                if not line.strip():
+                    continue
+                lines += 1
+                try:
+                    event = decoder.decode(line)
+                except msgspec.DecodeError as exc:
+                    invalid.append(f"line {lineno}: {exc}")
+                    continue
+                await batcher.add(event)
+    except BatchFailed as exc:
+        raise UsageError(f"import stopped: {exc}") from None
+    finally:
+        if source is not sys.stdin:
+            source.close()
+    summary = {"lines": lines, "accepted": batcher.accepted, "invalid": invalid,
+               "rejected": [r.message for _, r in batcher.rejected]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{lines} line(s): {batcher.accepted} event(s) accepted, {len(invalid)} invalid, {len(batcher.rejected)} rejected")
+        for problem in invalid + summary["rejected"]:
+            print(f"  {problem}")
+    if invalid or batcher.rejected:
+        raise SystemExit(1)
+
+
+async def _events_list(client: Client, args: argparse.Namespace) -> None:
+    request = api.ListEvents(
+        identity=args.identity,
+        type=args.type,
+        since=_parse_time(args.since, "--since"),
+        until=_parse_time(args.until, "--until"),
+        limit=args.limit,
+        reverse=args.reverse,
+    )
+    count = 0
+    async with client.stream(request) as events:
+        async for event in events:
+            count += 1
+            print(msgspec.json.encode(event).decode() if args.json else show_event(event))
+    if not args.json and count == 0:
+        print("(no events)")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default=os.environ.get("PIGEON_SERVER", DEFAULT_LISTEN),
+                        help="HOST:PORT or unix:PATH of the server (env PIGEON_SERVER; default %(default)s)")
+    common.add_argument("--json", action="store_true", help="print the response as JSON")
+    common.add_argument("--tls", action="store_true", help="connect with TLS")
+    common.add_argument("--ca", metavar="FILE", help="CA certificate to trust for TLS (implies --tls)")
+    common.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline per command (default 30)")
+
+    parser = argparse.ArgumentParser(prog="pigeon", description="Pigeon, a self-hosted push journey server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--data", metavar="DIR", help="data folder (default ./pigeon-data)")
+    serve.add_argument("--listen", metavar="ADDR", action="append",
+                       help="HOST:PORT or unix:PATH to listen on; repeat for several (default 127.0.0.1:7600)")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file (default ./pigeon.toml if present)")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(action=None)
+
+    def sub(parent: Any, name: str, help: str, action: Action) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=help, parents=[common])
+        p.set_defaults(action=action)
+        return p
+
+    sub(commands, "health", "is the server serving?", _req(lambda a: api.GetHealth(), lambda h: f"{h.status} (pigeon {h.version}, protocol {h.protocol}, up {h.uptime_s:.0f}s)"))
+    sub(commands, "stats", "actors, connections, store and per-method latency", _req(lambda a: api.GetStats(), show_stats))
+
+    profiles = commands.add_parser("profiles", help="customer profiles").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = sub(profiles, "get", "show a profile", _req(lambda a: api.GetProfile(identity=a.identity), show_profile))
+    p.add_argument("identity", help="namespace:value, e.g. crm:42")
+    p = sub(profiles, "upsert", "create a profile or replace its attributes",
+            _req(lambda a: api.UpsertProfile(identity=a.identity, attributes=_parse_json_object(a.attributes, "attributes")), show_profile))
+    p.add_argument("identity")
+    p.add_argument("attributes", nargs="?", default="{}", help="JSON object, or @FILE, or @- for stdin")
+    p = sub(profiles, "patch", "merge-patch a profile's attributes (null deletes a key)",
+            _req(lambda a: api.PatchProfile(identity=a.identity, patch=_parse_json_object(a.patch, "patch"), create=not a.no_create), show_profile))
+    p.add_argument("identity")
+    p.add_argument("patch", help="JSON object, or @FILE, or @- for stdin")
+    p.add_argument("--no-create", action="store_true", help="fail if no profile has this identity")
+    p = sub(profiles, "delete", "delete a profile and every trace of it",
+            _req(lambda a: api.DeleteProfile(identity=a.identity),
+                 lambda d: f"deleted profile {', '.join(d.identities)}: {d.registrations} registration(s), {d.events} event(s)"))
+    p.add_argument("identity")
+    p = sub(profiles, "link", "add an identity to a profile", _req(lambda a: api.LinkIdentity(identity=a.identity, link=a.link), show_profile))
+    p.add_argument("identity")
+    p.add_argument("link", help="the identity to add")
+    p = sub(profiles, "unlink", "remove an identity from its profile", _req(lambda a: api.UnlinkIdentity(identity=a.identity), show_profile))
+    p.add_argument("identity")
+
+    tokens = commands.add_parser("tokens", help="push tokens").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = sub(tokens, "register", "register a push token on a profile",
+            _req(lambda a: api.RegisterToken(identity=a.identity, app=a.app, platform=a.platform, token=a.token),
+                 lambda r: f"registered {_short_token(r.registration.token)} for {r.registration.app} ({r.registration.platform})"
+                 + (f"; moved from {r.moved_from}" if r.moved_from else "") + ("; profile created" if r.created_profile else "")))
+    p.add_argument("identity")
+    p.add_argument("--app", required=True, help="bundle id or package name")
+    p.add_argument("--platform", required=True, choices=["apns", "apns-sandbox", "fcm"])
+    p.add_argument("--token", required=True)
+    p = sub(tokens, "unregister", "remove a push token",
+            _req(lambda a: api.UnregisterToken(app=a.app, token=a.token), lambda r: f"unregistered from profile {r.identity}"))
+    p.add_argument("--app", required=True)
+    p.add_argument("--token", required=True)
+
+    consent = commands.add_parser("consent", help="push consent").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = sub(consent, "set", "opt a profile in or out of an app's push",
+            _req(lambda a: api.SetConsent(identity=a.identity, app=a.app, push=a.push), lambda c: f"push {c.push} since {_when(c.updated)}"))
+    p.add_argument("identity")
+    p.add_argument("--app", required=True)
+    p.add_argument("--push", required=True, choices=["in", "out"])
+
+    events = commands.add_parser("events", help="experience events").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = sub(events, "send", "send one event", _events_send)
+    p.add_argument("identity")
+    p.add_argument("type", help="event type, e.g. commerce.purchase")
+    p.add_argument("--data", help="JSON object, or @FILE")
+    p.add_argument("--ts", help="when it happened (ISO 8601; default now)")
+    p = sub(events, "import", "ingest events from a JSON Lines file, in batches", _events_import)
+    p.add_argument("file", help='JSON Lines, one {"identity","type","ts"?,"data"?} per line; - for stdin')
+    p.add_argument("--batch-size", type=int, default=500)
+    p = sub(events, "list", "list a profile's events", _events_list)
+    p.add_argument("identity")
+    p.add_argument("--type")
+    p.add_argument("--since")
+    p.add_argument("--until")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--reverse", action="store_true", help="newest first")
+    return parser
+
+
+async def _run_client(args: argparse.Namespace) -> None:
+    context = None
+    if args.tls or args.ca:
+        context = ssl.create_default_context(cafile=args.ca)
+    with trio.fail_after(args.timeout):
+        async with open_client(args.server, ssl_context=context, client_name="pigeon-cli") as client:
+            await args.action(client, args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from ._app import serve
+
+    overrides: dict[str, Any] = {}
+    if args.data:
+        overrides["data"] = args.data
+    if args.listen:
+        overrides["listen"] = args.listen
+    if args.log_level:
+        overrides["log_level"] = args.log_level
+    config = load_config(args.config, env=os.environ, overrides=overrides)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        trio.run(serve, config)
+    except BaseExceptionGroup as group:
+        match, _ = group.split((RestartIntensityExceeded, ServerError))
+        if match is None:
+            raise
+        first = match
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        log.critical("pigeon is exiting: %s", first)
+        return 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        trio.run(_run_client, args)
+        return 0
+    except (UsageError, ConfigError) as exc:
+        print(f"pigeon: {exc}", file=sys.stderr)
+        return 2
+    except ServerError as exc:
+        print(f"pigeon: {exc}", file=sys.stderr)
+        return 1
+    except CallError as exc:
+        print(f"pigeon: {exc.status}: {exc.message}", file=sys.stderr)
+        return 1
+    except (PigeonProtocolError, OSError) as exc:
+        print(f"pigeon: cannot talk to the server at {getattr(args, 'server', '?')}: {exc}", file=sys.stderr)
+        return 1
+    except trio.TooSlowError:
+        print(f"pigeon: no answer within {args.timeout:g}s", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
