@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
 import msgspec
+import msgspec.inspect
 
 __all__ = [
     "IDENTITY_PATTERN",
@@ -101,10 +102,13 @@ _PATTERN_MEANINGS = {
 }
 
 
-def describe_validation_error(error: msgspec.ValidationError | str) -> tuple[str, str | None]:
+def describe_validation_error(
+    error: msgspec.ValidationError | str, request_type: type | None = None
+) -> tuple[str, str | None]:
     """Turn a msgspec validation message into ``("$.path: what is wrong", "$.path")``.
 
-    Regular expressions are replaced by what they mean.
+    Regular expressions are replaced by what they mean; with ``request_type``, a bad choice
+    lists the valid ones.
     """
     text = str(error)
     for pattern, meaning in _PATTERN_MEANINGS.items():
@@ -113,7 +117,29 @@ def describe_validation_error(error: msgspec.ValidationError | str) -> tuple[str
     if at < 0:
         return text, None
     field = text[at + 7 : -1]
-    return f"{field}: {text[:at]}", field
+    message = text[:at]
+    if request_type is not None and message.startswith("Invalid enum value"):
+        choices = _choices(request_type, field)
+        if choices:
+            message += f"; expected one of {', '.join(map(repr, choices))}"
+    return f"{field}: {message}", field
+
+
+def _choices(struct: type, path: str) -> tuple[Any, ...]:
+    """The literal values allowed at ``$.a.b`` of ``struct``, if that field is a Literal."""
+    info: Any = msgspec.inspect.type_info(struct)
+    for name in path.removeprefix("$.").split("."):
+        if isinstance(info, msgspec.inspect.Metadata):
+            info = info.type
+        if not isinstance(info, msgspec.inspect.StructType):
+            return ()
+        field = next((f for f in info.fields if f.encode_name == name), None)
+        if field is None:
+            return ()
+        info = field.type
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return tuple(info.values)
+    return ()
 
 
 class Request(

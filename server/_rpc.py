@@ -359,15 +359,19 @@ class _Connection:
         started = time.perf_counter()
         ok = False
         try:
-            ok = await self._dispatch(call)
+            try:
+                ok = await self._dispatch(call)
+            finally:
+                self.calls.pop(call.id, None)
+                self.cancelled_by_client.discard(call.id)
+                stats.calls += 1
+                stats.errors += not ok
+                stats.histogram.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
+            await self.flush()
         finally:
-            self.calls.pop(call.id, None)
-            self.cancelled_by_client.discard(call.id)
+            # The slot is held until the answer is written: at most max_calls answers wait
+            # in memory for a client that does not read.
             self.slots.release()
-            stats.calls += 1
-            stats.errors += not ok
-            stats.histogram.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
-        await self.flush()
         if self.closing and not self.conn.open_calls:
             self.scope.cancel()
 
@@ -386,7 +390,7 @@ class _Connection:
                 try:
                     request = route.decoder.decode(call.body) if route.decoder is not None else None
                 except msgspec.DecodeError as exc:
-                    message, field = api.describe_validation_error(str(exc))
+                    message, field = api.describe_validation_error(str(exc), route.spec.request)
                     conn.send_error(call.id, Status.INVALID_ARGUMENT, message, field=field)
                     return False
                 ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)

@@ -1,0 +1,393 @@
+"""The socket protocol server on real sockets: bad input, deadlines, cancel, goaway, limits."""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from protocols import api
+from protocols.errors import CallError, ConnectionClosed, Status
+from protocols.frames import PROTOCOL_VERSION, AnyFrame, Call, Cancel, Error, GoAway, Hello, Ping, Pong, Reply, Welcome
+from protocols.framing import FrameDecoder, FrameEncoder
+from protocols.trio_client import open_client
+from server import Server
+from server._rpc import _Route
+
+from .conftest import make_config
+
+_encoder = FrameEncoder()
+_decoder = msgspec.msgpack.Decoder(AnyFrame)
+
+
+class Raw:
+    """A hand-driven connection: send any bytes, read decoded frames. Closed after each test."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.frames = FrameDecoder(64 * 1024 * 1024)
+        self.queue: list[Any] = []
+
+    @classmethod
+    async def connect(cls, address: str, *, hello: bool = True) -> Raw:
+        host, port = address.rsplit(":", 1)
+        raw = cls(await trio.open_tcp_stream(host, int(port)))
+        if hello:
+            await raw.send(Hello(version=PROTOCOL_VERSION, client="raw"))
+            assert isinstance(await raw.receive(), Welcome)
+        return raw
+
+    async def send(self, frame: Any) -> None:
+        await self.stream.send_all(frame if isinstance(frame, bytes) else _encoder.frame(frame))
+
+    async def call(self, call_id: int, method: str, body: Any) -> None:
+        await self.send(Call(id=call_id, method=method, body=_encoder.body(body)))
+
+    async def receive(self) -> Any:
+        """The next frame, or None at EOF."""
+        with trio.fail_after(10):
+            while not self.queue:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    return None
+                self.queue.extend(_decoder.decode(p) for p in self.frames.feed(data))
+        return self.queue.pop(0)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+@pytest.fixture
+async def connect():
+    """``await connect(address)`` opens a `Raw` connection, closed after the test."""
+    opened: list[Raw] = []
+
+    async def open_raw(address: str, *, hello: bool = True) -> Raw:
+        raw = await Raw.connect(address, hello=hello)
+        opened.append(raw)
+        return raw
+
+    yield open_raw
+    for raw in opened:
+        await raw.aclose()
+
+
+async def assert_serving(address: str) -> None:
+    async with open_client(address) as c:
+        assert (await c.call(api.GetHealth())).status == "serving"
+
+
+@pytest.fixture
+def address(server: Server) -> str:
+    return server.addresses[0]
+
+
+async def test_garbage_frame_gets_a_connection_error_and_the_connection_survives(address, connect):
+    raw = await connect(address)
+    await raw.send(len(b"\xc1garbage").to_bytes(4, "big") + b"\xc1garbage")
+    error = await raw.receive()
+    assert isinstance(error, Error) and error.id == 0 and error.code is Status.INVALID_ARGUMENT
+    assert "malformed frame" in error.message
+    await raw.call(1, "server.health", {})
+    reply = await raw.receive()
+    assert isinstance(reply, Reply) and reply.id == 1
+    await assert_serving(address)
+
+
+async def test_frame_with_a_bad_envelope_field_is_answered_on_its_call_id(address, connect):
+    raw = await connect(address)
+    bad = msgspec.msgpack.encode({"t": "call", "id": 7, "method": 12})
+    await raw.send(len(bad).to_bytes(4, "big") + bad)
+    error = await raw.receive()
+    assert isinstance(error, Error) and error.id == 7
+    assert error.code is Status.INVALID_ARGUMENT and error.field == "$.method"
+
+
+async def test_truncated_msgpack_inside_a_frame_is_a_malformed_frame(address, connect):
+    raw = await connect(address)
+    payload = _encoder.frame(Call(id=3, method="server.health", body=_encoder.body({})))[4:]
+    cut = payload[:-3]
+    await raw.send(len(cut).to_bytes(4, "big") + cut)
+    error = await raw.receive()
+    assert isinstance(error, Error) and error.code is Status.INVALID_ARGUMENT
+    await assert_serving(address)
+
+
+async def test_connection_closed_mid_frame_does_not_disturb_the_server(address, server, caplog, connect):
+    raw = await connect(address)
+    await raw.send((1000).to_bytes(4, "big") + b"\x80" * 10)
+    await raw.aclose()
+    await assert_serving(address)
+    with trio.fail_after(5):
+        while "in the middle of a frame" not in caplog.text:
+            await trio.sleep(0.01)
+    assert "10 bytes discarded" in caplog.text or "14 bytes discarded" in caplog.text
+
+
+async def test_oversized_frame_is_refused_before_its_body_is_sent(address, server, connect):
+    raw = await connect(address)
+    # announce 1 GiB and send nothing more: the server must answer from the header alone
+    await raw.send((1 << 30).to_bytes(4, "big"))
+    goaway = await raw.receive()
+    assert isinstance(goaway, GoAway) and goaway.code is Status.RESOURCE_EXHAUSTED
+    assert str(1 << 30) in goaway.message and str(server.config.max_frame) in goaway.message
+    assert await raw.receive() is None  # closed
+    assert server.listener.protocol_errors == 1
+    await assert_serving(address)
+
+
+async def test_wrong_type_in_a_body_field_names_the_field(address, connect):
+    raw = await connect(address)
+    await raw.call(1, "profiles.get", {"identity": 5})
+    await raw.call(2, "profiles.upsert", {"identity": "crm:1", "attributes": "nope"})
+    await raw.call(3, "profiles.get", {"identity": "crm:1", "extra": True})
+    await raw.call(4, "tokens.register", {"identity": "crm:1", "app": "a", "platform": "windows", "token": "t"})
+    answers = {f.id: f for f in [await raw.receive() for _ in range(4)]}
+    assert all(isinstance(f, Error) and f.code is Status.INVALID_ARGUMENT for f in answers.values())
+    assert answers[1].field == "$.identity" and "Expected `str`, got `int`" in answers[1].message
+    assert answers[2].field == "$.attributes"
+    assert "extra" in answers[3].message
+    assert answers[4].field == "$.platform" and "'windows'" in answers[4].message
+    assert "'apns', 'apns-sandbox', 'fcm'" in answers[4].message
+
+
+async def test_unknown_method(address, connect):
+    raw = await connect(address)
+    await raw.call(1, "profiles.explode", {})
+    error = await raw.receive()
+    assert error.code is Status.UNIMPLEMENTED and error.field == "$.method" and "profiles.explode" in error.message
+
+
+async def test_call_id_reused_while_in_flight(address, connect):
+    raw = await connect(address)
+    first = _encoder.frame(Call(id=9, method="server.health", body=_encoder.body({})))
+    # both frames arrive in one read: the first is still in flight when the second is seen
+    await raw.send(first + first)
+    frames = [await raw.receive(), await raw.receive()]
+    errors = [f for f in frames if isinstance(f, Error)]
+    replies = [f for f in frames if isinstance(f, Reply)]
+    assert len(errors) == 1 and len(replies) == 1
+    assert errors[0].id == 9 and errors[0].field == "$.id" and "already in flight" in errors[0].message
+    assert replies[0].id == 9
+
+
+async def test_call_before_hello_is_refused_with_a_goaway(address, connect):
+    raw = await connect(address, hello=False)
+    await raw.call(1, "server.health", {})
+    goaway = await raw.receive()
+    assert isinstance(goaway, GoAway) and goaway.code is Status.FAILED_PRECONDITION
+    assert await raw.receive() is None
+
+
+async def test_unsupported_version_is_refused(address, connect):
+    raw = await connect(address, hello=False)
+    await raw.send(Hello(version=99))
+    goaway = await raw.receive()
+    assert isinstance(goaway, GoAway) and "99" in goaway.message and str(PROTOCOL_VERSION) in goaway.message
+
+
+async def test_ping(address, connect):
+    raw = await connect(address)
+    await raw.send(Ping(nonce=42))
+    assert await raw.receive() == Pong(nonce=42)
+    async with open_client(address) as c:
+        assert 0 < await c.ping() < 5
+
+
+async def test_pipelined_calls_are_answered_out_of_order(server, address, connect):
+    gate = trio.Event()
+
+    async def slow(ctx, req):
+        await gate.wait()
+        return api.Health(status="serving", version="slow", protocol=1, uptime_s=0)
+
+    _add_route(server, "test.slow", slow)
+    raw = await connect(address)
+    await raw.call(1, "test.slow", {})
+    await raw.call(2, "server.health", {})
+    first = await raw.receive()
+    assert first.id == 2  # the quick call overtakes the slow one
+    gate.set()
+    assert (await raw.receive()).id == 1
+
+
+def _add_route(server: Server, name: str, handler: Any) -> None:
+    spec = api.MethodSpec(name, api.GetHealth, api.Health, False)
+    server.listener.router.routes[name] = _Route(spec, handler, msgspec.msgpack.Decoder(api.GetHealth))
+
+
+async def test_deadline_exceeded_and_client_cancel(server, address, connect):
+    async def sleepy(ctx, req):
+        await trio.sleep(30)
+
+    _add_route(server, "test.sleep", sleepy)
+    raw = await connect(address)
+    await raw.send(Call(id=1, method="test.sleep", body=_encoder.body({}), timeout_ms=50))
+    error = await raw.receive()
+    assert error.id == 1 and error.code is Status.DEADLINE_EXCEEDED and "50 ms" in error.message
+
+    await raw.call(2, "test.sleep", {})
+    await trio.sleep(0.05)
+    await raw.send(Cancel(id=2))
+    error = await raw.receive()
+    assert error.id == 2 and error.code is Status.CANCELLED
+
+    # the Trio client turns a fail_after into the call's deadline
+    async with open_client(address) as c:
+        with pytest.raises(trio.TooSlowError):
+            with trio.fail_after(0.2):
+                await _call_sleep(c)
+        assert (await c.call(api.GetHealth())).status == "serving"
+    # the server saw the client's deadline too (timeout_ms) and ended the call itself
+    with trio.fail_after(5):
+        while server.listener.stats_for("test.sleep").calls < 3:
+            await trio.sleep(0.01)
+    assert server.listener.stats_for("test.sleep").errors == 3
+
+
+async def _call_sleep(client) -> None:
+    class Sleep(api.Request[api.Health]):
+        method = "test.sleep"
+
+    await client.call(Sleep())
+
+
+async def test_handler_crash_is_an_internal_error_and_the_server_keeps_serving(server, address, caplog, connect):
+    async def broken(ctx, req):
+        raise ZeroDivisionError("boom")
+
+    _add_route(server, "test.broken", broken)
+    raw = await connect(address)
+    await raw.call(1, "test.broken", {})
+    error = await raw.receive()
+    assert error.code is Status.INTERNAL and "test.broken" in error.message and "boom" not in error.message
+    assert "ZeroDivisionError" in caplog.text
+    await assert_serving(address)
+
+
+async def test_max_connections(tmp_path, connect):
+    srv = Server(make_config(tmp_path / "d", max_connections=2))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        address = srv.addresses[0]
+        a = await connect(address)
+        b = await connect(address)
+        c = await connect(address, hello=False)
+        goaway = await c.receive()
+        assert isinstance(goaway, GoAway) and goaway.code is Status.RESOURCE_EXHAUSTED
+        await a.aclose()
+        with trio.fail_after(5):
+            while len(srv.listener.connections) > 1:
+                await trio.sleep(0.01)
+        await assert_serving(address)
+        await b.aclose()
+        srv.request_stop()
+
+
+async def test_shutdown_finishes_calls_in_flight_and_refuses_new_ones(tmp_path, connect):
+    srv = Server(make_config(tmp_path / "d"))
+    gate = trio.Event()
+
+    async def slow(ctx, req):
+        await gate.wait()
+        return api.Health(status="serving", version="slow", protocol=1, uptime_s=0)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        _add_route(srv, "test.slow", slow)
+        raw = await connect(srv.addresses[0])
+        await raw.call(1, "test.slow", {})
+        await trio.sleep(0.05)
+        srv.request_stop()
+        goaway = await raw.receive()
+        assert isinstance(goaway, GoAway) and goaway.code is Status.UNAVAILABLE and goaway.last_id == 1
+        await raw.call(2, "server.health", {})
+        refused = await raw.receive()
+        assert refused.id == 2 and refused.code is Status.UNAVAILABLE
+        gate.set()
+        finished = await raw.receive()
+        assert isinstance(finished, Reply) and finished.id == 1
+        assert await raw.receive() is None  # closed once idle
+    # the server has stopped: nothing listens any more
+    host, port = srv.addresses[0].rsplit(":", 1)
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(host, int(port))
+
+
+async def test_goaway_fails_new_calls_in_the_trio_client(tmp_path):
+    srv = Server(make_config(tmp_path / "d"))
+    gate = trio.Event()
+
+    async def slow(ctx, req):
+        await gate.wait()
+        return api.Health(status="serving", version="slow", protocol=1, uptime_s=0)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        _add_route(srv, "test.slow", slow)
+        async with open_client(srv.addresses[0]) as c:
+            async with trio.open_nursery() as calls:
+                result: list[Any] = []
+
+                async def slow_call() -> None:
+                    class Slow(api.Request[api.Health]):
+                        method = "test.slow"
+
+                    result.append(await c.call(Slow()))
+
+                calls.start_soon(slow_call)
+                await trio.sleep(0.05)
+                srv.request_stop()
+                await trio.sleep(0.05)
+                with pytest.raises((ConnectionClosed, CallError)) as info:
+                    await c.call(api.GetHealth())
+                assert info.value.status is Status.UNAVAILABLE
+                gate.set()
+            assert result[0]["version"] == "slow"  # a method unknown to the client decodes as plain data
+
+
+def test_a_client_that_stops_reading_does_not_grow_server_memory(spawn_server):
+    proc = spawn_server(env={"PIGEON_WRITE_TIMEOUT_S": "8", "PIGEON_MAX_CALLS": "64"})
+    host, port = proc.address.rsplit(":", 1)
+
+    async def setup_and_stats() -> tuple[int, int]:
+        async with open_client(proc.address) as c:
+            await c.call(api.UpsertProfile(identity="crm:big", attributes={"blob": "x" * 200_000}))
+            stats = await c.call(api.GetStats())
+            return stats.process.rss_bytes, stats.connections.open
+
+    rss_before, _ = trio.run(setup_and_stats)
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    sock.sendall(_encoder.frame(Hello(version=PROTOCOL_VERSION)))
+    call = _encoder.body(api.GetProfile(identity="crm:big"))
+    sock.settimeout(1)
+    sent = 0
+    started = time.monotonic()
+    try:
+        # ~200 KB per reply: 300,000 calls would be 60 GB of replies if the server queued them
+        # all; the calls themselves (~60 bytes each) overflow any kernel socket buffer.
+        while sent < 300_000 and time.monotonic() - started < 60:
+            chunk = b"".join(
+                _encoder.frame(Call(id=sent + i + 1, method="profiles.get", body=call)) for i in range(1000)
+            )
+            sock.sendall(chunk)
+            sent += 1000
+    except TimeoutError:
+        pass  # the server stopped reading: backpressure reached the client
+    rss_after, open_connections = trio.run(setup_and_stats)
+    assert sent < 300_000, "the server kept reading calls it could not answer"
+    assert rss_after - rss_before < 100 * 2**20, (rss_before, rss_after)
+    assert open_connections == 2
+    # after the write timeout the server drops the stuck connection and keeps serving
+    deadline = time.monotonic() + 20
+    while trio.run(setup_and_stats)[1] != 1:
+        assert time.monotonic() < deadline, "the stuck connection was never closed"
+        time.sleep(0.2)
+    sock.close()
+    assert any("read nothing for 8s" in line for line in proc.log)

@@ -1,0 +1,279 @@
+"""The LMDB profile store, through the real server and directly."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import lmdb
+import msgspec
+import pytest
+import trio
+
+from protocols import api
+from protocols.errors import CallError, Status
+from server import SchemaError, Server
+from server import _store as store_ops
+from server._store import MAX_REGISTRATIONS, ProfileStore
+
+from .conftest import make_config
+
+APP = "com.acme.app"
+TOKEN = "ab" * 32
+
+
+async def test_upsert_replaces_attributes_and_patch_merges(client):
+    p = await client.call(api.UpsertProfile(identity="crm:42", attributes={"a": 1, "person": {"first": "Ana"}}))
+    assert p.identities == ["crm:42"] and p.attributes == {"a": 1, "person": {"first": "Ana"}}
+    p = await client.call(
+        api.PatchProfile(identity="crm:42", patch={"a": None, "person": {"last": "Lima"}, "tags": ["x", 2]})
+    )
+    assert p.attributes == {"person": {"first": "Ana", "last": "Lima"}, "tags": ["x", 2]}
+    p = await client.call(api.UpsertProfile(identity="crm:42", attributes={"b": True}))
+    assert p.attributes == {"b": True}
+    assert p.updated >= p.created
+
+
+async def test_typed_values_survive_a_round_trip(client):
+    when = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    attrs = {"int": -7, "big": 2**62, "float": 1.5, "bool": False, "none_in_list": [None], "when": when, "bin": b"\x00\x01"}
+    p = await client.call(api.UpsertProfile(identity="crm:1", attributes=attrs))
+    got = await client.call(api.GetProfile(identity="crm:1"))
+    assert got.attributes == p.attributes
+    assert got.attributes["when"] == when and got.attributes["bin"] == b"\x00\x01"
+
+
+async def test_patch_without_create_on_missing_profile_is_not_found(client):
+    with pytest.raises(CallError) as info:
+        await client.call(api.PatchProfile(identity="crm:404", patch={"a": 1}, create=False))
+    assert info.value.status is Status.NOT_FOUND and info.value.field == "$.identity"
+    assert "crm:404" in info.value.message
+
+
+async def test_link_and_unlink_identities(client):
+    await client.call(api.UpsertProfile(identity="crm:1"))
+    p = await client.call(api.LinkIdentity(identity="crm:1", link="email:ana@example.com"))
+    assert p.identities == ["crm:1", "email:ana@example.com"]
+    same = await client.call(api.GetProfile(identity="email:ana@example.com"))
+    assert same.identities == p.identities
+    # linking again is a no-op
+    assert (await client.call(api.LinkIdentity(identity="crm:1", link="email:ana@example.com"))).identities == p.identities
+
+    await client.call(api.UpsertProfile(identity="crm:2"))
+    with pytest.raises(CallError) as info:
+        await client.call(api.LinkIdentity(identity="crm:2", link="email:ana@example.com"))
+    assert info.value.status is Status.ALREADY_EXISTS and info.value.field == "$.link"
+
+    p = await client.call(api.UnlinkIdentity(identity="crm:1"))
+    assert p.identities == ["email:ana@example.com"]
+    with pytest.raises(CallError) as info:
+        await client.call(api.GetProfile(identity="crm:1"))
+    assert info.value.status is Status.NOT_FOUND
+    with pytest.raises(CallError) as info:
+        await client.call(api.UnlinkIdentity(identity="email:ana@example.com"))
+    assert info.value.status is Status.FAILED_PRECONDITION
+
+
+async def test_register_token_creates_profile_and_moves_between_profiles(client):
+    r = await client.call(api.RegisterToken(identity="ecid:1", app=APP, platform="apns", token=TOKEN.upper()))
+    assert r.created_profile and r.moved_from is None
+    assert r.registration.token == TOKEN  # APNs tokens are stored in lower case
+    first_seen = r.registration.first_seen
+
+    await trio.sleep(0.002)
+    r = await client.call(api.RegisterToken(identity="crm:7", app=APP, platform="apns", token=TOKEN))
+    assert r.moved_from == "ecid:1"
+    assert r.registration.first_seen == first_seen and r.registration.last_seen > first_seen
+    assert (await client.call(api.GetProfile(identity="ecid:1"))).registrations == []
+    regs = (await client.call(api.GetProfile(identity="crm:7"))).registrations
+    assert [(x.app, x.platform, x.token, x.state) for x in regs] == [(APP, "apns", TOKEN, "active")]
+
+    # the same token for another app is another registration
+    await client.call(api.RegisterToken(identity="crm:7", app="com.acme.other", platform="fcm", token="f:1"))
+    assert len((await client.call(api.GetProfile(identity="crm:7"))).registrations) == 2
+
+    gone = await client.call(api.UnregisterToken(app=APP, token=TOKEN.upper()))
+    assert gone.identity == "crm:7"
+    with pytest.raises(CallError) as info:
+        await client.call(api.UnregisterToken(app=APP, token=TOKEN))
+    assert info.value.status is Status.NOT_FOUND
+
+
+async def test_apns_token_must_be_hex(client):
+    with pytest.raises(CallError) as info:
+        await client.call(api.RegisterToken(identity="crm:1", app=APP, platform="apns", token="xyz"))
+    assert info.value.status is Status.INVALID_ARGUMENT and info.value.field == "$.token"
+
+
+async def test_registrations_are_capped_evicting_the_least_recently_seen(client, server):
+    for i in range(MAX_REGISTRATIONS + 2):
+        await client.call(api.RegisterToken(identity="crm:1", app=APP, platform="fcm", token=f"t{i}"))
+    tokens = [r.token for r in (await client.call(api.GetProfile(identity="crm:1"))).registrations]
+    assert len(tokens) == MAX_REGISTRATIONS and "t0" not in tokens and "t1" not in tokens
+    assert server.store.find_token(APP, "t0") is None  # the index forgot evicted tokens
+    assert server.store.find_token(APP, "t2") is not None
+
+
+async def test_consent(client):
+    entry = await client.call(api.SetConsent(identity="crm:1", app=APP, push="out"))
+    assert entry.push == "out"
+    p = await client.call(api.GetProfile(identity="crm:1"))
+    assert p.consent[APP].push == "out"
+    await client.call(api.SetConsent(identity="crm:1", app=APP, push="in"))
+    assert (await client.call(api.GetProfile(identity="crm:1"))).consent[APP].push == "in"
+
+
+async def test_delete_removes_every_trace(client, server):
+    await client.call(api.UpsertProfile(identity="crm:1", attributes={"a": 1}))
+    await client.call(api.LinkIdentity(identity="crm:1", link="email:a@example.com"))
+    await client.call(api.RegisterToken(identity="crm:1", app=APP, platform="fcm", token="tok"))
+    await client.call(api.SetConsent(identity="crm:1", app=APP, push="in"))
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:1", type="x") for _ in range(3)]))
+    # a neighbour whose data must survive
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:2", type="y")]))
+
+    deleted = await client.call(api.DeleteProfile(identity="email:a@example.com"))
+    assert sorted(deleted.identities) == ["crm:1", "email:a@example.com"]
+    assert (deleted.registrations, deleted.events) == (1, 3)
+    for identity in ("crm:1", "email:a@example.com"):
+        with pytest.raises(CallError):
+            await client.call(api.GetProfile(identity=identity))
+    assert server.store.find_token(APP, "tok") is None
+    counts = server.store.counts()
+    assert (counts["profiles"], counts["identities"], counts["tokens"], counts["events"]) == (1, 1, 0, 1)
+    # the identity can start afresh
+    fresh = await client.call(api.UpsertProfile(identity="crm:1"))
+    assert fresh.attributes == {} and fresh.registrations == []
+
+
+async def test_events_list_filters_and_orders(client):
+    base = datetime.now(UTC) - timedelta(hours=1)
+    events = [api.Event(identity="crm:1", type="a" if i % 2 else "b", ts=base + timedelta(minutes=i), data={"i": i}) for i in range(10)]
+    # ingest out of order: listing is by time
+    result = await client.call(api.IngestEvents(events=list(reversed(events))))
+    assert result.accepted == 10 and result.rejected == []
+
+    async def collect(**kw):
+        async with client.stream(api.ListEvents(identity="crm:1", **kw)) as items:
+            return [e async for e in items]
+
+    assert [e.data["i"] for e in await collect()] == list(range(10))
+    assert [e.data["i"] for e in await collect(reverse=True)] == list(range(9, -1, -1))
+    assert [e.data["i"] for e in await collect(type="a")] == [1, 3, 5, 7, 9]
+    assert [e.data["i"] for e in await collect(since=base + timedelta(minutes=3), until=base + timedelta(minutes=5))] == [3, 4, 5]
+    assert [e.data["i"] for e in await collect(limit=2, reverse=True)] == [9, 8]
+
+
+async def test_events_list_pages_through_many_events(client):
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:1", type="t", data={"i": i}) for i in range(1000)]))
+    for reverse in (False, True):
+        async with client.stream(api.ListEvents(identity="crm:1", limit=10_000, reverse=reverse)) as items:
+            got = [e.seq async for e in items]
+        assert len(got) == 1000 and len(set(got)) == 1000
+        assert got == sorted(got, reverse=reverse)
+
+
+async def test_map_grows_on_demand(tmp_path):
+    srv = Server(make_config(tmp_path / "d", store={"map_size_mb": 1}))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        blob = "x" * 2000
+        for i in range(30):
+            events = [api.Event(identity=f"crm:{i}", type="t", data={"blob": blob, "n": n}) for n in range(50)]
+            ingested = await srv.ingestion.ingest(msgspec.msgpack.encode(api.IngestEvents(events=events)))
+            assert ingested.accepted == 50
+        assert srv.store.map_resizes >= 2
+        assert srv.store.counts()["events"] == 1500
+        srv.request_stop()
+
+
+async def test_schema_version_is_recorded_and_checked(tmp_path):
+    path = tmp_path / "d"
+    store = ProfileStore(path, clock=lambda: 0)
+    store._open()
+    store._close()
+    env = lmdb.open(str(path), max_dbs=10)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        assert msgspec.msgpack.decode(txn.get(b"schema", db=meta)) == store_ops.SCHEMA_VERSION
+        txn.put(b"schema", msgspec.msgpack.encode(99), db=meta)
+    env.close()
+    with pytest.raises(SchemaError, match="schema version 99"):
+        store._open()
+
+
+async def test_retention_sweep_deletes_only_old_events(tmp_path):
+    now = [1_800_000_000_000_000]
+    day = 86_400_000_000
+    store = ProfileStore(tmp_path / "d", clock=lambda: now[0], retention_us=10 * day, sweep_interval=0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        events = [("crm:1", "old", now[0] - 9 * day, msgspec.Raw(b"\x80")), ("crm:1", "new", now[0], msgspec.Raw(b"\x80")),
+                  ("crm:2", "old", now[0] - 8 * day - day // 2, msgspec.Raw(b"\x80")),
+                  ("crm:2", "kept", now[0] - 7 * day, msgspec.Raw(b"\x80"))]
+        await store.write(store_ops.ingest_events, [events])
+        now[0] += 2 * day  # crm:1's old event is now 11 days old, crm:2 10.5 days: both expire, crm:2 kept is 9 days old
+        assert await store.sweep(budget=1) == 2
+        records, _ = store.read_events("crm:1", start=None, since_us=0, until_us=2**62, reverse=False, limit=10)
+        assert [r.type for _, r in records] == ["new"]
+        assert store.counts()["events"] == 2
+        store.request_stop()
+
+
+async def test_a_failing_op_does_not_fail_its_batch_neighbours(tmp_path):
+    store = ProfileStore(tmp_path / "d", clock=lambda: 1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        results: dict[str, object] = {}
+
+        async def write(name, fn, *args):
+            try:
+                results[name] = await store.write(fn, *args)
+            except Exception as exc:  # noqa: BLE001 - recorded for the assertions
+                results[name] = exc
+
+        async with trio.open_nursery() as batch:
+            batch.start_soon(write, "ok1", store_ops.upsert_profile, "crm:1", {"a": 1})
+            batch.start_soon(write, "bad", store_ops.unlink_identity, "crm:missing")
+            batch.start_soon(write, "ok2", store_ops.upsert_profile, "crm:2", {"b": 2})
+        assert store.get_profile("crm:1").attributes == {"a": 1}
+        assert store.get_profile("crm:2").attributes == {"b": 2}
+        assert type(results["bad"]).__name__ == "NotFound"
+        store.request_stop()
+
+
+async def test_oversized_profile_is_refused(client):
+    with pytest.raises(CallError) as info:
+        await client.call(api.UpsertProfile(identity="crm:1", attributes={"big": "x" * 300_000}))
+    assert info.value.status is Status.INVALID_ARGUMENT and "limit" in info.value.message
+
+
+async def test_too_deep_attributes_are_refused(client):
+    deep: dict = {}
+    node = deep
+    for _ in range(40):
+        node["n"] = {}
+        node = node["n"]
+    with pytest.raises(CallError) as info:
+        await client.call(api.UpsertProfile(identity="crm:1", attributes=deep))
+    assert info.value.status is Status.INVALID_ARGUMENT and info.value.field.startswith("$.attributes.n")
+
+
+def test_store_keys_sort_events_by_profile_then_time():
+    from server import _keys as keys
+
+    a = keys.event_key(1, 5, 9)
+    b = keys.event_key(1, 6, 1)
+    c = keys.event_key(2, 0, 0)
+    assert a < b < c
+    assert keys.split_event_key(b) == (1, 6, 1)
+    with pytest.raises(Exception, match="511"):
+        keys.identity_key("crm:" + "é" * 300)
+
+
+def test_data_folder_that_cannot_be_created_is_a_clear_error(tmp_path: Path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    store = ProfileStore(blocker / "sub", clock=lambda: 0)
+    with pytest.raises(Exception, match="cannot open the data folder"):
+        store._open()
