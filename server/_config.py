@@ -8,6 +8,7 @@ A wrong value is reported with its key and where it came from.
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -129,12 +130,13 @@ def load_config(
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
         message = str(exc)
-        at = message.rfind(" - at `$.")
-        key = message[at + 9 : -1] if at >= 0 else ""
-        source = sources.get(key.split("[")[0]) if key else None
-        if "unknown field" in message:
-            field = message.rsplit("`", 2)[-2]
-            source = next((s for k, s in sources.items() if k.split(".")[-1] == field), None)
-            raise ConfigError(f"unknown configuration key {field!r}" + (f" (from {source})" if source else "")) from None
+        at = message.rfind(" - at `$")
+        path = message[at + 8 : -1].lstrip(".") if at >= 0 else ""
+        unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
+        if unknown:
+            key = f"{path}.{unknown.group(1)}" if path else unknown.group(1)
+            source = sources.get(key)
+            raise ConfigError(f"unknown configuration key {key!r}" + (f" (from {source})" if source else "")) from None
+        source = sources.get(path.split("[")[0])
         where = f" (from {source})" if source else ""
-        raise ConfigError(f"configuration key {key!r}{where}: {message.split(' - at ')[0]}") from None
+        raise ConfigError(f"configuration key {path!r}{where}: {message.split(' - at ')[0]}") from None

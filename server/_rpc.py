@@ -186,27 +186,40 @@ class Listener(Actor):
         listeners: list[trio.abc.Listener[Any]] = []
         addresses = []
         for address in self.listen:
-            host, port = parse_address(address)
-            if host == "unix":
-                assert isinstance(port, str)
-                sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
-                if os.path.exists(port):
-                    os.unlink(port)
-                await sock.bind(port)
-                sock.listen(128)
-                listeners.append(trio.SocketListener(sock))
-                addresses.append(f"unix:{port}")
-                continue
-            for tcp in await trio.open_tcp_listeners(port, host=host):
-                name = tcp.socket.getsockname()
-                addresses.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
-                listeners.append(tcp)
+            try:
+                listeners.extend(await self._listen_on(address, addresses))
+            except OSError as exc:
+                for listener in listeners:
+                    await listener.aclose()
+                raise ServerError(f"cannot listen on {address}: {exc.strerror or exc}") from exc
         if self.ssl_context is not None:
             listeners = [
-                trio.SSLListener(l, self.ssl_context) if isinstance(l, trio.SocketListener) and l.socket.family != _stdlib_socket.AF_UNIX else l
+                l if isinstance(l, trio.SocketListener) and l.socket.family == _stdlib_socket.AF_UNIX
+                else trio.SSLListener(l, self.ssl_context)
                 for l in listeners
             ]
         self.addresses = addresses
+        return listeners
+
+    async def _listen_on(self, address: str, addresses: list[str]) -> list[trio.abc.Listener[Any]]:
+        try:
+            host, port = parse_address(address)
+        except ValueError as exc:
+            raise ServerError(str(exc)) from None
+        if host == "unix":
+            assert isinstance(port, str)
+            sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+            if os.path.exists(port):
+                os.unlink(port)
+            await sock.bind(port)
+            sock.listen(128)
+            addresses.append(f"unix:{port}")
+            return [trio.SocketListener(sock)]
+        listeners: list[trio.abc.Listener[Any]] = []
+        for tcp in await trio.open_tcp_listeners(int(port), host=host):
+            name = tcp.socket.getsockname()
+            addresses.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
+            listeners.append(tcp)
         return listeners
 
     async def _accept_loop(self, listener: trio.abc.Listener[Any], nursery: trio.Nursery) -> None:

@@ -1,0 +1,138 @@
+"""Server lifecycle: graceful stop on SIGTERM/SIGINT, escalation at the root, start-up errors."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+import trio
+
+from protocols import api
+from protocols.errors import PigeonProtocolError
+from protocols.trio_client import open_client
+from server import RestartIntensityExceeded, Server
+from server._cli import main
+
+from .conftest import make_config
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_gracefully_with_exit_0_and_commits_in_flight_writes(spawn_server, signum):
+    proc = spawn_server()
+    acked: list[int] = []
+
+    async def ingest_then_signal() -> None:
+        async with open_client(proc.address) as client:
+            async with trio.open_nursery() as nursery:
+
+                async def writer(k: int) -> None:
+                    for n in range(1000):
+                        events = [api.Event(identity=f"crm:{k}", type="t", data={"n": n})] * 50
+                        try:
+                            result = await client.call(api.IngestEvents(events=events))
+                        except PigeonProtocolError:
+                            return
+                        acked.append(result.accepted)
+
+                for k in range(4):
+                    nursery.start_soon(writer, k)
+                await trio.sleep(0.3)
+                proc.signal(signum)
+
+    started = time.monotonic()
+    trio.run(ingest_then_signal)
+    assert proc.wait(15) == 0
+    assert time.monotonic() - started < 15
+    log = "".join(proc.log)
+    assert f"received {signal.Signals(signum).name}" in log and "stopped" in log
+
+    proc.start()
+
+    async def count() -> int:
+        async with open_client(proc.address) as client:
+            return (await client.call(api.GetStats())).store.events
+
+    assert trio.run(count) >= sum(acked) > 0
+
+
+async def test_root_escalation_stops_the_server_with_the_reason(tmp_path, monkeypatch):
+    srv = Server(make_config(tmp_path / "d", supervisor={"intensity": 2, "period_s": 60, "backoff_min_s": 0.01}))
+    runs = []
+
+    async def crashing_run(*, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        runs.append(1)
+        await trio.sleep(0.01)
+        raise RuntimeError("journeys engine exploded")
+
+    monkeypatch.setattr(srv.journeys, "run", crashing_run)
+    with pytest.RaisesGroup(pytest.RaisesExc(RestartIntensityExceeded, match="'journeys' crashed 3 times"), flatten_subgroups=True):
+        with trio.fail_after(10):
+            await srv.run()
+    assert len(runs) == 3  # the first run and two restarts
+
+
+def test_cli_serve_exits_non_zero_when_the_root_gives_up(tmp_path, monkeypatch, caplog):
+    from server import _journeys
+
+    async def crashing_run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        raise RuntimeError("engine exploded")
+
+    monkeypatch.setattr(_journeys.Journeys, "run", crashing_run)
+    monkeypatch.setenv("PIGEON_SUPERVISOR__INTENSITY", "1")
+    monkeypatch.setenv("PIGEON_SUPERVISOR__BACKOFF_MIN_S", "0.01")
+    code = main(["serve", "--data", str(tmp_path / "d"), "--listen", "127.0.0.1:0"])
+    assert code == 1
+    assert "pigeon is exiting" in caplog.text and "engine exploded" in caplog.text
+
+
+def test_cli_serve_reports_configuration_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PIGEON_STORE__MAP_SIZE_MB", "lots")
+    assert main(["serve", "--data", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "store.map_size_mb" in err and "PIGEON_STORE__MAP_SIZE_MB" in err
+
+
+def test_a_data_folder_that_cannot_be_used_stops_start_up_with_a_clear_error(tmp_path, caplog):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["serve", "--data", str(blocker / "data"), "--listen", "127.0.0.1:0"]) == 1
+    assert "cannot open the data folder" in caplog.text
+
+
+def test_address_in_use_is_a_clear_error(spawn_server, tmp_path, caplog):
+    proc = spawn_server()
+    code = main(["serve", "--data", str(tmp_path / "other"), "--listen", proc.address])
+    assert code == 1
+    assert "Address already in use" in caplog.text or "address already in use" in caplog.text.lower()
+
+
+async def test_stats_show_actors_and_method_latency(client, server):
+    await client.call(api.UpsertProfile(identity="crm:1"))
+    await client.call(api.GetProfile(identity="crm:1"))
+    stats = await client.call(api.GetStats())
+    names = [a.name for a in stats.actors]
+    assert names == ["store", "reporting", "delivery", "journeys", "ingestion", "listener"]
+    assert all(a.state == "running" and a.restarts == 0 for a in stats.actors)
+    store = next(a for a in stats.actors if a.name == "store")
+    assert store.mailbox_size == 1024 and store.details["commits"] >= 1
+    assert stats.methods["profiles.get"].calls == 1 and stats.methods["profiles.get"].p50_us > 0
+    assert stats.store.profiles == 1 and stats.process.cpu_user_s > 0 and stats.process.rss_bytes > 0
+    assert stats.connections.open == 1
+
+
+async def test_a_crashed_actor_is_restarted_and_visible_in_stats(client, server):
+    # a message the reporting actor cannot handle crashes it; the supervisor restarts it
+    await server.reporting.send(object())
+    with trio.fail_after(10):
+        while True:
+            stats = await client.call(api.GetStats())
+            reporting = next(a for a in stats.actors if a.name == "reporting")
+            if reporting.restarts == 1 and reporting.state == "running":
+                break
+            await trio.sleep(0.01)
+    assert reporting.crashes == 1 and "AttributeError" in reporting.last_error
+    others = [a for a in stats.actors if a.name != "reporting"]
+    assert all(a.restarts == 0 and a.state == "running" for a in others)

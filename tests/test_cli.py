@@ -1,0 +1,123 @@
+"""The ``pigeon`` command line against a real server process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from protocols import api
+from server._cli import COMMANDS, _build_parser
+
+
+def pigeon(address: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "server._cli", *args, "--server", address],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=60,
+    )
+
+
+def test_every_method_has_a_cli_command():
+    assert set(COMMANDS) == set(api.METHODS)
+    parser = _build_parser()
+    for command in COMMANDS.values():
+        for variant in command.split(" / "):
+            args = variant.split()
+            # parsing --help for the command proves it exists (exits 0)
+            with pytest.raises(SystemExit) as info:
+                parser.parse_args([*args, "--help"])
+            assert info.value.code == 0
+
+
+def test_profile_lifecycle_from_the_cli(server_process):
+    addr = server_process.address
+    r = pigeon(addr, "profiles", "upsert", "crm:42", '{"person": {"firstName": "Ana"}, "age": 31}')
+    assert r.returncode == 0, r.stderr
+    assert "person.firstName = \"Ana\"" in r.stdout and "age = 31" in r.stdout
+
+    assert pigeon(addr, "profiles", "patch", "crm:42", '{"age": null, "city": "Porto"}').returncode == 0
+    assert pigeon(addr, "profiles", "link", "crm:42", "email:ana@example.com").returncode == 0
+    r = pigeon(addr, "tokens", "register", "email:ana@example.com", "--app", "com.acme.app", "--platform", "apns", "--token", "AB" * 32)
+    assert r.returncode == 0 and "registered" in r.stdout
+    assert pigeon(addr, "consent", "set", "crm:42", "--app", "com.acme.app", "--push", "in").returncode == 0
+
+    r = pigeon(addr, "profiles", "get", "email:ana@example.com")
+    assert r.returncode == 0
+    assert "also known as: email:ana@example.com" in r.stdout
+    assert 'city = "Porto"' in r.stdout and "age" not in r.stdout
+    assert "com.acme.app  apns" in r.stdout and "active" in r.stdout
+    assert "com.acme.app: push in" in r.stdout
+
+    r = pigeon(addr, "profiles", "get", "crm:42", "--json")
+    profile = json.loads(r.stdout)
+    assert profile["identities"] == ["crm:42", "email:ana@example.com"]
+    assert profile["registrations"][0]["token"] == "ab" * 32
+
+    r = pigeon(addr, "tokens", "unregister", "--app", "com.acme.app", "--token", "ab" * 32)
+    assert r.returncode == 0 and "crm:42" in r.stdout
+    r = pigeon(addr, "profiles", "unlink", "email:ana@example.com")
+    assert r.returncode == 0
+    r = pigeon(addr, "profiles", "delete", "crm:42")
+    assert r.returncode == 0 and "deleted profile crm:42" in r.stdout
+
+
+def test_errors_are_readable_with_exit_status_1_or_2(server_process):
+    addr = server_process.address
+    r = pigeon(addr, "profiles", "get", "crm:404")
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "crm:404" in r.stderr
+    r = pigeon(addr, "profiles", "get", "nope")
+    assert r.returncode == 1 and "$.identity" in r.stderr and "identity like crm:42" in r.stderr
+    r = pigeon(addr, "profiles", "upsert", "crm:1", "[1, 2]")
+    assert r.returncode == 2 and "must be a JSON object" in r.stderr
+    r = pigeon(addr, "events", "send", "crm:1", "bad type!")
+    assert r.returncode == 2 and "$.type" in r.stderr
+    r = pigeon("127.0.0.1:1", "health")
+    assert r.returncode == 1 and "cannot talk to the server" in r.stderr
+
+
+def test_events_send_list_and_import(server_process, tmp_path):
+    addr = server_process.address
+    an_hour_ago = (datetime.now(UTC) - timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    r = pigeon(addr, "events", "send", "crm:1", "app.open", "--data", '{"screen": "home"}', "--ts", an_hour_ago)
+    assert r.returncode == 0 and "accepted 1 event(s)" in r.stdout, r.stderr
+    assert pigeon(addr, "events", "send", "crm:1", "app.close").returncode == 0
+
+    lines = [json.dumps({"identity": f"crm:{i % 3}", "type": "page.view", "data": {"n": i}}) for i in range(1200)]
+    lines.insert(10, "{not json")
+    lines.insert(20, json.dumps({"identity": "crm:1", "type": "page.view", "ts": "2001-01-01T00:00:00Z"}))
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    r = pigeon(addr, "events", "import", str(path), "--batch-size", "250")
+    assert r.returncode == 1  # some lines were bad
+    assert "1202 line(s): 1200 event(s) accepted, 1 invalid, 1 rejected" in r.stdout
+    assert "line 11" in r.stdout and "retention window" in r.stdout
+
+    r = pigeon(addr, "events", "list", "crm:1", "--type", "app.close")
+    assert r.returncode == 0 and "app.close" in r.stdout and "app.open" not in r.stdout
+    r = pigeon(addr, "events", "list", "crm:1", "--type", "app.open")
+    assert an_hour_ago.replace("T", " ") in r.stdout and '{"screen": "home"}' in r.stdout
+    r = pigeon(addr, "events", "list", "crm:2", "--limit", "5", "--reverse", "--json")
+    items = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(items) == 5 and items[0]["seq"] > items[-1]["seq"]
+
+
+def test_import_from_stdin(server_process):
+    data = "\n".join(json.dumps({"identity": "crm:9", "type": "t"}) for _ in range(3))
+    r = pigeon(server_process.address, "events", "import", "-", stdin=data)
+    assert r.returncode == 0 and "3 event(s) accepted" in r.stdout
+
+
+def test_health_and_stats(server_process):
+    r = pigeon(server_process.address, "health")
+    assert r.returncode == 0 and r.stdout.startswith("serving")
+    r = pigeon(server_process.address, "stats")
+    assert r.returncode == 0
+    assert "ACTOR" in r.stdout and "store" in r.stdout and "listener" in r.stdout
+    stats = json.loads(pigeon(server_process.address, "stats", "--json").stdout)
+    assert {a["name"] for a in stats["actors"]} >= {"store", "ingestion", "journeys", "delivery", "reporting", "listener"}
