@@ -11,6 +11,7 @@ tolerate them (an older client can read a newer server). New fields always get d
 
 from __future__ import annotations
 
+import re
 import typing
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
@@ -76,7 +77,7 @@ _EVENT_TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}\Z"
 
 #: ``namespace:value``: a lower-case namespace (``crm``, ``email``, ``ecid``) and a value
 #: without control characters.
-IDENTITY_PATTERN = r"^[a-z][a-z0-9_.-]{0,31}:[^\x00-\x1f\x7f]+\Z"
+IDENTITY_PATTERN = r"^[a-z][a-z0-9_.-]{0,31}:[^\x00-\x1f\x7f-\x9f]+\Z"
 Identity = Annotated[
     str,
     msgspec.Meta(
@@ -114,10 +115,10 @@ def describe_validation_error(
     for pattern, meaning in _PATTERN_MEANINGS.items():
         text = text.replace(f"`str` matching regex {pattern!r}", meaning)
     at = text.rfind(" - at `")
-    if at < 0:
-        return text, None
-    field = text[at + 7 : -1]
-    message = text[:at]
+    field, message = ("$", text) if at < 0 else (text[at + 7 : -1], text[:at])
+    named = re.match(r"Object (?:contains unknown|missing required) field `([^`]+)`", message)
+    if named:
+        field = f"{field}.{named.group(1)}"
     if request_type is not None and message.startswith("Invalid enum value"):
         choices = _choices(request_type, field)
         if choices:

@@ -20,6 +20,7 @@ import msgspec
 
 from .errors import FrameTooLarge, HandshakeError, MalformedFrame, Status
 from .frames import (
+    DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
     AnyFrame,
     Call,
@@ -34,7 +35,7 @@ from .frames import (
     Reply,
     Welcome,
 )
-from .framing import DEFAULT_MAX_FRAME, HEADER_SIZE, FrameDecoder, FrameEncoder
+from .framing import HEADER_SIZE, FrameDecoder, FrameEncoder
 
 __all__ = [
     "State",
@@ -194,6 +195,8 @@ class ServerConnection(_Base):
         self.open_calls: set[int] = set()
         self.last_id = 0
         self.hello: Hello | None = None
+        #: The client's frame limit, from its hello.
+        self.peer_max_frame = DEFAULT_MAX_FRAME
 
     # -- input ------------------------------------------------------------------------------
 
@@ -205,16 +208,19 @@ class ServerConnection(_Base):
             truncated = self._decoder.buffered
             self.state = State.CLOSED
             return [Closed(truncated)]
+        too_large: FrameTooLarge | None = None
         try:
             payloads = self._decoder.feed(data)
         except FrameTooLarge as exc:
-            return self._terminate(Status.RESOURCE_EXHAUSTED, str(exc))
+            payloads, too_large = exc.frames, exc
         events: list[Any] = []
         for payload in payloads:
             self.frames_in += 1
             events.extend(self._receive_frame(payload))
             if self.state is State.CLOSED:
-                break
+                return events
+        if too_large is not None:
+            events.extend(self._terminate(Status.RESOURCE_EXHAUSTED, str(too_large)))
         return events
 
     def _receive_frame(self, payload: bytes) -> list[Any]:
@@ -268,6 +274,7 @@ class ServerConnection(_Base):
                 f"unsupported protocol version {frame.version}; this server speaks version {PROTOCOL_VERSION}",
             )
         self.hello = frame
+        self.peer_max_frame = frame.max_frame
         self.state = State.OPEN
         self._queue(
             Welcome(version=PROTOCOL_VERSION, server=self.server, max_frame=self.max_frame, max_calls=self.max_calls)
@@ -276,9 +283,11 @@ class ServerConnection(_Base):
 
     def _receive_call(self, call: Call) -> list[Any]:
         if call.id in self.open_calls:
+            # Answered on id 0: an answer on the call's own id would look like the first
+            # call's answer to the client.
             self._queue(
                 Error(
-                    id=call.id,
+                    id=0,
                     code=Status.INVALID_ARGUMENT,
                     message=f"call id {call.id} is already in flight on this connection; "
                     "this second call was rejected and the first one continues",
@@ -312,15 +321,34 @@ class ServerConnection(_Base):
         if call_id not in self.open_calls:
             return False
         self.open_calls.discard(call_id)
-        self._queue(Reply(id=call_id, body=self._encoder.body(body)))
+        self._queue_answer(Reply(id=call_id, body=self._encoder.body(body)))
         return True
 
     def send_item(self, call_id: int, body: Any) -> bool:
         """Queue one item of a streamed call. False if the call is no longer open."""
         if call_id not in self.open_calls:
             return False
-        self._queue(Item(id=call_id, body=self._encoder.body(body)))
+        self._queue_answer(Item(id=call_id, body=self._encoder.body(body)))
         return True
+
+    def _queue_answer(self, frame: Reply | Item) -> None:
+        data = self._encoder.frame(frame)
+        size = len(data) - HEADER_SIZE
+        if size > self.peer_max_frame:
+            # Sending it would break the client's connection: fail the call instead.
+            self.open_calls.discard(frame.id)
+            self._queue(
+                Error(
+                    id=frame.id,
+                    code=Status.RESOURCE_EXHAUSTED,
+                    message=f"the answer is {size} bytes; this client accepts frames of at most "
+                    f"{self.peer_max_frame} bytes (hello.max_frame)",
+                )
+            )
+            return
+        self._out.append(data)
+        self._out_size += len(data)
+        self.frames_out += 1
 
     def send_end(self, call_id: int) -> bool:
         if call_id not in self.open_calls:
@@ -360,7 +388,9 @@ class ClientConnection(_Base):
         self.server_max_frame = DEFAULT_MAX_FRAME
 
     def hello(self) -> None:
-        self._queue(Hello(version=PROTOCOL_VERSION, client=self.client, api_key=self.api_key))
+        self._queue(
+            Hello(version=PROTOCOL_VERSION, client=self.client, api_key=self.api_key, max_frame=self._decoder.max_frame)
+        )
 
     def start_call(self, method: str, body: Any, *, timeout_ms: int | None = None) -> int:
         """Queue a call and return its id.

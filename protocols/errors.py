@@ -74,10 +74,12 @@ class FrameTooLarge(ProtocolError):
     Raised before the frame's body is buffered.
     """
 
-    def __init__(self, size: int, limit: int) -> None:
+    def __init__(self, size: int, limit: int, frames: list[bytes] | None = None) -> None:
         super().__init__(f"frame of {size} bytes exceeds the maximum frame size of {limit} bytes")
         self.size = size
         self.limit = limit
+        #: Payloads completed in the same feed before the oversized header.
+        self.frames = frames or []
 
 
 class MalformedFrame(ProtocolError):

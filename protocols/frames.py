@@ -15,6 +15,7 @@ from .errors import Status
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "DEFAULT_MAX_FRAME",
     "CallId",
     "Frame",
     "Hello",
@@ -38,6 +39,9 @@ PROTOCOL_VERSION = 1
 #: Call ids are chosen by the client: 1 .. 2**63-1; 0 means "the connection itself".
 CallId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 
+#: Default largest frame payload either side accepts, in bytes (4 MiB).
+DEFAULT_MAX_FRAME = 4 * 1024 * 1024
+
 #: An encoded empty map, the body of calls that take no arguments.
 EMPTY_BODY = msgspec.Raw(b"\x80")
 
@@ -53,6 +57,8 @@ class Hello(Frame, tag="hello"):
     client: str = ""
     #: Reserved for API keys; accepted and ignored until keys are enforced.
     api_key: str | None = None
+    #: Largest frame the client accepts; a larger answer becomes a RESOURCE_EXHAUSTED error.
+    max_frame: Annotated[int, msgspec.Meta(ge=1024)] = DEFAULT_MAX_FRAME
 
 
 class Welcome(Frame, tag="welcome"):

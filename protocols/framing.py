@@ -9,13 +9,11 @@ from __future__ import annotations
 import msgspec
 
 from .errors import FrameTooLarge
-from .frames import Frame
+from .frames import DEFAULT_MAX_FRAME, Frame
 
 __all__ = ["HEADER_SIZE", "DEFAULT_MAX_FRAME", "FrameEncoder", "FrameDecoder"]
 
 HEADER_SIZE = 4
-#: Default largest frame payload, in bytes (4 MiB).
-DEFAULT_MAX_FRAME = 4 * 1024 * 1024
 
 
 class FrameEncoder:
@@ -68,7 +66,7 @@ class FrameDecoder:
             size = int.from_bytes(buffer[start : start + HEADER_SIZE], "big")
             if size > self.max_frame:
                 del buffer[:]
-                raise FrameTooLarge(size, self.max_frame)
+                raise FrameTooLarge(size, self.max_frame, frames)
             if end - start - HEADER_SIZE < size:
                 break
             start += HEADER_SIZE

@@ -28,8 +28,8 @@ import trio
 from . import api
 from ._client_core import CallSink, closed_error, decoder_for, parse_target, response_type, route_events
 from .connection import ClientConnection, State
-from .errors import ConnectionClosed, PigeonProtocolError, ProtocolError
-from .frames import Welcome
+from .errors import CallError, ConnectionClosed, PigeonProtocolError, ProtocolError, Status
+from .frames import DEFAULT_MAX_FRAME, Welcome
 
 __all__ = ["Client", "open_client", "EventBatcher", "BatchFailed"]
 
@@ -103,6 +103,14 @@ class Client:
             raise
         outcome = sink.outcome
         if isinstance(outcome, BaseException):
+            if (
+                isinstance(outcome, CallError)
+                and outcome.status is Status.DEADLINE_EXCEEDED
+                and trio.current_time() >= trio.current_effective_deadline()
+            ):
+                # The server enforced the caller's own deadline; let it surface the Trio way
+                # (the checkpoint raises Cancelled, which fail_after turns into TooSlowError).
+                await trio.lowlevel.checkpoint()
             raise outcome
         return decoder_for(response_type(request)).decode(outcome)
 
@@ -159,7 +167,8 @@ class Client:
         deadline = trio.current_effective_deadline()
         timeout_ms = None
         if deadline != math.inf:
-            timeout_ms = max(1, int((deadline - trio.current_time()) * 1000))
+            # rounded up, so the server never gives up before the caller does
+            timeout_ms = max(1, math.ceil((deadline - trio.current_time()) * 1000))
         try:
             call_id = self._conn.start_call(request.method, request, timeout_ms=timeout_ms)
         except ProtocolError as exc:
@@ -248,6 +257,7 @@ async def open_client(
     server_hostname: str | None = None,
     api_key: str | None = None,
     client_name: str = "pigeon-trio",
+    max_frame: int = DEFAULT_MAX_FRAME,
 ) -> AsyncIterator[Client]:
     """Connect, say hello, wait for the welcome, and yield a `Client`.
 
@@ -256,6 +266,8 @@ async def open_client(
         ssl_context: speak TLS (``ssl.create_default_context(cafile=...)``).
         server_hostname: the name to verify in the server's certificate (default: the host).
         api_key: sent in the hello (reserved; not enforced yet).
+        max_frame: the largest answer this client accepts (announced in the hello); the
+            server fails a call whose answer is larger with RESOURCE_EXHAUSTED.
     """
     host, port = parse_target(target)
     if host == "unix":
@@ -264,7 +276,7 @@ async def open_client(
         stream = await trio.open_tcp_stream(host, int(port))
         if ssl_context is not None:
             stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
-    conn = ClientConnection(client=client_name, api_key=api_key)
+    conn = ClientConnection(client=client_name, api_key=api_key, max_frame=max_frame)
     try:
         async with _unwrapped(), trio.open_nursery() as nursery:
             client = Client(stream, conn, nursery)

@@ -27,6 +27,7 @@ __all__ = [
     "token_key",
     "event_key",
     "event_prefix",
+    "ts_seq",
     "split_event_key",
 ]
 
@@ -35,6 +36,7 @@ MAX_KEY_BYTES = 511
 
 _U64 = struct.Struct(">Q")
 _EVENT = struct.Struct(">QQQ")
+_TS_SEQ = struct.Struct(">QQ")
 
 
 def identity_key(identity: str) -> bytes:
@@ -65,6 +67,11 @@ def token_key(app: str, token: str) -> bytes:
 
 def event_key(pid: int, ts_us: int, seq: int) -> bytes:
     return _EVENT.pack(pid, ts_us, seq)
+
+
+def ts_seq(ts_us: int, seq: int) -> bytes:
+    """The part of an event key after the profile id (for callers that hold the id's bytes)."""
+    return _TS_SEQ.pack(ts_us, seq)
 
 
 def event_prefix(pid: int, ts_us: int = 0) -> bytes:

@@ -171,7 +171,7 @@ async def test_call_id_reused_while_in_flight(address, connect):
     errors = [f for f in frames if isinstance(f, Error)]
     replies = [f for f in frames if isinstance(f, Reply)]
     assert len(errors) == 1 and len(replies) == 1
-    assert errors[0].id == 9 and errors[0].field == "$.id" and "already in flight" in errors[0].message
+    assert errors[0].id == 0 and errors[0].field == "$.id" and "call id 9 is already in flight" in errors[0].message
     assert replies[0].id == 9
 
 
@@ -391,3 +391,12 @@ def test_a_client_that_stops_reading_does_not_grow_server_memory(spawn_server):
         time.sleep(0.2)
     sock.close()
     assert any("read nothing for 8s" in line for line in proc.log)
+
+
+async def test_an_answer_too_large_for_the_client_is_an_error_not_a_broken_connection(server, client):
+    await client.call(api.UpsertProfile(identity="crm:big", attributes={"blob": "x" * 10_000}))
+    async with open_client(server.addresses[0], max_frame=4096) as small:
+        with pytest.raises(CallError) as info:
+            await small.call(api.GetProfile(identity="crm:big"))
+        assert info.value.status is Status.RESOURCE_EXHAUSTED and "4096" in info.value.message
+        assert (await small.call(api.GetHealth())).status == "serving"

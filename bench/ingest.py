@@ -1,0 +1,270 @@
+"""Benchmark: sustained experience-event ingestion over the socket protocol.
+
+    python -m bench.ingest                 # the full run (about a minute)
+    python -m bench.ingest --quick         # a smoke run
+
+Phases, against a fresh server in a child process (LMDB with fsync on every commit):
+
+1. throughput: closed loop, ``--connections`` connections each keeping ``--in-flight``
+   ``events.ingest`` calls outstanding, for each batch size; an event counts when the server
+   acknowledges it, i.e. after its transaction is committed to disk;
+2. latency at half rate: open loop at half the best measured rate, each batch sent on
+   schedule whether or not earlier ones were answered; latency is measured from the scheduled
+   time, so a stall cannot hide queued requests (no coordinated omission);
+3. point reads: ``profiles.get`` of random profiles; the server's own per-method histogram
+   gives the server-side time (decode, LMDB read, build and encode the reply).
+
+Figures are printed and written as JSON (``bench/results/ingest.json`` by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import sys
+import time
+from typing import Any
+
+from protocols import api
+from protocols.asyncio_client import Client, open_client, run
+
+from ._harness import Latencies, ServerUnderTest, machine, server_cpu, write_results
+
+PROFILES = 10_000
+
+
+def make_batches(count: int, size: int, seed: int) -> list[api.IngestEvents]:
+    """``count`` distinct batches of realistic events over ``PROFILES`` identities."""
+    rng = random.Random(seed)
+    types = ["commerce.productView", "commerce.purchase", "app.launch", "push.opened", "web.pageView"]
+    return [
+        api.IngestEvents(
+            events=[
+                api.Event(
+                    identity=f"crm:{rng.randrange(PROFILES)}",
+                    type=rng.choice(types),
+                    data={"sku": f"SKU-{rng.randrange(5000):05d}", "price": round(rng.uniform(1, 500), 2), "qty": rng.randint(1, 3)},
+                )
+                for _ in range(size)
+            ]
+        )
+        for _ in range(count)
+    ]
+
+
+async def throughput(clients: list[Client], batches: list[api.IngestEvents], total_events: int, in_flight: int) -> dict[str, Any]:
+    size = len(batches[0].events)
+    n_batches = total_events // size
+    counter = iter(range(n_batches))
+    latencies = Latencies()
+    accepted = 0
+
+    async def worker(client: Client) -> None:
+        nonlocal accepted
+        for i in counter:
+            started = time.perf_counter()
+            result = await client.call(batches[i % len(batches)])
+            latencies.record(time.perf_counter() - started)
+            accepted += result.accepted
+            if result.rejected:
+                raise RuntimeError(f"rejected: {result.rejected[:3]}")
+
+    cpu0 = await server_cpu(clients[0])
+    store0 = await store_details(clients[0])
+    started = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in clients for _ in range(in_flight)))
+    elapsed = time.perf_counter() - started
+    cpu = await server_cpu(clients[0]) - cpu0
+    store1 = await store_details(clients[0])
+    commits = store1["commits"] - store0["commits"]
+    return {
+        "batch_size": size,
+        "events": accepted,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(accepted / elapsed),
+        "server_cpu_us_per_event": round(cpu / accepted * 1e6, 2),
+        "server_cpu_share": round(cpu / elapsed, 2),
+        "batch_latency": latencies.summary(),
+        "commits": commits,
+        "events_per_commit": round(accepted / max(commits, 1)),
+        "store_apply_ms_per_commit": round((store1["apply_seconds"] - store0["apply_seconds"]) / max(commits, 1) * 1000, 2),
+        "store_fsync_ms_per_commit": round((store1["commit_seconds"] - store0["commit_seconds"]) / max(commits, 1) * 1000, 2),
+    }
+
+
+async def store_details(client: Client) -> dict[str, Any]:
+    stats = await client.call(api.GetStats())
+    return next(a for a in stats.actors if a.name == "store").details
+
+
+async def open_loop(clients: list[Client], batches: list[api.IngestEvents], rate: float, seconds: float) -> dict[str, Any]:
+    size = len(batches[0].events)
+    interval = size / rate
+    n = int(seconds / interval)
+    latencies = Latencies()
+    outstanding: set[asyncio.Task[None]] = set()
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+
+    async def one(i: int, scheduled: float) -> None:
+        await clients[i % len(clients)].call(batches[i % len(batches)])
+        latencies.record(loop.time() - scheduled)
+
+    cpu0 = await server_cpu(clients[0])
+    for i in range(n):
+        scheduled = start + i * interval
+        delay = scheduled - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(i, scheduled))
+        outstanding.add(task)
+        task.add_done_callback(outstanding.discard)
+        if len(outstanding) > 10_000:
+            raise RuntimeError("the server fell too far behind the offered rate")
+    await asyncio.gather(*outstanding)
+    elapsed = loop.time() - start
+    cpu = await server_cpu(clients[0]) - cpu0
+    return {
+        "batch_size": size,
+        "offered_events_per_s": round(rate),
+        "achieved_events_per_s": round(n * size / elapsed),
+        "seconds": round(elapsed, 2),
+        "server_cpu_share": round(cpu / elapsed, 2),
+        "ack_latency": latencies.summary(),
+    }
+
+
+async def populate_profiles(client: Client) -> None:
+    """Give every profile realistic attributes, a push registration and consent."""
+    names = iter(range(PROFILES))
+
+    async def worker() -> None:
+        for n in names:
+            identity = f"crm:{n}"
+            await client.call(
+                api.UpsertProfile(
+                    identity=identity,
+                    attributes={
+                        "person": {"firstName": f"Name{n}", "lastName": f"Surname{n}", "birthYear": 1950 + n % 50},
+                        "loyalty": {"tier": ["bronze", "silver", "gold"][n % 3], "points": n * 7 % 10_000},
+                        "preferredLanguage": "en-GB",
+                    },
+                )
+            )
+            await client.call(api.RegisterToken(identity=identity, app="com.acme.shop", platform="fcm", token=f"fcm-token-{n:08d}"))
+            await client.call(api.SetConsent(identity=identity, app="com.acme.shop", push="in"))
+
+    await asyncio.gather(*(worker() for _ in range(64)))
+
+
+async def point_reads(client: Client, count: int, concurrency: int) -> dict[str, Any]:
+    rng = random.Random(3)
+    identities = [f"crm:{rng.randrange(PROFILES)}" for _ in range(count)]
+    before = (await client.call(api.GetStats())).methods.get("profiles.get")
+    assert before is None or before.calls == 0
+    it = iter(identities)
+    round_trips = Latencies()
+
+    async def worker() -> None:
+        for identity in it:
+            started = time.perf_counter()
+            await client.call(api.GetProfile(identity=identity))
+            round_trips.record(time.perf_counter() - started)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    server_side = (await client.call(api.GetStats())).methods["profiles.get"]
+    return {
+        "reads": count,
+        "server_side_us": {"p50": server_side.p50_us, "p99": server_side.p99_us, "max": server_side.max_us},
+        "round_trip": round_trips.summary(),
+    }
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {"scenario": "ingest", "machine": machine(), "settings": vars(args)}
+    with ServerUnderTest(address=args.server) as server:
+        clients = []
+        try:
+            for _ in range(args.connections):
+                cm = open_client(server.address, client_name="bench")
+                clients.append((cm, await cm.__aenter__()))
+            conns = [c for _, c in clients]
+            print(f"server on {server.address}; {args.connections} connections × {args.in_flight} calls in flight")
+
+            warm = make_batches(4, 500, seed=0)
+            await throughput(conns, warm, 20_000, 2)
+
+            results["throughput"] = []
+            for size in args.batch_sizes:
+                batches = make_batches(16, size, seed=size)
+                r = await throughput(conns, batches, args.events, args.in_flight)
+                results["throughput"].append(r)
+                print(
+                    f"  batch {size:>5}: {r['events_per_s']:>9,} events/s acknowledged, "
+                    f"{r['server_cpu_us_per_event']:.2f} µs server CPU/event, "
+                    f"batch p50 {r['batch_latency']['p50_ms']:.1f} ms p99 {r['batch_latency']['p99_ms']:.1f} ms; "
+                    f"{r['events_per_commit']} events/commit, apply {r['store_apply_ms_per_commit']} ms + "
+                    f"fsync {r['store_fsync_ms_per_commit']} ms per commit"
+                )
+            best = max(results["throughput"], key=lambda r: r["events_per_s"])
+            half = best["events_per_s"] / 2
+            batches = make_batches(16, args.latency_batch, seed=99)
+            r = await open_loop(conns, batches, half, args.latency_seconds)
+            results["latency_at_half_rate"] = r
+            print(
+                f"  open loop at {r['offered_events_per_s']:,} events/s (half the best), batch {args.latency_batch}: "
+                f"ack p50 {r['ack_latency']['p50_ms']:.1f} ms, p99 {r['ack_latency']['p99_ms']:.1f} ms, "
+                f"max {r['ack_latency']['max_ms']:.1f} ms"
+            )
+            await populate_profiles(conns[0])
+            r = await point_reads(conns[0], args.reads, 8)
+            results["point_reads"] = r
+            print(
+                f"  profiles.get: server-side p50 {r['server_side_us']['p50']:.0f} µs, p99 {r['server_side_us']['p99']:.0f} µs; "
+                f"round trip p50 {r['round_trip']['p50_ms'] * 1000:.0f} µs"
+            )
+            stats = await conns[0].call(api.GetStats())
+            results["server"] = {
+                "commits": stats.store.commits,
+                "writes": stats.store.writes,
+                "events_stored": stats.store.events,
+                "profiles": stats.store.profiles,
+                "rss_mb": round(stats.process.rss_bytes / 2**20, 1),
+                "max_rss_mb": round(stats.process.max_rss_bytes / 2**20, 1),
+            }
+        finally:
+            for cm, _ in clients:
+                await cm.__aexit__(None, None, None)
+    results["targets"] = {
+        "events_per_s >= 100000": best["events_per_s"] >= 100_000,
+        "p99 ack < 50 ms at half rate": results["latency_at_half_rate"]["ack_latency"]["p99_ms"] < 50,
+        "point read <= 20 us server-side (p50)": results["point_reads"]["server_side_us"]["p50"] <= 20,
+    }
+    return results
+
+
+def cli(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--events", type=int, default=600_000, help="events per batch size in phase 1")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[100, 500, 1000])
+    parser.add_argument("--connections", type=int, default=4)
+    parser.add_argument("--in-flight", type=int, default=4, help="calls outstanding per connection")
+    parser.add_argument("--latency-batch", type=int, default=500)
+    parser.add_argument("--latency-seconds", type=float, default=10.0)
+    parser.add_argument("--reads", type=int, default=20_000)
+    parser.add_argument("--quick", action="store_true", help="a small run to check the harness")
+    parser.add_argument("--out", help="JSON output path (default bench/results/ingest.json)")
+    parser.add_argument("--server", help="use a server already running at HOST:PORT (e.g. under a profiler)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.events, args.latency_seconds, args.reads = 30_000, 2.0, 2_000
+    results = run(main(args))
+    path = write_results("ingest", results, args.out)
+    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in results["targets"].items()))
+    print(f"results written to {path}")
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    cli()
