@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -17,9 +18,18 @@ from .connection import (
     ReplyReceived,
     Welcomed,
 )
-from .errors import CallError, ConnectionClosed, Status
+from .errors import CallError, ConnectionClosed, MalformedFrame, Status
 
-__all__ = ["parse_target", "decoder_for", "response_type", "route_events", "CallSink", "closed_error"]
+__all__ = [
+    "parse_target",
+    "decoder_for",
+    "response_type",
+    "route_events",
+    "CallSink",
+    "StreamSink",
+    "STREAM_WINDOW",
+    "closed_error",
+]
 
 _decoders: dict[Any, msgspec.msgpack.Decoder] = {}
 
@@ -49,20 +59,83 @@ def parse_target(target: str) -> tuple[str, str | int]:
 
 
 class CallSink:
-    """Where the reader puts a call's outcome; each client implements it with its primitives.
-
-    A unary call's sink is resolved at once (`resolve`). A stream's frames are returned by
-    `route_events` in order, for the client to hand over with whatever waiting its consumer
-    needs: ``(sink, body)`` for an item, ``(sink, None)`` for the end, ``(sink, error)``.
-    """
+    """Where the reader puts a unary call's outcome: its body, or an error."""
 
     streaming = False
 
-    def resolve(self, outcome: msgspec.Raw | BaseException) -> None:
+    def resolve(self, outcome: msgspec.Raw | BaseException | None) -> None:
         raise NotImplementedError
 
 
-StreamDelivery = tuple[CallSink, "msgspec.Raw | BaseException | None"]
+_OPEN: Any = object()
+
+#: Items of one stream the client is ready to buffer (sent as ``Call.window``).
+STREAM_WINDOW = 64
+
+
+class StreamSink(CallSink):
+    """A streamed call's buffer between the reader and the consumer.
+
+    The server sends at most ``window`` items beyond what the client has granted, so the
+    reader can always append without waiting: a slow consumer of one stream never stalls the
+    connection's other calls. The consumer grants credit back as it takes items (`credit_due`).
+    Clients subclass it to wake their consumer (`_wake`).
+    """
+
+    streaming = True
+
+    def __init__(self, window: int = STREAM_WINDOW) -> None:
+        self.window = window
+        self.items: deque[msgspec.Raw] = deque()
+        #: ``None`` once ended, the error once failed; kept apart from the items so that a
+        #: failure can never be lost behind a full buffer.
+        self.final: Any = _OPEN
+        self.left = False
+        self._consumed = 0
+
+    def item(self, body: msgspec.Raw) -> None:
+        if self.left or self.final is not _OPEN:
+            return
+        if len(self.items) >= self.window:
+            raise MalformedFrame(f"the server sent more than the {self.window} stream items the client allowed")
+        self.items.append(body)
+        self._wake()
+
+    def resolve(self, outcome: msgspec.Raw | BaseException | None) -> None:
+        if self.final is _OPEN:
+            self.final = outcome
+        self._wake()
+
+    def leave(self) -> None:
+        """The consumer is gone: drop the buffer."""
+        self.left = True
+        self.items.clear()
+        if self.final is _OPEN:
+            self.final = RuntimeError("the stream's block was left; its items are no longer available")
+        self._wake()
+
+    def take(self) -> msgspec.Raw | None:
+        """The next item, or None when there is none yet; raises the failure, or
+        `StopAsyncIteration` at the end, once the items before it are taken."""
+        if self.items:
+            self._consumed += 1
+            return self.items.popleft()
+        if self.final is _OPEN:
+            return None
+        if self.final is None:
+            raise StopAsyncIteration
+        error, self.final = self.final, None  # raised once; the iterator is then exhausted
+        raise error
+
+    def credit_due(self) -> int:
+        """Items to grant back now (half a window at a time), or 0."""
+        if self._consumed * 2 >= self.window and self.final is _OPEN:
+            due, self._consumed = self._consumed, 0
+            return due
+        return 0
+
+    def _wake(self) -> None:
+        raise NotImplementedError
 
 
 def route_events(
@@ -71,34 +144,36 @@ def route_events(
     *,
     on_welcome: Callable[[], None],
     on_pong: Callable[[int], None],
-) -> list[StreamDelivery]:
-    """Resolve unary calls from ``events``; return the streams' frames, in order."""
-    deliveries: list[StreamDelivery] = []
+    on_connection_error: Callable[[CallError], None],
+) -> None:
+    """Hand every frame of ``events`` to its call; none of this waits."""
     for event in events:
         if isinstance(event, (ReplyReceived, ItemReceived)):
             sink = pending.get(event.id)
             if sink is None:
                 continue
-            if sink.streaming:
-                deliveries.append((sink, event.body))
+            if isinstance(sink, StreamSink):
+                sink.item(event.body)
             else:
                 del pending[event.id]
                 sink.resolve(event.body)
         elif isinstance(event, (EndReceived, ErrorReceived)):
+            if isinstance(event, ErrorReceived) and event.id == 0:
+                on_connection_error(CallError(event.code, event.message, event.field))
+                continue
             sink = pending.pop(event.id, None)
             if sink is None:
                 continue
             outcome = None if isinstance(event, EndReceived) else CallError(event.code, event.message, event.field)
-            if sink.streaming:
-                deliveries.append((sink, outcome))
+            if isinstance(sink, StreamSink) or outcome is not None:
+                sink.resolve(outcome)
             else:
-                sink.resolve(outcome or CallError(Status.INTERNAL, "the server ended a unary call like a stream"))
+                sink.resolve(CallError(Status.INTERNAL, "the server ended a unary call like a stream"))
         elif isinstance(event, Welcomed):
             on_welcome()
         elif isinstance(event, PongReceived):
             on_pong(event.nonce)
         # GoAwayReceived and Closed: the connection's state says draining/closed
-    return deliveries
 
 
 def closed_error(conn: ClientConnection, reason: str = "the connection was closed") -> ConnectionClosed:

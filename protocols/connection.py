@@ -25,6 +25,7 @@ from .frames import (
     AnyFrame,
     Call,
     Cancel,
+    Credit,
     End,
     Error,
     GoAway,
@@ -45,6 +46,7 @@ __all__ = [
     "HelloReceived",
     "CallReceived",
     "CallCancelled",
+    "CreditGranted",
     "Terminated",
     "Closed",
     "Welcomed",
@@ -79,6 +81,13 @@ class CallReceived(msgspec.Struct, frozen=True):
 
 class CallCancelled(msgspec.Struct, frozen=True):
     id: int
+
+
+class CreditGranted(msgspec.Struct, frozen=True):
+    """The client may receive ``items`` more items of stream ``id``."""
+
+    id: int
+    items: int
 
 
 class Terminated(msgspec.Struct, frozen=True):
@@ -235,6 +244,8 @@ class ServerConnection(_Base):
                 return self._receive_call(frame)
             case Cancel(id=call_id):
                 return [CallCancelled(call_id)] if call_id in self.open_calls else []
+            case Credit(id=call_id, items=items):
+                return [CreditGranted(call_id, items)] if call_id in self.open_calls else []
             case Ping(nonce=nonce):
                 self._queue(Pong(nonce=nonce))
                 return []
@@ -392,7 +403,7 @@ class ClientConnection(_Base):
             Hello(version=PROTOCOL_VERSION, client=self.client, api_key=self.api_key, max_frame=self._decoder.max_frame)
         )
 
-    def start_call(self, method: str, body: Any, *, timeout_ms: int | None = None) -> int:
+    def start_call(self, method: str, body: Any, *, timeout_ms: int | None = None, window: int | None = None) -> int:
         """Queue a call and return its id.
 
         Raises:
@@ -404,7 +415,7 @@ class ClientConnection(_Base):
             raise HandshakeError(f"cannot start {method}: {reason}")
         call_id = next(self._ids)
         raw = body if isinstance(body, msgspec.Raw) else self._encoder.body(body)
-        data = self._encoder.frame(Call(id=call_id, method=method, body=raw, timeout_ms=timeout_ms))
+        data = self._encoder.frame(Call(id=call_id, method=method, body=raw, timeout_ms=timeout_ms, window=window))
         if len(data) - HEADER_SIZE > self.server_max_frame:
             raise FrameTooLarge(len(data) - HEADER_SIZE, self.server_max_frame)
         self._out.append(data)
@@ -415,6 +426,11 @@ class ClientConnection(_Base):
     def cancel(self, call_id: int) -> None:
         if self.state is not State.CLOSED:
             self._queue(Cancel(id=call_id))
+
+    def grant(self, call_id: int, items: int) -> None:
+        """Let the server send ``items`` more items of stream ``call_id``."""
+        if self.state is not State.CLOSED:
+            self._queue(Credit(id=call_id, items=items))
 
     def ping(self, nonce: int = 0) -> None:
         self._queue(Ping(nonce=nonce))

@@ -8,7 +8,8 @@ The tree, drawn once::
     │   ├── MalformedFrame              a frame that is not a valid envelope
     │   └── HandshakeError              hello/welcome went wrong (version, order)
     ├── CallError                       a call ended with a non-OK status
-    └── ConnectionClosed                the peer went away (carries the goaway, if any)
+    ├── ConnectionClosed                the peer went away (carries the goaway, if any)
+    └── BatchFailed                     an event batcher's call failed; carries the events
 
 `CallError` carries a canonical gRPC `Status` and the server's message, which names the bad
 field where there is one.
@@ -17,6 +18,7 @@ field where there is one.
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 __all__ = [
     "Status",
@@ -27,6 +29,7 @@ __all__ = [
     "HandshakeError",
     "CallError",
     "ConnectionClosed",
+    "BatchFailed",
 ]
 
 
@@ -118,3 +121,17 @@ class ConnectionClosed(PigeonProtocolError):
         super().__init__(f"{status}: {message}")
         self.status = Status(status)
         self.message = message
+
+
+class BatchFailed(PigeonProtocolError):
+    """A batch of events was not acknowledged; ``events`` lists them so they can be retried.
+
+    Attributes:
+        error: why the call failed.
+        events: the events of the batch, none of which is known to be stored.
+    """
+
+    def __init__(self, error: BaseException, events: list[Any]) -> None:
+        super().__init__(f"{len(events)} events were not acknowledged: {error}")
+        self.error = error
+        self.events = list(events)

@@ -26,6 +26,7 @@ __all__ = [
     "End",
     "Error",
     "Cancel",
+    "Credit",
     "Ping",
     "Pong",
     "GoAway",
@@ -80,6 +81,9 @@ class Call(Frame, tag="call"):
     body: msgspec.Raw = EMPTY_BODY
     #: Optional deadline relative to receipt; the call ends with DEADLINE_EXCEEDED after it.
     timeout_ms: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    #: For a streamed method: items the server may send before the client grants more with
+    #: `Credit`. Absent: no flow control (the server sends as fast as the socket takes).
+    window: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
 class Reply(Frame, tag="reply"):
@@ -117,6 +121,14 @@ class Cancel(Frame, tag="cancel"):
     id: CallId
 
 
+class Credit(Frame, tag="credit"):
+    """Client → server: the client consumed ``items`` more items of stream ``id``; the server
+    may send that many more (see `Call.window`)."""
+
+    id: CallId
+    items: Annotated[int, msgspec.Meta(ge=1)]
+
+
 class Ping(Frame, tag="ping"):
     """Either way: answered by a `Pong` carrying the same nonce."""
 
@@ -139,4 +151,4 @@ class GoAway(Frame, tag="goaway"):
     last_id: int = 0
 
 
-AnyFrame = Hello | Welcome | Call | Reply | Item | End | Error | Cancel | Ping | Pong | GoAway
+AnyFrame = Hello | Welcome | Call | Reply | Item | End | Error | Cancel | Credit | Ping | Pong | GoAway

@@ -16,9 +16,10 @@ remaining time is sent to the server, which abandons the call when it runs out.
 
 from __future__ import annotations
 
+import logging
 import math
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -26,15 +27,15 @@ import msgspec
 import trio
 
 from . import api
-from ._client_core import CallSink, closed_error, decoder_for, parse_target, response_type, route_events
+from ._client_core import CallSink, StreamSink, closed_error, decoder_for, parse_target, response_type, route_events
 from .connection import ClientConnection, State
-from .errors import CallError, ConnectionClosed, PigeonProtocolError, ProtocolError, Status
+from .errors import BatchFailed, CallError, ConnectionClosed, PigeonProtocolError, ProtocolError, Status
 from .frames import DEFAULT_MAX_FRAME, Welcome
 
 __all__ = ["Client", "open_client", "EventBatcher", "BatchFailed"]
 
 R = TypeVar("R")
-_STREAM_BUFFER = 64
+log = logging.getLogger("pigeon.client")
 
 
 class _Unary(CallSink):
@@ -49,19 +50,13 @@ class _Unary(CallSink):
         self.event.set()
 
 
-class _Stream(CallSink):
-    streaming = True
-
+class _Stream(StreamSink):
     def __init__(self) -> None:
-        self.send, self.receive = trio.open_memory_channel[Any](_STREAM_BUFFER)
+        super().__init__()
+        self.ready = trio.Event()
 
-    def resolve(self, outcome: msgspec.Raw | BaseException) -> None:
-        # Connection-level failure: end the consumer's wait without blocking the reader.
-        try:
-            self.send.send_nowait(outcome)
-        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        self.send.close()
+    def _wake(self) -> None:
+        self.ready.set()
 
 
 class Client:
@@ -76,6 +71,8 @@ class Client:
         self._welcomed = trio.Event()
         self._pongs: dict[int, trio.Event] = {}
         self._closed_error: PigeonProtocolError | None = None
+        #: Errors the server sent about the connection itself (call id 0).
+        self.connection_errors: list[CallError] = []
 
     @property
     def welcome(self) -> Welcome:
@@ -93,6 +90,7 @@ class Client:
             ConnectionClosed: the connection ended before the answer.
             FrameTooLarge: the request exceeds the server's frame limit (nothing was sent).
         """
+        await trio.lowlevel.checkpoint_if_cancelled()
         sink = _Unary()
         call_id = self._start(request, sink)
         try:
@@ -118,23 +116,34 @@ class Client:
     async def stream(self, request: api.StreamRequest[R]) -> AsyncIterator[AsyncIterator[R]]:
         """Start a server-streamed call; iterate the yielded object for its items.
 
-        Leaving the block early cancels the call on the server.
+        Items are flow-controlled per stream (``Call.window``): a slow consumer holds back its
+        own stream only, never the connection's other calls. Leaving the block early cancels
+        the call on the server.
         """
         sink = _Stream()
-        call_id = self._start(request, sink)
+        call_id = self._start(request, sink, window=sink.window)
         try:
             await self._flush()
-            yield self._items(sink, decoder_for(response_type(request)))
+            yield self._items(call_id, sink, decoder_for(response_type(request)))
         finally:
+            sink.leave()
             self._abandon(call_id)
 
-    async def _items(self, sink: _Stream, decoder: msgspec.msgpack.Decoder) -> AsyncIterator[Any]:
-        async for outcome in sink.receive:
-            if outcome is None:
+    async def _items(self, call_id: int, sink: _Stream, decoder: msgspec.msgpack.Decoder) -> AsyncIterator[Any]:
+        while True:
+            try:
+                body = sink.take()
+            except StopAsyncIteration:
                 return
-            if isinstance(outcome, BaseException):
-                raise outcome
-            yield decoder.decode(outcome)
+            if body is None:
+                sink.ready = trio.Event()
+                await sink.ready.wait()
+                continue
+            due = sink.credit_due()
+            if due:
+                self._conn.grant(call_id, due)
+                await self._flush()
+            yield decoder.decode(body)
 
     async def ping(self) -> float:
         """Round-trip time to the server, in seconds."""
@@ -161,16 +170,16 @@ class Client:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _start(self, request: api.Request[Any], sink: CallSink) -> int:
+    def _start(self, request: api.Request[Any], sink: CallSink, window: int | None = None) -> int:
         if self._closed_error is not None:
             raise self._closed_error
         deadline = trio.current_effective_deadline()
         timeout_ms = None
-        if deadline != math.inf:
+        if math.isfinite(deadline):
             # rounded up, so the server never gives up before the caller does
             timeout_ms = max(1, math.ceil((deadline - trio.current_time()) * 1000))
         try:
-            call_id = self._conn.start_call(request.method, request, timeout_ms=timeout_ms)
+            call_id = self._conn.start_call(request.method, request, timeout_ms=timeout_ms, window=window)
         except ProtocolError as exc:
             if self._conn.state in (State.DRAINING, State.CLOSED):
                 raise closed_error(self._conn) from exc
@@ -208,17 +217,13 @@ class Client:
                 except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
                     self._fail_all(closed_error(conn, f"the connection broke: {exc!r}"))
                     return
-                events = conn.receive_data(data)
-                for sink, outcome in route_events(
-                    events, self._pending, on_welcome=self._welcomed.set, on_pong=self._pong
-                ):
-                    assert isinstance(sink, _Stream)
-                    try:
-                        await sink.send.send(outcome)
-                        if outcome is None or isinstance(outcome, BaseException):
-                            sink.send.close()
-                    except (trio.ClosedResourceError, trio.BrokenResourceError):
-                        pass  # the consumer left
+                route_events(
+                    conn.receive_data(data),
+                    self._pending,
+                    on_welcome=self._welcomed.set,
+                    on_pong=self._pong,
+                    on_connection_error=self._connection_error,
+                )
                 if conn.pending_bytes:
                     await self._flush_quietly()
                 if not data:
@@ -228,6 +233,10 @@ class Client:
             self._fail_all(exc)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
+
+    def _connection_error(self, error: CallError) -> None:
+        log.warning("the server reported a connection error: %s", error)
+        self.connection_errors.append(error)
 
     def _pong(self, nonce: int) -> None:
         event = self._pongs.get(nonce)
@@ -306,15 +315,6 @@ async def _unwrapped() -> AsyncIterator[None]:
         raise
 
 
-class BatchFailed(PigeonProtocolError):
-    """A batch of events was not acknowledged; ``events`` lists them so they can be retried."""
-
-    def __init__(self, error: BaseException, events: Sequence[api.Event]) -> None:
-        super().__init__(f"{len(events)} events were not acknowledged: {error}")
-        self.error = error
-        self.events = list(events)
-
-
 class EventBatcher:
     """Groups events into ``events.ingest`` calls and keeps several in flight.
 
@@ -381,12 +381,23 @@ class EventBatcher:
 
     async def _send_batch(self) -> None:
         batch, self._batch = self._batch, []
-        await self._slots.acquire()
+        # Counted before waiting for a slot, so that flush() waits for this batch too.
         self._in_flight += 1
         if self._idle.is_set():
             self._idle = trio.Event()
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self._batch[:0] = batch
+            self._done_one()
+            raise
         assert self._nursery is not None
         self._nursery.start_soon(self._call, batch)
+
+    def _done_one(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
 
     async def _call(self, batch: list[api.Event]) -> None:
         try:
@@ -398,9 +409,7 @@ class EventBatcher:
             self.rejected.extend((batch[r.index], r) for r in result.rejected)
         finally:
             self._slots.release()
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            self._done_one()
 
     async def _linger_loop(self) -> None:
         while True:

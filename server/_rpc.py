@@ -28,6 +28,7 @@ from protocols import api
 from protocols.connection import (
     CallCancelled,
     CallReceived,
+    CreditGranted,
     Closed,
     HelloReceived,
     ServerConnection,
@@ -291,6 +292,8 @@ class _Connection:
         self.send_lock = trio.Lock()
         self.slots = trio.Semaphore(listener.max_calls)
         self.calls: dict[int, trio.CancelScope] = {}
+        #: Flow-control windows of streamed calls that asked for one (``Call.window``).
+        self.windows: dict[int, _Window] = {}
         self.cancelled_by_client: set[int] = set()
         self.closing = False
         self.scope = trio.CancelScope()
@@ -323,6 +326,10 @@ class _Connection:
                 if isinstance(event, CallReceived):
                     await self.slots.acquire()
                     calls.start_soon(self._run_call, event.call)
+                elif isinstance(event, CreditGranted):
+                    window = self.windows.get(event.id)
+                    if window is not None:
+                        window.grant(event.items)
                 elif isinstance(event, CallCancelled):
                     scope = self.calls.get(event.id)
                     if scope is not None:
@@ -376,6 +383,7 @@ class _Connection:
                 ok = await self._dispatch(call)
             finally:
                 self.calls.pop(call.id, None)
+                self.windows.pop(call.id, None)
                 self.cancelled_by_client.discard(call.id)
                 stats.calls += 1
                 stats.errors += not ok
@@ -408,6 +416,8 @@ class _Connection:
                     return False
                 ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
                 if route.spec.streaming:
+                    if call.window is not None:
+                        self.windows[call.id] = _Window(call.window)
                     await route.handler(ctx, request, lambda item: self._send_item(call.id, item))
                     conn.send_end(call.id)
                 else:
@@ -428,6 +438,32 @@ class _Connection:
         return False
 
     async def _send_item(self, call_id: int, item: Any) -> None:
+        window = self.windows.get(call_id)
+        if window is not None:
+            while window.available <= 0:
+                await self.flush()  # the client can only grant credit for what it received
+                await window.wait_for_credit()
+            window.available -= 1
         self.conn.send_item(call_id, item)
         if self.conn.pending_bytes >= _STREAM_FLUSH_BYTES:
             await self.flush()
+
+
+class _Window:
+    """Items a streamed call may still send before the client grants more."""
+
+    __slots__ = ("available", "_credit")
+
+    def __init__(self, size: int) -> None:
+        self.available = size
+        self._credit = trio.Event()
+
+    def grant(self, items: int) -> None:
+        self.available += items
+        self._credit.set()
+
+    async def wait_for_credit(self) -> None:
+        # Credit may have come while the caller flushed: check before waiting for more.
+        if self.available <= 0:
+            self._credit = trio.Event()
+            await self._credit.wait()

@@ -400,3 +400,49 @@ async def test_an_answer_too_large_for_the_client_is_an_error_not_a_broken_conne
             await small.call(api.GetProfile(identity="crm:big"))
         assert info.value.status is Status.RESOURCE_EXHAUSTED and "4096" in info.value.message
         assert (await small.call(api.GetHealth())).status == "serving"
+
+
+async def test_a_slow_stream_consumer_does_not_hold_up_other_calls_on_the_trio_client(client, server):
+    events = [api.Event(identity="crm:5", type="t", data={"n": i}) for i in range(1000)]
+    assert (await client.call(api.IngestEvents(events=events))).accepted == 1000
+    seen = 0
+    async with client.stream(api.ListEvents(identity="crm:5", limit=1000)) as items:
+        async for item in items:
+            assert item.data["n"] == seen
+            seen += 1
+            if seen % 100 == 0:
+                with trio.fail_after(5):
+                    assert (await client.call(api.GetHealth())).status == "serving"
+    assert seen == 1000
+    # the server kept to the window: never more than 64 items ahead of the consumer
+    connection = next(iter(server.listener.connections))
+    assert connection.windows == {}
+
+
+async def test_stream_without_a_window_is_not_flow_controlled(address, connect):
+    raw = await connect(address)
+    await raw.call(1, "profiles.upsert", {"identity": "crm:1"})
+    await raw.receive()
+    await raw.call(2, "events.ingest", {"events": [{"identity": "crm:1", "type": "t"}] * 200})
+    assert (await raw.receive()).id == 2
+    await raw.call(3, "events.list", {"identity": "crm:1", "limit": 500})
+    frames = [await raw.receive() for _ in range(201)]
+    assert sum(1 for f in frames if f.id == 3 and f.__struct_config__.tag == "item") == 200
+    assert frames[-1].__struct_config__.tag == "end"
+
+
+async def test_stream_with_a_window_waits_for_credit(address, connect):
+    from protocols.frames import Credit
+
+    raw = await connect(address)
+    await raw.call(1, "events.ingest", {"events": [{"identity": "crm:1", "type": "t"}] * 50})
+    await raw.receive()
+    await raw.send(Call(id=2, method="events.list", body=_encoder.body({"identity": "crm:1", "limit": 50}), window=10))
+    first = [await raw.receive() for _ in range(10)]
+    assert all(f.__struct_config__.tag == "item" for f in first)
+    with trio.move_on_after(0.3):
+        extra = await raw.receive()
+        raise AssertionError(f"the server sent beyond the window: {extra}")
+    await raw.send(Credit(id=2, items=40))
+    rest = [await raw.receive() for _ in range(41)]
+    assert [f.__struct_config__.tag for f in rest] == ["item"] * 40 + ["end"]
