@@ -63,7 +63,9 @@ class Future(Generic[T]):
             self._callbacks.append(callback)
 
     def result(self) -> T:
-        """The value, or raise the error; only valid once done."""
+        """The value, or raise the error."""
+        if not self.done:
+            raise RuntimeError("the future has no result yet")
         if self._error is not None:
             raise self._error
         return self._value
@@ -111,7 +113,10 @@ class Actor:
         """Put a message in the mailbox, waiting while it is full."""
         if self._stopping:
             raise MailboxClosed(f"{self.name} is stopping")
-        await self._send.send(message)
+        try:
+            await self._send.send(message)
+        except trio.ClosedResourceError:
+            raise MailboxClosed(f"{self.name} has stopped") from None
 
     def send_nowait(self, message: Any) -> None:
         """Put a message in the mailbox or raise `ResourceExhausted` if it is full."""
@@ -121,6 +126,8 @@ class Actor:
             self._send.send_nowait(message)
         except trio.WouldBlock:
             raise ResourceExhausted(f"{self.name}'s mailbox is full") from None
+        except trio.ClosedResourceError:
+            raise MailboxClosed(f"{self.name} has stopped") from None
 
     # -- the actor's side -------------------------------------------------------------------
 
@@ -138,18 +145,38 @@ class Actor:
         while len(batch) < limit:
             try:
                 batch.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
+            except (trio.WouldBlock, trio.EndOfChannel):
                 break
         self._in_hand = batch
         return batch
 
     def fail_in_hand(self, error: BaseException) -> None:
         """Fail the futures of messages this actor held when it crashed."""
-        crashed = ActorCrashed(f"{self.name} crashed while handling the request: {error!r}")
         for message in self._in_hand:
             for future in _futures_of(message):
-                future.fail(crashed)
+                # one exception per caller: a shared one would collect every caller's traceback
+                future.fail(ActorCrashed(f"{self.name} crashed while handling the request: {error!r}"))
         self._in_hand = []
+
+    def close(self) -> None:
+        """Refuse new messages and fail every request still held or queued.
+
+        The supervisor calls this once the actor has ended for good (stopped, cancelled after
+        the grace time, not restarted, or given up on), so that no caller waits forever.
+        """
+        self._stopping = True
+        self._send.close()  # senders waiting on a full mailbox get MailboxClosed
+        for message in self._in_hand:
+            for future in _futures_of(message):
+                future.fail(ActorCrashed(f"{self.name} stopped while handling the request"))
+        self._in_hand = []
+        while True:
+            try:
+                message = self._receive.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            for future in _futures_of(message):
+                future.fail(MailboxClosed(f"{self.name} stopped before handling the request"))
 
     def request_stop(self) -> None:
         """Ask the actor to finish what its mailbox holds and return from ``run``."""

@@ -123,6 +123,6 @@ class RestartIntensityExceeded(ActorError):
 
     def __init__(self, child: str, crashes: int, period: float, last: BaseException | None) -> None:
         super().__init__(
-            f"actor {child!r} crashed {crashes} times within {period:g}s; last error: {last!r}"
+            f"{crashes} crashes within {period:g}s, the last in actor {child!r}: {last!r}"
         )
         self.child = child

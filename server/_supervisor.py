@@ -45,7 +45,8 @@ class ChildSpec(msgspec.Struct, frozen=True):
 
 
 class SupervisorOptions(msgspec.Struct, frozen=True, kw_only=True):
-    #: Restarts allowed within ``period`` seconds before escalating.
+    #: Restarts allowed within ``period`` seconds, counted across all children (OTP's MaxR
+    #: and MaxT), before the supervisor gives up and escalates.
     intensity: int = 5
     period: float = 10.0
     backoff_min: float = 0.05
@@ -54,6 +55,14 @@ class SupervisorOptions(msgspec.Struct, frozen=True, kw_only=True):
     jitter: float = 0.2
     #: A run this long (seconds) resets the backoff to ``backoff_min``.
     reset_after: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.intensity < 0 or self.period <= 0:
+            raise ValueError("intensity must be >= 0 and period > 0")
+        if not 0 < self.backoff_min <= self.backoff_max:
+            raise ValueError("backoff_min must be > 0 and <= backoff_max")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
 
 
 class ChildStatistics(msgspec.Struct, frozen=True):
@@ -73,6 +82,8 @@ class _Child:
         self.last_error: str | None = None
         self.scope = trio.CancelScope()
         self.finished = trio.Event()
+        #: Whether its supervising task began; `stop` does not wait for one that never will.
+        self.entered = False
 
 
 def _unwrap(exc: BaseException) -> BaseException:
@@ -96,11 +107,15 @@ class Supervisor:
         self._children = [_Child(spec) for spec in children]
         self._stopping = False
         self._random = random.Random()
+        #: Times of recent crashes of any child: the restart intensity window.
+        self._crash_times: deque[float] = deque()
 
     async def run(self, *, task_status: trio.TaskStatus[Supervisor] = trio.TASK_STATUS_IGNORED) -> None:
         """Start every child, report ready, and supervise until `stop` completes."""
         async with trio.open_nursery() as nursery:
             for child in self._children:
+                if self._stopping:
+                    break
                 await nursery.start(self._supervise, child)
             log.info("%s: %d actors running", self.name, len(self._children))
             task_status.started(self)
@@ -109,6 +124,11 @@ class Supervisor:
         """Stop the children in reverse order, each within ``grace`` seconds, then cancel it."""
         self._stopping = True
         for child in reversed(self._children):
+            if not child.entered:  # never started, and `run` starts no child once stopping
+                child.state = "stopped"
+                child.spec.actor.close()
+                child.finished.set()
+                continue
             child.spec.actor.request_stop()
             with trio.move_on_after(grace) as waited:
                 await child.finished.wait()
@@ -131,9 +151,10 @@ class Supervisor:
     async def _supervise(self, child: _Child, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         spec, options = child.spec, self.options
         actor = spec.actor
-        crash_times: deque[float] = deque()
+        crash_times = self._crash_times
         backoff = options.backoff_min
         first = True
+        child.entered = True
         try:
             with child.scope:
                 while True:
@@ -163,7 +184,12 @@ class Supervisor:
                         crash_times.append(now)
                         while crash_times and crash_times[0] < now - options.period:
                             crash_times.popleft()
-                        if len(crash_times) > options.intensity or spec.restart is Restart.TEMPORARY:
+                        if spec.restart is Restart.TEMPORARY:
+                            # OTP: a temporary child is never restarted, and its end is no failure
+                            child.state = "failed"
+                            log.error("%s: %s crashed and is temporary: not restarted", self.name, spec.id, exc_info=error)
+                            return
+                        if len(crash_times) > options.intensity:
                             child.state = "failed"
                             log.error("%s: %s crashed, giving up", self.name, spec.id, exc_info=error)
                             raise RestartIntensityExceeded(spec.id, len(crash_times), options.period, error) from exc
@@ -176,9 +202,13 @@ class Supervisor:
                         )
                         await trio.sleep(delay)
                         child.restarts += 1
+            # Only reached when `stop` cancelled the child's scope.
+            if first:  # cancelled before it was ready: let `run` go on
+                task_status.started()
         finally:
             if child.state not in ("stopped", "failed"):
                 child.state = "stopped"
+            actor.close()
             child.finished.set()
 
     def details(self) -> dict[str, Any]:

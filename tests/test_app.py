@@ -67,7 +67,7 @@ async def test_root_escalation_stops_the_server_with_the_reason(tmp_path, monkey
         raise RuntimeError("journeys engine exploded")
 
     monkeypatch.setattr(srv.journeys, "run", crashing_run)
-    with pytest.RaisesGroup(pytest.RaisesExc(RestartIntensityExceeded, match="'journeys' crashed 3 times"), flatten_subgroups=True):
+    with pytest.RaisesGroup(pytest.RaisesExc(RestartIntensityExceeded, match="3 crashes within 60s, the last in actor 'journeys'"), flatten_subgroups=True):
         with trio.fail_after(10):
             await srv.run()
     assert len(runs) == 3  # the first run and two restarts
