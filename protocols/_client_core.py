@@ -27,6 +27,8 @@ __all__ = [
     "route_events",
     "CallSink",
     "StreamSink",
+    "Abandoned",
+    "abandon",
     "STREAM_WINDOW",
     "closed_error",
 ]
@@ -62,9 +64,41 @@ class CallSink:
     """Where the reader puts a unary call's outcome: its body, or an error."""
 
     streaming = False
+    #: Called once when the call has ended on the wire: its slot (welcome.max_calls) is free.
+    on_finish: Callable[[], None] | None = None
 
     def resolve(self, outcome: msgspec.Raw | BaseException | None) -> None:
         raise NotImplementedError
+
+    def finish(self, outcome: msgspec.Raw | BaseException | None) -> None:
+        """The call's terminal outcome: resolve it and free its slot."""
+        self.resolve(outcome)
+        callback, self.on_finish = self.on_finish, None
+        if callback is not None:
+            callback()
+
+
+class Abandoned(CallSink):
+    """Stands in for a call whose caller gave up: the server still counts it until it answers
+    the cancel, so its slot is only freed then."""
+
+    def __init__(self, on_finish: Callable[[], None] | None) -> None:
+        self.on_finish = on_finish
+
+    def resolve(self, outcome: msgspec.Raw | BaseException | None) -> None:
+        pass
+
+
+def abandon(pending: dict[int, CallSink], call_id: int) -> bool:
+    """Replace a pending call by its stand-in; True if the server must be told (it was open)."""
+    sink = pending.get(call_id)
+    if sink is None or isinstance(sink, Abandoned):
+        return False
+    if isinstance(sink, StreamSink):
+        sink.leave()
+    pending[call_id] = Abandoned(sink.on_finish)
+    sink.on_finish = None
+    return True
 
 
 _OPEN: Any = object()
@@ -156,7 +190,7 @@ def route_events(
                 sink.item(event.body)
             else:
                 del pending[event.id]
-                sink.resolve(event.body)
+                sink.finish(event.body)
         elif isinstance(event, (EndReceived, ErrorReceived)):
             if isinstance(event, ErrorReceived) and event.id == 0:
                 on_connection_error(CallError(event.code, event.message, event.field))
@@ -165,10 +199,9 @@ def route_events(
             if sink is None:
                 continue
             outcome = None if isinstance(event, EndReceived) else CallError(event.code, event.message, event.field)
-            if isinstance(sink, StreamSink) or outcome is not None:
-                sink.resolve(outcome)
-            else:
-                sink.resolve(CallError(Status.INTERNAL, "the server ended a unary call like a stream"))
+            if outcome is None and not isinstance(sink, (StreamSink, Abandoned)):
+                outcome = CallError(Status.INTERNAL, "the server ended a unary call like a stream")
+            sink.finish(outcome)
         elif isinstance(event, Welcomed):
             on_welcome()
         elif isinstance(event, PongReceived):

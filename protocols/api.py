@@ -116,6 +116,8 @@ def describe_validation_error(
         text = text.replace(f"`str` matching regex {pattern!r}", meaning)
     at = text.rfind(" - at `")
     field, message = ("$", text) if at < 0 else (text[at + 7 : -1], text[:at])
+    if field.startswith("key` in `"):  # msgspec's form for a bad map key
+        field, message = field[len("key` in `") :], f"map keys must be strings ({message})"
     named = re.match(r"Object (?:contains unknown|missing required) field `([^`]+)`", message)
     if named:
         field = f"{field}.{named.group(1)}"

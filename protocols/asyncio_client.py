@@ -38,7 +38,16 @@ from typing import Any, TypeVar
 import msgspec
 
 from . import api
-from ._client_core import CallSink, StreamSink, closed_error, decoder_for, parse_target, response_type, route_events
+from ._client_core import (
+    CallSink,
+    StreamSink,
+    abandon,
+    closed_error,
+    decoder_for,
+    parse_target,
+    response_type,
+    route_events,
+)
 from .connection import ClientConnection, State
 from .errors import BatchFailed, CallError, ConnectionClosed, PigeonProtocolError, ProtocolError, Status
 from .frames import Welcome
@@ -146,6 +155,8 @@ class Client:
         self._reader_task: asyncio.Task[None] | None = None
         #: Errors the server sent about the connection itself (call id 0).
         self.connection_errors: list[CallError] = []
+        #: Calls in flight, at most welcome.max_calls (set once welcomed).
+        self._slots = asyncio.Semaphore(1)
 
     @property
     def welcome(self) -> Welcome:
@@ -169,20 +180,17 @@ class Client:
             ConnectionClosed: the connection ended (or was draining) before the answer.
             FrameTooLarge: the request exceeds the server's frame limit (nothing was sent).
         """
-        timeout_ms = None
-        if timeout is not None:
-            if timeout <= 0:
-                raise TimeoutError
-            timeout_ms = max(1, math.ceil(timeout * 1000))
+        if timeout is not None and timeout <= 0:
+            raise TimeoutError
         sink = _Unary(self._loop)
-        call_id = self._start(request, sink, timeout_ms)
-        try:
-            async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout) as scope:
+            call_id = await self._start(request, sink, deadline=scope.when())
+            try:
                 await self._drain()
                 outcome = await sink.future
-        except BaseException:
-            self._abandon(call_id)
-            raise
+            except BaseException:
+                self._abandon(call_id)
+                raise
         if isinstance(outcome, BaseException):
             if timeout is not None and isinstance(outcome, CallError) and outcome.status is Status.DEADLINE_EXCEEDED:
                 # The server's clock ran out first; report it the way a local expiry is reported.
@@ -201,12 +209,11 @@ class Client:
         own stream only, and other calls on the client keep flowing meanwhile.
         """
         sink = _Stream()
-        call_id = self._start(request, sink, window=sink.window)
+        call_id = await self._start(request, sink, window=sink.window)
         try:
             await self._drain()
             yield _Items(self, call_id, sink, decoder_for(response_type(request)))
         finally:
-            sink.leave()
             self._abandon(call_id)
 
     async def ping(self) -> float:
@@ -252,9 +259,25 @@ class Client:
         if self._closed_error is not None:
             raise _fresh(self._closed_error)
 
-    def _start(
-        self, request: api.Request[Any], sink: CallSink, timeout_ms: int | None = None, window: int | None = None
+    async def _start(
+        self, request: api.Request[Any], sink: CallSink, *, deadline: float | None = None, window: int | None = None
     ) -> int:
+        """Take a call slot (at most welcome.max_calls in flight) and queue the call."""
+        self._check_open()
+        await self._slots.acquire()
+        sink.on_finish = self._slots.release
+        try:
+            timeout_ms = None
+            if deadline is not None:
+                # rounded up, so the server never gives up before the caller does
+                timeout_ms = max(1, math.ceil((deadline - self._loop.time()) * 1000))
+            return self._queue_call(request, sink, timeout_ms, window)
+        except BaseException:
+            sink.on_finish = None
+            self._slots.release()
+            raise
+
+    def _queue_call(self, request: api.Request[Any], sink: CallSink, timeout_ms: int | None, window: int | None) -> int:
         self._check_open()
         try:
             call_id = self._conn.start_call(request.method, request, timeout_ms=timeout_ms, window=window)
@@ -271,7 +294,7 @@ class Client:
         self.connection_errors.append(error)
 
     def _abandon(self, call_id: int) -> None:
-        if self._pending.pop(call_id, None) is not None and self._closed_error is None:
+        if abandon(self._pending, call_id) and self._closed_error is None:
             self._conn.cancel(call_id)
             self._flush_soon()
 
@@ -340,7 +363,7 @@ class Client:
             self._closed_error = error
         pending, self._pending = self._pending, {}
         for sink in pending.values():
-            sink.resolve(_fresh(error))
+            sink.finish(_fresh(error))
         self._welcomed.set()
         for event in self._pongs.values():
             event.set()
@@ -393,6 +416,7 @@ async def open_client(
         client._reader_task = asyncio.create_task(client._read_loop(), name=f"pigeon reader {target}")
         await client._welcomed.wait()
         client._check_open()
+        client._slots = asyncio.Semaphore(client.welcome.max_calls)
         yield client
     finally:
         await client.aclose()

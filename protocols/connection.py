@@ -17,6 +17,7 @@ import itertools
 from typing import Any
 
 import msgspec
+import msgspec.structs
 
 from .errors import FrameTooLarge, HandshakeError, MalformedFrame, Status
 from .frames import (
@@ -144,6 +145,14 @@ class _Salvage(msgspec.Struct):
 
 _frame_decoder = msgspec.msgpack.Decoder(AnyFrame)
 _salvage_decoder = msgspec.msgpack.Decoder(_Salvage)
+
+
+def _status(name: str) -> Status:
+    """A status by name; a name from a newer server that this client does not know is UNKNOWN."""
+    try:
+        return Status(name)
+    except ValueError:
+        return Status.UNKNOWN
 
 
 def _field_of(exc: msgspec.ValidationError) -> str | None:
@@ -315,6 +324,16 @@ class ServerConnection(_Base):
                 )
             )
             return []
+        if len(self.open_calls) >= self.max_calls:
+            self._queue(
+                Error(
+                    id=call.id,
+                    code=Status.RESOURCE_EXHAUSTED,
+                    message=f"{self.max_calls} calls are already in flight on this connection (welcome.max_calls); "
+                    "wait for an answer before starting another",
+                )
+            )
+            return []
         self.open_calls.add(call.id)
         if call.id > self.last_id:
             self.last_id = call.id
@@ -460,7 +479,7 @@ class ClientConnection(_Base):
                 case End(id=i):
                     events.append(EndReceived(i))
                 case Error(id=i, code=c, message=m, field=f):
-                    events.append(ErrorReceived(i, c, m, f))
+                    events.append(ErrorReceived(i, _status(c), m, f))
                 case Welcome():
                     if self.welcome is not None:
                         raise HandshakeError("the server sent a second welcome")
@@ -472,6 +491,7 @@ class ClientConnection(_Base):
                         self.state = State.OPEN
                     events.append(Welcomed(frame))
                 case GoAway():
+                    frame = msgspec.structs.replace(frame, code=_status(frame.code))
                     self.goaway = frame
                     self.state = State.DRAINING
                     events.append(GoAwayReceived(frame))

@@ -11,8 +11,6 @@ from typing import Annotated
 
 import msgspec
 
-from .errors import Status
-
 __all__ = [
     "PROTOCOL_VERSION",
     "DEFAULT_MAX_FRAME",
@@ -110,7 +108,8 @@ class Error(Frame, tag="error"):
     """Server → client: call ``id`` failed. Terminal. ``id`` 0 concerns the connection."""
 
     id: int
-    code: Status
+    #: A `Status` name; clients map names they do not know to UNKNOWN.
+    code: str
     message: str
     field: str | None = None
 
@@ -146,7 +145,8 @@ class GoAway(Frame, tag="goaway"):
     answered with UNAVAILABLE and may be retried elsewhere.
     """
 
-    code: Status
+    #: A `Status` name.
+    code: str
     message: str
     last_id: int = 0
 

@@ -27,7 +27,16 @@ import msgspec
 import trio
 
 from . import api
-from ._client_core import CallSink, StreamSink, closed_error, decoder_for, parse_target, response_type, route_events
+from ._client_core import (
+    CallSink,
+    StreamSink,
+    abandon,
+    closed_error,
+    decoder_for,
+    parse_target,
+    response_type,
+    route_events,
+)
 from .connection import ClientConnection, State
 from .errors import BatchFailed, CallError, ConnectionClosed, PigeonProtocolError, ProtocolError, Status
 from .frames import DEFAULT_MAX_FRAME, Welcome
@@ -73,6 +82,8 @@ class Client:
         self._closed_error: PigeonProtocolError | None = None
         #: Errors the server sent about the connection itself (call id 0).
         self.connection_errors: list[CallError] = []
+        #: Calls in flight, at most welcome.max_calls (set once welcomed).
+        self._slots = trio.Semaphore(1)
 
     @property
     def welcome(self) -> Welcome:
@@ -92,7 +103,7 @@ class Client:
         """
         await trio.lowlevel.checkpoint_if_cancelled()
         sink = _Unary()
-        call_id = self._start(request, sink)
+        call_id = await self._start(request, sink)
         try:
             await self._flush()
             await sink.event.wait()
@@ -121,12 +132,11 @@ class Client:
         the call on the server.
         """
         sink = _Stream()
-        call_id = self._start(request, sink, window=sink.window)
+        call_id = await self._start(request, sink, window=sink.window)
         try:
             await self._flush()
             yield self._items(call_id, sink, decoder_for(response_type(request)))
         finally:
-            sink.leave()
             self._abandon(call_id)
 
     async def _items(self, call_id: int, sink: _Stream, decoder: msgspec.msgpack.Decoder) -> AsyncIterator[Any]:
@@ -170,7 +180,20 @@ class Client:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _start(self, request: api.Request[Any], sink: CallSink, window: int | None = None) -> int:
+    async def _start(self, request: api.Request[Any], sink: CallSink, window: int | None = None) -> int:
+        """Take a call slot (at most welcome.max_calls in flight) and queue the call."""
+        if self._closed_error is not None:
+            raise self._closed_error
+        await self._slots.acquire()
+        sink.on_finish = self._slots.release
+        try:
+            return self._queue_call(request, sink, window)
+        except BaseException:
+            sink.on_finish = None
+            self._slots.release()
+            raise
+
+    def _queue_call(self, request: api.Request[Any], sink: CallSink, window: int | None) -> int:
         if self._closed_error is not None:
             raise self._closed_error
         deadline = trio.current_effective_deadline()
@@ -188,7 +211,7 @@ class Client:
         return call_id
 
     def _abandon(self, call_id: int) -> None:
-        if self._pending.pop(call_id, None) is not None and self._closed_error is None:
+        if abandon(self._pending, call_id) and self._closed_error is None:
             self._conn.cancel(call_id)
             self._nursery.start_soon(self._flush_quietly)
 
@@ -248,7 +271,7 @@ class Client:
             self._closed_error = error
         pending, self._pending = self._pending, {}
         for sink in pending.values():
-            sink.resolve(error)
+            sink.finish(error)
         self._welcomed.set()
         for event in self._pongs.values():
             event.set()
@@ -295,6 +318,7 @@ async def open_client(
             await client._welcomed.wait()
             if client._closed_error is not None:
                 raise client._closed_error
+            client._slots = trio.Semaphore(client.welcome.max_calls)
             try:
                 yield client
             finally:

@@ -79,6 +79,7 @@ class Server:
             max_calls=config.max_calls,
             max_connections=config.max_connections,
             write_timeout=config.write_timeout_s,
+            handshake_timeout=config.handshake_timeout_s,
         )
         s = config.supervisor
         self.supervisor = Supervisor(

@@ -58,6 +58,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_calls: Positive = 256
     max_connections: Positive = 1024
     write_timeout_s: PositiveFloat = 30.0
+    #: Seconds a new connection has to send its hello before it is closed.
+    handshake_timeout_s: PositiveFloat = 10.0
     shutdown_grace_s: PositiveFloat = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)

@@ -57,6 +57,18 @@ _loose_decoder = msgspec.msgpack.Decoder(_LooseBatch)
 _event_decoder = msgspec.msgpack.Decoder(_InEvent)
 
 
+_data_keys = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+
+
+def _has_string_keys(raw: msgspec.Raw) -> bool:
+    """Whether the map's keys are strings (its values stay encoded: only keys are read)."""
+    try:
+        _data_keys.decode(raw)
+    except msgspec.DecodeError:
+        return False
+    return True
+
+
 def _is_map(raw: msgspec.Raw) -> bool:
     view = memoryview(raw)
     return len(view) > 0 and (0x80 <= view[0] <= 0x8F or view[0] in (0xDE, 0xDF))
@@ -119,6 +131,8 @@ def decode_batch(
         if problem is None:
             if not _is_map(event.data):
                 problem = ("INVALID_ARGUMENT", "data must be a map", "data")
+            elif not _has_string_keys(event.data):
+                problem = ("INVALID_ARGUMENT", "data's keys must be strings", "data")
             elif (size := memoryview(event.data).nbytes) > MAX_EVENT_DATA_BYTES:
                 problem = (
                     "INVALID_ARGUMENT",

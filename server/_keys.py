@@ -39,11 +39,11 @@ _EVENT = struct.Struct(">QQQ")
 _TS_SEQ = struct.Struct(">QQ")
 
 
-def identity_key(identity: str) -> bytes:
+def identity_key(identity: str, field: str = "$.identity") -> bytes:
     key = identity.encode()
     if len(key) > MAX_KEY_BYTES:
         raise InvalidArgument(
-            f"identity is {len(key)} bytes long; at most {MAX_KEY_BYTES} bytes are allowed", field="$.identity"
+            f"{field}: the identity is {len(key)} bytes long; at most {MAX_KEY_BYTES} bytes are allowed", field=field
         )
     return key
 

@@ -1,12 +1,10 @@
 """The socket protocol's server: listeners, connections, calls.
 
-One task reads each connection and feeds `protocols.connection.ServerConnection`; every call
-runs in its own task, at most ``max_calls`` per connection (the reader stops reading while the
-limit is reached, so a client cannot queue unbounded work). Replies are queued on the
-connection and flushed under a lock by whichever task gets there first, so pipelined replies
-share system calls. A client that stops reading blocks its own flush; after ``write_timeout``
-seconds without progress the connection is closed, so its memory stays bounded by
-``max_calls`` replies.
+Each connection has a reader task, a writer task and a task per call (see `_Connection`). A
+client may keep ``max_calls`` calls in flight (announced in the welcome; more are refused
+with RESOURCE_EXHAUSTED), answers wait in a buffer of at most ``_HIGH_WATER`` bytes beyond
+those, and a client that reads nothing for ``write_timeout`` seconds is disconnected: a slow
+or stuck client costs bounded memory.
 """
 
 from __future__ import annotations
@@ -49,6 +47,8 @@ StreamHandler = Callable[["CallContext", Any, Callable[[Any], Awaitable[None]]],
 
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _STREAM_FLUSH_BYTES = 32 * 1024
+#: Bytes of answers queued for a connection before its reader stops reading.
+_HIGH_WATER = 1024 * 1024
 
 
 class CallContext(msgspec.Struct):
@@ -124,7 +124,8 @@ class Listener(Actor):
         server_name: announced in the welcome.
         max_frame, max_calls: per connection, announced in the welcome.
         max_connections: further connections get a goaway and are closed.
-        write_timeout: seconds a flush may make no progress before the connection is dropped.
+        write_timeout: seconds a write may make no progress before the connection is dropped.
+        handshake_timeout: seconds a new connection has to send its hello.
     """
 
     def __init__(
@@ -138,6 +139,7 @@ class Listener(Actor):
         max_calls: int,
         max_connections: int,
         write_timeout: float,
+        handshake_timeout: float = 10.0,
     ) -> None:
         super().__init__("listener", 1)
         self.router = router
@@ -148,6 +150,7 @@ class Listener(Actor):
         self.max_calls = max_calls
         self.max_connections = max_connections
         self.write_timeout = write_timeout
+        self.handshake_timeout = handshake_timeout
         #: The bound addresses, once listening (a port of 0 is replaced by the real one).
         self.addresses: list[str] = []
         self.connections: set[_Connection] = set()
@@ -171,7 +174,7 @@ class Listener(Actor):
                     accepting.cancel_scope.cancel()
                 # Stop requested: no new connections; tell the open ones, let their calls finish.
                 for connection in list(self.connections):
-                    connections.start_soon(connection.go_away, Status.UNAVAILABLE, "the server is shutting down")
+                    connection.go_away(Status.UNAVAILABLE, "the server is shutting down")
         finally:
             for listener in listeners:
                 with trio.CancelScope(shield=True):
@@ -239,9 +242,12 @@ class Listener(Actor):
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         connection = _Connection(self, stream)
         if len(self.connections) >= self.max_connections:
-            await connection.go_away(
+            await connection.refuse(
                 Status.RESOURCE_EXHAUSTED, f"the server already has {self.max_connections} connections"
             )
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            return
         self.connections.add(connection)
         try:
             await connection.serve()
@@ -282,6 +288,16 @@ def _peer_name(stream: trio.abc.Stream) -> str:
 
 
 class _Connection:
+    """One client connection: a reader, a writer, and a task per call.
+
+    - The reader never waits for a call to finish: every frame is handled as it arrives (a
+      call beyond ``max_calls`` is refused by the protocol layer), so credit, cancel and ping
+      frames are always seen. It stops reading only while more than ``_HIGH_WATER`` bytes of
+      answers wait to be written, which is how a client that does not read is held back.
+    - Only the writer writes to the socket, so cancelling a call can never cut a frame in
+      half. A write that makes no progress for ``write_timeout`` seconds closes the connection.
+    """
+
     def __init__(self, listener: Listener, stream: trio.abc.Stream) -> None:
         self.listener = listener
         self.stream = stream
@@ -289,33 +305,106 @@ class _Connection:
         self.conn = ServerConnection(
             server=listener.server_name, max_frame=listener.max_frame, max_calls=listener.max_calls
         )
-        self.send_lock = trio.Lock()
-        self.slots = trio.Semaphore(listener.max_calls)
         self.calls: dict[int, trio.CancelScope] = {}
         #: Flow-control windows of streamed calls that asked for one (``Call.window``).
         self.windows: dict[int, _Window] = {}
         self.cancelled_by_client: set[int] = set()
         self.closing = False
+        #: Cancelled to drop the connection at once (broken, stuck, or a handshake timeout).
         self.scope = trio.CancelScope()
+        #: Cancelled to stop reading once nothing is left to answer.
+        self.read_scope = trio.CancelScope()
+        self._queued = trio.Event()
+        self._progress = trio.Event()
+        self._writing = False
 
-    async def go_away(self, code: Status, message: str) -> None:
+    # -- writing ------------------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Tell the writer that frames are queued."""
+        self._queued.set()
+
+    async def wait_writable(self) -> None:
+        """Wait while too much is queued for a client that is not reading."""
+        while self.conn.pending_bytes > _HIGH_WATER:
+            self.kick()
+            progress = self._progress
+            await progress.wait()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
+            data = self.conn.data_to_send()
+            if data:
+                self._writing = True
+                with trio.move_on_after(self.listener.write_timeout) as waited:
+                    try:
+                        await self.stream.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
+                        log.debug("send to %s failed: %r", self.peer, exc)
+                        self.scope.cancel()
+                        return
+                self._writing = False
+                if waited.cancelled_caught:
+                    log.warning(
+                        "client %s read nothing for %gs; closing its connection",
+                        self.peer, self.listener.write_timeout,
+                    )
+                    self.scope.cancel()
+                    return
+            self._progress.set()
+            self._progress = trio.Event()
+
+    async def _drain(self) -> None:
+        """Wait until everything queued has been written."""
+        while self.conn.pending_bytes or self._writing:
+            self.kick()
+            progress = self._progress
+            await progress.wait()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def refuse(self, code: Status, message: str) -> None:
+        """Turn the connection away before serving it (a goaway, then close)."""
+        self.conn.send_goaway(code, message)
+        with trio.move_on_after(1):
+            try:
+                await self.stream.send_all(self.conn.data_to_send())
+            except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError):
+                pass
+
+    def go_away(self, code: Status, message: str) -> None:
         """Send a goaway: no new calls; close once the open ones are answered."""
         self.conn.send_goaway(code, message)
         self.closing = True
-        await self.flush()
+        self.kick()
         if not self.conn.open_calls:
-            self.scope.cancel()
+            self.read_scope.cancel()
 
     async def serve(self) -> None:
-        if self.closing:
-            return
         with self.scope:
-            async with trio.open_nursery() as calls:
-                await self._read(calls)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._handshake_deadline)
+                async with trio.open_nursery() as calls:
+                    with self.read_scope:
+                        await self._read(calls)
+                # Nothing more to read and every call answered: write the rest, then close.
+                with trio.move_on_after(self.listener.write_timeout):
+                    await self._drain()
+                nursery.cancel_scope.cancel()
+
+    async def _handshake_deadline(self) -> None:
+        await trio.sleep(self.listener.handshake_timeout)
+        if self.conn.hello is None:
+            log.warning("no hello from %s within %gs; closing", self.peer, self.listener.handshake_timeout)
+            self.scope.cancel()
 
     async def _read(self, calls: trio.Nursery) -> None:
         conn = self.conn
         while True:
+            await self.wait_writable()
             try:
                 data = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
@@ -324,7 +413,6 @@ class _Connection:
                 return
             for event in conn.receive_data(data):
                 if isinstance(event, CallReceived):
-                    await self.slots.acquire()
                     calls.start_soon(self._run_call, event.call)
                 elif isinstance(event, CreditGranted):
                     window = self.windows.get(event.id)
@@ -338,10 +426,11 @@ class _Connection:
                 elif isinstance(event, HelloReceived):
                     log.debug("client %r connected from %s", event.hello.client, self.peer)
                 elif isinstance(event, Terminated):
+                    # The stream cannot be trusted any more: read nothing else, but answer the
+                    # calls already received (the goaway's last_id promises it).
                     self.listener.protocol_errors += 1
                     log.warning("closing connection from %s: %s: %s", self.peer, event.code, event.message)
-                    await self.flush()
-                    calls.cancel_scope.cancel()
+                    self.kick()
                     return
                 elif isinstance(event, Closed):
                     if event.truncated:
@@ -351,50 +440,29 @@ class _Connection:
                         )
                     # The client will send nothing more; answer what is open if it still reads.
                     return
-            await self.flush()
+            self.kick()
             if self.closing and not conn.open_calls:
                 return
 
-    async def flush(self) -> None:
-        """Send everything queued; drop the connection if the client makes us wait too long."""
-        async with self.send_lock:
-            data = self.conn.data_to_send()
-            if not data:
-                return
-            with trio.move_on_after(self.listener.write_timeout) as waited:
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
-                    log.debug("send to %s failed: %r", self.peer, exc)
-                    self.scope.cancel()
-                    return
-            if waited.cancelled_caught:
-                log.warning(
-                    "client %s read nothing for %gs; closing its connection", self.peer, self.listener.write_timeout
-                )
-                self.scope.cancel()
+    # -- calls --------------------------------------------------------------------------------
 
     async def _run_call(self, call: Call) -> None:
-        stats = self.listener.stats_for(call.method)
+        known = call.method in self.listener.router.routes
+        stats = self.listener.stats_for(call.method if known else "(unknown method)")
         started = time.perf_counter()
         ok = False
         try:
-            try:
-                ok = await self._dispatch(call)
-            finally:
-                self.calls.pop(call.id, None)
-                self.windows.pop(call.id, None)
-                self.cancelled_by_client.discard(call.id)
-                stats.calls += 1
-                stats.errors += not ok
-                stats.histogram.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
-            await self.flush()
+            ok = await self._dispatch(call)
         finally:
-            # The slot is held until the answer is written: at most max_calls answers wait
-            # in memory for a client that does not read.
-            self.slots.release()
+            self.calls.pop(call.id, None)
+            self.windows.pop(call.id, None)
+            self.cancelled_by_client.discard(call.id)
+            stats.calls += 1
+            stats.errors += not ok
+            stats.histogram.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
+        self.kick()
         if self.closing and not self.conn.open_calls:
-            self.scope.cancel()
+            self.read_scope.cancel()
 
     async def _dispatch(self, call: Call) -> bool:
         """Run the call's handler and queue its answer; True if it succeeded."""
@@ -441,12 +509,16 @@ class _Connection:
         window = self.windows.get(call_id)
         if window is not None:
             while window.available <= 0:
-                await self.flush()  # the client can only grant credit for what it received
+                self.kick()  # the client can only grant credit for what it received
                 await window.wait_for_credit()
             window.available -= 1
-        self.conn.send_item(call_id, item)
+        if not self.conn.send_item(call_id, item):
+            # The call ended under the handler (its answer was refused): stop producing.
+            self.calls[call_id].cancel()
+            await trio.lowlevel.checkpoint()
         if self.conn.pending_bytes >= _STREAM_FLUSH_BYTES:
-            await self.flush()
+            await self.wait_writable()
+            self.kick()
 
 
 class _Window:
@@ -463,7 +535,7 @@ class _Window:
         self._credit.set()
 
     async def wait_for_credit(self) -> None:
-        # Credit may have come while the caller flushed: check before waiting for more.
+        # Credit may have come since the caller looked: check before waiting for more.
         if self.available <= 0:
             self._credit = trio.Event()
             await self._credit.wait()

@@ -194,6 +194,8 @@ def build_router(server: Server) -> Router:
     async def list_events(ctx: CallContext, req: api.ListEvents, send: Any) -> None:
         since = 0 if req.since is None else max(0, to_us(req.since))
         until = _END_OF_TIME_US - 1 if req.until is None else to_us(req.until)
+        if until < since:
+            return  # an empty range (events are never older than 1970)
         remaining = req.limit
         start: bytes | None = None
         while remaining > 0:

@@ -401,8 +401,8 @@ class Writer:
         self.dbs = store._dbs
         self.now = store.clock()
 
-    def pid(self, identity: str) -> bytes | None:
-        return self.txn.get(keys.identity_key(identity), db=self.dbs["identities"])
+    def pid(self, identity: str, field: str = "$.identity") -> bytes | None:
+        return self.txn.get(keys.identity_key(identity, field), db=self.dbs["identities"])
 
     def load(self, pid: bytes) -> ProfileRecord:
         return decode_profile(self.txn.get(pid, db=self.dbs["profiles"]))
@@ -504,7 +504,7 @@ def _delete_events(txn: lmdb.Transaction, db: Any, pid: int) -> int:
 
 def link_identity(w: Writer, identity: str, link: str) -> ProfileRecord:
     pid, record = w.require(identity)
-    owner = w.pid(link)
+    owner = w.pid(link, "$.link")
     if owner == pid:
         return record
     if owner is not None:

@@ -932,7 +932,7 @@ def test_server_answer_over_the_clients_frame_limit_becomes_an_error() -> None:
     assert server.send_reply(1, {"blob": "x" * 2000})
     assert server.send_item(2, {"blob": "x" * 2000})
     first, second = parse(server.data_to_send())
-    assert isinstance(first, Error) and first.id == 1 and first.code is Status.RESOURCE_EXHAUSTED
+    assert isinstance(first, Error) and first.id == 1 and first.code == Status.RESOURCE_EXHAUSTED
     assert "1024" in first.message and "hello.max_frame" in first.message
     assert isinstance(second, Error) and second.id == 2
     assert server.open_calls == set()  # both calls ended

@@ -104,3 +104,12 @@ async def test_events_create_profiles_for_unknown_identities(client):
     await client.call(api.IngestEvents(events=[api.Event(identity="ecid:abc", type="app.launch")]))
     profile = await client.call(api.GetProfile(identity="ecid:abc"))
     assert profile.identities == ["ecid:abc"] and profile.attributes == {}
+
+
+def test_event_data_keys_must_be_strings():
+    accepted, rejected = decode_batch(
+        _body([{"identity": "crm:1", "type": "t", "data": {1: "a"}}, {"identity": "crm:1", "type": "t", "data": {"k": {1: 2}}}]),
+        now_us=NOW, retention_us=DAY,
+    )
+    assert [r.index for r in rejected] == [0] and "keys must be strings" in rejected[0].message
+    assert len(accepted) == 1  # nested maps may have any keys, as in attributes

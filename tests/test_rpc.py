@@ -12,7 +12,7 @@ import trio
 
 from protocols import api
 from protocols.errors import CallError, ConnectionClosed, Status
-from protocols.frames import PROTOCOL_VERSION, AnyFrame, Call, Cancel, Error, GoAway, Hello, Ping, Pong, Reply, Welcome
+from protocols.frames import PROTOCOL_VERSION, AnyFrame, Call, Cancel, End, Error, GoAway, Hello, Item, Ping, Pong, Reply, Welcome
 from protocols.framing import FrameDecoder, FrameEncoder
 from protocols.trio_client import open_client
 from server import Server
@@ -90,7 +90,7 @@ async def test_garbage_frame_gets_a_connection_error_and_the_connection_survives
     raw = await connect(address)
     await raw.send(len(b"\xc1garbage").to_bytes(4, "big") + b"\xc1garbage")
     error = await raw.receive()
-    assert isinstance(error, Error) and error.id == 0 and error.code is Status.INVALID_ARGUMENT
+    assert isinstance(error, Error) and error.id == 0 and error.code == Status.INVALID_ARGUMENT
     assert "malformed frame" in error.message
     await raw.call(1, "server.health", {})
     reply = await raw.receive()
@@ -104,7 +104,7 @@ async def test_frame_with_a_bad_envelope_field_is_answered_on_its_call_id(addres
     await raw.send(len(bad).to_bytes(4, "big") + bad)
     error = await raw.receive()
     assert isinstance(error, Error) and error.id == 7
-    assert error.code is Status.INVALID_ARGUMENT and error.field == "$.method"
+    assert error.code == Status.INVALID_ARGUMENT and error.field == "$.method"
 
 
 async def test_truncated_msgpack_inside_a_frame_is_a_malformed_frame(address, connect):
@@ -113,7 +113,7 @@ async def test_truncated_msgpack_inside_a_frame_is_a_malformed_frame(address, co
     cut = payload[:-3]
     await raw.send(len(cut).to_bytes(4, "big") + cut)
     error = await raw.receive()
-    assert isinstance(error, Error) and error.code is Status.INVALID_ARGUMENT
+    assert isinstance(error, Error) and error.code == Status.INVALID_ARGUMENT
     await assert_serving(address)
 
 
@@ -133,7 +133,7 @@ async def test_oversized_frame_is_refused_before_its_body_is_sent(address, serve
     # announce 1 GiB and send nothing more: the server must answer from the header alone
     await raw.send((1 << 30).to_bytes(4, "big"))
     goaway = await raw.receive()
-    assert isinstance(goaway, GoAway) and goaway.code is Status.RESOURCE_EXHAUSTED
+    assert isinstance(goaway, GoAway) and goaway.code == Status.RESOURCE_EXHAUSTED
     assert str(1 << 30) in goaway.message and str(server.config.max_frame) in goaway.message
     assert await raw.receive() is None  # closed
     assert server.listener.protocol_errors == 1
@@ -147,7 +147,7 @@ async def test_wrong_type_in_a_body_field_names_the_field(address, connect):
     await raw.call(3, "profiles.get", {"identity": "crm:1", "extra": True})
     await raw.call(4, "tokens.register", {"identity": "crm:1", "app": "a", "platform": "windows", "token": "t"})
     answers = {f.id: f for f in [await raw.receive() for _ in range(4)]}
-    assert all(isinstance(f, Error) and f.code is Status.INVALID_ARGUMENT for f in answers.values())
+    assert all(isinstance(f, Error) and f.code == Status.INVALID_ARGUMENT for f in answers.values())
     assert answers[1].field == "$.identity" and "Expected `str`, got `int`" in answers[1].message
     assert answers[2].field == "$.attributes"
     assert "extra" in answers[3].message
@@ -159,7 +159,7 @@ async def test_unknown_method(address, connect):
     raw = await connect(address)
     await raw.call(1, "profiles.explode", {})
     error = await raw.receive()
-    assert error.code is Status.UNIMPLEMENTED and error.field == "$.method" and "profiles.explode" in error.message
+    assert error.code == Status.UNIMPLEMENTED and error.field == "$.method" and "profiles.explode" in error.message
 
 
 async def test_call_id_reused_while_in_flight(address, connect):
@@ -179,7 +179,7 @@ async def test_call_before_hello_is_refused_with_a_goaway(address, connect):
     raw = await connect(address, hello=False)
     await raw.call(1, "server.health", {})
     goaway = await raw.receive()
-    assert isinstance(goaway, GoAway) and goaway.code is Status.FAILED_PRECONDITION
+    assert isinstance(goaway, GoAway) and goaway.code == Status.FAILED_PRECONDITION
     assert await raw.receive() is None
 
 
@@ -228,13 +228,13 @@ async def test_deadline_exceeded_and_client_cancel(server, address, connect):
     raw = await connect(address)
     await raw.send(Call(id=1, method="test.sleep", body=_encoder.body({}), timeout_ms=50))
     error = await raw.receive()
-    assert error.id == 1 and error.code is Status.DEADLINE_EXCEEDED and "50 ms" in error.message
+    assert error.id == 1 and error.code == Status.DEADLINE_EXCEEDED and "50 ms" in error.message
 
     await raw.call(2, "test.sleep", {})
     await trio.sleep(0.05)
     await raw.send(Cancel(id=2))
     error = await raw.receive()
-    assert error.id == 2 and error.code is Status.CANCELLED
+    assert error.id == 2 and error.code == Status.CANCELLED
 
     # the Trio client turns a fail_after into the call's deadline
     async with open_client(address) as c:
@@ -264,7 +264,7 @@ async def test_handler_crash_is_an_internal_error_and_the_server_keeps_serving(s
     raw = await connect(address)
     await raw.call(1, "test.broken", {})
     error = await raw.receive()
-    assert error.code is Status.INTERNAL and "test.broken" in error.message and "boom" not in error.message
+    assert error.code == Status.INTERNAL and "test.broken" in error.message and "boom" not in error.message
     assert "ZeroDivisionError" in caplog.text
     await assert_serving(address)
 
@@ -278,7 +278,7 @@ async def test_max_connections(tmp_path, connect):
         b = await connect(address)
         c = await connect(address, hello=False)
         goaway = await c.receive()
-        assert isinstance(goaway, GoAway) and goaway.code is Status.RESOURCE_EXHAUSTED
+        assert isinstance(goaway, GoAway) and goaway.code == Status.RESOURCE_EXHAUSTED
         await a.aclose()
         with trio.fail_after(5):
             while len(srv.listener.connections) > 1:
@@ -304,10 +304,10 @@ async def test_shutdown_finishes_calls_in_flight_and_refuses_new_ones(tmp_path, 
         await trio.sleep(0.05)
         srv.request_stop()
         goaway = await raw.receive()
-        assert isinstance(goaway, GoAway) and goaway.code is Status.UNAVAILABLE and goaway.last_id == 1
+        assert isinstance(goaway, GoAway) and goaway.code == Status.UNAVAILABLE and goaway.last_id == 1
         await raw.call(2, "server.health", {})
         refused = await raw.receive()
-        assert refused.id == 2 and refused.code is Status.UNAVAILABLE
+        assert refused.id == 2 and refused.code == Status.UNAVAILABLE
         gate.set()
         finished = await raw.receive()
         assert isinstance(finished, Reply) and finished.id == 1
@@ -446,3 +446,133 @@ async def test_stream_with_a_window_waits_for_credit(address, connect):
     await raw.send(Credit(id=2, items=40))
     rest = [await raw.receive() for _ in range(41)]
     assert [f.__struct_config__.tag for f in rest] == ["item"] * 40 + ["end"]
+
+
+async def test_cancelling_a_stream_blocked_on_a_slow_reader_keeps_the_framing_intact(tmp_path):
+    srv = Server(make_config(tmp_path / "d"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0]) as c:
+            events = [api.Event(identity="crm:1", type="t", data={"blob": "x" * 2000, "n": i}) for i in range(2000)]
+            for start in range(0, 2000, 500):
+                await c.call(api.IngestEvents(events=events[start : start + 500]))
+        host, port = srv.addresses[0].rsplit(":", 1)
+        sock = trio.socket.socket()
+        sock.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_RCVBUF, 4096)
+        await sock.connect((host, int(port)))
+        raw = Raw(trio.SocketStream(sock))
+        await raw.send(Hello(version=PROTOCOL_VERSION))
+        # a stream without a window: the server writes until the socket is full, then blocks
+        await raw.call(1, "events.list", {"identity": "crm:1", "limit": 2000})
+        await trio.sleep(0.3)
+        await raw.send(Cancel(id=1))
+        await raw.call(2, "server.health", {})
+        await trio.sleep(0.2)
+        frames = []
+
+        def terminal(call_id: int) -> Any:
+            return next((f for f in frames if getattr(f, "id", None) == call_id and not isinstance(f, Item)), None)
+
+        with trio.fail_after(10):
+            while terminal(1) is None or terminal(2) is None:
+                frame = await raw.receive()  # raises if a frame were cut in half
+                assert frame is not None
+                frames.append(frame)
+        assert isinstance(frames[0], Welcome)
+        assert isinstance(terminal(2), Reply)
+        # the stream ended cancelled (or, had it finished first, with its end marker)
+        assert (isinstance(terminal(1), Error) and terminal(1).code == Status.CANCELLED) or isinstance(terminal(1), End)
+        items = [f for f in frames if isinstance(f, Item)]
+        assert 0 < len(items) < 2000 or isinstance(terminal(1), End)
+        await raw.aclose()
+        srv.request_stop()
+
+
+async def test_made_up_method_names_share_one_stats_entry(address, connect, server):
+    raw = await connect(address)
+    for i in range(50):
+        await raw.call(i + 1, f"nothing.{i}", {})
+    for _ in range(50):
+        assert (await raw.receive()).code == Status.UNIMPLEMENTED
+    names = set(server.listener.method_stats)
+    assert "(unknown method)" in names and not any(n.startswith("nothing.") for n in names)
+    assert server.listener.method_stats["(unknown method)"].calls == 50
+
+
+async def test_a_fatal_goaway_still_answers_the_calls_already_received(server, address, connect):
+    gate = trio.Event()
+
+    async def slow(ctx, req):
+        await gate.wait()
+        return api.Health(status="serving", version="slow", protocol=1, uptime_s=0)
+
+    _add_route(server, "test.slow", slow)
+    raw = await connect(address)
+    await raw.call(1, "test.slow", {})
+    await trio.sleep(0.05)
+    await raw.send((1 << 30).to_bytes(4, "big"))
+    goaway = await raw.receive()
+    assert isinstance(goaway, GoAway) and goaway.last_id == 1
+    gate.set()
+    reply = await raw.receive()
+    assert isinstance(reply, Reply) and reply.id == 1
+    assert await raw.receive() is None
+
+
+async def test_a_connection_that_never_says_hello_is_closed(tmp_path, caplog):
+    srv = Server(make_config(tmp_path / "d", handshake_timeout_s=0.3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        raw = await Raw.connect(srv.addresses[0], hello=False)
+        with trio.fail_after(5):
+            assert await raw.receive() is None
+        assert "no hello" in caplog.text
+        await raw.aclose()
+        srv.request_stop()
+
+
+async def test_calls_beyond_max_calls_are_refused_and_credit_still_flows(tmp_path):
+    from protocols.frames import Credit
+
+    srv = Server(make_config(tmp_path / "d", max_calls=2))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        raw = await Raw.connect(srv.addresses[0])
+        await raw.call(1, "events.ingest", {"events": [{"identity": "crm:1", "type": "t"}] * 10})
+        assert (await raw.receive()).id == 1
+        for call_id in (2, 3):  # two windowed streams that will wait for credit: both slots taken
+            await raw.send(Call(id=call_id, method="events.list", body=_encoder.body({"identity": "crm:1"}), window=1))
+        firsts = [await raw.receive(), await raw.receive()]
+        assert sorted(f.id for f in firsts) == [2, 3]
+        await raw.call(4, "server.health", {})
+        refused = await raw.receive()
+        assert refused.id == 4 and refused.code == Status.RESOURCE_EXHAUSTED and "2 calls" in refused.message
+        # the reader still reads: credit reaches the waiting stream
+        await raw.send(Credit(id=2, items=20))
+        items = [await raw.receive() for _ in range(10)]
+        assert [f.__struct_config__.tag for f in items] == ["item"] * 9 + ["end"] and all(f.id == 2 for f in items)
+        await raw.call(5, "server.health", {})  # a slot is free again
+        assert isinstance(await raw.receive(), Reply)
+        await raw.aclose()
+        srv.request_stop()
+
+
+async def test_clients_keep_to_max_calls(tmp_path):
+    srv = Server(make_config(tmp_path / "d", max_calls=3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0]) as c:
+            assert c.welcome.max_calls == 3
+            async with trio.open_nursery() as calls:
+                for i in range(50):
+                    calls.start_soon(c.call, api.UpsertProfile(identity=f"crm:{i}"))
+            assert (await c.call(api.GetStats())).store.profiles == 50
+        srv.request_stop()
+
+
+async def test_events_list_with_an_empty_range(client):
+    from datetime import UTC, datetime
+
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:1", type="t")]))
+    async with client.stream(api.ListEvents(identity="crm:1", until=datetime(1960, 1, 1, tzinfo=UTC))) as items:
+        assert [e async for e in items] == []

@@ -277,3 +277,24 @@ def test_data_folder_that_cannot_be_created_is_a_clear_error(tmp_path: Path):
     store = ProfileStore(blocker / "sub", clock=lambda: 0)
     with pytest.raises(Exception, match="cannot open the data folder"):
         store._open()
+
+
+class _LooseUpsert(api.Request[api.Profile]):
+    """profiles.upsert without client-side typing, to send what a careless client might."""
+
+    method = "profiles.upsert"
+    identity: str
+    attributes: dict
+
+
+async def test_attribute_keys_must_be_strings_and_the_error_names_the_map(client):
+    with pytest.raises(CallError) as info:
+        await client.call(_LooseUpsert(identity="crm:1", attributes={1: "x"}))
+    assert info.value.field == "$.attributes" and "keys must be strings" in info.value.message
+
+
+async def test_an_over_long_link_names_the_link_field(client):
+    await client.call(api.UpsertProfile(identity="crm:1"))
+    with pytest.raises(CallError) as info:
+        await client.call(api.LinkIdentity(identity="crm:1", link="crm:" + "é" * 300))
+    assert info.value.field == "$.link"
