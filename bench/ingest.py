@@ -112,6 +112,8 @@ async def open_loop(clients: list[Client], batches: list[api.IngestEvents], rate
         latencies.record(loop.time() - scheduled)
 
     cpu0 = await server_cpu(clients[0])
+    stats0 = await clients[0].call(api.GetStats())
+    store0 = await store_details(clients[0])
     for i in range(n):
         scheduled = start + i * interval
         delay = scheduled - loop.time()
@@ -125,7 +127,15 @@ async def open_loop(clients: list[Client], batches: list[api.IngestEvents], rate
     await asyncio.gather(*outstanding)
     elapsed = loop.time() - start
     cpu = await server_cpu(clients[0]) - cpu0
+    stats1 = await clients[0].call(api.GetStats())
+    store1 = await store_details(clients[0])
+    commits = max(store1["commits"] - store0["commits"], 1)
     return {
+        "server_cpu_user_share": round((stats1.process.cpu_user_s - stats0.process.cpu_user_s) / elapsed, 2),
+        "server_cpu_system_share": round((stats1.process.cpu_system_s - stats0.process.cpu_system_s) / elapsed, 2),
+        "events_per_commit": round(n * size / commits),
+        "store_apply_ms_per_commit": round((store1["apply_seconds"] - store0["apply_seconds"]) / commits * 1000, 2),
+        "store_fsync_ms_per_commit": round((store1["commit_seconds"] - store0["commit_seconds"]) / commits * 1000, 2),
         "batch_size": size,
         "offered_events_per_s": round(rate),
         "achieved_events_per_s": round(n * size / elapsed),

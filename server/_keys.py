@@ -2,15 +2,18 @@
 
 Layout, one named database per record kind:
 
-    meta        ascii name                         -> versioned value
-    identities  utf-8 "namespace:value"            -> profile id (8 bytes)
-    profiles    profile id (u64 BE)                -> versioned ProfileRecord
-    tokens      utf-8 app + NUL + token            -> profile id (8 bytes)
-    events      profile id + ts µs + seq (3 × u64) -> versioned EventRecord
+    meta         ascii name                         -> versioned value
+    identities   utf-8 "namespace:value"            -> profile id (8 bytes)
+    profiles     profile id (u64 BE)                -> versioned ProfileRecord
+    tokens       utf-8 app + NUL + token            -> profile id (8 bytes)
+    events       seq (u64 BE)                       -> versioned event: profile id, ts, type, data
+    event_index  profile id + ts µs + seq (3 × u64) -> empty
 
-Integers are fixed-width big-endian so byte order is numeric order: a profile's events are one
-contiguous range sorted by time. The profile key is derived from the identity here and only
-here, so that partitioning profiles by identity (scale-out) has one place to change.
+Integers are fixed-width big-endian so byte order is numeric order. ``events`` is the log, in
+commit order: appending to it dirties a few sequential pages per commit, whatever profiles
+the events belong to. ``event_index`` orders each profile's events by time; it is built from
+the log in large batches (see `_store`). The profile key is derived from the identity here and
+only here, so that partitioning profiles by identity (scale-out) has one place to change.
 """
 
 from __future__ import annotations
@@ -25,10 +28,11 @@ __all__ = [
     "pid_key",
     "pid_of",
     "token_key",
-    "event_key",
-    "event_prefix",
-    "ts_seq",
-    "split_event_key",
+    "seq_key",
+    "seq_of",
+    "index_key",
+    "index_prefix",
+    "split_index_key",
 ]
 
 #: LMDB's default key limit is 511 bytes.
@@ -36,7 +40,6 @@ MAX_KEY_BYTES = 511
 
 _U64 = struct.Struct(">Q")
 _EVENT = struct.Struct(">QQQ")
-_TS_SEQ = struct.Struct(">QQ")
 
 
 def identity_key(identity: str, field: str = "$.identity") -> bytes:
@@ -65,19 +68,23 @@ def token_key(app: str, token: str) -> bytes:
     return key
 
 
-def event_key(pid: int, ts_us: int, seq: int) -> bytes:
+def seq_key(seq: int) -> bytes:
+    """The log key of event number ``seq``."""
+    return _U64.pack(seq)
+
+
+def seq_of(key: bytes) -> int:
+    return _U64.unpack(key)[0]
+
+
+def index_key(pid: int, ts_us: int, seq: int) -> bytes:
     return _EVENT.pack(pid, ts_us, seq)
 
 
-def ts_seq(ts_us: int, seq: int) -> bytes:
-    """The part of an event key after the profile id (for callers that hold the id's bytes)."""
-    return _TS_SEQ.pack(ts_us, seq)
-
-
-def event_prefix(pid: int, ts_us: int = 0) -> bytes:
-    """The first possible key of ``pid``'s events at or after ``ts_us``."""
+def index_prefix(pid: int, ts_us: int = 0) -> bytes:
+    """The first possible index key of ``pid``'s events at or after ``ts_us``."""
     return _EVENT.pack(pid, ts_us, 0)
 
 
-def split_event_key(key: bytes) -> tuple[int, int, int]:
+def split_index_key(key: bytes) -> tuple[int, int, int]:
     return _EVENT.unpack(key)  # type: ignore[return-value]

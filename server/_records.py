@@ -11,6 +11,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import struct
+
 import msgspec
 
 from protocols import api
@@ -26,6 +28,7 @@ __all__ = [
     "encode_profile",
     "decode_profile",
     "encode_event",
+    "event_head",
     "decode_event",
     "to_us",
     "from_us",
@@ -64,7 +67,6 @@ class ProfileRecord(msgspec.Struct, array_like=True):
 
 class EventRecord(msgspec.Struct, array_like=True):
     type: str
-    ts: int
     #: The event's data map, kept encoded as it arrived.
     data: msgspec.Raw
 
@@ -88,14 +90,26 @@ def decode_profile(value: bytes) -> ProfileRecord:
     return _profile_decoder.decode(memoryview(value)[1:])
 
 
-def encode_event(record: EventRecord) -> bytes:
-    return _V1 + _encoder.encode(record)
+#: An event in the log: version byte, profile id and timestamp (fixed width, so the indexer
+#: reads them without decoding), then the MessagePack of ``[type, data]``.
+_EVENT_HEAD = struct.Struct(">QQ")
 
 
-def decode_event(value: bytes) -> EventRecord:
+def encode_event(pid: bytes, ts: int, type_: str, data: msgspec.Raw) -> bytes:
+    return b"".join((_V1, pid, ts.to_bytes(8, "big"), _encoder.encode((type_, data))))
+
+
+def event_head(value: bytes) -> tuple[int, int]:
+    """The profile id and timestamp of a logged event."""
     if value[:1] != _V1:
         raise _unversioned(value, "event")
-    return _event_decoder.decode(memoryview(value)[1:])
+    return _EVENT_HEAD.unpack_from(value, 1)  # type: ignore[return-value]
+
+
+def decode_event(value: bytes) -> tuple[int, int, EventRecord]:
+    """Profile id, timestamp and record of a logged event."""
+    pid, ts = event_head(value)
+    return pid, ts, _event_decoder.decode(memoryview(value)[17:])
 
 
 def to_us(dt: datetime) -> int:

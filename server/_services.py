@@ -202,10 +202,10 @@ def build_router(server: Server) -> Router:
             page, start = store.read_events(
                 req.identity, start=start, since_us=since, until_us=until, reverse=req.reverse, limit=_PAGE
             )
-            for seq, record in page:
+            for seq, ts, record in page:
                 if req.type is not None and record.type != req.type:
                     continue
-                await send(api.StoredEvent(seq=seq, type=record.type, ts=from_us(record.ts), data=record.data))
+                await send(api.StoredEvent(seq=seq, type=record.type, ts=from_us(ts), data=record.data))
                 remaining -= 1
                 if remaining == 0:
                     return

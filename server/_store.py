@@ -7,6 +7,11 @@ is on disk. Each op runs in a nested transaction, so an op that fails (a missing
 value too large) is rolled back alone and its neighbours still commit. While one batch
 commits the next one gathers, so the batch size follows the load.
 
+Experience events are appended to a log in commit order (``events``, keyed by sequence
+number): an acknowledged ingest costs a few sequential pages whatever profiles it touches.
+Each profile's time-ordered view of its events is an index derived from the log, kept in an
+environment of its own that is written right after each commit without fsync (`_index`).
+
 Reads are synchronous, short read transactions on the Trio thread: LMDB readers never block
 the writer and a point read costs microseconds, far less than a hop to a worker thread. No read
 transaction is held across an ``await``, which is what makes growing the map between two write
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +56,7 @@ from ._records import (
     encode_event,
     encode_profile,
 )
+from ._index import EventIndex, current_boot
 
 __all__ = ["ProfileStore", "WriteOp", "InEvent", "MAX_PROFILE_BYTES", "MAX_REGISTRATIONS"]
 
@@ -116,6 +123,9 @@ class ProfileStore(Actor):
         self._dbs: dict[str, Any] = {}
         self._next_pid = 1
         self._next_seq = 1
+        self.index = EventIndex(self.path / "index", boot=current_boot())
+        #: Set when the index could not be written after a commit: the store restarts.
+        self._index_error: BaseException | None = None
         self.commits = 0
         self.writes = 0
         self.map_resizes = 0
@@ -124,6 +134,7 @@ class ProfileStore(Actor):
         #: Time spent applying ops (Python, holds the GIL) and committing (fsync) so far.
         self.apply_seconds = 0.0
         self.commit_seconds = 0.0
+        self.index_seconds = 0.0
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -168,14 +179,20 @@ class ProfileStore(Actor):
                     )
                 self._next_pid = msgspec.msgpack.decode(txn.get(b"next_pid", db=meta) or b"\x01")
                 self._next_seq = msgspec.msgpack.decode(txn.get(b"next_seq", db=meta) or b"\x01")
+            self.index.open()
+            replayed = self.index.catch_up(env, dbs["events"])
         except BaseException:
+            self.index.close()
             env.close()
             raise
+        if replayed:
+            log.info("event index: %d events replayed from the log", replayed)
         self._env, self._dbs = env, dbs
         log.info("store open at %s (map %d MiB)", self.path, env.info()["map_size"] >> 20)
 
     def _close(self) -> None:
         if self._env is not None:
+            self.index.close()
             self._env.close()
             self._env = None
             self._dbs = {}
@@ -219,6 +236,10 @@ class ProfileStore(Actor):
                 op.future.set(value)
             else:
                 op.future.fail(value)
+        if self._index_error is not None:
+            error, self._index_error = self._index_error, None
+            # The commit is durable; the index is behind. Restarting replays it from the log.
+            raise StorageError(f"the event index could not be updated: {error!r}") from error
 
     async def _write_alone(self, op: WriteOp) -> None:
         try:
@@ -248,10 +269,12 @@ class ProfileStore(Actor):
             for op in ops:
                 child = env.begin(write=True, parent=txn)
                 writer.txn = child
+                mark = writer.mark()
                 try:
                     value = op.fn(writer, *op.args)
                 except ServerError as exc:
                     child.abort()
+                    writer.rollback(mark)
                     results.append((False, exc))
                     continue
                 except BaseException:
@@ -275,9 +298,22 @@ class ProfileStore(Actor):
         except BaseException:
             self._next_pid, self._next_seq = pid, seq
             raise
+        committed = time.perf_counter()
         self.apply_seconds += applied - started
-        self.commit_seconds += time.perf_counter() - applied
+        self.commit_seconds += committed - applied
+        try:
+            self.index.apply(writer.index_puts, writer.index_drops, writer.index_deletes, self._next_seq - 1)
+        except Exception as exc:
+            self._index_error = exc
+        self.index_seconds += time.perf_counter() - committed
         return results
+
+    # -- the event index ----------------------------------------------------------------------
+
+    @property
+    def index_lag(self) -> int:
+        """Logged events missing from the index (0 except while a commit is being indexed)."""
+        return self._next_seq - 1 - self.index.position
 
     # -- retention --------------------------------------------------------------------------
 
@@ -298,7 +334,6 @@ class ProfileStore(Actor):
             count, start = await self.write(_sweep_events, cutoff, start, budget)
             deleted += count
         self.swept += deleted
-        self._last_sweep = trio.current_time()
         if deleted:
             log.info("retention sweep deleted %d events", deleted)
         return deleted
@@ -329,44 +364,27 @@ class ProfileStore(Actor):
         until_us: int,
         reverse: bool,
         limit: int,
-    ) -> tuple[list[tuple[int, EventRecord]], bytes | None]:
-        """One page of a profile's events in time order, from ``start`` (a key) or the range edge.
+    ) -> tuple[list[tuple[int, int, EventRecord]], bytes | None]:
+        """One page of a profile's events in time order, from ``start`` (an index key) or the
+        range's edge.
 
-        Returns ``[(seq, record)]`` and the key to resume from, or None at the end.
+        Returns ``[(seq, ts, record)]`` and the key to resume from, or None at the end.
         """
         dbs = self._dbs
         with self.env.begin() as txn:
             pid_bytes = txn.get(keys.identity_key(identity), db=dbs["identities"])
-            if pid_bytes is None:
-                raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
-            pid = keys.pid_of(pid_bytes)
-            low = keys.event_prefix(pid, since_us)
-            high = keys.event_prefix(pid, until_us + 1)
-            cursor = txn.cursor(db=dbs["events"])
-            out: list[tuple[int, EventRecord]] = []
-            if not reverse:
-                found = cursor.set_range(start or low)
-                while found and len(out) < limit:
-                    key = cursor.key()
-                    if key >= high:
-                        return out, None
-                    out.append((keys.split_event_key(key)[2], decode_event(cursor.value())))
-                    found = cursor.next()
-                return out, (cursor.key() if found and cursor.key() < high else None)
-            # newest first: position on the last key below ``start`` (or ``high``)
-            bound = start or high
-            found = cursor.set_range(bound)
-            found = cursor.prev() if found else cursor.last()
-            while found and len(out) < limit:
-                key = cursor.key()
-                if key < low:
-                    return out, None
-                out.append((keys.split_event_key(key)[2], decode_event(cursor.value())))
-                found = cursor.prev()
-            if found and cursor.key() >= low:
-                # resume strictly below this key: the next page starts at the key after it
-                return out, _successor(cursor.key())
-            return out, None
+        if pid_bytes is None:
+            raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
+        page, resume = self.index.page(
+            keys.pid_of(pid_bytes), start=start, since_us=since_us, until_us=until_us, reverse=reverse, limit=limit
+        )
+        out = []
+        with self.env.begin() as txn:
+            for seq, ts in page:
+                value = txn.get(keys.seq_key(seq), db=dbs["events"])
+                if value is not None:  # deleted since the index was read
+                    out.append((seq, ts, decode_event(value)[2]))
+        return out, resume
 
     def counts(self) -> dict[str, int]:
         env = self.env
@@ -383,6 +401,9 @@ class ProfileStore(Actor):
             "writes": self.writes,
             "map_resizes": self.map_resizes,
             "events_swept": self.swept,
+            "index_lag": self.index_lag,
+            "index_rebuilt": self.index.rebuilt,
+            "index_seconds": round(self.index_seconds, 3),
             "apply_seconds": round(self.apply_seconds, 3),
             "commit_seconds": round(self.commit_seconds, 3),
         }
@@ -400,6 +421,20 @@ class Writer:
         self.txn = txn
         self.dbs = store._dbs
         self.now = store.clock()
+        #: Index work for after the commit: keys to add, profiles to drop, keys to delete.
+        self.index_puts: list[bytes] = []
+        self.index_drops: set[int] = set()
+        self.index_deletes: list[bytes] = []
+
+    def mark(self) -> tuple[int, frozenset[int], int]:
+        return len(self.index_puts), frozenset(self.index_drops), len(self.index_deletes)
+
+    def rollback(self, mark: tuple[int, frozenset[int], int]) -> None:
+        """Forget the index work of an op whose nested transaction was aborted."""
+        puts, drops, deletes = mark
+        del self.index_puts[puts:]
+        self.index_drops = set(drops)
+        del self.index_deletes[deletes:]
 
     def pid(self, identity: str, field: str = "$.identity") -> bytes | None:
         return self.txn.get(keys.identity_key(identity, field), db=self.dbs["identities"])
@@ -486,20 +521,14 @@ def delete_profile(w: Writer, identity: str) -> tuple[list[str], int, int]:
         txn.delete(keys.identity_key(other), db=dbs["identities"])
     for reg in record.registrations:
         txn.delete(keys.token_key(reg.app, reg.token), db=dbs["tokens"])
-    events = _delete_events(txn, dbs["events"], keys.pid_of(pid))
+    # its events: those indexed, and those logged earlier in this same commit
+    seqs = [seq for seq, _ in w.store.index.seqs_of(keys.pid_of(pid))]
+    seqs += [keys.split_index_key(key)[2] for key in w.index_puts if key[:8] == pid]
+    for seq in seqs:
+        txn.delete(keys.seq_key(seq), db=dbs["events"])
+    w.index_drops.add(keys.pid_of(pid))
     txn.delete(pid, db=dbs["profiles"])
-    return record.identities, len(record.registrations), events
-
-
-def _delete_events(txn: lmdb.Transaction, db: Any, pid: int) -> int:
-    cursor = txn.cursor(db=db)
-    prefix = keys.pid_key(pid)
-    count = 0
-    found = cursor.set_range(prefix)
-    while found and cursor.key()[:8] == prefix:
-        found = cursor.delete()
-        count += 1
-    return count
+    return record.identities, len(record.registrations), len(seqs)
 
 
 def link_identity(w: Writer, identity: str, link: str) -> ProfileRecord:
@@ -591,11 +620,10 @@ def set_consent(w: Writer, identity: str, app: str, push: str) -> ConsentRecord:
 
 
 def ingest_events(w: Writer, segments: list[list[InEvent]]) -> list[int]:
-    """Store each segment's events; return the last sequence number of each segment.
+    """Append each segment's events to the log; return the last sequence number of each.
 
     This is the hot path of ingestion: profile ids are looked up once per identity and
-    batch (a profile is only created, never loaded), and values are encoded straight from
-    tuples (an `EventRecord` is array-like, so the bytes are the same).
+    batch (a profile is only created, never loaded), and the log is appended to in key order.
     """
     txn, dbs = w.txn, w.dbs
     identities = dbs["identities"]
@@ -604,7 +632,9 @@ def ingest_events(w: Writer, segments: list[list[InEvent]]) -> list[int]:
     lasts = []
     store = w.store
     seq = store._next_seq - 1
-    encode = _event_encoder.encode
+    seq_key = keys.seq_key
+    ts_seq = _TS_SEQ.pack
+    index = w.index_puts
     for events in segments:
         for identity, type_, ts, data in events:
             pid = cache.get(identity)
@@ -612,36 +642,26 @@ def ingest_events(w: Writer, segments: list[list[InEvent]]) -> list[int]:
                 pid = txn.get(keys.identity_key(identity), db=identities) or w.create(identity)[0]
                 cache[identity] = pid
             seq += 1
-            puts.append((pid + pack_ts_seq(ts, seq), b"\x01" + encode((type_, ts, data))))
+            puts.append((seq_key(seq), encode_event(pid, ts, type_, data)))
+            index.append(pid + ts_seq(ts, seq))
         lasts.append(seq)
     store._next_seq = seq + 1
     if puts:
-        puts.sort()
-        added = txn.cursor(db=dbs["events"]).putmulti(puts)[1]
+        added = txn.cursor(db=dbs["events"]).putmulti(puts, append=True)[1]
         if added != len(puts):
             raise StorageError(f"stored {added} of {len(puts)} events")
     return lasts
 
 
-_event_encoder = msgspec.msgpack.Encoder()
-pack_ts_seq = keys.ts_seq
+_TS_SEQ = struct.Struct(">QQ")
 
 
 def _sweep_events(w: Writer, cutoff_us: int, start: bytes, budget: int) -> tuple[int, bytes | None]:
-    """Delete events older than ``cutoff_us`` from ``start`` on; stop after ``budget`` keys."""
-    cursor = w.txn.cursor(db=w.dbs["events"])
-    deleted = 0
-    visited = 0
-    found = cursor.set_range(start)
-    while found:
-        if visited >= budget:
-            return deleted, cursor.key()
-        visited += 1
-        pid, ts, _ = keys.split_event_key(cursor.key())
-        if ts < cutoff_us:
-            found = cursor.delete()
-            deleted += 1
-        else:
-            # the rest of this profile's events are newer: jump to the next profile
-            found = cursor.set_range(keys.pid_key(pid + 1))
-    return deleted, None
+    """Delete events older than ``cutoff_us`` from index key ``start`` on; visit at most
+    ``budget`` index keys and return how many were deleted and where to resume."""
+    expired, resume = w.store.index.expired(cutoff_us, start, budget)
+    events = w.dbs["events"]
+    for key in expired:
+        w.txn.delete(keys.seq_key(keys.split_index_key(key)[2]), db=events)
+    w.index_deletes.extend(expired)
+    return len(expired), resume
