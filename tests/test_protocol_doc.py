@@ -185,6 +185,7 @@ def test_documented_constants_match_the_code():
     from protocols.framing import DEFAULT_MAX_FRAME
     from server._config import DEFAULT_LISTEN, Config
     from server._ingest import MAX_EVENT_DATA_BYTES
+    from server._rpc import _HIGH_WATER
     from server._services import MAX_ATTRIBUTE_DEPTH
     from server._store import MAX_PROFILE_BYTES, MAX_REGISTRATIONS
 
@@ -197,6 +198,10 @@ def test_documented_constants_match_the_code():
     assert f"(default {config.max_calls}, configuration key `max_calls`)" in text
     assert f"`max_connections` connections at once (default {config.max_connections})" in text
     assert f"`write_timeout_s` (default {config.write_timeout_s:g} seconds)" in text
+    flat = " ".join(text.split())
+    assert f"`handshake_timeout_s` (default {config.handshake_timeout_s:g} seconds" in flat
+    assert f"`handshake_timeout_s` (default {config.handshake_timeout_s:g} seconds, configuration key `handshake_timeout_s`)" in flat
+    assert _HIGH_WATER == 1024 * 1024 and f"1 MiB ({_HIGH_WATER} bytes)" in flat
     assert f"`shutdown_grace_s` (default {config.shutdown_grace_s:g} seconds)" in text
     assert f"| {api.MAX_EVENTS_PER_BATCH} (`MAX_EVENTS_PER_BATCH`)" in text
     assert f"| Encoded `data` of one event         | {MAX_EVENT_DATA_BYTES} bytes" in text
@@ -319,6 +324,69 @@ def test_reused_call_id_and_calls_after_goaway_behave_as_documented():
     text = doc_text()
     for message in (duplicate["message"].replace("call id 5", "call id <n>"), refused["message"], goaway["message"]):
         assert message in text
+
+
+def test_max_calls_refusal_and_last_id_behave_as_documented():
+    """Section 7.7 and the goaway's last_id, on the sans-IO server connection."""
+    import msgspec
+
+    from protocols.connection import CallReceived, ServerConnection
+    from protocols.framing import FrameDecoder
+
+    def frame(obj: dict) -> bytes:
+        payload = msgspec.msgpack.encode(obj)
+        return len(payload).to_bytes(4, "big") + payload
+
+    def sent() -> list[dict]:
+        return [msgspec.msgpack.decode(p) for p in FrameDecoder().feed(conn.data_to_send())]
+
+    conn = ServerConnection(server="test", max_calls=2)
+    conn.receive_data(frame({"t": "hello", "version": 1}))
+    assert sent()[0]["max_calls"] == 2
+    events = conn.receive_data(b"".join(frame({"t": "call", "id": i, "method": "server.health"}) for i in (1, 2, 3)))
+    assert [e.call.id for e in events if isinstance(e, CallReceived)] == [1, 2]
+    (refused,) = sent()
+    assert refused == {
+        "t": "error", "id": 3, "code": "RESOURCE_EXHAUSTED",
+        "message": "2 calls are already in flight on this connection (welcome.max_calls); "
+        "wait for an answer before starting another",
+    }
+    documented = " ".join(doc_text().split())
+    assert refused["message"].replace("2 calls", "<max_calls> calls") in documented
+    # The slot is free as soon as the terminal frame is queued, before it is written.
+    conn.send_reply(1, {})
+    assert [type(e) for e in conn.receive_data(frame({"t": "call", "id": 4, "method": "server.health"}))] == [CallReceived]
+    # Refused calls do not count towards last_id.
+    conn.receive_data(frame({"t": "call", "id": 9, "method": "server.health"}))
+    conn.send_goaway("UNAVAILABLE", "the server is shutting down")
+    reply, refused_again, goaway = sent()
+    assert reply["id"] == 1 and (refused_again["id"], refused_again["code"]) == (9, "RESOURCE_EXHAUSTED")
+    assert goaway["last_id"] == 4
+
+
+def test_clients_map_unknown_status_names_to_unknown():
+    """error.code and goaway.code are plain strings; the Python clients map new names to UNKNOWN."""
+    import msgspec
+
+    from protocols.connection import ClientConnection, ErrorReceived, GoAwayReceived
+    from protocols.errors import Status
+
+    def frame(obj: dict) -> bytes:
+        payload = msgspec.msgpack.encode(obj)
+        return len(payload).to_bytes(4, "big") + payload
+
+    conn = ClientConnection()
+    conn.hello()
+    events = conn.receive_data(
+        frame({"t": "welcome", "version": 1, "server": "pigeon/9", "max_frame": 4194304, "max_calls": 8})
+        + frame({"t": "error", "id": 1, "code": "NOT_FOUND", "message": "known"})
+        + frame({"t": "error", "id": 2, "code": "SOMETHING_NEW", "message": "from a newer server"})
+        + frame({"t": "goaway", "code": "ALSO_NEW", "message": "bye", "last_id": 2})
+    )
+    errors = [e for e in events if isinstance(e, ErrorReceived)]
+    assert [e.code for e in errors] == [Status.NOT_FOUND, Status.UNKNOWN]
+    (goaway,) = [e for e in events if isinstance(e, GoAwayReceived)]
+    assert goaway.goaway.code is Status.UNKNOWN and goaway.goaway.last_id == 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,8 +585,11 @@ class SpecClient:
     def next_frame(self) -> dict[str, Any] | None:
         return self.pending.pop(0) if self.pending else self.read()
 
-    def hello(self) -> dict[str, Any]:
-        self.send({"t": "hello", "version": 1, "client": "spec-client/1"})
+    def hello(self, max_frame: int | None = None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"t": "hello", "version": 1, "client": "spec-client/1"}
+        if max_frame is not None:
+            frame["max_frame"] = max_frame
+        self.send(frame)
         welcome = self.read()
         assert welcome is not None and welcome["t"] == "welcome", welcome
         return welcome
@@ -560,6 +631,18 @@ def _goaway_and_close(client: SpecClient) -> dict[str, Any]:
     assert frame is not None and frame["t"] == "goaway", frame
     assert client.read() is None, "the server should close after a fatal goaway"
     return frame
+
+
+def _frames_until(client: SpecClient, kind: str) -> list[dict[str, Any]]:
+    """Frames read up to and including the first of type ``kind``; the others stay pending."""
+    seen = []
+    while True:
+        frame = client.next_frame()
+        assert frame is not None, f"connection closed before a {kind!r} frame"
+        seen.append(frame)
+        if frame["t"] == kind:
+            client.pending = [f for f in seen if f["t"] != kind] + client.pending
+            return seen
 
 
 # --- spec client: end ------------------------------------------------------------------------
@@ -667,6 +750,38 @@ def test_a_client_written_from_the_spec_alone(server_process):
         missing = client.call(15, "profiles.get", {"identity": "crm:nobody"})
         assert (missing["code"], missing["field"]) == ("NOT_FOUND", "$.identity")
 
+        # map keys: the top-level keys of attributes and event data must be strings (sections 4.2, 8.2)
+        int_key = client.call(20, "profiles.upsert", {"identity": "crm:spec-2", "attributes": {1: "x"}})
+        assert (int_key["code"], int_key["field"]) == ("INVALID_ARGUMENT", "$.attributes")
+        assert int_key["message"] == "$.attributes: map keys must be strings (Expected `str`, got `int`)"
+        nested = client.call(21, "profiles.upsert", {"identity": "crm:spec-2", "attributes": {"a": {1: "x"}}})
+        assert nested["attributes"] == {"a": {1: "x"}}
+        keyed = client.call(22, "events.ingest", {"events": [
+            {"identity": "crm:spec-2", "type": "t", "data": {7: "top-level int key"}},
+            {"identity": "crm:spec-2", "type": "t", "data": {"ok": {7: "nested int key"}}},
+        ]})
+        assert keyed["accepted"] == 1
+        assert keyed["rejected"] == [{
+            "index": 0, "code": "INVALID_ARGUMENT", "field": "$.events[0].data",
+            "message": "$.events[0].data: data's keys must be strings",
+        }]
+        # an identity over 511 bytes (but at most 400 characters) in profiles.link is reported on $.link
+        too_long = "crm:" + "\u00e9" * 300
+        link = client.call(23, "profiles.link", {"identity": "crm:spec-2", "link": too_long})
+        assert (link["code"], link["field"]) == ("INVALID_ARGUMENT", "$.link")
+        assert link["message"] == "$.link: the identity is 604 bytes long; at most 511 bytes are allowed"
+        # events.list: an until before 1970 (or before since) is an empty stream
+        client.start(24, "events.list", {"identity": "crm:spec-2", "until": datetime(1960, 1, 1, tzinfo=UTC)})
+        assert client.answer(24) == ([], {"t": "end", "id": 24})
+        client.start(25, "events.list", {"identity": "crm:spec-2", "since": ts, "until": ts - timedelta(seconds=1)})
+        assert client.answer(25) == ([], {"t": "end", "id": 25})
+
+        # calls to names that are not methods share one stats entry
+        assert client.call(26, "nothing.here", {})["code"] == "UNIMPLEMENTED"
+        stats = client.call(27, "server.stats")
+        assert stats["methods"]["(unknown method)"]["calls"] == 2
+        assert not {"profiles.frobnicate", "nothing.here"} & set(stats["methods"])
+
         # a garbage frame: an id-0 error, and the connection stays usable
         client.send_payloads(b"\xc1")
         garbage = client.next_frame()
@@ -741,6 +856,25 @@ def test_protocol_violations_from_the_spec(server_process):
     finally:
         client.close()
 
+    # section 10.4: after a fatal goaway the calls already received are still answered, then close
+    client = fresh(hello=True)
+    try:
+        calls = [
+            {"t": "call", "id": 2, "method": "events.ingest", "body": {"events": [{"identity": "crm:fatal", "type": "t"}]}},
+            {"t": "call", "id": 3, "method": "server.health"},
+        ]
+        client.sock.sendall(b"".join(struct.pack(">I", len(p)) + p for p in map(mp_pack, calls)) + struct.pack(">I", 4194305))
+        frames = []
+        while (frame := client.read()) is not None:
+            frames.append(frame)
+        (goaway,) = [f for f in frames if f["t"] == "goaway"]
+        assert (goaway["code"], goaway["last_id"]) == ("RESOURCE_EXHAUSTED", 3)
+        answers = {f["id"]: f for f in frames if f["t"] != "goaway"}
+        assert set(answers) == {2, 3} and len(frames) == 3
+        assert answers[2]["body"]["accepted"] == 1 and answers[3]["body"]["status"] == "serving"
+    finally:
+        client.close()
+
     # non-fatal violations: each answered with an error, the connection stays usable
     client = fresh(hello=True)
     try:
@@ -762,5 +896,74 @@ def test_protocol_violations_from_the_spec(server_process):
         assert client.next_frame() == {"t": "pong", "nonce": 4}
         # unknown keys in a frame are ignored
         assert client.call(7, "server.health", None, future_key=1)["status"] == "serving"
+    finally:
+        client.close()
+
+
+def test_max_calls_from_the_spec(spawn_server):
+    """Section 7.7: a call beyond max_calls is refused on its id; the server keeps reading."""
+    server = spawn_server(env={"PIGEON_MAX_CALLS": "2"})
+    client = SpecClient(server.address)
+    try:
+        assert client.hello()["max_calls"] == 2
+        events = [{"identity": "crm:slots", "type": "tick", "data": {"i": i}} for i in range(3)]
+        assert client.call(1, "events.ingest", {"events": events})["accepted"] == 3
+        # two flow-controlled streams use up their window and wait for credit: 2 calls in flight
+        client.start(2, "events.list", {"identity": "crm:slots"}, window=1)
+        client.start(3, "events.list", {"identity": "crm:slots"}, window=1)
+        client.start(4, "server.health")
+        _, refused = client.answer(4)
+        assert refused == {
+            "t": "error", "id": 4, "code": "RESOURCE_EXHAUSTED",
+            "message": "2 calls are already in flight on this connection (welcome.max_calls); "
+            "wait for an answer before starting another",
+        }
+        # ping, cancel and credit are still read while every slot is taken
+        client.send({"t": "ping", "nonce": 8})
+        assert [f for f in _frames_until(client, "pong") if f["t"] == "pong"] == [{"t": "pong", "nonce": 8}]
+        client.send({"t": "cancel", "id": 2})
+        items, cancelled = client.answer(2)
+        assert len(items) <= 1 and cancelled == {"t": "error", "id": 2, "code": "CANCELLED", "message": "cancelled by the client"}
+        # the slot is free once the terminal frame has arrived
+        assert client.call(5, "server.health")["status"] == "serving"
+        client.send({"t": "credit", "id": 3, "items": 10})
+        items, end = client.answer(3)
+        assert end == {"t": "end", "id": 3} and [i["data"]["i"] for i in items] == [0, 1, 2]
+    finally:
+        client.close()
+
+
+def test_handshake_timeout_from_the_spec(spawn_server):
+    """Section 5: no valid hello within handshake_timeout_s closes the connection, without a goaway."""
+    server = spawn_server(env={"PIGEON_HANDSHAKE_TIMEOUT_S": "0.3"})
+    silent, partial, greeted = (SpecClient(server.address) for _ in range(3))
+    try:
+        greeted.hello()
+        partial.sock.sendall(b"\x00\x00\x00\x10\x82")  # a hello that never completes
+        assert silent.read() is None
+        assert partial.read() is None
+        # after the hello there is no timeout
+        assert greeted.call(1, "server.health")["status"] == "serving"
+    finally:
+        for client in (silent, partial, greeted):
+            client.close()
+
+
+def test_stream_item_over_hello_max_frame_from_the_spec(server_process):
+    """Sections 3 and 7.3: an item larger than hello.max_frame ends the stream with RESOURCE_EXHAUSTED."""
+    client = SpecClient(server_process.address)
+    try:
+        client.hello(max_frame=1024)
+        events = [{"identity": "crm:big", "type": "t", "data": {"pad": "x" * size}} for size in (10, 2000, 10)]
+        assert client.call(1, "events.ingest", {"events": events})["accepted"] == 3
+        client.start(2, "events.list", {"identity": "crm:big"})
+        items, terminal = client.answer(2)
+        assert [i["data"]["pad"] for i in items] == ["x" * 10]
+        assert (terminal["t"], terminal["code"]) == ("error", "RESOURCE_EXHAUSTED")
+        assert re.fullmatch(
+            r"the answer is \d+ bytes; this client accepts frames of at most 1024 bytes \(hello.max_frame\)",
+            terminal["message"],
+        )
+        assert client.call(3, "server.health")["status"] == "serving"
     finally:
         client.close()
