@@ -236,6 +236,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             )
             stats = await conns[0].call(api.GetStats())
             results["server"] = {
+                "store": next(a for a in stats.actors if a.name == "store").details,
                 "commits": stats.store.commits,
                 "writes": stats.store.writes,
                 "events_stored": stats.store.events,

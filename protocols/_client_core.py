@@ -188,6 +188,8 @@ def route_events(
                 continue
             if isinstance(sink, StreamSink):
                 sink.item(event.body)
+            elif isinstance(sink, Abandoned) and isinstance(event, ItemReceived):
+                continue  # a late item of a stream given up: only its end or error frees the slot
             else:
                 del pending[event.id]
                 sink.finish(event.body)

@@ -34,7 +34,9 @@ __all__ = ["EventIndex", "current_boot"]
 log = logging.getLogger("pigeon.store")
 
 _encoder = msgspec.msgpack.Encoder()
-_INITIAL_MAP = 64 * 1024 * 1024
+#: Initial map of the index. With writemap the file is sparse, so this costs no disk; growing
+#: a writemap environment flushes its dirty pages, a stall worth avoiding for a long while.
+_INITIAL_MAP = 1024 * 1024 * 1024
 
 
 def current_boot() -> str:
@@ -58,6 +60,7 @@ class EventIndex:
         self.lock = threading.Lock()
         self.position = 0
         self.rebuilt = False
+        self.resizes = 0
         self._env: lmdb.Environment | None = None
         self._entries = None
         self._meta = None
@@ -167,6 +170,8 @@ class EventIndex:
         env = self._require()
         with self.lock:
             env.set_mapsize(env.info()["map_size"] * 2)
+        self.resizes += 1
+        log.info("event index map grown to %d MiB", env.info()["map_size"] >> 20)
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -160,6 +160,19 @@ class _Job:
         self.future: Future[api.IngestResult] = Future()
 
 
+def _groups(jobs: list[_Job], limit: int) -> list[list[_Job]]:
+    """Consecutive jobs, grouped so that a group holds at most ``limit`` events (or one job)."""
+    groups: list[list[_Job]] = [[]]
+    size = 0
+    for job in jobs:
+        if groups[-1] and size + len(job.events) > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += len(job.events)
+    return groups
+
+
 class Ingestion(Actor):
     """Validates event batches and forwards them to the store, coalescing concurrent batches.
 
@@ -206,13 +219,14 @@ class Ingestion(Actor):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while jobs := await self.receive_batch(self.max_coalesce):
-            op = WriteOp(ingest_events, [job.events for job in jobs])
-            op.future.on_done(functools.partial(self._committed, jobs))
-            await self.store.send(op)
-            # The store now holds the op; its outcome resolves the jobs.
-            self._in_hand = []
-            self.batches += len(jobs)
-            self.store_ops += 1
+            for group in _groups(jobs, self.store.max_commit_events):
+                op = WriteOp(ingest_events, [job.events for job in group], weight=sum(len(j.events) for j in group))
+                op.future.on_done(functools.partial(self._committed, group))
+                await self.store.send(op)
+                # The store now holds the op; its outcome resolves the jobs.
+                self._in_hand = self._in_hand[len(group) :]
+                self.batches += len(group)
+                self.store_ops += 1
 
     def _committed(self, jobs: list[_Job], done: Future[list[int]]) -> None:
         try:

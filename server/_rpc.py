@@ -47,6 +47,8 @@ StreamHandler = Callable[["CallContext", Any, Callable[[Any], Awaitable[None]]],
 
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 _STREAM_FLUSH_BYTES = 32 * 1024
+#: Bytes written per send; each must make progress within write_timeout.
+_WRITE_CHUNK = 64 * 1024
 #: Bytes of answers queued for a connection before its reader stops reading.
 _HIGH_WATER = 1024 * 1024
 
@@ -310,6 +312,8 @@ class _Connection:
         self.windows: dict[int, _Window] = {}
         self.cancelled_by_client: set[int] = set()
         self.closing = False
+        #: False once the reader has stopped for good (a fatal violation, or the client closed).
+        self.reading = True
         #: Cancelled to drop the connection at once (broken, stuck, or a handshake timeout).
         self.scope = trio.CancelScope()
         #: Cancelled to stop reading once nothing is left to answer.
@@ -336,16 +340,18 @@ class _Connection:
             await self._queued.wait()
             self._queued = trio.Event()
             data = self.conn.data_to_send()
-            if data:
-                self._writing = True
+            self._writing = True
+            # In chunks, each with its own timer: a client that reads slowly but steadily is
+            # served; one that reads nothing for write_timeout seconds is dropped.
+            view = memoryview(data)
+            for offset in range(0, len(data), _WRITE_CHUNK):
                 with trio.move_on_after(self.listener.write_timeout) as waited:
                     try:
-                        await self.stream.send_all(data)
+                        await self.stream.send_all(view[offset : offset + _WRITE_CHUNK])
                     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
                         log.debug("send to %s failed: %r", self.peer, exc)
                         self.scope.cancel()
                         return
-                self._writing = False
                 if waited.cancelled_caught:
                     log.warning(
                         "client %s read nothing for %gs; closing its connection",
@@ -353,6 +359,7 @@ class _Connection:
                     )
                     self.scope.cancel()
                     return
+            self._writing = False
             self._progress.set()
             self._progress = trio.Event()
 
@@ -430,6 +437,7 @@ class _Connection:
                     # calls already received (the goaway's last_id promises it).
                     self.listener.protocol_errors += 1
                     log.warning("closing connection from %s: %s: %s", self.peer, event.code, event.message)
+                    self._reader_gone()
                     self.kick()
                     return
                 elif isinstance(event, Closed):
@@ -439,10 +447,17 @@ class _Connection:
                             self.peer, event.truncated,
                         )
                     # The client will send nothing more; answer what is open if it still reads.
+                    self._reader_gone()
                     return
             self.kick()
             if self.closing and not conn.open_calls:
                 return
+
+    def _reader_gone(self) -> None:
+        """No frame will be read any more, so no credit can come: lift the streams' windows."""
+        self.reading = False
+        for window in self.windows.values():
+            window.grant(2**62)
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -484,7 +499,7 @@ class _Connection:
                     return False
                 ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
                 if route.spec.streaming:
-                    if call.window is not None:
+                    if call.window is not None and self.reading:
                         self.windows[call.id] = _Window(call.window)
                     await route.handler(ctx, request, lambda item: self._send_item(call.id, item))
                     conn.send_end(call.id)
@@ -517,8 +532,9 @@ class _Connection:
             self.calls[call_id].cancel()
             await trio.lowlevel.checkpoint()
         if self.conn.pending_bytes >= _STREAM_FLUSH_BYTES:
-            await self.wait_writable()
             self.kick()
+            await self.wait_writable()
+            await trio.lowlevel.checkpoint()  # let the writer take what is queued
 
 
 class _Window:

@@ -195,6 +195,7 @@ def build_router(server: Server) -> Router:
         since = 0 if req.since is None else max(0, to_us(req.since))
         until = _END_OF_TIME_US - 1 if req.until is None else to_us(req.until)
         if until < since:
+            store.get_profile(req.identity)  # NOT_FOUND and the identity checks, as for any range
             return  # an empty range (events are never older than 1970)
         remaining = req.limit
         start: bytes | None = None

@@ -72,13 +72,18 @@ _meta_encoder = msgspec.msgpack.Encoder()
 
 
 class WriteOp:
-    """A write for the store actor: ``fn(writer, *args)`` runs inside the write transaction."""
+    """A write for the store actor: ``fn(writer, *args)`` runs inside the write transaction.
 
-    __slots__ = ("fn", "args", "future")
+    ``weight`` is its size in events (1 for a profile write): a group commit holds at most
+    ``max_commit_events`` of them, so a backlog is cleared in commits of bounded duration.
+    """
 
-    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+    __slots__ = ("fn", "args", "future", "weight")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, weight: int = 1) -> None:
         self.fn = fn
         self.args = args
+        self.weight = weight
         self.future: Future[Any] = Future()
 
 
@@ -93,6 +98,8 @@ class ProfileStore(Actor):
         path: the data folder (created if missing).
         map_size: initial map size in bytes; doubled whenever a write finds it full.
         max_batch: most ops committed in one transaction.
+        max_commit_events: most events (op weights) committed in one transaction, unless a
+            single op is heavier.
         retention_us: events older than this are deleted by the sweeper.
         sweep_interval: seconds between retention sweeps.
         clock: returns the current time in µs since the epoch.
@@ -105,6 +112,7 @@ class ProfileStore(Actor):
         *,
         map_size: int = 256 * 1024 * 1024,
         max_batch: int = 1024,
+        max_commit_events: int = 20_000,
         retention_us: int = 90 * 86_400 * 1_000_000,
         sweep_interval: float = 3600.0,
         clock: Callable[[], int],
@@ -115,6 +123,7 @@ class ProfileStore(Actor):
         self.path = Path(path)
         self.map_size = map_size
         self.max_batch = max_batch
+        self.max_commit_events = max_commit_events
         self.retention_us = retention_us
         self.sweep_interval = sweep_interval
         self.clock = clock
@@ -135,6 +144,8 @@ class ProfileStore(Actor):
         self.apply_seconds = 0.0
         self.commit_seconds = 0.0
         self.index_seconds = 0.0
+        #: The slowest group commit so far: (total, apply, commit, index) seconds.
+        self.slowest = (0.0, 0.0, 0.0, 0.0)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -146,7 +157,8 @@ class ProfileStore(Actor):
                     nursery.start_soon(self._sweeper)
                 task_status.started()
                 while batch := await self.receive_batch(self.max_batch):
-                    await self._write(batch)
+                    for chunk in _by_weight(batch, self.max_commit_events):
+                        await self._write(chunk)
                 nursery.cancel_scope.cancel()
         finally:
             self._close()
@@ -207,7 +219,9 @@ class ProfileStore(Actor):
 
     async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Apply ``fn(writer, *args)`` in the next group commit; return its result once durable."""
-        op = WriteOp(fn, *args)
+        return await self.write_op(WriteOp(fn, *args))
+
+    async def write_op(self, op: WriteOp) -> Any:
         await self.send(op)
         return await op.future.wait()
 
@@ -299,13 +313,15 @@ class ProfileStore(Actor):
             self._next_pid, self._next_seq = pid, seq
             raise
         committed = time.perf_counter()
-        self.apply_seconds += applied - started
-        self.commit_seconds += committed - applied
         try:
             self.index.apply(writer.index_puts, writer.index_drops, writer.index_deletes, self._next_seq - 1)
         except Exception as exc:
             self._index_error = exc
-        self.index_seconds += time.perf_counter() - committed
+        indexed = time.perf_counter()
+        self.apply_seconds += applied - started
+        self.commit_seconds += committed - applied
+        self.index_seconds += indexed - committed
+        self.slowest = max(self.slowest, (indexed - started, applied - started, committed - applied, indexed - committed))
         return results
 
     # -- the event index ----------------------------------------------------------------------
@@ -403,14 +419,27 @@ class ProfileStore(Actor):
             "events_swept": self.swept,
             "index_lag": self.index_lag,
             "index_rebuilt": self.index.rebuilt,
+            "index_map_resizes": self.index.resizes,
             "index_seconds": round(self.index_seconds, 3),
+            "slowest_commit_ms": {
+                name: round(value * 1000, 1) for name, value in zip(("total", "apply", "fsync", "index"), self.slowest)
+            },
             "apply_seconds": round(self.apply_seconds, 3),
             "commit_seconds": round(self.commit_seconds, 3),
         }
 
 
-def _successor(key: bytes) -> bytes:
-    return key + b"\x00"
+def _by_weight(ops: list[WriteOp], limit: int) -> list[list[WriteOp]]:
+    """Split ``ops``, in order, into runs whose weights add up to at most ``limit``."""
+    chunks: list[list[WriteOp]] = [[]]
+    weight = 0
+    for op in ops:
+        if chunks[-1] and weight + op.weight > limit:
+            chunks.append([])
+            weight = 0
+        chunks[-1].append(op)
+        weight += op.weight
+    return chunks
 
 
 class Writer:

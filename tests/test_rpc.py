@@ -576,3 +576,33 @@ async def test_events_list_with_an_empty_range(client):
     await client.call(api.IngestEvents(events=[api.Event(identity="crm:1", type="t")]))
     async with client.stream(api.ListEvents(identity="crm:1", until=datetime(1960, 1, 1, tzinfo=UTC))) as items:
         assert [e async for e in items] == []
+
+
+def test_a_slow_but_steady_reader_is_served_past_the_write_timeout(spawn_server):
+    proc = spawn_server(env={"PIGEON_WRITE_TIMEOUT_S": "1"})
+    host, port = proc.address.rsplit(":", 1)
+
+    async def setup() -> None:
+        async with open_client(proc.address) as c:
+            events = [api.Event(identity="crm:1", type="t", data={"blob": "x" * 3000, "n": i}) for i in range(400)]
+            await c.call(api.IngestEvents(events=events))
+
+    trio.run(setup)
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    sock.sendall(_encoder.frame(Hello(version=PROTOCOL_VERSION)))
+    # no window: the server queues ~1.2 MB at once; this reader takes ~3 s to drain it
+    sock.sendall(_encoder.frame(Call(id=1, method="events.list", body=_encoder.body({"identity": "crm:1", "limit": 400}))))
+    decoder = FrameDecoder(1 << 24)
+    frames = []
+    deadline = time.monotonic() + 30
+    sock.settimeout(5)
+    while not frames or frames[-1].__struct_config__.tag not in ("end", "error"):
+        assert time.monotonic() < deadline
+        chunk = sock.recv(16384)
+        assert chunk, "the server dropped a client that was reading"
+        frames.extend(_decoder.decode(p) for p in decoder.feed(chunk))
+        time.sleep(0.04)  # ~400 KB/s
+    sock.close()
+    assert frames[-1].__struct_config__.tag == "end"
+    assert sum(1 for f in frames if isinstance(f, Item)) == 400

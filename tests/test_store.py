@@ -373,3 +373,18 @@ async def test_an_index_left_open_in_an_earlier_boot_is_rebuilt(tmp_path):
     store._open()
     assert not store.index.rebuilt
     store._close()
+
+
+async def test_a_backlog_is_committed_in_transactions_of_bounded_size(tmp_path):
+    store = ProfileStore(tmp_path / "d", clock=lambda: 1_800_000_000_000_000, max_commit_events=10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        events = [("crm:1", "t", 1, msgspec.Raw(b"\x80"))] * 6
+        ops = [store_ops.WriteOp(store_ops.ingest_events, [events], weight=6) for _ in range(3)]
+        for op in ops:  # all queued before the writer looks: one batch of 18 events
+            store.send_nowait(op)
+        assert [await op.future.wait() for op in ops] == [[6], [12], [18]]
+        assert store.commits == 3  # 6 + 6 > 10: one op per commit
+        heavy = store_ops.WriteOp(store_ops.ingest_events, [events * 3], weight=18)
+        assert await store.write_op(heavy) == [36]  # a single heavier op still commits, alone
+        store.request_stop()
