@@ -1,256 +1,178 @@
-"""The event index: each profile's events in time order, in an LMDB environment of its own.
+"""The event index: each profile's events in time order, in memory, derived from the log.
 
-The store's log (``events``, by sequence number) is the record; this index is derived from it,
-so it is written without fsync: after each group commit of the store, the writer thread adds
-that commit's index entries here and commits with no flush (``writemap`` + no sync), and the
-page cache absorbs the random page writes of many commits. What can go wrong, and what fixes it:
+The store's log (``events``, by sequence number) is the record. This index answers "the events
+of profile P between two times" and is rebuilt from the log whenever the store opens. Kept in
+LMDB, every commit would have copied and written about one 4 KB page per profile it touched
+(a B-tree keyed by profile takes random writes); in memory it costs a dictionary lookup and
+an append per event, and about 16 bytes per event plus ~200 bytes per profile.
 
-- the process dies between the store's commit and the index's: on open, the index replays the
-  log after its recorded position (it always records the last sequence number it holds);
-- the machine stops (power loss, kernel crash) before unsynced pages reached the disk: the index
-  may then be torn. It records the boot it was opened in and whether it was closed cleanly; an
-  index left open in an earlier boot is rebuilt from the log.
-
-Keys are ``profile id + ts µs + seq`` (`_keys.index_key`); values are empty.
+Each profile's entries are an ``array('Q')`` of interleaved ``ts, seq`` pairs sorted by
+``(ts, seq)``. Only the Trio thread changes the index (after the commit that logged the
+events); the writer thread may read it while a transaction is being applied.
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
-import threading
+import sys
+from array import array
 from collections.abc import Iterable
-from pathlib import Path
 
 import lmdb
-import msgspec
 
 from . import _keys as keys
-from ._errors import StorageError
-from ._records import event_head
 
-__all__ = ["EventIndex", "current_boot"]
+__all__ = ["EventIndex", "Entry"]
 
 log = logging.getLogger("pigeon.store")
 
-_encoder = msgspec.msgpack.Encoder()
-#: Initial map of the index. With writemap the file is sparse, so this costs no disk; growing
-#: a writemap environment flushes its dirty pages, a stall worth avoiding for a long while.
-_INITIAL_MAP = 1024 * 1024 * 1024
+#: A profile id (8 bytes, as in keys), an event timestamp (µs) and its sequence number.
+Entry = tuple[bytes, int, int]
 
 
-def current_boot() -> str:
-    """An id of the running kernel's boot (changes at every reboot); empty if unknown."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
+def _bisect(pairs: array, ts: int, seq: int) -> int:
+    """The number of pairs in ``pairs`` that sort before ``(ts, seq)``."""
+    lo, hi = 0, len(pairs) // 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        t = pairs[2 * mid]
+        if t < ts or (t == ts and pairs[2 * mid + 1] < seq):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
 
 
 class EventIndex:
-    """The index environment in ``path``; used by the store's writer thread and by readers.
+    def __init__(self) -> None:
+        self._by_pid: dict[bytes, array] = {}
+        self.entries = 0
 
-    Writes happen only in the store's writer thread. Readers on other threads take ``lock``
-    around their (short) read transactions, so that growing the map never meets one.
-    """
+    # -- building -----------------------------------------------------------------------------
 
-    def __init__(self, path: Path, *, boot: str) -> None:
-        self.path = path
-        self.boot = boot
-        self.lock = threading.Lock()
-        self.position = 0
-        self.rebuilt = False
-        self.resizes = 0
-        self._env: lmdb.Environment | None = None
-        self._entries = None
-        self._meta = None
+    def rebuild(self, txn: lmdb.Transaction, log_db: object) -> int:
+        """Index the whole log (read in ``txn``); return the number of events."""
+        self._by_pid.clear()
+        self.entries = 0
+        by_pid = self._by_pid
+        cursor = txn.cursor(db=log_db)
+        seq_of = keys.seq_of
+        for key, value in cursor:
+            pid = value[1:9]  # the log's value layout: version, profile id, ts, ... (_records)
+            pairs = by_pid.get(pid)
+            if pairs is None:
+                pairs = by_pid[pid] = array("Q")
+            pairs.append(int.from_bytes(value[9:17], "big"))
+            pairs.append(seq_of(key))
+        for pid, pairs in by_pid.items():
+            if not _is_sorted(pairs):
+                by_pid[pid] = _sorted(pairs)
+        self.entries = sum(len(p) // 2 for p in by_pid.values())
+        return self.entries
 
-    # -- lifecycle ----------------------------------------------------------------------------
+    def add(self, entries: Iterable[Entry]) -> None:
+        """Index newly logged events (in log order)."""
+        by_pid = self._by_pid
+        added = 0
+        for pid, ts, seq in entries:
+            pairs = by_pid.get(pid)
+            if pairs is None:
+                pairs = by_pid[pid] = array("Q")
+            if not pairs or ts > pairs[-2] or (ts == pairs[-2] and seq > pairs[-1]):
+                pairs.append(ts)
+                pairs.append(seq)
+            else:  # an event older than the profile's latest: keep time order
+                at = 2 * _bisect(pairs, ts, seq)
+                pairs[at:at] = array("Q", (ts, seq))
+            added += 1
+        self.entries += added
 
-    def open(self) -> None:
-        """Open the index; wipe it first if an earlier boot left it open (possibly torn)."""
-        meta = self._read_meta()
-        if meta is not None and not meta.get("clean") and meta.get("boot") != self.boot:
-            log.warning("the event index was not closed cleanly before a restart of the machine; rebuilding it")
-            shutil.rmtree(self.path, ignore_errors=True)
-            meta = None
-            self.rebuilt = True
-        self.path.mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(
-            str(self.path), map_size=_INITIAL_MAP, max_dbs=4, sync=False, metasync=False,
-            writemap=True, map_async=True, readahead=False,
-        )
-        with env.begin(write=True) as txn:
-            self._entries = env.open_db(b"entries", txn=txn)
-            self._meta = env.open_db(b"meta", txn=txn)
-            raw = txn.get(b"position", db=self._meta)
-            self.position = 0 if raw is None else msgspec.msgpack.decode(raw)
-            txn.put(b"state", _encoder.encode({"boot": self.boot, "clean": False}), db=self._meta)
-        env.sync(True)  # "open, not clean" must be on disk before any unsynced write
-        self._env = env
+    def drop(self, pid: bytes) -> None:
+        """Forget a deleted profile."""
+        pairs = self._by_pid.pop(pid, None)
+        if pairs is not None:
+            self.entries -= len(pairs) // 2
 
-    def _read_meta(self) -> dict | None:
-        if not (self.path / "data.mdb").exists():
-            return None
-        try:
-            env = lmdb.open(str(self.path), max_dbs=4, readonly=True, lock=False)
-        except lmdb.Error:
-            return {"clean": False, "boot": None}
-        try:
-            with env.begin() as txn:
-                db = env.open_db(b"meta", txn=txn, create=False)
-                raw = txn.get(b"state", db=db)
-        except lmdb.Error:
-            return {"clean": False, "boot": None}
-        finally:
-            env.close()
-        return None if raw is None else msgspec.msgpack.decode(raw)
-
-    def close(self) -> None:
-        env = self._env
-        if env is None:
-            return
-        with env.begin(write=True) as txn:
-            txn.put(b"state", _encoder.encode({"boot": self.boot, "clean": True}), db=self._meta)
-        env.sync(True)
-        env.close()
-        self._env = None
-
-    # -- writing (the store's writer thread) --------------------------------------------------
-
-    def catch_up(self, log_env: lmdb.Environment, log_db: object, *, chunk: int = 100_000) -> int:
-        """Index every logged event after ``position``; return how many."""
-        total = 0
-        while True:
-            entries = []
-            with log_env.begin() as txn:
-                cursor = txn.cursor(db=log_db)
-                found = cursor.set_range(keys.seq_key(self.position + 1))
-                last = self.position
-                while found and len(entries) < chunk:
-                    key, value = cursor.item()
-                    last = keys.seq_of(key)
-                    pid, ts = event_head(value)
-                    entries.append(keys.index_key(pid, ts, last))
-                    found = cursor.next()
-            if not entries:
-                return total
-            self.apply(entries, (), (), last)
-            total += len(entries)
-
-    def apply(self, puts: list[bytes], drop_pids: Iterable[int], deletes: Iterable[bytes], position: int) -> None:
-        """One index commit: add ``puts``, remove every entry of ``drop_pids`` and the keys in
-        ``deletes``, record ``position``. Not flushed to disk (see the module docstring)."""
-        while True:
-            try:
-                self._apply(puts, drop_pids, deletes, position)
-                return
-            except lmdb.MapFullError:
-                self._grow()
-
-    def _apply(self, puts: list[bytes], drop_pids: Iterable[int], deletes: Iterable[bytes], position: int) -> None:
-        env = self._require()
-        with env.begin(write=True) as txn:
-            if puts:
-                puts.sort()
-                txn.cursor(db=self._entries).putmulti([(key, b"") for key in puts])
-            for pid in drop_pids:
-                cursor = txn.cursor(db=self._entries)
-                prefix = keys.pid_key(pid)
-                found = cursor.set_range(prefix)
-                while found and cursor.key()[:8] == prefix:
-                    found = cursor.delete()
-            for key in deletes:
-                txn.delete(key, db=self._entries)
-            if position != self.position:
-                txn.put(b"position", _encoder.encode(position), db=self._meta)
-        self.position = position
-
-    def _grow(self) -> None:
-        env = self._require()
-        with self.lock:
-            env.set_mapsize(env.info()["map_size"] * 2)
-        self.resizes += 1
-        log.info("event index map grown to %d MiB", env.info()["map_size"] >> 20)
+    def remove(self, entries: Iterable[Entry]) -> None:
+        """Forget events deleted from the log."""
+        gone: dict[bytes, set[int]] = {}
+        for pid, _, seq in entries:
+            gone.setdefault(pid, set()).add(seq)
+        for pid, seqs in gone.items():
+            pairs = self._by_pid.get(pid)
+            if pairs is None:
+                continue
+            kept = array("Q")
+            for i in range(0, len(pairs), 2):
+                if pairs[i + 1] not in seqs:
+                    kept.append(pairs[i])
+                    kept.append(pairs[i + 1])
+            self.entries -= (len(pairs) - len(kept)) // 2
+            if kept:
+                self._by_pid[pid] = kept
+            else:
+                del self._by_pid[pid]
 
     # -- reading ------------------------------------------------------------------------------
 
-    def _require(self) -> lmdb.Environment:
-        if self._env is None:
-            raise StorageError("the event index is not open")
-        return self._env
+    def seqs_of(self, pid: bytes) -> list[int]:
+        pairs = self._by_pid.get(pid)
+        return [] if pairs is None else list(pairs[1::2])
 
-    def seqs_of(self, pid: int) -> list[tuple[int, bytes]]:
-        """Every ``(seq, index key)`` of ``pid``'s events."""
-        env = self._require()
-        prefix = keys.pid_key(pid)
-        with self.lock, env.begin() as txn:
-            cursor = txn.cursor(db=self._entries)
-            out = []
-            found = cursor.set_range(prefix)
-            while found and cursor.key()[:8] == prefix:
-                key = cursor.key()
-                out.append((keys.split_index_key(key)[2], key))
-                found = cursor.next()
+    def page(
+        self, pid: bytes, *, after: tuple[int, int] | None, since_us: int, until_us: int, reverse: bool, limit: int
+    ) -> tuple[list[tuple[int, int]], tuple[int, int] | None]:
+        """Up to ``limit`` ``(seq, ts)`` of ``pid`` within ``[since_us, until_us]`` in time order
+        (newest first with ``reverse``), strictly after the ``(ts, seq)`` cursor ``after``;
+        and the cursor to resume from, or None at the end."""
+        pairs = self._by_pid.get(pid)
+        if pairs is None:
+            return [], None
+        low = _bisect(pairs, since_us, 0)
+        high = _bisect(pairs, until_us + 1, 0)
+        out = []
+        if not reverse:
+            start = low if after is None else max(low, _bisect(pairs, after[0], after[1] + 1))
+            stop = min(high, start + limit)
+            for i in range(start, stop):
+                out.append((pairs[2 * i + 1], pairs[2 * i]))
+            more = stop < high
+        else:
+            start = high if after is None else min(high, _bisect(pairs, after[0], after[1]))
+            stop = max(low, start - limit)
+            for i in range(start - 1, stop - 1, -1):
+                out.append((pairs[2 * i + 1], pairs[2 * i]))
+            more = stop > low
+        if not more or not out:
+            return out, None
+        seq, ts = out[-1]
+        return out, (ts, seq)
+
+    def expired(self, cutoff_us: int) -> list[Entry]:
+        """Every event older than ``cutoff_us``."""
+        out = []
+        for pid, pairs in self._by_pid.items():
+            n = _bisect(pairs, cutoff_us, 0)
+            out.extend((pid, pairs[2 * i], pairs[2 * i + 1]) for i in range(n))
         return out
 
-    def page(self, pid: int, *, start: bytes | None, since_us: int, until_us: int, reverse: bool, limit: int
-             ) -> tuple[list[tuple[int, int]], bytes | None]:
-        """Up to ``limit`` ``(seq, ts)`` of ``pid`` in time order and the key to resume from."""
-        env = self._require()
-        low = keys.index_prefix(pid, since_us)
-        high = keys.index_prefix(pid, until_us + 1)
-        out: list[tuple[int, int]] = []
-        with self.lock, env.begin() as txn:
-            cursor = txn.cursor(db=self._entries)
-            if not reverse:
-                found = cursor.set_range(start or low)
-                while found and len(out) < limit:
-                    key = cursor.key()
-                    if key >= high:
-                        return out, None
-                    _, ts, seq = keys.split_index_key(key)
-                    out.append((seq, ts))
-                    found = cursor.next()
-                return out, (cursor.key() if found and cursor.key() < high else None)
-            # newest first: position on the last key below ``start`` (or ``high``)
-            found = cursor.set_range(start or high)
-            found = cursor.prev() if found else cursor.last()
-            while found and len(out) < limit:
-                key = cursor.key()
-                if key < low:
-                    return out, None
-                _, ts, seq = keys.split_index_key(key)
-                out.append((seq, ts))
-                found = cursor.prev()
-            if found and cursor.key() >= low:
-                return out, cursor.key() + b"\x00"  # resume strictly below this key
-            return out, None
+    def statistics(self) -> dict[str, int]:
+        memory = sys.getsizeof(self._by_pid) + sum(sys.getsizeof(p) + 41 for p in self._by_pid.values())
+        return {"profiles": len(self._by_pid), "events": self.entries, "memory_bytes": memory}
 
-    def expired(self, cutoff_us: int, start: bytes, budget: int) -> tuple[list[bytes], bytes | None]:
-        """Index keys of events older than ``cutoff_us``, from ``start``; at most ``budget``
-        keys visited, and where to resume (None at the end)."""
-        env = self._require()
-        out = []
-        visited = 0
-        with self.lock, env.begin() as txn:
-            cursor = txn.cursor(db=self._entries)
-            found = cursor.set_range(start)
-            while found:
-                if visited >= budget:
-                    return out, cursor.key()
-                visited += 1
-                key = cursor.key()
-                pid, ts, _ = keys.split_index_key(key)
-                if ts < cutoff_us:
-                    out.append(key)
-                    found = cursor.next()
-                else:
-                    # the rest of this profile's events are newer: jump to the next profile
-                    found = cursor.set_range(keys.pid_key(pid + 1))
-        return out, None
 
-    def count(self) -> int:
-        env = self._require()
-        with self.lock, env.begin() as txn:
-            return txn.stat(self._entries)["entries"]
+def _is_sorted(pairs: array) -> bool:
+    return all(
+        pairs[i] < pairs[i + 2] or (pairs[i] == pairs[i + 2] and pairs[i + 1] < pairs[i + 3])
+        for i in range(0, len(pairs) - 2, 2)
+    )
+
+
+def _sorted(pairs: array) -> array:
+    ordered = sorted(zip(pairs[0::2], pairs[1::2]))
+    out = array("Q")
+    for ts, seq in ordered:
+        out.append(ts)
+        out.append(seq)
+    return out
+

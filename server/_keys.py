@@ -2,18 +2,17 @@
 
 Layout, one named database per record kind:
 
-    meta         ascii name                         -> versioned value
-    identities   utf-8 "namespace:value"            -> profile id (8 bytes)
-    profiles     profile id (u64 BE)                -> versioned ProfileRecord
-    tokens       utf-8 app + NUL + token            -> profile id (8 bytes)
-    events       seq (u64 BE)                       -> versioned event: profile id, ts, type, data
-    event_index  profile id + ts µs + seq (3 × u64) -> empty
+    meta         ascii name              -> versioned value
+    identities   utf-8 "namespace:value" -> profile id (8 bytes)
+    profiles     profile id (u64 BE)     -> versioned ProfileRecord
+    tokens       utf-8 app + NUL + token -> profile id (8 bytes)
+    events       seq (u64 BE)            -> versioned event: profile id, ts, type, data
 
 Integers are fixed-width big-endian so byte order is numeric order. ``events`` is the log, in
 commit order: appending to it dirties a few sequential pages per commit, whatever profiles
-the events belong to. ``event_index`` orders each profile's events by time; it is built from
-the log in large batches (see `_store`). The profile key is derived from the identity here and
-only here, so that partitioning profiles by identity (scale-out) has one place to change.
+the events belong to; each profile's time-ordered view of it is kept in memory (`_index`).
+The profile key is derived from the identity here and only here, so that partitioning
+profiles by identity (scale-out) has one place to change.
 """
 
 from __future__ import annotations
@@ -30,16 +29,13 @@ __all__ = [
     "token_key",
     "seq_key",
     "seq_of",
-    "index_key",
-    "index_prefix",
-    "split_index_key",
+
 ]
 
 #: LMDB's default key limit is 511 bytes.
 MAX_KEY_BYTES = 511
 
 _U64 = struct.Struct(">Q")
-_EVENT = struct.Struct(">QQQ")
 
 
 def identity_key(identity: str, field: str = "$.identity") -> bytes:
@@ -75,16 +71,3 @@ def seq_key(seq: int) -> bytes:
 
 def seq_of(key: bytes) -> int:
     return _U64.unpack(key)[0]
-
-
-def index_key(pid: int, ts_us: int, seq: int) -> bytes:
-    return _EVENT.pack(pid, ts_us, seq)
-
-
-def index_prefix(pid: int, ts_us: int = 0) -> bytes:
-    """The first possible index key of ``pid``'s events at or after ``ts_us``."""
-    return _EVENT.pack(pid, ts_us, 0)
-
-
-def split_index_key(key: bytes) -> tuple[int, int, int]:
-    return _EVENT.unpack(key)  # type: ignore[return-value]

@@ -198,10 +198,10 @@ def build_router(server: Server) -> Router:
             store.get_profile(req.identity)  # NOT_FOUND and the identity checks, as for any range
             return  # an empty range (events are never older than 1970)
         remaining = req.limit
-        start: bytes | None = None
+        after: tuple[int, int] | None = None
         while remaining > 0:
-            page, start = store.read_events(
-                req.identity, start=start, since_us=since, until_us=until, reverse=req.reverse, limit=_PAGE
+            page, after = store.read_events(
+                req.identity, after=after, since_us=since, until_us=until, reverse=req.reverse, limit=_PAGE
             )
             for seq, ts, record in page:
                 if req.type is not None and record.type != req.type:
@@ -210,7 +210,7 @@ def build_router(server: Server) -> Router:
                 remaining -= 1
                 if remaining == 0:
                     return
-            if start is None:
+            if after is None:
                 return
 
     router.add(api.IngestEvents, ingest, raw=True)

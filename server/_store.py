@@ -9,8 +9,8 @@ commits the next one gathers, so the batch size follows the load.
 
 Experience events are appended to a log in commit order (``events``, keyed by sequence
 number): an acknowledged ingest costs a few sequential pages whatever profiles it touches.
-Each profile's time-ordered view of its events is an index derived from the log, kept in an
-environment of its own that is written right after each commit without fsync (`_index`).
+Each profile's time-ordered view of its events is an in-memory index derived from the log
+(`_index`), updated after each commit and rebuilt from the log when the store opens.
 
 Reads are synchronous, short read transactions on the Trio thread: LMDB readers never block
 the writer and a point read costs microseconds, far less than a hop to a worker thread. No read
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -56,7 +55,7 @@ from ._records import (
     encode_event,
     encode_profile,
 )
-from ._index import EventIndex, current_boot
+from ._index import Entry, EventIndex
 
 __all__ = ["ProfileStore", "WriteOp", "InEvent", "MAX_PROFILE_BYTES", "MAX_REGISTRATIONS"]
 
@@ -132,9 +131,7 @@ class ProfileStore(Actor):
         self._dbs: dict[str, Any] = {}
         self._next_pid = 1
         self._next_seq = 1
-        self.index = EventIndex(self.path / "index", boot=current_boot())
-        #: Set when the index could not be written after a commit: the store restarts.
-        self._index_error: BaseException | None = None
+        self.index = EventIndex()
         self.commits = 0
         self.writes = 0
         self.map_resizes = 0
@@ -143,9 +140,8 @@ class ProfileStore(Actor):
         #: Time spent applying ops (Python, holds the GIL) and committing (fsync) so far.
         self.apply_seconds = 0.0
         self.commit_seconds = 0.0
-        self.index_seconds = 0.0
-        #: The slowest group commit so far: (total, apply, commit, index) seconds.
-        self.slowest = (0.0, 0.0, 0.0, 0.0)
+        #: The slowest group commit so far: (total, apply, commit) seconds.
+        self.slowest = (0.0, 0.0, 0.0)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -191,20 +187,19 @@ class ProfileStore(Actor):
                     )
                 self._next_pid = msgspec.msgpack.decode(txn.get(b"next_pid", db=meta) or b"\x01")
                 self._next_seq = msgspec.msgpack.decode(txn.get(b"next_seq", db=meta) or b"\x01")
-            self.index.open()
-            replayed = self.index.catch_up(env, dbs["events"])
+            started = time.perf_counter()
+            with env.begin() as txn:
+                indexed = self.index.rebuild(txn, dbs["events"])
         except BaseException:
-            self.index.close()
             env.close()
             raise
-        if replayed:
-            log.info("event index: %d events replayed from the log", replayed)
+        if indexed:
+            log.info("event index: %d events indexed in %.1fs", indexed, time.perf_counter() - started)
         self._env, self._dbs = env, dbs
         log.info("store open at %s (map %d MiB)", self.path, env.info()["map_size"] >> 20)
 
     def _close(self) -> None:
         if self._env is not None:
-            self.index.close()
             self._env.close()
             self._env = None
             self._dbs = {}
@@ -228,7 +223,7 @@ class ProfileStore(Actor):
     async def _write(self, ops: list[WriteOp]) -> None:
         while True:
             try:
-                results = await trio.to_thread.run_sync(self._apply, ops)
+                outcome = await trio.to_thread.run_sync(self._apply, ops)
                 break
             except lmdb.MapFullError:
                 self._grow()
@@ -243,6 +238,12 @@ class ProfileStore(Actor):
                 for op in ops:
                     await self._write_alone(op)
                 return
+        results, writer = outcome
+        # The commit is durable: index what it logged (only this thread changes the index).
+        self.index.add(writer.index_adds)
+        self.index.remove(writer.index_removes)
+        for pid in writer.index_drops:
+            self.index.drop(pid)
         self.commits += 1
         self.writes += len(ops)
         for op, (ok, value) in zip(ops, results):
@@ -250,10 +251,6 @@ class ProfileStore(Actor):
                 op.future.set(value)
             else:
                 op.future.fail(value)
-        if self._index_error is not None:
-            error, self._index_error = self._index_error, None
-            # The commit is durable; the index is behind. Restarting replays it from the log.
-            raise StorageError(f"the event index could not be updated: {error!r}") from error
 
     async def _write_alone(self, op: WriteOp) -> None:
         try:
@@ -271,7 +268,7 @@ class ProfileStore(Actor):
         self.map_resizes += 1
         log.info("store map grown to %d MiB", size >> 20)
 
-    def _apply(self, ops: list[WriteOp]) -> list[tuple[bool, Any]]:
+    def _apply(self, ops: list[WriteOp]) -> tuple[list[tuple[bool, Any]], Writer]:
         """Runs in a worker thread: one write transaction, one nested transaction per op."""
         env = self.env
         results: list[tuple[bool, Any]] = []
@@ -313,23 +310,10 @@ class ProfileStore(Actor):
             self._next_pid, self._next_seq = pid, seq
             raise
         committed = time.perf_counter()
-        try:
-            self.index.apply(writer.index_puts, writer.index_drops, writer.index_deletes, self._next_seq - 1)
-        except Exception as exc:
-            self._index_error = exc
-        indexed = time.perf_counter()
         self.apply_seconds += applied - started
         self.commit_seconds += committed - applied
-        self.index_seconds += indexed - committed
-        self.slowest = max(self.slowest, (indexed - started, applied - started, committed - applied, indexed - committed))
-        return results
-
-    # -- the event index ----------------------------------------------------------------------
-
-    @property
-    def index_lag(self) -> int:
-        """Logged events missing from the index (0 except while a commit is being indexed)."""
-        return self._next_seq - 1 - self.index.position
+        self.slowest = max(self.slowest, (committed - started, applied - started, committed - applied))
+        return results, writer
 
     # -- retention --------------------------------------------------------------------------
 
@@ -342,17 +326,14 @@ class ProfileStore(Actor):
                 return
 
     async def sweep(self, budget: int = 10_000) -> int:
-        """Delete events older than the retention window, ``budget`` keys per transaction."""
-        cutoff = self.clock() - self.retention_us
-        start: bytes | None = b""
-        deleted = 0
-        while start is not None:
-            count, start = await self.write(_sweep_events, cutoff, start, budget)
-            deleted += count
-        self.swept += deleted
-        if deleted:
-            log.info("retention sweep deleted %d events", deleted)
-        return deleted
+        """Delete events older than the retention window, ``budget`` events per transaction."""
+        expired = self.index.expired(self.clock() - self.retention_us)
+        for start in range(0, len(expired), budget):
+            await self.write(_sweep_events, expired[start : start + budget])
+        self.swept += len(expired)
+        if expired:
+            log.info("retention sweep deleted %d events", len(expired))
+        return len(expired)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -375,30 +356,29 @@ class ProfileStore(Actor):
         self,
         identity: str,
         *,
-        start: bytes | None,
+        after: tuple[int, int] | None,
         since_us: int,
         until_us: int,
         reverse: bool,
         limit: int,
-    ) -> tuple[list[tuple[int, int, EventRecord]], bytes | None]:
-        """One page of a profile's events in time order, from ``start`` (an index key) or the
-        range's edge.
+    ) -> tuple[list[tuple[int, int, EventRecord]], tuple[int, int] | None]:
+        """One page of a profile's events in time order, after the cursor ``after`` (None: from
+        the range's edge).
 
-        Returns ``[(seq, ts, record)]`` and the key to resume from, or None at the end.
+        Returns ``[(seq, ts, record)]`` and the cursor to resume from, or None at the end.
         """
         dbs = self._dbs
         with self.env.begin() as txn:
-            pid_bytes = txn.get(keys.identity_key(identity), db=dbs["identities"])
-        if pid_bytes is None:
-            raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
-        page, resume = self.index.page(
-            keys.pid_of(pid_bytes), start=start, since_us=since_us, until_us=until_us, reverse=reverse, limit=limit
-        )
-        out = []
-        with self.env.begin() as txn:
+            pid = txn.get(keys.identity_key(identity), db=dbs["identities"])
+            if pid is None:
+                raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
+            page, resume = self.index.page(
+                pid, after=after, since_us=since_us, until_us=until_us, reverse=reverse, limit=limit
+            )
+            out = []
             for seq, ts in page:
                 value = txn.get(keys.seq_key(seq), db=dbs["events"])
-                if value is not None:  # deleted since the index was read
+                if value is not None:
                     out.append((seq, ts, decode_event(value)[2]))
         return out, resume
 
@@ -417,12 +397,9 @@ class ProfileStore(Actor):
             "writes": self.writes,
             "map_resizes": self.map_resizes,
             "events_swept": self.swept,
-            "index_lag": self.index_lag,
-            "index_rebuilt": self.index.rebuilt,
-            "index_map_resizes": self.index.resizes,
-            "index_seconds": round(self.index_seconds, 3),
+            "event_index": self.index.statistics(),
             "slowest_commit_ms": {
-                name: round(value * 1000, 1) for name, value in zip(("total", "apply", "fsync", "index"), self.slowest)
+                name: round(value * 1000, 1) for name, value in zip(("total", "apply", "fsync"), self.slowest)
             },
             "apply_seconds": round(self.apply_seconds, 3),
             "commit_seconds": round(self.commit_seconds, 3),
@@ -450,20 +427,20 @@ class Writer:
         self.txn = txn
         self.dbs = store._dbs
         self.now = store.clock()
-        #: Index work for after the commit: keys to add, profiles to drop, keys to delete.
-        self.index_puts: list[bytes] = []
-        self.index_drops: set[int] = set()
-        self.index_deletes: list[bytes] = []
+        #: Index work for after the commit: events logged, events deleted, profiles deleted.
+        self.index_adds: list[Entry] = []
+        self.index_removes: list[Entry] = []
+        self.index_drops: set[bytes] = set()
 
-    def mark(self) -> tuple[int, frozenset[int], int]:
-        return len(self.index_puts), frozenset(self.index_drops), len(self.index_deletes)
+    def mark(self) -> tuple[int, int, frozenset[bytes]]:
+        return len(self.index_adds), len(self.index_removes), frozenset(self.index_drops)
 
-    def rollback(self, mark: tuple[int, frozenset[int], int]) -> None:
+    def rollback(self, mark: tuple[int, int, frozenset[bytes]]) -> None:
         """Forget the index work of an op whose nested transaction was aborted."""
-        puts, drops, deletes = mark
-        del self.index_puts[puts:]
+        adds, removes, drops = mark
+        del self.index_adds[adds:]
+        del self.index_removes[removes:]
         self.index_drops = set(drops)
-        del self.index_deletes[deletes:]
 
     def pid(self, identity: str, field: str = "$.identity") -> bytes | None:
         return self.txn.get(keys.identity_key(identity, field), db=self.dbs["identities"])
@@ -551,11 +528,10 @@ def delete_profile(w: Writer, identity: str) -> tuple[list[str], int, int]:
     for reg in record.registrations:
         txn.delete(keys.token_key(reg.app, reg.token), db=dbs["tokens"])
     # its events: those indexed, and those logged earlier in this same commit
-    seqs = [seq for seq, _ in w.store.index.seqs_of(keys.pid_of(pid))]
-    seqs += [keys.split_index_key(key)[2] for key in w.index_puts if key[:8] == pid]
+    seqs = w.store.index.seqs_of(pid) + [seq for p, _, seq in w.index_adds if p == pid]
     for seq in seqs:
         txn.delete(keys.seq_key(seq), db=dbs["events"])
-    w.index_drops.add(keys.pid_of(pid))
+    w.index_drops.add(pid)
     txn.delete(pid, db=dbs["profiles"])
     return record.identities, len(record.registrations), len(seqs)
 
@@ -662,8 +638,7 @@ def ingest_events(w: Writer, segments: list[list[InEvent]]) -> list[int]:
     store = w.store
     seq = store._next_seq - 1
     seq_key = keys.seq_key
-    ts_seq = _TS_SEQ.pack
-    index = w.index_puts
+    index = w.index_adds
     for events in segments:
         for identity, type_, ts, data in events:
             pid = cache.get(identity)
@@ -672,7 +647,7 @@ def ingest_events(w: Writer, segments: list[list[InEvent]]) -> list[int]:
                 cache[identity] = pid
             seq += 1
             puts.append((seq_key(seq), encode_event(pid, ts, type_, data)))
-            index.append(pid + ts_seq(ts, seq))
+            index.append((pid, ts, seq))
         lasts.append(seq)
     store._next_seq = seq + 1
     if puts:
@@ -682,15 +657,10 @@ def ingest_events(w: Writer, segments: list[list[InEvent]]) -> list[int]:
     return lasts
 
 
-_TS_SEQ = struct.Struct(">QQ")
-
-
-def _sweep_events(w: Writer, cutoff_us: int, start: bytes, budget: int) -> tuple[int, bytes | None]:
-    """Delete events older than ``cutoff_us`` from index key ``start`` on; visit at most
-    ``budget`` index keys and return how many were deleted and where to resume."""
-    expired, resume = w.store.index.expired(cutoff_us, start, budget)
+def _sweep_events(w: Writer, expired: list[Entry]) -> int:
+    """Delete these expired events from the log."""
     events = w.dbs["events"]
-    for key in expired:
-        w.txn.delete(keys.seq_key(keys.split_index_key(key)[2]), db=events)
-    w.index_deletes.extend(expired)
-    return len(expired), resume
+    for _, _, seq in expired:
+        w.txn.delete(keys.seq_key(seq), db=events)
+    w.index_removes.extend(expired)
+    return len(expired)

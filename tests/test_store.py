@@ -214,7 +214,7 @@ async def test_retention_sweep_deletes_only_old_events(tmp_path):
         await store.write(store_ops.ingest_events, [events])
         now[0] += 2 * day  # crm:1's old event is now 11 days old, crm:2 10.5 days: both expire, crm:2 kept is 9 days old
         assert await store.sweep(budget=1) == 2
-        records, _ = store.read_events("crm:1", start=None, since_us=0, until_us=2**62, reverse=False, limit=10)
+        records, _ = store.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=10)
         assert [r.type for _, _, r in records] == ["new"]
         assert store.counts()["events"] == 2
         store.request_stop()
@@ -259,15 +259,11 @@ async def test_too_deep_attributes_are_refused(client):
     assert info.value.status is Status.INVALID_ARGUMENT and info.value.field.startswith("$.attributes.n")
 
 
-def test_store_keys_sort_events_by_profile_then_time():
+def test_store_keys_sort_numerically():
     from server import _keys as keys
 
-    a = keys.index_key(1, 5, 9)
-    b = keys.index_key(1, 6, 1)
-    c = keys.index_key(2, 0, 0)
-    assert a < b < c
-    assert keys.split_index_key(b) == (1, 6, 1)
     assert keys.seq_key(255) < keys.seq_key(256) and keys.seq_of(keys.seq_key(2**40)) == 2**40
+    assert keys.pid_key(1) < keys.pid_key(2**32) and keys.pid_of(keys.pid_key(7)) == 7
     with pytest.raises(Exception, match="511"):
         keys.identity_key("crm:" + "é" * 300)
 
@@ -309,70 +305,62 @@ async def test_events_are_logged_in_commit_order_and_indexed_by_profile_and_time
         lasts = await store.write(
             store_ops.ingest_events, [[("crm:2", "b", 20, data), ("crm:1", "a", 30, data)], [("crm:1", "c", 10, data)]]
         )
-        assert lasts == [2, 3]
-        assert store.index_lag == 0  # indexed right after the commit
-        page, _ = store.read_events("crm:1", start=None, since_us=0, until_us=2**62, reverse=False, limit=10)
+        assert lasts == [2, 3]  # logged in commit order, indexed right after the commit
+        page, _ = store.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=10)
         assert [(seq, ts, r.type) for seq, ts, r in page] == [(3, 10, "c"), (2, 30, "a")]  # by time
         store.request_stop()
 
 
-def _tamper_index(path, *, boot: str, clean: bool, wipe_entries: bool) -> None:
-    env = lmdb.open(str(path / "index"), max_dbs=4)
-    with env.begin(write=True) as txn:
-        entries = env.open_db(b"entries", txn=txn)
-        meta = env.open_db(b"meta", txn=txn)
-        if wipe_entries:
-            txn.drop(entries, delete=False)
-            txn.put(b"position", msgspec.msgpack.encode(0), db=meta)
-        txn.put(b"state", msgspec.msgpack.encode({"boot": boot, "clean": clean}), db=meta)
-    env.close()
-
-
-async def _ingest_and_stop(path) -> None:
-    store = ProfileStore(path, clock=lambda: 1_800_000_000_000_000)
+async def test_the_index_is_rebuilt_from_the_log_when_the_store_opens(tmp_path):
+    store = ProfileStore(tmp_path / "d", clock=lambda: 1_800_000_000_000_000)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        events = [("crm:1", "t", i, msgspec.Raw(b"\x80")) for i in range(100)]
-        await store.write(store_ops.ingest_events, [events])
+        data = msgspec.Raw(b"\x80")
+        # out of time order on purpose, across two commits and two profiles
+        await store.write(store_ops.ingest_events, [[("crm:1", "t", ts, data) for ts in (50, 10, 30)]])
+        await store.write(store_ops.ingest_events, [[("crm:2", "t", 5, data), ("crm:1", "t", 20, data)]])
+        before = store.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=100)[0]
+        await store.write(store_ops.delete_profile, "crm:2")
         store.request_stop()
-
-
-def _listed(store: ProfileStore) -> list[int]:
-    page, _ = store.read_events("crm:1", start=None, since_us=0, until_us=2**62, reverse=False, limit=1000)
-    return [ts for _, ts, _ in page]
-
-
-async def test_an_index_behind_the_log_is_replayed_on_open(tmp_path):
-    """A process that died between the store's commit and the index's."""
-    from server._index import current_boot
-
-    await _ingest_and_stop(tmp_path / "d")
-    _tamper_index(tmp_path / "d", boot=current_boot(), clean=False, wipe_entries=True)
-    store = ProfileStore(tmp_path / "d", clock=lambda: 0)
-    store._open()
+    assert [ts for _, ts, _ in before] == [10, 20, 30, 50]
+    reopened = ProfileStore(tmp_path / "d", clock=lambda: 0)
+    reopened._open()
     try:
-        assert not store.index.rebuilt and store.index.position == 100
-        assert _listed(store) == list(range(100))
+        after = reopened.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=100)[0]
+        assert after == before
+        assert reopened.index.statistics()["events"] == 4 and reopened.index.statistics()["profiles"] == 1
     finally:
-        store._close()
+        reopened._close()
 
 
-async def test_an_index_left_open_in_an_earlier_boot_is_rebuilt(tmp_path):
-    """After a power loss the unsynced index may be torn: it is rebuilt from the log."""
-    await _ingest_and_stop(tmp_path / "d")
-    _tamper_index(tmp_path / "d", boot="an-earlier-boot", clean=False, wipe_entries=False)
-    store = ProfileStore(tmp_path / "d", clock=lambda: 0)
-    store._open()
-    try:
-        assert store.index.rebuilt and store.index.position == 100
-        assert _listed(store) == list(range(100))
-    finally:
-        store._close()
-    # closed cleanly this time: the next open trusts it
-    store = ProfileStore(tmp_path / "d", clock=lambda: 0)
-    store._open()
-    assert not store.index.rebuilt
-    store._close()
+def test_index_paging_cursors_in_both_directions():
+    from server._index import EventIndex
+
+    index = EventIndex()
+    pid = b"\x00" * 7 + b"\x01"
+    index.add([(pid, ts, seq) for seq, ts in enumerate([10, 20, 20, 30, 40, 50], start=1)])
+    index.add([(pid, 15, 7)])  # older than the latest: inserted in time order
+    forward, cursor, pages = [], None, 0
+    while True:
+        page, cursor = index.page(pid, after=cursor, since_us=15, until_us=40, reverse=False, limit=2)
+        forward += page
+        pages += 1
+        if cursor is None:
+            break
+    assert [ts for _, ts in forward] == [15, 20, 20, 30, 40] and pages == 3
+    backward, cursor = [], None
+    while True:
+        page, cursor = index.page(pid, after=cursor, since_us=0, until_us=2**62, reverse=True, limit=3)
+        backward += page
+        if cursor is None:
+            break
+    assert [ts for _, ts in backward] == [50, 40, 30, 20, 20, 15, 10]
+    assert [seq for seq, _ in backward] == [6, 5, 4, 3, 2, 7, 1]
+    index.remove([(pid, 20, 2), (pid, 99, 99)])
+    assert [ts for _, ts in index.page(pid, after=None, since_us=0, until_us=2**62, reverse=False, limit=10)[0]] == [10, 15, 20, 30, 40, 50]
+    assert [e[1] for e in index.expired(25)] == [10, 15, 20]
+    index.drop(pid)
+    assert index.statistics()["events"] == 0
 
 
 async def test_a_backlog_is_committed_in_transactions_of_bounded_size(tmp_path):
