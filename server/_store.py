@@ -136,7 +136,6 @@ class ProfileStore(Actor):
         self.writes = 0
         self.map_resizes = 0
         self.swept = 0
-        self._last_sweep: float | None = None
         #: Time spent applying ops (Python, holds the GIL) and committing (fsync) so far.
         self.apply_seconds = 0.0
         self.commit_seconds = 0.0
