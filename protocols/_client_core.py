@@ -31,6 +31,7 @@ __all__ = [
     "abandon",
     "STREAM_WINDOW",
     "closed_error",
+    "describe",
 ]
 
 _decoders: dict[Any, msgspec.msgpack.Decoder] = {}
@@ -209,6 +210,12 @@ def route_events(
         elif isinstance(event, PongReceived):
             on_pong(event.nonce)
         # GoAwayReceived and Closed: the connection's state says draining/closed
+
+
+def describe(exc: BaseException) -> str:
+    """An I/O error with what caused it (a TLS failure hides behind a broken stream)."""
+    cause = exc.__cause__ or exc.__context__
+    return f"{exc!r} caused by {cause!r}" if cause is not None else repr(exc)
 
 
 def closed_error(conn: ClientConnection, reason: str = "the connection was closed") -> ConnectionClosed:

@@ -43,6 +43,7 @@ from ._client_core import (
     StreamSink,
     abandon,
     closed_error,
+    describe,
     decoder_for,
     parse_target,
     response_type,
@@ -313,14 +314,14 @@ class Client:
         try:
             self._writer.write(data)
         except (OSError, RuntimeError) as exc:  # uvloop raises RuntimeError on a closed handle
-            self._fail_all(closed_error(self._conn, f"sending failed: {exc!r}"))
+            self._fail_all(closed_error(self._conn, f"sending failed: {describe(exc)}"))
 
     async def _drain(self) -> None:
         """Wait while the transport's write buffer is over its high-water mark."""
         try:
             await self._writer.drain()
         except OSError as exc:
-            self._fail_all(closed_error(self._conn, f"sending failed: {exc!r}"))
+            self._fail_all(closed_error(self._conn, f"sending failed: {describe(exc)}"))
             raise _fresh(self._closed_error) from exc  # type: ignore[arg-type]
 
     async def _read_loop(self) -> None:
@@ -330,7 +331,7 @@ class Client:
                 try:
                     data = await self._reader.read(_READ_SIZE)
                 except OSError as exc:  # includes ssl.SSLError and ConnectionResetError
-                    self._fail_all(closed_error(conn, f"the connection broke: {exc!r}"))
+                    self._fail_all(closed_error(conn, f"the connection broke: {describe(exc)}"))
                     return
                 route_events(
                     conn.receive_data(data),

@@ -32,6 +32,7 @@ from ._client_core import (
     StreamSink,
     abandon,
     closed_error,
+    describe,
     decoder_for,
     parse_target,
     response_type,
@@ -222,7 +223,7 @@ class Client:
                 try:
                     await self._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    self._fail_all(closed_error(self._conn, f"sending failed: {exc!r}"))
+                    self._fail_all(closed_error(self._conn, f"sending failed: {describe(exc)}"))
                     raise self._closed_error from exc  # type: ignore[misc]
 
     async def _flush_quietly(self) -> None:
@@ -238,7 +239,7 @@ class Client:
                 try:
                     data = await self._stream.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-                    self._fail_all(closed_error(conn, f"the connection broke: {exc!r}"))
+                    self._fail_all(closed_error(conn, f"the connection broke: {describe(exc)}"))
                     return
                 route_events(
                     conn.receive_data(data),

@@ -31,7 +31,7 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Initial LMDB map size; it doubles whenever it fills.
-    map_size_mb: Positive = 256
+    map_size_mb: Positive = 1024
     #: Most write ops in one group commit.
     max_batch: Positive = 1024
     #: Experience events older than this are deleted.
