@@ -11,11 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,66 +20,31 @@ from hdrh.histogram import HdrHistogram
 
 from protocols import api
 from protocols.asyncio_client import Client
+from server.testing import ServerProcess
 
 __all__ = ["ServerUnderTest", "Latencies", "write_results", "server_cpu", "machine"]
 
-_READY = re.compile(r"ready on (\S+?)(?:,| |\Z)")
-
-
 class ServerUnderTest:
-    """``pigeon serve`` on a temporary data folder, as a context manager."""
+    """``pigeon serve`` on a temporary data folder, as a context manager; with ``address``,
+    a server already running there (for example under a profiler) instead."""
 
     def __init__(self, *extra: str, env: dict[str, str] | None = None, address: str | None = None) -> None:
-        """With ``address``, use that running server instead of starting one."""
         self.external = address
-        self.extra = extra
-        self.env = {**os.environ, **(env or {})}
-        self.address = ""
-        self.log: list[str] = []
         self._tmp = tempfile.TemporaryDirectory(prefix="pigeon-bench-")
-        self.data = Path(self._tmp.name) / "data"
+        self.process = ServerProcess(Path(self._tmp.name) / "data", *extra, env=env)
+        self.address = address or ""
 
     def __enter__(self) -> ServerUnderTest:
-        if self.external:
-            self.address = self.external
-            return self
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server._cli", "serve", "--data", str(self.data), "--listen", "127.0.0.1:0",
-             *self.extra],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=self.env,
-        )
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.log.append(line)
-                match = _READY.search(line)
-                if match:
-                    self.address = match.group(1)
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if not ready.wait(30) or not self.address:
-            self.proc.kill()
-            raise RuntimeError("the server did not start:\n" + "".join(self.log))
+        if not self.external:
+            self.address = self.process.start(timeout=30).address
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.external:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._pump.join(5)
-        if self.proc.stderr:
-            self.proc.stderr.close()
-        self._tmp.cleanup()
+        try:
+            if not self.external:
+                self.process.__exit__(*exc)
+        finally:
+            self._tmp.cleanup()
 
 
 async def server_cpu(client: Client) -> float:

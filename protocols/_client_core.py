@@ -8,6 +8,7 @@ from typing import Any
 
 import msgspec
 
+from . import api
 from .api import METHODS, Request
 from .connection import (
     ClientConnection,
@@ -18,7 +19,7 @@ from .connection import (
     ReplyReceived,
     Welcomed,
 )
-from .errors import CallError, ConnectionClosed, MalformedFrame, Status
+from .errors import BatchFailed, CallError, ConnectionClosed, MalformedFrame, PigeonProtocolError, Status
 
 __all__ = [
     "parse_target",
@@ -32,6 +33,7 @@ __all__ = [
     "STREAM_WINDOW",
     "closed_error",
     "describe",
+    "BatchBook",
 ]
 
 _decoders: dict[Any, msgspec.msgpack.Decoder] = {}
@@ -210,6 +212,55 @@ def route_events(
         elif isinstance(event, PongReceived):
             on_pong(event.nonce)
         # GoAwayReceived and Closed: the connection's state says draining/closed
+
+
+class BatchBook:
+    """The bookkeeping of an event batcher, shared by both clients; nothing here waits.
+
+    Attributes:
+        accepted: events acknowledged as durable.
+        rejected: ``(event, rejection)`` for each event the server refused.
+        failed: `BatchFailed` errors for batches whose call failed.
+    """
+
+    def __init__(self, *, batch_size: int, max_in_flight: int, linger: float) -> None:
+        if not 1 <= batch_size <= api.MAX_EVENTS_PER_BATCH:
+            raise ValueError(f"batch_size must be between 1 and {api.MAX_EVENTS_PER_BATCH}")
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.batch_size = batch_size
+        self.linger = linger
+        self.accepted = 0
+        self.rejected: list[tuple[api.Event, api.Rejection]] = []
+        self.failed: list[BatchFailed] = []
+        self.pending: list[api.Event] = []
+        self._started = 0.0
+
+    def add(self, event: api.Event, now: float) -> bool:
+        """Add an event; True when the batch is full and should be sent."""
+        if not self.pending:
+            self._started = now
+        self.pending.append(event)
+        return len(self.pending) >= self.batch_size
+
+    def due(self, now: float) -> bool:
+        """Whether a partial batch has waited ``linger`` seconds."""
+        return bool(self.pending) and now - self._started >= self.linger
+
+    def take(self) -> list[api.Event]:
+        batch, self.pending = self.pending, []
+        return batch
+
+    def put_back(self, batch: list[api.Event]) -> None:
+        """A batch that was not sent goes back in front of the next one."""
+        self.pending[:0] = batch
+
+    def record(self, batch: list[api.Event], outcome: api.IngestResult | PigeonProtocolError) -> None:
+        if isinstance(outcome, PigeonProtocolError):
+            self.failed.append(BatchFailed(outcome, batch))
+        else:
+            self.accepted += outcome.accepted
+            self.rejected.extend((batch[r.index], r) for r in outcome.rejected)
 
 
 def describe(exc: BaseException) -> str:

@@ -39,6 +39,7 @@ import msgspec
 
 from . import api
 from ._client_core import (
+    BatchBook,
     CallSink,
     StreamSink,
     abandon,
@@ -444,25 +445,27 @@ class EventBatcher:
     """
 
     def __init__(self, client: Client, *, batch_size: int, max_in_flight: int, linger: float) -> None:
-        if not 1 <= batch_size <= api.MAX_EVENTS_PER_BATCH:
-            raise ValueError(f"batch_size must be between 1 and {api.MAX_EVENTS_PER_BATCH}")
-        if max_in_flight < 1:
-            raise ValueError("max_in_flight must be at least 1")
         self.client = client
-        self.batch_size = batch_size
-        self.linger = linger
-        self.accepted = 0
-        self.rejected: list[tuple[api.Event, api.Rejection]] = []
-        self.failed: list[BatchFailed] = []
+        self._book = BatchBook(batch_size=batch_size, max_in_flight=max_in_flight, linger=linger)
         self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._batch: list[api.Event] = []
-        self._batch_started = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
         self._crashes: list[Exception] = []
         self._linger_task: asyncio.Task[None] | None = None
+
+    @property
+    def accepted(self) -> int:
+        return self._book.accepted
+
+    @property
+    def rejected(self) -> list[tuple[api.Event, api.Rejection]]:
+        return self._book.rejected
+
+    @property
+    def failed(self) -> list[BatchFailed]:
+        return self._book.failed
 
     async def __aenter__(self) -> EventBatcher:
         self._linger_task = asyncio.create_task(self._linger_loop(), name="pigeon batcher linger")
@@ -488,28 +491,25 @@ class EventBatcher:
 
     async def add(self, event: api.Event) -> None:
         """Add one event; waits while ``max_in_flight`` batches are unanswered."""
-        if not self._batch:
-            self._batch_started = asyncio.get_running_loop().time()
-        self._batch.append(event)
-        if len(self._batch) >= self.batch_size:
+        if self._book.add(event, asyncio.get_running_loop().time()):
             await self._send_batch()
 
     async def flush(self) -> None:
         """Send the partial batch and wait until every batch in flight is answered."""
-        if self._batch:
+        if self._book.pending:
             await self._send_batch()
         while self._in_flight:
             await self._idle.wait()
 
     async def _send_batch(self) -> None:
         # The batch counts as in flight while it waits for a slot, so `flush` waits for it.
-        batch, self._batch = self._batch, []
+        batch = self._book.take()
         self._in_flight += 1
         self._idle.clear()
         try:
             await self._slots.acquire()
         except BaseException:
-            self._batch[:0] = batch  # not sent: keep the events for the next batch
+            self._book.put_back(batch)  # not sent: keep the events for the next batch
             self._call_done()
             raise
         task = asyncio.create_task(self._call(batch))
@@ -518,14 +518,11 @@ class EventBatcher:
 
     async def _call(self, batch: list[api.Event]) -> None:
         try:
-            result = await self.client.call(api.IngestEvents(events=batch))
+            self._book.record(batch, await self.client.call(api.IngestEvents(events=batch)))
         except PigeonProtocolError as exc:
-            self.failed.append(BatchFailed(exc, batch))
+            self._book.record(batch, exc)
         except Exception as exc:  # a bug or an unencodable event: raised when the block is left
             self._crashes.append(exc)
-        else:
-            self.accepted += result.accepted
-            self.rejected.extend((batch[r.index], r) for r in result.rejected)
         finally:
             self._slots.release()
             self._call_done()
@@ -538,6 +535,6 @@ class EventBatcher:
     async def _linger_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(self.linger)
-            if self._batch and loop.time() - self._batch_started >= self.linger:
+            await asyncio.sleep(self._book.linger)
+            if self._book.due(loop.time()):
                 await self._send_batch()

@@ -28,6 +28,7 @@ import trio
 
 from . import api
 from ._client_core import (
+    BatchBook,
     CallSink,
     StreamSink,
     abandon,
@@ -355,21 +356,25 @@ class EventBatcher:
     """
 
     def __init__(self, client: Client, *, batch_size: int, max_in_flight: int, linger: float) -> None:
-        if not 1 <= batch_size <= api.MAX_EVENTS_PER_BATCH:
-            raise ValueError(f"batch_size must be between 1 and {api.MAX_EVENTS_PER_BATCH}")
         self.client = client
-        self.batch_size = batch_size
-        self.linger = linger
-        self.accepted = 0
-        self.rejected: list[tuple[api.Event, api.Rejection]] = []
-        self.failed: list[BatchFailed] = []
+        self._book = BatchBook(batch_size=batch_size, max_in_flight=max_in_flight, linger=linger)
         self._slots = trio.Semaphore(max_in_flight)
         self._in_flight = 0
         self._idle = trio.Event()
         self._idle.set()
-        self._batch: list[api.Event] = []
         self._nursery: trio.Nursery | None = None
-        self._batch_started = 0.0
+
+    @property
+    def accepted(self) -> int:
+        return self._book.accepted
+
+    @property
+    def rejected(self) -> list[tuple[api.Event, api.Rejection]]:
+        return self._book.rejected
+
+    @property
+    def failed(self) -> list[BatchFailed]:
+        return self._book.failed
 
     async def __aenter__(self) -> EventBatcher:
         self._cm = trio.open_nursery()
@@ -391,21 +396,19 @@ class EventBatcher:
         return result
 
     async def add(self, event: api.Event) -> None:
-        if not self._batch:
-            self._batch_started = trio.current_time()
-        self._batch.append(event)
-        if len(self._batch) >= self.batch_size:
+        """Add one event; waits while ``max_in_flight`` batches are unanswered."""
+        if self._book.add(event, trio.current_time()):
             await self._send_batch()
 
     async def flush(self) -> None:
         """Send the partial batch and wait until every batch in flight is answered."""
-        if self._batch:
+        if self._book.pending:
             await self._send_batch()
         while self._in_flight:
             await self._idle.wait()
 
     async def _send_batch(self) -> None:
-        batch, self._batch = self._batch, []
+        batch = self._book.take()
         # Counted before waiting for a slot, so that flush() waits for this batch too.
         self._in_flight += 1
         if self._idle.is_set():
@@ -413,7 +416,7 @@ class EventBatcher:
         try:
             await self._slots.acquire()
         except BaseException:
-            self._batch[:0] = batch
+            self._book.put_back(batch)
             self._done_one()
             raise
         assert self._nursery is not None
@@ -426,18 +429,15 @@ class EventBatcher:
 
     async def _call(self, batch: list[api.Event]) -> None:
         try:
-            result = await self.client.call(api.IngestEvents(events=batch))
+            self._book.record(batch, await self.client.call(api.IngestEvents(events=batch)))
         except PigeonProtocolError as exc:
-            self.failed.append(BatchFailed(exc, batch))
-        else:
-            self.accepted += result.accepted
-            self.rejected.extend((batch[r.index], r) for r in result.rejected)
+            self._book.record(batch, exc)
         finally:
             self._slots.release()
             self._done_one()
 
     async def _linger_loop(self) -> None:
         while True:
-            await trio.sleep(self.linger)
-            if self._batch and trio.current_time() - self._batch_started >= self.linger:
+            await trio.sleep(self._book.linger)
+            if self._book.due(trio.current_time()):
                 await self._send_batch()

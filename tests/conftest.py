@@ -3,12 +3,6 @@ kill -9 and clients on other event loops). Everything listens on 127.0.0.1, port
 
 from __future__ import annotations
 
-import os
-import re
-import signal
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -18,8 +12,7 @@ import trio
 
 from protocols.trio_client import Client, open_client
 from server import Server, load_config
-
-READY = re.compile(r"ready on (\S+?)(?:,| |\Z)")
+from server.testing import ServerProcess
 
 
 def make_config(data: Path, **overrides):
@@ -41,74 +34,6 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 async def client(server: Server) -> AsyncIterator[Client]:
     async with open_client(server.addresses[0]) as c:
         yield c
-
-
-class ServerProcess:
-    """``pigeon serve`` in a child process; stderr is collected in ``log``."""
-
-    def __init__(self, data: Path, *extra: str, env: dict[str, str] | None = None) -> None:
-        self.data = data
-        self.extra = extra
-        self.env = {**os.environ, **(env or {})}
-        self.log: list[str] = []
-        self.proc: subprocess.Popen[str] | None = None
-        self.address = ""
-
-    def start(self, timeout: float = 20.0) -> ServerProcess:
-        self.log = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server._cli", "serve", "--data", str(self.data), "--listen", "127.0.0.1:0", *self.extra],
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-            env=self.env,
-        )
-        ready = threading.Event()
-
-        def pump() -> None:
-            assert self.proc is not None and self.proc.stderr is not None
-            for line in self.proc.stderr:
-                self.log.append(line)
-                match = READY.search(line)
-                if match:
-                    self.address = match.group(1)
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if not ready.wait(timeout) or not self.address:
-            self.kill()
-            raise RuntimeError("server did not start:\n" + "".join(self.log))
-        return self
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        code = self.proc.wait(timeout)
-        self._release()
-        return code
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-        self._release()
-
-    def _release(self) -> None:
-        """Let the log pump reach EOF, then close the pipe."""
-        if self.proc is not None and self.proc.stderr is not None:
-            self._pump.join(5)
-            self.proc.stderr.close()
-
-    def stop(self) -> int:
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.signal(signal.SIGTERM)
-        return self.wait()
 
 
 @pytest.fixture
@@ -142,3 +67,40 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> None
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(interval)
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, written to ``folder``:
+    (certificate path, key path), both PEM."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pigeon test")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_path, key_path

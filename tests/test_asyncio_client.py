@@ -15,7 +15,6 @@ import asyncio
 import datetime as dt
 import gc
 import importlib.util
-import ipaddress
 import signal
 import ssl
 import sys
@@ -33,6 +32,8 @@ from protocols.asyncio_client import BatchFailed, open_client
 from protocols.connection import CallCancelled, CallReceived, Closed, ServerConnection
 from protocols.errors import CallError, ConnectionClosed, FrameTooLarge, ProtocolError, Status
 from protocols.frames import Call
+
+from .conftest import self_signed_certificate
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)
 HAVE_UVLOOP = importlib.util.find_spec("uvloop") is not None
@@ -409,7 +410,7 @@ def test_unix_socket_target(spawn_server, tmp_path):
 
 
 def test_tls(spawn_server, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_certificate(tmp_path)
     server = spawn_server(env={"PIGEON_TLS_CERT": str(cert), "PIGEON_TLS_KEY": str(key)})
     trusted = ssl.create_default_context(cafile=str(cert))
 
@@ -426,38 +427,6 @@ def test_tls(spawn_server, tmp_path):
                 pass
 
     go(main)
-
-
-def _self_signed(folder: Path) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pigeon test")])
-    now = dt.datetime.now(dt.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,53 +1,23 @@
-"""The socket protocol over TLS, with a certificate generated for the test."""
+"""The socket protocol over TLS, with a certificate generated for the test (the asyncio
+client's TLS tests are in test_asyncio_client)."""
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import ssl
 import subprocess
 import sys
 
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from protocols import api
-from protocols import asyncio_client
 from protocols.trio_client import open_client
+
+from .conftest import self_signed_certificate
 
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1 and localhost: (cert path, key path)."""
-    folder = tmp_path_factory.mktemp("tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pigeon test")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return cert_path, key_path
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture
@@ -69,16 +39,6 @@ def test_trio_client_over_tls(tls_server, certificate):
                 assert len([e async for e in items]) == 200
 
     trio.run(main)
-
-
-def test_asyncio_client_over_tls(tls_server, certificate):
-    context = ssl.create_default_context(cafile=str(certificate[0]))
-
-    async def main() -> str:
-        async with asyncio_client.open_client(tls_server.address, ssl_context=context) as client:
-            return (await client.call(api.GetHealth(), timeout=10)).status
-
-    assert asyncio_client.run(main()) == "serving"
 
 
 def test_cli_over_tls_and_a_plaintext_client_is_refused(tls_server, certificate):
