@@ -199,13 +199,7 @@ async def test_ping(address, connect):
 
 
 async def test_pipelined_calls_are_answered_out_of_order(server, address, connect):
-    gate = trio.Event()
-
-    async def slow(ctx, req):
-        await gate.wait()
-        return api.Health(status="serving", version="slow", protocol=1, uptime_s=0)
-
-    _add_route(server, "test.slow", slow)
+    gate = _add_slow_route(server)
     raw = await connect(address)
     await raw.call(1, "test.slow", {})
     await raw.call(2, "server.health", {})
@@ -218,6 +212,18 @@ async def test_pipelined_calls_are_answered_out_of_order(server, address, connec
 def _add_route(server: Server, name: str, handler: Any) -> None:
     spec = api.MethodSpec(name, api.GetHealth, api.Health, False)
     server.listener.router.routes[name] = _Route(spec, handler, msgspec.msgpack.Decoder(api.GetHealth))
+
+
+def _add_slow_route(server: Server) -> trio.Event:
+    """A method ``test.slow`` that answers once the returned event is set."""
+    gate = trio.Event()
+
+    async def slow(ctx, req):
+        await gate.wait()
+        return api.Health(status="serving", version="slow", protocol=1, uptime_s=0)
+
+    _add_route(server, "test.slow", slow)
+    return gate
 
 
 async def test_deadline_exceeded_and_client_cancel(server, address, connect):
@@ -290,15 +296,9 @@ async def test_max_connections(tmp_path, connect):
 
 async def test_shutdown_finishes_calls_in_flight_and_refuses_new_ones(tmp_path, connect):
     srv = Server(make_config(tmp_path / "d"))
-    gate = trio.Event()
-
-    async def slow(ctx, req):
-        await gate.wait()
-        return api.Health(status="serving", version="slow", protocol=1, uptime_s=0)
-
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
-        _add_route(srv, "test.slow", slow)
+        gate = _add_slow_route(srv)
         raw = await connect(srv.addresses[0])
         await raw.call(1, "test.slow", {})
         await trio.sleep(0.05)
@@ -320,15 +320,9 @@ async def test_shutdown_finishes_calls_in_flight_and_refuses_new_ones(tmp_path, 
 
 async def test_goaway_fails_new_calls_in_the_trio_client(tmp_path):
     srv = Server(make_config(tmp_path / "d"))
-    gate = trio.Event()
-
-    async def slow(ctx, req):
-        await gate.wait()
-        return api.Health(status="serving", version="slow", protocol=1, uptime_s=0)
-
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
-        _add_route(srv, "test.slow", slow)
+        gate = _add_slow_route(srv)
         async with open_client(srv.addresses[0]) as c:
             async with trio.open_nursery() as calls:
                 result: list[Any] = []
@@ -500,13 +494,7 @@ async def test_made_up_method_names_share_one_stats_entry(address, connect, serv
 
 
 async def test_a_fatal_goaway_still_answers_the_calls_already_received(server, address, connect):
-    gate = trio.Event()
-
-    async def slow(ctx, req):
-        await gate.wait()
-        return api.Health(status="serving", version="slow", protocol=1, uptime_s=0)
-
-    _add_route(server, "test.slow", slow)
+    gate = _add_slow_route(server)
     raw = await connect(address)
     await raw.call(1, "test.slow", {})
     await trio.sleep(0.05)
