@@ -78,7 +78,9 @@ class Client:
         self._conn = conn
         self._nursery = nursery
         self._pending: dict[int, CallSink] = {}
-        self._send_lock = trio.Lock()
+        #: Set when frames are queued; only the writer task writes to the stream, so a caller's
+        #: cancellation can never leave half a frame on the wire.
+        self._queued = trio.Event()
         self._welcomed = trio.Event()
         self._pongs: dict[int, trio.Event] = {}
         self._closed_error: PigeonProtocolError | None = None
@@ -107,7 +109,7 @@ class Client:
         sink = _Unary()
         call_id = await self._start(request, sink)
         try:
-            await self._flush()
+            self._kick()
             await sink.event.wait()
         except BaseException:
             self._abandon(call_id)
@@ -136,7 +138,7 @@ class Client:
         sink = _Stream()
         call_id = await self._start(request, sink, window=sink.window)
         try:
-            await self._flush()
+            self._kick()
             yield self._items(call_id, sink, decoder_for(response_type(request)))
         finally:
             self._abandon(call_id)
@@ -154,7 +156,7 @@ class Client:
             due = sink.credit_due()
             if due:
                 self._conn.grant(call_id, due)
-                await self._flush()
+                self._kick()
             yield decoder.decode(body)
 
     async def ping(self) -> float:
@@ -166,7 +168,7 @@ class Client:
         started = trio.current_time()
         self._conn.ping(nonce)
         try:
-            await self._flush()
+            self._kick()
             await done.wait()
         finally:
             self._pongs.pop(nonce, None)
@@ -215,23 +217,22 @@ class Client:
     def _abandon(self, call_id: int) -> None:
         if abandon(self._pending, call_id) and self._closed_error is None:
             self._conn.cancel(call_id)
-            self._nursery.start_soon(self._flush_quietly)
+            self._kick()
 
-    async def _flush(self) -> None:
-        async with self._send_lock:
+    def _kick(self) -> None:
+        self._queued.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
             data = self._conn.data_to_send()
             if data:
                 try:
                     await self._stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     self._fail_all(closed_error(self._conn, f"sending failed: {describe(exc)}"))
-                    raise self._closed_error from exc  # type: ignore[misc]
-
-    async def _flush_quietly(self) -> None:
-        try:
-            await self._flush()
-        except PigeonProtocolError:
-            pass
+                    return
 
     async def _reader(self) -> None:
         conn = self._conn
@@ -249,8 +250,8 @@ class Client:
                     on_pong=self._pong,
                     on_connection_error=self._connection_error,
                 )
-                if conn.pending_bytes:
-                    await self._flush_quietly()
+                if conn.pending_bytes:  # pongs
+                    self._kick()
                 if not data:
                     self._fail_all(closed_error(conn))
                     return
@@ -315,7 +316,8 @@ async def open_client(
         async with _unwrapped(), trio.open_nursery() as nursery:
             client = Client(stream, conn, nursery)
             conn.hello()
-            await client._flush()
+            client._kick()
+            nursery.start_soon(client._writer)
             nursery.start_soon(client._reader)
             await client._welcomed.wait()
             if client._closed_error is not None:

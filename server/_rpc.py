@@ -420,7 +420,15 @@ class _Connection:
                 return
             for event in conn.receive_data(data):
                 if isinstance(event, CallReceived):
-                    calls.start_soon(self._run_call, event.call)
+                    # The call's scope and window exist from now on, so that a cancel or a
+                    # credit read in this same chunk finds them.
+                    call = event.call
+                    scope = self.calls[call.id] = trio.CancelScope()
+                    if call.timeout_ms is not None:
+                        scope.deadline = trio.current_time() + call.timeout_ms / 1000
+                    if call.window is not None and self.reading:
+                        self.windows[call.id] = _Window(call.window)
+                    calls.start_soon(self._run_call, call, scope)
                 elif isinstance(event, CreditGranted):
                     window = self.windows.get(event.id)
                     if window is not None:
@@ -461,13 +469,13 @@ class _Connection:
 
     # -- calls --------------------------------------------------------------------------------
 
-    async def _run_call(self, call: Call) -> None:
+    async def _run_call(self, call: Call, scope: trio.CancelScope) -> None:
         known = call.method in self.listener.router.routes
         stats = self.listener.stats_for(call.method if known else "(unknown method)")
         started = time.perf_counter()
         ok = False
         try:
-            ok = await self._dispatch(call)
+            ok = await self._dispatch(call, scope)
         finally:
             self.calls.pop(call.id, None)
             self.windows.pop(call.id, None)
@@ -479,7 +487,7 @@ class _Connection:
         if self.closing and not self.conn.open_calls:
             self.read_scope.cancel()
 
-    async def _dispatch(self, call: Call) -> bool:
+    async def _dispatch(self, call: Call, scope: trio.CancelScope) -> bool:
         """Run the call's handler and queue its answer; True if it succeeded."""
         conn = self.conn
         route = self.listener.router.routes.get(call.method)
@@ -487,10 +495,7 @@ class _Connection:
             conn.send_error(call.id, Status.UNIMPLEMENTED, f"unknown method {call.method!r}", field="$.method")
             return False
         try:
-            with trio.CancelScope() as scope:
-                self.calls[call.id] = scope
-                if call.timeout_ms is not None:
-                    scope.deadline = trio.current_time() + call.timeout_ms / 1000
+            with scope:
                 try:
                     request = route.decoder.decode(call.body) if route.decoder is not None else None
                 except msgspec.DecodeError as exc:
@@ -499,8 +504,6 @@ class _Connection:
                     return False
                 ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
                 if route.spec.streaming:
-                    if call.window is not None and self.reading:
-                        self.windows[call.id] = _Window(call.window)
                     await route.handler(ctx, request, lambda item: self._send_item(call.id, item))
                     conn.send_end(call.id)
                 else:

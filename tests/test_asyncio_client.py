@@ -644,3 +644,19 @@ def test_goaway_fails_new_calls_and_lets_open_ones_finish():
             assert (await first).identities == ["crm:1"]
 
     go(main)
+
+
+def test_leaving_a_stream_block_at_once_frees_its_slot(spawn_server):
+    server = spawn_server(env={"PIGEON_MAX_CALLS": "3"})
+
+    async def main() -> None:
+        async with asyncio.timeout(20), open_client(server.address) as client:
+            await client.call(api.IngestEvents(events=[api.Event(identity="crm:1", type="t")] * 300))
+            for _ in range(10):  # the call and its cancel go out in one write
+                async with client.stream(api.ListEvents(identity="crm:1", limit=300)):
+                    pass
+            assert (await client.call(api.GetHealth())).status == "serving"
+            while client._pending:
+                await asyncio.sleep(0.01)
+
+    go(main)

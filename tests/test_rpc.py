@@ -594,3 +594,33 @@ def test_a_slow_but_steady_reader_is_served_past_the_write_timeout(spawn_server)
     sock.close()
     assert frames[-1].__struct_config__.tag == "end"
     assert sum(1 for f in frames if isinstance(f, Item)) == 400
+
+
+async def test_a_cancel_read_with_its_call_is_not_lost_and_frees_the_slot(tmp_path):
+    srv = Server(make_config(tmp_path / "d", max_calls=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0]) as c:
+            await c.call(api.IngestEvents(events=[api.Event(identity="crm:1", type="t")] * 100))
+        raw = await Raw.connect(srv.addresses[0])
+        for call_id in range(1, 6):
+            # a windowed stream and its cancel in one write: the server reads them together
+            call = Call(id=call_id, method="events.list", body=_encoder.body({"identity": "crm:1"}), window=2)
+            await raw.send(_encoder.frame(call) + _encoder.frame(Cancel(id=call_id)))
+            frames = []
+            while not frames or isinstance(frames[-1], Item):
+                frames.append(await raw.receive())
+            assert frames[-1].id == call_id and frames[-1].code == Status.CANCELLED
+        await raw.call(9, "server.health", {})  # the only slot is free again
+        assert isinstance(await raw.receive(), Reply)
+        await raw.aclose()
+        srv.request_stop()
+
+
+async def test_a_trio_call_cancelled_while_it_is_being_sent_leaves_the_connection_usable(client):
+    events = [api.Event(identity="crm:1", type="t", data={"blob": "x" * 1000})] * 3000  # ~3 MB
+    for _ in range(3):
+        with trio.move_on_after(0.001):
+            await client.call(api.IngestEvents(events=events))
+    with trio.fail_after(10):
+        assert (await client.call(api.GetHealth())).status == "serving"
