@@ -233,7 +233,8 @@ class Stats(Response):
     actors: list[ActorStats]
     connections: ConnectionStats
     methods: dict[str, MethodStats]
-    store: StoreStats
+    #: None while the store is restarting.
+    store: StoreStats | None = None
 
 
 class GetStats(Request[Stats]):

@@ -7,6 +7,7 @@ it, or fails it with `ActorCrashed` when it dies holding it, so no caller waits 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
@@ -20,6 +21,7 @@ __all__ = ["Actor", "Future", "ActorStatistics"]
 
 T = TypeVar("T")
 _UNSET: Any = object()
+log = logging.getLogger("pigeon.actor")
 
 
 class Future(Generic[T]):
@@ -52,9 +54,13 @@ class Future(Generic[T]):
 
     def _finish(self) -> None:
         self._event.set()
-        for callback in self._callbacks:
-            callback(self)
-        self._callbacks.clear()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                # A callback's failure is its own: the result stands and the others still run.
+                log.exception("a callback of a future failed")
 
     def on_done(self, callback: Callable[[Future[T]], None]) -> None:
         if self.done:

@@ -132,24 +132,29 @@ class Server:
         self._stop.set()
 
 
-async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> int:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully.
 
-    A second signal cancels whatever is still running.
+    A second signal cancels whatever is still running. Returns the exit status: 0 after a
+    graceful stop, 1 after a forced one.
     """
     server = Server(config)
+    forced = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:
+                nonlocal forced
                 async for signum in signals:
                     if not server.stopping:
                         log.info("received %s", signal.Signals(signum).name)
                         server.request_stop()
                     else:
                         log.warning("received %s again; exiting now", signal.Signals(signum).name)
+                        forced = True
                         nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch)
             await server.run(task_status=task_status)
             nursery.cancel_scope.cancel()
+    return 1 if forced else 0

@@ -121,7 +121,9 @@ def show_stats(s: api.Stats) -> str:
         "",
         f"connections: {s.connections.open} open, {s.connections.accepted} accepted, "
         f"{s.connections.closed_by_protocol_error} closed for protocol errors",
-        f"store: {s.store.profiles} profiles, {s.store.identities} identities, {s.store.tokens} tokens, "
+        "store: restarting"
+        if s.store is None
+        else f"store: {s.store.profiles} profiles, {s.store.identities} identities, {s.store.tokens} tokens, "
         f"{s.store.events} events; {s.store.used_bytes / 2**20:.1f} of {s.store.map_size / 2**20:.0f} MiB map; "
         f"{s.store.commits} commits for {s.store.writes} writes",
     ]
@@ -380,7 +382,7 @@ def _serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
     )
     try:
-        trio.run(serve, config)
+        return trio.run(serve, config)
     except BaseExceptionGroup as group:
         match, _ = group.split((RestartIntensityExceeded, ServerError))
         if match is None:
@@ -390,7 +392,6 @@ def _serve(args: argparse.Namespace) -> int:
             first = first.exceptions[0]
         log.critical("pigeon is exiting: %s", first)
         return 1
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ The store's log (``events``, by sequence number) is the record. This index answe
 of profile P between two times" and is rebuilt from the log whenever the store opens. Kept in
 LMDB, every commit would have copied and written about one 4 KB page per profile it touched
 (a B-tree keyed by profile takes random writes); in memory it costs a dictionary lookup and
-an append per event, and about 16 bytes per event plus ~200 bytes per profile.
+an append per event, and about 17 bytes per event plus ~200 bytes per profile (measured).
 
 Each profile's entries are an ``array('Q')`` of interleaved ``ts, seq`` pairs sorted by
 ``(ts, seq)``. Only the Trio thread changes the index (after the commit that logged the
@@ -13,7 +13,6 @@ events); the writer thread may read it while a transaction is being applied.
 
 from __future__ import annotations
 
-import logging
 import sys
 from array import array
 from collections.abc import Iterable
@@ -23,8 +22,6 @@ import lmdb
 from . import _keys as keys
 
 __all__ = ["EventIndex", "Entry"]
-
-log = logging.getLogger("pigeon.store")
 
 #: A profile id (8 bytes, as in keys), an event timestamp (µs) and its sequence number.
 Entry = tuple[bytes, int, int]
@@ -46,14 +43,12 @@ def _bisect(pairs: array, ts: int, seq: int) -> int:
 class EventIndex:
     def __init__(self) -> None:
         self._by_pid: dict[bytes, array] = {}
-        self.entries = 0
 
     # -- building -----------------------------------------------------------------------------
 
     def rebuild(self, txn: lmdb.Transaction, log_db: object) -> int:
         """Index the whole log (read in ``txn``); return the number of events."""
         self._by_pid.clear()
-        self.entries = 0
         by_pid = self._by_pid
         cursor = txn.cursor(db=log_db)
         seq_of = keys.seq_of
@@ -67,13 +62,11 @@ class EventIndex:
         for pid, pairs in by_pid.items():
             if not _is_sorted(pairs):
                 by_pid[pid] = _sorted(pairs)
-        self.entries = sum(len(p) // 2 for p in by_pid.values())
-        return self.entries
+        return self.count()
 
     def add(self, entries: Iterable[Entry]) -> None:
         """Index newly logged events (in log order)."""
         by_pid = self._by_pid
-        added = 0
         for pid, ts, seq in entries:
             pairs = by_pid.get(pid)
             if pairs is None:
@@ -84,14 +77,10 @@ class EventIndex:
             else:  # an event older than the profile's latest: keep time order
                 at = 2 * _bisect(pairs, ts, seq)
                 pairs[at:at] = array("Q", (ts, seq))
-            added += 1
-        self.entries += added
 
     def drop(self, pid: bytes) -> None:
         """Forget a deleted profile."""
-        pairs = self._by_pid.pop(pid, None)
-        if pairs is not None:
-            self.entries -= len(pairs) // 2
+        self._by_pid.pop(pid, None)
 
     def remove(self, entries: Iterable[Entry]) -> None:
         """Forget events deleted from the log."""
@@ -102,15 +91,17 @@ class EventIndex:
             pairs = self._by_pid.get(pid)
             if pairs is None:
                 continue
-            kept = array("Q")
-            for i in range(0, len(pairs), 2):
-                if pairs[i + 1] not in seqs:
-                    kept.append(pairs[i])
-                    kept.append(pairs[i + 1])
-            self.entries -= (len(pairs) - len(kept)) // 2
-            if kept:
-                self._by_pid[pid] = kept
+            n = len(seqs)
+            if set(pairs[1 : 2 * n : 2]) == seqs:
+                del pairs[: 2 * n]  # the oldest ones, as the retention sweep removes
             else:
+                kept = array("Q")
+                for i in range(0, len(pairs), 2):
+                    if pairs[i + 1] not in seqs:
+                        kept.append(pairs[i])
+                        kept.append(pairs[i + 1])
+                pairs = self._by_pid[pid] = kept
+            if not pairs:
                 del self._by_pid[pid]
 
     # -- reading ------------------------------------------------------------------------------
@@ -156,9 +147,12 @@ class EventIndex:
             out.extend((pid, pairs[2 * i], pairs[2 * i + 1]) for i in range(n))
         return out
 
+    def count(self) -> int:
+        return sum(len(p) for p in self._by_pid.values()) // 2
+
     def statistics(self) -> dict[str, int]:
         memory = sys.getsizeof(self._by_pid) + sum(sys.getsizeof(p) + 41 for p in self._by_pid.values())
-        return {"profiles": len(self._by_pid), "events": self.entries, "memory_bytes": memory}
+        return {"profiles": len(self._by_pid), "events": self.count(), "memory_bytes": memory}
 
 
 def _is_sorted(pairs: array) -> bool:

@@ -10,7 +10,6 @@ engine is told how far the committed event log now reaches.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -26,8 +25,6 @@ from ._records import to_us
 from ._store import InEvent, ProfileStore, WriteOp, ingest_events
 
 __all__ = ["Ingestion", "decode_batch", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US"]
-
-log = logging.getLogger("pigeon.ingest")
 
 #: Largest encoded ``data`` map of one event.
 MAX_EVENT_DATA_BYTES = 64 * 1024

@@ -14,7 +14,7 @@ import msgspec
 import trio
 
 from ._actor import Actor
-from ._errors import ResourceExhausted
+from ._errors import ActorError, ResourceExhausted
 
 __all__ = ["Journeys", "EventsCommitted"]
 
@@ -41,8 +41,9 @@ class Journeys(Actor):
         """Called by ingestion after a commit; never blocks the caller."""
         try:
             self.send_nowait(EventsCommitted(last_seq, count))
-        except ResourceExhausted:
+        except (ResourceExhausted, ActorError):
             # Only a hint: the log itself is in LMDB and the next hint carries a higher seq.
+            # (ActorError: the engine is stopping or restarting.)
             self.hints_dropped += 1
         self.log_end = max(self.log_end, last_seq)
 

@@ -25,7 +25,6 @@ __all__ = [
     "MAX_KEY_BYTES",
     "identity_key",
     "pid_key",
-    "pid_of",
     "token_key",
     "seq_key",
     "seq_of",
@@ -49,10 +48,6 @@ def identity_key(identity: str, field: str = "$.identity") -> bytes:
 
 def pid_key(pid: int) -> bytes:
     return _U64.pack(pid)
-
-
-def pid_of(key: bytes) -> int:
-    return _U64.unpack(key)[0]
 
 
 def token_key(app: str, token: str) -> bytes:

@@ -28,7 +28,6 @@ __all__ = [
     "encode_profile",
     "decode_profile",
     "encode_event",
-    "event_head",
     "decode_event",
     "to_us",
     "from_us",

@@ -11,7 +11,7 @@ from protocols import api
 from protocols.frames import PROTOCOL_VERSION
 
 from . import _store as store_ops
-from ._errors import InvalidArgument
+from ._errors import ActorError, InvalidArgument
 from ._records import from_us, profile_to_api, to_us
 from ._rpc import CallContext, Router
 
@@ -97,7 +97,10 @@ def build_router(server: Server) -> Router:
                     details=s.details,
                 )
             )
-        counts = store.counts()
+        try:
+            counts = store.counts()
+        except ActorError:
+            counts = None  # the store is restarting: the actors' states matter most now
         return api.Stats(
             version=server.version,
             uptime_s=time.monotonic() - server.started_at,
@@ -105,7 +108,7 @@ def build_router(server: Server) -> Router:
             actors=actors,
             connections=server.listener.connection_stats(),
             methods={name: m.snapshot() for name, m in sorted(server.listener.method_stats.items())},
-            store=api.StoreStats(
+            store=None if counts is None else api.StoreStats(
                 path=str(store.path),
                 schema_version=store_ops.SCHEMA_VERSION,
                 map_size=counts["map_size"],
@@ -173,9 +176,7 @@ def build_router(server: Server) -> Router:
         )
 
     async def unregister_token(ctx: CallContext, req: api.UnregisterToken) -> api.TokenUnregistered:
-        # APNs tokens are stored in lower case; the caller may not know the platform.
-        candidates = (req.token, req.token.lower()) if req.token != req.token.lower() else (req.token,)
-        identity = await store.write(store_ops.unregister_token, req.app, candidates)
+        identity = await store.write(store_ops.unregister_token, req.app, req.token)
         return api.TokenUnregistered(identity=identity)
 
     async def set_consent(ctx: CallContext, req: api.SetConsent) -> api.ConsentEntry:
@@ -192,7 +193,9 @@ def build_router(server: Server) -> Router:
         return await server.ingestion.ingest(ctx.body)
 
     async def list_events(ctx: CallContext, req: api.ListEvents, send: Any) -> None:
-        since = 0 if req.since is None else max(0, to_us(req.since))
+        # events past the retention window are not listed, swept or not yet
+        oldest = store.clock() - store.retention_us
+        since = max(oldest, 0 if req.since is None else to_us(req.since))
         until = _END_OF_TIME_US - 1 if req.until is None else to_us(req.until)
         if until < since:
             store.get_profile(req.identity)  # NOT_FOUND and the identity checks, as for any range

@@ -20,12 +20,13 @@ batches safe.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import lmdb
 import msgspec
@@ -109,7 +110,7 @@ class ProfileStore(Actor):
         self,
         path: str | os.PathLike[str],
         *,
-        map_size: int = 256 * 1024 * 1024,
+        map_size: int = 1024 * 1024 * 1024,
         max_batch: int = 1024,
         max_commit_events: int = 20_000,
         retention_us: int = 90 * 86_400 * 1_000_000,
@@ -129,6 +130,7 @@ class ProfileStore(Actor):
         self.sync = sync
         self._env: lmdb.Environment | None = None
         self._dbs: dict[str, Any] = {}
+        self._lock: IO[str] | None = None
         self._next_pid = 1
         self._next_seq = 1
         self.index = EventIndex()
@@ -145,7 +147,9 @@ class ProfileStore(Actor):
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        self._open()
+        # In a thread: rebuilding the event index takes about a second per million events,
+        # and after a restart the rest of the server keeps serving meanwhile.
+        await trio.to_thread.run_sync(self._open)
         try:
             async with trio.open_nursery() as nursery:
                 if self.sweep_interval > 0:
@@ -158,9 +162,44 @@ class ProfileStore(Actor):
         finally:
             self._close()
 
+    def _lock_folder(self) -> None:
+        """Take the data folder for this process: two servers on one folder would hand out
+        the same profile ids and sequence numbers."""
+        lock = open(self.path / "pigeon.lock", "a+")  # noqa: SIM115 - held while the store is open
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise StorageError(
+                f"the data folder {str(self.path)!r} is in use by another Pigeon server (pid {holder})"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+
     def _open(self) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
+        self._lock_folder()
+        try:
+            self._open_environment()
+        except BaseException:
+            self._unlock_folder()
+            raise
+
+    def _unlock_folder(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
+
+    def _open_environment(self) -> None:
+        try:
             env = lmdb.open(
                 str(self.path),
                 map_size=self.map_size,
@@ -202,6 +241,7 @@ class ProfileStore(Actor):
             self._env.close()
             self._env = None
             self._dbs = {}
+        self._unlock_folder()
 
     @property
     def env(self) -> lmdb.Environment:
@@ -227,15 +267,18 @@ class ProfileStore(Actor):
             except lmdb.MapFullError:
                 self._grow()
             except ServerError:
-                raise
+                raise  # the store itself is unusable (not open): crash, restart
             except lmdb.Error as exc:
                 raise StorageError(f"LMDB write failed: {exc}") from exc
-            except Exception:
-                if len(ops) == 1:
-                    raise
-                log.exception("a write batch failed; retrying its %d ops one by one", len(ops))
-                for op in ops:
-                    await self._write_alone(op)
+            except Exception as exc:
+                # A bug triggered by some op: find it and fail it alone.
+                if len(ops) > 1:
+                    log.exception("a write batch failed; retrying its %d ops one by one", len(ops))
+                    for op in ops:
+                        await self._write([op])
+                    return
+                log.exception("write op %s failed", getattr(ops[0].fn, "__name__", ops[0].fn))
+                ops[0].future.fail(ServerError(f"internal error while writing: {exc!r}"))
                 return
         results, writer = outcome
         # The commit is durable: index what it logged (only this thread changes the index).
@@ -250,15 +293,6 @@ class ProfileStore(Actor):
                 op.future.set(value)
             else:
                 op.future.fail(value)
-
-    async def _write_alone(self, op: WriteOp) -> None:
-        try:
-            await self._write([op])
-        except StorageError:
-            raise
-        except Exception as exc:
-            log.exception("write op %s failed", getattr(op.fn, "__name__", op.fn))
-            op.future.fail(ServerError(f"internal error while writing: {exc!r}"))
 
     def _grow(self) -> None:
         env = self.env
@@ -317,8 +351,12 @@ class ProfileStore(Actor):
     # -- retention --------------------------------------------------------------------------
 
     async def _sweeper(self) -> None:
+        # Once shortly after opening (a server restarted often would otherwise never sweep),
+        # then every sweep_interval.
+        delay = min(self.sweep_interval, 60.0)
         while not self.stopping:
-            await trio.sleep(self.sweep_interval)
+            await trio.sleep(delay)
+            delay = self.sweep_interval
             try:
                 await self.sweep()
             except MailboxClosed:
@@ -429,17 +467,17 @@ class Writer:
         #: Index work for after the commit: events logged, events deleted, profiles deleted.
         self.index_adds: list[Entry] = []
         self.index_removes: list[Entry] = []
-        self.index_drops: set[bytes] = set()
+        self.index_drops: list[bytes] = []
 
-    def mark(self) -> tuple[int, int, frozenset[bytes]]:
-        return len(self.index_adds), len(self.index_removes), frozenset(self.index_drops)
+    def mark(self) -> tuple[int, int, int]:
+        return len(self.index_adds), len(self.index_removes), len(self.index_drops)
 
-    def rollback(self, mark: tuple[int, int, frozenset[bytes]]) -> None:
+    def rollback(self, mark: tuple[int, int, int]) -> None:
         """Forget the index work of an op whose nested transaction was aborted."""
         adds, removes, drops = mark
         del self.index_adds[adds:]
         del self.index_removes[removes:]
-        self.index_drops = set(drops)
+        del self.index_drops[drops:]
 
     def pid(self, identity: str, field: str = "$.identity") -> bytes | None:
         return self.txn.get(keys.identity_key(identity, field), db=self.dbs["identities"])
@@ -530,7 +568,7 @@ def delete_profile(w: Writer, identity: str) -> tuple[list[str], int, int]:
     seqs = w.store.index.seqs_of(pid) + [seq for p, _, seq in w.index_adds if p == pid]
     for seq in seqs:
         txn.delete(keys.seq_key(seq), db=dbs["events"])
-    w.index_drops.add(pid)
+    w.index_drops.append(pid)
     txn.delete(pid, db=dbs["profiles"])
     return record.identities, len(record.registrations), len(seqs)
 
@@ -599,19 +637,25 @@ def register_token(
     return registration, created, moved_from
 
 
-def unregister_token(w: Writer, app: str, candidates: tuple[str, ...]) -> str:
-    """Remove the first of ``candidates`` (spellings of one token) registered for ``app``."""
-    for token in candidates:
-        tkey = keys.token_key(app, token)
-        owner = w.txn.get(tkey, db=w.dbs["tokens"])
-        if owner is not None:
-            break
-    else:
+def unregister_token(w: Writer, app: str, token: str) -> str:
+    """Remove ``token``'s registration for ``app``. An APNs token is stored in lower case, so a
+    token given in another case also finds an APNs registration (never an FCM one: FCM tokens
+    are case-sensitive)."""
+    tokens = w.dbs["tokens"]
+    owner = w.txn.get(keys.token_key(app, token), db=tokens)
+    if owner is None and token != token.lower():
+        lowered = token.lower()
+        candidate = w.txn.get(keys.token_key(app, lowered), db=tokens)
+        if candidate is not None and any(
+            r.app == app and r.token == lowered and r.platform.startswith("apns") for r in w.load(candidate).registrations
+        ):
+            owner, token = candidate, lowered
+    if owner is None:
         raise NotFound(f"token is not registered for app {app!r}", field="$.token")
     record = w.load(owner)
     record.registrations = [r for r in record.registrations if not (r.app == app and r.token == token)]
     w.save(owner, record)
-    w.txn.delete(tkey, db=w.dbs["tokens"])
+    w.txn.delete(keys.token_key(app, token), db=tokens)
     return record.identities[0]
 
 

@@ -13,7 +13,6 @@ import enum
 import logging
 import random
 from collections import deque
-from typing import Any
 
 import msgspec
 import trio
@@ -121,8 +120,12 @@ class Supervisor:
             task_status.started(self)
 
     async def stop(self, grace: float) -> None:
-        """Stop the children in reverse order, each within ``grace`` seconds, then cancel it."""
+        """Stop the children in reverse order within ``grace`` seconds overall (each still gets
+        at least half a second, so one stuck child cannot rob the next of its final work);
+        a child still running at its deadline is cancelled."""
         self._stopping = True
+        deadline = trio.current_time() + grace
+        floor = min(grace, 0.5)
         for child in reversed(self._children):
             if not child.entered:  # never started, and `run` starts no child once stopping
                 child.state = "stopped"
@@ -130,7 +133,7 @@ class Supervisor:
                 child.finished.set()
                 continue
             child.spec.actor.request_stop()
-            with trio.move_on_after(grace) as waited:
+            with trio.move_on_at(max(deadline, trio.current_time() + floor)) as waited:
                 await child.finished.wait()
             if waited.cancelled_caught:
                 log.warning("%s: %s did not stop within %gs; cancelling it", self.name, child.spec.id, grace)
@@ -144,9 +147,6 @@ class Supervisor:
 
     def actors(self) -> list[Actor]:
         return [c.spec.actor for c in self._children]
-
-    def child_state(self, name: str) -> str:
-        return next(c.state for c in self._children if c.spec.id == name)
 
     async def _supervise(self, child: _Child, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         spec, options = child.spec, self.options
@@ -210,6 +210,3 @@ class Supervisor:
                 child.state = "stopped"
             actor.close()
             child.finished.set()
-
-    def details(self) -> dict[str, Any]:
-        return {c.spec.id: c.state for c in self._children}

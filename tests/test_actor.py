@@ -341,3 +341,17 @@ async def _ask(actor: Actor, body: Any) -> Any:
     with trio.fail_after(10):
         await actor.send(call)
         return await call.future.wait()
+
+
+async def test_a_failing_callback_does_not_stop_the_others_or_the_result(caplog) -> None:
+    future: Future[int] = Future()
+    seen = []
+
+    def broken(f: Future[int]) -> None:
+        raise RuntimeError("callback bug")
+
+    future.on_done(broken)
+    future.on_done(lambda f: seen.append(f.result()))
+    future.set(7)
+    assert seen == [7] and future.result() == 7
+    assert "callback bug" in caplog.text

@@ -136,3 +136,59 @@ async def test_a_crashed_actor_is_restarted_and_visible_in_stats(client, server)
     assert reporting.crashes == 1 and "AttributeError" in reporting.last_error
     others = [a for a in stats.actors if a.name != "reporting"]
     assert all(a.restarts == 0 and a.state == "running" for a in others)
+
+
+async def test_a_stop_with_writes_in_flight_crashes_nothing(tmp_path):
+    srv = Server(make_config(tmp_path / "d"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0]) as c:
+            async with trio.open_nursery() as calls:
+                for k in range(30):
+
+                    async def gone(k: int = k) -> None:
+                        with trio.move_on_after(0.001):  # the caller leaves; the server goes on
+                            await c.call(api.IngestEvents(events=[api.Event(identity=f"crm:{k}", type="t")] * 200))
+
+                    calls.start_soon(gone)
+        srv.request_stop()
+    assert all(s.crashes == 0 for s in srv.supervisor.statistics()), srv.supervisor.statistics()
+
+
+def test_a_second_server_on_the_same_data_folder_is_refused(spawn_server, tmp_path):
+    first = spawn_server()
+    second = spawn_server(data=first.data, start=False)
+    with pytest.raises(RuntimeError, match="in use by another Pigeon server"):
+        second.start()
+    assert second.proc.returncode == 1
+    assert f"pid {first.proc.pid}" in "".join(second.log)
+    assert first.stop() == 0
+
+
+def test_a_second_signal_forces_the_stop_with_exit_1(spawn_server):
+    proc = spawn_server(env={"PIGEON_SHUTDOWN_GRACE_S": "30"})
+
+    async def hold_a_stream_open() -> None:
+        async with open_client(proc.address) as client:
+            await client.call(api.IngestEvents(events=[api.Event(identity="crm:1", type="t")] * 200))
+        # a stream with a window of 1 whose client never grants credit keeps a call in flight
+        import socket as sockets
+
+        from protocols.frames import PROTOCOL_VERSION, Call, Hello
+        from protocols.framing import FrameEncoder
+
+        encoder = FrameEncoder()
+        host, port = proc.address.rsplit(":", 1)
+        sock = sockets.create_connection((host, int(port)))
+        sock.sendall(encoder.frame(Hello(version=PROTOCOL_VERSION)))
+        sock.sendall(encoder.frame(Call(id=1, method="events.list", body=encoder.body({"identity": "crm:1"}), window=1)))
+        await trio.sleep(0.3)
+        proc.signal(signal.SIGTERM)
+        await trio.sleep(0.5)
+        assert proc.proc.poll() is None  # still finishing the call in flight
+        proc.signal(signal.SIGTERM)
+        assert proc.wait(10) == 1
+        sock.close()
+
+    trio.run(hold_a_stream_open)
+    assert "again; exiting now" in "".join(proc.log)

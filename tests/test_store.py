@@ -12,6 +12,7 @@ import trio
 
 from protocols import api
 from protocols.errors import CallError, Status
+from protocols.trio_client import open_client
 from server import SchemaError, Server
 from server import _store as store_ops
 from server._store import MAX_REGISTRATIONS, ProfileStore
@@ -263,7 +264,7 @@ def test_store_keys_sort_numerically():
     from server import _keys as keys
 
     assert keys.seq_key(255) < keys.seq_key(256) and keys.seq_of(keys.seq_key(2**40)) == 2**40
-    assert keys.pid_key(1) < keys.pid_key(2**32) and keys.pid_of(keys.pid_key(7)) == 7
+    assert keys.pid_key(1) < keys.pid_key(2**32) and int.from_bytes(keys.pid_key(7), "big") == 7
     with pytest.raises(Exception, match="511"):
         keys.identity_key("crm:" + "é" * 300)
 
@@ -376,3 +377,65 @@ async def test_a_backlog_is_committed_in_transactions_of_bounded_size(tmp_path):
         heavy = store_ops.WriteOp(store_ops.ingest_events, [events * 3], weight=18)
         assert await store.write_op(heavy) == [36]  # a single heavier op still commits, alone
         store.request_stop()
+
+
+async def test_an_op_that_fails_unexpectedly_fails_alone_and_the_store_lives_on(tmp_path, caplog):
+    store = ProfileStore(tmp_path / "d", clock=lambda: 1)
+
+    def buggy(w):
+        raise KeyError("a bug in an op")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        with pytest.raises(Exception, match="internal error while writing") as info:
+            await store.write(buggy)
+        assert info.value.status == Status.INTERNAL
+        assert (await store.write(store_ops.upsert_profile, "crm:1", {})).identities == ["crm:1"]
+        assert "a bug in an op" in caplog.text
+        store.request_stop()
+
+
+async def test_unregister_never_falls_back_to_another_devices_fcm_token(client):
+    await client.call(api.RegisterToken(identity="crm:1", app=APP, platform="fcm", token="abc"))
+    with pytest.raises(CallError) as info:
+        await client.call(api.UnregisterToken(app=APP, token="ABC"))  # FCM tokens are case-sensitive
+    assert info.value.status is Status.NOT_FOUND
+    assert len((await client.call(api.GetProfile(identity="crm:1"))).registrations) == 1
+
+
+async def test_stats_still_answer_while_the_store_restarts(tmp_path):
+    srv = Server(make_config(tmp_path / "d", supervisor={"backoff_min_s": 2.0}))
+
+    def broken_storage(w):
+        raise lmdb.Error("simulated storage failure")
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0]) as c:
+            with pytest.raises(Exception):
+                await srv.store.write(broken_storage)
+            stats = await c.call(api.GetStats())
+            store = next(a for a in stats.actors if a.name == "store")
+            assert store.state == "restarting" and "simulated storage failure" in store.last_error
+            assert stats.store is None
+            with trio.fail_after(10):
+                while (await c.call(api.GetStats())).store is None:
+                    await trio.sleep(0.05)
+        srv.request_stop()
+
+
+async def test_events_past_retention_are_hidden_at_once_and_swept_soon(tmp_path):
+    now = [1_800_000_000_000_000]
+    day = 86_400_000_000
+    srv = Server(make_config(tmp_path / "d", store={"retention_days": 1, "sweep_interval_s": 0.05}), clock=lambda: now[0])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0]) as c:
+            await c.call(api.IngestEvents(events=[api.Event(identity="crm:1", type="old")]))
+            now[0] += 2 * day
+            async with c.stream(api.ListEvents(identity="crm:1")) as items:
+                assert [e async for e in items] == []  # hidden even before the sweep
+            with trio.fail_after(10):
+                while (await c.call(api.GetStats())).store.events:
+                    await trio.sleep(0.05)
+        srv.request_stop()
