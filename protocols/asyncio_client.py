@@ -238,9 +238,13 @@ class Client:
         self._check_open()
         return time.perf_counter() - started
 
-    def event_batcher(self, *, batch_size: int = 500, max_in_flight: int = 4, linger: float = 0.01) -> EventBatcher:
+    def event_batcher(
+        self, *, batch_size: int = 500, max_in_flight: int = 4, linger: float = 0.01, call_timeout: float | None = None
+    ) -> EventBatcher:
         """A helper for high-rate ingestion; see `EventBatcher`."""
-        return EventBatcher(self, batch_size=batch_size, max_in_flight=max_in_flight, linger=linger)
+        return EventBatcher(
+            self, batch_size=batch_size, max_in_flight=max_in_flight, linger=linger, call_timeout=call_timeout
+        )
 
     async def aclose(self) -> None:
         """Close the connection; calls still waiting fail with `ConnectionClosed`."""
@@ -435,7 +439,8 @@ class EventBatcher:
     Use it as an async context manager; `add` waits when ``max_in_flight`` batches are
     outstanding (backpressure), a partial batch is sent after ``linger`` seconds, and leaving
     the block sends the rest and waits for every acknowledgement. Leaving it with an
-    exception cancels the batches still in flight instead.
+    exception cancels the batches still in flight instead. With ``call_timeout``, a batch not
+    acknowledged within that many seconds fails with DEADLINE_EXCEEDED.
 
     Attributes:
         accepted: events acknowledged as durable.
@@ -444,9 +449,12 @@ class EventBatcher:
             the first of them).
     """
 
-    def __init__(self, client: Client, *, batch_size: int, max_in_flight: int, linger: float) -> None:
+    def __init__(
+        self, client: Client, *, batch_size: int, max_in_flight: int, linger: float, call_timeout: float | None = None
+    ) -> None:
         self.client = client
         self._book = BatchBook(batch_size=batch_size, max_in_flight=max_in_flight, linger=linger)
+        self._call_timeout = call_timeout
         self._slots = asyncio.Semaphore(max_in_flight)
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -518,9 +526,11 @@ class EventBatcher:
 
     async def _call(self, batch: list[api.Event]) -> None:
         try:
-            self._book.record(batch, await self.client.call(api.IngestEvents(events=batch)))
+            self._book.record(batch, await self.client.call(api.IngestEvents(events=batch), timeout=self._call_timeout))
         except PigeonProtocolError as exc:
             self._book.record(batch, exc)
+        except TimeoutError:
+            self._book.record(batch, CallError(Status.DEADLINE_EXCEEDED, f"no answer within {self._call_timeout:g}s"))
         except Exception as exc:  # a bug or an unencodable event: raised when the block is left
             self._crashes.append(exc)
         finally:

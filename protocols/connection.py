@@ -200,8 +200,8 @@ class ServerConnection(_Base):
     Args:
         server: name and version announced in the welcome.
         max_frame: largest frame accepted (announced in the welcome).
-        max_calls: calls a client may keep in flight (announced; the I/O layer enforces it by
-            not reading further).
+        max_calls: calls a client may keep in flight (announced in the welcome); a call beyond
+            it is answered with RESOURCE_EXHAUSTED.
     """
 
     def __init__(self, *, server: str, max_frame: int = DEFAULT_MAX_FRAME, max_calls: int = 256) -> None:

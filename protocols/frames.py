@@ -67,7 +67,8 @@ class Welcome(Frame, tag="welcome"):
     server: str
     #: Largest frame (length prefix value) the server accepts.
     max_frame: int
-    #: Calls a client may have in flight on this connection; the server stops reading beyond it.
+    #: Calls a client may have in flight on this connection; more are refused with
+    #: RESOURCE_EXHAUSTED until one of them has its terminal frame.
     max_calls: int
 
 

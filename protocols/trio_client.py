@@ -177,10 +177,12 @@ class Client:
         return trio.current_time() - started
 
     def event_batcher(
-        self, *, batch_size: int = 500, max_in_flight: int = 4, linger: float = 0.01
+        self, *, batch_size: int = 500, max_in_flight: int = 4, linger: float = 0.01, call_timeout: float | None = None
     ) -> EventBatcher:
         """A helper for high-rate ingestion; see `EventBatcher`."""
-        return EventBatcher(self, batch_size=batch_size, max_in_flight=max_in_flight, linger=linger)
+        return EventBatcher(
+            self, batch_size=batch_size, max_in_flight=max_in_flight, linger=linger, call_timeout=call_timeout
+        )
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -348,7 +350,8 @@ class EventBatcher:
 
     Use it as an async context manager; `add` waits when ``max_in_flight`` batches are
     outstanding (backpressure), a partial batch is sent after ``linger`` seconds, and leaving
-    the block sends the rest and waits for every acknowledgement.
+    the block sends the rest and waits for every acknowledgement. With ``call_timeout``, a
+    batch not acknowledged within that many seconds fails with DEADLINE_EXCEEDED.
 
     Attributes:
         accepted: events acknowledged as durable.
@@ -357,9 +360,12 @@ class EventBatcher:
             the first of them).
     """
 
-    def __init__(self, client: Client, *, batch_size: int, max_in_flight: int, linger: float) -> None:
+    def __init__(
+        self, client: Client, *, batch_size: int, max_in_flight: int, linger: float, call_timeout: float | None = None
+    ) -> None:
         self.client = client
         self._book = BatchBook(batch_size=batch_size, max_in_flight=max_in_flight, linger=linger)
+        self._call_timeout = math.inf if call_timeout is None else call_timeout
         self._slots = trio.Semaphore(max_in_flight)
         self._in_flight = 0
         self._idle = trio.Event()
@@ -431,9 +437,12 @@ class EventBatcher:
 
     async def _call(self, batch: list[api.Event]) -> None:
         try:
-            self._book.record(batch, await self.client.call(api.IngestEvents(events=batch)))
+            with trio.fail_after(self._call_timeout):
+                self._book.record(batch, await self.client.call(api.IngestEvents(events=batch)))
         except PigeonProtocolError as exc:
             self._book.record(batch, exc)
+        except trio.TooSlowError:
+            self._book.record(batch, CallError(Status.DEADLINE_EXCEEDED, f"no answer within {self._call_timeout:g}s"))
         finally:
             self._slots.release()
             self._done_one()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import ssl
 import sys
@@ -194,7 +195,8 @@ Action = Callable[[Client, argparse.Namespace], Any]
 
 
 async def _simple(request: api.Request[Any], show: Callable[[Any], str] | None, args: argparse.Namespace, client: Client) -> None:
-    result = await client.call(request)
+    with trio.fail_after(args.timeout):
+        result = await client.call(request)
     print(_json(result) if args.json or show is None else show(result))
 
 
@@ -208,19 +210,25 @@ def _req(build: Callable[[argparse.Namespace], api.Request[Any]], show: Callable
 async def _events_send(client: Client, args: argparse.Namespace) -> None:
     data = _parse_json_object(args.data, "--data") if args.data else {}
     event = _event(args.identity, args.type, data, _parse_time(args.ts, "--ts"))
-    result = await client.call(api.IngestEvents(events=[event]))
+    with trio.fail_after(args.timeout):
+        result = await client.call(api.IngestEvents(events=[event]))
     print(_json(result) if args.json else show_ingest(result))
     if result.rejected:
         raise SystemExit(1)
 
 
 async def _events_import(client: Client, args: argparse.Namespace) -> None:
-    source = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115
+    try:
+        source = sys.stdin if args.file == "-" else open(args.file)  # noqa: SIM115
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file!r}: {exc.strerror}") from None
     decoder = msgspec.json.Decoder(api.Event)
     invalid = []
     lines = 0
+    stopped: BatchFailed | None = None
+    batcher = client.event_batcher(batch_size=args.batch_size, call_timeout=args.timeout)
     try:
-        async with client.event_batcher(batch_size=args.batch_size) as batcher:
+        async with batcher:
             for lineno, line in enumerate(source, 1):
                 if not line.strip():
                     continue
@@ -232,19 +240,23 @@ async def _events_import(client: Client, args: argparse.Namespace) -> None:
                     continue
                 await batcher.add(event)
     except BatchFailed as exc:
-        raise UsageError(f"import stopped: {exc}") from None
+        stopped = exc
     finally:
         if source is not sys.stdin:
             source.close()
     summary = {"lines": lines, "accepted": batcher.accepted, "invalid": invalid,
-               "rejected": [r.message for _, r in batcher.rejected]}
+               "rejected": [r.message for _, r in batcher.rejected],
+               "not_acknowledged": sum(len(f.events) for f in batcher.failed)}
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{lines} line(s): {batcher.accepted} event(s) accepted, {len(invalid)} invalid, {len(batcher.rejected)} rejected")
+        print(f"{lines} line(s): {batcher.accepted} event(s) accepted, {len(invalid)} invalid, {len(batcher.rejected)} rejected"
+              + (f", {summary['not_acknowledged']} not acknowledged" if stopped else ""))
         for problem in invalid + summary["rejected"]:
             print(f"  {problem}")
-    if invalid or batcher.rejected:
+    if stopped is not None:
+        print(f"pigeon: some batches failed: {stopped.error}", file=sys.stderr)
+    if invalid or batcher.rejected or stopped:
         raise SystemExit(1)
 
 
@@ -273,7 +285,8 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print the response as JSON")
     common.add_argument("--tls", action="store_true", help="connect with TLS")
     common.add_argument("--ca", metavar="FILE", help="CA certificate to trust for TLS (implies --tls)")
-    common.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS", help="deadline per command (default 30)")
+    common.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="deadline for connecting and for each call (default 30)")
 
     parser = argparse.ArgumentParser(prog="pigeon", description="Pigeon, a self-hosted push journey server.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -360,9 +373,14 @@ async def _run_client(args: argparse.Namespace) -> None:
     context = None
     if args.tls or args.ca:
         context = ssl.create_default_context(cafile=args.ca)
-    with trio.fail_after(args.timeout):
+    # --timeout bounds connecting, and then each call (in the commands), not the whole command:
+    # a long import or listing may take as long as it needs while the server keeps answering.
+    with trio.CancelScope(deadline=trio.current_time() + args.timeout) as connecting:
         async with open_client(args.server, ssl_context=context, client_name="pigeon-cli") as client:
+            connecting.deadline = math.inf
             await args.action(client, args)
+    if connecting.cancelled_caught:
+        raise trio.TooSlowError
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -414,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pigeon: cannot talk to the server at {getattr(args, 'server', '?')}: {exc}", file=sys.stderr)
         return 1
     except trio.TooSlowError:
-        print(f"pigeon: no answer within {args.timeout:g}s", file=sys.stderr)
+        print(f"pigeon: no answer from {args.server} within {args.timeout:g}s", file=sys.stderr)
         return 1
 
 

@@ -3,11 +3,13 @@
 The file is ``--config FILE`` (or ``PIGEON_CONFIG``), else ``./pigeon.toml`` when it exists.
 Environment variables name a key in upper case, with ``__`` between a section and its key:
 ``PIGEON_DATA``, ``PIGEON_LISTEN`` (comma-separated), ``PIGEON_STORE__RETENTION_DAYS``.
-A wrong value is reported with its key and where it came from.
+A wrong value is reported with its key and where it came from; a ``PIGEON_*`` variable that
+names no key is ignored with a warning (clients and plugins use the prefix too).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from collections.abc import Mapping
@@ -15,12 +17,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
+import msgspec.inspect
 
 from protocols.framing import DEFAULT_MAX_FRAME
 
 from ._errors import ConfigError
 
 __all__ = ["Config", "StoreSettings", "SupervisorSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
+
+log = logging.getLogger("pigeon.config")
 
 DEFAULT_LISTEN = "127.0.0.1:7600"
 DEFAULT_DATA = "./pigeon-data"
@@ -50,11 +55,11 @@ class SupervisorSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data: str = DEFAULT_DATA
-    listen: list[str] = msgspec.field(default_factory=lambda: [DEFAULT_LISTEN])
+    listen: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: [DEFAULT_LISTEN])
     #: Serve TLS on TCP addresses with this certificate chain and key (PEM files).
     tls_cert: str | None = None
     tls_key: str | None = None
-    max_frame: Positive = DEFAULT_MAX_FRAME
+    max_frame: Annotated[int, msgspec.Meta(ge=1024)] = DEFAULT_MAX_FRAME
     max_calls: Positive = 256
     max_connections: Positive = 1024
     write_timeout_s: PositiveFloat = 30.0
@@ -69,6 +74,19 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 _LIST_KEYS = {"listen"}
 
 
+def _is_setting(path: list[str]) -> bool:
+    """Whether ``path`` (``["store", "sync"]``) names a configuration key."""
+    info: Any = msgspec.inspect.type_info(Config)
+    for part in path:
+        if not isinstance(info, msgspec.inspect.StructType):
+            return False
+        field = next((f for f in info.fields if f.name == part), None)
+        if field is None:
+            return False
+        info = field.type
+    return True
+
+
 def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
@@ -76,6 +94,11 @@ def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
         if not name.startswith("PIGEON_") or name in ("PIGEON_CONFIG", "PIGEON_SERVER"):
             continue
         path = name[len("PIGEON_") :].lower().split("__")
+        if not _is_setting(path):
+            # PIGEON_ is shared with clients and plugins: a variable this server does not
+            # know is not an error, but it may be a typo.
+            log.warning("ignoring environment variable %s: no such configuration key", name)
+            continue
         target = values
         for part in path[:-1]:
             target = target.setdefault(part, {})

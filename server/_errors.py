@@ -81,7 +81,10 @@ class FailedPrecondition(ServerError):
 
 
 class ResourceExhausted(ServerError):
-    """A limit was hit (a queue is full, a value is too large)."""
+    """A limit on resources was hit (a mailbox is full, too many calls or connections).
+
+    A value that is too large is an `InvalidArgument`: the caller must change it.
+    """
 
     status = Status.RESOURCE_EXHAUSTED
 
@@ -107,7 +110,11 @@ class ActorError(ServerError):
 
 
 class ActorCrashed(ActorError):
-    """The actor crashed while the request was in its hands; the request was not applied."""
+    """The actor crashed while the request was in its hands.
+
+    Whether a write was applied is unknown (the crash may follow its commit): retry only
+    writes that are safe to repeat.
+    """
 
 
 class MailboxClosed(ActorError):

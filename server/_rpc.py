@@ -10,6 +10,7 @@ or stuck client costs bounded memory.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket as _stdlib_socket
@@ -216,12 +217,19 @@ class Listener(Actor):
             assert isinstance(port, str)
             sock = trio.socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
             if os.path.exists(port):
-                os.unlink(port)
+                if _unix_socket_in_use(port):
+                    raise ServerError(f"cannot listen on {address}: a running server is listening there")
+                os.unlink(port)  # left behind by a server that stopped
             await sock.bind(port)
             sock.listen(128)
             addresses.append(f"unix:{port}")
             return [trio.SocketListener(sock)]
         listeners: list[trio.abc.Listener[Any]] = []
+        if not _is_loopback(host):
+            log.warning(
+                "listening on %s: anyone who can reach it can call every method (API keys are not enforced yet)",
+                address,
+            )
         for tcp in await trio.open_tcp_listeners(int(port), host=host):
             name = tcp.socket.getsockname()
             addresses.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
@@ -277,6 +285,24 @@ class Listener(Actor):
 
     def details(self) -> dict[str, Any]:
         return {"addresses": self.addresses, "connections": len(self.connections)}
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _unix_socket_in_use(path: str) -> bool:
+    probe = _stdlib_socket.socket(_stdlib_socket.AF_UNIX, _stdlib_socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 def _peer_name(stream: trio.abc.Stream) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -121,3 +122,19 @@ def test_health_and_stats(server_process):
     assert "ACTOR" in r.stdout and "store" in r.stdout and "listener" in r.stdout
     stats = json.loads(pigeon(server_process.address, "stats", "--json").stdout)
     assert {a["name"] for a in stats["actors"]} >= {"store", "ingestion", "journeys", "delivery", "reporting", "listener"}
+
+
+def test_timeout_bounds_each_call_not_a_long_import(server_process, tmp_path):
+    path = tmp_path / "many.jsonl"
+    line = json.dumps({"identity": "crm:1", "type": "page.view", "data": {"n": 1}})
+    path.write_text((line + "\n") * 200_000)
+    started = time.monotonic()
+    r = pigeon(server_process.address, "events", "import", str(path), "--timeout", "1")
+    assert r.returncode == 0, r.stderr
+    assert "200000 event(s) accepted" in r.stdout
+    assert time.monotonic() - started > 1  # longer than --timeout, and not cut off
+
+
+def test_import_of_a_missing_file_is_a_usage_error(server_process, tmp_path):
+    r = pigeon(server_process.address, "events", "import", str(tmp_path / "nope.jsonl"))
+    assert r.returncode == 2 and "cannot read" in r.stderr and "No such file" in r.stderr

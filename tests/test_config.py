@@ -47,8 +47,6 @@ def test_unknown_key_is_an_error(tmp_path):
     path.write_text("[store]\nretention_dayz = 3\n")
     with pytest.raises(ConfigError, match=r"unknown configuration key 'store.retention_dayz' \(from .*p.toml\)"):
         load_config(str(path), env={})
-    with pytest.raises(ConfigError, match="unknown configuration key 'colour'.*PIGEON_COLOUR"):
-        load_config(env={"PIGEON_COLOUR": "blue"})
 
 
 def test_unreadable_and_invalid_files(tmp_path):
@@ -65,3 +63,16 @@ def test_tls_needs_both_files(tmp_path):
 
     with pytest.raises(ConfigError, match="both tls_cert and tls_key"):
         Server(load_config(env={}, overrides={"data": str(tmp_path), "tls_cert": "x.pem"}))
+
+
+def test_unknown_environment_variables_are_ignored_with_a_warning(caplog):
+    config = load_config(env={"PIGEON_DISABLED_PLUGINS": "x", "PIGEON_STORE__COLOUR": "blue", "PIGEON_DATA": "/d"})
+    assert config.data == "/d"
+    assert "PIGEON_DISABLED_PLUGINS" in caplog.text and "PIGEON_STORE__COLOUR" in caplog.text
+
+
+def test_limits_that_cannot_work_are_refused():
+    with pytest.raises(ConfigError, match="'listen'"):
+        load_config(env={"PIGEON_LISTEN": ""})
+    with pytest.raises(ConfigError, match="'max_frame'.*>= 1024"):
+        load_config(env={"PIGEON_MAX_FRAME": "64"})

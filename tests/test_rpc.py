@@ -624,3 +624,22 @@ async def test_a_trio_call_cancelled_while_it_is_being_sent_leaves_the_connectio
             await client.call(api.IngestEvents(events=events))
     with trio.fail_after(10):
         assert (await client.call(api.GetHealth())).status == "serving"
+
+
+def test_a_unix_socket_in_use_is_not_taken_over(spawn_server, tmp_path):
+    path = tmp_path / "p.sock"
+    first = spawn_server("--listen", f"unix:{path}")
+    second = spawn_server("--listen", f"unix:{path}", data=tmp_path / "other", start=False)
+    with pytest.raises(RuntimeError, match="a running server is listening there"):
+        second.start()
+    assert first.stop() == 0
+    # a socket file left behind by a stopped server is reused
+    spawn_server("--listen", f"unix:{path}", data=tmp_path / "third")
+
+
+async def test_listening_beyond_loopback_warns_that_nothing_is_authenticated(tmp_path, caplog):
+    srv = Server(make_config(tmp_path / "d", listen=["0.0.0.0:0"]))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        srv.request_stop()
+    assert "API keys are not enforced yet" in caplog.text
