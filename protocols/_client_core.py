@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from . import api
 from .api import METHODS, Request
 from .connection import (
     ClientConnection,
+    State,
     EndReceived,
     ErrorReceived,
     ItemReceived,
@@ -19,7 +21,8 @@ from .connection import (
     ReplyReceived,
     Welcomed,
 )
-from .errors import BatchFailed, CallError, ConnectionClosed, MalformedFrame, PigeonProtocolError, Status
+from .errors import BatchFailed, CallError, ConnectionClosed, MalformedFrame, PigeonProtocolError, ProtocolError, Status
+from .frames import Welcome
 
 __all__ = [
     "parse_target",
@@ -34,7 +37,10 @@ __all__ = [
     "closed_error",
     "describe",
     "BatchBook",
+    "ClientBase",
 ]
+
+log = logging.getLogger("pigeon.client")
 
 _decoders: dict[Any, msgspec.msgpack.Decoder] = {}
 
@@ -261,6 +267,91 @@ class BatchBook:
         else:
             self.accepted += outcome.accepted
             self.rejected.extend((batch[r.index], r) for r in outcome.rejected)
+
+
+class ClientBase:
+    """What the Trio and asyncio clients share: the sans-IO connection, the calls in flight and
+    their bookkeeping. Nothing here waits; a subclass supplies the I/O: `_kick` (frames are
+    queued for the writer) and the ``_welcomed`` and pong events (anything with ``set()``).
+    """
+
+    _welcomed: Any
+    _pongs: dict[int, Any]
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self._pending: dict[int, CallSink] = {}
+        self._closed_error: PigeonProtocolError | None = None
+        #: Errors the server sent about the connection itself (call id 0).
+        self.connection_errors: list[CallError] = []
+
+    @property
+    def welcome(self) -> Welcome:
+        """The server's welcome: its name, frame limit and calls-in-flight limit."""
+        assert self._conn.welcome is not None
+        return self._conn.welcome
+
+    def _kick(self) -> None:
+        raise NotImplementedError
+
+    def _error_for_caller(self, error: PigeonProtocolError) -> PigeonProtocolError:
+        return error
+
+    def _check_open(self) -> None:
+        if self._closed_error is not None:
+            raise self._error_for_caller(self._closed_error)
+
+    def _queue_call(self, request: Request[Any], sink: CallSink, timeout_ms: int | None, window: int | None) -> int:
+        """Queue a call and remember its sink; raises if the connection is closed or draining."""
+        self._check_open()
+        try:
+            call_id = self._conn.start_call(request.method, request, timeout_ms=timeout_ms, window=window)
+        except ProtocolError as exc:
+            if self._conn.state in (State.DRAINING, State.CLOSED):
+                raise closed_error(self._conn) from exc
+            raise
+        self._pending[call_id] = sink
+        self._kick()
+        return call_id
+
+    def _abandon(self, call_id: int) -> None:
+        """The caller gave up: cancel the call on the server (its slot stays taken until the
+        server answers)."""
+        if abandon(self._pending, call_id) and self._closed_error is None:
+            self._conn.cancel(call_id)
+            self._kick()
+
+    def _receive(self, data: bytes) -> None:
+        """Bytes from the server (b"" at its end): hand every frame to its call."""
+        route_events(
+            self._conn.receive_data(data),
+            self._pending,
+            on_welcome=self._welcomed.set,
+            on_pong=self._pong,
+            on_connection_error=self._connection_error,
+        )
+        if self._conn.pending_bytes:  # pongs
+            self._kick()
+
+    def _connection_error(self, error: CallError) -> None:
+        log.warning("the server reported a connection error: %s", error)
+        self.connection_errors.append(error)
+
+    def _pong(self, nonce: int) -> None:
+        event = self._pongs.get(nonce)
+        if event is not None:
+            event.set()
+
+    def _fail_all(self, error: PigeonProtocolError) -> None:
+        """The connection is over: fail every call, wake every waiter."""
+        if self._closed_error is None:
+            self._closed_error = error
+        pending, self._pending = self._pending, {}
+        for sink in pending.values():
+            sink.finish(self._error_for_caller(error))
+        self._welcomed.set()
+        for event in self._pongs.values():
+            event.set()
 
 
 def describe(exc: BaseException) -> str:

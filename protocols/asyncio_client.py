@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import math
 import ssl
 import time
@@ -41,18 +40,16 @@ from . import api
 from ._client_core import (
     BatchBook,
     CallSink,
+    ClientBase,
     StreamSink,
-    abandon,
     closed_error,
-    describe,
     decoder_for,
+    describe,
     parse_target,
     response_type,
-    route_events,
 )
-from .connection import ClientConnection, State
+from .connection import ClientConnection
 from .errors import BatchFailed, CallError, ConnectionClosed, PigeonProtocolError, ProtocolError, Status
-from .frames import Welcome
 from .framing import DEFAULT_MAX_FRAME
 
 __all__ = ["Client", "open_client", "EventBatcher", "BatchFailed", "run"]
@@ -62,7 +59,6 @@ T = TypeVar("T")
 
 #: Bytes asked for per read, and the StreamReader's buffer limit.
 _READ_SIZE = 256 * 1024
-log = logging.getLogger("pigeon.client")
 
 
 def run(main: Coroutine[Any, Any, T], *, debug: bool | None = None) -> T:
@@ -140,33 +136,21 @@ def _fresh(error: PigeonProtocolError) -> PigeonProtocolError:
     return error
 
 
-class Client:
+class Client(ClientBase):
     """A connection to a Pigeon server. Create it with `open_client`."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: ClientConnection) -> None:
+        super().__init__(conn)
         self._reader = reader
         self._writer = writer
-        self._conn = conn
         self._loop = asyncio.get_running_loop()
-        self._pending: dict[int, CallSink] = {}
         self._welcomed = asyncio.Event()
         self._pongs: dict[int, asyncio.Event] = {}
         self._nonces = itertools.count(1)
-        self._closed_error: PigeonProtocolError | None = None
         self._flush_scheduled = False
         self._reader_task: asyncio.Task[None] | None = None
-        #: Errors the server sent about the connection itself (call id 0).
-        self.connection_errors: list[CallError] = []
         #: Calls in flight, at most welcome.max_calls (set once welcomed).
         self._slots = asyncio.Semaphore(1)
-
-    @property
-    def welcome(self) -> Welcome:
-        """The server's welcome: its name, frame limit and calls-in-flight limit."""
-        assert self._conn.welcome is not None
-        return self._conn.welcome
-
-    # -- calls --------------------------------------------------------------------------------
 
     async def call(self, request: api.Request[R], *, timeout: float | None = None) -> R:
         """Call the request's method and return its decoded response.
@@ -261,9 +245,8 @@ class Client:
 
     # -- plumbing -----------------------------------------------------------------------------
 
-    def _check_open(self) -> None:
-        if self._closed_error is not None:
-            raise _fresh(self._closed_error)
+    def _error_for_caller(self, error: PigeonProtocolError) -> PigeonProtocolError:
+        return _fresh(error)
 
     async def _start(
         self, request: api.Request[Any], sink: CallSink, *, deadline: float | None = None, window: int | None = None
@@ -283,26 +266,8 @@ class Client:
             self._slots.release()
             raise
 
-    def _queue_call(self, request: api.Request[Any], sink: CallSink, timeout_ms: int | None, window: int | None) -> int:
-        self._check_open()
-        try:
-            call_id = self._conn.start_call(request.method, request, timeout_ms=timeout_ms, window=window)
-        except ProtocolError as exc:
-            if self._conn.state in (State.DRAINING, State.CLOSED):
-                raise closed_error(self._conn) from exc
-            raise
-        self._pending[call_id] = sink
+    def _kick(self) -> None:
         self._flush_soon()
-        return call_id
-
-    def _connection_error(self, error: CallError) -> None:
-        log.warning("the server reported a connection error: %s", error)
-        self.connection_errors.append(error)
-
-    def _abandon(self, call_id: int) -> None:
-        if abandon(self._pending, call_id) and self._closed_error is None:
-            self._conn.cancel(call_id)
-            self._flush_soon()
 
     def _flush_soon(self) -> None:
         """Write the queued frames at the end of this loop iteration, with everything else
@@ -338,15 +303,7 @@ class Client:
                 except OSError as exc:  # includes ssl.SSLError and ConnectionResetError
                     self._fail_all(closed_error(conn, f"the connection broke: {describe(exc)}"))
                     return
-                route_events(
-                    conn.receive_data(data),
-                    self._pending,
-                    on_welcome=self._welcomed.set,
-                    on_pong=self._pong,
-                    on_connection_error=self._connection_error,
-                )
-                if conn.pending_bytes:  # pongs
-                    self._flush_now()
+                self._receive(data)
                 if not data:
                     self._fail_all(closed_error(conn))
                     return
@@ -358,22 +315,6 @@ class Client:
             failure.__cause__ = exc
             self._fail_all(failure)
             raise
-
-    def _pong(self, nonce: int) -> None:
-        event = self._pongs.get(nonce)
-        if event is not None:
-            event.set()
-
-    def _fail_all(self, error: PigeonProtocolError) -> None:
-        if self._closed_error is None:
-            self._closed_error = error
-        pending, self._pending = self._pending, {}
-        for sink in pending.values():
-            sink.finish(_fresh(error))
-        self._welcomed.set()
-        for event in self._pongs.values():
-            event.set()
-
 
 @asynccontextmanager
 async def open_client(

@@ -16,7 +16,6 @@ remaining time is sent to the server, which abandons the call when it runs out.
 
 from __future__ import annotations
 
-import logging
 import math
 import ssl
 from collections.abc import AsyncIterator
@@ -30,23 +29,21 @@ from . import api
 from ._client_core import (
     BatchBook,
     CallSink,
+    ClientBase,
     StreamSink,
-    abandon,
     closed_error,
-    describe,
     decoder_for,
+    describe,
     parse_target,
     response_type,
-    route_events,
 )
-from .connection import ClientConnection, State
+from .connection import ClientConnection
 from .errors import BatchFailed, CallError, ConnectionClosed, PigeonProtocolError, ProtocolError, Status
-from .frames import DEFAULT_MAX_FRAME, Welcome
+from .frames import DEFAULT_MAX_FRAME
 
 __all__ = ["Client", "open_client", "EventBatcher", "BatchFailed"]
 
 R = TypeVar("R")
-log = logging.getLogger("pigeon.client")
 
 
 class _Unary(CallSink):
@@ -70,30 +67,20 @@ class _Stream(StreamSink):
         self.ready.set()
 
 
-class Client:
+class Client(ClientBase):
     """A connection to a Pigeon server. Create it with `open_client`."""
 
     def __init__(self, stream: trio.abc.Stream, conn: ClientConnection, nursery: trio.Nursery) -> None:
+        super().__init__(conn)
         self._stream = stream
-        self._conn = conn
         self._nursery = nursery
-        self._pending: dict[int, CallSink] = {}
         #: Set when frames are queued; only the writer task writes to the stream, so a caller's
         #: cancellation can never leave half a frame on the wire.
         self._queued = trio.Event()
         self._welcomed = trio.Event()
         self._pongs: dict[int, trio.Event] = {}
-        self._closed_error: PigeonProtocolError | None = None
-        #: Errors the server sent about the connection itself (call id 0).
-        self.connection_errors: list[CallError] = []
         #: Calls in flight, at most welcome.max_calls (set once welcomed).
         self._slots = trio.Semaphore(1)
-
-    @property
-    def welcome(self) -> Welcome:
-        """The server's welcome: its name, frame limit and calls-in-flight limit."""
-        assert self._conn.welcome is not None
-        return self._conn.welcome
 
     # -- calls --------------------------------------------------------------------------------
 
@@ -188,38 +175,20 @@ class Client:
 
     async def _start(self, request: api.Request[Any], sink: CallSink, window: int | None = None) -> int:
         """Take a call slot (at most welcome.max_calls in flight) and queue the call."""
-        if self._closed_error is not None:
-            raise self._closed_error
+        self._check_open()
         await self._slots.acquire()
         sink.on_finish = self._slots.release
         try:
-            return self._queue_call(request, sink, window)
+            deadline = trio.current_effective_deadline()
+            timeout_ms = None
+            if math.isfinite(deadline):
+                # rounded up, so the server never gives up before the caller does
+                timeout_ms = max(1, math.ceil((deadline - trio.current_time()) * 1000))
+            return self._queue_call(request, sink, timeout_ms, window)
         except BaseException:
             sink.on_finish = None
             self._slots.release()
             raise
-
-    def _queue_call(self, request: api.Request[Any], sink: CallSink, window: int | None) -> int:
-        if self._closed_error is not None:
-            raise self._closed_error
-        deadline = trio.current_effective_deadline()
-        timeout_ms = None
-        if math.isfinite(deadline):
-            # rounded up, so the server never gives up before the caller does
-            timeout_ms = max(1, math.ceil((deadline - trio.current_time()) * 1000))
-        try:
-            call_id = self._conn.start_call(request.method, request, timeout_ms=timeout_ms, window=window)
-        except ProtocolError as exc:
-            if self._conn.state in (State.DRAINING, State.CLOSED):
-                raise closed_error(self._conn) from exc
-            raise
-        self._pending[call_id] = sink
-        return call_id
-
-    def _abandon(self, call_id: int) -> None:
-        if abandon(self._pending, call_id) and self._closed_error is None:
-            self._conn.cancel(call_id)
-            self._kick()
 
     def _kick(self) -> None:
         self._queued.set()
@@ -237,49 +206,21 @@ class Client:
                     return
 
     async def _reader(self) -> None:
-        conn = self._conn
         try:
             while True:
                 try:
                     data = await self._stream.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError) as exc:
-                    self._fail_all(closed_error(conn, f"the connection broke: {describe(exc)}"))
+                    self._fail_all(closed_error(self._conn, f"the connection broke: {describe(exc)}"))
                     return
-                route_events(
-                    conn.receive_data(data),
-                    self._pending,
-                    on_welcome=self._welcomed.set,
-                    on_pong=self._pong,
-                    on_connection_error=self._connection_error,
-                )
-                if conn.pending_bytes:  # pongs
-                    self._kick()
+                self._receive(data)
                 if not data:
-                    self._fail_all(closed_error(conn))
+                    self._fail_all(closed_error(self._conn))
                     return
         except ProtocolError as exc:
             self._fail_all(exc)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(self._stream)
-
-    def _connection_error(self, error: CallError) -> None:
-        log.warning("the server reported a connection error: %s", error)
-        self.connection_errors.append(error)
-
-    def _pong(self, nonce: int) -> None:
-        event = self._pongs.get(nonce)
-        if event is not None:
-            event.set()
-
-    def _fail_all(self, error: PigeonProtocolError) -> None:
-        if self._closed_error is None:
-            self._closed_error = error
-        pending, self._pending = self._pending, {}
-        for sink in pending.values():
-            sink.finish(error)
-        self._welcomed.set()
-        for event in self._pongs.values():
-            event.set()
 
     async def aclose(self) -> None:
         self._fail_all(ConnectionClosed("the client closed the connection"))
