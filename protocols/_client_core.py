@@ -37,6 +37,7 @@ __all__ = [
     "closed_error",
     "describe",
     "BatchBook",
+    "BatcherResults",
     "ClientBase",
 ]
 
@@ -267,6 +268,24 @@ class BatchBook:
         else:
             self.accepted += outcome.accepted
             self.rejected.extend((batch[r.index], r) for r in outcome.rejected)
+
+
+class BatcherResults:
+    """The results of an event batcher, from its `BatchBook`."""
+
+    _book: BatchBook
+
+    @property
+    def accepted(self) -> int:
+        return self._book.accepted
+
+    @property
+    def rejected(self) -> list[tuple[api.Event, api.Rejection]]:
+        return self._book.rejected
+
+    @property
+    def failed(self) -> list[BatchFailed]:
+        return self._book.failed
 
 
 class ClientBase:

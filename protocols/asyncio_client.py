@@ -39,6 +39,7 @@ import msgspec
 from . import api
 from ._client_core import (
     BatchBook,
+    BatcherResults,
     CallSink,
     ClientBase,
     StreamSink,
@@ -374,7 +375,7 @@ async def open_client(
         raise crashed
 
 
-class EventBatcher:
+class EventBatcher(BatcherResults):
     """Groups events into ``events.ingest`` calls and keeps several in flight.
 
     Use it as an async context manager; `add` waits when ``max_in_flight`` batches are
@@ -403,18 +404,6 @@ class EventBatcher:
         self._tasks: set[asyncio.Task[None]] = set()
         self._crashes: list[Exception] = []
         self._linger_task: asyncio.Task[None] | None = None
-
-    @property
-    def accepted(self) -> int:
-        return self._book.accepted
-
-    @property
-    def rejected(self) -> list[tuple[api.Event, api.Rejection]]:
-        return self._book.rejected
-
-    @property
-    def failed(self) -> list[BatchFailed]:
-        return self._book.failed
 
     async def __aenter__(self) -> EventBatcher:
         self._linger_task = asyncio.create_task(self._linger_loop(), name="pigeon batcher linger")

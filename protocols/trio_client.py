@@ -28,6 +28,7 @@ import trio
 from . import api
 from ._client_core import (
     BatchBook,
+    BatcherResults,
     CallSink,
     ClientBase,
     StreamSink,
@@ -286,7 +287,7 @@ async def _unwrapped() -> AsyncIterator[None]:
         raise
 
 
-class EventBatcher:
+class EventBatcher(BatcherResults):
     """Groups events into ``events.ingest`` calls and keeps several in flight.
 
     Use it as an async context manager; `add` waits when ``max_in_flight`` batches are
@@ -312,18 +313,6 @@ class EventBatcher:
         self._idle = trio.Event()
         self._idle.set()
         self._nursery: trio.Nursery | None = None
-
-    @property
-    def accepted(self) -> int:
-        return self._book.accepted
-
-    @property
-    def rejected(self) -> list[tuple[api.Event, api.Rejection]]:
-        return self._book.rejected
-
-    @property
-    def failed(self) -> list[BatchFailed]:
-        return self._book.failed
 
     async def __aenter__(self) -> EventBatcher:
         self._cm = trio.open_nursery()
