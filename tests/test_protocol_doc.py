@@ -16,6 +16,7 @@ import json
 import re
 import socket
 import struct
+import time
 import typing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -185,7 +186,7 @@ def test_documented_constants_match_the_code():
     from protocols.framing import DEFAULT_MAX_FRAME
     from server._config import DEFAULT_LISTEN, Config
     from server._ingest import MAX_EVENT_DATA_BYTES
-    from server._rpc import _HIGH_WATER
+    from server._rpc import _HIGH_WATER, _STREAM_FLUSH_BYTES, _WRITE_CHUNK
     from server._services import MAX_ATTRIBUTE_DEPTH
     from server._store import MAX_PROFILE_BYTES, MAX_REGISTRATIONS
 
@@ -202,6 +203,9 @@ def test_documented_constants_match_the_code():
     assert f"`handshake_timeout_s` (default {config.handshake_timeout_s:g} seconds" in flat
     assert f"`handshake_timeout_s` (default {config.handshake_timeout_s:g} seconds, configuration key `handshake_timeout_s`)" in flat
     assert _HIGH_WATER == 1024 * 1024 and f"1 MiB ({_HIGH_WATER} bytes)" in flat
+    assert _STREAM_FLUSH_BYTES == 32 * 1024 and f"32 KiB ({_STREAM_FLUSH_BYTES} bytes)" in flat
+    assert _WRITE_CHUNK == 64 * 1024 and f"64 KiB ({_WRITE_CHUNK} bytes)" in flat
+    assert f"`store.retention_days`, default {config.store.retention_days:g} days" in flat
     assert f"`shutdown_grace_s` (default {config.shutdown_grace_s:g} seconds)" in text
     assert f"| {api.MAX_EVENTS_PER_BATCH} (`MAX_EVENTS_PER_BATCH`)" in text
     assert f"| Encoded `data` of one event         | {MAX_EVENT_DATA_BYTES} bytes" in text
@@ -209,6 +213,23 @@ def test_documented_constants_match_the_code():
     assert f"| {MAX_PROFILE_BYTES} bytes (256 KiB)" in text
     assert f"| Registrations per profile           | {MAX_REGISTRATIONS} " in text
     assert f"`METHODS` in `protocols/api.py` defines {len(api.METHODS)} methods" in text
+
+
+def test_server_stats_table_says_which_keys_may_be_nil():
+    """Section 14.1: the `Stats` table marks exactly the nilable keys (`store` while the store restarts)."""
+    import msgspec
+    import msgspec.inspect as mi
+
+    from protocols import api
+
+    text = section("Method", "server.stats")
+    rows = dict(re.findall(r"^\| `(\w+)` +\| `([^`]+)` +\|", text, re.MULTILINE))
+    info = mi.type_info(api.Stats)
+    assert set(rows) == {f.encode_name for f in info.fields}
+    for field in info.fields:
+        nilable = isinstance(field.type, mi.UnionType) and any(isinstance(m, mi.NoneType) for m in field.type.types)
+        assert rows[field.encode_name].endswith("\\| nil") == nilable, field.encode_name
+        assert (field.required, field.default) == ((False, None) if nilable else (True, msgspec.NODEFAULT))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -549,12 +570,19 @@ def _ext(code: int, body: bytes) -> Any:
 class SpecClient:
     """One connection: frames out, frames in, answers matched by call id."""
 
-    def __init__(self, address: str, *, timeout: float = 10.0) -> None:
+    def __init__(self, address: str, *, timeout: float = 10.0, rcvbuf: int | None = None) -> None:
         host, _, port = address.rpartition(":")
-        self.sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf is not None:  # a small receive buffer, set before connecting, makes a slow reader
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect((host.strip("[]"), int(port)))
         self.buffer = b""
         #: frames read while waiting for something else, in arrival order
         self.pending: list[dict[str, Any]] = []
+        #: bytes asked for per recv, and seconds to sleep after each one (to read slowly)
+        self.recv_size = 65536
+        self.recv_pause = 0.0
 
     def close(self) -> None:
         self.sock.close()
@@ -575,12 +603,14 @@ class SpecClient:
                     payload, self.buffer = self.buffer[4 : 4 + size], self.buffer[4 + size :]
                     return mp_unpack(payload)
             try:
-                data = self.sock.recv(65536)
+                data = self.sock.recv(self.recv_size)
             except ConnectionResetError:
                 return None
             if not data:
                 return None
             self.buffer += data
+            if self.recv_pause:
+                time.sleep(self.recv_pause)
 
     def next_frame(self) -> dict[str, Any] | None:
         return self.pending.pop(0) if self.pending else self.read()
@@ -775,6 +805,27 @@ def test_a_client_written_from_the_spec_alone(server_process):
         assert client.answer(24) == ([], {"t": "end", "id": 24})
         client.start(25, "events.list", {"identity": "crm:spec-2", "since": ts, "until": ts - timedelta(seconds=1)})
         assert client.answer(25) == ([], {"t": "end", "id": 25})
+        # ... and the identity is still checked, as for any range (section 14.4)
+        for call_id, body in (
+            (40, {"identity": "crm:nobody", "until": datetime(1960, 1, 1, tzinfo=UTC)}),
+            (41, {"identity": "crm:nobody", "since": ts, "until": ts - timedelta(seconds=1)}),
+            (42, {"identity": "crm:nobody", "until": datetime.now(UTC) - timedelta(days=91)}),
+        ):
+            client.start(call_id, "events.list", body)
+            assert client.answer(call_id) == ([], {
+                "t": "error", "id": call_id, "code": "NOT_FOUND", "field": "$.identity",
+                "message": "no profile has the identity 'crm:nobody'",
+            })
+        client.start(43, "events.list", {"identity": too_long, "until": datetime(1960, 1, 1, tzinfo=UTC)})
+        items, over = client.answer(43)
+        assert not items and (over["code"], over["field"]) == ("INVALID_ARGUMENT", "$.identity")
+
+        # tokens.unregister: another spelling finds an APNs token (stored in lower case), never an FCM one
+        client.call(44, "tokens.register", {"identity": "crm:spec-2", "app": "com.example.app", "platform": "fcm", "token": "fcm-abc"})
+        wrong_case = client.call(45, "tokens.unregister", {"app": "com.example.app", "token": "FCM-ABC"})
+        assert (wrong_case["code"], wrong_case["field"]) == ("NOT_FOUND", "$.token")
+        assert client.call(46, "tokens.unregister", {"app": "com.example.app", "token": "fcm-abc"}) == {"identity": "crm:spec-2"}
+        assert client.call(47, "tokens.unregister", {"app": "com.example.app", "token": "ABCDEF0123456789"}) == {"identity": "crm:spec-1"}
 
         # calls to names that are not methods share one stats entry
         assert client.call(26, "nothing.here", {})["code"] == "UNIMPLEMENTED"
@@ -813,6 +864,13 @@ def test_flow_controlled_stream_from_the_spec(server_process):
         items, terminal = client.answer(2)
         assert terminal == {"t": "end", "id": 2}
         assert [f["body"]["data"]["i"] for f in first] + [i["data"]["i"] for i in items] == [0, 1, 2, 3, 4]
+        # a credit sent in the same write as its call counts
+        client.send(
+            {"t": "call", "id": 4, "method": "events.list", "body": {"identity": "crm:flow"}, "window": 1},
+            {"t": "credit", "id": 4, "items": 4},
+        )
+        items, terminal = client.answer(4)
+        assert terminal == {"t": "end", "id": 4} and [i["data"]["i"] for i in items] == [0, 1, 2, 3, 4]
         # window is ignored for a unary call; credit for an unknown call is ignored
         client.send({"t": "credit", "id": 99, "items": 1})
         assert client.call(3, "server.health", None, window=1)["status"] == "serving"
@@ -965,5 +1023,136 @@ def test_stream_item_over_hello_max_frame_from_the_spec(server_process):
             terminal["message"],
         )
         assert client.call(3, "server.health")["status"] == "serving"
+    finally:
+        client.close()
+
+
+def test_a_cancel_sent_with_its_call_from_the_spec(spawn_server):
+    """Section 7.5: a cancel in the same write as its call takes effect at the call's first
+    suspension point; a call that never suspends is answered normally. One slot (max_calls 1)
+    shows that every call has ended when its terminal frame arrives."""
+    server = spawn_server(env={"PIGEON_MAX_CALLS": "1"})
+    client = SpecClient(server.address)
+    try:
+        assert client.hello()["max_calls"] == 1
+        events = [{"identity": "crm:cancel", "type": "t", "data": {"i": i, "pad": "x" * 1000}} for i in range(200)]
+        assert client.call(1, "events.ingest", {"events": events})["accepted"] == 200
+        cancelled = {"code": "CANCELLED", "message": "cancelled by the client"}
+        for call_id in (2, 4, 6):
+            # a windowed stream: at most its window of items, then CANCELLED, and the slot is free
+            client.send(
+                {"t": "call", "id": call_id, "method": "events.list", "body": {"identity": "crm:cancel", "limit": 200}, "window": 2},
+                {"t": "cancel", "id": call_id},
+            )
+            items, terminal = client.answer(call_id)
+            assert len(items) <= 2 and terminal == {"t": "error", "id": call_id, **cancelled}
+            assert client.call(call_id + 1, "server.health")["status"] == "serving"
+        # a stream without a window stops at its first 32 KiB pause (each item is over 1000 bytes)
+        client.send(
+            {"t": "call", "id": 8, "method": "events.list", "body": {"identity": "crm:cancel", "limit": 200}},
+            {"t": "cancel", "id": 8},
+        )
+        items, terminal = client.answer(8)
+        assert terminal == {"t": "error", "id": 8, **cancelled}
+        assert len(items) < 64, f"{len(items)} items of about 1 KiB were sent after a cancel that came with the call"
+        # a write cancelled before it reaches the store is not applied
+        client.send(
+            {"t": "call", "id": 9, "method": "profiles.upsert", "body": {"identity": "crm:never", "attributes": {"a": 1}}},
+            {"t": "cancel", "id": 9},
+        )
+        assert client.answer(9) == ([], {"t": "error", "id": 9, **cancelled})
+        assert client.call(10, "profiles.get", {"identity": "crm:never"})["code"] == "NOT_FOUND"
+        # a call that never suspends is answered normally (sections 7.5 and 7.6)
+        client.send({"t": "call", "id": 11, "method": "server.health"}, {"t": "cancel", "id": 11})
+        _, health = client.answer(11)
+        assert health["t"] == "reply" and health["body"]["status"] == "serving"
+        # and a cancel for a call already answered is ignored
+        client.send({"t": "cancel", "id": 11}, {"t": "ping", "nonce": 5})
+        assert client.next_frame() == {"t": "pong", "nonce": 5}
+    finally:
+        client.close()
+
+
+def test_windows_are_lifted_once_the_server_stops_reading_from_the_spec(server_process):
+    """Sections 7.4, 9 and 10.4: after a fatal violation, or the client's half-close, no credit
+    can arrive, so a windowed stream sends the rest of its items and its end."""
+    client = SpecClient(server_process.address)
+    try:
+        client.hello()
+        events = [{"identity": "crm:lifted", "type": "tick", "data": {"i": i}} for i in range(5)]
+        assert client.call(1, "events.ingest", {"events": events})["accepted"] == 5
+        # a fatal violation while the stream waits for credit
+        client.start(2, "events.list", {"identity": "crm:lifted"}, window=1)
+        first = client.read()
+        assert first is not None and first["t"] == "item" and first["body"]["data"]["i"] == 0
+        client.sock.sendall(struct.pack(">I", 4194305))
+        frames = []
+        while (frame := client.read()) is not None:
+            frames.append(frame)
+        (goaway,) = [f for f in frames if f["t"] == "goaway"]
+        assert (goaway["code"], goaway["last_id"]) == ("RESOURCE_EXHAUSTED", 2)
+        stream = [f for f in frames if f["t"] != "goaway"]
+        assert [f["body"]["data"]["i"] for f in stream[:-1]] == [1, 2, 3, 4] and stream[-1] == {"t": "end", "id": 2}
+    finally:
+        client.close()
+
+    client = SpecClient(server_process.address)
+    try:
+        client.hello()
+        # the client closes its sending side right after the call: no goaway, every item, end, close
+        client.start(3, "events.list", {"identity": "crm:lifted"}, window=2)
+        client.sock.shutdown(socket.SHUT_WR)
+        frames = []
+        while (frame := client.read()) is not None:
+            frames.append(frame)
+        assert [f["body"]["data"]["i"] for f in frames[:-1]] == [0, 1, 2, 3, 4]
+        assert frames[-1] == {"t": "end", "id": 3}
+    finally:
+        client.close()
+
+
+def test_events_past_the_retention_window_are_never_listed_from_the_spec(spawn_server):
+    """Section 14.4: events older than the retention window are not listed, swept or not."""
+    retention_s = 1.5
+    server = spawn_server(env={"PIGEON_STORE__RETENTION_DAYS": repr(retention_s / 86400)})
+    client = SpecClient(server.address)
+    try:
+        client.hello()
+        assert client.call(1, "events.ingest", {"events": [{"identity": "crm:old", "type": "t"}]})["accepted"] == 1
+        stored = datetime.now(UTC)
+        client.start(2, "events.list", {"identity": "crm:old"})
+        items, _ = client.answer(2)
+        assert len(items) == 1
+        time.sleep(retention_s + 0.3)  # the first sweep is a minute away: the event is still stored
+        client.start(3, "events.list", {"identity": "crm:old", "since": datetime(1960, 1, 1, tzinfo=UTC)})
+        assert client.answer(3) == ([], {"t": "end", "id": 3})
+        client.start(4, "events.list", {"identity": "crm:old", "until": stored})
+        assert client.answer(4) == ([], {"t": "end", "id": 4})
+        client.start(5, "events.list", {"identity": "crm:nobody", "until": stored})
+        assert client.answer(5)[1]["code"] == "NOT_FOUND"
+    finally:
+        client.close()
+
+
+def test_a_slow_but_steady_reader_is_served_from_the_spec(spawn_server):
+    """Section 7.8: the write timeout applies to each 64 KiB piece, not to everything queued."""
+    server = spawn_server(env={"PIGEON_WRITE_TIMEOUT_S": "1"})
+    client = SpecClient(server.address)
+    try:
+        client.hello()
+        events = [{"identity": "crm:slow", "type": "t", "data": {"n": i, "pad": "x" * 3000}} for i in range(400)]
+        assert client.call(1, "events.ingest", {"events": events})["accepted"] == 400
+    finally:
+        client.close()
+    client = SpecClient(server.address, rcvbuf=16384)
+    try:
+        client.hello()
+        # about 1.2 MB without a window, taken at about 400 KB/s: 3 s, more than write_timeout_s
+        client.recv_size, client.recv_pause = 16384, 0.04
+        started = time.monotonic()
+        client.start(2, "events.list", {"identity": "crm:slow", "limit": 400})
+        items, terminal = client.answer(2)
+        assert terminal == {"t": "end", "id": 2} and [i["data"]["n"] for i in items] == list(range(400))
+        assert time.monotonic() - started > 1.5, "the client did not read slowly enough to test anything"
     finally:
         client.close()
