@@ -110,7 +110,7 @@ def decode_batch(
         raise InvalidArgument(f"not an event batch: {exc}") from None
 
     accepted: list[InEvent] = []
-    oldest = now_us - retention_us
+    oldest = max(0, now_us - retention_us)  # no event is older than 1970
     newest = now_us + MAX_FUTURE_SKEW_US
     for index, event in enumerate(events):
         if event is None:

@@ -423,9 +423,9 @@ class _Connection:
                 async with trio.open_nursery() as calls:
                     with self.read_scope:
                         await self._read(calls)
-                # Nothing more to read and every call answered: write the rest, then close.
-                with trio.move_on_after(self.listener.write_timeout):
-                    await self._drain()
+                # Nothing more to read and every call answered: write the rest, then close. The
+                # writer's per-chunk write_timeout drops a client that stops reading.
+                await self._drain()
                 nursery.cancel_scope.cancel()
 
     async def _handshake_deadline(self) -> None:
@@ -522,6 +522,9 @@ class _Connection:
             return False
         try:
             with scope:
+                # A cancel or deadline read before the call started stops it here, even if its
+                # handler would never suspend.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 try:
                     request = route.decoder.decode(call.body) if route.decoder is not None else None
                 except msgspec.DecodeError as exc:

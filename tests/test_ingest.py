@@ -113,3 +113,9 @@ def test_event_data_keys_must_be_strings():
     )
     assert [r.index for r in rejected] == [0] and "keys must be strings" in rejected[0].message
     assert len(accepted) == 1  # nested maps may have any keys, as in attributes
+
+
+def test_a_retention_reaching_before_1970_accepts_no_pre_1970_event():
+    old = {"identity": "crm:1", "type": "t", "ts": datetime(1969, 12, 31, tzinfo=UTC)}
+    accepted, rejected = decode_batch(_body([old]), now_us=NOW, retention_us=100_000 * DAY)
+    assert accepted == [] and rejected[0].code == "OUT_OF_RANGE"
