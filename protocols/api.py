@@ -67,6 +67,28 @@ __all__ = [
     "StoredEvent",
     "MAX_EVENTS_PER_BATCH",
     "describe_validation_error",
+    # apps
+    "AppleId",
+    "ApnsEnvironment",
+    "ApnsTokenAuth",
+    "ApnsCertificateAuth",
+    "IosAppInfo",
+    "AppInfo",
+    "RegisterIosApp",
+    "GetApp",
+    "AppList",
+    "ListApps",
+    "AppDeleted",
+    "DeleteApp",
+    # push
+    "CriticalSound",
+    "LiveActivity",
+    "PushContent",
+    "ApnsPushType",
+    "ApnsOptions",
+    "PushOutcome",
+    "PushSent",
+    "SendPush",
 ]
 
 R = TypeVar("R")
@@ -421,6 +443,208 @@ class ListEvents(StreamRequest[StoredEvent]):
 
 
 # ---------------------------------------------------------------------------------------------
+# apps and their provider credentials
+
+#: An APNs key id or team id: 10 upper-case letters or digits.
+AppleId = Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{10}\Z")]
+ApnsEnvironment = Literal["production", "sandbox", "both"]
+
+
+class ApnsTokenAuth(msgspec.Struct, tag="token", tag_field="kind", kw_only=True, forbid_unknown_fields=True):
+    """Token-based authentication: the .p8 key Apple issued, its key id and the team id."""
+
+    #: The contents of the .p8 file (a PKCS#8 PEM EC P-256 private key).
+    key_pem: str
+    key_id: AppleId
+    team_id: AppleId
+
+
+class ApnsCertificateAuth(msgspec.Struct, tag="certificate", tag_field="kind", kw_only=True, forbid_unknown_fields=True):
+    """Certificate-based authentication: a .p12 with its password, or certificate and key in PEM."""
+
+    pkcs12: bytes | None = None
+    password: str | None = None
+    #: Certificate and private key, PEM, in one text.
+    pem: str | None = None
+
+
+class IosAppInfo(Response):
+    bundle_id: str
+    environment: ApnsEnvironment
+    auth: Literal["token", "certificate"]
+    updated: Timestamp
+    key_id: str | None = None
+    team_id: str | None = None
+    certificate_subject: str | None = None
+    certificate_expires: Timestamp | None = None
+    #: Topics the certificate may push to (from Apple's extension), when it lists them.
+    certificate_topics: list[str] = []
+
+
+class AppInfo(Response):
+    """An app and its platforms, without any secret."""
+
+    app: str
+    ios: IosAppInfo | None = None
+
+
+class RegisterIosApp(Request[AppInfo]):
+    """Register (or replace) an app's iOS credentials. They are checked now and never returned."""
+
+    method: ClassVar[str] = "apps.register_ios"
+    app: AppId
+    auth: ApnsTokenAuth | ApnsCertificateAuth
+    #: The APNs topic; the app id when omitted.
+    bundle_id: AppId | None = None
+    #: Which APNs environments the app uses; with ``both`` a token's platform decides
+    #: (``apns`` production, ``apns-sandbox`` sandbox).
+    environment: ApnsEnvironment = "both"
+
+
+class GetApp(Request[AppInfo]):
+    method: ClassVar[str] = "apps.get"
+    app: AppId
+
+
+class AppList(Response):
+    apps: list[AppInfo]
+
+
+class ListApps(Request[AppList]):
+    method: ClassVar[str] = "apps.list"
+
+
+class AppDeleted(Response):
+    app: str
+
+
+class DeleteApp(Request[AppDeleted]):
+    method: ClassVar[str] = "apps.delete"
+    app: AppId
+
+
+# ---------------------------------------------------------------------------------------------
+# push
+
+
+class CriticalSound(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A critical alert's sound (iOS): it plays even in silent mode."""
+
+    name: str = "default"
+    volume: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 1.0
+
+
+class LiveActivity(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """The Live Activity part of an APNs payload (push type ``liveactivity``)."""
+
+    event: Literal["start", "update", "end"]
+    #: When the update was produced; the system keeps the newest (now when omitted).
+    timestamp: Timestamp | None = None
+    content_state: dict[str, Any] = {}
+    stale_date: Timestamp | None = None
+    dismissal_date: Timestamp | None = None
+    #: For push-to-start.
+    attributes_type: str | None = None
+    attributes: dict[str, Any] | None = None
+
+
+class PushContent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What a notification shows and carries, independent of the provider."""
+
+    title: str | None = None
+    subtitle: str | None = None
+    body: str | None = None
+    title_loc_key: str | None = None
+    title_loc_args: list[str] = []
+    subtitle_loc_key: str | None = None
+    subtitle_loc_args: list[str] = []
+    loc_key: str | None = None
+    loc_args: list[str] = []
+    launch_image: str | None = None
+    badge: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    sound: str | CriticalSound | None = None
+    thread_id: str | None = None
+    category: str | None = None
+    #: A silent background update (no alert, badge or sound).
+    content_available: bool = False
+    #: Route through the app's notification service extension (set when there is a media URL).
+    mutable_content: bool = False
+    interruption_level: Literal["passive", "active", "time-sensitive", "critical"] | None = None
+    relevance_score: float | None = None
+    target_content_id: str | None = None
+    filter_criteria: str | None = None
+    #: An image, video or GIF the app's extension downloads and attaches.
+    media_url: str | None = None
+    #: Where a tap leads (a deep link or a web URL).
+    deeplink: str | None = None
+    #: Custom data, beside the provider's keys.
+    data: dict[str, Any] = {}
+    live_activity: LiveActivity | None = None
+
+
+ApnsPushType = Literal[
+    "alert", "background", "voip", "liveactivity", "complication", "fileprovider", "location", "mdm",
+    "pushtotalk", "controls", "widgets",
+]
+
+
+class ApnsOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """APNs request headers."""
+
+    push_type: ApnsPushType = "alert"
+    #: 10 (now), 5 (power-friendly) or 1; by default 10, and 5 for ``background`` (which allows
+    #: only 5); ``liveactivity`` and ``location`` allow 10 or 5.
+    priority: Literal[10, 5, 1] | None = None
+    #: Until when APNs stores and retries the notification; the epoch (0) means a single attempt.
+    #: Pigeon also stops retrying after it. APNs's own default (up to 30 days) when omitted.
+    expiration: Timestamp | None = None
+    collapse_id: str | None = None
+    #: A canonical UUID; APNs generates one when omitted.
+    apns_id: str | None = None
+
+
+class PushOutcome(Response):
+    token: str
+    platform: Platform
+    #: ``sent``: the provider accepted it; ``failed``: it did not; ``invalid``: the provider
+    #: said the token is dead, and it is now marked invalid on its profile.
+    status: Literal["sent", "failed", "invalid"]
+    reason: str | None = None
+    #: A readable explanation when the reason alone is not enough.
+    detail: str | None = None
+    #: The provider's HTTP status, when it answered.
+    status_code: int | None = None
+    #: The provider's id for the notification (``apns-id``).
+    provider_id: str | None = None
+    #: ``apns-unique-id`` (sandbox only).
+    unique_id: str | None = None
+    attempts: int = 1
+
+
+class PushSent(Response):
+    outcomes: list[PushOutcome]
+    #: Why nothing was sent to a profile (``NoTokenForApp``, ``OnlyInvalidTokens``), if so.
+    excluded: str | None = None
+
+
+class SendPush(Request[PushSent]):
+    """Send one notification now, to one token or to every valid token a profile has for an app.
+
+    Transactional: consent and frequency rules do not apply. Give ``content`` (built for each
+    provider) or ``raw`` (the provider's payload, sent as it is)."""
+
+    method: ClassVar[str] = "push.send"
+    app: AppId
+    token: PushToken | None = None
+    #: The token's platform; required with ``token``.
+    platform: Platform | None = None
+    identity: Identity | None = None
+    content: PushContent | None = None
+    raw: dict[str, Any] | None = None
+    apns: ApnsOptions = msgspec.field(default_factory=ApnsOptions)
+
+
+# ---------------------------------------------------------------------------------------------
 # registry
 
 
@@ -456,6 +680,11 @@ METHODS: dict[str, MethodSpec] = {
             SetConsent,
             IngestEvents,
             ListEvents,
+            RegisterIosApp,
+            GetApp,
+            ListApps,
+            DeleteApp,
+            SendPush,
         ],
     )
 }

@@ -20,6 +20,7 @@ from ._config import Config
 from ._delivery import Delivery
 from ._ingest import Ingestion
 from ._journeys import Journeys
+from ._plugins import Plugins
 from ._reporting import Reporting
 from ._rpc import Listener
 from ._services import build_router
@@ -46,9 +47,10 @@ class Server:
     Args:
         config: the settings.
         clock: current time in µs since the epoch (tests move it).
+        plugins: the plugin manager (default: built-in plugins and the ``pigeon`` entry points).
     """
 
-    def __init__(self, config: Config, *, clock: Any = _now_us) -> None:
+    def __init__(self, config: Config, *, clock: Any = _now_us, plugins: Plugins | None = None) -> None:
         self.config = config
         self.version = VERSION
         self.started_at = time.monotonic()
@@ -65,7 +67,9 @@ class Server:
             sync=config.store.sync,
         )
         self.reporting = Reporting()
-        self.delivery = Delivery(self.reporting)
+        self.plugins = plugins if plugins is not None else Plugins()
+        self.channels = self.plugins.channels(config)
+        self.delivery = Delivery(self.reporting, self.store, self.channels)
         self.journeys = Journeys()
         self.ingestion = Ingestion(
             self.store, on_committed=self.journeys.events_committed, clock=clock, retention_us=retention_us

@@ -49,6 +49,11 @@ COMMANDS: dict[str, str] = {
     "consent.set": "consent set",
     "events.ingest": "events send / events import",
     "events.list": "events list",
+    "apps.register_ios": "apps register-ios",
+    "apps.get": "apps get",
+    "apps.list": "apps list",
+    "apps.delete": "apps delete",
+    "push.send": "push send",
 }
 
 
@@ -137,6 +142,32 @@ def show_stats(s: api.Stats) -> str:
             ),
         ]
     return "\n".join(out)
+
+
+def show_app(a: api.AppInfo) -> str:
+    out = [f"app {a.app}"]
+    if a.ios is None:
+        out.append("  ios: (no credentials)")
+    else:
+        i = a.ios
+        out.append(f"  ios: bundle {i.bundle_id}, {i.environment}, {i.auth} auth, registered {_when(i.updated)}")
+        if i.auth == "token":
+            out.append(f"    key id {i.key_id}, team id {i.team_id}")
+        else:
+            out.append(f"    certificate {i.certificate_subject}, expires {_when(i.certificate_expires)}")
+            if i.certificate_topics:
+                out.append(f"    topics {', '.join(i.certificate_topics)}")
+    return "\n".join(out)
+
+
+def show_push(r: api.PushSent) -> str:
+    if r.excluded:
+        return f"nothing sent: {r.excluded}"
+    rows = [
+        [o.status, o.platform, _short_token(o.token), o.reason or "", o.provider_id or "", str(o.attempts), o.detail or ""]
+        for o in r.outcomes
+    ]
+    return _table(rows, ["STATUS", "PLATFORM", "TOKEN", "REASON", "PROVIDER ID", "ATTEMPTS", "DETAIL"])
 
 
 def show_event(e: api.StoredEvent) -> str:
@@ -278,6 +309,72 @@ async def _events_list(client: Client, args: argparse.Namespace) -> None:
         print("(no events)")
 
 
+def _read_file(path: str, what: str, *, binary: bool = False) -> Any:
+    try:
+        return Path(path).read_bytes() if binary else Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {path!r}: {exc.strerror}") from None
+
+
+def _register_ios(args: argparse.Namespace) -> api.RegisterIosApp:
+    password = os.environ.get(args.password_env) if args.password_env else None
+    chosen = [name for name in ("p8", "p12", "pem") if getattr(args, name)]
+    if len(chosen) != 1:
+        raise UsageError("give one of --p8 (token auth), --p12 or --pem (certificate auth)")
+    if args.p8:
+        if not (args.key_id and args.team_id):
+            raise UsageError("--p8 needs --key-id and --team-id")
+        auth: Any = api.ApnsTokenAuth(key_pem=_read_file(args.p8, "the .p8 key"), key_id=args.key_id, team_id=args.team_id)
+    elif args.p12:
+        auth = api.ApnsCertificateAuth(pkcs12=_read_file(args.p12, "the .p12 file", binary=True), password=password)
+    else:
+        auth = api.ApnsCertificateAuth(pem=_read_file(args.pem, "the PEM file"), password=password)
+    return api.RegisterIosApp(app=args.app, bundle_id=args.bundle_id, environment=args.environment, auth=auth)
+
+
+def _push_request(args: argparse.Namespace) -> api.SendPush:
+    if args.raw:
+        raw = _parse_json_object(args.raw, "--raw")
+        content = None
+    else:
+        raw = None
+        fields = {
+            name: getattr(args, name)
+            for name in ("title", "subtitle", "body", "badge", "sound", "category", "thread_id", "media_url",
+                         "deeplink", "interruption_level")
+            if getattr(args, name) is not None
+        }
+        if args.data:
+            fields["data"] = _parse_json_object(args.data, "--data")
+        if args.content_available:
+            fields["content_available"] = True
+        if args.mutable_content:
+            fields["mutable_content"] = True
+        content = api.PushContent(**fields)
+    options: dict[str, Any] = {"push_type": args.push_type}
+    if args.priority is not None:
+        options["priority"] = args.priority
+    if args.expiration is not None:
+        options["expiration"] = _parse_time(args.expiration, "--expiration")
+    if args.collapse_id is not None:
+        options["collapse_id"] = args.collapse_id
+    try:
+        apns = msgspec.convert(options, api.ApnsOptions)
+    except msgspec.ValidationError as exc:
+        raise UsageError(api.describe_validation_error(exc)[0]) from None
+    return api.SendPush(
+        app=args.app, token=args.token, platform=args.platform, identity=args.identity, content=content, raw=raw, apns=apns
+    )
+
+
+async def _push_send(client: Client, args: argparse.Namespace) -> None:
+    with trio.fail_after(args.timeout):
+        result = await client.call(_push_request(args))
+    print(_json(result) if args.json else show_push(result))
+    if result.excluded or any(o.status != "sent" for o in result.outcomes):
+        raise SystemExit(1)
+
+
 def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--server", default=os.environ.get("PIGEON_SERVER", DEFAULT_LISTEN),
@@ -350,6 +447,51 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", required=True)
     p.add_argument("--push", required=True, choices=["in", "out"])
 
+    apps = commands.add_parser("apps", help="apps and their provider credentials").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = sub(apps, "register-ios", "register an app's APNs credentials (checked now, never shown again)",
+            _req(_register_ios, show_app))
+    p.add_argument("app", help="the app id (usually the bundle id)")
+    p.add_argument("--bundle-id", help="the APNs topic, if not the app id")
+    p.add_argument("--environment", choices=["production", "sandbox", "both"], default="both",
+                   help="APNs environments the app uses (default both: a token's platform decides)")
+    p.add_argument("--p8", metavar="FILE", help="token auth: the .p8 key file")
+    p.add_argument("--key-id", help="token auth: the key's 10-character id")
+    p.add_argument("--team-id", help="token auth: the 10-character team id")
+    p.add_argument("--p12", metavar="FILE", help="certificate auth: the .p12 file")
+    p.add_argument("--pem", metavar="FILE", help="certificate auth: certificate and key in PEM")
+    p.add_argument("--password-env", metavar="NAME", help="the environment variable holding the .p12 or key password")
+    p = sub(apps, "get", "show an app (without its secrets)", _req(lambda a: api.GetApp(app=a.app), show_app))
+    p.add_argument("app")
+    sub(apps, "list", "list the registered apps",
+        _req(lambda a: api.ListApps(), lambda r: "\n\n".join(show_app(x) for x in r.apps) or "(no apps)"))
+    p = sub(apps, "delete", "forget an app and its credentials", _req(lambda a: api.DeleteApp(app=a.app), lambda r: f"deleted app {r.app}"))
+    p.add_argument("app")
+
+    push = commands.add_parser("push", help="send push notifications").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    p = sub(push, "send", "send one notification now (transactional: no consent or capping rules)", _push_send)
+    p.add_argument("--app", required=True)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--token", help="one device token (with --platform)")
+    target.add_argument("--identity", help="every valid token of this profile for the app")
+    p.add_argument("--platform", choices=["apns", "apns-sandbox", "fcm"])
+    for name in ("title", "subtitle", "body", "sound", "category", "media-url", "deeplink"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--thread-id")
+    p.add_argument("--badge", type=int)
+    p.add_argument("--data", help="custom data: a JSON object, or @FILE")
+    p.add_argument("--content-available", action="store_true", help="a silent background update")
+    p.add_argument("--mutable-content", action="store_true")
+    p.add_argument("--interruption-level", choices=["passive", "active", "time-sensitive", "critical"])
+    p.add_argument("--raw", help="the provider payload as it is: a JSON object, or @FILE")
+    p.add_argument("--push-type", default="alert", help="APNs push type (default alert)")
+    p.add_argument("--priority", type=int, choices=[10, 5, 1])
+    p.add_argument("--expiration", help="until when the provider may retry (ISO 8601)")
+    p.add_argument("--collapse-id")
+
+    mock = commands.add_parser("mock-apns", help="run the mock APNs (for tests, demos and benchmarks)", add_help=False)
+    mock.add_argument("rest", nargs=argparse.REMAINDER)
+    mock.set_defaults(action=None)
+
     events = commands.add_parser("events", help="experience events").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     p = sub(events, "send", "send one event", _events_send)
     p.add_argument("identity")
@@ -417,6 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "mock-apns":
+            from plugins.apns.mock import main as mock_main
+
+            return mock_main(args.rest)
         trio.run(_run_client, args)
         return 0
     except (UsageError, ConfigError) as exc:

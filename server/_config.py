@@ -23,7 +23,7 @@ from protocols.framing import DEFAULT_MAX_FRAME
 
 from ._errors import ConfigError
 
-__all__ = ["Config", "StoreSettings", "SupervisorSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
+__all__ = ["Config", "StoreSettings", "SupervisorSettings", "ApnsSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
 
 log = logging.getLogger("pigeon.config")
 
@@ -53,6 +53,22 @@ class SupervisorSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     backoff_max_s: PositiveFloat = 5.0
 
 
+Endpoint = Annotated[str, msgspec.Meta(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}\Z")]
+
+
+class ApnsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    #: HOST:PORT of each APNs environment (point them at the mock for tests and benchmarks).
+    production: Endpoint = "api.push.apple.com:443"
+    sandbox: Endpoint = "api.sandbox.push.apple.com:443"
+    #: Trust this CA file instead of the system's (the mock writes one).
+    ca_file: str | None = None
+    #: Connections per app and environment, and streams in flight on each.
+    max_connections: Positive = 4
+    streams_per_connection: Positive = 100
+    #: Notifications queued or in flight per app and environment before senders wait.
+    max_queue: Positive = 10_000
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data: str = DEFAULT_DATA
     listen: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: [DEFAULT_LISTEN])
@@ -69,6 +85,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
+    apns: ApnsSettings = msgspec.field(default_factory=ApnsSettings)
 
 
 _LIST_KEYS = {"listen"}

@@ -1,58 +1,144 @@
-"""Delivery: hands personalized notifications to a channel and reports the outcome.
+"""Delivery: hands notifications to the channels and deals with what comes back.
 
-No channel exists yet (the APNs and FCM channels are plugins still to come), so every request
-is recorded and reported as failed with the reason ``NoChannel``: nothing is silently dropped
-and the reports already count it.
+The channels come from plugins (`pigeon_channels`); the actor starts each one's long-lived
+tasks and sends it batches of `DeliveryJob` by registration platform. Every result is
+reported; a token the provider says is dead is marked invalid on its profile (the store
+keeps a registration renewed after the provider's timestamp valid). A job whose platform no
+channel serves fails with ``NoChannel``: nothing is dropped silently.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-import msgspec
 import trio
 
+from . import _store as store_ops
 from ._actor import Actor, Future
+from ._errors import ActorCrashed
 from ._reporting import ReportEvent, Reporting
+from .channels import Channel, DeliveryJob, DeliveryResult
 
-__all__ = ["Delivery", "DeliveryRequest", "DeliveryOutcome"]
+__all__ = ["Delivery", "DeliveryRequest"]
 
-
-class DeliveryOutcome(msgspec.Struct, frozen=True):
-    status: str
-    reason: str = ""
+log = logging.getLogger("pigeon.delivery")
 
 
 class DeliveryRequest:
-    __slots__ = ("app", "platform", "token", "payload", "future")
+    __slots__ = ("jobs", "future")
 
-    def __init__(self, app: str, platform: str, token: str, payload: dict[str, Any]) -> None:
-        self.app = app
-        self.platform = platform
-        self.token = token
-        self.payload = payload
-        self.future: Future[DeliveryOutcome] = Future()
+    def __init__(self, jobs: list[DeliveryJob]) -> None:
+        self.jobs = jobs
+        self.future: Future[list[DeliveryResult]] = Future()
 
 
 class Delivery(Actor):
-    def __init__(self, reporting: Reporting, *, mailbox_size: int = 1024) -> None:
+    """Runs the channels and delivers job batches through them.
+
+    Args:
+        reporting: where results are counted.
+        store: where dead tokens are marked invalid.
+        channels: the channels plugins provide.
+        max_concurrent: batches in delivery at once (more wait in the mailbox).
+    """
+
+    def __init__(
+        self,
+        reporting: Reporting,
+        store: Any,
+        channels: list[Channel],
+        *,
+        mailbox_size: int = 1024,
+        max_concurrent: int = 64,
+    ) -> None:
         super().__init__("delivery", mailbox_size)
         self.reporting = reporting
-        self.requests = 0
+        self.store = store
+        self.channels = channels
+        self.by_platform = {platform: channel for channel in channels for platform in channel.platforms}
+        self.max_concurrent = max_concurrent
+        self.batches = 0
+        self.jobs = 0
+        self.invalidated = 0
 
-    async def deliver(self, request: DeliveryRequest) -> DeliveryOutcome:
+    async def deliver(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
+        """Deliver ``jobs``; their results in the same order once every one is settled."""
+        request = DeliveryRequest(jobs)
         await self.send(request)
         return await request.future.wait()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
-        while requests := await self.receive_batch(256):
-            for request in requests:
-                self.requests += 1
-                await self.reporting.record(
-                    ReportEvent(outcome="failed", app=request.app, platform=request.platform, reason="NoChannel")
+        async with trio.open_nursery() as channels:
+            for channel in self.channels:
+                await channels.start(channel.run)
+            task_status.started()
+            limiter = trio.Semaphore(self.max_concurrent)
+            async with trio.open_nursery() as batches:
+                while requests := await self.receive_batch(256):
+                    for request in requests:
+                        await limiter.acquire()
+                        batches.start_soon(self._handle, request, limiter)
+                    self._in_hand = []  # each task answers its own request
+            channels.cancel_scope.cancel()
+
+    async def _handle(self, request: DeliveryRequest, limiter: trio.Semaphore) -> None:
+        try:
+            results = await self._deliver(request.jobs)
+            request.future.set(results)
+        finally:
+            limiter.release()
+            if not request.future.done:
+                request.future.fail(ActorCrashed("delivery stopped before the notifications were settled"))
+
+    async def _deliver(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
+        self.batches += 1
+        self.jobs += len(jobs)
+        results: list[DeliveryResult | None] = [None] * len(jobs)
+        routed: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            channel = self.by_platform.get(job.platform)
+            if channel is None:
+                results[index] = DeliveryResult(
+                    status="failed", reason="NoChannel", attempts=0, detail=f"no channel delivers to {job.platform!r}"
                 )
-                request.future.set(DeliveryOutcome("failed", "NoChannel"))
+            else:
+                routed.setdefault(channel.name, []).append(index)
+        channels = {c.name: c for c in self.channels}
+
+        async def through(name: str, indexes: list[int]) -> None:
+            outcomes = await channels[name].send([jobs[i] for i in indexes])
+            for i, outcome in zip(indexes, outcomes):
+                results[i] = outcome
+
+        async with trio.open_nursery() as nursery:
+            for name, indexes in routed.items():
+                nursery.start_soon(through, name, indexes)
+        final: list[DeliveryResult] = results  # type: ignore[assignment]
+        await self._after(jobs, final)
+        return final
+
+    async def _after(self, jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
+        """Mark dead tokens, then report every result."""
+        dead = [(i, jobs[i], r) for i, r in enumerate(results) if r.status == "invalid"]
+        if dead:
+            marked = await self.store.write(
+                store_ops.invalidate_tokens,
+                [(job.app.app, job.token, result.reason or "Invalid", result.invalid_since_us) for _, job, result in dead],
+            )
+            for (_, _, result), was_marked in zip(dead, marked):
+                if not was_marked:  # registered again since the provider's timestamp: still valid
+                    result.status = "failed"
+            self.invalidated += sum(marked)
+        for job, result in zip(jobs, results):
+            await self.reporting.record(
+                ReportEvent(outcome=result.status, app=job.app.app, platform=job.platform, reason=result.reason or "")
+            )
 
     def details(self) -> dict[str, Any]:
-        return {"requests": self.requests, "channels": []}
+        return {
+            "batches": self.batches,
+            "notifications": self.jobs,
+            "tokens_invalidated": self.invalidated,
+            "channels": {channel.name: channel.statistics() for channel in self.channels},
+        }

@@ -7,6 +7,7 @@ Layout, one named database per record kind:
     profiles     profile id (u64 BE)     -> versioned ProfileRecord
     tokens       utf-8 app + NUL + token -> profile id (8 bytes)
     events       seq (u64 BE)            -> versioned event: profile id, ts, type, data
+    apps         utf-8 app id            -> versioned AppRecord (with provider credentials)
 
 Integers are fixed-width big-endian so byte order is numeric order. ``events`` is the log, in
 commit order: appending to it dirties a few sequential pages per commit, whatever profiles
@@ -26,6 +27,7 @@ __all__ = [
     "identity_key",
     "pid_key",
     "token_key",
+    "app_key",
     "seq_key",
     "seq_of",
 
@@ -57,6 +59,10 @@ def token_key(app: str, token: str) -> bytes:
             f"app id and token together are {len(key)} bytes; at most {MAX_KEY_BYTES} are allowed", field="$.token"
         )
     return key
+
+
+def app_key(app: str) -> bytes:
+    return app.encode()
 
 
 def seq_key(seq: int) -> bytes:

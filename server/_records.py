@@ -18,6 +18,7 @@ import msgspec
 from protocols import api
 
 from ._errors import SchemaError
+from .channels import AppRecord
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -29,6 +30,8 @@ __all__ = [
     "decode_profile",
     "encode_event",
     "decode_event",
+    "encode_app",
+    "decode_app",
     "to_us",
     "from_us",
     "profile_to_api",
@@ -72,6 +75,7 @@ class EventRecord(msgspec.Struct, array_like=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _profile_decoder = msgspec.msgpack.Decoder(ProfileRecord)
+_app_decoder = msgspec.msgpack.Decoder(AppRecord)
 _event_decoder = msgspec.msgpack.Decoder(EventRecord)
 
 
@@ -109,6 +113,16 @@ def decode_event(value: bytes) -> tuple[int, int, EventRecord]:
     """Profile id, timestamp and record of a logged event."""
     pid, ts = event_head(value)
     return pid, ts, _event_decoder.decode(memoryview(value)[17:])
+
+
+def encode_app(record: AppRecord) -> bytes:
+    return _V1 + _encoder.encode(record)
+
+
+def decode_app(value: bytes) -> AppRecord:
+    if value[:1] != _V1:
+        raise _unversioned(value, "app")
+    return _app_decoder.decode(memoryview(value)[1:])
 
 
 def to_us(dt: datetime) -> int:

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import time
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+import msgspec.structs
+
 from protocols import api
 from protocols.frames import PROTOCOL_VERSION
 
 from . import _store as store_ops
-from ._errors import ActorError, InvalidArgument
+from ._errors import ActorError, FailedPrecondition, InvalidArgument, NotFound
+from .channels import AppRecord, DeliveryJob
 from ._records import from_us, profile_to_api, to_us
 from ._rpc import CallContext, Router
 
@@ -19,6 +24,8 @@ if TYPE_CHECKING:
     from ._app import Server
 
 __all__ = ["build_router", "MAX_ATTRIBUTE_DEPTH"]
+
+log = logging.getLogger("pigeon")
 
 MAX_ATTRIBUTE_DEPTH = 32
 _END_OF_TIME_US = 2**63 - 1
@@ -218,4 +225,85 @@ def build_router(server: Server) -> Router:
 
     router.add(api.IngestEvents, ingest, raw=True)
     router.add(api.ListEvents, list_events)
+
+    # -- apps -----------------------------------------------------------------------------------
+
+    def channel_for_apps(platform: str) -> Any:
+        for channel in server.channels:
+            if getattr(channel, "app_platform", None) == platform:
+                return channel
+        raise FailedPrecondition(f"no channel plugin handles {platform} apps (is it disabled?)")
+
+    def require_app(app: str) -> AppRecord:
+        record = store.get_app(app)
+        if record is None:
+            raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios ...)", field="$.app")
+        return record
+
+    async def register_ios(ctx: CallContext, req: api.RegisterIosApp) -> api.AppInfo:
+        ios = channel_for_apps("ios").check_app(req)
+        existing = store.get_app(req.app)
+        record = AppRecord(app=req.app, ios=ios) if existing is None else msgspec.structs.replace(existing, ios=ios)
+        stored = await store.write(store_ops.put_app, record)
+        log.info("app %s: iOS credentials registered (%s auth, %s)", req.app, ios.auth, ios.environment)
+        return stored.info()
+
+    async def get_app(ctx: CallContext, req: api.GetApp) -> api.AppInfo:
+        return require_app(req.app).info()
+
+    async def list_apps(ctx: CallContext, req: api.ListApps) -> api.AppList:
+        return api.AppList(apps=[record.info() for record in store.list_apps()])
+
+    async def delete_app(ctx: CallContext, req: api.DeleteApp) -> api.AppDeleted:
+        await store.write(store_ops.delete_app, req.app)
+        return api.AppDeleted(app=req.app)
+
+    router.add(api.RegisterIosApp, register_ios)
+    router.add(api.GetApp, get_app)
+    router.add(api.ListApps, list_apps)
+    router.add(api.DeleteApp, delete_app)
+
+    # -- push -----------------------------------------------------------------------------------
+
+    async def push_send(ctx: CallContext, req: api.SendPush) -> api.PushSent:
+        if (req.token is None) == (req.identity is None):
+            raise InvalidArgument("give either a token (with its platform) or an identity", field="$.token")
+        if (req.content is None) == (req.raw is None):
+            raise InvalidArgument("give either content or a raw payload", field="$.content")
+        app = require_app(req.app)
+        if req.token is not None:
+            if req.platform is None:
+                raise InvalidArgument("a token needs its platform (apns, apns-sandbox or fcm)", field="$.platform")
+            targets = [(_check_apns_token(req.platform, req.token), req.platform)]
+        else:
+            assert req.identity is not None
+            registrations = [r for r in store.get_profile(req.identity).registrations if r.app == req.app]
+            if not registrations:
+                return api.PushSent(outcomes=[], excluded="NoTokenForApp")
+            targets = [(r.token, r.platform) for r in registrations if r.state == "active"]
+            if not targets:
+                return api.PushSent(outcomes=[], excluded="OnlyInvalidTokens")
+        jobs = [
+            DeliveryJob(app=app, token=token, platform=platform, content=req.content, raw=req.raw, apns=req.apns)
+            for token, platform in targets
+        ]
+        results = await server.delivery.deliver(jobs)
+        return api.PushSent(
+            outcomes=[
+                api.PushOutcome(
+                    token=token,
+                    platform=platform,  # type: ignore[arg-type]
+                    status=result.status,
+                    reason=result.reason,
+                    detail=result.detail,
+                    status_code=result.status_code,
+                    provider_id=result.provider_id,
+                    unique_id=result.unique_id,
+                    attempts=result.attempts,
+                )
+                for (token, platform), result in zip(targets, results)
+            ]
+        )
+
+    router.add(api.SendPush, push_send)
     return router

@@ -55,8 +55,11 @@ from ._records import (
     decode_profile,
     encode_event,
     encode_profile,
+    decode_app,
+    encode_app,
 )
 from ._index import Entry, EventIndex
+from .channels import AppRecord
 
 __all__ = ["ProfileStore", "WriteOp", "InEvent", "MAX_PROFILE_BYTES", "MAX_REGISTRATIONS"]
 
@@ -67,7 +70,7 @@ MAX_PROFILE_BYTES = 256 * 1024
 #: Registrations kept per profile; registering one more evicts the least recently seen.
 MAX_REGISTRATIONS = 50
 
-_DATABASES = ("meta", "identities", "profiles", "tokens", "events")
+_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps")
 _meta_encoder = msgspec.msgpack.Encoder()
 
 
@@ -419,10 +422,19 @@ class ProfileStore(Actor):
                     out.append((seq, ts, decode_event(value)[2]))
         return out, resume
 
+    def get_app(self, app: str) -> AppRecord | None:
+        with self.env.begin() as txn:
+            value = txn.get(keys.app_key(app), db=self._dbs["apps"])
+        return None if value is None else decode_app(value)
+
+    def list_apps(self) -> list[AppRecord]:
+        with self.env.begin() as txn:
+            return [decode_app(value) for _, value in txn.cursor(db=self._dbs["apps"])]
+
     def counts(self) -> dict[str, int]:
         env = self.env
         with env.begin() as txn:
-            counts = {name: txn.stat(db)["entries"] for name, db in self._dbs.items() if name != "meta"}
+            counts = {name: txn.stat(db)["entries"] for name, db in self._dbs.items() if name not in ("meta", "apps")}
         info, stat = env.info(), env.stat()
         counts["map_size"] = info["map_size"]
         counts["used_bytes"] = (info["last_pgno"] + 1) * stat["psize"]
@@ -665,6 +677,50 @@ def set_consent(w: Writer, identity: str, app: str, push: str) -> ConsentRecord:
     record.consent[app] = entry
     w.save(pid, record)
     return entry
+
+
+def put_app(w: Writer, record: AppRecord) -> AppRecord:
+    """Store an app; its credentials version goes up by one when it replaces an earlier one."""
+    key = keys.app_key(record.app)
+    previous = w.txn.get(key, db=w.dbs["apps"])
+    if previous is not None:
+        record.version = decode_app(previous).version + 1
+    w.txn.put(key, encode_app(record), db=w.dbs["apps"])
+    return record
+
+
+def delete_app(w: Writer, app: str) -> None:
+    if not w.txn.delete(keys.app_key(app), db=w.dbs["apps"]):
+        raise NotFound(f"no app {app!r} is registered", field="$.app")
+
+
+def invalidate_token(w: Writer, app: str, token: str, reason: str, since_us: int | None) -> bool:
+    """Mark a registration invalid after the provider said its token is dead.
+
+    With ``since_us`` (APNs 410: since when the token is dead), a registration seen again
+    after that moment stays valid. Returns whether a registration was marked.
+    """
+    owner = w.txn.get(keys.token_key(app, token), db=w.dbs["tokens"])
+    if owner is None:
+        return False
+    record = w.load(owner)
+    for registration in record.registrations:
+        if registration.app == app and registration.token == token:
+            if since_us is not None and registration.last_seen > since_us:
+                return False
+            if registration.state == "invalid" and registration.invalid_reason == reason:
+                return False
+            registration.state = "invalid"
+            registration.invalid_reason = reason
+            registration.invalid_at = w.now
+            w.save(owner, record)
+            return True
+    return False
+
+
+def invalidate_tokens(w: Writer, items: list[tuple[str, str, str, int | None]]) -> list[bool]:
+    """`invalidate_token` for each ``(app, token, reason, since_us)``."""
+    return [invalidate_token(w, *item) for item in items]
 
 
 def ingest_events(w: Writer, segments: list[list[InEvent]]) -> list[int]:

@@ -31,6 +31,11 @@ EXPECTED_METHODS = {
     "consent.set": (api.SetConsent, api.ConsentEntry, False),
     "events.ingest": (api.IngestEvents, api.IngestResult, False),
     "events.list": (api.ListEvents, api.StoredEvent, True),
+    "apps.register_ios": (api.RegisterIosApp, api.AppInfo, False),
+    "apps.get": (api.GetApp, api.AppInfo, False),
+    "apps.list": (api.ListApps, api.AppList, False),
+    "apps.delete": (api.DeleteApp, api.AppDeleted, False),
+    "push.send": (api.SendPush, api.PushSent, False),
 }
 
 
@@ -45,7 +50,7 @@ def test_method_spec_is_consistent(name: str) -> None:
     spec = api.METHODS[name]
     assert spec.name == name
     assert spec.request.method == name
-    assert re.fullmatch(r"[a-z]+\.[a-z]+", name)
+    assert re.fullmatch(r"[a-z]+\.[a-z][a-z_]*", name)
     assert issubclass(spec.request, api.Request)
     assert issubclass(spec.response, msgspec.Struct)
     assert spec.streaming == issubclass(spec.request, api.StreamRequest)
@@ -88,6 +93,20 @@ SAMPLES: dict[str, api.Request[Any]] = {
         events=[api.Event(identity="crm:42", type="commerce.purchase", ts=NOW, data={"sku": "A1", "qty": 2})]
     ),
     "events.list": api.ListEvents(identity="crm:42", type="app.open", since=NOW, limit=10, reverse=True),
+    "apps.register_ios": api.RegisterIosApp(
+        app="com.example.app",
+        auth=api.ApnsTokenAuth(key_pem="-----BEGIN PRIVATE KEY-----", key_id="ABCDE12345", team_id="TEAM123456"),
+        environment="sandbox",
+    ),
+    "apps.get": api.GetApp(app="com.example.app"),
+    "apps.list": api.ListApps(),
+    "apps.delete": api.DeleteApp(app="com.example.app"),
+    "push.send": api.SendPush(
+        app="com.example.app",
+        identity="crm:42",
+        content=api.PushContent(title="Hi", body="Your order shipped", badge=1, sound=api.CriticalSound(volume=0.5)),
+        apns=api.ApnsOptions(push_type="alert", priority=5, expiration=NOW, collapse_id="order"),
+    ),
 }
 
 
@@ -386,6 +405,20 @@ _values = st.recursive(
 )
 _attributes = st.dictionaries(st.text(max_size=10), _values, max_size=5)
 _platforms = st.sampled_from(["apns", "apns-sandbox", "fcm"])
+_apple_ids = st.from_regex(r"\A[A-Z0-9]{10}\Z")
+_auths = st.builds(api.ApnsTokenAuth, key_pem=st.text(max_size=50), key_id=_apple_ids, team_id=_apple_ids) | st.builds(
+    api.ApnsCertificateAuth, pkcs12=st.none() | st.binary(max_size=30), password=st.none() | st.text(max_size=10),
+    pem=st.none() | st.text(max_size=30),
+)
+_contents = st.builds(
+    api.PushContent,
+    title=st.none() | st.text(max_size=20),
+    body=st.none() | st.text(max_size=40),
+    badge=st.none() | st.integers(0, 1000),
+    sound=st.none() | st.text(max_size=10) | st.builds(api.CriticalSound, name=st.text(max_size=10), volume=st.floats(0, 1)),
+    data=st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=3),
+    content_available=st.booleans(),
+)
 _events = st.builds(
     api.Event,
     identity=_identities,
@@ -417,6 +450,19 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         until=st.none() | _timestamps,
         limit=st.integers(1, 1_000_000),
         reverse=st.booleans(),
+    ),
+    "apps.register_ios": st.builds(
+        api.RegisterIosApp, app=_apps, auth=_auths, bundle_id=st.none() | _apps,
+        environment=st.sampled_from(["production", "sandbox", "both"]),
+    ),
+    "apps.get": st.builds(api.GetApp, app=_apps),
+    "apps.list": st.builds(api.ListApps),
+    "apps.delete": st.builds(api.DeleteApp, app=_apps),
+    "push.send": st.builds(
+        api.SendPush, app=_apps, token=st.none() | _tokens, platform=st.none() | _platforms,
+        identity=st.none() | _identities, content=st.none() | _contents,
+        apns=st.builds(api.ApnsOptions, push_type=st.sampled_from(["alert", "background", "voip"]),
+                       priority=st.none() | st.sampled_from([10, 5, 1]), expiration=st.none() | _timestamps),
     ),
 }
 

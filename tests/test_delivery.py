@@ -1,27 +1,30 @@
-"""Delivery without channels: every request is recorded and reported, none is dropped."""
+"""Delivery: routes notifications to channels by platform; nothing is dropped silently."""
 
 from __future__ import annotations
 
 import trio
 
 from protocols import api
-from server._delivery import DeliveryRequest
+from server.channels import AppRecord, DeliveryJob
 
 
-async def test_requests_are_reported_as_failed_for_want_of_a_channel(server, client):
-    outcomes = []
-    async with trio.open_nursery() as nursery:
-        for platform in ("apns", "fcm", "fcm"):
-
-            async def deliver(platform: str = platform) -> None:
-                outcomes.append(await server.delivery.deliver(DeliveryRequest("com.acme.app", platform, "tok", {"aps": {}})))
-
-            nursery.start_soon(deliver)
-    assert [(o.status, o.reason) for o in outcomes] == [("failed", "NoChannel")] * 3
+async def test_a_platform_without_a_channel_fails_with_NoChannel_and_is_reported(server, client):
+    app = AppRecord(app="com.acme.app")
+    jobs = [DeliveryJob(app=app, token="tok", platform="fcm", content=api.PushContent(title="x")) for _ in range(3)]
+    results = await server.delivery.deliver(jobs)
+    assert [(r.status, r.reason) for r in results] == [("failed", "NoChannel")] * 3
+    assert "fcm" in results[0].detail
     with trio.fail_after(5):
         while server.reporting.details()["outcomes"].get("failed", 0) < 3:
             await trio.sleep(0.01)
     stats = await client.call(api.GetStats())
     actors = {a.name: a for a in stats.actors}
-    assert actors["delivery"].details == {"requests": 3, "channels": []}
+    assert actors["delivery"].details["notifications"] == 3
+    assert "apns" in actors["delivery"].details["channels"]
     assert actors["reporting"].details == {"outcomes": {"failed": 3}, "reasons": {"failed:NoChannel": 3}}
+
+
+async def test_an_ios_app_without_credentials_fails_on_the_apns_channel(server):
+    app = AppRecord(app="com.acme.app")
+    [result] = await server.delivery.deliver([DeliveryJob(app=app, token="ab" * 32, platform="apns", content=api.PushContent(title="x"))])
+    assert (result.status, result.reason) == ("failed", "NoCredentials")

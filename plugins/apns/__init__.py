@@ -1,0 +1,150 @@
+"""The APNs channel: Apple's HTTP/2 provider API, as a built-in Pigeon plugin.
+
+It delivers to registrations of platform ``apns`` (production) and ``apns-sandbox``, with one
+`ApnsSender` (a connection pool, a provider token, retries) per app, credentials version and
+environment. Payloads are built by `_payload`, credentials checked by `_credentials`; the
+mock APNs used by the tests and benchmarks is `plugins.apns.mock`.
+
+It is registered through the same hook any channel plugin uses (`pigeon_channels`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import trio
+
+from protocols import api
+from server.channels import AppRecord, Channel, DeliveryJob, DeliveryResult, IosRecord
+from server.hookspecs import hookimpl
+
+from ._credentials import check_ios
+from ._payload import ApnsRequest, PayloadError, build_request
+from ._sender import ApnsSender
+
+__all__ = ["ApnsChannel", "pigeon_channels"]
+
+log = logging.getLogger("pigeon.apns")
+
+
+class ApnsChannel(Channel):
+    """Delivers to APNs; see the module docstring.
+
+    Args:
+        settings: the ``[apns]`` configuration (endpoints, CA file, pool sizes).
+    """
+
+    name: ClassVar[str] = "apns"
+    platforms: ClassVar[frozenset[str]] = frozenset({"apns", "apns-sandbox"})
+    #: The app platform whose credentials this channel checks.
+    app_platform: ClassVar[str] = "ios"
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self._senders: dict[tuple[str, int, str], ApnsSender] = {}
+        self._starting: dict[tuple[str, int, str], trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def check_app(self, request: api.RegisterIosApp) -> IosRecord:
+        """Check iOS credentials when an app is registered (raises `InvalidArgument`)."""
+        return check_ios(request)
+
+    async def send(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
+        results: list[DeliveryResult | None] = [None] * len(jobs)
+        groups: dict[tuple[str, int, str], list[tuple[int, ApnsRequest, str]]] = {}
+        apps: dict[tuple[str, int, str], AppRecord] = {}
+        for index, job in enumerate(jobs):
+            ios = job.app.ios
+            if ios is None:
+                results[index] = DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
+                                                detail=f"app {job.app.app} has no iOS credentials")
+                continue
+            environment = "production" if job.platform == "apns" else "sandbox"
+            if ios.environment not in (environment, "both"):
+                results[index] = DeliveryResult(status="failed", reason="EnvironmentNotEnabled", attempts=0,
+                                                detail=f"app {job.app.app} is registered for {ios.environment} only")
+                continue
+            try:
+                request = build_request(
+                    bundle_id=ios.bundle_id, options=job.apns, content=job.content, raw=job.raw, tracking=job.tracking
+                )
+            except PayloadError as exc:
+                results[index] = DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=exc.message)
+                continue
+            key = (job.app.app, job.app.version, environment)
+            groups.setdefault(key, []).append((index, request, job.token))
+            apps[key] = job.app
+        async with trio.open_nursery() as nursery:
+            for key, items in groups.items():
+                nursery.start_soon(self._send_group, key, apps[key], items, results)
+        return results  # type: ignore[return-value]
+
+    async def _send_group(
+        self, key: tuple[str, int, str], app: AppRecord, items: list[tuple[int, ApnsRequest, str]], results: list[Any]
+    ) -> None:
+        sender = await self._sender(key, app)
+        outcomes = await sender.send([(request, token) for _, request, token in items])
+        for (index, _, _), outcome in zip(items, outcomes):
+            results[index] = outcome
+
+    async def _sender(self, key: tuple[str, int, str], app: AppRecord) -> ApnsSender:
+        sender = self._senders.get(key)
+        if sender is not None:
+            return sender
+        starting = self._starting.get(key)
+        if starting is not None:
+            await starting.wait()
+            return self._senders[key]
+        starting = self._starting[key] = trio.Event()
+        try:
+            settings = self.settings
+            host, port = _endpoint(settings.production if key[2] == "production" else settings.sandbox)
+            sender = ApnsSender(
+                app,
+                key[2],
+                host=host,
+                port=port,
+                ca_file=settings.ca_file,
+                max_connections=settings.max_connections,
+                streams_per_connection=settings.streams_per_connection,
+                max_queue=settings.max_queue,
+            )
+            # Credentials of an earlier version of this app are retired.
+            for old in [k for k in self._senders if k[0] == key[0] and k[2] == key[2] and k[1] != key[1]]:
+                self._senders.pop(old).pool.drop_connections()
+            assert self._nursery is not None
+            await self._nursery.start(self._run_sender, key, sender)
+            self._senders[key] = sender
+            return sender
+        finally:
+            del self._starting[key]
+            starting.set()
+
+    async def _run_sender(self, key: tuple[str, int, str], sender: ApnsSender, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await sender.run(task_status=task_status)
+        except Exception:
+            log.exception("the APNs sender of %s (%s) failed", key[0], key[2])
+        finally:
+            if self._senders.get(key) is sender:
+                del self._senders[key]
+
+    def statistics(self) -> dict[str, Any]:
+        return {f"{app} v{version} {env}": s.statistics() for (app, version, env), s in self._senders.items()}
+
+
+def _endpoint(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@hookimpl
+def pigeon_channels(config: Any) -> list[Channel]:
+    return [ApnsChannel(config.apns)]

@@ -1,0 +1,330 @@
+"""One app in one APNs environment: its connection pool, its provider token, retries.
+
+`ApnsSender.send` queues notifications (waiting while ``max_queue`` are queued or in flight:
+backpressure) and returns their results once APNs has answered each. A dispatcher task
+starts them on the pool's free streams; the pool's callbacks classify each answer:
+
+- 200: sent (``apns-id``, and ``apns-unique-id`` in the sandbox);
+- 410 Unregistered/ExpiredToken, BadDeviceToken, DeviceTokenNotForTopic: the token is dead;
+- ExpiredProviderToken: the token is renewed and the notification retried once;
+- InvalidProviderToken, TooManyProviderTokenUpdates and the certificate errors: the app's
+  credentials are refused: its queued and later notifications fail at once with that reason,
+  without asking APNs again, until the app is registered again (or, for
+  TooManyProviderTokenUpdates, 20 minutes have passed);
+- 429, 5xx, IdleTimeout, a refused stream (GOAWAY) or a lost connection: retried with
+  jittered exponential backoff while the notification has not expired;
+- any other 4xx: failed, with Apple's reason.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import trio
+from hpack import NeverIndexedHeaderTuple
+
+from server._actor import Future
+from server._http2 import ConnectionLost, H2Failure, H2Pool, H2Response, StreamRefused
+from server.channels import AppRecord, DeliveryResult
+
+from ._credentials import ProviderToken, client_ssl_context
+from ._payload import ApnsRequest
+
+__all__ = ["ApnsSender", "INVALID_TOKEN_REASONS", "CREDENTIAL_REASONS"]
+
+log = logging.getLogger("pigeon.apns")
+
+#: Reasons that mean the device token is dead for this app.
+INVALID_TOKEN_REASONS = frozenset({"Unregistered", "ExpiredToken", "BadDeviceToken", "DeviceTokenNotForTopic"})
+#: Reasons that mean APNs refuses the app's credentials: stop sending until they change.
+CREDENTIAL_REASONS = frozenset(
+    {
+        "InvalidProviderToken",
+        "TooManyProviderTokenUpdates",
+        "MissingProviderToken",
+        "BadCertificate",
+        "BadCertificateEnvironment",
+        "BadEnvironmentKeyIdInToken",
+        "BadEnvironmentKeyInToken",
+        "UnrelatedKeyIdInToken",
+    }
+)
+_RETRY_REASONS = frozenset({"TooManyRequests", "InternalServerError", "ServiceUnavailable", "Shutdown", "IdleTimeout"})
+_reason_decoder = msgspec.json.Decoder(dict[str, Any])
+
+
+class _Job:
+    __slots__ = ("request", "token", "future", "attempts", "deadline", "expired_token_retried")
+
+    def __init__(self, request: ApnsRequest, token: str, deadline: float) -> None:
+        self.request = request
+        self.token = token
+        self.future: Future[DeliveryResult] = Future()
+        self.attempts = 0
+        self.deadline = deadline
+        self.expired_token_retried = False
+
+
+class ApnsSender:
+    """Sends one app's notifications to one APNs environment.
+
+    Args:
+        app: the app and its credentials.
+        environment: ``production`` or ``sandbox``.
+        host, port: the APNs endpoint.
+        ca_file: trust this CA instead of the system's (for the mock APNs).
+        max_connections, streams_per_connection: the pool's size.
+        max_queue: notifications queued or in flight at most; `send` waits beyond it.
+        retry_window: seconds a notification without expiration is retried at most.
+        max_attempts: attempts per notification at most.
+    """
+
+    def __init__(
+        self,
+        app: AppRecord,
+        environment: str,
+        *,
+        host: str,
+        port: int,
+        ca_file: str | None = None,
+        max_connections: int = 4,
+        streams_per_connection: int = 100,
+        max_queue: int = 10_000,
+        retry_window: float = 600.0,
+        max_attempts: int = 8,
+        backoff_min: float = 0.2,
+        backoff_max: float = 30.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        assert app.ios is not None
+        self.app = app
+        self.record = app.ios
+        self.environment = environment
+        self.host = host
+        self.max_queue = max_queue
+        self.retry_window = retry_window
+        self.max_attempts = max_attempts
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.clock = clock
+        self.pool = H2Pool(
+            host,
+            port,
+            ssl_context=client_ssl_context(self.record, ca_file=ca_file),
+            max_connections=max_connections,
+            streams_per_connection=streams_per_connection,
+            # The provider token goes never-indexed in every request; Huffman-coding its
+            # ~200 bytes each time would cost ~25 µs more than sending them as they are.
+            huffman=False,
+        )
+        self.token = ProviderToken(self.record, clock=clock) if self.record.auth == "token" else None
+        self._authority = f"{host}:{port}".encode() if port != 443 else host.encode()
+        self._slots = trio.Semaphore(max_queue)
+        self._queue: deque[_Job] = deque()
+        self._queued = trio.Event()
+        self._retries: list[tuple[float, int, _Job]] = []
+        self._retry_added = trio.Event()
+        self._order = itertools.count()
+        self._random = random.Random()
+        #: Why APNs refuses the app's credentials, and until when (None: until they change).
+        self.refused: str | None = None
+        self.refused_until: float | None = None
+        self.counts: dict[str, int] = {}
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.pool.run)
+            nursery.start_soon(self._dispatcher)
+            nursery.start_soon(self._retrier)
+            task_status.started()
+
+    async def send(self, jobs: list[tuple[ApnsRequest, str]]) -> list[DeliveryResult]:
+        """Send ``(request, device token)`` pairs; return their results in order."""
+        now = self.clock()
+        pending = []
+        for request, token in jobs:
+            refused = self._refusal(now)
+            if refused is not None:
+                pending.append(refused)
+                continue
+            await self._slots.acquire()
+            deadline = now + self.retry_window
+            if request.expiration is not None:
+                deadline = min(deadline, float(request.expiration)) if request.expiration else now
+            job = _Job(request, token, deadline)
+            job.future.on_done(lambda _: self._slots.release())
+            self._queue.append(job)
+            self._queued.set()
+            pending.append(job.future)
+        results = []
+        for item in pending:
+            results.append(item if isinstance(item, DeliveryResult) else await item.wait())
+        return results
+
+    def _refusal(self, now: float) -> DeliveryResult | None:
+        if self.refused is None:
+            return None
+        if self.refused_until is not None and now >= self.refused_until:
+            self.refused = self.refused_until = None
+            return None
+        return DeliveryResult(status="failed", reason=self.refused, attempts=0)
+
+    async def _dispatcher(self) -> None:
+        pool = self.pool
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
+            while self._queue:
+                job = self._queue.popleft()
+                if self.refused is not None:
+                    self._finish(job, DeliveryResult(status="failed", reason=self.refused, attempts=job.attempts))
+                    continue
+                job.attempts += 1
+                while not pool.try_submit(self._headers(job), job.request.payload, lambda outcome, job=job: self._answer(job, outcome)):
+                    pool.flush()
+                    try:
+                        await pool.wait_capacity()
+                    except ConnectionLost as exc:
+                        self._retry_or_fail(job, "ConnectionFailed", None, str(exc))
+                        break
+            pool.flush()
+
+    def _headers(self, job: _Job) -> list[tuple[bytes, bytes]]:
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":path", b"/3/device/" + job.token.encode()),
+            (b":authority", self._authority),
+        ]
+        if self.token is not None:
+            headers.append(NeverIndexedHeaderTuple(b"authorization", self.token.header()))
+        headers.extend(job.request.headers)
+        return headers
+
+    # -- answers --------------------------------------------------------------------------
+
+    def _answer(self, job: _Job, outcome: H2Response | H2Failure) -> None:
+        if isinstance(outcome, StreamRefused):
+            # Not processed by APNs (a GOAWAY): again at once, without counting an attempt.
+            job.attempts -= 1
+            self._count("refused_stream")
+            self._queue.appendleft(job)
+            self._queued.set()
+            return
+        if isinstance(outcome, H2Failure):
+            self._count("connection_lost")
+            self._retry_or_fail(job, "ConnectionLost", None, str(outcome))
+            return
+        status = outcome.status
+        apns_id = outcome.headers.get(b"apns-id", b"").decode() or None
+        if status == 200:
+            unique = outcome.headers.get(b"apns-unique-id")
+            self._finish(
+                job,
+                DeliveryResult(
+                    status="sent",
+                    status_code=200,
+                    provider_id=apns_id,
+                    unique_id=unique.decode() if unique else None,
+                    attempts=job.attempts,
+                ),
+            )
+            return
+        try:
+            body = _reason_decoder.decode(outcome.body) if outcome.body else {}
+        except msgspec.DecodeError:
+            body = {}
+        reason = str(body.get("reason") or f"HTTP{status}")
+        result = DeliveryResult(status="failed", reason=reason, status_code=status, provider_id=apns_id, attempts=job.attempts)
+        if reason in INVALID_TOKEN_REASONS:
+            result.status = "invalid"
+            timestamp = body.get("timestamp")
+            if isinstance(timestamp, int):
+                result.invalid_since_us = timestamp * 1000
+            self._finish(job, result)
+        elif reason == "ExpiredProviderToken" and not job.expired_token_retried and self.token is not None:
+            job.expired_token_retried = True
+            if self.token.renew_now():
+                log.info("%s: APNs says the provider token expired; renewed it", self.app.app)
+            self.pool.drop_connections()  # APNs keeps refusing on that connection
+            job.attempts -= 1
+            self._queue.appendleft(job)
+            self._queued.set()
+        elif reason in CREDENTIAL_REASONS or reason == "ExpiredProviderToken":
+            self._refuse(reason)
+            self._finish(job, result)
+        elif reason in _RETRY_REASONS or status >= 500:
+            self._retry_or_fail(job, reason, status, None)
+        else:
+            self._finish(job, result)
+
+    def _refuse(self, reason: str) -> None:
+        if self.refused is None:
+            log.error(
+                "APNs refuses the credentials of %s (%s): its notifications fail until they are registered again",
+                self.app.app, reason,
+            )
+        self.refused = reason
+        self.refused_until = self.clock() + 20 * 60 if reason == "TooManyProviderTokenUpdates" else None
+        queued, self._queue = self._queue, deque()
+        for job in queued:
+            self._finish(job, DeliveryResult(status="failed", reason=reason, attempts=job.attempts))
+        retries, self._retries = self._retries, []
+        for _, _, job in retries:
+            self._finish(job, DeliveryResult(status="failed", reason=reason, attempts=job.attempts))
+
+    def _retry_or_fail(self, job: _Job, reason: str, status: int | None, detail: str | None) -> None:
+        delay = min(self.backoff_max, self.backoff_min * 2 ** (job.attempts - 1)) * self._random.uniform(0.5, 1.0)
+        when = self.clock() + delay
+        if job.attempts >= self.max_attempts or when > job.deadline:
+            self._finish(job, DeliveryResult(status="failed", reason=reason, status_code=status, attempts=job.attempts))
+            return
+        self._count("retries")
+        heapq.heappush(self._retries, (when, next(self._order), job))
+        self._retry_added.set()
+
+    async def _retrier(self) -> None:
+        while True:
+            if not self._retries:
+                self._retry_added = trio.Event()
+                await self._retry_added.wait()
+                continue
+            when = self._retries[0][0]
+            delay = when - self.clock()
+            if delay > 0:
+                self._retry_added = trio.Event()
+                with trio.move_on_after(delay):
+                    await self._retry_added.wait()
+                continue
+            _, _, job = heapq.heappop(self._retries)
+            self._queue.append(job)
+            self._queued.set()
+
+    def _finish(self, job: _Job, result: DeliveryResult) -> None:
+        self._count(result.status if result.status != "failed" else f"failed:{result.reason}")
+        job.future.set(result)
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "environment": self.environment,
+            "pool": self.pool.statistics().as_dict(),
+            "queued": len(self._queue),
+            "retrying": len(self._retries),
+            "refused": self.refused,
+            "token_renewals": self.token.renewals if self.token else None,
+            "outcomes": dict(self.counts),
+        }
+

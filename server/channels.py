@@ -1,0 +1,118 @@
+"""What a delivery channel is: the contract between Pigeon and channel plugins.
+
+A channel (APNs, FCM, a plugin's own) delivers notifications to the push registrations of
+one or more platforms. Plugins provide channels through the `pigeon_channels` hook
+(`server.hookspecs`); the delivery actor starts each channel's `Channel.run` and hands it
+`DeliveryJob` batches. The built-in APNs channel (`plugins.apns`) is written against exactly
+this contract.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+import msgspec
+import trio
+
+from protocols import api
+
+__all__ = ["IosRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel"]
+
+
+class IosRecord(msgspec.Struct, kw_only=True):
+    """An app's APNs credentials as stored (secrets included: never send or log them)."""
+
+    bundle_id: str
+    environment: Literal["production", "sandbox", "both"]
+    auth: Literal["token", "certificate"]
+    key_pem: str | None = None
+    key_id: str | None = None
+    team_id: str | None = None
+    #: Certificate and its private key, PEM (a .p12 is converted when registered).
+    certificate_pem: str | None = None
+    certificate_subject: str | None = None
+    certificate_expires: datetime | None = None
+    certificate_topics: list[str] = []
+    updated: datetime
+
+    def info(self) -> api.IosAppInfo:
+        """The public view: everything but the secrets."""
+        return api.IosAppInfo(
+            bundle_id=self.bundle_id,
+            environment=self.environment,
+            auth=self.auth,
+            updated=self.updated,
+            key_id=self.key_id,
+            team_id=self.team_id,
+            certificate_subject=self.certificate_subject,
+            certificate_expires=self.certificate_expires,
+            certificate_topics=self.certificate_topics,
+        )
+
+
+class AppRecord(msgspec.Struct, kw_only=True):
+    app: str
+    ios: IosRecord | None = None
+    #: Bumped whenever credentials change, so channels can drop what they built from them.
+    version: int = 1
+
+    def info(self) -> api.AppInfo:
+        return api.AppInfo(app=self.app, ios=None if self.ios is None else self.ios.info())
+
+
+class DeliveryJob(msgspec.Struct, kw_only=True):
+    """One notification for one push registration."""
+
+    app: AppRecord
+    token: str
+    #: The registration's platform (``apns``, ``apns-sandbox``, ``fcm``).
+    platform: str
+    content: api.PushContent | None = None
+    raw: dict[str, Any] | None = None
+    apns: api.ApnsOptions = msgspec.field(default_factory=api.ApnsOptions)
+    #: The compact tracking envelope placed in the payload (filled by messages and journeys).
+    tracking: dict[str, Any] | None = None
+
+
+class DeliveryResult(msgspec.Struct, kw_only=True):
+    """What became of a `DeliveryJob`."""
+
+    status: Literal["sent", "failed", "invalid"]
+    reason: str | None = None
+    #: A readable explanation when the reason alone is not enough.
+    detail: str | None = None
+    status_code: int | None = None
+    provider_id: str | None = None
+    unique_id: str | None = None
+    attempts: int = 1
+    #: For ``invalid``: since when the provider knows the token is dead (µs since the epoch),
+    #: if it says (APNs 410); a token registered again after that stays valid.
+    invalid_since_us: int | None = None
+
+
+class Channel:
+    """Base class of delivery channels.
+
+    Attributes:
+        name: the channel's name (``apns``).
+        platforms: registration platforms it delivers to (``{"apns", "apns-sandbox"}``).
+    """
+
+    name: ClassVar[str]
+    platforms: ClassVar[frozenset[str]]
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the channel's long-lived tasks (connection pools); report ready at once."""
+        task_status.started()
+        await trio.sleep_forever()
+
+    async def send(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
+        """Deliver ``jobs`` and return their results in the same order.
+
+        Never raises for a job's failure: each becomes a ``failed`` result with a reason.
+        """
+        raise NotImplementedError
+
+    def statistics(self) -> dict[str, Any]:
+        return {}
