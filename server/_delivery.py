@@ -126,10 +126,11 @@ class Delivery(Actor):
                 store_ops.invalidate_tokens,
                 [(job.app.app, job.token, result.reason or "Invalid", result.invalid_since_us) for _, job, result in dead],
             )
-            for (_, _, result), was_marked in zip(dead, marked):
-                if not was_marked:  # registered again since the provider's timestamp: still valid
+            for (_, _, result), what in zip(dead, marked):
+                if what == "kept":
                     result.status = "failed"
-            self.invalidated += sum(marked)
+                    result.detail = "the token was registered again after the provider's timestamp: it stays valid"
+            self.invalidated += marked.count("marked")
         for job, result in zip(jobs, results):
             await self.reporting.record(
                 ReportEvent(outcome=result.status, app=job.app.app, platform=job.platform, reason=result.reason or "")

@@ -694,31 +694,32 @@ def delete_app(w: Writer, app: str) -> None:
         raise NotFound(f"no app {app!r} is registered", field="$.app")
 
 
-def invalidate_token(w: Writer, app: str, token: str, reason: str, since_us: int | None) -> bool:
+def invalidate_token(w: Writer, app: str, token: str, reason: str, since_us: int | None) -> str:
     """Mark a registration invalid after the provider said its token is dead.
 
     With ``since_us`` (APNs 410: since when the token is dead), a registration seen again
-    after that moment stays valid. Returns whether a registration was marked.
+    after that moment stays valid. Returns ``marked``, ``already`` (it was invalid),
+    ``kept`` (registered again since ``since_us``) or ``unknown`` (no profile has it).
     """
     owner = w.txn.get(keys.token_key(app, token), db=w.dbs["tokens"])
     if owner is None:
-        return False
+        return "unknown"
     record = w.load(owner)
     for registration in record.registrations:
         if registration.app == app and registration.token == token:
             if since_us is not None and registration.last_seen > since_us:
-                return False
-            if registration.state == "invalid" and registration.invalid_reason == reason:
-                return False
+                return "kept"
+            if registration.state == "invalid":
+                return "already"
             registration.state = "invalid"
             registration.invalid_reason = reason
             registration.invalid_at = w.now
             w.save(owner, record)
-            return True
-    return False
+            return "marked"
+    return "unknown"
 
 
-def invalidate_tokens(w: Writer, items: list[tuple[str, str, str, int | None]]) -> list[bool]:
+def invalidate_tokens(w: Writer, items: list[tuple[str, str, str, int | None]]) -> list[str]:
     """`invalidate_token` for each ``(app, token, reason, since_us)``."""
     return [invalidate_token(w, *item) for item in items]
 

@@ -19,7 +19,7 @@ from protocols import api
 from server.channels import AppRecord, Channel, DeliveryJob, DeliveryResult, IosRecord
 from server.hookspecs import hookimpl
 
-from ._credentials import check_ios
+from ._credentials import CredentialsError, check_ios, recheck_ios
 from ._payload import ApnsRequest, PayloadError, build_request
 from ._sender import ApnsSender
 
@@ -89,7 +89,12 @@ class ApnsChannel(Channel):
     async def _send_group(
         self, key: tuple[str, int, str], app: AppRecord, items: list[tuple[int, ApnsRequest, str]], results: list[Any]
     ) -> None:
-        sender = await self._sender(key, app)
+        try:
+            sender = await self._sender(key, app)
+        except CredentialsError as exc:
+            for index, _, _ in items:
+                results[index] = DeliveryResult(status="failed", reason="InvalidCredentials", attempts=0, detail=str(exc))
+            return
         outcomes = await sender.send([(request, token) for _, request, token in items])
         for (index, _, _), outcome in zip(items, outcomes):
             results[index] = outcome
@@ -104,6 +109,8 @@ class ApnsChannel(Channel):
             return self._senders[key]
         starting = self._starting[key] = trio.Event()
         try:
+            assert app.ios is not None
+            recheck_ios(app.ios)  # it may have expired since it was registered
             settings = self.settings
             host, port = _endpoint(settings.production if key[2] == "production" else settings.sandbox)
             sender = ApnsSender(
@@ -118,7 +125,7 @@ class ApnsChannel(Channel):
             )
             # Credentials of an earlier version of this app are retired.
             for old in [k for k in self._senders if k[0] == key[0] and k[2] == key[2] and k[1] != key[1]]:
-                self._senders.pop(old).pool.drop_connections()
+                self._senders.pop(old).retire()
             assert self._nursery is not None
             await self._nursery.start(self._run_sender, key, sender)
             self._senders[key] = sender

@@ -24,10 +24,10 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from protocols import api
-from server import InvalidArgument
+from server import InvalidArgument, ServerError
 from server.channels import IosRecord
 
-__all__ = ["check_ios", "ProviderToken", "client_ssl_context", "APPLE_TOPICS_OID"]
+__all__ = ["check_ios", "recheck_ios", "CredentialsError", "ProviderToken", "client_ssl_context", "APPLE_TOPICS_OID"]
 
 #: Apple's certificate extension listing the topics a push certificate may use.
 APPLE_TOPICS_OID = ObjectIdentifier("1.2.840.113635.100.6.3.6")
@@ -89,6 +89,40 @@ def check_ios(request: api.RegisterIosApp, *, now: datetime | None = None) -> Io
         certificate_topics=topics,
         updated=now,
     )
+
+
+class CredentialsError(ServerError):
+    """Stored credentials cannot be used (expired, unreadable); the message never quotes them."""
+
+
+def recheck_ios(record: IosRecord, *, now: datetime | None = None) -> None:
+    """Check stored credentials again before a sender opens connections with them.
+
+    Raises:
+        CredentialsError: naming what is wrong.
+    """
+    now = now or datetime.now(UTC)
+    if record.auth == "certificate":
+        expires = record.certificate_expires
+        if expires is not None and expires <= now:
+            raise CredentialsError(
+                f"the APNs certificate expired on {expires:%Y-%m-%d}; register the app again with a new one"
+            )
+        if not record.certificate_pem:
+            raise CredentialsError("the app has certificate auth but no certificate is stored")
+        try:
+            client_ssl_context(record, ca_file=None)
+        except (ssl.SSLError, ValueError) as exc:
+            raise CredentialsError(f"the stored APNs certificate cannot be loaded ({type(exc).__name__})") from None
+    else:
+        if not (record.key_pem and record.key_id and record.team_id):
+            raise CredentialsError("the app has token auth but its key, key id or team id is missing")
+        try:
+            key = serialization.load_pem_private_key(record.key_pem.encode(), password=None)
+        except (ValueError, TypeError):
+            raise CredentialsError("the stored APNs key cannot be loaded") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP256R1):
+            raise CredentialsError("the stored APNs key is not an EC P-256 key")
 
 
 def _load_p8(text: str) -> ec.EllipticCurvePrivateKey:

@@ -137,7 +137,11 @@ class ApnsSender:
         #: Why APNs refuses the app's credentials, and until when (None: until they change).
         self.refused: str | None = None
         self.refused_until: float | None = None
+        expires = self.record.certificate_expires
+        self._certificate_expires = expires.timestamp() if expires is not None else None
         self.counts: dict[str, int] = {}
+        self.retiring = False
+        self._retired = trio.Event()
 
     # -- running --------------------------------------------------------------------------
 
@@ -147,6 +151,18 @@ class ApnsSender:
             nursery.start_soon(self._dispatcher)
             nursery.start_soon(self._retrier)
             task_status.started()
+            await self._retired.wait()
+            nursery.cancel_scope.cancel()
+
+    def retire(self) -> None:
+        """Finish what was handed over, then stop (the app's credentials changed)."""
+        self.retiring = True
+        self.pool.drop_connections()
+        self._check_retired()
+
+    def _check_retired(self) -> None:
+        if self.retiring and self._slots.value == self.max_queue:
+            self._retired.set()
 
     async def send(self, jobs: list[tuple[ApnsRequest, str]]) -> list[DeliveryResult]:
         """Send ``(request, device token)`` pairs; return their results in order."""
@@ -172,6 +188,11 @@ class ApnsSender:
         return results
 
     def _refusal(self, now: float) -> DeliveryResult | None:
+        if self._certificate_expires is not None and now >= self._certificate_expires:
+            return DeliveryResult(
+                status="failed", reason="CertificateExpired", attempts=0,
+                detail=f"the certificate of {self.app.app} expired; register the app again with a new one",
+            )
         if self.refused is None:
             return None
         if self.refused_until is not None and now >= self.refused_until:
@@ -313,6 +334,8 @@ class ApnsSender:
     def _finish(self, job: _Job, result: DeliveryResult) -> None:
         self._count(result.status if result.status != "failed" else f"failed:{result.reason}")
         job.future.set(result)
+        if self.retiring:
+            self._check_retired()
 
     def _count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
