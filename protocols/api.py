@@ -117,7 +117,9 @@ EventType = Annotated[str, msgspec.Meta(pattern=_EVENT_TYPE_PATTERN)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 MAX_EVENTS_PER_BATCH = 10_000
 
+_APPLE_ID_PATTERN = r"^[A-Z0-9]{10}\Z"
 _PATTERN_MEANINGS = {
+    _APPLE_ID_PATTERN: "a 10-character Apple id like ABC123DEFG (upper-case letters and digits)",
     IDENTITY_PATTERN: "an identity like crm:42 (a lower-case namespace, a colon, a value)",
     _APP_PATTERN: "an app id like com.example.app (letters, digits, '.', '_', '-')",
     _TOKEN_PATTERN: "a push token (1 to 4096 printable characters, no spaces)",
@@ -154,17 +156,28 @@ def _choices(struct: type, path: str) -> tuple[Any, ...]:
     """The literal values allowed at ``$.a.b`` of ``struct``, if that field is a Literal."""
     info: Any = msgspec.inspect.type_info(struct)
     for name in path.removeprefix("$.").split("."):
-        if isinstance(info, msgspec.inspect.Metadata):
-            info = info.type
+        info = _unwrap(info, msgspec.inspect.StructType)
         if not isinstance(info, msgspec.inspect.StructType):
             return ()
         field = next((f for f in info.fields if f.encode_name == name), None)
         if field is None:
             return ()
         info = field.type
+    info = _unwrap(info, msgspec.inspect.LiteralType)
     if isinstance(info, msgspec.inspect.LiteralType):
         return tuple(info.values)
     return ()
+
+
+def _unwrap(info: Any, kind: type) -> Any:
+    """``info`` without constraints, or its member of ``kind`` if it is an optional union."""
+    if isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    if isinstance(info, msgspec.inspect.UnionType):
+        members = [t for t in info.types if isinstance(t, kind)]
+        if len(members) == 1:
+            return members[0]
+    return info
 
 
 class Request(
@@ -446,7 +459,7 @@ class ListEvents(StreamRequest[StoredEvent]):
 # apps and their provider credentials
 
 #: An APNs key id or team id: 10 upper-case letters or digits.
-AppleId = Annotated[str, msgspec.Meta(pattern=r"^[A-Z0-9]{10}\Z")]
+AppleId = Annotated[str, msgspec.Meta(pattern=_APPLE_ID_PATTERN)]
 ApnsEnvironment = Literal["production", "sandbox", "both"]
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec.structs
 import trio
 
 from . import _store as store_ops
 from ._actor import Actor, Future
-from ._errors import ActorCrashed
+from ._errors import ActorCrashed, ServerError
 from ._reporting import ReportEvent, Reporting
 from .channels import Channel, DeliveryJob, DeliveryResult
 
@@ -107,7 +108,14 @@ class Delivery(Actor):
         channels = {c.name: c for c in self.channels}
 
         async def through(name: str, indexes: list[int]) -> None:
-            outcomes = await channels[name].send([jobs[i] for i in indexes])
+            try:
+                outcomes = await channels[name].send([jobs[i] for i in indexes])
+                if len(outcomes) != len(indexes):
+                    raise RuntimeError(f"returned {len(outcomes)} results for {len(indexes)} notifications")
+            except Exception as exc:  # a channel's bug fails its own notifications, not the others'
+                log.exception("channel %s failed", name)
+                failed = DeliveryResult(status="failed", reason="ChannelError", attempts=0, detail=f"channel {name}: {exc!r}")
+                outcomes = [msgspec.structs.replace(failed) for _ in indexes]
             for i, outcome in zip(indexes, outcomes):
                 results[i] = outcome
 
@@ -122,10 +130,14 @@ class Delivery(Actor):
         """Mark dead tokens, then report every result."""
         dead = [(i, jobs[i], r) for i, r in enumerate(results) if r.status == "invalid"]
         if dead:
-            marked = await self.store.write(
-                store_ops.invalidate_tokens,
-                [(job.app.app, job.token, result.reason or "Invalid", result.invalid_since_us) for _, job, result in dead],
-            )
+            try:
+                marked = await self.store.write(
+                    store_ops.invalidate_tokens,
+                    [(job.app.app, job.token, result.reason or "Invalid", result.invalid_since_us) for _, job, result in dead],
+                )
+            except ServerError as exc:  # the results stand; only the profiles could not be updated
+                log.error("could not mark %d dead tokens invalid: %s", len(dead), exc)
+                marked = ["unknown"] * len(dead)
             for (_, _, result), what in zip(dead, marked):
                 if what == "kept":
                     result.status = "failed"

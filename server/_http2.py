@@ -139,6 +139,8 @@ class _Connection:
         self._pong = trio.Event()
         self.last_activity = trio.current_time()
         self.opened_streams = 0
+        self._tasks: trio.Nursery
+        self._error: BaseException | None = None
 
     # -- capacity ---------------------------------------------------------------------------
 
@@ -211,12 +213,14 @@ class _Connection:
                         await self._write_now()
                 task_status.started()
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._writer)
-                    nursery.start_soon(self._keepalive)
-                    await self._reader()
+                    self._tasks = nursery
+                    nursery.start_soon(self._guard, self._writer)
+                    nursery.start_soon(self._guard, self._keepalive)
+                    await self._guard(self._reader)
                     nursery.cancel_scope.cancel()
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, h2.exceptions.ProtocolError,
-                trio.TooSlowError, H2Failure) as exc:
+                if self._error is not None:
+                    raise self._error
+        except _CONNECTION_ERRORS as exc:
             if not self.ready:
                 pool.connect_failures += 1
                 pool.last_connect_error = _describe(exc)
@@ -231,6 +235,16 @@ class _Connection:
             if self.stream is not None:
                 with trio.CancelScope(shield=True):
                     await trio.aclose_forcefully(self.stream)
+
+    async def _guard(self, task: Callable[[], Any]) -> None:
+        """Run one of the connection's tasks; its I/O error ends them all (and is raised by
+        `run`, outside the nursery's exception group)."""
+        try:
+            await task()
+        except _CONNECTION_ERRORS as exc:
+            if self._error is None:
+                self._error = exc
+            self._tasks.cancel_scope.cancel()
 
     async def _write_now(self) -> None:
         data = self.h2.data_to_send()
@@ -316,7 +330,6 @@ class _Connection:
                 self._goaway(event)
             elif kind is h2.events.PingAckReceived:
                 self._pong.set()
-        self.last_activity = trio.current_time()
 
     def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
         self.draining = True
@@ -331,6 +344,7 @@ class _Connection:
 
     def _done(self, stream: _Stream, outcome: Any) -> None:
         self.pool.completed += 1
+        self.last_activity = trio.current_time()
         try:
             stream.callback(outcome)
         except Exception:
@@ -342,6 +356,12 @@ class _Connection:
         self.blocked.clear()
         for stream in streams.values():
             self._done(stream, error)
+
+
+_CONNECTION_ERRORS = (
+    OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, h2.exceptions.ProtocolError,
+    trio.TooSlowError, H2Failure,
+)
 
 
 def _describe(exc: BaseException) -> str:

@@ -14,6 +14,7 @@ import msgspec.structs
 from protocols import api
 from protocols.frames import PROTOCOL_VERSION
 
+from . import _keys as keys
 from . import _store as store_ops
 from ._errors import ActorError, FailedPrecondition, InvalidArgument, NotFound
 from .channels import AppRecord, DeliveryJob
@@ -245,6 +246,8 @@ def build_router(server: Server) -> Router:
         existing = store.get_app(req.app)
         record = AppRecord(app=req.app, ios=ios) if existing is None else msgspec.structs.replace(existing, ios=ios)
         stored = await store.write(store_ops.put_app, record)
+        for channel in server.channels:
+            channel.forget_app(req.app)
         log.info("app %s: iOS credentials registered (%s auth, %s)", req.app, ios.auth, ios.environment)
         return stored.info()
 
@@ -256,6 +259,8 @@ def build_router(server: Server) -> Router:
 
     async def delete_app(ctx: CallContext, req: api.DeleteApp) -> api.AppDeleted:
         await store.write(store_ops.delete_app, req.app)
+        for channel in server.channels:
+            channel.forget_app(req.app)
         return api.AppDeleted(app=req.app)
 
     router.add(api.RegisterIosApp, register_ios)
@@ -274,10 +279,15 @@ def build_router(server: Server) -> Router:
         if req.token is not None:
             if req.platform is None:
                 raise InvalidArgument("a token needs its platform (apns, apns-sandbox or fcm)", field="$.platform")
-            targets = [(_check_apns_token(req.platform, req.token), req.platform)]
+            token = _check_apns_token(req.platform, req.token)
+            keys.token_key(req.app, token)  # the same length limit as registered tokens
+            targets = [(token, req.platform)]
         else:
             assert req.identity is not None
-            registrations = [r for r in store.get_profile(req.identity).registrations if r.app == req.app]
+            registrations = [
+                r for r in store.get_profile(req.identity).registrations
+                if r.app == req.app and (req.platform is None or r.platform == req.platform)
+            ]
             if not registrations:
                 return api.PushSent(outcomes=[], excluded="NoTokenForApp")
             targets = [(r.token, r.platform) for r in registrations if r.state == "active"]

@@ -680,12 +680,13 @@ def set_consent(w: Writer, identity: str, app: str, push: str) -> ConsentRecord:
 
 
 def put_app(w: Writer, record: AppRecord) -> AppRecord:
-    """Store an app; its credentials version goes up by one when it replaces an earlier one."""
-    key = keys.app_key(record.app)
-    previous = w.txn.get(key, db=w.dbs["apps"])
-    if previous is not None:
-        record.version = decode_app(previous).version + 1
-    w.txn.put(key, encode_app(record), db=w.dbs["apps"])
+    """Store an app with a new credentials version: one number for the whole store, never
+    reused (not even after the app is deleted), so channels can tell credentials apart."""
+    meta = w.dbs["meta"]
+    last = w.txn.get(b"last_app_version", db=meta)
+    record.version = (msgspec.msgpack.decode(last) if last is not None else 0) + 1
+    w.txn.put(b"last_app_version", _meta_encoder.encode(record.version), db=meta)
+    w.txn.put(keys.app_key(record.app), encode_app(record), db=w.dbs["apps"])
     return record
 
 
@@ -701,7 +702,11 @@ def invalidate_token(w: Writer, app: str, token: str, reason: str, since_us: int
     after that moment stays valid. Returns ``marked``, ``already`` (it was invalid),
     ``kept`` (registered again since ``since_us``) or ``unknown`` (no profile has it).
     """
-    owner = w.txn.get(keys.token_key(app, token), db=w.dbs["tokens"])
+    try:
+        key = keys.token_key(app, token)
+    except InvalidArgument:  # too long to have been registered
+        return "unknown"
+    owner = w.txn.get(key, db=w.dbs["tokens"])
     if owner is None:
         return "unknown"
     record = w.load(owner)

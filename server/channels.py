@@ -114,5 +114,9 @@ class Channel:
         """
         raise NotImplementedError
 
+    def forget_app(self, app: str) -> None:
+        """The app's credentials changed or it was deleted: retire what was built from them
+        (connection pools), once what was already handed over is settled."""
+
     def statistics(self) -> dict[str, Any]:
         return {}

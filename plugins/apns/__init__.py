@@ -143,6 +143,10 @@ class ApnsChannel(Channel):
             if self._senders.get(key) is sender:
                 del self._senders[key]
 
+    def forget_app(self, app: str) -> None:
+        for key in [k for k in self._senders if k[0] == app]:
+            self._senders.pop(key).retire()
+
     def statistics(self) -> dict[str, Any]:
         return {f"{app} v{version} {env}": s.statistics() for (app, version, env), s in self._senders.items()}
 

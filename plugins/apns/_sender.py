@@ -296,7 +296,14 @@ class ApnsSender:
                 self.app.app, reason,
             )
         self.refused = reason
-        self.refused_until = self.clock() + 20 * 60 if reason == "TooManyProviderTokenUpdates" else None
+        if reason == "TooManyProviderTokenUpdates":
+            self.refused_until = self.clock() + ProviderToken.MIN_AGE
+        elif reason == "ExpiredProviderToken" and self.token is not None:
+            # Renewed less than 20 minutes ago and still refused: a new token may be made
+            # (and tried) once this one is 20 minutes old.
+            self.refused_until = self.clock() + max(0.0, ProviderToken.MIN_AGE - self.token.age)
+        else:
+            self.refused_until = None
         queued, self._queue = self._queue, deque()
         for job in queued:
             self._finish(job, DeliveryResult(status="failed", reason=reason, attempts=job.attempts))
@@ -308,7 +315,10 @@ class ApnsSender:
         delay = min(self.backoff_max, self.backoff_min * 2 ** (job.attempts - 1)) * self._random.uniform(0.5, 1.0)
         when = self.clock() + delay
         if job.attempts >= self.max_attempts or when > job.deadline:
-            self._finish(job, DeliveryResult(status="failed", reason=reason, status_code=status, attempts=job.attempts))
+            self._finish(
+                job,
+                DeliveryResult(status="failed", reason=reason, status_code=status, attempts=job.attempts, detail=detail),
+            )
             return
         self._count("retries")
         heapq.heappush(self._retries, (when, next(self._order), job))

@@ -57,7 +57,8 @@ State (``--config FILE.json`` and the admin API)::
 Faults and switches (``DEFAULT_FAULTS``): ``accept_any_token``; ``strict_token_length`` (64
 hex digits, else any even-length hex); ``max_concurrent_streams`` (SETTINGS, pushed to open
 connections when changed; streams beyond it are refused with RST_STREAM REFUSED_STREAM);
-``one_stream_until_valid_token`` (Apple's 1-stream start on token connections);
+``one_stream_until_valid_token`` (Apple's 1-stream start on token connections opened
+after it is set; raised once a request passes token authentication);
 ``goaway_after_streams`` N (at the Nth stream of a connection send GOAWAY, last_stream_id =
 that stream, debug data ``{"reason": goaway_reason}``; answer the streams up to it, refuse
 later ones, then close); ``reset_after_streams`` N (the (N+1)th stream aborts the TCP
@@ -75,6 +76,7 @@ answers 400 ``{"error": ...}`` for bad input:
 - ``PUT /_mock/keys``: replace the signing keys (a list, or ``{"keys": [...]}``); returns the state.
 - ``PUT /_mock/tokens``: merge ``{token: spec | null}`` (null removes); ``DELETE`` removes all.
 - ``PUT /_mock/faults``: merge faults/switches; ``DELETE`` restores the defaults.
+  (Every PUT/DELETE on keys, tokens and faults answers with the new state.)
 - ``GET /_mock/accepted``: every accepted notification in order: token, topic, push_type,
   priority, expiration, collapse_id, apns_id, payload (parsed), connection, stream_id,
   auth (``token:<kid>`` or ``certificate``), worker, received_at_ns. ``DELETE`` clears it.
@@ -83,7 +85,9 @@ answers 400 ``{"error": ...}`` for bad input:
   max_concurrent_streams (per connection) and its maximum. ``DELETE`` zeroes the counters.
 
 Connection numbers are unique across workers. Admin requests are neither counted nor
-subject to the stream faults.
+subject to the stream faults. Not modelled: UnrelatedKeyIdInToken, IdleTimeout, Forbidden,
+ExpiredToken, the "one stream after a rejection" throttle, and per-token 429s other than the
+ratio.
 
 For tests: `MockApnsProcess` runs the mock as a child process and gives its address, CA file
 and an admin client (`MockAdmin`, `AsyncMockAdmin`); `SigningKey` makes provider keys and
@@ -115,7 +119,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import h2.config
 import h2.connection
@@ -128,7 +132,10 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
+from cryptography.hazmat.primitives.asymmetric.utils import (
+    decode_dss_signature,
+    encode_dss_signature,
+)
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 from h2.errors import ErrorCodes
 from h2.stream import StreamClosedBy
@@ -243,7 +250,7 @@ class _PlainEncoder(hpack.Encoder):
         super().__init__()
         self._announced = False
 
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:  # noqa: ARG002 - hpack's signature
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
         out = bytearray()
         if not self._announced:
             out += b"\x20"
@@ -265,7 +272,12 @@ _HUFFMAN_STEPS: dict[int, tuple[int, bytes, bool]] = {}
 
 def _huffman_step(state: int, byte: int) -> tuple[int, bytes, bool]:
     from hpack.exceptions import HPACKDecodingError
-    from hpack.huffman_table import HUFFMAN_COMPLETE, HUFFMAN_EMIT_SYMBOL, HUFFMAN_FAIL, HUFFMAN_TABLE
+    from hpack.huffman_table import (
+        HUFFMAN_COMPLETE,
+        HUFFMAN_EMIT_SYMBOL,
+        HUFFMAN_FAIL,
+        HUFFMAN_TABLE,
+    )
 
     out = b""
     flags = 0
@@ -337,9 +349,9 @@ class _Faults:
 
 
 def _check_faults(update: Any) -> dict[str, Any]:
-    """Validate a faults update; raise ValueError naming the first bad entry."""
+    """Validate a faults update; raise ValueError/TypeError naming the first bad entry."""
     if not isinstance(update, dict):
-        raise ValueError("faults must be a JSON object")
+        raise TypeError("faults must be a JSON object")
     for name, value in update.items():
         if name not in DEFAULT_FAULTS:
             raise ValueError(f"unknown fault {name!r}")
@@ -390,7 +402,7 @@ class _Key:
 
 def _parse_key(spec: Any) -> _Key:
     if not isinstance(spec, dict):
-        raise ValueError("a key must be a JSON object")
+        raise TypeError("a key must be a JSON object")
     key_id, team_id, pem = spec.get("key_id"), spec.get("team_id"), spec.get("public_key_pem")
     if not (isinstance(key_id, str) and key_id and isinstance(team_id, str) and team_id and isinstance(pem, str)):
         raise ValueError("a key needs key_id, team_id and public_key_pem strings")
@@ -402,7 +414,7 @@ def _parse_key(spec: Any) -> _Key:
         except (ValueError, TypeError) as exc:
             raise ValueError(f"key {key_id}: public_key_pem is not a PEM key") from exc
     if not isinstance(public, ec.EllipticCurvePublicKey) or not isinstance(public.curve, ec.SECP256R1):
-        raise ValueError(f"key {key_id}: not a P-256 key (ES256 needs one)")
+        raise TypeError(f"key {key_id}: not a P-256 key (ES256 needs one)")
     topics = spec.get("topics")
     if topics is not None and not (isinstance(topics, list) and all(isinstance(t, str) for t in topics)):
         raise ValueError(f"key {key_id}: topics must be a list of strings or null")
@@ -419,7 +431,7 @@ def _parse_keys(doc: Any) -> dict[str, _Key]:
     if isinstance(doc, dict) and set(doc) == {"keys"}:
         doc = doc["keys"]
     if not isinstance(doc, list):
-        raise ValueError("keys must be a list (or {'keys': [...]})")
+        raise TypeError("keys must be a list (or {'keys': [...]})")
     keys = [_parse_key(spec) for spec in doc]
     return {key.key_id: key for key in keys}
 
@@ -440,7 +452,7 @@ class _Token:
 
 def _parse_tokens(doc: Any) -> dict[bytes, _Token | None]:
     if not isinstance(doc, dict):
-        raise ValueError("tokens must be a JSON object {token_hex: spec | null}")
+        raise TypeError("tokens must be a JSON object {token_hex: spec | null}")
     out: dict[bytes, _Token | None] = {}
     for token, spec in doc.items():
         if not _HEX_RE.fullmatch(token):
@@ -451,7 +463,7 @@ def _parse_tokens(doc: Any) -> dict[bytes, _Token | None]:
         if isinstance(spec, list):
             spec = {"topics": spec}
         if not isinstance(spec, dict):
-            raise ValueError(f"token {token}: spec must be an object, a list of topics or null")
+            raise TypeError(f"token {token}: spec must be an object, a list of topics or null")
         topics = spec.get("topics", [])
         unregistered = spec.get("unregistered_at_ms")
         environment = spec.get("environment")
@@ -560,6 +572,7 @@ class _App:
         self.conns: set[_Connection] = set()
         self.stalled: list[tuple[_Connection, int, tuple[Any, ...]]] = []
         self.ipc: _IpcClient | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
         self._conn_seq = 0
         self.h2_config = h2.config.H2Configuration(
             client_side=False,
@@ -621,7 +634,7 @@ class _App:
     def load(self, doc: Any) -> None:
         """Apply a config document (the --config file)."""
         if not isinstance(doc, dict):
-            raise ValueError("the config must be a JSON object")
+            raise TypeError("the config must be a JSON object")
         unknown = set(doc) - {"keys", "tokens", "accept_any_token", "faults"}
         if unknown:
             raise ValueError(f"unknown config entries {sorted(unknown)}")
@@ -637,7 +650,7 @@ class _App:
             self.apply(cmd)
 
     def check(self, cmd: dict[str, Any]) -> None:
-        """Validate a change before it is applied anywhere (raises ValueError)."""
+        """Validate a change before it is applied anywhere (raises ValueError or TypeError)."""
         op, body = cmd["op"], cmd.get("body")
         if op == "keys":
             _parse_keys(body)
@@ -870,8 +883,7 @@ class _H2Connection(h2.connection.H2Connection):
                 self.decoder.decode(frame.data, raw=True)  # keep HPACK state in step
             except Exception as exc:
                 raise h2.exceptions.ProtocolError(f"bad header block: {exc}") from exc
-            if sid > self.highest_inbound_stream_id:
-                self.highest_inbound_stream_id = sid
+            self.highest_inbound_stream_id = max(self.highest_inbound_stream_id, sid)
             self._closed_streams[sid] = StreamClosedBy.SEND_RST_STREAM
             rst = RstStreamFrame(sid)
             rst.error_code = ErrorCodes.REFUSED_STREAM
@@ -902,7 +914,7 @@ class _Connection(asyncio.Protocol):
         self.id = 0
         self.cert: _CertInfo | None = None
         self.requests: dict[int, list[Any]] = {}  # sid -> [headers, chunks, size, admin]
-        self.outq: dict[int, bytes] = {}  # sid -> body still to send (flow control)
+        self.outq: dict[int, tuple[bytes, int]] = {}  # sid -> (body, bytes sent) held by flow control
         self.nstreams = 0
         self.max_open = 0
         self.goaway_last: int | None = None
@@ -1092,8 +1104,7 @@ class _Connection(asyncio.Protocol):
                 admin = value.startswith(b"/_mock/")
                 break
         self.requests[sid] = [headers, [], 0, admin]
-        if len(conn.unanswered) > self.max_open:
-            self.max_open = len(conn.unanswered)
+        self.max_open = max(self.max_open, len(conn.unanswered))
         if admin:
             return
         self.nstreams += 1
@@ -1118,7 +1129,9 @@ class _Connection(asyncio.Protocol):
         headers, chunks, size, admin = req
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if admin:
-            asyncio.get_running_loop().create_task(self._admin(sid, headers, body))
+            task = asyncio.get_running_loop().create_task(self._admin(sid, headers, body))
+            self.app.tasks.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self.app.tasks.discard)
             return
         app = self.app
         app.n_requests += 1
@@ -1167,7 +1180,7 @@ class _Connection(asyncio.Protocol):
             return
         name = reason.decode()
         app.rejected[name] = app.rejected.get(name, 0) + 1
-        self.outq[sid] = body
+        self.outq[sid] = (body, 0)
         self._pump()
 
     def _send_json(self, sid: int, status: int, doc: Any) -> None:
@@ -1183,7 +1196,7 @@ class _Connection(asyncio.Protocol):
         except h2.exceptions.StreamClosedError:
             self._forget(sid)
             return
-        self.outq[sid] = body
+        self.outq[sid] = (body, 0)
         self._pump()
         self.flush()
 
@@ -1192,20 +1205,20 @@ class _Connection(asyncio.Protocol):
         conn = self.h2
         assert conn is not None
         for sid in list(self.outq):
-            data = self.outq[sid]
+            data, offset = self.outq[sid]
             try:
                 while True:
-                    n = min(len(data), conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
-                    if n <= 0 and data:
+                    n = min(len(data) - offset, conn.local_flow_control_window(sid), conn.max_outbound_frame_size)
+                    if n <= 0 and offset < len(data):
                         break
-                    conn.send_data(sid, data[:n], end_stream=n == len(data))
-                    data = data[n:]
-                    if not data:
+                    conn.send_data(sid, data[offset : offset + n], end_stream=offset + n == len(data))
+                    offset += n
+                    if offset == len(data):
                         break
             except (h2.exceptions.StreamClosedError, h2.exceptions.FlowControlError):
-                data = b""
-            if data:
-                self.outq[sid] = data
+                offset = len(data)
+            if offset < len(data):
+                self.outq[sid] = (data, offset)
             else:
                 del self.outq[sid]
                 self._forget(sid)
@@ -1854,7 +1867,7 @@ async def _serve(args: argparse.Namespace) -> int:
     if args.config:
         try:
             app.load(_json_decode(Path(args.config).read_bytes()))
-        except (OSError, ValueError, msgspec.DecodeError) as exc:
+        except (OSError, ValueError, TypeError, msgspec.DecodeError) as exc:
             print(f"mock-apns: bad --config {args.config}: {exc}", file=sys.stderr, flush=True)
             return 2
     loop.set_exception_handler(app.exception_handler)
@@ -2021,10 +2034,10 @@ class AsyncMockAdmin:
 
         self._client = httpx.AsyncClient(base_url=base_url, http2=True, verify=_client_context(ca_file), timeout=30.0)
 
-    async def __aenter__(self) -> AsyncMockAdmin:
+    async def __aenter__(self) -> Self:
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def __call__(self, method: str, path: str, json: Any = None) -> Any:
@@ -2288,21 +2301,21 @@ class MockApnsProcess:
         self.returncode = proc.returncode
         self._proc = None
 
-    def __enter__(self) -> MockApnsProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         try:
             self.stop()
         finally:
             self.kill()
 
-    async def __aenter__(self) -> MockApnsProcess:
+    async def __aenter__(self) -> Self:
         import anyio.to_thread
 
         return await anyio.to_thread.run_sync(self.start)
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         import anyio.to_thread
 
         try:
