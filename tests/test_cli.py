@@ -138,3 +138,63 @@ def test_timeout_bounds_each_call_not_a_long_import(server_process, tmp_path):
 def test_import_of_a_missing_file_is_a_usage_error(server_process, tmp_path):
     r = pigeon(server_process.address, "events", "import", str(tmp_path / "nope.jsonl"))
     assert r.returncode == 2 and "cannot read" in r.stderr and "No such file" in r.stderr
+
+
+def test_an_ios_app_and_a_push_from_the_cli(spawn_server, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from plugins.apns.mock import MockApnsProcess, SigningKey
+
+    key = SigningKey.generate(key_id="ABC123DEFG", team_id="TEAM123456")
+    alive, dead = "ab" * 32, "cd" * 32
+    config = {"keys": [key.spec()], "tokens": {alive: ["com.acme.app"]}}
+    with MockApnsProcess(tmp_path / "apns", config=config) as mock:
+        proc = spawn_server(env={"PIGEON_APNS__SANDBOX": mock.address, "PIGEON_APNS__CA_FILE": str(mock.ca_file)})
+        addr = proc.address
+        p8 = tmp_path / "AuthKey_ABC123DEFG.p8"
+        p8.write_text(key.private_key_pem)
+        r = pigeon(addr, "apps", "register-ios", "com.acme.app", "--p8", str(p8), "--key-id", key.key_id,
+                   "--team-id", key.team_id, "--environment", "sandbox")
+        assert r.returncode == 0, r.stderr
+        assert "bundle com.acme.app, sandbox, token auth" in r.stdout and "key id ABC123DEFG" in r.stdout
+        assert "PRIVATE KEY" not in r.stdout
+        r = pigeon(addr, "apps", "list")
+        assert r.returncode == 0 and "app com.acme.app" in r.stdout
+
+        rsa_key = tmp_path / "rsa.p8"
+        rsa_key.write_bytes(
+            rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        r = pigeon(addr, "apps", "register-ios", "com.other.app", "--p8", str(rsa_key), "--key-id", key.key_id,
+                   "--team-id", key.team_id)
+        assert r.returncode == 1 and "$.auth.key_pem" in r.stderr and "P-256" in r.stderr
+        assert "PRIVATE KEY" not in r.stderr
+
+        assert pigeon(addr, "tokens", "register", "crm:1", "--app", "com.acme.app", "--platform", "apns-sandbox",
+                      "--token", alive).returncode == 0
+        r = pigeon(addr, "push", "send", "--app", "com.acme.app", "--identity", "crm:1", "--title", "Hi", "--body", "There")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.stdout.splitlines()[1].startswith("sent")
+        r = pigeon(addr, "push", "send", "--app", "com.acme.app", "--token", dead, "--platform", "apns-sandbox",
+                   "--title", "x", "--json")
+        assert r.returncode == 1
+        [outcome] = json.loads(r.stdout)["outcomes"]
+        assert (outcome["status"], outcome["reason"]) == ("invalid", "BadDeviceToken")
+        r = pigeon(addr, "push", "send", "--app", "com.acme.app", "--token", alive, "--platform", "apns-sandbox",
+                   "--raw", '{"aps": {"alert": "raw"}}')
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert [a["payload"] for a in mock.admin.accepted()] == [
+            {"aps": {"alert": {"title": "Hi", "body": "There"}}},
+            {"aps": {"alert": "raw"}},
+        ]
+
+        r = pigeon(addr, "apps", "delete", "com.acme.app")
+        assert r.returncode == 0 and "deleted app com.acme.app" in r.stdout
+        r = pigeon(addr, "apps", "get", "com.acme.app")
+        assert r.returncode == 1 and "NOT_FOUND" in r.stderr
+    # The key never reaches the log.
+    secret = key.private_key_pem.splitlines()[1]
+    assert proc.log and secret not in "".join(proc.log)

@@ -439,3 +439,42 @@ async def test_events_past_retention_are_hidden_at_once_and_swept_soon(tmp_path)
                 while (await c.call(api.GetStats())).store.events:
                     await trio.sleep(0.05)
         srv.request_stop()
+
+
+async def test_invalidating_a_token_follows_the_providers_timestamp(tmp_path):
+    now = [1_800_000_000_000_000]
+    store = ProfileStore(tmp_path / "d", clock=lambda: now[0])
+    app, dead, renewed = "com.acme.app", "ab" * 32, "cd" * 32
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        await store.write(store_ops.register_token, "crm:1", app, "apns", dead)
+        await store.write(store_ops.register_token, "crm:1", app, "apns", renewed)
+        since = now[0] + 500  # the provider learnt both were dead after they were registered...
+        now[0] += 1_000
+        await store.write(store_ops.register_token, "crm:1", app, "apns", renewed)  # ...and one came back
+        items = [(app, dead, "Unregistered", since), (app, renewed, "Unregistered", since),
+                 (app, "ef" * 32, "BadDeviceToken", None), (app, "x" * 600, "BadDeviceToken", None)]
+        assert await store.write(store_ops.invalidate_tokens, items) == ["marked", "kept", "unknown", "unknown"]
+        assert await store.write(store_ops.invalidate_tokens, items[:1]) == ["already"]
+        regs = {r.token: r for r in store.get_profile("crm:1").registrations}
+        assert (regs[dead].state, regs[dead].invalid_reason, regs[dead].invalid_at) == ("invalid", "Unregistered", now[0])
+        assert regs[renewed].state == "active"
+        store.request_stop()
+
+
+async def test_app_versions_are_never_reused(tmp_path):
+    from server.channels import AppRecord
+
+    store = ProfileStore(tmp_path / "d", clock=lambda: 1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        first = await store.write(store_ops.put_app, AppRecord(app="com.acme.app"))
+        await store.write(store_ops.put_app, AppRecord(app="com.other.app"))
+        await store.write(store_ops.delete_app, "com.acme.app")
+        again = await store.write(store_ops.put_app, AppRecord(app="com.acme.app"))
+        assert (first.version, again.version) == (1, 3)
+        assert store.get_app("com.acme.app").version == 3
+        assert [a.app for a in store.list_apps()] == ["com.acme.app", "com.other.app"]
+        with pytest.raises(Exception, match="no app 'com.gone.app'"):
+            await store.write(store_ops.delete_app, "com.gone.app")
+        store.request_stop()

@@ -116,6 +116,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,6 +207,7 @@ _ANY_TOKEN_RE = re.compile(rb"(?:[0-9a-fA-F]{2})+")
 _HEX_RE = re.compile(r"(?:[0-9a-fA-F]{2})+")
 _STATUS = {code: str(code).encode() for code in (200, 400, 403, 404, 405, 410, 413, 429, 500, 503)}
 _CONNECTION_WINDOW = 16 * 1024 * 1024
+_MAX_KEPT_BODY = 64 * 1024
 
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
@@ -982,7 +984,8 @@ class _Connection(asyncio.Protocol):
                 if t is _DataReceived:
                     req = self.requests.get(ev.stream_id)
                     if req is not None:
-                        req[1].append(ev.data)
+                        if req[3] or req[2] <= _MAX_KEPT_BODY:  # oversize payloads are only counted
+                            req[1].append(ev.data)
                         req[2] += len(ev.data)
                     if ev.flow_controlled_length:
                         conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
@@ -999,6 +1002,10 @@ class _Connection(asyncio.Protocol):
                     self.close()
                 if self.closed:
                     return
+        except Exception:  # noqa: BLE001 - a bug in the mock: report it, drop only this connection
+            traceback.print_exc(file=sys.stderr)
+            self.abort()
+            return
         finally:
             self.in_batch = False
         self.flush()
