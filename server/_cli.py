@@ -555,14 +555,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["mock-apns"]:  # its own options, parsed by the mock
+        from plugins.apns.mock import main as mock_main
+
+        return mock_main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
-        if args.command == "mock-apns":
-            from plugins.apns.mock import main as mock_main
-
-            return mock_main(args.rest)
         trio.run(_run_client, args)
         return 0
     except (UsageError, ConfigError) as exc:

@@ -198,3 +198,21 @@ def test_an_ios_app_and_a_push_from_the_cli(spawn_server, tmp_path):
     # The key never reaches the log.
     secret = key.private_key_pem.splitlines()[1]
     assert proc.log and secret not in "".join(proc.log)
+
+
+def test_mock_apns_runs_from_the_cli(tmp_path):
+    command = [sys.executable, "-m", "server._cli", "mock-apns", "--dir", str(tmp_path / "apns"), "--listen", "127.0.0.1:0",
+               "--environment", "production", "--exit-on-stdin-eof"]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdin is not None and proc.stderr is not None
+            line = proc.stdout.readline()
+            assert line.startswith("mock-apns ready on 127.0.0.1:"), line
+            assert (tmp_path / "apns" / "ca.pem").is_file()
+            proc.stdin.close()
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    r = subprocess.run([sys.executable, "-m", "server._cli", "mock-apns", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "pigeon mock-apns" in r.stdout and "--workers" in r.stdout

@@ -1907,7 +1907,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="mock-apns", description="A mock APNs HTTP/2 provider API (see the module docstring).")
+    parser = argparse.ArgumentParser(prog="pigeon mock-apns", description="A mock APNs HTTP/2 provider API (see the module docstring).")
     parser.add_argument("--dir", help="state directory (CA, server certificate); default: a new temporary directory")
     parser.add_argument("--listen", default="127.0.0.1:0", help="HOST:PORT to listen on (port 0: any free port)")
     parser.add_argument("--environment", choices=("sandbox", "production"), default="sandbox")
