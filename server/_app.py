@@ -7,6 +7,7 @@ is ready, and it stops first, so nothing new arrives while the rest drains and c
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import ssl
@@ -136,6 +137,24 @@ class Server:
         self._stop.set()
 
 
+#: Allocations between young-generation collections (CPython's default is 700).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Collect the young generation less often, and never scan what start-up built.
+
+    Sending a notification allocates hundreds of short-lived objects (h2 frames and events,
+    headers); with CPython's default threshold the collector runs every few notifications.
+    bench/apns.py measured 13% less CPU per notification with 50,000 (side by side, medians
+    of four runs); the cyclic garbage left between collections stays a few megabytes.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> int:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully.
 
@@ -143,6 +162,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
     graceful stop, 1 after a forced one.
     """
     server = Server(config)
+    tune_gc()
     forced = False
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:

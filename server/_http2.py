@@ -230,11 +230,15 @@ class _Connection:
         #: Bodies waiting for flow-control window: (stream id, remaining bytes).
         self.blocked: deque[tuple[int, bytes]] = deque()
         self.ready = False
+        #: Streams allowed at once: the server's SETTINGS_MAX_CONCURRENT_STREAMS, capped by ours.
+        self.limit = 0
         self.draining = False
         self.closed = False
         self.stream: trio.abc.Stream | None = None
         self.scope = trio.CancelScope()
         self._queued = trio.Event()
+        #: Bytes h2 produced while reading, for the writer (which alone writes).
+        self._outbox: list[bytes] = []
         self._pong = trio.Event()
         self.last_activity = trio.current_time()
         self.opened_streams = 0
@@ -246,8 +250,7 @@ class _Connection:
     def free(self) -> int:
         if not self.ready or self.draining or self.closed:
             return 0
-        limit = min(self.h2.remote_settings.max_concurrent_streams, self.pool.streams_per_connection)
-        return limit - len(self.streams)
+        return self.limit - len(self.streams)
 
     # -- sending ----------------------------------------------------------------------------
 
@@ -347,6 +350,9 @@ class _Connection:
 
     async def _write_now(self) -> None:
         data = self.h2.data_to_send()
+        if self._outbox:
+            data = b"".join(self._outbox) + data
+            self._outbox.clear()
         if data:
             assert self.stream is not None
             await self.stream.send_all(data)
@@ -368,7 +374,12 @@ class _Connection:
                     raise ConnectionLost("the server closed the connection")
                 return
             self._receive(data)
-            self._queued.set()
+            # Wake the writer only for what the reading produced (SETTINGS and PING acks,
+            # WINDOW_UPDATEs) or what the callbacks submitted.
+            pending = self.h2.data_to_send()
+            if pending:
+                self._outbox.append(pending)
+                self._queued.set()
             if self.draining and not self.streams:
                 return
 
@@ -423,6 +434,7 @@ class _Connection:
             elif kind is h2.events.WindowUpdated:
                 self._send_blocked()
             elif kind is h2.events.RemoteSettingsChanged:
+                self.limit = min(self.h2.remote_settings.max_concurrent_streams, self.pool.streams_per_connection)
                 self.ready = True
                 self.pool._capacity_changed()
             elif kind is h2.events.ConnectionTerminated:

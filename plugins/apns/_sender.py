@@ -31,7 +31,6 @@ import msgspec
 import trio
 from hpack import NeverIndexedHeaderTuple
 
-from server._actor import Future
 from server._http2 import ConnectionLost, H2Failure, H2Pool, H2Response, StreamRefused
 from server.channels import AppRecord, DeliveryResult
 
@@ -61,13 +60,25 @@ _RETRY_REASONS = frozenset({"TooManyRequests", "InternalServerError", "ServiceUn
 _reason_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
-class _Job:
-    __slots__ = ("request", "token", "future", "attempts", "deadline", "expired_token_retried")
+class _Batch:
+    """The results of one `ApnsSender.send` call, filled in as APNs answers."""
 
-    def __init__(self, request: ApnsRequest, token: str, deadline: float) -> None:
+    __slots__ = ("results", "remaining", "done")
+
+    def __init__(self, size: int) -> None:
+        self.results: list[DeliveryResult | None] = [None] * size
+        self.remaining = size
+        self.done = trio.Event()
+
+
+class _Job:
+    __slots__ = ("request", "token", "batch", "index", "attempts", "deadline", "expired_token_retried")
+
+    def __init__(self, request: ApnsRequest, token: str, deadline: float, batch: _Batch, index: int) -> None:
         self.request = request
         self.token = token
-        self.future: Future[DeliveryResult] = Future()
+        self.batch = batch
+        self.index = index
         self.attempts = 0
         self.deadline = deadline
         self.expired_token_retried = False
@@ -126,7 +137,9 @@ class ApnsSender:
         )
         self.token = ProviderToken(self.record, clock=clock) if self.record.auth == "token" else None
         self._authority = f"{host}:{port}".encode() if port != 443 else host.encode()
-        self._slots = trio.Semaphore(max_queue)
+        #: Notifications queued or in flight (at most ``max_queue``), and who waits for room.
+        self.held = 0
+        self._room = trio.Event()
         self._queue: deque[_Job] = deque()
         self._queued = trio.Event()
         self._retries: list[tuple[float, int, _Job]] = []
@@ -160,31 +173,33 @@ class ApnsSender:
         self._check_retired()
 
     def _check_retired(self) -> None:
-        if self.retiring and self._slots.value == self.max_queue:
+        if self.retiring and self.held == 0:
             self._retired.set()
 
     async def send(self, jobs: list[tuple[ApnsRequest, str]]) -> list[DeliveryResult]:
         """Send ``(request, device token)`` pairs; return their results in order."""
         now = self.clock()
-        pending = []
-        for request, token in jobs:
+        batch = _Batch(len(jobs))
+        results = batch.results
+        for index, (request, token) in enumerate(jobs):
             refused = self._refusal(now)
             if refused is not None:
-                pending.append(refused)
+                results[index] = refused
+                batch.remaining -= 1
                 continue
-            await self._slots.acquire()
+            while self.held >= self.max_queue:  # backpressure: wait for answers
+                if self._room.is_set():
+                    self._room = trio.Event()
+                await self._room.wait()
+            self.held += 1
             deadline = now + self.retry_window
             if request.expiration is not None:
                 deadline = min(deadline, float(request.expiration)) if request.expiration else now
-            job = _Job(request, token, deadline)
-            job.future.on_done(lambda _: self._slots.release())
-            self._queue.append(job)
+            self._queue.append(_Job(request, token, deadline, batch, index))
             self._queued.set()
-            pending.append(job.future)
-        results = []
-        for item in pending:
-            results.append(item if isinstance(item, DeliveryResult) else await item.wait())
-        return results
+        if batch.remaining:
+            await batch.done.wait()
+        return results  # type: ignore[return-value]
 
     def _refusal(self, now: float) -> DeliveryResult | None:
         if self._certificate_expires is not None and now >= self._certificate_expires:
@@ -199,25 +214,40 @@ class ApnsSender:
             return None
         return DeliveryResult(status="failed", reason=self.refused, attempts=0)
 
+    def _pump(self) -> None:
+        """Start queued notifications on the pool's free streams, as many as there are."""
+        queue, pool = self._queue, self.pool
+        while queue:
+            job = queue[0]
+            if self.refused is not None:
+                queue.popleft()
+                self._finish(job, DeliveryResult(status="failed", reason=self.refused, attempts=job.attempts))
+                continue
+            if not pool.try_submit(self._headers(job), job.request.payload, self._callback(job)):
+                return
+            queue.popleft()
+            job.attempts += 1
+
+    def _callback(self, job: _Job) -> Callable[[Any], None]:
+        return lambda outcome: self._answer(job, outcome)
+
     async def _dispatcher(self) -> None:
         pool = self.pool
         while True:
-            await self._queued.wait()
-            self._queued = trio.Event()
-            while self._queue:
-                job = self._queue.popleft()
-                if self.refused is not None:
-                    self._finish(job, DeliveryResult(status="failed", reason=self.refused, attempts=job.attempts))
-                    continue
-                job.attempts += 1
-                while not pool.try_submit(self._headers(job), job.request.payload, lambda outcome, job=job: self._answer(job, outcome)):
-                    pool.flush()
-                    try:
-                        await pool.wait_capacity()
-                    except ConnectionLost as exc:
-                        self._retry_or_fail(job, "ConnectionFailed", None, str(exc))
-                        break
-            pool.flush()
+            self._pump()
+            if not self._queue:
+                await self._queued.wait()
+                self._queued = trio.Event()
+                continue
+            # Notifications wait and no stream is free: open a connection, or wait for one.
+            try:
+                await pool.wait_capacity()
+            except ConnectionLost as exc:
+                # APNs cannot be reached now: everything queued tries again after a backoff.
+                queued, self._queue = self._queue, deque()
+                for job in queued:
+                    job.attempts += 1
+                    self._retry_or_fail(job, "ConnectionFailed", None, str(exc))
 
     def _headers(self, job: _Job) -> list[tuple[bytes, bytes]]:
         headers = [
@@ -342,7 +372,13 @@ class ApnsSender:
 
     def _finish(self, job: _Job, result: DeliveryResult) -> None:
         self._count(result.status if result.status != "failed" else f"failed:{result.reason}")
-        job.future.set(result)
+        batch = job.batch
+        batch.results[job.index] = result
+        batch.remaining -= 1
+        if not batch.remaining:
+            batch.done.set()
+        self.held -= 1
+        self._room.set()
         if self.retiring:
             self._check_retired()
 

@@ -2171,6 +2171,11 @@ class MockApnsProcess:
         return "".join(self.stderr_lines)
 
     @property
+    def pid(self) -> int | None:
+        """The mock's process id (with ``workers`` > 1, the parent of the workers)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
