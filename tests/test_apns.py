@@ -29,7 +29,7 @@ from protocols import api
 from protocols.errors import CallError, Status
 from protocols.trio_client import Client, open_client
 from server import Server
-from server.channels import AppRecord
+from server.channels import AppRecord, DeliveryJob
 
 from .conftest import make_config
 
@@ -487,3 +487,21 @@ async def test_idle_connections_are_pinged_and_closed(mock):
         # The next notification opens a new connection.
         assert (await sender.send(requests_for([new_token()])))[0].status == "sent"
     assert (await call_admin(mock, "stats"))["connections_opened"] == 2
+
+
+async def test_credentials_are_checked_again_before_a_pool_opens(tmp_path, apns_server, mock):
+    certificate, key = issue_client_certificate(mock.dir, TOPIC, environment="sandbox")
+    ios = check_ios(api.RegisterIosApp(app=TOPIC, auth=api.ApnsCertificateAuth(pem=(certificate + key).decode()), environment="sandbox"))
+    expired = msgspec.structs.replace(ios, certificate_expires=datetime.now(UTC) - timedelta(days=1))
+    unreadable = msgspec.structs.replace(ios, certificate_pem="-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n")
+    jobs = [
+        DeliveryJob(app=AppRecord(app=TOPIC, ios=record, version=100 + i), token=new_token(), platform="apns-sandbox",
+                    content=api.PushContent(title="x"))
+        for i, record in enumerate((expired, unreadable))
+    ]
+    first, second = await apns_server.delivery.deliver(jobs)
+    assert (first.status, first.reason, first.attempts) == ("failed", "CertificateExpired", 0)
+    assert "expired on" in first.detail and "BEGIN" not in first.detail
+    assert (second.status, second.reason) == ("failed", "InvalidCredentials")
+    assert "cannot be loaded" in second.detail and "nope" not in second.detail
+    assert (await call_admin(mock, "stats"))["connections_opened"] == 0

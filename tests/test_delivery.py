@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from protocols import api
-from server.channels import AppRecord, DeliveryJob
+from server import ConfigError, Server
+from server._plugins import Plugins
+from server.channels import AppRecord, Channel, DeliveryJob, DeliveryResult
+from server.hookspecs import hookimpl
+
+from .conftest import make_config
 
 
 async def test_a_platform_without_a_channel_fails_with_NoChannel_and_is_reported(server, client):
@@ -28,3 +34,64 @@ async def test_an_ios_app_without_credentials_fails_on_the_apns_channel(server):
     app = AppRecord(app="com.acme.app")
     [result] = await server.delivery.deliver([DeliveryJob(app=app, token="ab" * 32, platform="apns", content=api.PushContent(title="x"))])
     assert (result.status, result.reason) == ("failed", "NoCredentials")
+
+
+class _Webhook(Channel):
+    """A third-party channel, registered through the same hook as the APNs channel."""
+
+    name = "webhook"
+    platforms = frozenset({"fcm"})
+
+    def __init__(self) -> None:
+        self.received: list[str] = []
+
+    async def send(self, jobs):
+        self.received += [job.token for job in jobs]
+        return [DeliveryResult(status="sent", provider_id=f"hook-{job.token}") for job in jobs]
+
+
+class _Broken(Channel):
+    name = "broken"
+    platforms = frozenset({"web"})
+
+    async def send(self, jobs):
+        raise RuntimeError("boom")
+
+
+async def test_plugin_channels_deliver_and_a_failing_one_fails_only_its_notifications(tmp_path):
+    webhook = _Webhook()
+
+    class Plugin:
+        @hookimpl
+        def pigeon_channels(self, config):
+            return [webhook, _Broken()]
+
+    srv = Server(make_config(tmp_path / "data"), plugins=Plugins(env={}, entry_points=False, extra={"hooks": Plugin()}))
+    assert [c.name for c in srv.channels] == ["apns", "webhook", "broken"]
+    app = AppRecord(app="com.acme.app")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        results = await srv.delivery.deliver([
+            DeliveryJob(app=app, token="t1", platform="fcm", content=api.PushContent(title="x")),
+            DeliveryJob(app=app, token="t2", platform="web", content=api.PushContent(title="x")),
+            DeliveryJob(app=app, token="t3", platform="fcm", content=api.PushContent(title="x")),
+        ])
+        srv.request_stop()
+    assert [(r.status, r.reason) for r in results] == [("sent", None), ("failed", "ChannelError"), ("sent", None)]
+    assert "boom" in results[1].detail
+    assert webhook.received == ["t1", "t3"]
+
+
+def test_two_channels_claiming_one_platform_is_a_configuration_error(tmp_path):
+    class Plugin:
+        @hookimpl
+        def pigeon_channels(self, config):
+            return [_Webhook(), _Webhook()]
+
+    with pytest.raises(ConfigError, match="both deliver to 'fcm'"):
+        Server(make_config(tmp_path / "data"), plugins=Plugins(env={}, entry_points=False, extra={"hooks": Plugin()}))
+
+
+def test_a_disabled_builtin_plugin_provides_no_channel(tmp_path):
+    srv = Server(make_config(tmp_path / "data"), plugins=Plugins(env={"PIGEON_DISABLED_PLUGINS": "apns"}, entry_points=False))
+    assert srv.channels == []

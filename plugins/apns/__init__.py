@@ -93,7 +93,7 @@ class ApnsChannel(Channel):
             sender = await self._sender(key, app)
         except CredentialsError as exc:
             for index, _, _ in items:
-                results[index] = DeliveryResult(status="failed", reason="InvalidCredentials", attempts=0, detail=str(exc))
+                results[index] = DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc))
             return
         outcomes = await sender.send([(request, token) for _, request, token in items])
         for (index, _, _), outcome in zip(items, outcomes):

@@ -92,7 +92,15 @@ def check_ios(request: api.RegisterIosApp, *, now: datetime | None = None) -> Io
 
 
 class CredentialsError(ServerError):
-    """Stored credentials cannot be used (expired, unreadable); the message never quotes them."""
+    """Stored credentials cannot be used; the message never quotes them.
+
+    Attributes:
+        reason: ``CertificateExpired`` or ``InvalidCredentials``.
+    """
+
+    def __init__(self, message: str, reason: str = "InvalidCredentials") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def recheck_ios(record: IosRecord, *, now: datetime | None = None) -> None:
@@ -106,7 +114,8 @@ def recheck_ios(record: IosRecord, *, now: datetime | None = None) -> None:
         expires = record.certificate_expires
         if expires is not None and expires <= now:
             raise CredentialsError(
-                f"the APNs certificate expired on {expires:%Y-%m-%d}; register the app again with a new one"
+                f"the APNs certificate expired on {expires:%Y-%m-%d}; register the app again with a new one",
+                "CertificateExpired",
             )
         if not record.certificate_pem:
             raise CredentialsError("the app has certificate auth but no certificate is stored")
