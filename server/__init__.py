@@ -3,7 +3,8 @@
 Layout: private modules hold the code (``_app`` the server, ``_supervisor`` and ``_actor`` the
 runtime, ``_store`` the LMDB store, ``_ingest`` ingestion, ``_rpc`` the socket protocol,
 ``_services`` the methods, ``_cli`` the command line); this module publishes what other code
-may rely on.
+may rely on. Plugin authors use `hookimpl`, `server.hookspecs` (the hooks) and
+`server.channels` (what a channel is).
 """
 
 from ._actor import Actor as Actor
@@ -29,7 +30,9 @@ from ._errors import StorageError as StorageError
 from ._supervisor import ChildSpec as ChildSpec
 from ._supervisor import Restart as Restart
 from ._supervisor import Supervisor as Supervisor
+from ._plugins import Plugins as Plugins
 from ._supervisor import SupervisorOptions as SupervisorOptions
+from .hookspecs import hookimpl as hookimpl
 
 __all__ = [
     "Actor",
@@ -56,4 +59,6 @@ __all__ = [
     "Restart",
     "Supervisor",
     "SupervisorOptions",
+    "Plugins",
+    "hookimpl",
 ]
