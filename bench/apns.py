@@ -13,7 +13,8 @@ process, in the same order every round:
   it: batches of 1,000 `DeliveryJob` built from content fields (the payload is built for each
   notification), 8 batches in flight, one pool (one app, one environment: 4 connections of at
   most 100 streams), on Trio;
-- ``aioapns``: ``aioapns.APNs`` with the same key, on asyncio with uvloop, 1,000 sends in flight;
+- ``aioapns``: ``aioapns.APNs`` with the same key (4 connections), on asyncio's default loop,
+  1,000 sends in flight (``aioapns-uvloop``: the same on uvloop, which changes little);
 - ``node-apn``: ``@parse/node-apn``'s ``Provider`` with the same key (Node's C HTTP/2 stack),
   1,000 sends in flight.
 
@@ -99,10 +100,11 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
     from server._app import tune_gc
     from plugins.apns._credentials import check_ios
     from protocols import api
-    from server._config import ApnsSettings
+    from server._config import ApnsEndpoint, ApnsSettings
     from server.channels import AppRecord, DeliveryJob
 
-    settings = ApnsSettings(sandbox=job["address"], ca_file=job["ca_file"], max_connections=4, streams_per_connection=100)
+    settings = ApnsSettings(sandbox=ApnsEndpoint(address=job["address"], ca_file=job["ca_file"]),
+                            max_connections=4, streams_per_connection=100)
     request = api.RegisterIosApp(
         app=TOPIC, environment="sandbox",
         auth=api.ApnsTokenAuth(key_pem=job["key_pem"], key_id=job["key_id"], team_id=job["team_id"]),
@@ -289,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.apns", description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=100_000, help="notifications per sender per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--senders", default=",".join(SENDERS), help="comma-separated: " + ", ".join(SENDERS))
+    parser.add_argument("--senders", default="pigeon,aioapns,node-apn", help="comma-separated: " + ", ".join(SENDERS))
     parser.add_argument("--mock-workers", type=int, default=1)
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="the mock delays each answer this long (APNs is a network away)")

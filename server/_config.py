@@ -23,7 +23,7 @@ from protocols.framing import DEFAULT_MAX_FRAME
 
 from ._errors import ConfigError
 
-__all__ = ["Config", "StoreSettings", "SupervisorSettings", "ApnsSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
+__all__ = ["Config", "StoreSettings", "SupervisorSettings", "ApnsSettings", "ApnsEndpoint", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
 
 log = logging.getLogger("pigeon.config")
 
@@ -56,12 +56,16 @@ class SupervisorSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
 Endpoint = Annotated[str, msgspec.Meta(pattern=r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):[0-9]{1,5}\Z")]
 
 
-class ApnsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    #: HOST:PORT of each APNs environment (point them at the mock for tests and benchmarks).
-    production: Endpoint = "api.push.apple.com:443"
-    sandbox: Endpoint = "api.sandbox.push.apple.com:443"
+class ApnsEndpoint(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    #: HOST:PORT of the APNs environment (point it at the mock for tests and benchmarks).
+    address: Endpoint
     #: Trust this CA file instead of the system's (the mock writes one).
     ca_file: str | None = None
+
+
+class ApnsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    production: ApnsEndpoint = msgspec.field(default_factory=lambda: ApnsEndpoint(address="api.push.apple.com:443"))
+    sandbox: ApnsEndpoint = msgspec.field(default_factory=lambda: ApnsEndpoint(address="api.sandbox.push.apple.com:443"))
     #: Connections per app and environment, and streams in flight on each.
     max_connections: Positive = 4
     streams_per_connection: Positive = 100

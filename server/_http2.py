@@ -163,6 +163,10 @@ class _ClientH2(h2.connection.H2Connection):
       for the streams the pool saw end).
     """
 
+    #: How closed streams were closed, kept for frames that arrive late (h2 keeps 65,536 per
+    #: connection, ~6 MB each: memory that grows for the first 65,536 requests).
+    MAX_CLOSED_STREAMS = 2048
+
     def __init__(self, config: h2.config.H2Configuration, streams: dict[int, Any]) -> None:
         super().__init__(config=config)
         self._pool_streams = streams

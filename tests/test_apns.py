@@ -68,7 +68,8 @@ async def call_admin(mock: MockApnsProcess, name: str, *args: Any, **kwargs: Any
 
 
 def apns_settings(mock: MockApnsProcess) -> dict[str, Any]:
-    return {"production": mock.address, "sandbox": mock.address, "ca_file": str(mock.ca_file)}
+    endpoint = {"address": mock.address, "ca_file": str(mock.ca_file)}
+    return {"production": endpoint, "sandbox": endpoint}
 
 
 @pytest.fixture
@@ -415,7 +416,7 @@ async def test_429_and_503_are_retried_with_backoff(mock):
 
 async def test_retries_stop_at_the_notifications_expiration(mock):
     await call_admin(mock, "set_faults", accept_any_token=True, ratio_503=1.0)
-    expiration = datetime.now(UTC) + timedelta(seconds=1)
+    expiration = datetime.now(UTC) + timedelta(seconds=2.5)  # APNs takes whole seconds
     async with running_sender(mock) as sender:
         with trio.fail_after(10):
             [result] = await sender.send(requests_for([new_token()], expiration=expiration))
@@ -448,7 +449,7 @@ async def test_an_unreachable_apns_fails_each_notification_by_its_expiration(tmp
         await s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     sender = ApnsSender(ios_app(), "sandbox", host="127.0.0.1", port=port, backoff_min=0.05)
-    expiration = datetime.now(UTC) + timedelta(seconds=1)
+    expiration = datetime.now(UTC) + timedelta(seconds=2.5)  # APNs takes whole seconds
     async with trio.open_nursery() as nursery:
         await nursery.start(sender.run)
         with trio.fail_after(10):

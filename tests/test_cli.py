@@ -150,7 +150,7 @@ def test_an_ios_app_and_a_push_from_the_cli(spawn_server, tmp_path):
     alive, dead = "ab" * 32, "cd" * 32
     config = {"keys": [key.spec()], "tokens": {alive: ["com.acme.app"]}}
     with MockApnsProcess(tmp_path / "apns", config=config) as mock:
-        proc = spawn_server(env={"PIGEON_APNS__SANDBOX": mock.address, "PIGEON_APNS__CA_FILE": str(mock.ca_file)})
+        proc = spawn_server(env={"PIGEON_APNS__SANDBOX__ADDRESS": mock.address, "PIGEON_APNS__SANDBOX__CA_FILE": str(mock.ca_file)})
         addr = proc.address
         p8 = tmp_path / "AuthKey_ABC123DEFG.p8"
         p8.write_text(key.private_key_pem)

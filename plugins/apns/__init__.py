@@ -112,13 +112,14 @@ class ApnsChannel(Channel):
             assert app.ios is not None
             recheck_ios(app.ios)  # it may have expired since it was registered
             settings = self.settings
-            host, port = _endpoint(settings.production if key[2] == "production" else settings.sandbox)
+            endpoint = settings.production if key[2] == "production" else settings.sandbox
+            host, port = _endpoint(endpoint.address)
             sender = ApnsSender(
                 app,
                 key[2],
                 host=host,
                 port=port,
-                ca_file=settings.ca_file,
+                ca_file=endpoint.ca_file,
                 max_connections=settings.max_connections,
                 streams_per_connection=settings.streams_per_connection,
                 max_queue=settings.max_queue,
