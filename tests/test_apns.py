@@ -506,3 +506,32 @@ async def test_credentials_are_checked_again_before_a_pool_opens(tmp_path, apns_
     assert (second.status, second.reason) == ("failed", "InvalidCredentials")
     assert "cannot be loaded" in second.detail and "nope" not in second.detail
     assert (await call_admin(mock, "stats"))["connections_opened"] == 0
+
+
+async def test_too_many_provider_token_updates_stops_sending_for_20_minutes(mock):
+    offset = [0.0]
+    await call_admin(mock, "set_faults", accept_any_token=True)  # APNs allows one new token per 20 minutes
+    async with running_sender(mock, clock=lambda: time.time() + offset[0]) as sender:
+        assert (await sender.send(requests_for([new_token()])))[0].status == "sent"
+        offset[0] = 51 * 60  # our clock says renew; the mock's says the token is brand new
+        [refused] = await sender.send(requests_for([new_token()]))
+        assert (refused.status, refused.reason, refused.status_code) == ("failed", "TooManyProviderTokenUpdates", 429)
+        requests = (await call_admin(mock, "stats"))["requests"]
+        [again] = await sender.send(requests_for([new_token()]))
+        assert (again.status, again.reason, again.attempts) == ("failed", "TooManyProviderTokenUpdates", 0)
+        assert (await call_admin(mock, "stats"))["requests"] == requests  # APNs was left alone
+        offset[0] = 72 * 60  # 20 minutes later the sender tries again
+        await call_admin(mock, "set_faults", token_update_interval_s=0)
+        assert (await sender.send(requests_for([new_token()])))[0].status == "sent"
+
+
+async def test_a_connection_that_starts_with_one_stream_widens_after_the_first_answer(mock):
+    # APNs allows one stream on a token-auth connection until a valid token has been seen.
+    await call_admin(mock, "set_faults", accept_any_token=True, one_stream_until_valid_token=True, latency_ms=2)
+    async with running_sender(mock, max_connections=1) as sender:
+        results = await sender.send(requests_for([new_token() for _ in range(200)]))
+        assert sender.pool._connections[0].limit == 100
+    assert [r.status for r in results] == ["sent"] * 200
+    stats = await call_admin(mock, "stats")
+    assert stats["refused_streams"] == 0 and stats["connections_opened"] == 1
+    assert max(stats["max_concurrent_streams"].values()) > 1
