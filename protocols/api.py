@@ -73,8 +73,10 @@ __all__ = [
     "ApnsTokenAuth",
     "ApnsCertificateAuth",
     "IosAppInfo",
+    "AndroidAppInfo",
     "AppInfo",
     "RegisterIosApp",
+    "RegisterAndroidApp",
     "GetApp",
     "AppList",
     "ListApps",
@@ -86,6 +88,8 @@ __all__ = [
     "PushContent",
     "ApnsPushType",
     "ApnsOptions",
+    "AndroidNotificationPriority",
+    "FcmOptions",
     "PushOutcome",
     "PushSent",
     "SendPush",
@@ -118,7 +122,11 @@ Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 MAX_EVENTS_PER_BATCH = 10_000
 
 _APPLE_ID_PATTERN = r"^[A-Z0-9]{10}\Z"
+_COLOR_PATTERN = r"^#[0-9A-Fa-f]{6}\Z"
+_LABEL_PATTERN = r"^[a-zA-Z0-9\-_.~%]{1,50}\Z"
 _PATTERN_MEANINGS = {
+    _COLOR_PATTERN: "a colour like #ff8800",
+    _LABEL_PATTERN: "an analytics label (1 to 50 letters, digits, '-', '_', '.', '~', '%')",
     _APPLE_ID_PATTERN: "a 10-character Apple id like ABC123DEFG (upper-case letters and digits)",
     IDENTITY_PATTERN: "an identity like crm:42 (a lower-case namespace, a colon, a value)",
     _APP_PATTERN: "an app id like com.example.app (letters, digits, '.', '_', '-')",
@@ -494,11 +502,20 @@ class IosAppInfo(Response):
     certificate_topics: list[str] = []
 
 
+class AndroidAppInfo(Response):
+    package_name: str
+    project_id: str
+    client_email: str
+    private_key_id: str
+    updated: Timestamp
+
+
 class AppInfo(Response):
     """An app and its platforms, without any secret."""
 
     app: str
     ios: IosAppInfo | None = None
+    android: AndroidAppInfo | None = None
 
 
 class RegisterIosApp(Request[AppInfo]):
@@ -512,6 +529,18 @@ class RegisterIosApp(Request[AppInfo]):
     #: Which APNs environments the app uses; with ``both`` a token's platform decides
     #: (``apns`` production, ``apns-sandbox`` sandbox).
     environment: ApnsEnvironment = "both"
+
+
+class RegisterAndroidApp(Request[AppInfo]):
+    """Register (or replace) an app's Android (FCM) credentials. They are checked now and never returned."""
+
+    method: ClassVar[str] = "apps.register_android"
+    app: AppId
+    #: The Firebase service account's JSON key (the file Firebase's console downloads, as an
+    #: object): ``project_id``, ``client_email``, ``private_key_id``, ``private_key``, ``token_uri``.
+    service_account: dict[str, Any]
+    #: The Android package name; the app id when omitted.
+    package_name: AppId | None = None
 
 
 class GetApp(Request[AppInfo]):
@@ -616,6 +645,41 @@ class ApnsOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit
     apns_id: str | None = None
 
 
+AndroidNotificationPriority = Literal["min", "low", "default", "high", "max"]
+
+
+class FcmOptions(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """How a notification goes out through FCM (Android)."""
+
+    #: Send everything in ``data`` for the app's own code to render (Adobe's ``adb_*`` keys, as
+    #: its Messaging SDK expects) instead of a notification Android shows by itself.
+    data_only: bool = False
+    #: Delivery priority: ``high`` wakes the device (the default for notifications), ``normal``
+    #: (the default for data-only messages) waits for a good moment.
+    priority: Literal["normal", "high"] | None = None
+    #: How long FCM keeps the message for an offline device (0: now or never); FCM's own
+    #: default, 4 weeks, when omitted. Pigeon also stops retrying after it.
+    ttl_s: Annotated[int, msgspec.Meta(ge=0, le=2_419_200)] | None = None
+    #: Messages with the same key replace each other while undelivered (FCM keeps at most 4 keys).
+    collapse_key: str | None = None
+    #: The Android notification channel (the app's manifest default when omitted or unknown).
+    channel_id: str | None = None
+    notification_priority: AndroidNotificationPriority | None = None
+    visibility: Literal["private", "public", "secret"] | None = None
+    #: Replaces a notification still shown with the same tag.
+    tag: str | None = None
+    #: The activity's intent action on a tap (``content.category`` when omitted).
+    click_action: str | None = None
+    #: Icon colour, ``#rrggbb``.
+    color: Annotated[str, msgspec.Meta(pattern=_COLOR_PATTERN)] | None = None
+    #: A drawable resource name of the app.
+    icon: str | None = None
+    #: A sound resource name, or ``default`` (``content.sound`` when omitted).
+    sound: str | None = None
+    #: FCM's analytics label.
+    analytics_label: Annotated[str, msgspec.Meta(pattern=_LABEL_PATTERN)] | None = None
+
+
 class PushOutcome(Response):
     token: str
     platform: Platform
@@ -627,7 +691,7 @@ class PushOutcome(Response):
     detail: str | None = None
     #: The provider's HTTP status, when it answered.
     status_code: int | None = None
-    #: The provider's id for the notification (``apns-id``).
+    #: The provider's id for the notification (``apns-id``, FCM's message name).
     provider_id: str | None = None
     #: ``apns-unique-id`` (sandbox only).
     unique_id: str | None = None
@@ -644,7 +708,8 @@ class SendPush(Request[PushSent]):
     """Send one notification now, to one token or to every valid token a profile has for an app.
 
     Transactional: consent and frequency rules do not apply. Give ``content`` (built for each
-    provider) or ``raw`` (the provider's payload, sent as it is)."""
+    provider), or the providers' own payloads sent as they are: ``raw`` (APNs) and/or
+    ``fcm_raw`` (FCM); a token whose provider has no payload fails with ``NoPayloadForPlatform``."""
 
     method: ClassVar[str] = "push.send"
     app: AppId
@@ -653,8 +718,12 @@ class SendPush(Request[PushSent]):
     platform: Platform | None = None
     identity: Identity | None = None
     content: PushContent | None = None
+    #: An APNs payload, sent as it is.
     raw: dict[str, Any] | None = None
+    #: An FCM HTTP v1 ``Message`` object, sent as it is; Pigeon sets its ``token``.
+    fcm_raw: dict[str, Any] | None = None
     apns: ApnsOptions = msgspec.field(default_factory=ApnsOptions)
+    fcm: FcmOptions = msgspec.field(default_factory=FcmOptions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -694,6 +763,7 @@ METHODS: dict[str, MethodSpec] = {
             IngestEvents,
             ListEvents,
             RegisterIosApp,
+            RegisterAndroidApp,
             GetApp,
             ListApps,
             DeleteApp,

@@ -50,6 +50,7 @@ COMMANDS: dict[str, str] = {
     "events.ingest": "events send / events import",
     "events.list": "events list",
     "apps.register_ios": "apps register-ios",
+    "apps.register_android": "apps register-android",
     "apps.get": "apps get",
     "apps.list": "apps list",
     "apps.delete": "apps delete",
@@ -157,6 +158,12 @@ def show_app(a: api.AppInfo) -> str:
             out.append(f"    certificate {i.certificate_subject}, expires {_when(i.certificate_expires)}")
             if i.certificate_topics:
                 out.append(f"    topics {', '.join(i.certificate_topics)}")
+    if a.android is None:
+        out.append("  android: (no credentials)")
+    else:
+        d = a.android
+        out.append(f"  android: package {d.package_name}, Firebase project {d.project_id}, registered {_when(d.updated)}")
+        out.append(f"    service account {d.client_email}, key id {d.private_key_id}")
     return "\n".join(out)
 
 
@@ -332,9 +339,21 @@ def _register_ios(args: argparse.Namespace) -> api.RegisterIosApp:
     return api.RegisterIosApp(app=args.app, bundle_id=args.bundle_id, environment=args.environment, auth=auth)
 
 
+def _register_android(args: argparse.Namespace) -> api.RegisterAndroidApp:
+    text = _read_file(args.service_account, "the service account key file")
+    try:
+        account = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"the service account key file {args.service_account!r} is not JSON: {exc}") from None
+    if not isinstance(account, dict):
+        raise UsageError(f"the service account key file {args.service_account!r} does not hold a JSON object")
+    return api.RegisterAndroidApp(app=args.app, package_name=args.package_name, service_account=account)
+
+
 def _push_request(args: argparse.Namespace) -> api.SendPush:
-    if args.raw:
-        raw = _parse_json_object(args.raw, "--raw")
+    fcm_raw = _parse_json_object(args.fcm_raw, "--fcm-raw") if args.fcm_raw else None
+    if args.raw or fcm_raw is not None:
+        raw = _parse_json_object(args.raw, "--raw") if args.raw else None
         content = None
     else:
         raw = None
@@ -358,12 +377,22 @@ def _push_request(args: argparse.Namespace) -> api.SendPush:
         options["expiration"] = _parse_time(args.expiration, "--expiration")
     if args.collapse_id is not None:
         options["collapse_id"] = args.collapse_id
+    fcm: dict[str, Any] = {}
+    for name in ("priority", "ttl_s", "collapse_key", "channel_id", "notification_priority", "visibility", "tag",
+                 "click_action", "color", "icon"):
+        value = getattr(args, f"fcm_{name}")
+        if value is not None:
+            fcm[name] = value
+    if args.data_only:
+        fcm["data_only"] = True
     try:
         apns = msgspec.convert(options, api.ApnsOptions)
+        fcm_options = msgspec.convert(fcm, api.FcmOptions)
     except msgspec.ValidationError as exc:
         raise UsageError(api.describe_validation_error(exc)[0]) from None
     return api.SendPush(
-        app=args.app, token=args.token, platform=args.platform, identity=args.identity, content=content, raw=raw, apns=apns
+        app=args.app, token=args.token, platform=args.platform, identity=args.identity, content=content, raw=raw,
+        fcm_raw=fcm_raw, apns=apns, fcm=fcm_options,
     )
 
 
@@ -460,6 +489,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p12", metavar="FILE", help="certificate auth: the .p12 file")
     p.add_argument("--pem", metavar="FILE", help="certificate auth: certificate and key in PEM")
     p.add_argument("--password-env", metavar="NAME", help="the environment variable holding the .p12 or key password")
+    p = sub(apps, "register-android", "register an app's FCM service account (checked now, never shown again)",
+            _req(_register_android, show_app))
+    p.add_argument("app", help="the app id (usually the package name)")
+    p.add_argument("--service-account", required=True, metavar="FILE",
+                   help="the Firebase service account's JSON key file")
+    p.add_argument("--package-name", help="the Android package name, if not the app id")
     p = sub(apps, "get", "show an app (without its secrets)", _req(lambda a: api.GetApp(app=a.app), show_app))
     p.add_argument("app")
     sub(apps, "list", "list the registered apps",
@@ -482,15 +517,29 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--content-available", action="store_true", help="a silent background update")
     p.add_argument("--mutable-content", action="store_true")
     p.add_argument("--interruption-level", choices=["passive", "active", "time-sensitive", "critical"])
-    p.add_argument("--raw", help="the provider payload as it is: a JSON object, or @FILE")
+    p.add_argument("--raw", help="the APNs payload as it is: a JSON object, or @FILE")
+    p.add_argument("--fcm-raw", help="the FCM Message as it is (without token): a JSON object, or @FILE")
     p.add_argument("--push-type", default="alert", help="APNs push type (default alert)")
-    p.add_argument("--priority", type=int, choices=[10, 5, 1])
-    p.add_argument("--expiration", help="until when the provider may retry (ISO 8601)")
-    p.add_argument("--collapse-id")
+    p.add_argument("--priority", type=int, choices=[10, 5, 1], help="APNs priority")
+    p.add_argument("--expiration", help="APNs: until when the provider may retry (ISO 8601)")
+    p.add_argument("--collapse-id", help="APNs collapse id")
+    p.add_argument("--data-only", action="store_true", help="FCM: a data message the app renders (adb_* keys)")
+    p.add_argument("--fcm-priority", choices=["normal", "high"], help="FCM delivery priority")
+    p.add_argument("--fcm-ttl-s", type=int, metavar="SECONDS", help="FCM: how long FCM keeps it")
+    p.add_argument("--fcm-collapse-key", help="FCM collapse key")
+    p.add_argument("--fcm-channel-id", help="Android notification channel")
+    p.add_argument("--fcm-notification-priority", choices=["min", "low", "default", "high", "max"],
+                   help="Android notification priority")
+    p.add_argument("--fcm-visibility", choices=["private", "public", "secret"], help="Android lock-screen visibility")
+    p.add_argument("--fcm-tag", help="Android: replaces a shown notification with the same tag")
+    p.add_argument("--fcm-click-action", help="Android intent action on a tap (default: --category)")
+    p.add_argument("--fcm-color", help="Android icon colour, #rrggbb")
+    p.add_argument("--fcm-icon", help="Android drawable name")
 
-    mock = commands.add_parser("mock-apns", help="run the mock APNs (for tests, demos and benchmarks)", add_help=False)
-    mock.add_argument("rest", nargs=argparse.REMAINDER)
-    mock.set_defaults(action=None)
+    for name, what in (("mock-apns", "APNs"), ("mock-fcm", "FCM")):
+        mock = commands.add_parser(name, help=f"run the mock {what} (for tests, demos and benchmarks)", add_help=False)
+        mock.add_argument("rest", nargs=argparse.REMAINDER)
+        mock.set_defaults(action=None)
 
     events = commands.add_parser("events", help="experience events").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
     p = sub(events, "send", "send one event", _events_send)
@@ -560,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         from plugins.apns.mock import main as mock_main
 
         return mock_main(argv[1:])
+    if argv[:1] == ["mock-fcm"]:
+        from plugins.fcm.mock import main as fcm_mock_main
+
+        return fcm_mock_main(argv[1:])
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "serve":

@@ -23,7 +23,7 @@ from protocols.framing import DEFAULT_MAX_FRAME
 
 from ._errors import ConfigError
 
-__all__ = ["Config", "StoreSettings", "SupervisorSettings", "ApnsSettings", "ApnsEndpoint", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
+__all__ = ["Config", "StoreSettings", "SupervisorSettings", "ApnsSettings", "ApnsEndpoint", "FcmSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
 
 log = logging.getLogger("pigeon.config")
 
@@ -73,6 +73,27 @@ class ApnsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_queue: Positive = 10_000
 
 
+class FcmSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    #: FCM's base URL: messages go to ``{url}/v1/projects/{project}/messages:send``
+    #: (point it at the mock for tests and benchmarks).
+    url: Annotated[str, msgspec.Meta(pattern=r"^https://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?\Z")] = (
+        "https://fcm.googleapis.com"
+    )
+    #: Exchange OAuth2 assertions here instead of at the service account's ``token_uri``.
+    token_uri: Annotated[str, msgspec.Meta(pattern=r"^https?://\S+\Z")] | None = None
+    #: Trust this CA file instead of the system's, for FCM and the token endpoint (the mock writes one).
+    ca_file: str | None = None
+    #: Connections per Firebase project, and streams in flight on each (FCM allows 100).
+    max_connections: Positive = 4
+    streams_per_connection: Positive = 100
+    #: Messages queued or in flight per project before senders wait.
+    max_queue: Positive = 10_000
+    #: Messages sent per project per minute at most (FCM's default quota).
+    rate_per_minute: Positive = 600_000
+    #: First retry delay after 429/500/503 without Retry-After (Google asks for at least 10 s).
+    retry_min_s: PositiveFloat = 10.0
+
+
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data: str = DEFAULT_DATA
     listen: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: [DEFAULT_LISTEN])
@@ -90,6 +111,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
     apns: ApnsSettings = msgspec.field(default_factory=ApnsSettings)
+    fcm: FcmSettings = msgspec.field(default_factory=FcmSettings)
 
 
 _LIST_KEYS = {"listen"}

@@ -24,7 +24,7 @@ __all__ = ["Plugins", "BUILTIN_PLUGINS"]
 log = logging.getLogger("pigeon.plugins")
 
 #: Modules registered before any third-party plugin, under these names.
-BUILTIN_PLUGINS = {"apns": "plugins.apns"}
+BUILTIN_PLUGINS = {"apns": "plugins.apns", "fcm": "plugins.fcm"}
 
 
 class Plugins:

@@ -251,6 +251,20 @@ def build_router(server: Server) -> Router:
         log.info("app %s: iOS credentials registered (%s auth, %s)", req.app, ios.auth, ios.environment)
         return stored.info()
 
+    async def register_android(ctx: CallContext, req: api.RegisterAndroidApp) -> api.AppInfo:
+        android = channel_for_apps("android").check_app(req)
+        existing = store.get_app(req.app)
+        record = (
+            AppRecord(app=req.app, android=android)
+            if existing is None
+            else msgspec.structs.replace(existing, android=android)
+        )
+        stored = await store.write(store_ops.put_app, record)
+        for channel in server.channels:
+            channel.forget_app(req.app)
+        log.info("app %s: Android credentials registered (project %s)", req.app, android.project_id)
+        return stored.info()
+
     async def get_app(ctx: CallContext, req: api.GetApp) -> api.AppInfo:
         return require_app(req.app).info()
 
@@ -264,6 +278,7 @@ def build_router(server: Server) -> Router:
         return api.AppDeleted(app=req.app)
 
     router.add(api.RegisterIosApp, register_ios)
+    router.add(api.RegisterAndroidApp, register_android)
     router.add(api.GetApp, get_app)
     router.add(api.ListApps, list_apps)
     router.add(api.DeleteApp, delete_app)
@@ -273,8 +288,10 @@ def build_router(server: Server) -> Router:
     async def push_send(ctx: CallContext, req: api.SendPush) -> api.PushSent:
         if (req.token is None) == (req.identity is None):
             raise InvalidArgument("give either a token (with its platform) or an identity", field="$.token")
-        if (req.content is None) == (req.raw is None):
-            raise InvalidArgument("give either content or a raw payload", field="$.content")
+        if req.content is not None and (req.raw is not None or req.fcm_raw is not None):
+            raise InvalidArgument("give content, or raw payloads (raw for APNs, fcm_raw for FCM), not both", field="$.content")
+        if req.content is None and req.raw is None and req.fcm_raw is None:
+            raise InvalidArgument("give content, or a raw payload (raw for APNs, fcm_raw for FCM)", field="$.content")
         app = require_app(req.app)
         if req.token is not None:
             if req.platform is None:
@@ -294,7 +311,10 @@ def build_router(server: Server) -> Router:
             if not targets:
                 return api.PushSent(outcomes=[], excluded="OnlyInvalidTokens")
         jobs = [
-            DeliveryJob(app=app, token=token, platform=platform, content=req.content, raw=req.raw, apns=req.apns)
+            DeliveryJob(
+                app=app, token=token, platform=platform, content=req.content, raw=req.raw, fcm_raw=req.fcm_raw,
+                apns=req.apns, fcm=req.fcm,
+            )
             for token, platform in targets
         ]
         results = await server.delivery.deliver(jobs)

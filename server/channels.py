@@ -17,7 +17,9 @@ import trio
 
 from protocols import api
 
-__all__ = ["IosRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel"]
+from ._errors import ServerError
+
+__all__ = ["CredentialsError", "IosRecord", "AndroidRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel"]
 
 
 class IosRecord(msgspec.Struct, kw_only=True):
@@ -51,14 +53,42 @@ class IosRecord(msgspec.Struct, kw_only=True):
         )
 
 
+class AndroidRecord(msgspec.Struct, kw_only=True):
+    """An app's FCM credentials as stored: its Firebase service account (the private key
+    included: never send or log it)."""
+
+    package_name: str
+    project_id: str
+    client_email: str
+    private_key_id: str
+    #: PKCS#8 PEM RSA private key.
+    private_key_pem: str
+    token_uri: str
+    updated: datetime
+
+    def info(self) -> api.AndroidAppInfo:
+        return api.AndroidAppInfo(
+            package_name=self.package_name,
+            project_id=self.project_id,
+            client_email=self.client_email,
+            private_key_id=self.private_key_id,
+            updated=self.updated,
+        )
+
+
 class AppRecord(msgspec.Struct, kw_only=True):
     app: str
     ios: IosRecord | None = None
+    android: AndroidRecord | None = None
     #: Bumped whenever credentials change, so channels can drop what they built from them.
     version: int = 1
 
     def info(self) -> api.AppInfo:
-        return api.AppInfo(app=self.app, ios=None if self.ios is None else self.ios.info())
+        return api.AppInfo(
+            app=self.app,
+            ios=None if self.ios is None else self.ios.info(),
+            android=None if self.android is None else self.android.info(),
+        )
 
 
 class DeliveryJob(msgspec.Struct, kw_only=True):
@@ -69,8 +99,12 @@ class DeliveryJob(msgspec.Struct, kw_only=True):
     #: The registration's platform (``apns``, ``apns-sandbox``, ``fcm``).
     platform: str
     content: api.PushContent | None = None
+    #: The APNs payload as it is (instead of ``content``).
     raw: dict[str, Any] | None = None
+    #: The FCM message as it is (instead of ``content``).
+    fcm_raw: dict[str, Any] | None = None
     apns: api.ApnsOptions = msgspec.field(default_factory=api.ApnsOptions)
+    fcm: api.FcmOptions = msgspec.field(default_factory=api.FcmOptions)
     #: The compact tracking envelope placed in the payload (filled by messages and journeys).
     tracking: dict[str, Any] | None = None
 
@@ -89,6 +123,20 @@ class DeliveryResult(msgspec.Struct, kw_only=True):
     #: For ``invalid``: since when the provider knows the token is dead (µs since the epoch),
     #: if it says (APNs 410); a token registered again after that stays valid.
     invalid_since_us: int | None = None
+
+
+class CredentialsError(ServerError):
+    """An app's stored credentials cannot be used (expired, refused by the provider); the
+    message names what is wrong and never quotes them.
+
+    Attributes:
+        reason: the result reason its notifications fail with (``CertificateExpired``,
+            ``InvalidCredentials``).
+    """
+
+    def __init__(self, message: str, reason: str = "InvalidCredentials") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class Channel:

@@ -32,6 +32,7 @@ EXPECTED_METHODS = {
     "events.ingest": (api.IngestEvents, api.IngestResult, False),
     "events.list": (api.ListEvents, api.StoredEvent, True),
     "apps.register_ios": (api.RegisterIosApp, api.AppInfo, False),
+    "apps.register_android": (api.RegisterAndroidApp, api.AppInfo, False),
     "apps.get": (api.GetApp, api.AppInfo, False),
     "apps.list": (api.ListApps, api.AppList, False),
     "apps.delete": (api.DeleteApp, api.AppDeleted, False),
@@ -98,6 +99,11 @@ SAMPLES: dict[str, api.Request[Any]] = {
         auth=api.ApnsTokenAuth(key_pem="-----BEGIN PRIVATE KEY-----", key_id="ABCDE12345", team_id="TEAM123456"),
         environment="sandbox",
     ),
+    "apps.register_android": api.RegisterAndroidApp(
+        app="com.example.app",
+        service_account={"project_id": "example-1", "client_email": "sa@example-1.iam.gserviceaccount.com"},
+        package_name="com.example.android",
+    ),
     "apps.get": api.GetApp(app="com.example.app"),
     "apps.list": api.ListApps(),
     "apps.delete": api.DeleteApp(app="com.example.app"),
@@ -106,6 +112,7 @@ SAMPLES: dict[str, api.Request[Any]] = {
         identity="crm:42",
         content=api.PushContent(title="Hi", body="Your order shipped", badge=1, sound=api.CriticalSound(volume=0.5)),
         apns=api.ApnsOptions(push_type="alert", priority=5, expiration=NOW, collapse_id="order"),
+        fcm=api.FcmOptions(priority="normal", ttl_s=3600, channel_id="orders", color="#ff8800"),
     ),
 }
 
@@ -455,6 +462,10 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         api.RegisterIosApp, app=_apps, auth=_auths, bundle_id=st.none() | _apps,
         environment=st.sampled_from(["production", "sandbox", "both"]),
     ),
+    "apps.register_android": st.builds(
+        api.RegisterAndroidApp, app=_apps, package_name=st.none() | _apps,
+        service_account=st.dictionaries(st.sampled_from(["project_id", "client_email", "private_key"]), st.text(max_size=20)),
+    ),
     "apps.get": st.builds(api.GetApp, app=_apps),
     "apps.list": st.builds(api.ListApps),
     "apps.delete": st.builds(api.DeleteApp, app=_apps),
@@ -463,6 +474,8 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         identity=st.none() | _identities, content=st.none() | _contents,
         apns=st.builds(api.ApnsOptions, push_type=st.sampled_from(["alert", "background", "voip"]),
                        priority=st.none() | st.sampled_from([10, 5, 1]), expiration=st.none() | _timestamps),
+        fcm=st.builds(api.FcmOptions, data_only=st.booleans(), priority=st.none() | st.sampled_from(["normal", "high"]),
+                      ttl_s=st.none() | st.integers(0, 2_419_200)),
     ),
 }
 

@@ -16,17 +16,17 @@ from .conftest import make_config
 
 async def test_a_platform_without_a_channel_fails_with_NoChannel_and_is_reported(server, client):
     app = AppRecord(app="com.acme.app")
-    jobs = [DeliveryJob(app=app, token="tok", platform="fcm", content=api.PushContent(title="x")) for _ in range(3)]
+    jobs = [DeliveryJob(app=app, token="tok", platform="webpush", content=api.PushContent(title="x")) for _ in range(3)]
     results = await server.delivery.deliver(jobs)
     assert [(r.status, r.reason) for r in results] == [("failed", "NoChannel")] * 3
-    assert "fcm" in results[0].detail
+    assert "webpush" in results[0].detail
     with trio.fail_after(5):
         while server.reporting.details()["outcomes"].get("failed", 0) < 3:
             await trio.sleep(0.01)
     stats = await client.call(api.GetStats())
     actors = {a.name: a for a in stats.actors}
     assert actors["delivery"].details["notifications"] == 3
-    assert "apns" in actors["delivery"].details["channels"]
+    assert {"apns", "fcm"} <= set(actors["delivery"].details["channels"])
     assert actors["reporting"].details == {"outcomes": {"failed": 3}, "reasons": {"failed:NoChannel": 3}}
 
 
@@ -36,11 +36,18 @@ async def test_an_ios_app_without_credentials_fails_on_the_apns_channel(server):
     assert (result.status, result.reason) == ("failed", "NoCredentials")
 
 
+async def test_an_android_app_without_credentials_fails_on_the_fcm_channel(server):
+    app = AppRecord(app="com.acme.app")
+    [result] = await server.delivery.deliver([DeliveryJob(app=app, token="tok", platform="fcm", content=api.PushContent(title="x"))])
+    assert (result.status, result.reason) == ("failed", "NoCredentials")
+    assert "Android" in result.detail
+
+
 class _Webhook(Channel):
     """A third-party channel, registered through the same hook as the APNs channel."""
 
     name = "webhook"
-    platforms = frozenset({"fcm"})
+    platforms = frozenset({"webhook"})
 
     def __init__(self) -> None:
         self.received: list[str] = []
@@ -67,14 +74,14 @@ async def test_plugin_channels_deliver_and_a_failing_one_fails_only_its_notifica
             return [webhook, _Broken()]
 
     srv = Server(make_config(tmp_path / "data"), plugins=Plugins(env={}, entry_points=False, extra={"hooks": Plugin()}))
-    assert sorted(c.name for c in srv.channels) == ["apns", "broken", "webhook"]
+    assert sorted(c.name for c in srv.channels) == ["apns", "broken", "fcm", "webhook"]
     app = AppRecord(app="com.acme.app")
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
         results = await srv.delivery.deliver([
-            DeliveryJob(app=app, token="t1", platform="fcm", content=api.PushContent(title="x")),
+            DeliveryJob(app=app, token="t1", platform="webhook", content=api.PushContent(title="x")),
             DeliveryJob(app=app, token="t2", platform="web", content=api.PushContent(title="x")),
-            DeliveryJob(app=app, token="t3", platform="fcm", content=api.PushContent(title="x")),
+            DeliveryJob(app=app, token="t3", platform="webhook", content=api.PushContent(title="x")),
         ])
         srv.request_stop()
     assert [(r.status, r.reason) for r in results] == [("sent", None), ("failed", "ChannelError"), ("sent", None)]
@@ -88,10 +95,12 @@ def test_two_channels_claiming_one_platform_is_a_configuration_error(tmp_path):
         def pigeon_channels(self, config):
             return [_Webhook(), _Webhook()]
 
-    with pytest.raises(ConfigError, match="both deliver to 'fcm'"):
+    with pytest.raises(ConfigError, match="both deliver to 'webhook'"):
         Server(make_config(tmp_path / "data"), plugins=Plugins(env={}, entry_points=False, extra={"hooks": Plugin()}))
 
 
 def test_a_disabled_builtin_plugin_provides_no_channel(tmp_path):
     srv = Server(make_config(tmp_path / "data"), plugins=Plugins(env={"PIGEON_DISABLED_PLUGINS": "apns"}, entry_points=False))
+    assert [c.name for c in srv.channels] == ["fcm"]
+    srv = Server(make_config(tmp_path / "data2"), plugins=Plugins(env={"PIGEON_DISABLED_PLUGINS": "apns,fcm"}, entry_points=False))
     assert srv.channels == []

@@ -71,6 +71,10 @@ class ApnsChannel(Channel):
                 results[index] = DeliveryResult(status="failed", reason="EnvironmentNotEnabled", attempts=0,
                                                 detail=f"app {job.app.app} is registered for {ios.environment} only")
                 continue
+            if job.content is None and job.raw is None:
+                results[index] = DeliveryResult(status="failed", reason="NoPayloadForPlatform", attempts=0,
+                                                detail="the request has an FCM message (fcm_raw) but no content or raw APNs payload")
+                continue
             try:
                 request = build_request(
                     bundle_id=ios.bundle_id, options=job.apns, content=job.content, raw=job.raw, tracking=job.tracking

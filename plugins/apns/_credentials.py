@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
 from protocols import api
-from server import InvalidArgument, ServerError
-from server.channels import IosRecord
+from server import InvalidArgument
+from server.channels import CredentialsError, IosRecord
 
 __all__ = ["check_ios", "recheck_ios", "CredentialsError", "ProviderToken", "client_ssl_context", "APPLE_TOPICS_OID"]
 
@@ -89,18 +89,6 @@ def check_ios(request: api.RegisterIosApp, *, now: datetime | None = None) -> Io
         certificate_topics=topics,
         updated=now,
     )
-
-
-class CredentialsError(ServerError):
-    """Stored credentials cannot be used; the message never quotes them.
-
-    Attributes:
-        reason: ``CertificateExpired`` or ``InvalidCredentials``.
-    """
-
-    def __init__(self, message: str, reason: str = "InvalidCredentials") -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 def recheck_ios(record: IosRecord, *, now: datetime | None = None) -> None:

@@ -1,0 +1,182 @@
+"""The FCM channel: Firebase Cloud Messaging's HTTP v1 API, as a built-in Pigeon plugin.
+
+It delivers to registrations of platform ``fcm`` with one `FcmSender` (a connection pool, an
+OAuth2 access token, a rate limit, retries) per Firebase project and service account, shared
+by every app registered with that account. Messages are built by `_message`, credentials
+checked by `_credentials`; the mock FCM used by the tests and benchmarks is
+`plugins.fcm.mock`.
+
+It is registered through the same hook any channel plugin uses (`pigeon_channels`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any, ClassVar
+from urllib.parse import urlsplit
+
+import httpx
+import trio
+
+from protocols import api
+from server.channels import AndroidRecord, Channel, CredentialsError, DeliveryJob, DeliveryResult
+from server.hookspecs import hookimpl
+
+from ._credentials import check_android, recheck_android, ssl_context
+from ._message import PayloadError, build_message, encode_send
+from ._sender import FcmSender
+
+__all__ = ["FcmChannel", "pigeon_channels"]
+
+log = logging.getLogger("pigeon.fcm")
+
+#: A sender's key: project, client e-mail, private key id and a digest of the key.
+SenderKey = tuple[str, str, str, str]
+
+
+def sender_key(record: AndroidRecord) -> SenderKey:
+    digest = hashlib.sha256(record.private_key_pem.encode()).hexdigest()[:16]
+    return (record.project_id, record.client_email, record.private_key_id, digest)
+
+
+class FcmChannel(Channel):
+    """Delivers to FCM; see the module docstring.
+
+    Args:
+        settings: the ``[fcm]`` configuration (endpoint, token URI, CA file, pool sizes, rate).
+    """
+
+    name: ClassVar[str] = "fcm"
+    platforms: ClassVar[frozenset[str]] = frozenset({"fcm"})
+    #: The app platform whose credentials this channel checks.
+    app_platform: ClassVar[str] = "android"
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        url = urlsplit(settings.url)
+        self.host = url.hostname or ""
+        self.port = url.port or 443
+        self._senders: dict[SenderKey, FcmSender] = {}
+        #: The apps using each sender (a sender retires when none does).
+        self._users: dict[SenderKey, set[str]] = {}
+        self._starting: dict[SenderKey, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with httpx.AsyncClient(verify=ssl_context(self.settings.ca_file), timeout=10.0) as http:
+            self._http = http
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+
+    def check_app(self, request: api.RegisterAndroidApp) -> AndroidRecord:
+        """Check Android credentials when an app is registered (raises `InvalidArgument`)."""
+        return check_android(request)
+
+    async def send(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
+        results: list[DeliveryResult | None] = [None] * len(jobs)
+        groups: dict[SenderKey, tuple[AndroidRecord, list[int], list[bytes], list[int | None]]] = {}
+        for index, job in enumerate(jobs):
+            android = job.app.android
+            if android is None:
+                results[index] = DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
+                                                detail=f"app {job.app.app} has no Android credentials")
+                continue
+            if job.content is None and job.fcm_raw is None:
+                results[index] = DeliveryResult(status="failed", reason="NoPayloadForPlatform", attempts=0,
+                                                detail="the request has a raw APNs payload but no content or fcm_raw")
+                continue
+            try:
+                message = build_message(content=job.content, raw=job.fcm_raw, options=job.fcm, tracking=job.tracking)
+            except PayloadError as exc:
+                results[index] = DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc))
+                continue
+            key = sender_key(android)
+            self._users.setdefault(key, set()).add(job.app.app)
+            group = groups.setdefault(key, (android, [], [], []))
+            group[1].append(index)
+            group[2].append(encode_send(message, job.token))
+            group[3].append(job.fcm.ttl_s if job.fcm_raw is None else None)
+        async with trio.open_nursery() as nursery:
+            for key, group in groups.items():
+                nursery.start_soon(self._send_group, key, group, results)
+        return results  # type: ignore[return-value]
+
+    async def _send_group(
+        self, key: SenderKey, group: tuple[AndroidRecord, list[int], list[bytes], list[int | None]], results: list[Any]
+    ) -> None:
+        record, indexes, bodies, ttls = group
+        try:
+            sender = await self._sender(key, record)
+        except CredentialsError as exc:
+            for index in indexes:
+                results[index] = DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc))
+            return
+        outcomes = await sender.send(bodies, ttls)
+        for index, outcome in zip(indexes, outcomes):
+            results[index] = outcome
+
+    async def _sender(self, key: SenderKey, record: AndroidRecord) -> FcmSender:
+        sender = self._senders.get(key)
+        if sender is not None:
+            return sender
+        starting = self._starting.get(key)
+        if starting is not None:
+            await starting.wait()
+            sender = self._senders.get(key)
+            if sender is None:
+                raise CredentialsError(f"the FCM sender of {record.project_id} could not start")
+            return sender
+        starting = self._starting[key] = trio.Event()
+        try:
+            recheck_android(record)
+            settings = self.settings
+            assert self._http is not None and self._nursery is not None, "run the channel first"
+            sender = FcmSender(
+                record,
+                host=self.host,
+                port=self.port,
+                http=self._http,
+                token_uri=settings.token_uri,
+                ca_file=settings.ca_file,
+                max_connections=settings.max_connections,
+                streams_per_connection=settings.streams_per_connection,
+                max_queue=settings.max_queue,
+                rate_per_minute=settings.rate_per_minute,
+                backoff_min=settings.retry_min_s,
+            )
+            await self._nursery.start(self._run_sender, key, sender)
+            self._senders[key] = sender
+            return sender
+        finally:
+            del self._starting[key]
+            starting.set()
+
+    async def _run_sender(self, key: SenderKey, sender: FcmSender, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await sender.run(task_status=task_status)
+        except Exception:
+            log.exception("the FCM sender of %s failed", key[0])
+        finally:
+            if self._senders.get(key) is sender:
+                del self._senders[key]
+
+    def forget_app(self, app: str) -> None:
+        for key, users in list(self._users.items()):
+            users.discard(app)
+            if not users:
+                del self._users[key]
+                sender = self._senders.pop(key, None)
+                if sender is not None:
+                    sender.retire()
+
+    def statistics(self) -> dict[str, Any]:
+        return {f"{project} {email}": s.statistics() for (project, email, _, _), s in self._senders.items()}
+
+
+@hookimpl
+def pigeon_channels(config: Any) -> list[Channel]:
+    return [FcmChannel(config.fcm)]

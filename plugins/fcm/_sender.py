@@ -1,0 +1,564 @@
+"""One Firebase project: its connection pool, its access token, its rate limit, retries.
+
+`FcmSender.send` queues messages (waiting while ``max_queue`` are queued or in flight:
+backpressure) and returns their results once FCM has answered each. A dispatcher task starts
+them on the pool's free streams, at most ``rate_per_minute`` a minute (a token bucket holding
+one second's worth), with the project's access token; the pool's callbacks classify each
+answer by FCM's error code (`classify`):
+
+- 200: sent (the message name);
+- UNREGISTERED, SENDER_ID_MISMATCH, and INVALID_ARGUMENT about ``message.token``: the token is
+  dead for this project;
+- QUOTA_EXCEEDED (429): the project pauses for ``Retry-After`` (60 s without it) and the
+  message is retried then; UNAVAILABLE, INTERNAL and other 5xx (an HTML 502 too): retried
+  with jittered exponential backoff, at least ``Retry-After``;
+- 401 without FCM detail: the access token is renewed and the message retried once; if a
+  fresh token is refused too, the project's credentials are refused;
+- 403 without FCM detail (permission, disabled API): the credentials are refused;
+- any other 4xx: failed, with FCM's error code.
+
+Retries stop at the message's TTL, ``retry_window`` or ``max_attempts``, whichever comes
+first. Refused credentials (the token endpoint says no, or FCM keeps refusing the token) fail
+the queued and new messages at once with reason ``InvalidCredentials`` for a backoff period
+that doubles (30 s up to 10 min): no retry storm against Google. A token endpoint that cannot
+be reached sends the queued messages to the retry queue instead.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import msgspec
+import trio
+from hpack import NeverIndexedHeaderTuple
+
+from server._http2 import ConnectionLost, H2Failure, H2Pool, H2Response, StreamRefused
+from server.channels import AndroidRecord, CredentialsError, DeliveryResult
+
+from ._credentials import AccessToken, ssl_context
+
+__all__ = ["FcmSender", "classify", "FcmAnswer"]
+
+log = logging.getLogger("pigeon.fcm")
+
+_FCM_ERROR = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
+_BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
+_RETRY_CODES = frozenset({"QUOTA_EXCEEDED", "UNAVAILABLE", "INTERNAL"})
+_INVALID_TOKEN_CODES = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
+_decoder = msgspec.json.Decoder()
+
+
+class FcmAnswer:
+    """What an FCM answer means (see `classify`).
+
+    Attributes:
+        action: ``sent``, ``invalid``, ``retry``, ``renew`` (401), ``refuse`` (credentials) or ``fail``.
+        reason: FCM's error code (``UNREGISTERED``), else its canonical status, else ``HTTP<status>``.
+        detail: FCM's message, or the field violations.
+        name: the message name, when sent.
+        retry_after: seconds from ``Retry-After``, when given.
+    """
+
+    __slots__ = ("action", "reason", "detail", "name", "retry_after")
+
+    def __init__(self, action: str, reason: str | None = None, detail: str | None = None,
+                 name: str | None = None, retry_after: float | None = None) -> None:
+        self.action = action
+        self.reason = reason
+        self.detail = detail
+        self.name = name
+        self.retry_after = retry_after
+
+
+def _retry_after(value: bytes | None, now: float) -> float | None:
+    if not value:
+        return None
+    text = value.decode("latin-1").strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def classify(status: int, headers: dict[bytes, bytes], body: bytes, *, now: float | None = None) -> FcmAnswer:
+    """Read an answer of ``messages:send`` (sans-IO)."""
+    try:
+        doc = _decoder.decode(body) if body else None
+    except msgspec.DecodeError:
+        doc = None  # a proxy's HTML page, for instance
+    if status == 200:
+        name = doc.get("name") if isinstance(doc, dict) else None
+        return FcmAnswer("sent", name=name if isinstance(name, str) else None)
+    error = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(error, dict):
+        error = {}
+    code = None
+    token_field = False
+    violations = []
+    details = error.get("details")
+    for detail in details if isinstance(details, list) else ():
+        if not isinstance(detail, dict):
+            continue
+        kind = detail.get("@type")
+        if kind == _FCM_ERROR and isinstance(detail.get("errorCode"), str):
+            code = detail["errorCode"]
+        elif kind == _BAD_REQUEST and isinstance(detail.get("fieldViolations"), list):
+            for violation in detail["fieldViolations"]:
+                if isinstance(violation, dict):
+                    field = violation.get("field")
+                    violations.append(f"{field}: {violation.get('description')}")
+                    token_field = token_field or field == "message.token"
+    if code == "APNS_AUTH_ERROR":
+        code = "THIRD_PARTY_AUTH_ERROR"  # its old name
+    canonical = error.get("status") if isinstance(error.get("status"), str) else None
+    reason = code or canonical or f"HTTP{status}"
+    message = error.get("message") if isinstance(error.get("message"), str) else None
+    detail = "; ".join(filter(None, [message, *violations])) or None
+    retry_after = _retry_after(headers.get(b"retry-after"), time.time() if now is None else now)
+    if code in _INVALID_TOKEN_CODES:
+        return FcmAnswer("invalid", reason, detail)
+    if code == "INVALID_ARGUMENT" and token_field:
+        return FcmAnswer("invalid", reason, detail)
+    if code in _RETRY_CODES or status == 429 or status >= 500:
+        return FcmAnswer("retry", reason, detail, retry_after=retry_after)
+    if status == 401 and code is None:
+        return FcmAnswer("renew", reason, detail)
+    if status == 403 and code is None:
+        return FcmAnswer("refuse", reason, detail)
+    return FcmAnswer("fail", reason, detail)
+
+
+class _Batch:
+    __slots__ = ("results", "remaining", "done")
+
+    def __init__(self, size: int) -> None:
+        self.results: list[DeliveryResult | None] = [None] * size
+        self.remaining = size
+        self.done = trio.Event()
+
+
+class _Job:
+    __slots__ = ("body", "batch", "index", "attempts", "deadline", "renewed", "header")
+
+    def __init__(self, body: bytes, deadline: float, batch: _Batch, index: int) -> None:
+        self.body = body
+        self.batch = batch
+        self.index = index
+        self.attempts = 0
+        self.deadline = deadline
+        self.renewed = False
+        #: The authorization it was last sent with.
+        self.header = b""
+
+
+class FcmSender:
+    """Sends the messages of one Firebase project (one service account).
+
+    Args:
+        record: the service account (from any of the project's apps).
+        host, port: FCM's endpoint.
+        http: the HTTP client for the token exchange.
+        token_uri: exchange assertions here instead of at the account's ``token_uri``.
+        ca_file: trust this CA instead of the system's (for the mock FCM).
+        max_connections, streams_per_connection: the pool's size.
+        max_queue: messages queued or in flight at most; `send` waits beyond it.
+        rate_per_minute: messages started per minute at most.
+        retry_window: seconds a message without TTL is retried at most.
+        max_attempts: attempts per message at most.
+        backoff_min, backoff_max: retry delays (Google asks for at least 10 s).
+    """
+
+    REFUSAL_MIN = 30.0
+    REFUSAL_MAX = 600.0
+    QUOTA_PAUSE = 60.0
+
+    def __init__(
+        self,
+        record: AndroidRecord,
+        *,
+        host: str,
+        port: int,
+        http: httpx.AsyncClient,
+        token_uri: str | None = None,
+        ca_file: str | None = None,
+        max_connections: int = 4,
+        streams_per_connection: int = 100,
+        max_queue: int = 10_000,
+        rate_per_minute: int = 600_000,
+        retry_window: float = 600.0,
+        max_attempts: int = 8,
+        backoff_min: float = 10.0,
+        backoff_max: float = 300.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.record = record
+        self.project = record.project_id
+        self.max_queue = max_queue
+        self.retry_window = retry_window
+        self.max_attempts = max_attempts
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.clock = clock
+        self.token = AccessToken(record, http=http, token_uri=token_uri, clock=clock)
+        self.pool = H2Pool(
+            host,
+            port,
+            ssl_context=ssl_context(ca_file),
+            max_connections=max_connections,
+            streams_per_connection=streams_per_connection,
+            # Every request repeats the authority, the path and the access token.
+            stateless_hpack=True,
+        )
+        authority = f"{host}:{port}" if port != 443 else host
+        self._static = [
+            (b":method", b"POST"),
+            (b":scheme", b"https"),
+            (b":path", f"/v1/projects/{self.project}/messages:send".encode()),
+            (b":authority", authority.encode()),
+            (b"content-type", b"application/json; charset=UTF-8"),
+        ]
+        #: Messages started per second, and the bucket (at most one second's worth).
+        self.rate = rate_per_minute / 60.0
+        self._bucket = max(self.rate, 1.0)
+        self._bucket_at = 0.0
+        self.held = 0
+        self._room = trio.Event()
+        self._queue: deque[_Job] = deque()
+        self._queued = trio.Event()
+        self._retries: list[tuple[float, int, _Job]] = []
+        self._retry_added = trio.Event()
+        self._order = itertools.count()
+        self._random = random.Random()
+        #: No message starts before this (clock seconds): FCM said QUOTA_EXCEEDED.
+        self.paused_until = 0.0
+        #: Why the credentials are refused, and until when.
+        self.refused: CredentialsError | None = None
+        self.refused_until = 0.0
+        self._refusal_backoff = self.REFUSAL_MIN
+        #: No token exchange before this (after the endpoint failed).
+        self._exchange_after = 0.0
+        self._renewing = False
+        self._nursery: trio.Nursery | None = None
+        self.counts: dict[str, int] = {}
+        self.retiring = False
+        self._retired = trio.Event()
+
+    # -- running --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self._bucket_at = trio.current_time()
+            await nursery.start(self.pool.run)
+            nursery.start_soon(self._dispatcher)
+            nursery.start_soon(self._retrier)
+            task_status.started()
+            await self._retired.wait()
+            nursery.cancel_scope.cancel()
+
+    def retire(self) -> None:
+        """Finish what was handed over, then stop (no app uses these credentials any more)."""
+        self.retiring = True
+        self.pool.drop_connections()
+        self._check_retired()
+
+    def _check_retired(self) -> None:
+        if self.retiring and self.held == 0:
+            self._retired.set()
+
+    async def send(self, bodies: list[bytes], ttls: list[int | None] | None = None) -> list[DeliveryResult]:
+        """Send ``messages:send`` request bodies; return their results in order.
+
+        Args:
+            bodies: request bodies (`plugins.fcm._message.encode_send`).
+            ttls: each message's TTL in seconds, if it has one: no retry after it.
+        """
+        now = self.clock()
+        batch = _Batch(len(bodies))
+        results = batch.results
+        for index, body in enumerate(bodies):
+            refused = self._refusal(now)
+            if refused is not None:
+                results[index] = refused
+                batch.remaining -= 1
+                continue
+            while self.held >= self.max_queue:  # backpressure: wait for answers
+                if self._room.is_set():
+                    self._room = trio.Event()
+                await self._room.wait()
+            self.held += 1
+            deadline = now + self.retry_window
+            ttl = ttls[index] if ttls is not None else None
+            if ttl is not None:
+                deadline = min(deadline, now + ttl)
+            self._queue.append(_Job(body, deadline, batch, index))
+            self._queued.set()
+        if batch.remaining:
+            await batch.done.wait()
+        return results  # type: ignore[return-value]
+
+    def _refusal(self, now: float) -> DeliveryResult | None:
+        if self.refused is None:
+            return None
+        if now >= self.refused_until:
+            self.refused = None
+            return None
+        return DeliveryResult(status="failed", reason=self.refused.reason, attempts=0, detail=self.refused.message)
+
+    # -- dispatching ----------------------------------------------------------------------
+
+    def _take_rate(self) -> int:
+        """How many messages may start now (the token bucket)."""
+        now = trio.current_time()
+        self._bucket = min(max(self.rate, 1.0), self._bucket + (now - self._bucket_at) * self.rate)
+        self._bucket_at = now
+        return int(self._bucket)
+
+    def _pump(self) -> None:
+        """Start queued messages on the pool's free streams, as many as allowed now."""
+        queue, pool = self._queue, self.pool
+        if not queue:
+            return
+        now = self.clock()
+        if self.refused is not None:
+            if now < self.refused_until:
+                self._fail_queued(self.refused)
+                return
+            self.refused = None
+        if now < self.paused_until or not self.token.usable(now):
+            return
+        if self.token.due(now) and not self._renewing and self._nursery is not None:
+            self._renewing = True  # renew in the background while this token still works
+            self._nursery.start_soon(self._renew)
+        allowed = self._take_rate()
+        if not allowed:
+            return
+        header = self.token.header
+        headers = self._static + [NeverIndexedHeaderTuple(b"authorization", header)]
+        started = 0
+        while queue and started < allowed:
+            job = queue[0]
+            if not pool.try_submit(headers, job.body, self._callback(job)):
+                break
+            queue.popleft()
+            job.attempts += 1
+            job.header = header
+            started += 1
+        self._bucket -= started
+
+    def _callback(self, job: _Job) -> Callable[[Any], None]:
+        return lambda outcome: self._answer(job, outcome)
+
+    async def _dispatcher(self) -> None:
+        pool = self.pool
+        while True:
+            self._pump()
+            if not self._queue:
+                await self._queued.wait()
+                self._queued = trio.Event()
+                continue
+            now = self.clock()
+            if now < self.paused_until:
+                await self._sleep_or_wake(self.paused_until - now)
+                continue
+            if not self.token.usable(now):
+                if self._renewing:
+                    await self._sleep_or_wake(0.1)  # the background renewal wakes it
+                else:
+                    await self._authorize()
+                continue
+            if self._bucket < 1:
+                await self._sleep_or_wake((1 - self._bucket) / self.rate)
+                continue
+            try:
+                await pool.wait_capacity()
+            except ConnectionLost as exc:
+                queued, self._queue = self._queue, deque()
+                for job in queued:
+                    job.attempts += 1
+                    self._retry_or_fail(job, "ConnectionFailed", None, str(exc), None)
+
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        with trio.move_on_after(max(seconds, 0.001)):
+            await self._queued.wait()
+        self._queued = trio.Event()
+
+    async def _authorize(self) -> None:
+        """Get an access token for the queued messages (the dispatcher alone calls this)."""
+        now = self.clock()
+        if now < self._exchange_after:
+            self._defer_queued("TokenEndpointUnavailable", "the token endpoint failed moments ago")
+            return
+        try:
+            await self.token.refresh()
+        except CredentialsError as exc:
+            self._token_failed(exc)
+        else:
+            self._refusal_backoff = self.REFUSAL_MIN
+
+    async def _renew(self) -> None:
+        try:
+            await self.token.refresh()
+        except CredentialsError as exc:
+            log.warning("%s: renewing the access token failed (the current one is still valid): %s", self.project, exc)
+        finally:
+            self._renewing = False
+            self._queued.set()
+
+    def _token_failed(self, exc: CredentialsError) -> None:
+        if exc.reason == "TokenEndpointUnavailable":
+            log.warning("%s: %s", self.project, exc)
+            self._exchange_after = self.clock() + self.backoff_min
+            self._defer_queued(exc.reason, exc.message)
+        else:
+            self._refuse(exc)
+
+    def _defer_queued(self, reason: str, detail: str) -> None:
+        queued, self._queue = self._queue, deque()
+        for job in queued:
+            job.attempts += 1
+            self._retry_or_fail(job, reason, None, detail, None)
+
+    def _refuse(self, exc: CredentialsError) -> None:
+        now = self.clock()
+        if self.refused is None:
+            log.error("%s: %s; its messages fail for %.0fs", self.project, exc.message, self._refusal_backoff)
+        self.refused = exc
+        self.refused_until = now + self._refusal_backoff
+        self._refusal_backoff = min(self.REFUSAL_MAX, self._refusal_backoff * 2)
+        self._fail_queued(exc)
+        retries, self._retries = self._retries, []
+        for _, _, job in retries:
+            self._finish(job, DeliveryResult(status="failed", reason=exc.reason, attempts=job.attempts, detail=exc.message))
+
+    def _fail_queued(self, exc: CredentialsError) -> None:
+        queued, self._queue = self._queue, deque()
+        for job in queued:
+            self._finish(job, DeliveryResult(status="failed", reason=exc.reason, attempts=job.attempts, detail=exc.message))
+
+    # -- answers --------------------------------------------------------------------------
+
+    def _answer(self, job: _Job, outcome: H2Response | H2Failure) -> None:
+        if isinstance(outcome, StreamRefused):
+            job.attempts -= 1  # not processed: again at once
+            self._count("refused_stream")
+            self._queue.appendleft(job)
+            self._queued.set()
+            return
+        if isinstance(outcome, H2Failure):
+            self._count("connection_lost")
+            self._retry_or_fail(job, "ConnectionLost", None, str(outcome), None)
+            return
+        status = outcome.status
+        answer = classify(status, outcome.headers, outcome.body, now=self.clock())
+        action = answer.action
+        if action == "sent":
+            self._finish(job, DeliveryResult(status="sent", status_code=200, provider_id=answer.name, attempts=job.attempts))
+            return
+        result = DeliveryResult(status="failed", reason=answer.reason, detail=answer.detail, status_code=status, attempts=job.attempts)
+        if action == "invalid":
+            result.status = "invalid"
+            self._finish(job, result)
+        elif action == "retry":
+            if answer.reason == "QUOTA_EXCEEDED" or status == 429:
+                pause = answer.retry_after if answer.retry_after is not None else self.QUOTA_PAUSE
+                self.paused_until = max(self.paused_until, self.clock() + pause)
+                self._count("quota_pauses")
+            self._retry_or_fail(job, answer.reason or f"HTTP{status}", status, answer.detail, answer.retry_after)
+        elif action == "renew":
+            now = self.clock()
+            if not job.renewed and now - self.token.issued >= 60:
+                job.renewed = True
+                job.attempts -= 1
+                self.token.invalidate(job.header)
+                self._count("token_rejected")
+                self._queue.appendleft(job)
+                self._queued.set()
+            elif job.header == self.token.header:
+                # A token fresh from the endpoint refused: the service account cannot send.
+                self._refuse(CredentialsError(
+                    f"FCM refuses the access token of {self.record.client_email} for {self.project}: {answer.detail}",
+                    "InvalidCredentials",
+                ))
+                self._finish(job, result)
+            else:
+                self._queue.appendleft(job)  # sent with an older token: once more with the new one
+                job.attempts -= 1
+                self._queued.set()
+        elif action == "refuse":
+            self._refuse(CredentialsError(
+                f"FCM refuses {self.record.client_email} for {self.project} ({answer.reason}): {answer.detail}",
+                "InvalidCredentials",
+            ))
+            self._finish(job, result)
+        else:
+            self._finish(job, result)
+
+    def _retry_or_fail(self, job: _Job, reason: str, status: int | None, detail: str | None, after: float | None) -> None:
+        delay = min(self.backoff_max, self.backoff_min * 2 ** (max(job.attempts, 1) - 1)) * self._random.uniform(0.5, 1.0)
+        if after is not None:
+            delay = max(delay, after)
+        when = self.clock() + delay
+        if job.attempts >= self.max_attempts or when > job.deadline:
+            self._finish(job, DeliveryResult(status="failed", reason=reason, status_code=status, attempts=job.attempts, detail=detail))
+            return
+        self._count("retries")
+        heapq.heappush(self._retries, (when, next(self._order), job))
+        self._retry_added.set()
+
+    async def _retrier(self) -> None:
+        while True:
+            if not self._retries:
+                self._retry_added = trio.Event()
+                await self._retry_added.wait()
+                continue
+            when = self._retries[0][0]
+            delay = when - self.clock()
+            if delay > 0:
+                self._retry_added = trio.Event()
+                with trio.move_on_after(delay):
+                    await self._retry_added.wait()
+                continue
+            _, _, job = heapq.heappop(self._retries)
+            self._queue.append(job)
+            self._queued.set()
+
+    def _finish(self, job: _Job, result: DeliveryResult) -> None:
+        self._count(result.status if result.status != "failed" else f"failed:{result.reason}")
+        batch = job.batch
+        batch.results[job.index] = result
+        batch.remaining -= 1
+        if not batch.remaining:
+            batch.done.set()
+        self.held -= 1
+        self._room.set()
+        if self.retiring:
+            self._check_retired()
+
+    def _count(self, what: str) -> None:
+        self.counts[what] = self.counts.get(what, 0) + 1
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "project": self.project,
+            "pool": self.pool.statistics().as_dict(),
+            "queued": len(self._queue),
+            "retrying": len(self._retries),
+            "refused": None if self.refused is None else self.refused.reason,
+            "paused_s": max(0.0, self.paused_until - self.clock()),
+            "token_renewals": self.token.renewals,
+            "outcomes": dict(self.counts),
+        }
+
