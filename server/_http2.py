@@ -28,6 +28,7 @@ Failures reported to the callback:
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -214,10 +215,11 @@ _CONFIG = h2.config.H2Configuration(
 
 
 class _Stream:
-    __slots__ = ("callback", "status", "headers", "body")
+    __slots__ = ("callback", "status", "headers", "body", "started")
 
-    def __init__(self, callback: Callback) -> None:
+    def __init__(self, callback: Callback, started: float) -> None:
         self.callback = callback
+        self.started = started
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
@@ -246,6 +248,8 @@ class _Connection:
         self._pong = trio.Event()
         self.last_activity = trio.current_time()
         self.opened_streams = 0
+        #: Whether the server has answered a request on it (it accepts us).
+        self.answered = False
         self._tasks: trio.Nursery
         self._error: BaseException | None = None
 
@@ -260,16 +264,20 @@ class _Connection:
 
     def submit(self, headers: list[tuple[bytes, bytes]], body: bytes, callback: Callback) -> None:
         h2c = self.h2
+        now = trio.current_time()
         stream_id = h2c.get_next_available_stream_id()
+        if stream_id >= _LAST_STREAM_ID:
+            # Out of stream ids after this one (2**30 requests): a new connection takes over.
+            self.draining = True
         h2c.send_headers(stream_id, headers, end_stream=not body)
-        self.streams[stream_id] = _Stream(callback)
+        self.streams[stream_id] = _Stream(callback, now)
         if body:
             if self.blocked or h2c.local_flow_control_window(stream_id) < len(body):
                 self.blocked.append((stream_id, body))
             else:
                 h2c.send_data(stream_id, body, end_stream=True)
         self.opened_streams += 1
-        self.last_activity = trio.current_time()
+        self.last_activity = now
         self._queued.set()
 
     def _send_blocked(self) -> None:
@@ -296,6 +304,7 @@ class _Connection:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         pool = self.pool
+        started = False
         try:
             with self.scope:
                 with trio.fail_after(pool.connect_timeout):
@@ -318,17 +327,19 @@ class _Connection:
                         self._receive(data)
                         await self._write_now()
                 task_status.started()
+                started = True
                 async with trio.open_nursery() as nursery:
                     self._tasks = nursery
                     nursery.start_soon(self._guard, self._writer)
                     nursery.start_soon(self._guard, self._keepalive)
+                    nursery.start_soon(self._guard, self._expire)
                     await self._guard(self._reader)
                     nursery.cancel_scope.cancel()
                 if self._error is not None:
                     raise self._error
         except _CONNECTION_ERRORS as exc:
-            if not self.ready:
-                pool.connect_failures += 1
+            if not started:
+                pool._connect_failed()
                 pool.last_connect_error = _describe(exc)
                 log.warning("cannot connect to %s: %s", pool.origin, pool.last_connect_error)
                 raise ConnectionLost(f"cannot connect to {pool.origin}: {pool.last_connect_error}") from exc
@@ -350,6 +361,7 @@ class _Connection:
         except _CONNECTION_ERRORS as exc:
             if self._error is None:
                 self._error = exc
+            self.closed = True  # no submission from now on (h2 may already be CLOSED)
             self._tasks.cancel_scope.cancel()
 
     async def _write_now(self) -> None:
@@ -407,6 +419,27 @@ class _Connection:
             if waited.cancelled_caught:
                 raise ConnectionLost(f"no PING answer within {pool.ping_timeout:g}s")
 
+    async def _expire(self) -> None:
+        """Fail the streams the server has not answered within ``request_timeout``."""
+        pool = self.pool
+        timeout = pool.request_timeout
+        while True:
+            await trio.sleep(min(1.0, timeout / 4))
+            limit = trio.current_time() - timeout
+            late = [sid for sid, stream in self.streams.items() if stream.started < limit]
+            for stream_id in late:
+                stream = self.streams.pop(stream_id)
+                try:
+                    self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
+                except h2.exceptions.ProtocolError:
+                    pass  # already closed on h2's side
+                pool.timeouts += 1
+                self._done(stream_id, stream, ConnectionLost(f"no answer from {pool.origin} within {timeout:g}s"))
+            if late:
+                self._queued.set()
+                if self.draining and not self.streams:
+                    self.scope.cancel()
+
     def _receive(self, data: bytes) -> None:
         streams = self.streams
         for event in self.h2.receive_data(data):
@@ -426,6 +459,9 @@ class _Connection:
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif kind is h2.events.StreamEnded:
                 stream = streams.pop(event.stream_id, None)
+                if self.blocked and any(sid == event.stream_id for sid, _ in self.blocked):
+                    # Answered before our body was all sent: end our side too.
+                    self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
                 if stream is not None:
                     self._done(event.stream_id, stream, H2Response(stream.status, stream.headers, b"".join(stream.body)))
             elif kind is h2.events.StreamReset:
@@ -440,6 +476,8 @@ class _Connection:
             elif kind is h2.events.RemoteSettingsChanged:
                 self.limit = min(self.h2.remote_settings.max_concurrent_streams, self.pool.streams_per_connection)
                 self.ready = True
+                if self.blocked:  # the initial window may have grown
+                    self._send_blocked()
                 self.pool._capacity_changed()
             elif kind is h2.events.ConnectionTerminated:
                 self._goaway(event)
@@ -447,10 +485,15 @@ class _Connection:
                 self._pong.set()
 
     def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
-        self.draining = True
-        self.pool.goaways += 1
         last = event.last_stream_id if event.last_stream_id is not None else 0
         reason = event.additional_data.decode("utf-8", "replace") if event.additional_data else ""
+        self.draining = True
+        self.pool.goaways += 1
+        if not self.answered:
+            # Sent away before answering anything (a refused certificate, a server shutting
+            # down): as bad as failing to connect, so the pool backs off before the next one.
+            self.pool._connect_failed()
+            self.pool.last_connect_error = f"GOAWAY before any answer {reason}".strip()
         log.info("GOAWAY from %s on connection %d (last stream %d) %s", self.pool.origin, self.number, last, reason)
         refused = [sid for sid in self.streams if sid > last]
         for stream_id in refused:
@@ -460,6 +503,9 @@ class _Connection:
     def _done(self, stream_id: int, stream: _Stream, outcome: Any) -> None:
         self.h2.forget(stream_id)
         self.pool.completed += 1
+        if type(outcome) is H2Response and not self.answered:
+            self.answered = True
+            self.pool._connect_succeeded()
         self.last_activity = trio.current_time()
         try:
             stream.callback(outcome)
@@ -475,6 +521,9 @@ class _Connection:
             self._done(stream_id, stream, error)
 
 
+#: The highest client stream id (odd, below 2**31).
+_LAST_STREAM_ID = 2**31 - 1
+
 _CONNECTION_ERRORS = (
     OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, h2.exceptions.ProtocolError,
     trio.TooSlowError, H2Failure,
@@ -487,7 +536,7 @@ def _describe(exc: BaseException) -> str:
 
 
 class PoolStatistics:
-    __slots__ = ("connections", "in_flight", "submitted", "completed", "goaways", "connect_failures")
+    __slots__ = ("connections", "in_flight", "submitted", "completed", "goaways", "connect_failures", "timeouts")
 
     def __init__(self, **values: int) -> None:
         for name, value in values.items():
@@ -511,6 +560,10 @@ class H2Pool:
         ping_interval, ping_timeout: PING an idle connection this often; close it if the
             answer takes longer.
         connect_timeout: TCP + TLS + SETTINGS.
+        request_timeout: a request the server has not answered after this long fails with
+            `ConnectionLost` (and its stream is reset).
+        reconnect_min, reconnect_max: after a failed connection (or one sent away before it
+            answered anything), wait this long before opening another one, doubling.
         stateless_hpack: encode headers without HPACK's dynamic table, caching each field's
             encoding (much less CPU for requests that repeat their fields, a few more bytes).
     """
@@ -528,6 +581,9 @@ class H2Pool:
         ping_interval: float = 60.0,
         ping_timeout: float = 10.0,
         connect_timeout: float = 10.0,
+        request_timeout: float = 30.0,
+        reconnect_min: float = 0.1,
+        reconnect_max: float = 30.0,
         stateless_hpack: bool = False,
     ) -> None:
         self.host = host
@@ -542,7 +598,13 @@ class H2Pool:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
         self.stateless_hpack = stateless_hpack
+        #: Consecutive failed connections, and no new one before this (trio time).
+        self.failed_in_a_row = 0
+        self.reconnect_at = 0.0
         self._connections: list[_Connection] = []
         self._connecting = 0
         self._numbers = 0
@@ -552,6 +614,7 @@ class H2Pool:
         self.completed = 0
         self.goaways = 0
         self.connect_failures = 0
+        self.timeouts = 0
         self.last_connect_error: str | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[H2Pool] = trio.TASK_STATUS_IGNORED) -> None:
@@ -585,7 +648,14 @@ class H2Pool:
                 best, free = connection, n
         if best is None:
             return False
-        best.submit(headers, body, callback)
+        try:
+            best.submit(headers, body, callback)
+        except h2.exceptions.ProtocolError as exc:
+            # h2 closed the connection under us (its reader has not noticed yet).
+            log.info("connection %d to %s cannot take requests: %r", best.number, self.origin, exc)
+            best.closed = True
+            best.kick()
+            return False
         self.submitted += 1
         return True
 
@@ -593,12 +663,17 @@ class H2Pool:
         """Wait until a request may be submitted, opening a connection if the pool may."""
         if any(c.free() > 0 for c in self._connections):
             return
-        if len(self._connections) + self._connecting < self.max_connections and not self._connecting:
-            await self._open()
-            return
         event = self._capacity
         if event.is_set():
             event = self._capacity = trio.Event()
+        if len(self._connections) + self._connecting < self.max_connections and not self._connecting:
+            if trio.current_time() < self.reconnect_at and not any(c.streams for c in self._connections):
+                # Connections keep failing and none is working: the caller's requests wait
+                # (their retries back off) rather than this pool hammering the server.
+                raise ConnectionLost(f"{self.origin}: backing off after {self.failed_in_a_row} failed connection(s)"
+                                     f" ({self.last_connect_error})")
+            await self._open()
+            return
         await event.wait()
 
     async def _open(self) -> None:
@@ -613,6 +688,16 @@ class H2Pool:
         if not connection.closed:
             self._connections.append(connection)
         self._capacity_changed()
+
+    def _connect_failed(self) -> None:
+        self.connect_failures += 1
+        self.failed_in_a_row += 1
+        backoff = min(self.reconnect_max, self.reconnect_min * 2 ** (self.failed_in_a_row - 1))
+        self.reconnect_at = trio.current_time() + backoff * random.uniform(0.5, 1.0)
+
+    def _connect_succeeded(self) -> None:
+        self.failed_in_a_row = 0
+        self.reconnect_at = 0.0
 
     def _forget(self, connection: _Connection) -> None:
         if connection in self._connections:
@@ -639,6 +724,7 @@ class H2Pool:
             completed=self.completed,
             goaways=self.goaways,
             connect_failures=self.connect_failures,
+            timeouts=self.timeouts,
         )
 
     def flush(self) -> None:

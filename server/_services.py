@@ -238,7 +238,7 @@ def build_router(server: Server) -> Router:
     def require_app(app: str) -> AppRecord:
         record = store.get_app(app)
         if record is None:
-            raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios ...)", field="$.app")
+            raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios or register-android ...)", field="$.app")
         return record
 
     async def register_ios(ctx: CallContext, req: api.RegisterIosApp) -> api.AppInfo:
@@ -247,7 +247,7 @@ def build_router(server: Server) -> Router:
         record = AppRecord(app=req.app, ios=ios) if existing is None else msgspec.structs.replace(existing, ios=ios)
         stored = await store.write(store_ops.put_app, record)
         for channel in server.channels:
-            channel.forget_app(req.app)
+            channel.forget_app(req.app, stored.version)
         log.info("app %s: iOS credentials registered (%s auth, %s)", req.app, ios.auth, ios.environment)
         return stored.info()
 
@@ -261,7 +261,7 @@ def build_router(server: Server) -> Router:
         )
         stored = await store.write(store_ops.put_app, record)
         for channel in server.channels:
-            channel.forget_app(req.app)
+            channel.forget_app(req.app, stored.version)
         log.info("app %s: Android credentials registered (project %s)", req.app, android.project_id)
         return stored.info()
 
@@ -274,7 +274,7 @@ def build_router(server: Server) -> Router:
     async def delete_app(ctx: CallContext, req: api.DeleteApp) -> api.AppDeleted:
         await store.write(store_ops.delete_app, req.app)
         for channel in server.channels:
-            channel.forget_app(req.app)
+            channel.forget_app(req.app, None)
         return api.AppDeleted(app=req.app)
 
     router.add(api.RegisterIosApp, register_ios)

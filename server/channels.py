@@ -19,7 +19,7 @@ from protocols import api
 
 from ._errors import ServerError
 
-__all__ = ["CredentialsError", "IosRecord", "AndroidRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel"]
+__all__ = ["AppVersions", "CredentialsError", "IosRecord", "AndroidRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel"]
 
 
 class IosRecord(msgspec.Struct, kw_only=True):
@@ -139,6 +139,31 @@ class CredentialsError(ServerError):
         self.reason = reason
 
 
+class AppVersions:
+    """Which app records a channel may still use: jobs read before `Channel.forget_app` (from
+    a mailbox, say) carry older credentials, which must not bring back what was retired.
+
+    App versions are store-wide and never reused, so "older than the version registered
+    last" is exact, and a deleted app's records are all older than a later registration.
+    """
+
+    def __init__(self) -> None:
+        self._oldest: dict[str, float] = {}
+
+    def forget(self, app: str, version: int | None) -> None:
+        self._oldest[app] = float("inf") if version is None else version
+
+    def stale(self, record: AppRecord) -> bool:
+        return record.version < self._oldest.get(record.app, 0)
+
+    @staticmethod
+    def result(record: AppRecord) -> DeliveryResult:
+        return DeliveryResult(
+            status="failed", reason="CredentialsReplaced", attempts=0,
+            detail=f"the credentials of {record.app} were replaced or deleted while this notification waited",
+        )
+
+
 class Channel:
     """Base class of delivery channels.
 
@@ -162,9 +187,11 @@ class Channel:
         """
         raise NotImplementedError
 
-    def forget_app(self, app: str) -> None:
-        """The app's credentials changed or it was deleted: retire what was built from them
-        (connection pools), once what was already handed over is settled."""
+    def forget_app(self, app: str, version: int | None = None) -> None:
+        """The app's credentials changed (its record is now ``version``) or it was deleted
+        (``None``): retire what was built from older versions (connection pools), once what
+        was already handed over is settled, and refuse jobs that still carry an older
+        version (`AppVersions`)."""
 
     def statistics(self) -> dict[str, Any]:
         return {}

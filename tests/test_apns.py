@@ -508,13 +508,31 @@ async def test_credentials_are_checked_again_before_a_pool_opens(tmp_path, apns_
     assert (await call_admin(mock, "stats"))["connections_opened"] == 0
 
 
-async def test_too_many_provider_token_updates_stops_sending_for_20_minutes(mock):
+async def test_a_renewed_provider_token_goes_out_on_new_connections(mock):
+    # The mock, like APNs, refuses a second token on a connection younger than 20 minutes
+    # (TooManyProviderTokenUpdates): a connection keeps the token it started with.
     offset = [0.0]
-    await call_admin(mock, "set_faults", accept_any_token=True)  # APNs allows one new token per 20 minutes
+    await call_admin(mock, "set_faults", accept_any_token=True)
     async with running_sender(mock, clock=lambda: time.time() + offset[0]) as sender:
         assert (await sender.send(requests_for([new_token()])))[0].status == "sent"
-        offset[0] = 51 * 60  # our clock says renew; the mock's says the token is brand new
+        offset[0] = 51 * 60  # our clock says renew; the mock's says the connection is brand new
+        [sent] = await sender.send(requests_for([new_token()]))
+        assert (sent.status, sent.attempts) == ("sent", 1)
+        assert sender.token.renewals == 2
+    stats = await call_admin(mock, "stats")
+    assert stats["connections_opened"] == 2
+
+
+async def test_too_many_provider_token_updates_twice_stops_sending_for_20_minutes(mock, monkeypatch):
+    offset = [0.0]
+    await call_admin(mock, "set_faults", accept_any_token=True)
+    async with running_sender(mock, clock=lambda: time.time() + offset[0]) as sender:
+        assert (await sender.send(requests_for([new_token()])))[0].status == "sent"
+        # Keep the connection (as a buggy sender would): the renewed token meets the old connection.
+        monkeypatch.setattr(sender.pool, "drop_connections", lambda: None)
+        offset[0] = 51 * 60
         [refused] = await sender.send(requests_for([new_token()]))
+        # Tried once more (in vain, on the same connection), then refused.
         assert (refused.status, refused.reason, refused.status_code) == ("failed", "TooManyProviderTokenUpdates", 429)
         requests = (await call_admin(mock, "stats"))["requests"]
         [again] = await sender.send(requests_for([new_token()]))

@@ -102,7 +102,8 @@ def test_content_with_only_data_is_a_data_message() -> None:
         (PushContent(title="x", data={"GCM_x": "1"}), FcmOptions(), "INVALID_ARGUMENT", "$.content.data.GCM_x"),
         (PushContent(title="x", data={"message_type": "1"}), FcmOptions(), "INVALID_ARGUMENT", "$.content.data.message_type"),
         (PushContent(title="x", deeplink="myapp://x", data={"adb_uri": "y"}), FcmOptions(), "INVALID_ARGUMENT", "$.content.data.adb_uri"),
-        (PushContent(title="x", data={"_p": "y"}), FcmOptions(), "INVALID_ARGUMENT", "$.content.data._p"),
+        (PushContent(sound="chime", badge=1), FcmOptions(channel_id="c"),
+         "PayloadEmpty", "$.content"),
         (PushContent(title="x", data={"adb_title": "y"}), FcmOptions(data_only=True), "INVALID_ARGUMENT", "$.content.data.adb_title"),
         (PushContent(title="x", deeplink="not a url"), FcmOptions(), "INVALID_ARGUMENT", "$.content.deeplink"),
         (PushContent(live_activity=LiveActivity(event="end")), FcmOptions(), "INVALID_ARGUMENT", "$.content.live_activity"),
@@ -114,6 +115,23 @@ def test_what_fcm_would_refuse_is_refused_before_sending(content, options, reaso
         build_message(content=content, options=options)
     assert (caught.value.reason, caught.value.field) == (reason, field)
     assert str(caught.value).startswith(field)
+
+
+def test_pigeons_own_keys_are_refused_only_when_pigeon_fills_them() -> None:
+    assert build_message(content=PushContent(title="x", data={"_p": "mine", "adb_uri": "u"}))["data"] == {"_p": "mine", "adb_uri": "u"}
+    with pytest.raises(PayloadError) as caught:
+        build_message(content=PushContent(title="x", data={"_p": "mine"}), tracking={"m": 1})
+    assert caught.value.field == "$.content.data._p"
+    with pytest.raises(PayloadError) as caught:
+        build_message(raw={"data": {"_p": "mine"}}, tracking={"m": 1})
+    assert caught.value.field == "$.fcm_raw.data._p"
+
+
+def test_strings_json_holds_go_without_quotes() -> None:
+    from datetime import UTC, datetime
+
+    data = build_message(content=PushContent(title="x", data={"b": b"ab", "t": datetime(2025, 1, 2, tzinfo=UTC), "n": None}))["data"]
+    assert data == {"b": "YWI=", "t": "2025-01-02T00:00:00Z", "n": "null"}
 
 
 def test_the_size_limit_counts_the_json_of_the_message() -> None:

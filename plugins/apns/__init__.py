@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import trio
 
 from protocols import api
-from server.channels import AppRecord, Channel, DeliveryJob, DeliveryResult, IosRecord
+from server.channels import AppRecord, AppVersions, Channel, DeliveryJob, DeliveryResult, IosRecord
 from server.hookspecs import hookimpl
 
 from ._credentials import CredentialsError, check_ios, recheck_ios
@@ -44,6 +44,7 @@ class ApnsChannel(Channel):
         self.settings = settings
         self._senders: dict[tuple[str, int, str], ApnsSender] = {}
         self._starting: dict[tuple[str, int, str], trio.Event] = {}
+        self._versions = AppVersions()
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -62,6 +63,9 @@ class ApnsChannel(Channel):
         apps: dict[tuple[str, int, str], AppRecord] = {}
         for index, job in enumerate(jobs):
             ios = job.app.ios
+            if self._versions.stale(job.app):
+                results[index] = self._versions.result(job.app)
+                continue
             if ios is None:
                 results[index] = DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
                                                 detail=f"app {job.app.app} has no iOS credentials")
@@ -129,7 +133,7 @@ class ApnsChannel(Channel):
                 max_queue=settings.max_queue,
             )
             # Credentials of an earlier version of this app are retired.
-            for old in [k for k in self._senders if k[0] == key[0] and k[2] == key[2] and k[1] != key[1]]:
+            for old in [k for k in self._senders if k[0] == key[0] and k[2] == key[2] and k[1] < key[1]]:
                 self._senders.pop(old).retire()
             assert self._nursery is not None
             await self._nursery.start(self._run_sender, key, sender)
@@ -148,8 +152,9 @@ class ApnsChannel(Channel):
             if self._senders.get(key) is sender:
                 del self._senders[key]
 
-    def forget_app(self, app: str) -> None:
-        for key in [k for k in self._senders if k[0] == app]:
+    def forget_app(self, app: str, version: int | None = None) -> None:
+        self._versions.forget(app, version)
+        for key in [k for k in self._senders if k[0] == app and (version is None or k[1] < version)]:
             self._senders.pop(key).retire()
 
     def statistics(self) -> dict[str, Any]:

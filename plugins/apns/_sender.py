@@ -7,12 +7,21 @@ starts them on the pool's free streams; the pool's callbacks classify each answe
 - 200: sent (``apns-id``, and ``apns-unique-id`` in the sandbox);
 - 410 Unregistered/ExpiredToken, BadDeviceToken, DeviceTokenNotForTopic: the token is dead;
 - ExpiredProviderToken: the token is renewed and the notification retried once;
-- InvalidProviderToken, TooManyProviderTokenUpdates and the certificate errors: the app's
-  credentials are refused: its queued and later notifications fail at once with that reason,
-  without asking APNs again, until the app is registered again (or, for
+- TooManyProviderTokenUpdates: retried once on new connections (each connection keeps the
+  token it started with: a renewed token drains the older connections);
+- InvalidProviderToken, TooManyProviderTokenUpdates again, and the certificate errors: the
+  app's credentials are refused: its queued and later notifications fail at once with that
+  reason, without asking APNs again, until the app is registered again (or, for
   TooManyProviderTokenUpdates, 20 minutes have passed);
-- 429, 5xx, IdleTimeout, a refused stream (GOAWAY) or a lost connection: retried with
-  jittered exponential backoff while the notification has not expired;
+- a refused stream (GOAWAY, REFUSED_STREAM): sent again at once, up to 3 times, then like a
+  failure;
+- 429, 5xx, IdleTimeout, a lost connection or no answer within the pool's request timeout:
+  retried with jittered exponential backoff while the notification has not expired;
+
+A notification lost with its connection may have reached APNs: it is retried anyway (a
+possible duplicate rather than a certain loss); give it an ``apns-collapse-id`` to make a
+duplicate replace the first. When the sender stops (retired, or failed), whatever it still
+holds fails with ``SenderStopped``.
 - any other 4xx: failed, with Apple's reason.
 """
 
@@ -71,8 +80,13 @@ class _Batch:
         self.done = trio.Event()
 
 
+#: Times a notification is sent again at once after a refused stream, before refusals count
+#: as attempts (with backoff).
+FREE_REFUSALS = 3
+
+
 class _Job:
-    __slots__ = ("request", "token", "batch", "index", "attempts", "deadline", "expired_token_retried")
+    __slots__ = ("request", "token", "batch", "index", "attempts", "deadline", "expired_token_retried", "refusals")
 
     def __init__(self, request: ApnsRequest, token: str, deadline: float, batch: _Batch, index: int) -> None:
         self.request = request
@@ -82,6 +96,7 @@ class _Job:
         self.attempts = 0
         self.deadline = deadline
         self.expired_token_retried = False
+        self.refusals = 0
 
 
 class ApnsSender:
@@ -153,18 +168,36 @@ class ApnsSender:
         self._certificate_expires = expires.timestamp() if expires is not None else None
         self.counts: dict[str, int] = {}
         self.retiring = False
+        self.stopped = False
+        #: `send` calls still handing notifications over (a retiring sender waits for them).
+        self._sending = 0
         self._retired = trio.Event()
 
     # -- running --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.pool.run)
-            nursery.start_soon(self._dispatcher)
-            nursery.start_soon(self._retrier)
-            task_status.started()
-            await self._retired.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.pool.run)
+                nursery.start_soon(self._dispatcher)
+                nursery.start_soon(self._retrier)
+                task_status.started()
+                await self._retired.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        """The sender ended (retired, failed or cancelled): settle everything it still holds,
+        and every later `send`, so that no caller waits forever."""
+        self.stopped = True
+        held = list(self._queue) + [job for _, _, job in self._retries]
+        self._queue.clear()
+        self._retries.clear()
+        for job in held:
+            self._finish(job, DeliveryResult(status="failed", reason="SenderStopped", attempts=job.attempts,
+                                             detail=f"the APNs sender of {self.app.app} stopped"))
+        self._room.set()
 
     def retire(self) -> None:
         """Finish what was handed over, then stop (the app's credentials changed)."""
@@ -173,7 +206,7 @@ class ApnsSender:
         self._check_retired()
 
     def _check_retired(self) -> None:
-        if self.retiring and self.held == 0:
+        if self.retiring and self.held == 0 and self._sending == 0:
             self._retired.set()
 
     async def send(self, jobs: list[tuple[ApnsRequest, str]]) -> list[DeliveryResult]:
@@ -181,22 +214,32 @@ class ApnsSender:
         now = self.clock()
         batch = _Batch(len(jobs))
         results = batch.results
-        for index, (request, token) in enumerate(jobs):
-            refused = self._refusal(now)
-            if refused is not None:
-                results[index] = refused
-                batch.remaining -= 1
-                continue
-            while self.held >= self.max_queue:  # backpressure: wait for answers
-                if self._room.is_set():
-                    self._room = trio.Event()
-                await self._room.wait()
-            self.held += 1
-            deadline = now + self.retry_window
-            if request.expiration is not None:
-                deadline = min(deadline, float(request.expiration)) if request.expiration else now
-            self._queue.append(_Job(request, token, deadline, batch, index))
-            self._queued.set()
+        self._sending += 1
+        try:
+            for index, (request, token) in enumerate(jobs):
+                refused = self._refusal(now)
+                if refused is not None:
+                    results[index] = refused
+                    batch.remaining -= 1
+                    continue
+                while self.held >= self.max_queue and not self.stopped:  # backpressure: wait for answers
+                    if self._room.is_set():
+                        self._room = trio.Event()
+                    await self._room.wait()
+                self.held += 1
+                deadline = now + self.retry_window
+                if request.expiration is not None:
+                    deadline = min(deadline, float(request.expiration)) if request.expiration else now
+                job = _Job(request, token, deadline, batch, index)
+                if self.stopped:
+                    self._finish(job, DeliveryResult(status="failed", reason="SenderStopped", attempts=0,
+                                                     detail=f"the APNs sender of {self.app.app} stopped"))
+                    continue
+                self._queue.append(job)
+                self._queued.set()
+        finally:
+            self._sending -= 1
+            self._check_retired()
         if batch.remaining:
             await batch.done.wait()
         return results  # type: ignore[return-value]
@@ -256,8 +299,14 @@ class ApnsSender:
             (b":path", b"/3/device/" + job.token.encode()),
             (b":authority", self._authority),
         ]
-        if self.token is not None:
-            headers.append(NeverIndexedHeaderTuple(b"authorization", self.token.header()))
+        token = self.token
+        if token is not None:
+            renewals = token.renewals
+            headers.append(NeverIndexedHeaderTuple(b"authorization", token.header()))
+            if renewals and token.renewals != renewals:
+                # A connection keeps one provider token for its life: APNs may refuse a
+                # change on a connection younger than 20 minutes (TooManyProviderTokenUpdates).
+                self.pool.drop_connections()
         headers.extend(job.request.headers)
         return headers
 
@@ -265,11 +314,15 @@ class ApnsSender:
 
     def _answer(self, job: _Job, outcome: H2Response | H2Failure) -> None:
         if isinstance(outcome, StreamRefused):
-            # Not processed by APNs (a GOAWAY): again at once, without counting an attempt.
-            job.attempts -= 1
             self._count("refused_stream")
-            self._queue.appendleft(job)
-            self._queued.set()
+            job.refusals += 1
+            if job.refusals <= FREE_REFUSALS:
+                # Not processed by APNs (a GOAWAY): again at once, without counting an attempt.
+                job.attempts -= 1
+                self._queue.appendleft(job)
+                self._queued.set()
+            else:  # refused again and again: back off like any failure
+                self._retry_or_fail(job, "StreamRefused", None, str(outcome))
             return
         if isinstance(outcome, H2Failure):
             self._count("connection_lost")
@@ -307,6 +360,13 @@ class ApnsSender:
             if self.token.renew_now():
                 log.info("%s: APNs says the provider token expired; renewed it", self.app.app)
             self.pool.drop_connections()  # APNs keeps refusing on that connection
+            job.attempts -= 1
+            self._queue.appendleft(job)
+            self._queued.set()
+        elif reason == "TooManyProviderTokenUpdates" and not job.expired_token_retried:
+            # Only this connection saw two tokens: new connections, and this one once more.
+            job.expired_token_retried = True
+            self.pool.drop_connections()
             job.attempts -= 1
             self._queue.appendleft(job)
             self._queued.set()

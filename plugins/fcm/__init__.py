@@ -20,7 +20,7 @@ import httpx
 import trio
 
 from protocols import api
-from server.channels import AndroidRecord, Channel, CredentialsError, DeliveryJob, DeliveryResult
+from server.channels import AndroidRecord, AppVersions, Channel, CredentialsError, DeliveryJob, DeliveryResult
 from server.hookspecs import hookimpl
 
 from ._credentials import check_android, recheck_android, ssl_context
@@ -61,6 +61,7 @@ class FcmChannel(Channel):
         #: The apps using each sender (a sender retires when none does).
         self._users: dict[SenderKey, set[str]] = {}
         self._starting: dict[SenderKey, trio.Event] = {}
+        self._versions = AppVersions()
         self._nursery: trio.Nursery | None = None
         self._http: httpx.AsyncClient | None = None
 
@@ -81,6 +82,9 @@ class FcmChannel(Channel):
         groups: dict[SenderKey, tuple[AndroidRecord, list[int], list[bytes], list[int | None]]] = {}
         for index, job in enumerate(jobs):
             android = job.app.android
+            if self._versions.stale(job.app):
+                results[index] = self._versions.result(job.app)
+                continue
             if android is None:
                 results[index] = DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
                                                 detail=f"app {job.app.app} has no Android credentials")
@@ -164,7 +168,8 @@ class FcmChannel(Channel):
             if self._senders.get(key) is sender:
                 del self._senders[key]
 
-    def forget_app(self, app: str) -> None:
+    def forget_app(self, app: str, version: int | None = None) -> None:
+        self._versions.forget(app, version)
         for key, users in list(self._users.items()):
             users.discard(app)
             if not users:

@@ -64,7 +64,7 @@ def _load_key(text: str, name: str = "private_key") -> rsa.RSAPrivateKey:
     except (ValueError, TypeError, UnicodeEncodeError):
         raise _bad(name, "not a PEM private key (-----BEGIN PRIVATE KEY-----), or encrypted") from None
     if not isinstance(key, rsa.RSAPrivateKey):
-        raise _bad(name, f"an RSA key is needed for RS256, this is a {type(key).__name__.lstrip('_')}")
+        raise _bad(name, "an RSA key is needed for RS256 (Google issues RSA 2048-bit keys); this key is not RSA")
     if key.key_size < 2048:
         raise _bad(name, f"the RSA key has {key.key_size} bits; Google issues 2048")
     return key
@@ -142,9 +142,9 @@ class AccessToken:
         clock: seconds since the epoch.
     """
 
-    #: Renew when less than this is left (google-auth renews 3 min 45 s early).
+    #: Renew when less than this (or half its life) is left; google-auth renews 3 min 45 s early.
     RENEW_BEFORE = 300.0
-    #: Stop using it when less than this is left.
+    #: Stop using it when less than this (or a tenth of its life) is left.
     USABLE_UNTIL = 30.0
     #: The assertion's lifetime (Google allows at most one hour).
     ASSERTION_LIFETIME = 3600
@@ -169,10 +169,13 @@ class AccessToken:
         self.renewals = 0
 
     def usable(self, now: float) -> bool:
-        return bool(self.header) and now < self.expires - self.USABLE_UNTIL
+        """Whether sends may carry it (not within 30 s, or a tenth of its life, of expiring)."""
+        margin = min(self.USABLE_UNTIL, (self.expires - self.issued) / 10)
+        return bool(self.header) and now < self.expires - margin
 
     def due(self, now: float) -> bool:
-        return now >= self.expires - self.RENEW_BEFORE
+        """Whether to renew it now (5 minutes, or half its life, before it expires)."""
+        return now >= self.expires - min(self.RENEW_BEFORE, (self.expires - self.issued) / 2)
 
     def invalidate(self, header: bytes) -> None:
         """FCM refused ``header`` (401): the next send renews it, if it is still the current one."""

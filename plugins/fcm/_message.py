@@ -71,7 +71,11 @@ class PayloadError(Exception):
 
 
 def _string(value: Any) -> str:
-    return value if isinstance(value, str) else _encoder.encode(value).decode()
+    if isinstance(value, str):
+        return value
+    encoded = _encoder.encode(value)
+    # What JSON holds as a string (bytes as base64, a datetime in RFC 3339) goes without quotes.
+    return msgspec.json.decode(encoded) if encoded[:1] == b'"' else encoded.decode()
 
 
 def _data(data: dict[str, Any], field: str, filled: set[str]) -> dict[str, str]:
@@ -113,10 +117,14 @@ def _android(options: FcmOptions, default_priority: str) -> dict[str, Any]:
     return android
 
 
-def _from_content(content: PushContent, options: FcmOptions) -> dict[str, Any]:
+def _from_content(content: PushContent, options: FcmOptions, tracking: bool) -> dict[str, Any]:
     if content.live_activity is not None:
         raise PayloadError("INVALID_ARGUMENT", "$.content.live_activity", "Live Activities are iOS only")
-    filled = {LINK_KEY, LINK_TYPE_KEY, TRACKING_KEY}
+    filled = set()
+    if content.deeplink is not None:
+        filled |= {LINK_KEY, LINK_TYPE_KEY}
+    if tracking:
+        filled.add(TRACKING_KEY)
     if options.data_only:
         filled |= {"adb_title", "adb_body", "adb_image", "adb_sound", "adb_n_count", "adb_n_priority",
                    "adb_n_visibility", "adb_channel_id", "adb_icon", "adb_tag", "adb_clr_icon"}
@@ -167,7 +175,8 @@ def _from_content(content: PushContent, options: FcmOptions) -> dict[str, Any]:
         )
         if value is not None
     }
-    if not notification and not android_notification:
+    if not notification and not content.title_loc_key and not content.loc_key:
+        # Nothing to show (a sound, a badge or a channel alone do not make a notification).
         if not data:
             raise PayloadError("PayloadEmpty", "$.content", "nothing to send (no title, body, sound, badge or data)")
         # Only data (a silent update): a data message, delivered at normal priority.
@@ -219,11 +228,13 @@ def build_message(
         message = _from_raw(raw)
     else:
         assert content is not None
-        message = _from_content(content, options or FcmOptions())
+        message = _from_content(content, options or FcmOptions(), tracking is not None)
     if tracking is not None:
         data = message.get("data")
         if data is not None and not isinstance(data, dict):
             raise PayloadError("INVALID_ARGUMENT", "$.fcm_raw.data", f"expected a JSON object, got {type(data).__name__}")
+        if data and TRACKING_KEY in data:
+            raise PayloadError("INVALID_ARGUMENT", f"$.fcm_raw.data.{TRACKING_KEY}", "Pigeon fills this data key itself")
         message["data"] = {**(data or {}), TRACKING_KEY: _string(tracking)}
     size = len(_encoder.encode(message))
     if size > MESSAGE_LIMIT:

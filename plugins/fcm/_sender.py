@@ -149,8 +149,13 @@ class _Batch:
         self.done = trio.Event()
 
 
+#: Times a message is sent again at once after a refused stream, before refusals count as
+#: attempts (with backoff).
+FREE_REFUSALS = 3
+
+
 class _Job:
-    __slots__ = ("body", "batch", "index", "attempts", "deadline", "renewed", "header")
+    __slots__ = ("body", "batch", "index", "attempts", "deadline", "renewed", "header", "refusals")
 
     def __init__(self, body: bytes, deadline: float, batch: _Batch, index: int) -> None:
         self.body = body
@@ -161,6 +166,7 @@ class _Job:
         self.renewed = False
         #: The authorization it was last sent with.
         self.header = b""
+        self.refusals = 0
 
 
 class FcmSender:
@@ -253,20 +259,38 @@ class FcmSender:
         self._nursery: trio.Nursery | None = None
         self.counts: dict[str, int] = {}
         self.retiring = False
+        self.stopped = False
+        #: `send` calls still handing messages over (a retiring sender waits for them).
+        self._sending = 0
         self._retired = trio.Event()
 
     # -- running --------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._bucket_at = trio.current_time()
-            await nursery.start(self.pool.run)
-            nursery.start_soon(self._dispatcher)
-            nursery.start_soon(self._retrier)
-            task_status.started()
-            await self._retired.wait()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._bucket_at = trio.current_time()
+                await nursery.start(self.pool.run)
+                nursery.start_soon(self._dispatcher)
+                nursery.start_soon(self._retrier)
+                task_status.started()
+                await self._retired.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        """The sender ended (retired, failed or cancelled): settle everything it still holds,
+        and every later `send`, so that no caller waits forever."""
+        self.stopped = True
+        held = list(self._queue) + [job for _, _, job in self._retries]
+        self._queue.clear()
+        self._retries.clear()
+        for job in held:
+            self._finish(job, DeliveryResult(status="failed", reason="SenderStopped", attempts=job.attempts,
+                                             detail=f"the FCM sender of {self.project} stopped"))
+        self._room.set()
 
     def retire(self) -> None:
         """Finish what was handed over, then stop (no app uses these credentials any more)."""
@@ -275,7 +299,7 @@ class FcmSender:
         self._check_retired()
 
     def _check_retired(self) -> None:
-        if self.retiring and self.held == 0:
+        if self.retiring and self.held == 0 and self._sending == 0:
             self._retired.set()
 
     async def send(self, bodies: list[bytes], ttls: list[int | None] | None = None) -> list[DeliveryResult]:
@@ -288,23 +312,33 @@ class FcmSender:
         now = self.clock()
         batch = _Batch(len(bodies))
         results = batch.results
-        for index, body in enumerate(bodies):
-            refused = self._refusal(now)
-            if refused is not None:
-                results[index] = refused
-                batch.remaining -= 1
-                continue
-            while self.held >= self.max_queue:  # backpressure: wait for answers
-                if self._room.is_set():
-                    self._room = trio.Event()
-                await self._room.wait()
-            self.held += 1
-            deadline = now + self.retry_window
-            ttl = ttls[index] if ttls is not None else None
-            if ttl is not None:
-                deadline = min(deadline, now + ttl)
-            self._queue.append(_Job(body, deadline, batch, index))
-            self._queued.set()
+        self._sending += 1
+        try:
+            for index, body in enumerate(bodies):
+                refused = self._refusal(now)
+                if refused is not None:
+                    results[index] = refused
+                    batch.remaining -= 1
+                    continue
+                while self.held >= self.max_queue and not self.stopped:  # backpressure: wait for answers
+                    if self._room.is_set():
+                        self._room = trio.Event()
+                    await self._room.wait()
+                self.held += 1
+                deadline = now + self.retry_window
+                ttl = ttls[index] if ttls is not None else None
+                if ttl is not None:
+                    deadline = min(deadline, now + ttl)
+                job = _Job(body, deadline, batch, index)
+                if self.stopped:
+                    self._finish(job, DeliveryResult(status="failed", reason="SenderStopped", attempts=0,
+                                                     detail=f"the FCM sender of {self.project} stopped"))
+                    continue
+                self._queue.append(job)
+                self._queued.set()
+        finally:
+            self._sending -= 1
+            self._check_retired()
         if batch.remaining:
             await batch.done.wait()
         return results  # type: ignore[return-value]
@@ -452,10 +486,14 @@ class FcmSender:
 
     def _answer(self, job: _Job, outcome: H2Response | H2Failure) -> None:
         if isinstance(outcome, StreamRefused):
-            job.attempts -= 1  # not processed: again at once
             self._count("refused_stream")
-            self._queue.appendleft(job)
-            self._queued.set()
+            job.refusals += 1
+            if job.refusals <= FREE_REFUSALS:
+                job.attempts -= 1  # not processed by FCM: again at once
+                self._queue.appendleft(job)
+                self._queued.set()
+            else:
+                self._retry_or_fail(job, "StreamRefused", None, str(outcome), None)
             return
         if isinstance(outcome, H2Failure):
             self._count("connection_lost")
@@ -478,25 +516,24 @@ class FcmSender:
                 self._count("quota_pauses")
             self._retry_or_fail(job, answer.reason or f"HTTP{status}", status, answer.detail, answer.retry_after)
         elif action == "renew":
-            now = self.clock()
-            if not job.renewed and now - self.token.issued >= 60:
+            if not job.renewed:
+                # The token expired or was revoked early: renew it (once per message) and retry.
                 job.renewed = True
                 job.attempts -= 1
                 self.token.invalidate(job.header)
                 self._count("token_rejected")
                 self._queue.appendleft(job)
                 self._queued.set()
-            elif job.header == self.token.header:
-                # A token fresh from the endpoint refused: the service account cannot send.
+            elif job.header != self.token.header and job.attempts < self.max_attempts:
+                self._queue.appendleft(job)  # sent with an older token: once more with the new one
+                self._queued.set()
+            else:
+                # A renewed token refused too: the service account cannot send.
                 self._refuse(CredentialsError(
-                    f"FCM refuses the access token of {self.record.client_email} for {self.project}: {answer.detail}",
+                    f"FCM refuses the access tokens of {self.record.client_email} for {self.project}: {answer.detail}",
                     "InvalidCredentials",
                 ))
                 self._finish(job, result)
-            else:
-                self._queue.appendleft(job)  # sent with an older token: once more with the new one
-                job.attempts -= 1
-                self._queued.set()
         elif action == "refuse":
             self._refuse(CredentialsError(
                 f"FCM refuses {self.record.client_email} for {self.project} ({answer.reason}): {answer.detail}",
@@ -507,7 +544,8 @@ class FcmSender:
             self._finish(job, result)
 
     def _retry_or_fail(self, job: _Job, reason: str, status: int | None, detail: str | None, after: float | None) -> None:
-        delay = min(self.backoff_max, self.backoff_min * 2 ** (max(job.attempts, 1) - 1)) * self._random.uniform(0.5, 1.0)
+        # At least backoff_min (Google: never sooner than 10 s), doubling, jittered upwards.
+        delay = min(self.backoff_max, self.backoff_min * 2 ** (max(job.attempts, 1) - 1)) * self._random.uniform(1.0, 1.5)
         if after is not None:
             delay = max(delay, after)
         when = self.clock() + delay
