@@ -216,3 +216,74 @@ def test_mock_apns_runs_from_the_cli(tmp_path):
                 proc.kill()
     r = subprocess.run([sys.executable, "-m", "server._cli", "mock-apns", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "pigeon mock-apns" in r.stdout and "--workers" in r.stdout
+
+
+def test_an_android_app_and_one_push_to_every_device_of_a_profile(spawn_server, tmp_path):
+    from plugins.apns.mock import MockApnsProcess, SigningKey
+    from plugins.fcm.mock import MockFcmProcess, ServiceAccount
+
+    key = SigningKey.generate(key_id="ABC123DEFG", team_id="TEAM123456")
+    account = ServiceAccount.generate("acme-push")
+    ios_token, android_token, gone = "ab" * 32, "fcm-token-1", "fcm-token-2"
+    apns_config = {"keys": [key.spec()], "tokens": {ios_token: ["com.acme.app"]}}
+    fcm_config = {"projects": {"acme-push": {"service_accounts": [account.spec()],
+                                             "tokens": {android_token: {}, gone: {"unregistered": True}}}}}
+    with MockApnsProcess(tmp_path / "apns", config=apns_config) as apns, MockFcmProcess(tmp_path / "fcm", config=fcm_config) as fcm:
+        proc = spawn_server(env={
+            "PIGEON_APNS__SANDBOX__ADDRESS": apns.address, "PIGEON_APNS__SANDBOX__CA_FILE": str(apns.ca_file),
+            "PIGEON_FCM__URL": fcm.url, "PIGEON_FCM__CA_FILE": str(fcm.ca_file),
+        })
+        addr = proc.address
+        p8 = tmp_path / "key.p8"
+        p8.write_text(key.private_key_pem)
+        sa = tmp_path / "service-account.json"
+        sa.write_text(json.dumps(account.info(fcm.token_uri)))
+        assert pigeon(addr, "apps", "register-ios", "com.acme.app", "--p8", str(p8), "--key-id", key.key_id,
+                      "--team-id", key.team_id, "--environment", "sandbox").returncode == 0
+        r = pigeon(addr, "apps", "register-android", "com.acme.app", "--service-account", str(sa))
+        assert r.returncode == 0, r.stderr
+        assert "android: package com.acme.app, Firebase project acme-push" in r.stdout
+        assert f"service account {account.client_email}" in r.stdout and "PRIVATE KEY" not in r.stdout
+        (tmp_path / "bad.json").write_text("{not json")
+        r = pigeon(addr, "apps", "register-android", "x.app", "--service-account", str(tmp_path / "bad.json"))
+        assert r.returncode == 2 and "is not JSON" in r.stderr
+
+        for platform, token in (("apns-sandbox", ios_token), ("fcm", android_token), ("fcm", gone)):
+            assert pigeon(addr, "tokens", "register", "crm:1", "--app", "com.acme.app", "--platform", platform,
+                          "--token", token).returncode == 0
+        r = pigeon(addr, "push", "send", "--app", "com.acme.app", "--identity", "crm:1", "--title", "Hi", "--body", "There",
+                   "--fcm-channel-id", "news", "--fcm-ttl-s", "600", "--json")
+        outcomes = {o["token"]: (o["platform"], o["status"], o.get("reason")) for o in json.loads(r.stdout)["outcomes"]}
+        assert outcomes == {
+            ios_token: ("apns-sandbox", "sent", None),
+            android_token: ("fcm", "sent", None),
+            gone: ("fcm", "invalid", "UNREGISTERED"),
+        }
+        assert r.returncode == 1  # not everything was sent
+        [message] = [a["message"] for a in fcm.admin.accepted()]
+        assert message["notification"] == {"title": "Hi", "body": "There"}
+        assert message["android"]["notification"]["channel_id"] == "news" and message["android"]["ttl"] == "600s"
+        assert [a["payload"]["aps"]["alert"] for a in apns.admin.accepted()] == [{"title": "Hi", "body": "There"}]
+        r = pigeon(addr, "push", "send", "--app", "com.acme.app", "--token", android_token, "--platform", "fcm",
+                   "--fcm-raw", '{"data": {"sync": "1"}}')
+        assert r.returncode == 0, r.stdout + r.stderr
+        r = pigeon(addr, "push", "send", "--app", "com.acme.app", "--token", android_token, "--platform", "fcm",
+                   "--title", "x", "--fcm-color", "red")
+        assert r.returncode == 2 and "a colour like #ff8800" in r.stderr
+    secret = account.private_key_pem.splitlines()[1]
+    assert proc.log and secret not in "".join(proc.log)
+
+
+def test_mock_fcm_runs_from_the_cli(tmp_path):
+    command = [sys.executable, "-m", "server._cli", "mock-fcm", "--dir", str(tmp_path / "fcm"), "--listen", "127.0.0.1:0"]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            assert proc.stdout is not None and proc.stdin is not None
+            line = proc.stdout.readline()
+            assert line.startswith("mock-fcm ready on 127.0.0.1:"), line
+            assert (tmp_path / "fcm" / "ca.pem").is_file()
+            proc.terminate()
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
