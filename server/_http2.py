@@ -532,6 +532,8 @@ _CONNECTION_ERRORS = (
 
 def _describe(exc: BaseException) -> str:
     cause = exc.__cause__ or exc.__context__
+    while isinstance(cause, BaseExceptionGroup):  # trio's "all attempts to connect failed"
+        cause = cause.exceptions[0]
     return f"{exc}" + (f" ({cause})" if cause is not None and str(cause) not in str(exc) else "")
 
 
@@ -670,8 +672,8 @@ class H2Pool:
             if trio.current_time() < self.reconnect_at and not any(c.streams for c in self._connections):
                 # Connections keep failing and none is working: the caller's requests wait
                 # (their retries back off) rather than this pool hammering the server.
-                raise ConnectionLost(f"{self.origin}: backing off after {self.failed_in_a_row} failed connection(s)"
-                                     f" ({self.last_connect_error})")
+                raise ConnectionLost(f"cannot connect to {self.origin}: {self.last_connect_error}"
+                                     f" ({self.failed_in_a_row} failure(s) in a row; backing off)")
             await self._open()
             return
         await event.wait()

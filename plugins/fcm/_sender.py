@@ -27,12 +27,8 @@ be reached sends the queued messages to the retry queue instead.
 from __future__ import annotations
 
 import email.utils
-import heapq
-import itertools
 import logging
-import random
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -41,7 +37,8 @@ import msgspec
 import trio
 from hpack import NeverIndexedHeaderTuple
 
-from server._http2 import ConnectionLost, H2Failure, H2Pool, H2Response, StreamRefused
+from server._http2 import H2Pool, H2Response
+from server._sender import Job, PooledSender
 from server.channels import AndroidRecord, CredentialsError, DeliveryResult
 
 from ._credentials import AccessToken, ssl_context
@@ -140,36 +137,7 @@ def classify(status: int, headers: dict[bytes, bytes], body: bytes, *, now: floa
     return FcmAnswer("fail", reason, detail)
 
 
-class _Batch:
-    __slots__ = ("results", "remaining", "done")
-
-    def __init__(self, size: int) -> None:
-        self.results: list[DeliveryResult | None] = [None] * size
-        self.remaining = size
-        self.done = trio.Event()
-
-
-#: Times a message is sent again at once after a refused stream, before refusals count as
-#: attempts (with backoff).
-FREE_REFUSALS = 3
-
-
-class _Job:
-    __slots__ = ("body", "batch", "index", "attempts", "deadline", "renewed", "header", "refusals")
-
-    def __init__(self, body: bytes, deadline: float, batch: _Batch, index: int) -> None:
-        self.body = body
-        self.batch = batch
-        self.index = index
-        self.attempts = 0
-        self.deadline = deadline
-        self.renewed = False
-        #: The authorization it was last sent with.
-        self.header = b""
-        self.refusals = 0
-
-
-class FcmSender:
+class FcmSender(PooledSender):
     """Sends the messages of one Firebase project (one service account).
 
     Args:
@@ -183,7 +151,8 @@ class FcmSender:
         rate_per_minute: messages started per minute at most.
         retry_window: seconds a message without TTL is retried at most.
         max_attempts: attempts per message at most.
-        backoff_min, backoff_max: retry delays (Google asks for at least 10 s).
+        backoff_min, backoff_max: retry delays (Google asks for at least 10 s: the jitter
+            only lengthens them).
     """
 
     REFUSAL_MIN = 30.0
@@ -211,14 +180,7 @@ class FcmSender:
     ) -> None:
         self.record = record
         self.project = record.project_id
-        self.max_queue = max_queue
-        self.retry_window = retry_window
-        self.max_attempts = max_attempts
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
-        self.clock = clock
-        self.token = AccessToken(record, http=http, token_uri=token_uri, clock=clock)
-        self.pool = H2Pool(
+        pool = H2Pool(
             host,
             port,
             ssl_context=ssl_context(ca_file),
@@ -227,6 +189,11 @@ class FcmSender:
             # Every request repeats the authority, the path and the access token.
             stateless_hpack=True,
         )
+        super().__init__(
+            pool, f"the FCM sender of {self.project}", max_queue=max_queue, retry_window=retry_window,
+            max_attempts=max_attempts, backoff_min=backoff_min, backoff_max=backoff_max, jitter=(1.0, 1.5), clock=clock,
+        )
+        self.token = AccessToken(record, http=http, token_uri=token_uri, clock=clock)
         authority = f"{host}:{port}" if port != 443 else host
         self._static = [
             (b":method", b"POST"),
@@ -239,14 +206,6 @@ class FcmSender:
         self.rate = rate_per_minute / 60.0
         self._bucket = max(self.rate, 1.0)
         self._bucket_at = 0.0
-        self.held = 0
-        self._room = trio.Event()
-        self._queue: deque[_Job] = deque()
-        self._queued = trio.Event()
-        self._retries: list[tuple[float, int, _Job]] = []
-        self._retry_added = trio.Event()
-        self._order = itertools.count()
-        self._random = random.Random()
         #: No message starts before this (clock seconds): FCM said QUOTA_EXCEEDED.
         self.paused_until = 0.0
         #: Why the credentials are refused, and until when.
@@ -256,51 +215,12 @@ class FcmSender:
         #: No token exchange before this (after the endpoint failed).
         self._exchange_after = 0.0
         self._renewing = False
-        self._nursery: trio.Nursery | None = None
-        self.counts: dict[str, int] = {}
-        self.retiring = False
-        self.stopped = False
-        #: `send` calls still handing messages over (a retiring sender waits for them).
-        self._sending = 0
-        self._retired = trio.Event()
-
-    # -- running --------------------------------------------------------------------------
+        #: The headers of the current access token.
+        self._headers_for: tuple[bytes, list[tuple[bytes, bytes]]] = (b"", [])
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                self._bucket_at = trio.current_time()
-                await nursery.start(self.pool.run)
-                nursery.start_soon(self._dispatcher)
-                nursery.start_soon(self._retrier)
-                task_status.started()
-                await self._retired.wait()
-                nursery.cancel_scope.cancel()
-        finally:
-            self._stop()
-
-    def _stop(self) -> None:
-        """The sender ended (retired, failed or cancelled): settle everything it still holds,
-        and every later `send`, so that no caller waits forever."""
-        self.stopped = True
-        held = list(self._queue) + [job for _, _, job in self._retries]
-        self._queue.clear()
-        self._retries.clear()
-        for job in held:
-            self._finish(job, DeliveryResult(status="failed", reason="SenderStopped", attempts=job.attempts,
-                                             detail=f"the FCM sender of {self.project} stopped"))
-        self._room.set()
-
-    def retire(self) -> None:
-        """Finish what was handed over, then stop (no app uses these credentials any more)."""
-        self.retiring = True
-        self.pool.drop_connections()
-        self._check_retired()
-
-    def _check_retired(self) -> None:
-        if self.retiring and self.held == 0 and self._sending == 0:
-            self._retired.set()
+        self._bucket_at = trio.current_time()
+        await super().run(task_status=task_status)
 
     async def send(self, bodies: list[bytes], ttls: list[int | None] | None = None) -> list[DeliveryResult]:
         """Send ``messages:send`` request bodies; return their results in order.
@@ -310,38 +230,9 @@ class FcmSender:
             ttls: each message's TTL in seconds, if it has one: no retry after it.
         """
         now = self.clock()
-        batch = _Batch(len(bodies))
-        results = batch.results
-        self._sending += 1
-        try:
-            for index, body in enumerate(bodies):
-                refused = self._refusal(now)
-                if refused is not None:
-                    results[index] = refused
-                    batch.remaining -= 1
-                    continue
-                while self.held >= self.max_queue and not self.stopped:  # backpressure: wait for answers
-                    if self._room.is_set():
-                        self._room = trio.Event()
-                    await self._room.wait()
-                self.held += 1
-                deadline = now + self.retry_window
-                ttl = ttls[index] if ttls is not None else None
-                if ttl is not None:
-                    deadline = min(deadline, now + ttl)
-                job = _Job(body, deadline, batch, index)
-                if self.stopped:
-                    self._finish(job, DeliveryResult(status="failed", reason="SenderStopped", attempts=0,
-                                                     detail=f"the FCM sender of {self.project} stopped"))
-                    continue
-                self._queue.append(job)
-                self._queued.set()
-        finally:
-            self._sending -= 1
-            self._check_retired()
-        if batch.remaining:
-            await batch.done.wait()
-        return results  # type: ignore[return-value]
+        never = now + self.retry_window
+        deadlines = [never if ttls is None or ttls[i] is None else now + ttls[i] for i in range(len(bodies))]  # type: ignore[operator]
+        return await self._send(bodies, deadlines)
 
     def _refusal(self, now: float) -> DeliveryResult | None:
         if self.refused is None:
@@ -353,86 +244,59 @@ class FcmSender:
 
     # -- dispatching ----------------------------------------------------------------------
 
-    def _take_rate(self) -> int:
-        """How many messages may start now (the token bucket)."""
-        now = trio.current_time()
-        self._bucket = min(max(self.rate, 1.0), self._bucket + (now - self._bucket_at) * self.rate)
-        self._bucket_at = now
-        return int(self._bucket)
-
-    def _pump(self) -> None:
-        """Start queued messages on the pool's free streams, as many as allowed now."""
-        queue, pool = self._queue, self.pool
-        if not queue:
-            return
+    def _startable(self) -> int:
         now = self.clock()
-        if self.refused is not None:
+        refused = self.refused
+        if refused is not None:
             if now < self.refused_until:
-                self._fail_queued(self.refused)
-                return
+                self._fail_held(lambda job: DeliveryResult(status="failed", reason=refused.reason, attempts=job.attempts,
+                                                           detail=refused.message))
+                return 0
             self.refused = None
         if now < self.paused_until or not self.token.usable(now):
-            return
+            return 0
         if self.token.due(now) and not self._renewing and self._nursery is not None:
             self._renewing = True  # renew in the background while this token still works
             self._nursery.start_soon(self._renew)
-        allowed = self._take_rate()
-        if not allowed:
-            return
+        # The token bucket.
+        tick = trio.current_time()
+        self._bucket = min(max(self.rate, 1.0), self._bucket + (tick - self._bucket_at) * self.rate)
+        self._bucket_at = tick
+        return int(self._bucket)
+
+    def _started(self, count: int) -> None:
+        self._bucket -= count
+
+    def _headers(self, job: Job) -> list[tuple[bytes, bytes]]:
         header = self.token.header
-        headers = self._static + [NeverIndexedHeaderTuple(b"authorization", header)]
-        started = 0
-        while queue and started < allowed:
-            job = queue[0]
-            if not pool.try_submit(headers, job.body, self._callback(job)):
-                break
-            queue.popleft()
-            job.attempts += 1
-            job.header = header
-            started += 1
-        self._bucket -= started
+        job.header = header
+        if self._headers_for[0] != header:
+            self._headers_for = (header, self._static + [NeverIndexedHeaderTuple(b"authorization", header)])
+        return self._headers_for[1]
 
-    def _callback(self, job: _Job) -> Callable[[Any], None]:
-        return lambda outcome: self._answer(job, outcome)
+    def _body(self, job: Job) -> bytes:
+        return job.payload
 
-    async def _dispatcher(self) -> None:
-        pool = self.pool
-        while True:
-            self._pump()
-            if not self._queue:
-                await self._queued.wait()
-                self._queued = trio.Event()
-                continue
-            now = self.clock()
-            if now < self.paused_until:
-                await self._sleep_or_wake(self.paused_until - now)
-                continue
-            if not self.token.usable(now):
-                if self._renewing:
-                    await self._sleep_or_wake(0.1)  # the background renewal wakes it
-                else:
-                    await self._authorize()
-                continue
-            if self._bucket < 1:
-                await self._sleep_or_wake((1 - self._bucket) / self.rate)
-                continue
-            try:
-                await pool.wait_capacity()
-            except ConnectionLost as exc:
-                queued, self._queue = self._queue, deque()
-                for job in queued:
-                    job.attempts += 1
-                    self._retry_or_fail(job, "ConnectionFailed", None, str(exc), None)
-
-    async def _sleep_or_wake(self, seconds: float) -> None:
-        with trio.move_on_after(max(seconds, 0.001)):
-            await self._queued.wait()
-        self._queued = trio.Event()
+    async def _hold(self) -> bool:
+        now = self.clock()
+        if not self._queue:
+            return True  # the refusal failed them all
+        if now < self.paused_until:
+            await self._sleep_or_wake(self.paused_until - now)
+        elif not self.token.usable(now):
+            if self._renewing:
+                await self._sleep_or_wake(0.1)  # the background renewal wakes it
+            else:
+                await self._authorize()
+        elif self._bucket < 1:
+            await self._sleep_or_wake((1 - self._bucket) / self.rate)
+        else:
+            return False
+        return True
 
     async def _authorize(self) -> None:
         """Get an access token for the queued messages (the dispatcher alone calls this)."""
-        now = self.clock()
-        if now < self._exchange_after:
+        if self.clock() < self._exchange_after:
             self._defer_queued("TokenEndpointUnavailable", "the token endpoint failed moments ago")
             return
         try:
@@ -459,46 +323,17 @@ class FcmSender:
         else:
             self._refuse(exc)
 
-    def _defer_queued(self, reason: str, detail: str) -> None:
-        queued, self._queue = self._queue, deque()
-        for job in queued:
-            job.attempts += 1
-            self._retry_or_fail(job, reason, None, detail, None)
-
     def _refuse(self, exc: CredentialsError) -> None:
-        now = self.clock()
         if self.refused is None:
             log.error("%s: %s; its messages fail for %.0fs", self.project, exc.message, self._refusal_backoff)
         self.refused = exc
-        self.refused_until = now + self._refusal_backoff
+        self.refused_until = self.clock() + self._refusal_backoff
         self._refusal_backoff = min(self.REFUSAL_MAX, self._refusal_backoff * 2)
-        self._fail_queued(exc)
-        retries, self._retries = self._retries, []
-        for _, _, job in retries:
-            self._finish(job, DeliveryResult(status="failed", reason=exc.reason, attempts=job.attempts, detail=exc.message))
-
-    def _fail_queued(self, exc: CredentialsError) -> None:
-        queued, self._queue = self._queue, deque()
-        for job in queued:
-            self._finish(job, DeliveryResult(status="failed", reason=exc.reason, attempts=job.attempts, detail=exc.message))
+        self._fail_held(lambda job: DeliveryResult(status="failed", reason=exc.reason, attempts=job.attempts, detail=exc.message))
 
     # -- answers --------------------------------------------------------------------------
 
-    def _answer(self, job: _Job, outcome: H2Response | H2Failure) -> None:
-        if isinstance(outcome, StreamRefused):
-            self._count("refused_stream")
-            job.refusals += 1
-            if job.refusals <= FREE_REFUSALS:
-                job.attempts -= 1  # not processed by FCM: again at once
-                self._queue.appendleft(job)
-                self._queued.set()
-            else:
-                self._retry_or_fail(job, "StreamRefused", None, str(outcome), None)
-            return
-        if isinstance(outcome, H2Failure):
-            self._count("connection_lost")
-            self._retry_or_fail(job, "ConnectionLost", None, str(outcome), None)
-            return
+    def _response(self, job: Job, outcome: H2Response) -> None:
         status = outcome.status
         answer = classify(status, outcome.headers, outcome.body, now=self.clock())
         action = answer.action
@@ -516,17 +351,14 @@ class FcmSender:
                 self._count("quota_pauses")
             self._retry_or_fail(job, answer.reason or f"HTTP{status}", status, answer.detail, answer.retry_after)
         elif action == "renew":
-            if not job.renewed:
+            if not job.retried:
                 # The token expired or was revoked early: renew it (once per message) and retry.
-                job.renewed = True
-                job.attempts -= 1
+                job.retried = True
                 self.token.invalidate(job.header)
                 self._count("token_rejected")
-                self._queue.appendleft(job)
-                self._queued.set()
+                self._requeue(job)
             elif job.header != self.token.header and job.attempts < self.max_attempts:
-                self._queue.appendleft(job)  # sent with an older token: once more with the new one
-                self._queued.set()
+                self._requeue(job, free=False)  # sent with an older token: once more with the new one
             else:
                 # A renewed token refused too: the service account cannot send.
                 self._refuse(CredentialsError(
@@ -543,60 +375,11 @@ class FcmSender:
         else:
             self._finish(job, result)
 
-    def _retry_or_fail(self, job: _Job, reason: str, status: int | None, detail: str | None, after: float | None) -> None:
-        # At least backoff_min (Google: never sooner than 10 s), doubling, jittered upwards.
-        delay = min(self.backoff_max, self.backoff_min * 2 ** (max(job.attempts, 1) - 1)) * self._random.uniform(1.0, 1.5)
-        if after is not None:
-            delay = max(delay, after)
-        when = self.clock() + delay
-        if job.attempts >= self.max_attempts or when > job.deadline:
-            self._finish(job, DeliveryResult(status="failed", reason=reason, status_code=status, attempts=job.attempts, detail=detail))
-            return
-        self._count("retries")
-        heapq.heappush(self._retries, (when, next(self._order), job))
-        self._retry_added.set()
-
-    async def _retrier(self) -> None:
-        while True:
-            if not self._retries:
-                self._retry_added = trio.Event()
-                await self._retry_added.wait()
-                continue
-            when = self._retries[0][0]
-            delay = when - self.clock()
-            if delay > 0:
-                self._retry_added = trio.Event()
-                with trio.move_on_after(delay):
-                    await self._retry_added.wait()
-                continue
-            _, _, job = heapq.heappop(self._retries)
-            self._queue.append(job)
-            self._queued.set()
-
-    def _finish(self, job: _Job, result: DeliveryResult) -> None:
-        self._count(result.status if result.status != "failed" else f"failed:{result.reason}")
-        batch = job.batch
-        batch.results[job.index] = result
-        batch.remaining -= 1
-        if not batch.remaining:
-            batch.done.set()
-        self.held -= 1
-        self._room.set()
-        if self.retiring:
-            self._check_retired()
-
-    def _count(self, what: str) -> None:
-        self.counts[what] = self.counts.get(what, 0) + 1
-
     def statistics(self) -> dict[str, Any]:
         return {
+            **super().statistics(),
             "project": self.project,
-            "pool": self.pool.statistics().as_dict(),
-            "queued": len(self._queue),
-            "retrying": len(self._retries),
             "refused": None if self.refused is None else self.refused.reason,
             "paused_s": max(0.0, self.paused_until - self.clock()),
             "token_renewals": self.token.renewals,
-            "outcomes": dict(self.counts),
         }
-
