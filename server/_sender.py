@@ -12,6 +12,8 @@ answer means (`_response`). The base class guarantees the rest:
   `FREE_REFUSALS` times, then counts as an attempt; a lost connection or a request timeout
   is retried with jittered exponential backoff, never after the job's deadline or
   ``max_attempts``;
+- a job that waits in the queue past its deadline, with no stream free for the pool's
+  request timeout (a server allowing no stream), fails with ``NotSent``;
 - ``retire`` lets what was handed over finish (``send`` calls in progress included), then
   stops; however the sender stops, what it still holds fails with ``SenderStopped``, and so
   does any later ``send``: no caller waits forever.
@@ -57,10 +59,12 @@ class Job:
         header: what the subclass wants to remember of the last request (an auth header).
     """
 
-    __slots__ = ("payload", "batch", "index", "attempts", "deadline", "refusals", "retried", "header")
+    __slots__ = ("payload", "batch", "index", "attempts", "deadline", "refusals", "retried", "header", "queued_at")
 
-    def __init__(self, payload: Any, deadline: float, batch: _Batch, index: int) -> None:
+    def __init__(self, payload: Any, deadline: float, batch: _Batch, index: int, queued_at: float) -> None:
         self.payload = payload
+        #: When it last joined the queue.
+        self.queued_at = queued_at
         self.batch = batch
         self.index = index
         self.attempts = 0
@@ -206,7 +210,7 @@ class PooledSender:
                         self._room = trio.Event()
                     await self._room.wait()
                 self.held += 1
-                job = Job(payload, min(deadlines[index], now + self.retry_window), batch, index)
+                job = Job(payload, min(deadlines[index], now + self.retry_window), batch, index, now)
                 if self.stopped:
                     self._finish(job, self._stopped_result(job))
                     continue
@@ -251,10 +255,30 @@ class PooledSender:
             if await self._hold():
                 continue
             try:
-                await self.pool.wait_capacity()
+                with trio.move_on_after(1.0) as waited:
+                    await self.pool.wait_capacity()
             except ConnectionLost as exc:
                 # The provider cannot be reached now: everything queued tries again later.
                 self._defer_queued("ConnectionFailed", str(exc))
+            else:
+                if waited.cancelled_caught:
+                    self._expire_queued()
+
+    def _expire_queued(self) -> None:
+        """No stream has been free for a while (a server allowing none): jobs past their
+        deadline that have waited longer than a request may take fail instead of waiting on."""
+        now = self.clock()
+        limit = self.pool.request_timeout
+        if not any(job.deadline < now and now - job.queued_at > limit for job in self._queue):
+            return
+        keep: deque[Job] = deque()
+        for job in self._queue:
+            if job.deadline < now and now - job.queued_at > limit:
+                self._finish(job, DeliveryResult(status="failed", reason="NotSent", attempts=job.attempts,
+                                                 detail=f"no stream to {self.pool.origin} was free for {limit:g}s"))
+            else:
+                keep.append(job)
+        self._queue = keep
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         """Sleep, or less if a job is queued meanwhile."""
@@ -296,6 +320,7 @@ class PooledSender:
         """Send ``job`` again at once (``free``: the attempt does not count)."""
         if free:
             job.attempts -= 1
+        job.queued_at = self.clock()
         self._queue.appendleft(job)
         self._queued.set()
 
@@ -328,6 +353,7 @@ class PooledSender:
                     await self._retry_added.wait()
                 continue
             _, _, job = heapq.heappop(self._retries)
+            job.queued_at = self.clock()
             self._queue.append(job)
             self._queued.set()
 

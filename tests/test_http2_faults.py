@@ -255,3 +255,16 @@ async def test_jobs_carrying_older_credentials_do_not_bring_them_back(monkeypatc
 
 def test_h2response_repr_shows_no_body():
     assert repr(H2Response(200, {}, b"secret")) == "<H2Response 200 6 bytes>"
+
+
+async def test_queued_notifications_fail_when_the_server_allows_no_stream():
+    async with trio.open_nursery() as nursery:
+        fake = FakeH2Server(nursery, max_streams=0)
+        sender = sender_for(fake, max_connections=1)
+        sender.pool.request_timeout = 0.5
+        await nursery.start(sender.run)
+        with trio.fail_after(10):
+            [result] = await sender.send([(request(expiration=EPOCH), TOKEN)])
+        nursery.cancel_scope.cancel()
+    assert (result.status, result.reason, result.attempts) == ("failed", "NotSent", 0)
+    assert "no stream to fake:443 was free" in result.detail
