@@ -259,12 +259,21 @@ def client_ssl_context(record: IosRecord, *, ca_file: str | None) -> ssl.SSLCont
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if record.auth == "certificate":
         assert record.certificate_pem
-        # ssl loads certificates from files only: a private temporary file, removed at once.
-        fd, path = tempfile.mkstemp(prefix="pigeon-apns-", suffix=".pem")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(record.certificate_pem)
-            context.load_cert_chain(path)
-        finally:
-            os.unlink(path)
+        # ssl loads certificates from files only: an anonymous in-memory file where there is
+        # one (Linux), else a private temporary file, removed at once.
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("pigeon-apns-certificate")
+            try:
+                os.write(fd, record.certificate_pem.encode())
+                context.load_cert_chain(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+        else:
+            fd, path = tempfile.mkstemp(prefix="pigeon-apns-", suffix=".pem")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(record.certificate_pem)
+                context.load_cert_chain(path)
+            finally:
+                os.unlink(path)
     return context
