@@ -163,7 +163,8 @@ class ApnsSender(PooledSender):
         token = self.token
         if token is not None:
             renewals = token.renewals
-            headers.append(NeverIndexedHeaderTuple(b"authorization", token.header()))
+            job.header = token.header()
+            headers.append(NeverIndexedHeaderTuple(b"authorization", job.header))
             if renewals and token.renewals != renewals:
                 # A connection keeps one provider token for its life: APNs may refuse a
                 # change on a connection younger than 20 minutes (TooManyProviderTokenUpdates).
@@ -206,9 +207,10 @@ class ApnsSender(PooledSender):
             self._finish(job, result)
         elif reason == "ExpiredProviderToken" and not job.retried and self.token is not None:
             job.retried = True
-            if self.token.renew_now():
-                log.info("%s: APNs says the provider token expired; renewed it", self.app.app)
-            self.pool.drop_connections()  # APNs keeps refusing on that connection
+            if job.header == self.token.header():  # not renewed since it was sent
+                if self.token.renew_now():
+                    log.info("%s: APNs says the provider token expired; renewed it", self.app.app)
+                    self.pool.drop_connections()  # the connections that carry the old token
             self._requeue(job)
         elif reason == "TooManyProviderTokenUpdates" and not job.retried:
             # Only this connection saw two tokens: new connections, and this one once more.
