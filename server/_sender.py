@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import random
 import time
 from collections import deque
@@ -35,6 +36,8 @@ from ._http2 import ConnectionLost, H2Failure, H2Pool, H2Response, StreamRefused
 from .channels import DeliveryResult
 
 __all__ = ["PooledSender", "Job", "FREE_REFUSALS"]
+
+log = logging.getLogger("pigeon.delivery")
 
 #: Times a job is sent again at once after a refused stream, before refusals count as attempts.
 FREE_REFUSALS = 3
@@ -126,6 +129,8 @@ class PooledSender:
         self._sending = 0
         self._retired = trio.Event()
         self._nursery: trio.Nursery | None = None
+        #: When a job last started (clock seconds).
+        self._last_start = clock()
 
     # -- what subclasses say ----------------------------------------------------------------
 
@@ -164,6 +169,7 @@ class PooledSender:
                 await nursery.start(self.pool.run)
                 nursery.start_soon(self._dispatcher)
                 nursery.start_soon(self._retrier)
+                nursery.start_soon(self._expirer)
                 task_status.started()
                 await self._retired.wait()
                 nursery.cancel_scope.cancel()
@@ -240,6 +246,7 @@ class PooledSender:
             job.attempts += 1
             started += 1
         if started:
+            self._last_start = self.clock()
             self._started(started)
 
     def _callback(self, job: Job) -> Callable[[Any], None]:
@@ -255,20 +262,37 @@ class PooledSender:
             if await self._hold():
                 continue
             try:
-                with trio.move_on_after(1.0) as waited:
-                    await self.pool.wait_capacity()
+                await self.pool.wait_capacity()
             except ConnectionLost as exc:
                 # The provider cannot be reached now: everything queued tries again later.
                 self._defer_queued("ConnectionFailed", str(exc))
+
+    async def _expirer(self) -> None:
+        while True:
+            await trio.sleep(1.0)
+            if self._queue:
+                self._expire_queued()
+
+    def _expire_overdue(self, reason: str, detail: str) -> None:
+        """Fail the queued jobs whose deadline has passed (while the provider is paused)."""
+        now = self.clock()
+        if not any(job.deadline < now for job in self._queue):
+            return
+        keep: deque[Job] = deque()
+        for job in self._queue:
+            if job.deadline < now:
+                self._finish(job, DeliveryResult(status="failed", reason=reason, attempts=job.attempts, detail=detail))
             else:
-                if waited.cancelled_caught:
-                    self._expire_queued()
+                keep.append(job)
+        self._queue = keep
 
     def _expire_queued(self) -> None:
         """No stream has been free for a while (a server allowing none): jobs past their
         deadline that have waited longer than a request may take fail instead of waiting on."""
         now = self.clock()
         limit = self.pool.request_timeout
+        if now - self._last_start <= limit:
+            return  # jobs are starting: the queue is only long
         if not any(job.deadline < now and now - job.queued_at > limit for job in self._queue):
             return
         keep: deque[Job] = deque()
@@ -304,7 +328,13 @@ class PooledSender:
 
     def _answer(self, job: Job, outcome: H2Response | H2Failure) -> None:
         if type(outcome) is H2Response:
-            self._response(job, outcome)
+            try:
+                self._response(job, outcome)
+            except Exception as exc:  # a bug reading an answer must not strand the job
+                log.exception("%s: cannot read an answer (HTTP %d)", self.name, outcome.status)
+                if job.batch.results[job.index] is None and not any(j is job for j in self._queue):
+                    self._finish(job, DeliveryResult(status="failed", reason="InternalError", status_code=outcome.status,
+                                                     attempts=job.attempts, detail=f"{type(exc).__name__}: {exc}"))
         elif isinstance(outcome, StreamRefused):
             self._count("refused_stream")
             job.refusals += 1

@@ -160,6 +160,11 @@ def bad_request(field: str, description: str) -> dict[str, Any]:
          "THIRD_PARTY_AUTH_ERROR"),
         (401, {}, _error(401, "UNAUTHENTICATED", "old", fcm_error("APNS_AUTH_ERROR")), "fail", "THIRD_PARTY_AUTH_ERROR"),
         (418, {}, b"", "fail", "HTTP418"),
+        # Observed without an FcmError detail.
+        (403, {}, _error(403, "PERMISSION_DENIED", "SenderId mismatch"), "invalid", "SENDER_ID_MISMATCH"),
+        # Google's own sample: no BadRequest detail, the message says it.
+        (400, {}, _error(400, "INVALID_ARGUMENT", "The registration token is not a valid FCM registration token",
+                         fcm_error("INVALID_ARGUMENT")), "invalid", "INVALID_ARGUMENT"),
         (400, {}, b'{"error": "not a map"}', "fail", "HTTP400"),
     ],
 )
@@ -176,6 +181,17 @@ def test_retry_after_in_seconds_or_as_a_date() -> None:
     dated = classify(503, {b"retry-after": b"Wed, 21 Oct 2015 07:28:10 GMT"}, body, now=1445412480.0)
     assert dated.retry_after == 10.0
     assert classify(503, {b"retry-after": b"soon"}, body, now=0.0).retry_after is None
+    assert classify(503, {b"retry-after": "²".encode("latin-1")}, body, now=0.0).retry_after is None
+
+
+def test_the_ttl_of_a_raw_message() -> None:
+    from plugins.fcm import raw_ttl
+
+    assert raw_ttl({"android": {"ttl": "3600s"}}) == 3600
+    assert raw_ttl({"android": {"ttl": "0.5s"}}) == 0
+    assert raw_ttl({"android": {"ttl": "0s"}}) == 0
+    assert raw_ttl({"android": {"ttl": "soon"}}) is None
+    assert raw_ttl({"data": {}}) is None
 
 
 def test_field_violations_are_in_the_detail() -> None:

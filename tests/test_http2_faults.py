@@ -268,3 +268,38 @@ async def test_queued_notifications_fail_when_the_server_allows_no_stream():
         nursery.cancel_scope.cancel()
     assert (result.status, result.reason, result.attempts) == ("failed", "NotSent", 0)
     assert "no stream to fake:443 was free" in result.detail
+
+
+async def test_a_connect_slower_than_a_second_still_succeeds():
+    async with trio.open_nursery() as nursery:
+        fake = FakeH2Server(nursery)
+        sender = sender_for(fake)
+        connect = fake.connect
+
+        async def slow_connect():
+            await trio.sleep(1.5)  # a lost SYN, a distant TLS handshake
+            return await connect()
+
+        sender.pool.connect = slow_connect  # type: ignore[method-assign]
+        await nursery.start(sender.run)
+        with trio.fail_after(10):
+            [result] = await sender.send([(request(), TOKEN)])
+        nursery.cancel_scope.cancel()
+    assert result.status == "sent" and fake.connections == 1
+
+
+async def test_a_bug_reading_an_answer_fails_that_notification_instead_of_stranding_it(monkeypatch):
+    async with trio.open_nursery() as nursery:
+        fake = FakeH2Server(nursery)
+        sender = sender_for(fake)
+
+        def broken(job, outcome):
+            raise ValueError("cannot read this")
+
+        monkeypatch.setattr(sender, "_response", broken)
+        await nursery.start(sender.run)
+        with trio.fail_after(10):
+            [result] = await sender.send([(request(), TOKEN)])
+        nursery.cancel_scope.cancel()
+    assert (result.status, result.reason, result.status_code) == ("failed", "InternalError", 200)
+    assert "cannot read this" in result.detail and sender.held == 0

@@ -103,7 +103,7 @@ class FcmChannel(Channel):
             group = groups.setdefault(key, (android, [], [], []))
             group[1].append(index)
             group[2].append(encode_send(message, job.token))
-            group[3].append(job.fcm.ttl_s if job.fcm_raw is None else None)
+            group[3].append(job.fcm.ttl_s if job.fcm_raw is None else raw_ttl(job.fcm_raw))
         async with trio.open_nursery() as nursery:
             for key, group in groups.items():
                 nursery.start_soon(self._send_group, key, group, results)
@@ -180,6 +180,18 @@ class FcmChannel(Channel):
 
     def statistics(self) -> dict[str, Any]:
         return {f"{project} {email}": s.statistics() for (project, email, _, _), s in self._senders.items()}
+
+
+def raw_ttl(message: dict[str, Any]) -> int | None:
+    """The TTL of a raw FCM message (``android.ttl``, ``"3600s"``), in whole seconds."""
+    android = message.get("android")
+    ttl = android.get("ttl") if isinstance(android, dict) else None
+    if isinstance(ttl, str) and ttl.endswith("s"):
+        try:
+            return max(0, int(float(ttl[:-1])))
+        except ValueError:
+            return None
+    return None
 
 
 @hookimpl

@@ -29,6 +29,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -80,7 +81,7 @@ def _retry_after(value: bytes | None, now: float) -> float | None:
     if not value:
         return None
     text = value.decode("latin-1").strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(text)
     try:
         when = email.utils.parsedate_to_datetime(text)
@@ -126,8 +127,10 @@ def classify(status: int, headers: dict[bytes, bytes], body: bytes, *, now: floa
     retry_after = _retry_after(headers.get(b"retry-after"), time.time() if now is None else now)
     if code in _INVALID_TOKEN_CODES:
         return FcmAnswer("invalid", reason, detail)
-    if code == "INVALID_ARGUMENT" and token_field:
+    if code == "INVALID_ARGUMENT" and (token_field or "registration token" in (message or "").lower()):
         return FcmAnswer("invalid", reason, detail)
+    if status == 403 and code is None and "senderid mismatch" in (message or "").lower():
+        return FcmAnswer("invalid", "SENDER_ID_MISMATCH", detail)  # observed without an FcmError detail
     if code in _RETRY_CODES or status == 429 or status >= 500:
         return FcmAnswer("retry", reason, detail, retry_after=retry_after)
     if status == 401 and code is None:
@@ -157,7 +160,11 @@ class FcmSender(PooledSender):
 
     REFUSAL_MIN = 30.0
     REFUSAL_MAX = 600.0
+    #: Pause after QUOTA_EXCEEDED without Retry-After, and at most.
     QUOTA_PAUSE = 60.0
+    QUOTA_PAUSE_MAX = 300.0
+    #: QUOTA_EXCEEDED answers within a second that mean the project's quota, not one device's.
+    QUOTA_BURST = 3
 
     def __init__(
         self,
@@ -215,6 +222,7 @@ class FcmSender(PooledSender):
         #: No token exchange before this (after the endpoint failed).
         self._exchange_after = 0.0
         self._renewing = False
+        self._quota_answers: deque[float] = deque()
         #: The headers of the current access token.
         self._headers_for: tuple[bytes, list[tuple[bytes, bytes]]] = (b"", [])
 
@@ -255,7 +263,7 @@ class FcmSender(PooledSender):
             self.refused = None
         if now < self.paused_until or not self.token.usable(now):
             return 0
-        if self.token.due(now) and not self._renewing and self._nursery is not None:
+        if self.token.due(now) and not self._renewing and now >= self._exchange_after and self._nursery is not None:
             self._renewing = True  # renew in the background while this token still works
             self._nursery.start_soon(self._renew)
         # The token bucket.
@@ -282,7 +290,8 @@ class FcmSender(PooledSender):
         if not self._queue:
             return True  # the refusal failed them all
         if now < self.paused_until:
-            await self._sleep_or_wake(self.paused_until - now)
+            self._expire_overdue("QUOTA_EXCEEDED", "FCM's project quota was exceeded, and the message's TTL ran out while waiting")
+            await self._sleep_or_wake(min(self.paused_until - now, 1.0))
         elif not self.token.usable(now):
             if self._renewing:
                 await self._sleep_or_wake(0.1)  # the background renewal wakes it
@@ -310,6 +319,8 @@ class FcmSender(PooledSender):
         try:
             await self.token.refresh()
         except CredentialsError as exc:
+            # Try again later, not at the next message (the current token is still valid).
+            self._exchange_after = self.clock() + self.backoff_min
             log.warning("%s: renewing the access token failed (the current one is still valid): %s", self.project, exc)
         finally:
             self._renewing = False
@@ -323,12 +334,25 @@ class FcmSender(PooledSender):
         else:
             self._refuse(exc)
 
+    def _quota_exceeded(self, pause: float) -> None:
+        """One device over its rate gets a QUOTA_EXCEEDED too: the project pauses only when
+        several come within a second."""
+        now = self.clock()
+        recent = self._quota_answers
+        recent.append(now)
+        while recent and recent[0] < now - 1.0:
+            recent.popleft()
+        if len(recent) >= self.QUOTA_BURST and now + pause > self.paused_until:
+            self.paused_until = now + pause
+            self._count("quota_pauses")
+
     def _refuse(self, exc: CredentialsError) -> None:
-        if self.refused is None:
+        now = self.clock()
+        if self.refused is None or now >= self.refused_until:  # a new episode: the period doubles
             log.error("%s: %s; its messages fail for %.0fs", self.project, exc.message, self._refusal_backoff)
-        self.refused = exc
-        self.refused_until = self.clock() + self._refusal_backoff
-        self._refusal_backoff = min(self.REFUSAL_MAX, self._refusal_backoff * 2)
+            self.refused = exc
+            self.refused_until = now + self._refusal_backoff
+            self._refusal_backoff = min(self.REFUSAL_MAX, self._refusal_backoff * 2)
         self._fail_held(lambda job: DeliveryResult(status="failed", reason=exc.reason, attempts=job.attempts, detail=exc.message))
 
     # -- answers --------------------------------------------------------------------------
@@ -345,11 +369,11 @@ class FcmSender(PooledSender):
             result.status = "invalid"
             self._finish(job, result)
         elif action == "retry":
+            after = answer.retry_after
             if answer.reason == "QUOTA_EXCEEDED" or status == 429:
-                pause = answer.retry_after if answer.retry_after is not None else self.QUOTA_PAUSE
-                self.paused_until = max(self.paused_until, self.clock() + pause)
-                self._count("quota_pauses")
-            self._retry_or_fail(job, answer.reason or f"HTTP{status}", status, answer.detail, answer.retry_after)
+                after = min(after if after is not None else self.QUOTA_PAUSE, self.QUOTA_PAUSE_MAX)
+                self._quota_exceeded(after)
+            self._retry_or_fail(job, answer.reason or f"HTTP{status}", status, answer.detail, after)
         elif action == "renew":
             if not job.retried:
                 # The token expired or was revoked early: renew it (once per message) and retry.
