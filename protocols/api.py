@@ -93,6 +93,28 @@ __all__ = [
     "PushOutcome",
     "PushSent",
     "SendPush",
+    # channel configurations and messages
+    "Name",
+    "ChannelConfig",
+    "ConfigInfo",
+    "PublishConfig",
+    "GetConfig",
+    "ConfigList",
+    "ListConfigs",
+    "Button",
+    "OnClick",
+    "IosFields",
+    "AndroidFields",
+    "MessageContent",
+    "MessageSpec",
+    "MessageInfo",
+    "PublishMessage",
+    "GetMessage",
+    "MessageList",
+    "ListMessages",
+    "PlatformPreview",
+    "Preview",
+    "PreviewMessage",
 ]
 
 R = TypeVar("R")
@@ -727,6 +749,201 @@ class SendPush(Request[PushSent]):
 
 
 # ---------------------------------------------------------------------------------------------
+# channel configurations and messages
+
+_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}\Z"
+#: A channel configuration's name or a message id: a letter, then letters, digits, '_', '.', '-'.
+Name = Annotated[str, msgspec.Meta(pattern=_NAME_PATTERN)]
+_PATTERN_MEANINGS[_NAME_PATTERN] = "a name like spring_sale (a letter, then letters, digits, '_', '.', '-'; at most 100)"
+
+
+class ChannelConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Where a message goes (what journey optimizers call a message preset): apps, platforms
+    and the consent its messages need."""
+
+    name: Name
+    description: str = ""
+    #: The registered apps its messages go to (each to its iOS and Android devices).
+    apps: Annotated[list[AppId], msgspec.Meta(min_length=1, max_length=20)]
+    platforms: Annotated[list[Literal["ios", "android"]], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: ["ios", "android"]
+    )
+    #: ``not_opted_out`` (default: unless the profile opted out of the app's push), ``opt_in``
+    #: (only profiles that opted in) or ``none`` (transactional messages).
+    consent: Literal["not_opted_out", "opt_in", "none"] = "not_opted_out"
+
+
+class ConfigInfo(Response):
+    config: ChannelConfig
+    version: int
+    published: Timestamp
+
+
+class PublishConfig(Request[ConfigInfo]):
+    """Publish a channel configuration: a new version (earlier ones stay readable)."""
+
+    method: ClassVar[str] = "configs.publish"
+    config: ChannelConfig
+
+
+class GetConfig(Request[ConfigInfo]):
+    method: ClassVar[str] = "configs.get"
+    name: Name
+    #: The latest when omitted.
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class ConfigList(Response):
+    configs: list[ConfigInfo]
+
+
+class ListConfigs(Request[ConfigList]):
+    """The latest version of every channel configuration."""
+
+    method: ClassVar[str] = "configs.list"
+
+
+class Button(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """An action button (Android; on iOS the message's ``ios.category`` names the app's buttons)."""
+
+    id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    label: str
+    action: Literal["open_app", "deeplink", "web_url", "dismiss"] = "open_app"
+    url: str | None = None
+
+
+class OnClick(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    action: Literal["open_app", "deeplink", "web_url"] = "open_app"
+    #: The deep link or web URL (a template, like every text).
+    url: str | None = None
+
+
+class IosFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    category: str | None = None
+    thread_id: str | None = None
+    interruption_level: Literal["passive", "active", "time-sensitive", "critical"] | None = None
+    relevance_score: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
+    collapse_id: str | None = None
+
+
+class AndroidFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    channel_id: str | None = None
+    notification_priority: AndroidNotificationPriority | None = None
+    visibility: Literal["private", "public", "secret"] | None = None
+    tag: str | None = None
+    collapse_key: str | None = None
+    sticky: bool = False
+    icon: str | None = None
+    color: Annotated[str, msgspec.Meta(pattern=_COLOR_PATTERN)] | None = None
+    #: Send a data message for the app's SDK to render (Adobe's adb_* keys).
+    data_only: bool = False
+
+
+class MessageContent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What a message shows, for both platforms. Every text, URL and data value may be a
+    template (``{{ profile.person.firstName }}``)."""
+
+    title: str | None = None
+    subtitle: str | None = None
+    body: str | None = None
+    media_url: str | None = None
+    on_click: OnClick = msgspec.field(default_factory=OnClick)
+    buttons: Annotated[list[Button], msgspec.Meta(max_length=3)] = []
+    sound: str | None = None
+    badge: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    #: A silent update (iOS content-available; an Android data message).
+    silent: bool = False
+    data: dict[str, str] = {}
+    ios: IosFields = msgspec.field(default_factory=IosFields)
+    android: AndroidFields = msgspec.field(default_factory=AndroidFields)
+
+
+class MessageSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """A push message as authored (a YAML or JSON file, or ``messages.publish``)."""
+
+    id: Name
+    #: The channel configuration it is sent through.
+    channel: Name
+    content: MessageContent
+    description: str = ""
+    #: ``high`` (now: APNs 10, FCM HIGH) or ``normal`` (power-friendly: APNs 5, FCM NORMAL).
+    priority: Literal["high", "normal"] = "high"
+    #: How long the providers keep it for an offline device; their default when omitted.
+    ttl_s: Annotated[int, msgspec.Meta(ge=0, le=2_419_200)] | None = None
+    #: A value a template uses is missing: render nothing (or its default), or exclude the profile.
+    on_missing: Literal["default", "exclude"] = "default"
+
+
+class MessageInfo(Response):
+    message: MessageSpec
+    version: int
+    published: Timestamp
+    #: The fields that are templates (``$.content.title``, ...).
+    templates: list[str] = []
+
+
+class PublishMessage(Request[MessageInfo]):
+    """Publish a message: its templates are compiled and checked, its channel configuration
+    must exist; it becomes a new version (versions are never edited)."""
+
+    method: ClassVar[str] = "messages.publish"
+    message: MessageSpec
+
+
+class GetMessage(Request[MessageInfo]):
+    method: ClassVar[str] = "messages.get"
+    id: Name
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+
+
+class MessageList(Response):
+    messages: list[MessageInfo]
+
+
+class ListMessages(Request[MessageList]):
+    """The latest version of every message."""
+
+    method: ClassVar[str] = "messages.list"
+
+
+class PlatformPreview(Response):
+    platform: Literal["ios", "android"]
+    app: str
+    #: The provider payload exactly as it would be sent (APNs JSON, FCM message).
+    payload: dict[str, Any] = {}
+    #: APNs request headers (``apns-*``).
+    headers: dict[str, str] = {}
+    #: Bytes of the payload as sent.
+    size: int = 0
+    #: Why it could not be built (``PayloadTooLarge``, ``INVALID_ARGUMENT``, ...), if so.
+    error: str | None = None
+    detail: str | None = None
+
+
+class Preview(Response):
+    id: str
+    version: int
+    previews: list[PlatformPreview] = []
+    #: Why the profile would be excluded (``MissingValue``, ``TemplateError``), if it would.
+    excluded: str | None = None
+    detail: str | None = None
+
+
+class PreviewMessage(Request[Preview]):
+    """Render a message for a profile (a stored one, or a sample given as JSON) and show the
+    exact provider payloads, without sending anything."""
+
+    method: ClassVar[str] = "messages.preview"
+    id: Name
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    identity: Identity | None = None
+    #: A sample profile: attributes (and optionally ``identities``, ``audiences``).
+    profile: dict[str, Any] | None = None
+    #: The triggering event's data (``type`` and fields), for templates that use ``event``.
+    event: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------------------------------------
 # registry
 
 
@@ -768,6 +985,13 @@ METHODS: dict[str, MethodSpec] = {
             ListApps,
             DeleteApp,
             SendPush,
+            PublishConfig,
+            GetConfig,
+            ListConfigs,
+            PublishMessage,
+            GetMessage,
+            ListMessages,
+            PreviewMessage,
         ],
     )
 }

@@ -55,6 +55,13 @@ COMMANDS: dict[str, str] = {
     "apps.list": "apps list",
     "apps.delete": "apps delete",
     "push.send": "push send",
+    "configs.publish": "configs publish",
+    "configs.get": "configs get",
+    "configs.list": "configs list",
+    "messages.publish": "messages publish",
+    "messages.get": "messages get",
+    "messages.list": "messages list",
+    "messages.preview": "messages preview",
 }
 
 
@@ -350,6 +357,75 @@ def _register_android(args: argparse.Namespace) -> api.RegisterAndroidApp:
     return api.RegisterAndroidApp(app=args.app, package_name=args.package_name, service_account=account)
 
 
+def _load_document(path: str, kind: type) -> Any:
+    """A YAML or JSON file as ``kind``; errors name the file and the field."""
+    import yaml
+
+    text = _read_file(path, "the file")
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        raise UsageError(f"{path}: {where}not valid YAML or JSON: {getattr(exc, 'problem', None) or exc}") from None
+    try:
+        return msgspec.convert(doc, kind)
+    except msgspec.ValidationError as exc:
+        raise UsageError(f"{path}: {api.describe_validation_error(exc, kind)[0]}") from None
+
+
+def _publisher(kind: type, request: Callable[[Any], api.Request[Any]], show: Callable[[Any], str]) -> Action:
+    async def action(client: Client, args: argparse.Namespace) -> None:
+        for path in args.files:
+            document = _load_document(path, kind)
+            try:
+                with trio.fail_after(args.timeout):
+                    result = await client.call(request(document))
+            except CallError as exc:
+                raise CallError(exc.status, f"{path}: {exc.message}", field=exc.field) from None
+            print(_json(result) if args.json else f"{path}: {show(result)}")
+
+    return action
+
+
+def show_config(c: api.ConfigInfo) -> str:
+    config = c.config
+    return (f"channel configuration {config.name} v{c.version} ({_when(c.published)}): apps {', '.join(config.apps)}, "
+            f"{'/'.join(config.platforms)}, consent {config.consent}")
+
+
+def show_message(m: api.MessageInfo) -> str:
+    spec = m.message
+    templates = f", templates in {', '.join(t.removeprefix('$.content.') for t in m.templates)}" if m.templates else ""
+    return f"message {spec.id} v{m.version} ({_when(m.published)}) through {spec.channel}{templates}"
+
+
+def show_preview(p: api.Preview) -> str:
+    if p.excluded:
+        return f"message {p.id} v{p.version}: this profile would be excluded: {p.excluded}: {p.detail}"
+    out = [f"message {p.id} v{p.version}"]
+    for item in p.previews:
+        head = f"{item.platform} ({item.app})"
+        if item.error:
+            out.append(f"  {head}: cannot be built: {item.error}" + (f": {item.detail}" if item.detail else ""))
+            continue
+        out.append(f"  {head}, {item.size} bytes:")
+        if item.headers:
+            out.append("    " + " ".join(f"{k}: {v}" for k, v in item.headers.items()))
+        out.append("    " + json.dumps(item.payload, ensure_ascii=False))
+    return "\n".join(out)
+
+
+def _preview_request(args: argparse.Namespace) -> api.PreviewMessage:
+    if (args.identity is None) == (args.profile is None):
+        raise UsageError("give --identity or --profile")
+    return api.PreviewMessage(
+        id=args.id, version=args.version, identity=args.identity,
+        profile=_parse_json_object(args.profile, "--profile") if args.profile else None,
+        event=_parse_json_object(args.event, "--event") if args.event else {},
+    )
+
+
 def _push_request(args: argparse.Namespace) -> api.SendPush:
     fcm_raw = _parse_json_object(args.fcm_raw, "--fcm-raw") if args.fcm_raw else None
     if args.raw or fcm_raw is not None:
@@ -535,6 +611,36 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fcm-click-action", help="Android intent action on a tap (default: --category)")
     p.add_argument("--fcm-color", help="Android icon colour, #rrggbb")
     p.add_argument("--fcm-icon", help="Android drawable name")
+
+    configs = commands.add_parser("configs", help="channel configurations (where messages go)").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    p = sub(configs, "publish", "publish channel configurations from YAML or JSON files (a new version each)",
+            _publisher(api.ChannelConfig, lambda c: api.PublishConfig(config=c), show_config))
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p = sub(configs, "get", "show a channel configuration", _req(lambda a: api.GetConfig(name=a.name, version=a.version), show_config))
+    p.add_argument("name")
+    p.add_argument("--version", type=int)
+    sub(configs, "list", "list channel configurations (latest versions)",
+        _req(lambda a: api.ListConfigs(), lambda r: "\n".join(show_config(c) for c in r.configs) or "(no configurations)"))
+
+    messages = commands.add_parser("messages", help="push messages and their templates").add_subparsers(
+        dest="sub", required=True, metavar="SUBCOMMAND")
+    p = sub(messages, "publish", "publish messages from YAML or JSON files (templates checked; a new version each)",
+            _publisher(api.MessageSpec, lambda m: api.PublishMessage(message=m), show_message))
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p = sub(messages, "get", "show a message", _req(lambda a: api.GetMessage(id=a.id, version=a.version),
+                                                     lambda m: show_message(m) + "\n" + _json(m.message)))
+    p.add_argument("id")
+    p.add_argument("--version", type=int)
+    sub(messages, "list", "list messages (latest versions)",
+        _req(lambda a: api.ListMessages(), lambda r: "\n".join(show_message(m) for m in r.messages) or "(no messages)"))
+    p = sub(messages, "preview", "render a message for a profile and show the exact provider payloads",
+            _req(_preview_request, show_preview))
+    p.add_argument("id")
+    p.add_argument("--version", type=int)
+    p.add_argument("--identity", help="a stored profile")
+    p.add_argument("--profile", help="a sample profile's attributes: a JSON object, or @FILE")
+    p.add_argument("--event", help="the triggering event's data: a JSON object, or @FILE")
 
     for name, what in (("mock-apns", "APNs"), ("mock-fcm", "FCM")):
         mock = commands.add_parser(name, help=f"run the mock {what} (for tests, demos and benchmarks)", add_help=False)

@@ -15,6 +15,7 @@ from protocols import api
 from protocols.frames import PROTOCOL_VERSION
 
 from . import _keys as keys
+from . import _messages as messages
 from . import _store as store_ops
 from ._errors import ActorError, FailedPrecondition, InvalidArgument, NotFound
 from .channels import AppRecord, DeliveryJob
@@ -336,4 +337,122 @@ def build_router(server: Server) -> Router:
         )
 
     router.add(api.SendPush, push_send)
+
+    # -- channel configurations and messages --------------------------------------------------
+
+    compiled_cache: dict[tuple[str, int], messages.Compiled] = {}
+
+    def compiled(record: messages.MessageRecord) -> messages.Compiled:
+        key = (record.message.id, record.version)
+        found = compiled_cache.get(key)
+        if found is None:
+            if len(compiled_cache) >= 1024:
+                compiled_cache.clear()
+            found = compiled_cache[key] = messages.Compiled(record)
+        return found
+
+    def get_config(name: str, version: int | None = None, field: str = "$.name") -> messages.ConfigRecord:
+        value = store.get_version("configs", name, version)
+        if value is None:
+            what = f"version {version} of " if version is not None else ""
+            raise NotFound(f"no {what}channel configuration {name!r} is published (pigeon configs publish FILE)", field=field)
+        return messages.decode_config(value)
+
+    def get_message(name: str, version: int | None = None) -> messages.MessageRecord:
+        value = store.get_version("messages", name, version)
+        if value is None:
+            what = f"version {version} of " if version is not None else ""
+            raise NotFound(f"no {what}message {name!r} is published (pigeon messages publish FILE)", field="$.id")
+        return messages.decode_message(value)
+
+    async def publish_config(ctx: CallContext, req: api.PublishConfig) -> api.ConfigInfo:
+        config = req.config
+        for i, app in enumerate(config.apps):
+            if store.get_app(app) is None:
+                raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios or register-android ...)",
+                               field=f"$.config.apps[{i}]")
+        published = store.clock()
+
+        def encode(version: int) -> bytes:
+            return messages.encode(messages.ConfigRecord(config=config, version=version, published_us=published))
+
+        version = await store.write(store_ops.publish_version, "configs", config.name, encode)
+        log.info("channel configuration %s: version %d published", config.name, version)
+        return messages.ConfigRecord(config=config, version=version, published_us=published).info()
+
+    async def config_get(ctx: CallContext, req: api.GetConfig) -> api.ConfigInfo:
+        return get_config(req.name, req.version).info()
+
+    async def configs_list(ctx: CallContext, req: api.ListConfigs) -> api.ConfigList:
+        return api.ConfigList(configs=[messages.decode_config(v).info() for v in store.list_latest("configs")])
+
+    async def publish_message(ctx: CallContext, req: api.PublishMessage) -> api.MessageInfo:
+        spec = req.message
+        get_config(spec.channel, field="$.message.channel")
+        draft = messages.MessageRecord(message=spec, version=0, published_us=store.clock())
+        check = messages.Compiled(draft)  # raises TemplateSyntax naming the field, line and column
+        draft.templates = check.templates
+
+        def encode(version: int) -> bytes:
+            draft.version = version
+            return messages.encode(draft)
+
+        draft.version = await store.write(store_ops.publish_version, "messages", spec.id, encode)
+        log.info("message %s: version %d published (%d templates)", spec.id, draft.version, len(draft.templates))
+        return draft.info()
+
+    async def message_get(ctx: CallContext, req: api.GetMessage) -> api.MessageInfo:
+        return get_message(req.id, req.version).info()
+
+    async def messages_list(ctx: CallContext, req: api.ListMessages) -> api.MessageList:
+        return api.MessageList(messages=[messages.decode_message(v).info() for v in store.list_latest("messages")])
+
+    async def preview(ctx: CallContext, req: api.PreviewMessage) -> api.Preview:
+        if (req.identity is None) == (req.profile is None):
+            raise InvalidArgument("give either an identity or a sample profile", field="$.identity")
+        record = get_message(req.id, req.version)
+        spec = record.message
+        if req.identity is not None:
+            profile = store.get_profile(req.identity)
+            attributes, identities, audiences = profile.attributes, profile.identities, []
+        else:
+            sample = dict(req.profile or {})
+            identities = [str(i) for i in sample.pop("identities", [])] if isinstance(sample.get("identities"), list) else []
+            audiences = [str(a) for a in sample.pop("audiences", [])] if isinstance(sample.get("audiences"), list) else []
+            attributes = sample
+        context = messages.context_for(attributes=attributes, identities=identities, audiences=audiences,
+                                       event=req.event, message=spec, version=record.version)
+        result = api.Preview(id=spec.id, version=record.version)
+        try:
+            content = compiled(record).render(context)
+        except InvalidArgument as exc:
+            result.excluded = type(exc).__name__ if type(exc).__name__ != "InvalidArgument" else "TemplateError"
+            result.detail = exc.message
+            return result
+        push, apns, fcm = messages.to_delivery(spec, content)
+        config = get_config(spec.channel, field="$.id").config
+        tracking = {"m": spec.id, "v": record.version, "x": "preview"}
+        for app in config.apps:
+            app_record = store.get_app(app) or AppRecord(app=app)
+            for platform in config.platforms:
+                channel = server.delivery.by_platform.get("apns" if platform == "ios" else "fcm")
+                if channel is None:
+                    result.previews.append(api.PlatformPreview(platform=platform, app=app, error="NoChannel"))
+                    continue
+                job = DeliveryJob(app=app_record, token="", platform="apns" if platform == "ios" else "fcm",
+                                  content=push, apns=apns, fcm=fcm, tracking=tracking)
+                rendered = channel.render(job)
+                result.previews.append(api.PlatformPreview(
+                    platform=platform, app=app, payload=rendered.payload, headers=rendered.headers, size=rendered.size,
+                    error=rendered.error, detail=rendered.detail,
+                ))
+        return result
+
+    router.add(api.PublishConfig, publish_config)
+    router.add(api.GetConfig, config_get)
+    router.add(api.ListConfigs, configs_list)
+    router.add(api.PublishMessage, publish_message)
+    router.add(api.GetMessage, message_get)
+    router.add(api.ListMessages, messages_list)
+    router.add(api.PreviewMessage, preview)
     return router

@@ -70,7 +70,7 @@ MAX_PROFILE_BYTES = 256 * 1024
 #: Registrations kept per profile; registering one more evicts the least recently seen.
 MAX_REGISTRATIONS = 50
 
-_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps")
+_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages")
 _meta_encoder = msgspec.msgpack.Encoder()
 
 
@@ -427,6 +427,24 @@ class ProfileStore(Actor):
             value = txn.get(keys.app_key(app), db=self._dbs["apps"])
         return None if value is None else decode_app(value)
 
+    def get_version(self, db: str, name: str, version: int | None = None) -> bytes | None:
+        """A published version (``configs``, ``messages``): the given one, or the latest."""
+        prefix = name.encode() + b"\x00"
+        with self.env.begin() as txn:
+            if version is not None:
+                return txn.get(prefix + version.to_bytes(4, "big"), db=self._dbs[db])
+            cursor = txn.cursor(db=self._dbs[db])
+            key = _latest_key(cursor, prefix)
+            return None if key is None else cursor.get(key)
+
+    def list_latest(self, db: str) -> list[bytes]:
+        """The latest version of everything published in ``db``, by name."""
+        latest: dict[bytes, bytes] = {}
+        with self.env.begin() as txn:
+            for key, value in txn.cursor(db=self._dbs[db]):
+                latest[key[:-5]] = value  # keys sort by name, then version
+        return list(latest.values())
+
     def list_apps(self) -> list[AppRecord]:
         with self.env.begin() as txn:
             return [decode_app(value) for _, value in txn.cursor(db=self._dbs["apps"])]
@@ -688,6 +706,27 @@ def put_app(w: Writer, record: AppRecord) -> AppRecord:
     w.txn.put(b"last_app_version", _meta_encoder.encode(record.version), db=meta)
     w.txn.put(keys.app_key(record.app), encode_app(record), db=w.dbs["apps"])
     return record
+
+
+def _latest_key(cursor: Any, prefix: bytes) -> bytes | None:
+    """The last key starting with ``prefix`` (a name and its NUL; names hold no NUL)."""
+    last = None
+    if cursor.set_range(prefix):
+        for key in cursor.iternext(keys=True, values=False):
+            if not key.startswith(prefix):
+                break
+            last = key
+    return last
+
+
+def publish_version(w: Writer, db: str, name: str, encode: Callable[[int], bytes]) -> int:
+    """Store the next version of ``name`` in ``db`` (``encode(version)`` gives its value);
+    versions start at 1 and are never replaced."""
+    prefix = name.encode() + b"\x00"
+    last = _latest_key(w.txn.cursor(db=w.dbs[db]), prefix)
+    version = 1 if last is None else int.from_bytes(last[-4:], "big") + 1
+    w.txn.put(prefix + version.to_bytes(4, "big"), encode(version), db=w.dbs[db])
+    return version
 
 
 def delete_app(w: Writer, app: str) -> None:

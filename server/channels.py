@@ -19,7 +19,7 @@ from protocols import api
 
 from ._errors import ServerError
 
-__all__ = ["AppVersions", "CredentialsError", "IosRecord", "AndroidRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel"]
+__all__ = ["Rendered", "AppVersions", "CredentialsError", "IosRecord", "AndroidRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel"]
 
 
 class IosRecord(msgspec.Struct, kw_only=True):
@@ -164,6 +164,17 @@ class AppVersions:
         )
 
 
+class Rendered(msgspec.Struct, kw_only=True):
+    """What a channel would send for a job (`Channel.render`, for previews)."""
+
+    payload: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    size: int = 0
+    #: Why it cannot be built (the reason a send would fail with), if so.
+    error: str | None = None
+    detail: str | None = None
+
+
 class Channel:
     """Base class of delivery channels.
 
@@ -192,6 +203,10 @@ class Channel:
         (``None``): retire what was built from older versions (connection pools), once what
         was already handed over is settled, and refuse jobs that still carry an older
         version (`AppVersions`)."""
+
+    def render(self, job: DeliveryJob) -> Rendered:
+        """The payload ``job`` would be sent with, without sending it (previews)."""
+        return Rendered(error="NotSupported", detail=f"channel {self.name} cannot preview")
 
     def statistics(self) -> dict[str, Any]:
         return {}

@@ -10,13 +10,14 @@ It is registered through the same hook any channel plugin uses (`pigeon_channels
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, ClassVar
 
 import trio
 
 from protocols import api
-from server.channels import AppRecord, AppVersions, Channel, DeliveryJob, DeliveryResult, IosRecord
+from server.channels import AppRecord, AppVersions, Channel, DeliveryJob, DeliveryResult, IosRecord, Rendered
 from server.hookspecs import hookimpl
 
 from ._credentials import CredentialsError, check_ios, recheck_ios
@@ -151,6 +152,21 @@ class ApnsChannel(Channel):
         finally:
             if self._senders.get(key) is sender:
                 del self._senders[key]
+
+    def render(self, job: DeliveryJob) -> Rendered:
+        ios = job.app.ios
+        if ios is None:
+            return Rendered(error="NoCredentials", detail=f"app {job.app.app} has no iOS credentials")
+        try:
+            request = build_request(bundle_id=ios.bundle_id, options=job.apns, content=job.content, raw=job.raw,
+                                    tracking=job.tracking)
+        except PayloadError as exc:
+            return Rendered(error=exc.reason, detail=exc.message)
+        return Rendered(
+            payload=json.loads(request.payload),
+            headers={name.decode(): value.decode() for name, value in request.headers},
+            size=len(request.payload),
+        )
 
     def forget_app(self, app: str, version: int | None = None) -> None:
         self._versions.forget(app, version)

@@ -17,10 +17,11 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import httpx
+import msgspec
 import trio
 
 from protocols import api
-from server.channels import AndroidRecord, AppVersions, Channel, CredentialsError, DeliveryJob, DeliveryResult
+from server.channels import AndroidRecord, AppVersions, Channel, CredentialsError, DeliveryJob, DeliveryResult, Rendered
 from server.hookspecs import hookimpl
 
 from ._credentials import check_android, recheck_android, ssl_context
@@ -167,6 +168,13 @@ class FcmChannel(Channel):
         finally:
             if self._senders.get(key) is sender:
                 del self._senders[key]
+
+    def render(self, job: DeliveryJob) -> Rendered:
+        try:
+            message = build_message(content=job.content, raw=job.fcm_raw, options=job.fcm, tracking=job.tracking)
+        except PayloadError as exc:
+            return Rendered(error=exc.reason, detail=str(exc))
+        return Rendered(payload=message, size=len(msgspec.json.encode(message)))
 
     def forget_app(self, app: str, version: int | None = None) -> None:
         self._versions.forget(app, version)
