@@ -33,6 +33,13 @@ EXPECTED_METHODS = {
     "events.list": (api.ListEvents, api.StoredEvent, True),
     "apps.register_ios": (api.RegisterIosApp, api.AppInfo, False),
     "apps.register_android": (api.RegisterAndroidApp, api.AppInfo, False),
+    "configs.publish": (api.PublishConfig, api.ConfigInfo, False),
+    "configs.get": (api.GetConfig, api.ConfigInfo, False),
+    "configs.list": (api.ListConfigs, api.ConfigList, False),
+    "messages.publish": (api.PublishMessage, api.MessageInfo, False),
+    "messages.get": (api.GetMessage, api.MessageInfo, False),
+    "messages.list": (api.ListMessages, api.MessageList, False),
+    "messages.preview": (api.PreviewMessage, api.Preview, False),
     "apps.get": (api.GetApp, api.AppInfo, False),
     "apps.list": (api.ListApps, api.AppList, False),
     "apps.delete": (api.DeleteApp, api.AppDeleted, False),
@@ -114,6 +121,22 @@ SAMPLES: dict[str, api.Request[Any]] = {
         apns=api.ApnsOptions(push_type="alert", priority=5, expiration=NOW, collapse_id="order"),
         fcm=api.FcmOptions(priority="normal", ttl_s=3600, channel_id="orders", color="#ff8800"),
     ),
+    "configs.publish": api.PublishConfig(config=api.ChannelConfig(name="shop-push", apps=["com.example.app"], consent="opt_in")),
+    "configs.get": api.GetConfig(name="shop-push", version=2),
+    "configs.list": api.ListConfigs(),
+    "messages.publish": api.PublishMessage(message=api.MessageSpec(
+        id="cart", channel="shop-push", ttl_s=3600, on_missing="exclude",
+        content=api.MessageContent(
+            title="Hi {{ profile.person.firstName }}", body="Still thinking?", badge=1,
+            on_click=api.OnClick(action="deeplink", url="shop://cart"),
+            buttons=[api.Button(id="buy", label="Buy", action="deeplink", url="shop://buy")],
+            data={"sku": "{{ event.sku }}"}, ios=api.IosFields(category="CART"),
+            android=api.AndroidFields(channel_id="offers", sticky=True),
+        ),
+    )),
+    "messages.get": api.GetMessage(id="cart"),
+    "messages.list": api.ListMessages(),
+    "messages.preview": api.PreviewMessage(id="cart", identity="crm:42", event={"sku": "S1"}),
 }
 
 
@@ -393,6 +416,7 @@ def test_describe_validation_error_without_a_path_is_about_the_root() -> None:
 _identities = st.from_regex(api.IDENTITY_PATTERN).filter(lambda s: len(s) <= 400)
 _apps = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,40}\Z")
 _tokens = st.from_regex(r"\A[\x21-\x7e]{1,200}\Z")
+_names = st.from_regex(r"\A[A-Za-z][A-Za-z0-9_.-]{0,40}\Z")
 _event_types = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,40}\Z")
 _timestamps = st.datetimes(
     min_value=dt.datetime(1900, 1, 1),
@@ -466,6 +490,20 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
         api.RegisterAndroidApp, app=_apps, package_name=st.none() | _apps,
         service_account=st.dictionaries(st.sampled_from(["project_id", "client_email", "private_key"]), st.text(max_size=20)),
     ),
+    "configs.publish": st.builds(api.PublishConfig, config=st.builds(
+        api.ChannelConfig, name=_names, apps=st.lists(_apps, min_size=1, max_size=3),
+        consent=st.sampled_from(["not_opted_out", "opt_in", "none"]))),
+    "configs.get": st.builds(api.GetConfig, name=_names, version=st.none() | st.integers(1, 2**31)),
+    "configs.list": st.builds(api.ListConfigs),
+    "messages.publish": st.builds(api.PublishMessage, message=st.builds(
+        api.MessageSpec, id=_names, channel=_names,
+        content=st.builds(api.MessageContent, title=st.none() | st.text(max_size=30), body=st.none() | st.text(max_size=30),
+                          data=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3)),
+        priority=st.sampled_from(["high", "normal"]), ttl_s=st.none() | st.integers(0, 2_419_200))),
+    "messages.get": st.builds(api.GetMessage, id=_names, version=st.none() | st.integers(1, 2**31)),
+    "messages.list": st.builds(api.ListMessages),
+    "messages.preview": st.builds(api.PreviewMessage, id=_names, identity=st.none() | _identities,
+                                  profile=st.none() | st.dictionaries(st.text(max_size=8), st.integers(), max_size=3)),
     "apps.get": st.builds(api.GetApp, app=_apps),
     "apps.list": st.builds(api.ListApps),
     "apps.delete": st.builds(api.DeleteApp, app=_apps),
