@@ -170,6 +170,8 @@ class FcmChannel(Channel):
                 del self._senders[key]
 
     def render(self, job: DeliveryJob) -> Rendered:
+        if job.app.android is None:
+            return Rendered(error="NoCredentials", detail=f"app {job.app.app} has no Android credentials")
         try:
             message = build_message(content=job.content, raw=job.fcm_raw, options=job.fcm, tracking=job.tracking)
         except PayloadError as exc:
