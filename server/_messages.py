@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+import msgspec.structs
 
 from protocols import api
 
@@ -112,6 +113,12 @@ class Compiled:
             if field.is_template:
                 self._fields.append((path, field))
 
+        data = self.spec.content.data
+        for key, filled in (("adb_act", bool(self.spec.content.buttons)), ("adb_sticky", self.spec.content.android.sticky)):
+            if filled and key in data:
+                raise InvalidArgument(f"$.content.data.{key}: Pigeon fills this key (from the buttons or sticky)",
+                                      field=f"$.content.data.{key}")
+
     @property
     def templates(self) -> list[str]:
         return [field.name for _, field in self._fields]
@@ -164,8 +171,9 @@ _ACTION_TYPES = {"open_app": "OPENAPP", "deeplink": "DEEPLINK", "web_url": "WEBU
 
 def to_delivery(
     spec: api.MessageSpec, content: api.MessageContent, *, now: float | None = None
-) -> tuple[api.PushContent, api.ApnsOptions, api.FcmOptions]:
-    """What the channels take, from rendered content."""
+) -> tuple[api.PushContent, api.ApnsOptions, api.PushContent, api.FcmOptions]:
+    """What the channels take, from rendered content: the iOS content and APNs options, the
+    Android content and FCM options (the iOS category is not Android's click action)."""
     data = dict(content.data)
     if content.buttons:
         # Adobe's key for action buttons (its SDKs render them on Android).
@@ -202,7 +210,7 @@ def to_delivery(
     android = content.android
     fcm = api.FcmOptions(
         data_only=android.data_only or content.silent,
-        priority=spec.priority,
+        priority="normal" if content.silent else spec.priority,
         ttl_s=spec.ttl_s,
         collapse_key=android.collapse_key,
         channel_id=android.channel_id,
@@ -212,4 +220,4 @@ def to_delivery(
         color=android.color,
         icon=android.icon,
     )
-    return push, apns, fcm
+    return push, apns, msgspec.structs.replace(push, category=None), fcm

@@ -429,7 +429,7 @@ def build_router(server: Server) -> Router:
             result.excluded = type(exc).__name__ if type(exc).__name__ != "InvalidArgument" else "TemplateError"
             result.detail = exc.message
             return result
-        push, apns, fcm = messages.to_delivery(spec, content)
+        ios_content, apns, android_content, fcm = messages.to_delivery(spec, content)
         config = get_config(spec.channel, field="$.id").config
         tracking = {"m": spec.id, "v": record.version, "x": "preview"}
         for app in config.apps:
@@ -440,7 +440,8 @@ def build_router(server: Server) -> Router:
                     result.previews.append(api.PlatformPreview(platform=platform, app=app, error="NoChannel"))
                     continue
                 job = DeliveryJob(app=app_record, token="", platform="apns" if platform == "ios" else "fcm",
-                                  content=push, apns=apns, fcm=fcm, tracking=tracking)
+                                  content=ios_content if platform == "ios" else android_content, apns=apns, fcm=fcm,
+                                  tracking=tracking)
                 rendered = channel.render(job)
                 result.previews.append(api.PlatformPreview(
                     platform=platform, app=app, payload=rendered.payload, headers=rendered.headers, size=rendered.size,

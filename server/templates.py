@@ -33,6 +33,7 @@ globals ``now()`` (UTC) and ``coalesce(a, b, ...)`` (the first value present).
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 from datetime import UTC, datetime
@@ -136,8 +137,14 @@ class _Missing(jinja2.ChainableUndefined):
     """A missing value: renders as nothing, chains (``a.b.c``), works with ``default``."""
 
 
-class _MissingExcludes(jinja2.StrictUndefined):
-    """A missing value with ``on_missing="exclude"``: using it raises (`MissingValue`)."""
+class _MissingExcludes(jinja2.ChainableUndefined):
+    """A missing value with ``on_missing="exclude"``: printing, testing or iterating it raises
+    (`MissingValue`); ``default(...)`` still applies, even below a missing parent."""
+
+    __str__ = __iter__ = __len__ = __bool__ = __eq__ = __ne__ = __contains__ = (  # type: ignore[assignment]
+        jinja2.Undefined._fail_with_undefined_error
+    )
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _to_datetime(value: Any) -> datetime | None:
@@ -194,8 +201,20 @@ def _coalesce(*values: Any) -> Any:
     return ""
 
 
+def _finalize(value: Any) -> Any:
+    """How a value prints: nothing for null, true/false, JSON for lists and maps."""
+    if value is None:
+        return ""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, (list, dict, tuple)):
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=str)
+    return value
+
+
 def _environment(undefined: type[jinja2.Undefined]) -> _Bounded:
-    env = _Bounded(undefined=undefined, autoescape=False, keep_trailing_newline=True, auto_reload=False, cache_size=0)
+    env = _Bounded(undefined=undefined, autoescape=False, keep_trailing_newline=True, auto_reload=False, cache_size=0,
+                   finalize=_finalize)
     env.filters.update(
         currency=_currency, number=_number, date=_date, days_until=_days_until, days_since=_days_since,
         url_encode=lambda v: quote(str(v), safe=""),

@@ -503,7 +503,7 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "messages.get": st.builds(api.GetMessage, id=_names, version=st.none() | st.integers(1, 2**31)),
     "messages.list": st.builds(api.ListMessages),
     "messages.preview": st.builds(api.PreviewMessage, id=_names, identity=st.none() | _identities,
-                                  profile=st.none() | st.dictionaries(st.text(max_size=8), st.integers(), max_size=3)),
+                                  profile=st.none() | st.dictionaries(st.text(max_size=8), st.integers(-2**63, 2**63 - 1), max_size=3)),
     "apps.get": st.builds(api.GetApp, app=_apps),
     "apps.list": st.builds(api.ListApps),
     "apps.delete": st.builds(api.DeleteApp, app=_apps),

@@ -46,7 +46,7 @@ def render(source: str, context: dict | None = None, on_missing: str = "default"
         ("{{ profile.loyalty.points | number(1) }}", "12,345.5"),
         ("{{ event.when | date('%d/%m/%Y') }}", "04/03/2025"),
         ("{{ coalesce(profile.person.nickname, profile.person.firstName) }}", "Ana"),
-        ("{{ 'vip' in profile.audiences }}", "True"),
+        ("{{ 'vip' in profile.audiences }}", "true"),
         ("{{ event.type }} #{{ message.version }} {{ journey.step }}", "commerce.purchase #3 welcome"),
         ("https://example.com/?q={{ 'a b&c' | url_encode }}", "https://example.com/?q=a%20b%26c"),
         ("{{ profile.missing.deeper.still }}|", "|"),
@@ -142,3 +142,14 @@ def test_errors_inside_a_render_are_template_errors() -> None:
         render("{{ 1 / 0 }}")
     with pytest.raises(TemplateError, match="OverflowError"):
         render("{{ range(10 ** 9) | list }}")
+
+
+def test_values_print_as_in_json() -> None:
+    context = {"event": {"n": None, "yes": True, "no": False, "items": [1, "a"], "map": {"k": 1}}}
+    assert render("{{ event.n }}|{{ event.yes }}|{{ event.no }}|{{ event.items }}|{{ event.map }}", context) == '|true|false|[1,"a"]|{"k":1}'
+
+
+def test_a_default_applies_below_a_missing_parent_when_missing_values_exclude() -> None:
+    assert render("Hi {{ profile.person.firstName | default('you') }}", {"profile": {}}, on_missing="exclude") == "Hi you"
+    with pytest.raises(MissingValue):
+        render("{% if profile.person.vip %}VIP{% endif %}", {"profile": {}}, on_missing="exclude")
