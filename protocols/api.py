@@ -115,6 +115,11 @@ __all__ = [
     "PlatformPreview",
     "Preview",
     "PreviewMessage",
+    "SendResult",
+    "SendMessage",
+    "MinuteCounts",
+    "Report",
+    "GetReport",
 ]
 
 R = TypeVar("R")
@@ -943,6 +948,76 @@ class PreviewMessage(Request[Preview]):
     event: dict[str, Any] = {}
 
 
+class SendResult(Response):
+    """What a send did, per notification (a profile with two devices counts twice; an
+    excluded profile once). ``targeted`` = ``excluded`` + ``sent``; ``sent`` = ``delivered`` +
+    ``failed``; ``bounced`` counts the failed whose token was dead."""
+
+    execution: str
+    message: str
+    version: int
+    profiles: int = 0
+    targeted: int = 0
+    excluded: dict[str, int] = {}
+    sent: int = 0
+    delivered: int = 0
+    failed: dict[str, int] = {}
+    bounced: int = 0
+
+
+class SendMessage(Request[SendResult]):
+    """Send a published message now (a one-shot campaign) to profiles: a list of identities,
+    or an audience (a condition over ``profile``, e.g. ``profile.loyalty.tier == 'gold'``).
+    Consent and the channel configuration's rules apply; the reply comes once every
+    notification is settled."""
+
+    method: ClassVar[str] = "messages.send"
+    id: Name
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    identities: Annotated[list[Identity], msgspec.Meta(max_length=10_000)] = []
+    audience: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    #: Only to profiles flagged as test profiles (the attribute ``testProfile`` is true).
+    test: bool = False
+    #: Data for templates that use ``event``.
+    event: dict[str, Any] = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# reports
+
+
+class MinuteCounts(Response):
+    start: Timestamp
+    counts: dict[str, int] = {}
+
+
+class Report(Response):
+    """Counts of the notifications that match the request's filters (see `SendResult` for
+    how the metrics add up)."""
+
+    window: Literal["live", "all_time"]
+    #: ``targeted``, ``excluded``, ``sent``, ``delivered``, ``failed``, ``bounced``, ``opened``, ...
+    totals: dict[str, int] = {}
+    #: Per metric, per reason (``excluded``: ``NoConsent``...; ``failed``: provider reasons).
+    reasons: dict[str, dict[str, int]] = {}
+    by_platform: dict[str, dict[str, int]] = {}
+    by_app: dict[str, dict[str, int]] = {}
+    #: ``opened`` / ``delivered``, when anything was delivered.
+    open_rate: float | None = None
+    #: The live window's per-minute counts, oldest first (only minutes with counts).
+    minutes: list[MinuteCounts] = []
+
+
+class GetReport(Request[Report]):
+    method: ClassVar[str] = "reports.get"
+    message: Name | None = None
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    app: AppId | None = None
+    platform: Platform | None = None
+    #: ``all_time`` (stored) or ``live`` (the last 24 hours, by minute).
+    window: Literal["live", "all_time"] = "all_time"
+
+
 # ---------------------------------------------------------------------------------------------
 # registry
 
@@ -992,6 +1067,8 @@ METHODS: dict[str, MethodSpec] = {
             GetMessage,
             ListMessages,
             PreviewMessage,
+            SendMessage,
+            GetReport,
         ],
     )
 }

@@ -67,13 +67,14 @@ class Server:
             clock=clock,
             sync=config.store.sync,
         )
-        self.reporting = Reporting()
+        self.reporting = Reporting(self.store)
         self.plugins = plugins if plugins is not None else Plugins()
         self.channels = self.plugins.channels(config)
         self.delivery = Delivery(self.reporting, self.store, self.channels)
         self.journeys = Journeys()
         self.ingestion = Ingestion(
-            self.store, on_committed=self.journeys.events_committed, clock=clock, retention_us=retention_us
+            self.store, on_committed=self.journeys.events_committed, clock=clock, retention_us=retention_us,
+            on_interactions=self.reporting.record_many,
         )
         self.listener = Listener(
             build_router(self),

@@ -62,6 +62,8 @@ COMMANDS: dict[str, str] = {
     "messages.get": "messages get",
     "messages.list": "messages list",
     "messages.preview": "messages preview",
+    "messages.send": "messages send",
+    "reports.get": "reports",
 }
 
 
@@ -416,6 +418,54 @@ def show_preview(p: api.Preview) -> str:
     return "\n".join(out)
 
 
+def _send_request(args: argparse.Namespace) -> api.SendMessage:
+    return api.SendMessage(
+        id=args.id, version=args.version, identities=args.identities or [], audience=args.audience, test=args.test,
+        event=_parse_json_object(args.event, "--event") if args.event else {},
+    )
+
+
+def show_send(r: api.SendResult) -> str:
+    def reasons(counts: dict[str, int]) -> str:
+        return f" ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if counts else ""
+
+    return (f"message {r.message} v{r.version}, execution {r.execution}: {r.profiles} profile(s), "
+            f"{r.targeted} targeted, {sum(r.excluded.values())} excluded{reasons(r.excluded)}, {r.sent} sent, "
+            f"{r.delivered} delivered, {sum(r.failed.values())} failed{reasons(r.failed)}, {r.bounced} bounced")
+
+
+_REPORT_COLUMNS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "opened", "action")
+
+
+def show_report(r: api.Report) -> str:
+    rows = [["all", *(str(r.totals.get(c, 0)) for c in _REPORT_COLUMNS)]]
+    rows += [[f"platform {name}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)] for name, row in sorted(r.by_platform.items())]
+    rows += [[f"app {name}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)] for name, row in sorted(r.by_app.items())]
+    out = [_table(rows, ["", *(c.upper() for c in _REPORT_COLUMNS)])]
+    if r.open_rate is not None:
+        out.append(f"open rate {r.open_rate:.1%}")
+    for metric, reasons in sorted(r.reasons.items()):
+        out.append(f"{metric}: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])))
+    if r.window == "live" and r.minutes:
+        last = r.minutes[-1]
+        out.append(f"last minute with activity: {_when(last.start)} " + ", ".join(f"{k} {v}" for k, v in sorted(last.counts.items())))
+    return "\n".join(out)
+
+
+async def _reports(client: Client, args: argparse.Namespace) -> None:
+    request = api.GetReport(message=args.message, version=args.version, app=args.app, platform=args.platform,
+                            window="live" if args.live else "all_time")
+    while True:
+        with trio.fail_after(args.timeout):
+            result = await client.call(request)
+        text = _json(result) if args.json else show_report(result)
+        if args.watch is None:
+            print(text)
+            return
+        print("\x1b[H\x1b[2J" + text, flush=True)  # refresh in place
+        await trio.sleep(args.watch)
+
+
 def _preview_request(args: argparse.Namespace) -> api.PreviewMessage:
     if (args.identity is None) == (args.profile is None):
         raise UsageError("give --identity or --profile")
@@ -634,6 +684,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", type=int)
     sub(messages, "list", "list messages (latest versions)",
         _req(lambda a: api.ListMessages(), lambda r: "\n".join(show_message(m) for m in r.messages) or "(no messages)"))
+    p = sub(messages, "send", "send a published message now to profiles or an audience (a one-shot campaign)",
+            _req(_send_request, show_send))
+    p.add_argument("id")
+    p.add_argument("--version", type=int)
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--identity", action="append", dest="identities", help="a profile (repeat for several)")
+    target.add_argument("--audience", help="a condition over profile, e.g. \"profile.tier == 'gold'\"")
+    p.add_argument("--test", action="store_true", help="only profiles whose attribute testProfile is true")
+    p.add_argument("--event", help="data for templates that use event: a JSON object, or @FILE")
     p = sub(messages, "preview", "render a message for a profile and show the exact provider payloads",
             _req(_preview_request, show_preview))
     p.add_argument("id")
@@ -641,6 +700,16 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", help="a stored profile")
     p.add_argument("--profile", help="a sample profile's attributes: a JSON object, or @FILE")
     p.add_argument("--event", help="the triggering event's data: a JSON object, or @FILE")
+
+    p = sub(commands, "reports", "what happened to notifications: targeted, excluded, sent, delivered, failed, opened",
+            _reports)
+    p.add_argument("--message", help="one message")
+    p.add_argument("--version", type=int, help="one version of it")
+    p.add_argument("--app")
+    p.add_argument("--platform", choices=["apns", "apns-sandbox", "fcm"])
+    p.add_argument("--live", action="store_true", help="the last 24 hours, by minute (default: all time)")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="refresh in place every SECONDS (default 2) until interrupted")
 
     for name, what in (("mock-apns", "APNs"), ("mock-fcm", "FCM")):
         mock = commands.add_parser(name, help=f"run the mock {what} (for tests, demos and benchmarks)", add_help=False)

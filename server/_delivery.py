@@ -21,7 +21,7 @@ from ._errors import ActorCrashed, ServerError
 from ._reporting import ReportEvent, Reporting
 from .channels import Channel, DeliveryJob, DeliveryResult
 
-__all__ = ["Delivery", "DeliveryRequest"]
+__all__ = ["Delivery", "DeliveryRequest", "report_events"]
 
 log = logging.getLogger("pigeon.delivery")
 
@@ -32,6 +32,28 @@ class DeliveryRequest:
     def __init__(self, jobs: list[DeliveryJob]) -> None:
         self.jobs = jobs
         self.future: Future[list[DeliveryResult]] = Future()
+
+
+def report_events(job: DeliveryJob, result: DeliveryResult) -> list[ReportEvent]:
+    """``sent``, then ``delivered`` or ``failed`` (and ``bounced`` for a dead token), with the
+    message and journey of the job's tracking envelope."""
+    tracking = job.tracking or {}
+    dims = {
+        "app": job.app.app,
+        "platform": job.platform,
+        "message": str(tracking.get("m", "")),
+        "version": tracking.get("v", 0) if isinstance(tracking.get("v"), int) else 0,
+        "journey": str(tracking.get("j", "")),
+        "node": str(tracking.get("n", "")),
+    }
+    events = [ReportEvent(outcome="sent", **dims)]
+    if result.status == "sent":
+        events.append(ReportEvent(outcome="delivered", **dims))
+    else:
+        events.append(ReportEvent(outcome="failed", reason=result.reason or "", **dims))
+        if result.status == "invalid":
+            events.append(ReportEvent(outcome="bounced", reason=result.reason or "", **dims))
+    return events
 
 
 class Delivery(Actor):
@@ -144,9 +166,8 @@ class Delivery(Actor):
                     result.detail = "the token was registered again after the provider's timestamp: it stays valid"
             self.invalidated += marked.count("marked")
         for job, result in zip(jobs, results):
-            await self.reporting.record(
-                ReportEvent(outcome=result.status, app=job.app.app, platform=job.platform, reason=result.reason or "")
-            )
+            for event in report_events(job, result):
+                await self.reporting.record(event)
 
     def details(self) -> dict[str, Any]:
         return {

@@ -10,7 +10,7 @@ engine is told how far the committed event log now reaches.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -22,6 +22,7 @@ from ._actor import Actor, Future
 from ._errors import InvalidArgument
 from ._keys import MAX_KEY_BYTES
 from ._records import to_us
+from ._reporting import ReportEvent
 from ._store import InEvent, ProfileStore, WriteOp, ingest_events
 
 __all__ = ["Ingestion", "decode_batch", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US"]
@@ -148,6 +149,48 @@ def decode_batch(
     return accepted, rejected
 
 
+#: Push interaction event types (Adobe's, which its SDKs send) and the report metric of each.
+INTERACTIONS = {
+    "pushTracking.applicationOpened": "opened",
+    "pushTracking.customAction": "action",
+    "pushTracking.received": "received",
+    "pushTracking.dismissed": "dismissed",
+}
+
+
+def push_interactions(events: list[InEvent]) -> list[ReportEvent]:
+    """The report events of the push interactions among ``events``: their data carries the
+    notification's tracking envelope under ``_p`` (a map, or its JSON text as FCM data
+    holds it), and for an action its ``actionId``; ``app`` and ``platform`` when the app
+    sends them."""
+    out = []
+    for _, type_, _, raw in events:
+        metric = INTERACTIONS.get(type_)
+        if metric is None:
+            continue
+        try:
+            data = msgspec.msgpack.decode(raw)
+            tracking = data.get("_p") if isinstance(data, dict) else None
+            if isinstance(tracking, str):
+                tracking = msgspec.json.decode(tracking)
+        except (msgspec.DecodeError, AttributeError):
+            continue
+        if not isinstance(tracking, dict) or not isinstance(tracking.get("m"), str):
+            continue  # not one of ours
+        version = tracking.get("v")
+        out.append(ReportEvent(
+            outcome=metric,
+            message=tracking["m"],
+            version=version if isinstance(version, int) else 0,
+            journey=str(tracking.get("j", "")),
+            node=str(tracking.get("n", "")),
+            app=str(data.get("app", "")),
+            platform=str(data.get("platform", "")),
+            reason=str(data.get("actionId", "")) if metric == "action" else "",
+        ))
+    return out
+
+
 class _Job:
     __slots__ = ("events", "rejected", "future")
 
@@ -191,6 +234,7 @@ class Ingestion(Actor):
         retention_us: int,
         mailbox_size: int = 256,
         max_coalesce: int = 64,
+        on_interactions: Callable[[list[ReportEvent]], Awaitable[None]] | None = None,
     ) -> None:
         super().__init__("ingestion", mailbox_size)
         self.store = store
@@ -198,6 +242,8 @@ class Ingestion(Actor):
         self.clock = clock
         self.retention_us = retention_us
         self.max_coalesce = max_coalesce
+        #: Called with the push interactions of each stored batch (reporting).
+        self.on_interactions = on_interactions
         self.accepted = 0
         self.rejected = 0
         self.batches = 0
@@ -211,7 +257,12 @@ class Ingestion(Actor):
             return api.IngestResult(accepted=0, rejected=rejected)
         job = _Job(events, rejected)
         await self.send(job)
-        return await job.future.wait()
+        result = await job.future.wait()
+        if self.on_interactions is not None:
+            interactions = push_interactions(events)
+            if interactions:
+                await self.on_interactions(interactions)
+        return result
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

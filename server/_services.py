@@ -16,7 +16,9 @@ from protocols.frames import PROTOCOL_VERSION
 
 from . import _keys as keys
 from . import _messages as messages
+from . import _pipeline as pipeline
 from . import _store as store_ops
+from . import templates
 from ._errors import ActorError, FailedPrecondition, InvalidArgument, NotFound
 from .channels import AppRecord, DeliveryJob
 from ._records import from_us, profile_to_api, to_us
@@ -449,6 +451,58 @@ def build_router(server: Server) -> Router:
                 ))
         return result
 
+    async def send_message(ctx: CallContext, req: api.SendMessage) -> api.SendResult:
+        if bool(req.identities) == (req.audience is not None):
+            raise InvalidArgument("give either identities or an audience", field="$.identities")
+        record = get_message(req.id, req.version)
+        config = get_config(record.message.channel, field="$.id").config
+        audience = templates.compile_condition("$.audience", req.audience) if req.audience is not None else None
+        run = pipeline.Pipeline(server, record, compiled(record), config, event=req.event, test=req.test)
+        profiles = (pipeline.profiles_by_identity(store, req.identities) if audience is None
+                    else pipeline.all_profiles(store))
+        result = await run.run(profiles, audience)
+        log.info("message %s v%d execution %s: %d targeted, %d sent, %d delivered", result.message, result.version,
+                 result.execution, result.targeted, result.sent, result.delivered)
+        return result
+
+    async def report(ctx: CallContext, req: api.GetReport) -> api.Report:
+        def matches(key: tuple[Any, ...]) -> bool:
+            message, version, _journey, _node, app, platform, _outcome, _reason = key
+            return ((req.message is None or message == req.message) and (req.version is None or version == req.version)
+                    and (req.app is None or app == req.app) and (req.platform is None or platform == req.platform))
+
+        out = api.Report(window=req.window)
+
+        def add(counts: Any) -> None:
+            for key, n in counts.items():
+                if not matches(key):
+                    continue
+                _, _, _, _, app, platform, outcome, reason = key
+                out.totals[outcome] = out.totals.get(outcome, 0) + n
+                if reason:
+                    per = out.reasons.setdefault(outcome, {})
+                    per[reason] = per.get(reason, 0) + n
+                for group, name in ((out.by_platform, platform), (out.by_app, app)):
+                    if name:
+                        row = group.setdefault(name, {})
+                        row[outcome] = row.get(outcome, 0) + n
+
+        if req.window == "live":
+            for minute, counts in server.reporting.live_counts():
+                before = dict(out.totals)
+                add(counts)
+                delta = {k: v - before.get(k, 0) for k, v in out.totals.items() if v != before.get(k, 0)}
+                if delta:
+                    out.minutes.append(api.MinuteCounts(start=from_us(minute * 60_000_000), counts=delta))
+        else:
+            add(server.reporting.all_time())
+        delivered = out.totals.get("delivered", 0)
+        if delivered:
+            out.open_rate = round(out.totals.get("opened", 0) / delivered, 4)
+        return out
+
+    router.add(api.GetReport, report)
+    router.add(api.SendMessage, send_message)
     router.add(api.PublishConfig, publish_config)
     router.add(api.GetConfig, config_get)
     router.add(api.ListConfigs, configs_list)

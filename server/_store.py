@@ -70,7 +70,7 @@ MAX_PROFILE_BYTES = 256 * 1024
 #: Registrations kept per profile; registering one more evicts the least recently seen.
 MAX_REGISTRATIONS = 50
 
-_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages")
+_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports")
 _meta_encoder = msgspec.msgpack.Encoder()
 
 
@@ -386,6 +386,17 @@ class ProfileStore(Actor):
             if pid is None:
                 raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
             return decode_profile(txn.get(pid, db=dbs["profiles"]))
+
+    def scan_profiles(self, after: bytes | None = None, limit: int = 500) -> list[tuple[bytes, ProfileRecord]]:
+        """Up to ``limit`` profiles in profile-id order, after the id ``after`` (audiences)."""
+        out = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._dbs["profiles"])
+            found = cursor.set_range(after + b"\x00") if after is not None else cursor.first()
+            while found and len(out) < limit:
+                out.append((bytes(cursor.key()), decode_profile(cursor.value())))
+                found = cursor.next()
+        return out
 
     def find_token(self, app: str, token: str) -> ProfileRecord | None:
         with self.env.begin() as txn:

@@ -49,6 +49,8 @@ from ._errors import InvalidArgument
 __all__ = [
     "Field",
     "compile_field",
+    "Condition",
+    "compile_condition",
     "TemplateError",
     "TemplateSyntax",
     "TemplateLimit",
@@ -294,6 +296,51 @@ def compile_field(name: str, source: str, on_missing: OnMissing = "default") -> 
         where = f"line {exc.lineno}" + (f", column {column}" if column else "")
         raise TemplateSyntax(f"{name}: {where}: {exc.message}", field=name) from None
     return Field(name, source, template)
+
+
+class Condition:
+    """A compiled condition (an audience): `test` it with a context."""
+
+    __slots__ = ("name", "source", "_expression")
+
+    def __init__(self, name: str, source: str, expression: Any) -> None:
+        self.name = name
+        self.source = source
+        self._expression = expression
+
+    def test(self, context: dict[str, Any]) -> bool:
+        """Whether the context qualifies; a missing value does not (it is false).
+
+        Raises:
+            TemplateLimit, TemplateError: as `Field.render`.
+        """
+        _budget.iterations = MAX_ITERATIONS
+        try:
+            return bool(self._expression(**context))
+        except jinja2.UndefinedError:
+            return False  # compared or computed with a missing value
+        except TemplateLimit as exc:
+            raise TemplateLimit(f"{self.name}: {exc.message}", field=self.name) from None
+        except jinja2.sandbox.SecurityError as exc:
+            raise TemplateError(f"{self.name}: not allowed in a condition: {exc}", field=self.name) from None
+        except RecursionError:
+            raise TemplateLimit(f"{self.name}: the condition recurses too deep", field=self.name) from None
+        except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, jinja2.TemplateError) as exc:
+            raise TemplateError(f"{self.name}: {type(exc).__name__}: {exc}", field=self.name) from None
+
+
+def compile_condition(name: str, source: str) -> Condition:
+    """Compile an expression such as ``profile.loyalty.points > 1000 and 'vip' in profile.audiences``.
+
+    Raises:
+        TemplateSyntax: naming the field and where.
+    """
+    env = _ENVIRONMENTS["default"]
+    try:
+        expression = env.compile_expression(source, undefined_to_none=True)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateSyntax(f"{name}: {exc.message}", field=name) from None
+    return Condition(name, source, expression)
 
 
 def _column(env: jinja2.Environment, source: str, lineno: int) -> int | None:

@@ -40,6 +40,8 @@ EXPECTED_METHODS = {
     "messages.get": (api.GetMessage, api.MessageInfo, False),
     "messages.list": (api.ListMessages, api.MessageList, False),
     "messages.preview": (api.PreviewMessage, api.Preview, False),
+    "messages.send": (api.SendMessage, api.SendResult, False),
+    "reports.get": (api.GetReport, api.Report, False),
     "apps.get": (api.GetApp, api.AppInfo, False),
     "apps.list": (api.ListApps, api.AppList, False),
     "apps.delete": (api.DeleteApp, api.AppDeleted, False),
@@ -137,6 +139,8 @@ SAMPLES: dict[str, api.Request[Any]] = {
     "messages.get": api.GetMessage(id="cart"),
     "messages.list": api.ListMessages(),
     "messages.preview": api.PreviewMessage(id="cart", identity="crm:42", event={"sku": "S1"}),
+    "messages.send": api.SendMessage(id="cart", audience="profile.tier == 'gold'", test=True, event={"sku": "S1"}),
+    "reports.get": api.GetReport(message="cart", platform="fcm", window="live"),
 }
 
 
@@ -504,6 +508,10 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "messages.list": st.builds(api.ListMessages),
     "messages.preview": st.builds(api.PreviewMessage, id=_names, identity=st.none() | _identities,
                                   profile=st.none() | st.dictionaries(st.text(max_size=8), st.integers(-2**63, 2**63 - 1), max_size=3)),
+    "messages.send": st.builds(api.SendMessage, id=_names, identities=st.lists(_identities, max_size=3),
+                               audience=st.none() | st.text(max_size=40), test=st.booleans()),
+    "reports.get": st.builds(api.GetReport, message=st.none() | _names, app=st.none() | _apps,
+                             window=st.sampled_from(["live", "all_time"])),
     "apps.get": st.builds(api.GetApp, app=_apps),
     "apps.list": st.builds(api.ListApps),
     "apps.delete": st.builds(api.DeleteApp, app=_apps),

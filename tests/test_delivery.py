@@ -27,7 +27,7 @@ async def test_a_platform_without_a_channel_fails_with_NoChannel_and_is_reported
     actors = {a.name: a for a in stats.actors}
     assert actors["delivery"].details["notifications"] == 3
     assert {"apns", "fcm"} <= set(actors["delivery"].details["channels"])
-    assert actors["reporting"].details == {"outcomes": {"failed": 3}, "reasons": {"failed:NoChannel": 3}}
+    assert actors["reporting"].details == {"outcomes": {"sent": 3, "failed": 3}, "reasons": {"failed:NoChannel": 3}}
 
 
 async def test_an_ios_app_without_credentials_fails_on_the_apns_channel(server):

@@ -1,0 +1,177 @@
+"""Sending messages to profiles through the real pipeline, to the mock APNs and the mock FCM
+over TLS; exclusions, personalized payloads, dead tokens, interactions and reports."""
+
+from __future__ import annotations
+
+import functools
+import json
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from plugins.apns.mock import MockApnsProcess, SigningKey
+from plugins.fcm.mock import MockFcmProcess, ServiceAccount
+from protocols import api
+from protocols.trio_client import open_client
+from server import Server
+
+from .conftest import make_config
+
+APP = "com.acme.shop"
+KEY = SigningKey.generate(key_id="ABC123DEFG", team_id="TEAM123456")
+ACCOUNT = ServiceAccount.generate("acme-push")
+
+
+@pytest.fixture(scope="module")
+def mocks(tmp_path_factory: pytest.TempPathFactory):
+    with MockApnsProcess(tmp_path_factory.mktemp("apns"), config={"keys": [KEY.spec()]}) as apns, \
+            MockFcmProcess(tmp_path_factory.mktemp("fcm")) as fcm:
+        yield apns, fcm
+
+
+@pytest.fixture
+async def client(tmp_path: Path, mocks) -> AsyncIterator[Any]:
+    apns, fcm = mocks
+    for admin in (apns.admin, fcm.admin):
+        admin.reset_faults()
+        admin.clear_tokens()
+        admin.clear_accepted()
+    fcm.admin.set_project("acme-push", service_accounts=[ACCOUNT.spec()])
+    endpoint = {"address": apns.address, "ca_file": str(apns.ca_file)}
+    config = make_config(tmp_path / "data", apns={"sandbox": endpoint, "production": endpoint},
+                         fcm={"url": fcm.url, "ca_file": str(fcm.ca_file), "retry_min_s": 0.05})
+    srv = Server(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0]) as c:
+            await c.call(api.RegisterIosApp(app=APP, environment="both", auth=api.ApnsTokenAuth(
+                key_pem=KEY.private_key_pem, key_id=KEY.key_id, team_id=KEY.team_id)))
+            await c.call(api.RegisterAndroidApp(app=APP, service_account=ACCOUNT.info(fcm.token_uri)))
+            await c.call(api.PublishConfig(config=api.ChannelConfig(name="shop-push", apps=[APP])))
+            await c.call(api.PublishMessage(message=api.MessageSpec(
+                id="cart", channel="shop-push",
+                content=api.MessageContent(
+                    title="Hi {{ profile.person.firstName | default('there') }}",
+                    body="Your {{ event.product }} is waiting",
+                    data={"tier": "{{ profile.tier | default('none') }}"},
+                    buttons=[api.Button(id="buy", label="Buy", action="deeplink", url="shop://buy")],
+                ),
+            )))
+            yield c
+        srv.request_stop()
+
+
+async def admin(mock: Any, name: str, *args: Any) -> Any:
+    return await trio.to_thread.run_sync(functools.partial(getattr(mock.admin, name), *args))
+
+
+def apns_token() -> str:
+    return secrets.token_hex(32)
+
+
+async def profile(client: Any, identity: str, attributes: dict[str, Any], tokens: list[tuple[str, str]] = (),
+                  consent: str | None = None) -> None:
+    await client.call(api.UpsertProfile(identity=identity, attributes=attributes))
+    for platform, token in tokens:
+        await client.call(api.RegisterToken(identity=identity, app=APP, platform=platform, token=token))
+    if consent is not None:
+        await client.call(api.SetConsent(identity=identity, app=APP, push=consent))
+
+
+async def test_a_send_personalizes_excludes_delivers_and_reports(client, mocks):
+    apns, fcm = mocks
+    ios_ok, android_ok, android_gone, stale = apns_token(), "fcm-ana", "fcm-gone", "fcm-stale"
+    await admin(apns, "set_tokens", {ios_ok: [APP]})
+    await admin(fcm, "set_tokens", "acme-push", {android_ok: {}, android_gone: {"unregistered": True},
+                                                  stale: {"unregistered": True}})
+    await profile(client, "crm:1", {"person": {"firstName": "Ana"}, "tier": "gold"},
+                  [("apns-sandbox", ios_ok), ("fcm", android_ok)])
+    await profile(client, "crm:2", {"person": {"firstName": "Bo"}}, [("fcm", android_gone)])
+    await profile(client, "crm:3", {"person": {"firstName": "Cy"}})  # no token
+    await profile(client, "crm:4", {}, [("apns-sandbox", apns_token())], consent="out")
+    await profile(client, "crm:5", {}, [("fcm", stale)])
+    # crm:5's only token dies on a first push: it is then invalid on the profile.
+    await client.call(api.SendPush(app=APP, identity="crm:5", content=api.PushContent(title="x")))
+
+    result = await client.call(api.SendMessage(
+        id="cart", identities=["crm:1", "crm:2", "crm:3", "crm:4", "crm:5", "crm:404"], event={"product": "red shoes"},
+    ))
+    assert result.profiles == 5
+    assert result.excluded == {"NoTokenForApp": 1, "NoConsent": 1, "OnlyInvalidTokens": 1}
+    assert (result.targeted, result.sent, result.delivered, result.bounced) == (6, 3, 2, 1)
+    assert result.failed == {"UNREGISTERED": 1}
+    assert result.targeted == sum(result.excluded.values()) + result.sent
+    assert result.sent == result.delivered + sum(result.failed.values())
+
+    [ios] = await admin(apns, "accepted")
+    assert ios["token"] == ios_ok
+    assert ios["payload"]["aps"]["alert"] == {"title": "Hi Ana", "body": "Your red shoes is waiting"}
+    assert ios["payload"]["tier"] == "gold"
+    tracking = ios["payload"]["_p"]
+    assert tracking == {"m": "cart", "v": 1, "x": result.execution}
+    [android] = await admin(fcm, "accepted")
+    assert android["token"] == android_ok
+    assert android["message"]["notification"] == {"title": "Hi Ana", "body": "Your red shoes is waiting"}
+    assert json.loads(android["message"]["data"]["_p"]) == tracking
+    # The dead token is cleaned from its profile.
+    bo = await client.call(api.GetProfile(identity="crm:2"))
+    assert [(r.state, r.invalid_reason) for r in bo.registrations] == [("invalid", "UNREGISTERED")]
+
+    # The app reports interactions, carrying the envelope it received.
+    await client.call(api.IngestEvents(events=[
+        api.Event(identity="crm:1", type="pushTracking.applicationOpened", data={"_p": tracking, "platform": "apns-sandbox"}),
+        api.Event(identity="crm:1", type="pushTracking.customAction",
+                  data={"_p": android["message"]["data"]["_p"], "actionId": "buy", "platform": "fcm"}),
+        api.Event(identity="crm:1", type="pushTracking.applicationOpened", data={"no": "envelope"}),
+    ]))
+    with trio.fail_after(10):  # reports are counted a moment after the events
+        while (report := await client.call(api.GetReport(message="cart"))).totals.get("action", 0) < 1:
+            await trio.sleep(0.02)
+    totals = report.totals
+    assert totals["targeted"] == totals["excluded"] + totals["sent"] == 6
+    assert totals["sent"] == totals["delivered"] + totals["failed"] == 3
+    assert (totals["bounced"], totals["opened"], totals["action"]) == (1, 1, 1)
+    assert report.reasons["excluded"] == {"NoTokenForApp": 1, "NoConsent": 1, "OnlyInvalidTokens": 1}
+    assert report.reasons["failed"] == {"UNREGISTERED": 1} and report.reasons["action"] == {"buy": 1}
+    assert report.by_platform["fcm"]["delivered"] == 1 and report.by_platform["apns-sandbox"]["opened"] == 1
+    assert report.open_rate == 0.5
+    live = await client.call(api.GetReport(message="cart", window="live"))
+    assert live.totals == totals and sum(m.counts.get("sent", 0) for m in live.minutes) == 3
+    # The transactional push of crm:5 is reported too, under no message.
+    everything = await client.call(api.GetReport())
+    assert everything.totals["sent"] == 4
+
+
+async def test_audiences_test_sends_and_missing_values(client, mocks):
+    apns, _ = mocks
+    gold, silver, tester = apns_token(), apns_token(), apns_token()
+    await admin(apns, "set_tokens", {t: [APP] for t in (gold, silver, tester)})
+    await profile(client, "crm:10", {"tier": "gold"}, [("apns-sandbox", gold)])
+    await profile(client, "crm:11", {"tier": "silver"}, [("apns-sandbox", silver)])
+    await profile(client, "crm:12", {"tier": "gold", "testProfile": True, "person": {"firstName": "Tess"}},
+                  [("apns-sandbox", tester)])
+    result = await client.call(api.SendMessage(id="cart", audience="profile.tier == 'gold'", event={"product": "hat"}))
+    assert (result.profiles, result.delivered) == (2, 2)
+    test = await client.call(api.SendMessage(id="cart", audience="true", test=True, event={"product": "hat"}))
+    assert (test.profiles, test.delivered) == (1, 1)
+    accepted = await admin(apns, "accepted")
+    assert sorted(a["token"] for a in accepted) == sorted([gold, tester, tester])
+
+    await client.call(api.PublishMessage(message=api.MessageSpec(
+        id="strict", channel="shop-push", on_missing="exclude",
+        content=api.MessageContent(title="Hi {{ profile.person.firstName }}"))))
+    strict = await client.call(api.SendMessage(id="strict", identities=["crm:10", "crm:12"]))
+    assert strict.excluded == {"MissingValue": 1} and strict.delivered == 1
+
+    from protocols.errors import CallError, Status
+
+    with pytest.raises(CallError) as caught:
+        await client.call(api.SendMessage(id="cart", audience="profile."))
+    assert caught.value.status == Status.INVALID_ARGUMENT and caught.value.field == "$.audience"
+    with pytest.raises(CallError) as caught:
+        await client.call(api.SendMessage(id="cart"))
+    assert caught.value.field == "$.identities"
