@@ -711,6 +711,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                    help="refresh in place every SECONDS (default 2) until interrupted")
 
+    demo = commands.add_parser("demo", help="the whole flow in one command: mocks, apps, a message, a send, a report")
+    demo.add_argument("--data", metavar="DIR", help="folder for the demo (default: a new temporary one)")
+    demo.add_argument("--profiles", type=int, default=40, help="profiles to create (default 40)")
+    demo.set_defaults(action=None)
+
     for name, what in (("mock-apns", "APNs"), ("mock-fcm", "FCM")):
         mock = commands.add_parser(name, help=f"run the mock {what} (for tests, demos and benchmarks)", add_help=False)
         mock.add_argument("rest", nargs=argparse.REMAINDER)
@@ -792,6 +797,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "demo":
+            from ._demo import run_demo
+
+            logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+            return trio.run(run_demo, args.data, args.profiles)
         trio.run(_run_client, args)
         return 0
     except (UsageError, ConfigError) as exc:

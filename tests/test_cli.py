@@ -287,3 +287,18 @@ def test_mock_fcm_runs_from_the_cli(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_pigeon_demo_runs_the_whole_flow(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "server._cli", "demo", "--data", str(tmp_path / "demo"), "--profiles", "14"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout
+    assert "ios (com.example.pigeon-demo)" in out and "android (com.example.pigeon-demo)" in out
+    assert "report for welcome-back:" in out
+    [summary] = [line for line in out.splitlines() if line.startswith("message welcome-back v1, execution")]
+    assert "15 profile(s), 15 targeted" in summary and "bounced" in summary
+    [totals] = [line.split() for line in out.splitlines() if line.startswith("all ")]
+    targeted, excluded, sent, delivered, failed, bounced, opened, action = map(int, totals[1:])
+    assert targeted == excluded + sent and sent == delivered + failed
+    assert bounced >= 1 and opened >= 1 and (tmp_path / "demo" / "data").is_dir()
