@@ -10,6 +10,7 @@ engine is told how far the committed event log now reaches.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -19,11 +20,13 @@ import trio
 from protocols import api
 
 from ._actor import Actor, Future
-from ._errors import InvalidArgument
+from ._errors import InvalidArgument, ServerError
 from ._keys import MAX_KEY_BYTES
 from ._records import to_us
 from ._reporting import ReportEvent
 from ._store import InEvent, ProfileStore, WriteOp, ingest_events
+
+log = logging.getLogger("pigeon.ingest")
 
 __all__ = ["Ingestion", "decode_batch", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US"]
 
@@ -244,6 +247,7 @@ class Ingestion(Actor):
         self.max_coalesce = max_coalesce
         #: Called with the push interactions of each stored batch (reporting).
         self.on_interactions = on_interactions
+        self.interactions_lost = 0
         self.accepted = 0
         self.rejected = 0
         self.batches = 0
@@ -261,7 +265,11 @@ class Ingestion(Actor):
         if self.on_interactions is not None:
             interactions = push_interactions(events)
             if interactions:
-                await self.on_interactions(interactions)
+                try:
+                    await self.on_interactions(interactions)
+                except ServerError as exc:  # the events are stored: the call succeeded all the same
+                    self.interactions_lost += len(interactions)
+                    log.warning("%d push interactions not counted: %s", len(interactions), exc)
         return result
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

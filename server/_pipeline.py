@@ -12,7 +12,8 @@ Exclusion reasons (AJO's names where it has one):
 - ``OnlyInvalidTokens``: only registrations providers said are dead;
 - ``NoConsent``: the profile opted out of the app's push (or did not opt in, with consent
   ``opt_in``);
-- ``MissingValue``, ``TemplateLimit``, ``TemplateError``: personalization failed for it.
+- ``MissingValue``, ``TemplateLimit``, ``TemplateError``: personalization failed for it;
+- ``AudienceError``: the audience condition fails on its data (a text compared with a number).
 """
 
 from __future__ import annotations
@@ -85,11 +86,17 @@ class Pipeline:
                                            event=self.event, message=self.spec, version=self.record.version)
             if self.test and profile.attributes.get("testProfile") is not True:
                 continue
-            if audience is not None and not audience.test(context):
-                continue
+            reason = None
+            if audience is not None:
+                try:
+                    if not audience.test(context):
+                        continue
+                except TemplateError:
+                    reason = "AudienceError"  # this profile's data breaks the condition; the others go on
             self.result.profiles += 1
             jobs_before = len(jobs)
-            reason = self._profile(profile, context, jobs)
+            if reason is None:
+                reason = self._profile(profile, context, jobs)
             if reason is not None:
                 reports += [self._report("targeted"), self._report("excluded", reason=reason)]
                 self.result.targeted += 1

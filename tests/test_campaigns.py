@@ -175,3 +175,13 @@ async def test_audiences_test_sends_and_missing_values(client, mocks):
     with pytest.raises(CallError) as caught:
         await client.call(api.SendMessage(id="cart"))
     assert caught.value.field == "$.identities"
+
+
+async def test_a_profile_whose_data_breaks_the_audience_is_excluded_and_the_send_goes_on(client, mocks):
+    apns, _ = mocks
+    fine, odd = apns_token(), apns_token()
+    await admin(apns, "set_tokens", {t: [APP] for t in (fine, odd)})
+    await profile(client, "crm:20", {"age": 40}, [("apns-sandbox", fine)])
+    await profile(client, "crm:21", {"age": "forty"}, [("apns-sandbox", odd)])
+    result = await client.call(api.SendMessage(id="cart", audience="profile.age > 30", event={"product": "x"}))
+    assert result.excluded == {"AudienceError": 1} and result.delivered == 1
