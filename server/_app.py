@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from ._config import Config
+from ._errors import ActorError, ServerError
 from ._delivery import Delivery
 from ._ingest import Ingestion
 from ._journeys import Journeys
@@ -126,12 +127,53 @@ class Server:
         """Run until `request_stop`; then stop within the configured grace time."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self.supervisor.run)
-            log.info("pigeon %s ready on %s (data in %s)", self.version, ", ".join(self.addresses), self.config.data)
-            task_status.started(self)
-            await self._stop.wait()
-            log.info("stopping: no new calls; finishing those in flight")
+            async with trio.open_nursery() as background:
+                self._background = background
+                background.start_soon(self._recover)
+                log.info("pigeon %s ready on %s (data in %s)", self.version, ", ".join(self.addresses), self.config.data)
+                task_status.started(self)
+                await self._stop.wait()
+                log.info("stopping: no new calls; finishing those in flight")
+                # Executions stop between batches' commits; the outbox resumes them at the next start.
+                background.cancel_scope.cancel()
             await self.supervisor.stop(self.config.shutdown_grace_s)
             log.info("stopped")
+
+    async def _recover(self) -> None:
+        from ._pipeline import recover
+
+        try:
+            await recover(self)
+        except ServerError as exc:
+            log.error("could not resume the sends in progress: %s", exc)
+
+    async def run_in_background(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` in the server's own nursery and return its result: it goes on if
+        the caller is cancelled (until the server stops)."""
+        done = trio.Event()
+        outcome: list[Any] = []
+
+        async def runner() -> None:
+            try:
+                outcome.append(("ok", await fn(*args)))
+            except BaseException as exc:
+                outcome.append(("error", exc))
+                if not isinstance(exc, Exception):
+                    raise
+            finally:
+                done.set()
+
+        assert self._background is not None, "the server is not running"
+        self._background.start_soon(runner)
+        await done.wait()
+        kind, value = outcome[0]
+        if kind == "error":
+            if isinstance(value, Exception):
+                raise value
+            raise ActorError("the server is stopping; the send resumes where it stopped at its next start")
+        return value
+
+    _background: trio.Nursery | None = None
 
     def request_stop(self) -> None:
         self.stopping = True

@@ -14,13 +14,24 @@ Exclusion reasons (AJO's names where it has one):
   ``opt_in``);
 - ``MissingValue``, ``TemplateLimit``, ``TemplateError``: personalization failed for it;
 - ``AudienceError``: the audience condition fails on its data (a text compared with a number).
+
+Durability: an execution is stored when it starts (``executions``). Each batch of 500
+profiles is staged in one commit: its notifications go into the outbox (``outbox``) and the
+execution's cursor moves past the batch. They are then delivered, and removed from the
+outbox, with the execution's counts, in a second commit. After a crash (or a stop) the
+server, when it starts, delivers what the outbox still holds again (these may reach the
+provider twice: they are counted as ``replayed``) and resumes the executions from their
+cursors. So every targeted profile is staged exactly once, and sent at least once.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections import Counter
 from typing import Any
+
+import msgspec
 
 from protocols import api
 
@@ -28,13 +39,70 @@ from . import _messages as messages
 from ._errors import InvalidArgument
 from ._reporting import ReportEvent
 from .channels import AppRecord, DeliveryJob
-from .templates import Condition, TemplateError
+from .templates import Condition, TemplateError, compile_condition
 
-__all__ = ["Pipeline", "PLATFORMS"]
+__all__ = ["Pipeline", "PLATFORMS", "ExecutionRecord", "OutboxEntry", "recover"]
+
+log = logging.getLogger("pigeon.pipeline")
 
 #: Registration platforms of each configuration platform.
 PLATFORMS = {"ios": ("apns", "apns-sandbox"), "android": ("fcm",)}
 _BATCH = 500
+
+
+class ExecutionRecord(msgspec.Struct, kw_only=True):
+    """A send in progress, as stored: enough to resume it."""
+
+    execution: str
+    message: str
+    version: int
+    identities: list[str] = []
+    audience: str | None = None
+    test: bool = False
+    event: dict[str, Any] = {}
+    #: Identities staged so far, or the last profile id staged (audiences).
+    cursor: int = 0
+    after: bytes | None = None
+    batches: int = 0
+    result: api.SendResult
+
+
+class OutboxEntry(msgspec.Struct, array_like=True):
+    """A notification staged for delivery."""
+
+    app: str
+    token: str
+    platform: str
+    content: api.PushContent
+    apns: api.ApnsOptions
+    fcm: api.FcmOptions
+    tracking: dict[str, Any]
+
+
+_encoder = msgspec.msgpack.Encoder()
+_execution_decoder = msgspec.msgpack.Decoder(ExecutionRecord)
+_entry_decoder = msgspec.msgpack.Decoder(OutboxEntry)
+
+
+def _outbox_key(execution: str, batch: int, index: int) -> bytes:
+    return bytes.fromhex(execution) + batch.to_bytes(4, "big") + index.to_bytes(4, "big")
+
+
+def stage_batch(w: Any, record: bytes, execution: str, entries: list[tuple[bytes, bytes]]) -> None:
+    """Store op: the batch's notifications into the outbox, and the execution past the batch."""
+    w.txn.put(bytes.fromhex(execution), record, db=w.dbs["executions"])
+    for key, value in entries:
+        w.txn.put(key, value, db=w.dbs["outbox"])
+
+
+def settle_batch(w: Any, record: bytes | None, execution: str, keys: list[bytes]) -> None:
+    """Store op: the batch delivered: out of the outbox; the execution's counts (None: it ended)."""
+    for key in keys:
+        w.txn.delete(key, db=w.dbs["outbox"])
+    if record is None:
+        w.txn.delete(bytes.fromhex(execution), db=w.dbs["executions"])
+    else:
+        w.txn.put(bytes.fromhex(execution), record, db=w.dbs["executions"])
 
 
 class Pipeline:
@@ -50,7 +118,9 @@ class Pipeline:
     """
 
     def __init__(self, server: Any, record: messages.MessageRecord, compiled: messages.Compiled,
-                 config: api.ChannelConfig, *, event: dict[str, Any], test: bool) -> None:
+                 config: api.ChannelConfig, *, event: dict[str, Any], test: bool,
+                 identities: list[str] | None = None, audience: str | None = None,
+                 resume: ExecutionRecord | None = None) -> None:
         self.server = server
         self.record = record
         self.spec = record.message
@@ -58,25 +128,48 @@ class Pipeline:
         self.config = config
         self.event = event
         self.test = test
-        self.execution = secrets.token_hex(8)
+        self.execution = resume.execution if resume is not None else secrets.token_hex(8)
         self.tracking = {"m": self.spec.id, "v": record.version, "x": self.execution}
         self.apps: dict[str, AppRecord | None] = {app: server.store.get_app(app) for app in config.apps}
         self.platforms = {p for name in config.platforms for p in PLATFORMS[name]}
-        self.result = api.SendResult(execution=self.execution, message=self.spec.id, version=record.version)
-        self._excluded: Counter[str] = Counter()
-        self._failed: Counter[str] = Counter()
+        self.state = resume or ExecutionRecord(
+            execution=self.execution, message=self.spec.id, version=record.version, identities=identities or [],
+            audience=audience, test=test, event=event,
+            result=api.SendResult(execution=self.execution, message=self.spec.id, version=record.version),
+        )
+        self.result = self.state.result
+        self._excluded: Counter[str] = Counter(self.result.excluded)
+        self._failed: Counter[str] = Counter(self.result.failed)
 
     def _report(self, outcome: str, app: str = "", platform: str = "", reason: str = "") -> ReportEvent:
         return ReportEvent(outcome=outcome, app=app, platform=platform, reason=reason, message=self.spec.id,
                            version=self.record.version)
 
-    async def run(self, profiles: Any, audience: Condition | None = None) -> api.SendResult:
-        """Send to the profiles ``profiles`` yields in batches (lists of `ProfileRecord`)."""
-        async for batch in profiles:
-            await self._batch(batch, audience)
+    async def run(self, audience: Condition | None = None) -> api.SendResult:
+        """Send to the execution's profiles from its cursor on; return the counts."""
+        store = self.server.store
+        state = self.state
+        while True:
+            if state.audience is None:
+                identities = state.identities[state.cursor : state.cursor + _BATCH]
+                if not identities:
+                    break
+                profiles = _profiles_of(store, identities)
+                state.cursor += len(identities)
+            else:
+                page = store.scan_profiles(state.after, _BATCH)
+                if not page:
+                    break
+                profiles = [profile for _, profile in page]
+                state.after = page[-1][0]
+            await self._batch(profiles, audience)
+        await store.write(settle_batch, None, self.execution, [])
+        return self.result
+
+    def _encoded_state(self) -> bytes:
         self.result.excluded = dict(self._excluded)
         self.result.failed = dict(self._failed)
-        return self.result
+        return _encoder.encode(self.state)
 
     async def _batch(self, profiles: list[Any], audience: Condition | None) -> None:
         reports: list[ReportEvent] = []
@@ -105,6 +198,16 @@ class Pipeline:
                 for job in jobs[jobs_before:]:
                     reports.append(self._report("targeted", app=job.app.app, platform=job.platform))
                     self.result.targeted += 1
+        store = self.server.store
+        batch = self.state.batches
+        self.state.batches += 1
+        keys = [_outbox_key(self.execution, batch, i) for i in range(len(jobs))]
+        entries = [
+            (key, _encoder.encode(OutboxEntry(job.app.app, job.token, job.platform, job.content, job.apns, job.fcm,
+                                              job.tracking or {})))
+            for key, job in zip(keys, jobs)
+        ]
+        await store.write(stage_batch, self._encoded_state(), self.execution, entries)
         await self.server.reporting.record_many(reports)
         if jobs:
             results = await self.server.delivery.deliver(jobs)
@@ -116,6 +219,7 @@ class Pipeline:
                     self._failed[result.reason or "Unknown"] += 1
                     if result.status == "invalid":
                         self.result.bounced += 1
+        await store.write(settle_batch, self._encoded_state(), self.execution, keys)
 
     def _profile(self, profile: Any, context: dict[str, Any], jobs: list[DeliveryJob]) -> str | None:
         """Add the profile's jobs; or return why it is excluded."""
@@ -152,35 +256,72 @@ class Pipeline:
         return None
 
 
-async def profiles_by_identity(store: Any, identities: list[str]) -> Any:
-    """The profiles of ``identities`` (each once), in batches; unknown identities are skipped."""
+def _profiles_of(store: Any, identities: list[str]) -> list[Any]:
+    """The profiles of ``identities``, unknown identities skipped (a profile named twice in
+    one batch once)."""
     from ._errors import NotFound
 
     seen: set[str] = set()
-    batch = []
+    out = []
     for identity in identities:
         try:
             profile = store.get_profile(identity)
         except NotFound:
             continue
         key = profile.identities[0] if profile.identities else identity
-        if key in seen:
-            continue
-        seen.add(key)
-        batch.append(profile)
-        if len(batch) >= _BATCH:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        if key not in seen:
+            seen.add(key)
+            out.append(profile)
+    return out
 
 
-async def all_profiles(store: Any) -> Any:
-    """Every profile, in batches of 500, read one batch at a time."""
-    after = None
-    while True:
-        page = store.scan_profiles(after, _BATCH)
-        if not page:
-            return
-        yield [profile for _, profile in page]
-        after = page[-1][0]
+async def resume(server: Any, record: ExecutionRecord) -> api.SendResult:
+    """Run a stored execution on from its cursor."""
+    value = server.store.get_version("messages", record.message, record.version)
+    config_value = None
+    if value is not None:
+        message = messages.decode_message(value)
+        config_value = server.store.get_version("configs", message.message.channel)
+    if value is None or config_value is None:
+        log.error("cannot resume execution %s: message %s v%d or its configuration is gone", record.execution,
+                  record.message, record.version)
+        await server.store.write(settle_batch, None, record.execution, [])
+        return record.result
+    audience = compile_condition("$.audience", record.audience) if record.audience is not None else None
+    run = Pipeline(server, message, messages.Compiled(message), messages.decode_config(config_value).config,
+                   event=record.event, test=record.test, resume=record)
+    return await run.run(audience)
+
+
+async def recover(server: Any) -> None:
+    """At start: deliver again what the outbox holds (a crash or a stop left it between
+    staging and settling), then resume the executions that did not end."""
+    store = server.store
+    with store.env.begin() as txn:
+        staged = list(txn.cursor(db=store._dbs["outbox"]))
+        executions = [_execution_decoder.decode(v) for _, v in txn.cursor(db=store._dbs["executions"])]
+    if staged:
+        jobs = []
+        for _, value in staged:
+            entry = _entry_decoder.decode(value)
+            app = store.get_app(entry.app) or AppRecord(app=entry.app)
+            jobs.append(DeliveryJob(app=app, token=entry.token, platform=entry.platform, content=entry.content,
+                                    apns=entry.apns, fcm=entry.fcm, tracking=entry.tracking))
+        log.warning("delivering %d notifications again that were staged when the server stopped "
+                    "(some may reach the provider twice)", len(jobs))
+        await server.reporting.record_many([
+            ReportEvent(outcome="replayed", app=job.app.app, platform=job.platform, message=str(job.tracking.get("m", "")),
+                        version=job.tracking.get("v", 0) if isinstance(job.tracking.get("v"), int) else 0)
+            for job in jobs
+        ])
+        for offset in range(0, len(jobs), _BATCH):
+            await server.delivery.deliver(jobs[offset : offset + _BATCH])
+        await store.write(_drop_outbox, [key for key, _ in staged])
+    for record in executions:
+        log.info("resuming execution %s of message %s v%d", record.execution, record.message, record.version)
+        await resume(server, record)
+
+
+def _drop_outbox(w: Any, keys: list[bytes]) -> None:
+    for key in keys:
+        w.txn.delete(key, db=w.dbs["outbox"])

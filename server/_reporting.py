@@ -11,6 +11,8 @@ restarts. Metrics, per notification (a profile with two devices counts twice):
 - ``sent`` = ``delivered`` + ``failed``: handed to a channel;
 - ``delivered``: the provider accepted it; ``failed`` (with the provider's or Pigeon's
   reason): it did not; ``bounced``: among the failed, the token was dead;
+- ``replayed``: among the sent, delivered again after a crash because the outbox could not
+  tell whether they had been (they may have reached the provider twice);
 - ``opened``, ``action`` (with the button id), ``received``, ``dismissed``: interactions the
   app reported.
 """
@@ -33,7 +35,8 @@ __all__ = ["Reporting", "ReportEvent", "ReportKey", "add_counts", "METRICS"]
 
 log = logging.getLogger("pigeon.reporting")
 
-METRICS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "received", "opened", "action", "dismissed")
+METRICS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "replayed", "received", "opened", "action",
+           "dismissed")
 
 
 class ReportEvent(msgspec.Struct, frozen=True, kw_only=True):

@@ -457,10 +457,11 @@ def build_router(server: Server) -> Router:
         record = get_message(req.id, req.version)
         config = get_config(record.message.channel, field="$.id").config
         audience = templates.compile_condition("$.audience", req.audience) if req.audience is not None else None
-        run = pipeline.Pipeline(server, record, compiled(record), config, event=req.event, test=req.test)
-        profiles = (pipeline.profiles_by_identity(store, req.identities) if audience is None
-                    else pipeline.all_profiles(store))
-        result = await run.run(profiles, audience)
+        run = pipeline.Pipeline(server, record, compiled(record), config, event=req.event, test=req.test,
+                                identities=req.identities, audience=req.audience)
+        # The execution runs in the server, not in this call: a client that goes away does
+        # not stop it, and the reply waits for it.
+        result = await server.run_in_background(run.run, audience)
         log.info("message %s v%d execution %s: %d targeted, %d sent, %d delivered", result.message, result.version,
                  result.execution, result.targeted, result.sent, result.delivered)
         return result
