@@ -33,9 +33,9 @@ from typing import Any
 import trio
 
 from ._http2 import ConnectionLost, H2Failure, H2Pool, H2Response, StreamRefused
-from .channels import DeliveryResult
+from .channels import CredentialsError, DeliveryResult
 
-__all__ = ["PooledSender", "Job", "FREE_REFUSALS"]
+__all__ = ["PooledSender", "Senders", "Job", "FREE_REFUSALS"]
 
 log = logging.getLogger("pigeon.delivery")
 
@@ -273,14 +273,15 @@ class PooledSender:
             if self._queue:
                 self._expire_queued()
 
-    def _expire_overdue(self, reason: str, detail: str) -> None:
-        """Fail the queued jobs whose deadline has passed (while the provider is paused)."""
+    def _expire_overdue(self, reason: str, detail: str, waited: float = 0.0) -> None:
+        """Fail the queued jobs past their deadline (that have waited in the queue more than
+        ``waited`` seconds), with ``reason``."""
         now = self.clock()
-        if not any(job.deadline < now for job in self._queue):
+        if not any(job.deadline < now and now - job.queued_at > waited for job in self._queue):
             return
         keep: deque[Job] = deque()
         for job in self._queue:
-            if job.deadline < now:
+            if job.deadline < now and now - job.queued_at > waited:
                 self._finish(job, DeliveryResult(status="failed", reason=reason, attempts=job.attempts, detail=detail))
             else:
                 keep.append(job)
@@ -289,20 +290,9 @@ class PooledSender:
     def _expire_queued(self) -> None:
         """No stream has been free for a while (a server allowing none): jobs past their
         deadline that have waited longer than a request may take fail instead of waiting on."""
-        now = self.clock()
         limit = self.pool.request_timeout
-        if now - self._last_start <= limit:
-            return  # jobs are starting: the queue is only long
-        if not any(job.deadline < now and now - job.queued_at > limit for job in self._queue):
-            return
-        keep: deque[Job] = deque()
-        for job in self._queue:
-            if job.deadline < now and now - job.queued_at > limit:
-                self._finish(job, DeliveryResult(status="failed", reason="NotSent", attempts=job.attempts,
-                                                 detail=f"no stream to {self.pool.origin} was free for {limit:g}s"))
-            else:
-                keep.append(job)
-        self._queue = keep
+        if self.clock() - self._last_start > limit:  # else jobs are starting: the queue is only long
+            self._expire_overdue("NotSent", f"no stream to {self.pool.origin} was free for {limit:g}s", limit)
 
     async def _sleep_or_wake(self, seconds: float) -> None:
         """Sleep, or less if a job is queued meanwhile."""
@@ -409,3 +399,64 @@ class PooledSender:
             "retrying": len(self._retries),
             "outcomes": dict(self.counts),
         }
+
+
+class Senders:
+    """A channel's running senders, by key: each started once, on demand, in the channel's
+    nursery (`run`), and forgotten when it ends.
+
+    Args:
+        what: how errors name them (``the APNs sender``).
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.running: dict[Any, PooledSender] = {}
+        self._starting: dict[Any, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def get(self, key: Any, make: Callable[[], PooledSender]) -> PooledSender:
+        """The sender of ``key``, started with ``make()`` if there is none (``make`` may raise
+        `CredentialsError`; callers waiting for the same key then get one too)."""
+        sender = self.running.get(key)
+        if sender is not None:
+            return sender
+        starting = self._starting.get(key)
+        if starting is not None:
+            await starting.wait()
+            sender = self.running.get(key)
+            if sender is None:
+                raise CredentialsError(f"{self.what} could not start")
+            return sender
+        starting = self._starting[key] = trio.Event()
+        try:
+            sender = make()
+            assert self._nursery is not None, "run the channel first"
+            await self._nursery.start(self._run, key, sender)
+            self.running[key] = sender
+            return sender
+        finally:
+            del self._starting[key]
+            starting.set()
+
+    async def _run(self, key: Any, sender: PooledSender, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await sender.run(task_status=task_status)
+        except Exception:
+            log.exception("%s failed", sender.name)
+        finally:
+            if self.running.get(key) is sender:
+                del self.running[key]
+
+    def retire(self, keys: Any) -> None:
+        """Retire the senders of ``keys`` (they finish what they hold, then stop)."""
+        for key in list(keys):
+            sender = self.running.pop(key, None)
+            if sender is not None:
+                sender.retire()

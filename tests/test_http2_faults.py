@@ -245,7 +245,7 @@ async def test_jobs_carrying_older_credentials_do_not_bring_them_back(monkeypatc
         outcomes = [(await channel.send([job(app)]))[0] for app in (v2, v1, v2)]
         channel.forget_app("com.acme.app", None)  # apps.delete
         [deleted] = await channel.send([job(v2)])
-        live = sorted(key[1] for key in channel._senders)
+        live = sorted(key[1] for key in channel._senders.running)
         nursery.cancel_scope.cancel()
     assert [o.status for o in outcomes] == ["sent", "failed", "sent"]
     assert outcomes[1].reason == "CredentialsReplaced"

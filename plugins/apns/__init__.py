@@ -18,6 +18,7 @@ import trio
 
 from protocols import api
 from server.channels import AppRecord, AppVersions, Channel, DeliveryJob, DeliveryResult, IosRecord, Rendered
+from server._sender import Senders
 from server.hookspecs import hookimpl
 
 from ._credentials import CredentialsError, check_ios, recheck_ios
@@ -43,16 +44,11 @@ class ApnsChannel(Channel):
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
-        self._senders: dict[tuple[str, int, str], ApnsSender] = {}
-        self._starting: dict[tuple[str, int, str], trio.Event] = {}
+        self._senders = Senders("the APNs sender")
         self._versions = AppVersions()
-        self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            task_status.started()
-            await trio.sleep_forever()
+        await self._senders.run(task_status=task_status)
 
     def check_app(self, request: api.RegisterIosApp) -> IosRecord:
         """Check iOS credentials when an app is registered (raises `InvalidArgument`)."""
@@ -109,15 +105,7 @@ class ApnsChannel(Channel):
             results[index] = outcome
 
     async def _sender(self, key: tuple[str, int, str], app: AppRecord) -> ApnsSender:
-        sender = self._senders.get(key)
-        if sender is not None:
-            return sender
-        starting = self._starting.get(key)
-        if starting is not None:
-            await starting.wait()
-            return self._senders[key]
-        starting = self._starting[key] = trio.Event()
-        try:
+        def make() -> ApnsSender:
             assert app.ios is not None
             recheck_ios(app.ios)  # it may have expired since it was registered
             settings = self.settings
@@ -134,24 +122,10 @@ class ApnsChannel(Channel):
                 max_queue=settings.max_queue,
             )
             # Credentials of an earlier version of this app are retired.
-            for old in [k for k in self._senders if k[0] == key[0] and k[2] == key[2] and k[1] < key[1]]:
-                self._senders.pop(old).retire()
-            assert self._nursery is not None
-            await self._nursery.start(self._run_sender, key, sender)
-            self._senders[key] = sender
+            self._senders.retire(k for k in self._senders.running if k[0] == key[0] and k[2] == key[2] and k[1] < key[1])
             return sender
-        finally:
-            del self._starting[key]
-            starting.set()
 
-    async def _run_sender(self, key: tuple[str, int, str], sender: ApnsSender, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            await sender.run(task_status=task_status)
-        except Exception:
-            log.exception("the APNs sender of %s (%s) failed", key[0], key[2])
-        finally:
-            if self._senders.get(key) is sender:
-                del self._senders[key]
+        return await self._senders.get(key, make)  # type: ignore[return-value]
 
     def render(self, job: DeliveryJob) -> Rendered:
         ios = job.app.ios
@@ -170,11 +144,10 @@ class ApnsChannel(Channel):
 
     def forget_app(self, app: str, version: int | None = None) -> None:
         self._versions.forget(app, version)
-        for key in [k for k in self._senders if k[0] == app and (version is None or k[1] < version)]:
-            self._senders.pop(key).retire()
+        self._senders.retire(k for k in self._senders.running if k[0] == app and (version is None or k[1] < version))
 
     def statistics(self) -> dict[str, Any]:
-        return {f"{app} v{version} {env}": s.statistics() for (app, version, env), s in self._senders.items()}
+        return {f"{app} v{version} {env}": s.statistics() for (app, version, env), s in self._senders.running.items()}
 
 
 def _endpoint(address: str) -> tuple[str, int]:

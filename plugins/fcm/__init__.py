@@ -22,6 +22,7 @@ import trio
 
 from protocols import api
 from server.channels import AndroidRecord, AppVersions, Channel, CredentialsError, DeliveryJob, DeliveryResult, Rendered
+from server._sender import Senders
 from server.hookspecs import hookimpl
 
 from ._credentials import check_android, recheck_android, ssl_context
@@ -58,21 +59,16 @@ class FcmChannel(Channel):
         url = urlsplit(settings.url)
         self.host = url.hostname or ""
         self.port = url.port or 443
-        self._senders: dict[SenderKey, FcmSender] = {}
+        self._senders = Senders("the FCM sender")
         #: The apps using each sender (a sender retires when none does).
         self._users: dict[SenderKey, set[str]] = {}
-        self._starting: dict[SenderKey, trio.Event] = {}
         self._versions = AppVersions()
-        self._nursery: trio.Nursery | None = None
         self._http: httpx.AsyncClient | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with httpx.AsyncClient(verify=ssl_context(self.settings.ca_file), timeout=10.0) as http:
             self._http = http
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                task_status.started()
-                await trio.sleep_forever()
+            await self._senders.run(task_status=task_status)
 
     def check_app(self, request: api.RegisterAndroidApp) -> AndroidRecord:
         """Check Android credentials when an app is registered (raises `InvalidArgument`)."""
@@ -125,22 +121,11 @@ class FcmChannel(Channel):
             results[index] = outcome
 
     async def _sender(self, key: SenderKey, record: AndroidRecord) -> FcmSender:
-        sender = self._senders.get(key)
-        if sender is not None:
-            return sender
-        starting = self._starting.get(key)
-        if starting is not None:
-            await starting.wait()
-            sender = self._senders.get(key)
-            if sender is None:
-                raise CredentialsError(f"the FCM sender of {record.project_id} could not start")
-            return sender
-        starting = self._starting[key] = trio.Event()
-        try:
+        def make() -> FcmSender:
             recheck_android(record)
             settings = self.settings
-            assert self._http is not None and self._nursery is not None, "run the channel first"
-            sender = FcmSender(
+            assert self._http is not None, "run the channel first"
+            return FcmSender(
                 record,
                 host=self.host,
                 port=self.port,
@@ -153,21 +138,8 @@ class FcmChannel(Channel):
                 rate_per_minute=settings.rate_per_minute,
                 backoff_min=settings.retry_min_s,
             )
-            await self._nursery.start(self._run_sender, key, sender)
-            self._senders[key] = sender
-            return sender
-        finally:
-            del self._starting[key]
-            starting.set()
 
-    async def _run_sender(self, key: SenderKey, sender: FcmSender, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        try:
-            await sender.run(task_status=task_status)
-        except Exception:
-            log.exception("the FCM sender of %s failed", key[0])
-        finally:
-            if self._senders.get(key) is sender:
-                del self._senders[key]
+        return await self._senders.get(key, make)  # type: ignore[return-value]
 
     def render(self, job: DeliveryJob) -> Rendered:
         if job.app.android is None:
@@ -184,12 +156,10 @@ class FcmChannel(Channel):
             users.discard(app)
             if not users:
                 del self._users[key]
-                sender = self._senders.pop(key, None)
-                if sender is not None:
-                    sender.retire()
+                self._senders.retire([key])
 
     def statistics(self) -> dict[str, Any]:
-        return {f"{project} {email}": s.statistics() for (project, email, _, _), s in self._senders.items()}
+        return {f"{project} {email}": s.statistics() for (project, email, _, _), s in self._senders.running.items()}
 
 
 def raw_ttl(message: dict[str, Any]) -> int | None:
