@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import msgspec.structs
@@ -25,9 +25,13 @@ from protocols import api
 
 from ._errors import InvalidArgument
 from ._records import from_us
-from .templates import Field, compile_field
+from .channels import AppRecord, DeliveryJob
+from .templates import Field, MissingValue, TemplateLimit, compile_field
 
-__all__ = ["ConfigRecord", "MessageRecord", "Compiled", "encode", "decode_config", "decode_message", "to_delivery", "context_for"]
+__all__ = [
+    "ConfigRecord", "MessageRecord", "Compiled", "Rendered", "encode", "decode_config", "decode_message", "to_delivery",
+    "context_for", "exclusion",
+]
 
 _TEXT = ("title", "subtitle", "body", "media_url", "sound")
 
@@ -169,11 +173,29 @@ def context_for(
 _ACTION_TYPES = {"open_app": "OPENAPP", "deeplink": "DEEPLINK", "web_url": "WEBURL", "dismiss": "DISMISS"}
 
 
-def to_delivery(
-    spec: api.MessageSpec, content: api.MessageContent, *, now: float | None = None
-) -> tuple[api.PushContent, api.ApnsOptions, api.PushContent, api.FcmOptions]:
-    """What the channels take, from rendered content: the iOS content and APNs options, the
-    Android content and FCM options (the iOS category is not Android's click action)."""
+class Rendered(NamedTuple):
+    """A message rendered for one profile, as the channels take it: the iOS content and APNs
+    options, the Android content and FCM options (the iOS category is not Android's click
+    action)."""
+
+    ios: api.PushContent
+    apns: api.ApnsOptions
+    android: api.PushContent
+    fcm: api.FcmOptions
+
+    def job(self, app: AppRecord, token: str, platform: str, tracking: dict[str, Any]) -> DeliveryJob:
+        """The delivery job for one registration (platform ``apns``, ``apns-sandbox`` or ``fcm``)."""
+        return DeliveryJob(app=app, token=token, platform=platform, content=self.android if platform == "fcm" else self.ios,
+                           apns=self.apns, fcm=self.fcm, tracking=tracking)
+
+
+def exclusion(exc: InvalidArgument) -> str:
+    """Why a profile is excluded when its content does not render."""
+    return type(exc).__name__ if isinstance(exc, (MissingValue, TemplateLimit)) else "TemplateError"
+
+
+def to_delivery(spec: api.MessageSpec, content: api.MessageContent, *, now: float | None = None) -> Rendered:
+    """What the channels take, from rendered content."""
     data = dict(content.data)
     if content.buttons:
         # Adobe's key for action buttons (its SDKs render them on Android).
@@ -220,4 +242,4 @@ def to_delivery(
         color=android.color,
         icon=android.icon,
     )
-    return push, apns, msgspec.structs.replace(push, category=None), fcm
+    return Rendered(push, apns, msgspec.structs.replace(push, category=None), fcm)

@@ -242,17 +242,11 @@ class Pipeline:
             active = allowed
         try:
             content = self.compiled.render(context)
-        except TemplateError as exc:
-            return type(exc).__name__ if type(exc) is not TemplateError else "TemplateError"
-        except InvalidArgument:
-            return "TemplateError"
-        ios_content, apns, android_content, fcm = messages.to_delivery(self.spec, content)
+        except InvalidArgument as exc:
+            return messages.exclusion(exc)
+        rendered = messages.to_delivery(self.spec, content)
         for r in active:
-            app = self.apps[r.app] or AppRecord(app=r.app)
-            ios = r.platform != "fcm"
-            jobs.append(DeliveryJob(app=app, token=r.token, platform=r.platform,
-                                    content=ios_content if ios else android_content, apns=apns, fcm=fcm,
-                                    tracking=self.tracking))
+            jobs.append(rendered.job(self.apps[r.app] or AppRecord(app=r.app), r.token, r.platform, self.tracking))
         return None
 
 

@@ -244,27 +244,25 @@ def build_router(server: Server) -> Router:
             raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios or register-android ...)", field="$.app")
         return record
 
-    async def register_ios(ctx: CallContext, req: api.RegisterIosApp) -> api.AppInfo:
-        ios = channel_for_apps("ios").check_app(req)
-        existing = store.get_app(req.app)
-        record = AppRecord(app=req.app, ios=ios) if existing is None else msgspec.structs.replace(existing, ios=ios)
+    async def store_credentials(app: str, **credentials: Any) -> AppRecord:
+        """Store an app's credentials for one platform (``ios=`` or ``android=``), keeping the
+        other's, and let the channels retire what they built from the old ones."""
+        existing = store.get_app(app)
+        record = AppRecord(app=app, **credentials) if existing is None else msgspec.structs.replace(existing, **credentials)
         stored = await store.write(store_ops.put_app, record)
         for channel in server.channels:
-            channel.forget_app(req.app, stored.version)
+            channel.forget_app(app, stored.version)
+        return stored
+
+    async def register_ios(ctx: CallContext, req: api.RegisterIosApp) -> api.AppInfo:
+        ios = channel_for_apps("ios").check_app(req)
+        stored = await store_credentials(req.app, ios=ios)
         log.info("app %s: iOS credentials registered (%s auth, %s)", req.app, ios.auth, ios.environment)
         return stored.info()
 
     async def register_android(ctx: CallContext, req: api.RegisterAndroidApp) -> api.AppInfo:
         android = channel_for_apps("android").check_app(req)
-        existing = store.get_app(req.app)
-        record = (
-            AppRecord(app=req.app, android=android)
-            if existing is None
-            else msgspec.structs.replace(existing, android=android)
-        )
-        stored = await store.write(store_ops.put_app, record)
-        for channel in server.channels:
-            channel.forget_app(req.app, stored.version)
+        stored = await store_credentials(req.app, android=android)
         log.info("app %s: Android credentials registered (project %s)", req.app, android.project_id)
         return stored.info()
 
@@ -428,10 +426,10 @@ def build_router(server: Server) -> Router:
         try:
             content = compiled(record).render(context)
         except InvalidArgument as exc:
-            result.excluded = type(exc).__name__ if type(exc).__name__ != "InvalidArgument" else "TemplateError"
+            result.excluded = messages.exclusion(exc)
             result.detail = exc.message
             return result
-        ios_content, apns, android_content, fcm = messages.to_delivery(spec, content)
+        rendered_message = messages.to_delivery(spec, content)
         config = get_config(spec.channel, field="$.id").config
         tracking = {"m": spec.id, "v": record.version, "x": "preview"}
         for app in config.apps:
@@ -441,10 +439,9 @@ def build_router(server: Server) -> Router:
                 if channel is None:
                     result.previews.append(api.PlatformPreview(platform=platform, app=app, error="NoChannel"))
                     continue
-                job = DeliveryJob(app=app_record, token="", platform="apns" if platform == "ios" else "fcm",
-                                  content=ios_content if platform == "ios" else android_content, apns=apns, fcm=fcm,
-                                  tracking=tracking)
-                rendered = channel.render(job)
+                rendered = channel.render(
+                    rendered_message.job(app_record, "", "apns" if platform == "ios" else "fcm", tracking)
+                )
                 result.previews.append(api.PlatformPreview(
                     platform=platform, app=app, payload=rendered.payload, headers=rendered.headers, size=rendered.size,
                     error=rendered.error, detail=rendered.detail,

@@ -229,6 +229,27 @@ def _environment(undefined: type[jinja2.Undefined]) -> _Bounded:
 _ENVIRONMENTS: dict[str, _Bounded] = {"default": _environment(_Missing), "exclude": _environment(_MissingExcludes)}
 
 
+#: What can go wrong in a render or a test (translated by `_error`).
+_RENDER_ERRORS = (
+    TemplateLimit, jinja2.UndefinedError, jinja2.sandbox.SecurityError, RecursionError, TypeError, ValueError,
+    ArithmeticError, LookupError, AttributeError, jinja2.TemplateError,
+)
+
+
+def _error(name: str, what: str, exc: BaseException) -> TemplateError:
+    """What went wrong in a render of a template or a test of a condition, as our error,
+    naming the field."""
+    if isinstance(exc, TemplateLimit):
+        return TemplateLimit(f"{name}: {exc.message}", field=name)
+    if isinstance(exc, jinja2.UndefinedError):
+        return MissingValue(f"{name}: {exc.message}", field=name)
+    if isinstance(exc, jinja2.sandbox.SecurityError):
+        return TemplateError(f"{name}: not allowed in a {what}: {exc}", field=name)
+    if isinstance(exc, RecursionError):
+        return TemplateLimit(f"{name}: the {what} recurses too deep", field=name)
+    return TemplateError(f"{name}: {type(exc).__name__}: {exc}", field=name)
+
+
 class Field:
     """A compiled field: `render` it with a context. Plain text renders as itself."""
 
@@ -261,21 +282,11 @@ class Field:
             for chunk in template.generate(context):
                 size += len(chunk)
                 if size > MAX_OUTPUT:
-                    raise TemplateLimit(f"{self.name}: the template renders more than {MAX_OUTPUT} characters")
+                    raise TemplateLimit(f"the template renders more than {MAX_OUTPUT} characters")
                 parts.append(chunk)
             return "".join(parts)
-        except TemplateLimit as exc:
-            if exc.message.startswith(self.name):
-                raise
-            raise TemplateLimit(f"{self.name}: {exc.message}", field=self.name) from None
-        except jinja2.UndefinedError as exc:
-            raise MissingValue(f"{self.name}: {exc.message}", field=self.name) from None
-        except jinja2.sandbox.SecurityError as exc:
-            raise TemplateError(f"{self.name}: not allowed in a template: {exc}", field=self.name) from None
-        except RecursionError:
-            raise TemplateLimit(f"{self.name}: the template recurses too deep", field=self.name) from None
-        except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, jinja2.TemplateError) as exc:
-            raise TemplateError(f"{self.name}: {type(exc).__name__}: {exc}", field=self.name) from None
+        except _RENDER_ERRORS as exc:
+            raise _error(self.name, "template", exc) from None
 
 
 def compile_field(name: str, source: str, on_missing: OnMissing = "default") -> Field:
@@ -319,14 +330,8 @@ class Condition:
             return bool(self._expression(**context))
         except jinja2.UndefinedError:
             return False  # compared or computed with a missing value
-        except TemplateLimit as exc:
-            raise TemplateLimit(f"{self.name}: {exc.message}", field=self.name) from None
-        except jinja2.sandbox.SecurityError as exc:
-            raise TemplateError(f"{self.name}: not allowed in a condition: {exc}", field=self.name) from None
-        except RecursionError:
-            raise TemplateLimit(f"{self.name}: the condition recurses too deep", field=self.name) from None
-        except (TypeError, ValueError, ArithmeticError, LookupError, AttributeError, jinja2.TemplateError) as exc:
-            raise TemplateError(f"{self.name}: {type(exc).__name__}: {exc}", field=self.name) from None
+        except _RENDER_ERRORS as exc:
+            raise _error(self.name, "condition", exc) from None
 
 
 def compile_condition(name: str, source: str) -> Condition:
