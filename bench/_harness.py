@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +23,44 @@ from protocols import api
 from protocols.asyncio_client import Client
 from server.testing import ServerProcess
 
-__all__ = ["ServerUnderTest", "Latencies", "write_results", "server_cpu", "machine"]
+__all__ = ["ServerUnderTest", "Latencies", "write_results", "server_cpu", "machine", "own_cpu", "own_rss", "Progress",
+           "title", "BODY"]
+
+def own_cpu() -> float:
+    """CPU seconds (user + system) of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def own_rss() -> int:
+    """Resident memory of this process, bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class Progress:
+    """A sender's resident memory at each tenth of its run."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.step = max(1, count // 10)
+        self.rss: list[int] = []
+        self.done = 0
+
+    def add(self, n: int) -> None:
+        before = self.done // self.step
+        self.done += n
+        if self.done // self.step > before:
+            self.rss.append(own_rss())
+
+
+def title(i: int) -> str:
+    """The title of the push benchmarks' i-th notification."""
+    return f"Order #{i} shipped"
+
+
+BODY = "Your parcel is on its way and arrives on Tuesday."
+
 
 class ServerUnderTest:
     """``pigeon serve`` on a temporary data folder, as a context manager; with ``address``,

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import secrets
 import shutil
 import statistics
@@ -47,7 +46,7 @@ from typing import Any
 
 from plugins.apns.mock import MockApnsProcess, SigningKey
 
-from ._harness import machine, write_results
+from ._harness import BODY, Progress, machine, own_cpu, title, write_results
 
 TOPIC = "com.example.bench"
 TOKENS = 1_000
@@ -55,39 +54,6 @@ WARMUP = 1_000
 IN_FLIGHT = 1_000
 NODE_DIR = Path(__file__).resolve().parents[1] / "tests" / "node"
 SENDERS = ("pigeon", "aioapns", "aioapns-uvloop", "node-apn")
-
-
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _title(i: int) -> str:
-    return f"Order #{i} shipped"
-
-
-BODY = "Your parcel is on its way and arrives on Tuesday."
-
-
-class _Progress:
-    """Memory at each tenth of the run."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.step = max(1, count // 10)
-        self.rss: list[int] = []
-        self.done = 0
-
-    def add(self, n: int) -> None:
-        before = self.done // self.step
-        self.done += n
-        if self.done // self.step > before:
-            self.rss.append(_rss())
 
 
 # -- the senders, each in its own process ----------------------------------------------------
@@ -116,7 +82,7 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
     def jobs(start: int, n: int) -> list[DeliveryJob]:
         return [
             DeliveryJob(app=app, token=tokens[i % len(tokens)], platform="apns-sandbox",
-                        content=api.PushContent(title=_title(i), body=BODY))
+                        content=api.PushContent(title=title(i), body=BODY))
             for i in range(start, start + n)
         ]
 
@@ -126,7 +92,7 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
         async with trio.open_nursery() as nursery:
             await nursery.start(channel.run)
             await channel.send(jobs(0, WARMUP))
-            progress = _Progress(job["count"])
+            progress = Progress(job["count"])
             sent = failed = 0
             limiter = trio.Semaphore(IN_FLIGHT // batch_size * 8)
 
@@ -141,12 +107,12 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
                 failed += len(results) - ok
                 progress.add(len(results))
 
-            cpu0, t0 = _cpu(), time.perf_counter()
+            cpu0, t0 = own_cpu(), time.perf_counter()
             async with trio.open_nursery() as batches:
                 for start in range(0, job["count"], batch_size):
                     await limiter.acquire()
                     batches.start_soon(batch, WARMUP + start)
-            wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+            wall, cpu = time.perf_counter() - t0, own_cpu() - cpu0
             nursery.cancel_scope.cancel()
         return {"sent": sent, "failed": failed, "wall_s": wall, "cpu_s": cpu, "rss": progress.rss}
 
@@ -172,7 +138,7 @@ def run_aioapns(job: dict[str, Any]) -> dict[str, Any]:
     def request(i: int) -> Any:
         return NotificationRequest(
             device_token=tokens[i % len(tokens)],
-            message={"aps": {"alert": {"title": _title(i), "body": BODY}}},
+            message={"aps": {"alert": {"title": title(i), "body": BODY}}},
             push_type=PushType.ALERT,
         )
 
@@ -183,9 +149,9 @@ def run_aioapns(job: dict[str, Any]) -> dict[str, Any]:
         client.pool.protocol_class = ToMock
         try:
             await asyncio.gather(*(client.send_notification(request(i)) for i in range(WARMUP)))
-            progress = _Progress(job["count"])
+            progress = Progress(job["count"])
             sent = failed = 0
-            cpu0, t0 = _cpu(), time.perf_counter()
+            cpu0, t0 = own_cpu(), time.perf_counter()
             for start in range(WARMUP, WARMUP + job["count"], IN_FLIGHT):
                 stop = min(start + IN_FLIGHT, WARMUP + job["count"])
                 results = await asyncio.gather(*(client.send_notification(request(i)) for i in range(start, stop)))
@@ -193,7 +159,7 @@ def run_aioapns(job: dict[str, Any]) -> dict[str, Any]:
                 sent += ok
                 failed += len(results) - ok
                 progress.add(len(results))
-            wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+            wall, cpu = time.perf_counter() - t0, own_cpu() - cpu0
         finally:
             client.pool.close()
             await asyncio.sleep(0.1)

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import secrets
 import statistics
 import subprocess
@@ -60,7 +59,7 @@ from typing import Any
 
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 
-from ._harness import machine, write_results
+from ._harness import BODY, Progress, machine, own_cpu, title, write_results
 
 PROJECT = "pigeon-bench"
 APP = "com.example.bench"
@@ -74,42 +73,9 @@ SENDERS = ("pigeon", "firebase-admin", "firebase-admin-async")
 ADMIN_SENDERS = ("firebase-admin", "firebase-admin-async")
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _title(i: int) -> str:
-    return f"Order #{i} shipped"
-
-
-BODY = "Your parcel is on its way and arrives on Tuesday."
-
-
 def _token() -> str:
     """A token shaped like FCM's (an instance id, ``:APA91b``, about 150 URL-safe characters)."""
     return secrets.token_urlsafe(8)[:11] + ":APA91b" + secrets.token_urlsafe(110)[:134]
-
-
-class _Progress:
-    """Memory at each tenth of the run."""
-
-    def __init__(self, count: int) -> None:
-        self.count = count
-        self.step = max(1, count // 10)
-        self.rss: list[int] = []
-        self.done = 0
-
-    def add(self, n: int) -> None:
-        before = self.done // self.step
-        self.done += n
-        if self.done // self.step > before:
-            self.rss.append(_rss())
 
 
 # -- the senders, each in its own process ----------------------------------------------------
@@ -134,7 +100,7 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
     def jobs(start: int, n: int) -> list[DeliveryJob]:
         return [
             DeliveryJob(app=app, token=tokens[i % len(tokens)], platform="fcm",
-                        content=api.PushContent(title=_title(i), body=BODY))
+                        content=api.PushContent(title=title(i), body=BODY))
             for i in range(start, start + n)
         ]
 
@@ -146,7 +112,7 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
             warm = await channel.send(jobs(0, WARMUP))
             if not all(r.status == "sent" for r in warm):
                 raise RuntimeError(f"warm-up failed: {next(r for r in warm if r.status != 'sent')}")
-            progress = _Progress(job["count"])
+            progress = Progress(job["count"])
             sent = failed = 0
             reasons: dict[str, int] = {}
             limiter = trio.Semaphore(BATCHES_IN_FLIGHT)
@@ -165,12 +131,12 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
                         reasons[str(r.reason)] = reasons.get(str(r.reason), 0) + 1
                 progress.add(len(results))
 
-            cpu0, t0 = _cpu(), time.perf_counter()
+            cpu0, t0 = own_cpu(), time.perf_counter()
             async with trio.open_nursery() as batches:
                 for start in range(0, job["count"], BATCH):
                     await limiter.acquire()
                     batches.start_soon(batch, WARMUP + start, min(BATCH, job["count"] - start))
-            wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+            wall, cpu = time.perf_counter() - t0, own_cpu() - cpu0
             nursery.cancel_scope.cancel()
         return {"sent": sent, "failed": failed, "reasons": reasons, "wall_s": wall, "cpu_s": cpu, "rss": progress.rss}
 
@@ -203,7 +169,7 @@ def _admin_messages(job: dict[str, Any], start: int, stop: int) -> list[Any]:
 
     tokens = job["tokens"]
     return [
-        messaging.Message(token=tokens[i % len(tokens)], notification=messaging.Notification(title=_title(i), body=BODY),
+        messaging.Message(token=tokens[i % len(tokens)], notification=messaging.Notification(title=title(i), body=BODY),
                           android=messaging.AndroidConfig(priority="high"))
         for i in range(start, stop)
     ]
@@ -224,10 +190,10 @@ def run_firebase_admin(job: dict[str, Any]) -> dict[str, Any]:
         warm = messaging.send_each(_admin_messages(job, start, start + ADMIN_CHUNK), app=app)
         if warm.failure_count:
             raise RuntimeError(f"warm-up failed: {next(r.exception for r in warm.responses if not r.success)!r}")
-    progress = _Progress(job["count"])
+    progress = Progress(job["count"])
     sent = failed = 0
     reasons: dict[str, int] = {}
-    cpu0, t0 = _cpu(), time.perf_counter()
+    cpu0, t0 = own_cpu(), time.perf_counter()
     for start in range(WARMUP, WARMUP + job["count"], ADMIN_CHUNK):
         stop = min(start + ADMIN_CHUNK, WARMUP + job["count"])
         batch = messaging.send_each(_admin_messages(job, start, stop), app=app)
@@ -235,7 +201,7 @@ def run_firebase_admin(job: dict[str, Any]) -> dict[str, Any]:
         failed += batch.failure_count
         _tally(batch, reasons)
         progress.add(stop - start)
-    wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+    wall, cpu = time.perf_counter() - t0, own_cpu() - cpu0
     return {"sent": sent, "failed": failed, "reasons": reasons, "wall_s": wall, "cpu_s": cpu, "rss": progress.rss}
 
 
@@ -252,10 +218,10 @@ def run_firebase_admin_async(job: dict[str, Any]) -> dict[str, Any]:
                 warm = await messaging.send_each_async(_admin_messages(job, start, start + ADMIN_CHUNK), app=app)
                 if warm.failure_count:
                     raise RuntimeError(f"warm-up failed: {next(r.exception for r in warm.responses if not r.success)!r}")
-            progress = _Progress(job["count"])
+            progress = Progress(job["count"])
             sent = failed = 0
             reasons: dict[str, int] = {}
-            cpu0, t0 = _cpu(), time.perf_counter()
+            cpu0, t0 = own_cpu(), time.perf_counter()
             for start in range(WARMUP, WARMUP + job["count"], ADMIN_CHUNK):
                 stop = min(start + ADMIN_CHUNK, WARMUP + job["count"])
                 batch = await messaging.send_each_async(_admin_messages(job, start, stop), app=app)
@@ -263,7 +229,7 @@ def run_firebase_admin_async(job: dict[str, Any]) -> dict[str, Any]:
                 failed += batch.failure_count
                 _tally(batch, reasons)
                 progress.add(stop - start)
-            wall, cpu = time.perf_counter() - t0, _cpu() - cpu0
+            wall, cpu = time.perf_counter() - t0, own_cpu() - cpu0
         finally:
             # firebase-admin's delete_app would close this client in another event loop.
             await messaging._get_messaging_service(app)._async_client.aclose()
