@@ -24,7 +24,7 @@ from protocols.asyncio_client import Client
 from server.testing import ServerProcess
 
 __all__ = ["ServerUnderTest", "Latencies", "write_results", "server_cpu", "machine", "own_cpu", "own_rss", "Progress",
-           "title", "BODY"]
+           "title", "BODY", "tree_cpu"]
 
 def own_cpu() -> float:
     """CPU seconds (user + system) of this process so far."""
@@ -36,6 +36,23 @@ def own_rss() -> int:
     """Resident memory of this process, bytes."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) so far of ``pid`` and each of its descendants, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu: dict[int, float] = {}
+    stack = [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cpu[p] = (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{p}/task").iterdir():
+                stack.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, IndexError, ValueError):
+            continue
+    return cpu
 
 
 class Progress:

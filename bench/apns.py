@@ -46,7 +46,7 @@ from typing import Any
 
 from plugins.apns.mock import MockApnsProcess, SigningKey
 
-from ._harness import BODY, Progress, machine, own_cpu, title, write_results
+from ._harness import BODY, Progress, machine, own_cpu, title, tree_cpu, write_results
 
 TOPIC = "com.example.bench"
 TOKENS = 1_000
@@ -188,23 +188,6 @@ def run_node(job: dict[str, Any]) -> dict[str, Any]:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def _tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of ``pid`` and its descendants so far, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f"/proc/{p}/task").iterdir():
-                stack.extend(int(c) for c in (task / "children").read_text().split())
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
-
-
 def _ensure_node_apn() -> str | None:
     """Why node-apn cannot run, or None."""
     node, npm = shutil.which("node"), shutil.which("npm")
@@ -221,13 +204,13 @@ def _ensure_node_apn() -> str | None:
 def run_sender(name: str, job: dict[str, Any], mock: MockApnsProcess) -> dict[str, Any]:
     mock.admin.clear_stats()
     assert mock.pid is not None
-    mock_cpu0 = _tree_cpu(mock.pid)
+    mock_cpu0 = sum(tree_cpu(mock.pid).values())
     done = subprocess.run(
         [sys.executable, "-m", "bench.apns", "--run", name],
         input=json.dumps(job), capture_output=True, text=True, timeout=3600, check=False,
         cwd=Path(__file__).resolve().parents[1],
     )
-    mock_cpu = _tree_cpu(mock.pid) - mock_cpu0
+    mock_cpu = sum(tree_cpu(mock.pid).values()) - mock_cpu0
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])

@@ -59,7 +59,7 @@ from typing import Any
 
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 
-from ._harness import BODY, Progress, machine, own_cpu, title, write_results
+from ._harness import BODY, Progress, machine, own_cpu, title, tree_cpu, write_results
 
 PROJECT = "pigeon-bench"
 APP = "com.example.bench"
@@ -241,23 +241,6 @@ def run_firebase_admin_async(job: dict[str, Any]) -> dict[str, Any]:
 # -- the driver ---------------------------------------------------------------------------
 
 
-def _tree_cpu(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) so far of ``pid`` and each of its descendants, from /proc."""
-    tick = os.sysconf("SC_CLK_TCK")
-    cpu: dict[int, float] = {}
-    stack = [pid]
-    while stack:
-        p = stack.pop()
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            cpu[p] = (int(fields[11]) + int(fields[12])) / tick
-            for task in Path(f"/proc/{p}/task").iterdir():
-                stack.extend(int(c) for c in (task / "children").read_text().split())
-        except (OSError, IndexError, ValueError):
-            continue
-    return cpu
-
-
 def run_sender(name: str, job: dict[str, Any], mock: MockFcmProcess, profile: str | None = None) -> dict[str, Any]:
     mock.admin.clear_stats()
     assert mock.pid is not None
@@ -265,12 +248,12 @@ def run_sender(name: str, job: dict[str, Any], mock: MockFcmProcess, profile: st
     if profile:  # py-spy records the sender process (warm-up included)
         command = [str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw", "--rate", "200",
                    "--nonblocking", "--output", profile, "--", *command]
-    mock_cpu0 = _tree_cpu(mock.pid)
+    mock_cpu0 = tree_cpu(mock.pid)
     done = subprocess.run(
         command, input=json.dumps(job), capture_output=True, text=True, timeout=3600, check=False,
         cwd=Path(__file__).resolve().parents[1],
     )
-    mock_cpu1 = _tree_cpu(mock.pid)
+    mock_cpu1 = tree_cpu(mock.pid)
     by_process = {p: t - mock_cpu0.get(p, 0.0) for p, t in mock_cpu1.items()}
     mock_cpu = sum(by_process.values())
     if done.returncode != 0:

@@ -165,9 +165,7 @@ class Delivery(Actor):
                     result.status = "failed"
                     result.detail = "the token was registered again after the provider's timestamp: it stays valid"
             self.invalidated += marked.count("marked")
-        for job, result in zip(jobs, results):
-            for event in report_events(job, result):
-                await self.reporting.record(event)
+        await self.reporting.record_many([event for job, result in zip(jobs, results) for event in report_events(job, result)])
 
     def details(self) -> dict[str, Any]:
         return {

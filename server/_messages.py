@@ -13,6 +13,7 @@ Templated fields: ``title``, ``subtitle``, ``body``, ``media_url``, ``on_click.u
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from protocols import api
 from ._errors import InvalidArgument
 from ._records import from_us
 from .channels import AppRecord, DeliveryJob
-from .templates import Field, MissingValue, TemplateLimit, compile_field
+from .templates import Field, MissingValue, Scope, TemplateLimit, compile_field
 
 __all__ = [
     "ConfigRecord", "MessageRecord", "Compiled", "Rendered", "encode", "decode_config", "decode_message", "to_delivery",
@@ -116,6 +117,8 @@ class Compiled:
             field = compile_field(name, _get(self._content, path), self.spec.on_missing)
             if field.is_template:
                 self._fields.append((path, field))
+        #: The containers a render writes into, parents first: copied per render, the rest shared.
+        self._copies = sorted({path[:i] for path, _ in self._fields for i in range(1, len(path))}, key=len)
 
         data = self.spec.content.data
         for key, filled in (("adb_act", bool(self.spec.content.buttons)), ("adb_sticky", self.spec.content.android.sticky)):
@@ -127,8 +130,8 @@ class Compiled:
     def templates(self) -> list[str]:
         return [field.name for _, field in self._fields]
 
-    def render(self, context: dict[str, Any]) -> api.MessageContent:
-        """The content for one profile.
+    def render(self, context: dict[str, Any] | Scope) -> api.MessageContent:
+        """The content for one profile (its names, or its `Scope`).
 
         Raises:
             TemplateError: `MissingValue` (with ``on_missing: exclude``), `TemplateLimit`, or
@@ -136,9 +139,13 @@ class Compiled:
         """
         if not self._fields:
             return self.spec.content
-        content = json.loads(json.dumps(self._content))  # a deep copy of plain data
+        scope = context if type(context) is Scope else Scope(context)  # type: ignore[arg-type]
+        content = dict(self._content)
+        for prefix in self._copies:
+            parent = _get(content, prefix[:-1])
+            parent[prefix[-1]] = copy.copy(parent[prefix[-1]])
         for path, field in self._fields:
-            _set(content, path, field.render(context))
+            _set(content, path, field.render(scope))
         try:
             return msgspec.convert(content, api.MessageContent)
         except msgspec.ValidationError as exc:  # a rendered value breaks a rule (a colour, say)

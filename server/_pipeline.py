@@ -18,7 +18,8 @@ Exclusion reasons (AJO's names where it has one):
 Durability: an execution is stored when it starts (``executions``). Each batch of 500
 profiles is staged in one commit: its notifications go into the outbox (``outbox``) and the
 execution's cursor moves past the batch. They are then delivered, and removed from the
-outbox, with the execution's counts, in a second commit. After a crash (or a stop) the
+outbox, with the execution's counts, in a second commit. Up to four batches are being
+delivered at once while the next is prepared. After a crash (or a stop) the
 server, when it starts, delivers what the outbox still holds again (these may reach the
 provider twice: they are counted as ``replayed``) and resumes the executions from their
 cursors. So every targeted profile is staged exactly once, and sent at least once.
@@ -32,6 +33,7 @@ from collections import Counter
 from typing import Any
 
 import msgspec
+import trio
 
 from protocols import api
 
@@ -39,7 +41,7 @@ from . import _messages as messages
 from ._errors import InvalidArgument
 from ._reporting import ReportEvent
 from .channels import AppRecord, DeliveryJob
-from .templates import Condition, TemplateError, compile_condition
+from .templates import Condition, Scope, TemplateError, compile_condition
 
 __all__ = ["Pipeline", "PLATFORMS", "ExecutionRecord", "OutboxEntry", "recover"]
 
@@ -47,7 +49,10 @@ log = logging.getLogger("pigeon.pipeline")
 
 #: Registration platforms of each configuration platform.
 PLATFORMS = {"ios": ("apns", "apns-sandbox"), "android": ("fcm",)}
-_BATCH = 500
+#: Profiles per batch (staged in one commit), and batches being delivered at once: after a
+#: crash, at most BATCH * IN_FLIGHT profiles' notifications are delivered again.
+BATCH = 500
+IN_FLIGHT = 4
 
 
 class ExecutionRecord(msgspec.Struct, kw_only=True):
@@ -146,23 +151,35 @@ class Pipeline:
                            version=self.record.version)
 
     async def run(self, audience: Condition | None = None) -> api.SendResult:
-        """Send to the execution's profiles from its cursor on; return the counts."""
+        """Send to the execution's profiles from its cursor on; return the counts.
+
+        Batches are prepared and staged one after the other; up to `IN_FLIGHT` of them are
+        being delivered at once (so personalizing the next overlaps with delivering the last).
+        """
         store = self.server.store
         state = self.state
-        while True:
-            if state.audience is None:
-                identities = state.identities[state.cursor : state.cursor + _BATCH]
-                if not identities:
-                    break
-                profiles = _profiles_of(store, identities)
-                state.cursor += len(identities)
-            else:
-                page = store.scan_profiles(state.after, _BATCH)
-                if not page:
-                    break
-                profiles = [profile for _, profile in page]
-                state.after = page[-1][0]
-            await self._batch(profiles, audience)
+        limiter = trio.Semaphore(IN_FLIGHT)
+        async with trio.open_nursery() as nursery:
+            while True:
+                if state.audience is None:
+                    identities = state.identities[state.cursor : state.cursor + BATCH]
+                    if not identities:
+                        break
+                    profiles = _profiles_of(store, identities)
+                    state.cursor += len(identities)
+                else:
+                    page = store.scan_profiles(state.after, BATCH)
+                    if not page:
+                        break
+                    profiles = [profile for _, profile in page]
+                    state.after = page[-1][0]
+                await limiter.acquire()
+                try:
+                    jobs, keys = await self._stage(profiles, audience)
+                except BaseException:
+                    limiter.release()
+                    raise
+                nursery.start_soon(self._deliver, jobs, keys, limiter)
         await store.write(settle_batch, None, self.execution, [])
         return self.result
 
@@ -171,12 +188,14 @@ class Pipeline:
         self.result.failed = dict(self._failed)
         return _encoder.encode(self.state)
 
-    async def _batch(self, profiles: list[Any], audience: Condition | None) -> None:
+    async def _stage(self, profiles: list[Any], audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]]:
+        """Qualify, exclude and personalize a batch; stage its notifications in the outbox
+        with the execution's cursor past it (one commit)."""
         reports: list[ReportEvent] = []
         jobs: list[DeliveryJob] = []
         for profile in profiles:
-            context = messages.context_for(attributes=profile.attributes, identities=profile.identities,
-                                           event=self.event, message=self.spec, version=self.record.version)
+            context = Scope(messages.context_for(attributes=profile.attributes, identities=profile.identities,
+                                                 event=self.event, message=self.spec, version=self.record.version))
             if self.test and profile.attributes.get("testProfile") is not True:
                 continue
             reason = None
@@ -198,7 +217,6 @@ class Pipeline:
                 for job in jobs[jobs_before:]:
                     reports.append(self._report("targeted", app=job.app.app, platform=job.platform))
                     self.result.targeted += 1
-        store = self.server.store
         batch = self.state.batches
         self.state.batches += 1
         keys = [_outbox_key(self.execution, batch, i) for i in range(len(jobs))]
@@ -207,21 +225,27 @@ class Pipeline:
                                               job.tracking or {})))
             for key, job in zip(keys, jobs)
         ]
-        await store.write(stage_batch, self._encoded_state(), self.execution, entries)
+        await self.server.store.write(stage_batch, self._encoded_state(), self.execution, entries)
         await self.server.reporting.record_many(reports)
-        if jobs:
-            results = await self.server.delivery.deliver(jobs)
-            for result in results:
-                self.result.sent += 1
-                if result.status == "sent":
-                    self.result.delivered += 1
-                else:
-                    self._failed[result.reason or "Unknown"] += 1
-                    if result.status == "invalid":
-                        self.result.bounced += 1
-        await store.write(settle_batch, self._encoded_state(), self.execution, keys)
+        return jobs, keys
 
-    def _profile(self, profile: Any, context: dict[str, Any], jobs: list[DeliveryJob]) -> str | None:
+    async def _deliver(self, jobs: list[DeliveryJob], keys: list[bytes], limiter: trio.Semaphore) -> None:
+        """Deliver a staged batch, count its outcomes, and take it out of the outbox."""
+        try:
+            if jobs:
+                for result in await self.server.delivery.deliver(jobs):
+                    self.result.sent += 1
+                    if result.status == "sent":
+                        self.result.delivered += 1
+                    else:
+                        self._failed[result.reason or "Unknown"] += 1
+                        if result.status == "invalid":
+                            self.result.bounced += 1
+            await self.server.store.write(settle_batch, self._encoded_state(), self.execution, keys)
+        finally:
+            limiter.release()
+
+    def _profile(self, profile: Any, context: Scope, jobs: list[DeliveryJob]) -> str | None:
         """Add the profile's jobs; or return why it is excluded."""
         registrations = [r for r in profile.registrations if r.app in self.apps and r.platform in self.platforms]
         if not registrations:
@@ -308,8 +332,8 @@ async def recover(server: Any) -> None:
                         version=job.tracking.get("v", 0) if isinstance(job.tracking.get("v"), int) else 0)
             for job in jobs
         ])
-        for offset in range(0, len(jobs), _BATCH):
-            await server.delivery.deliver(jobs[offset : offset + _BATCH])
+        for offset in range(0, len(jobs), BATCH):
+            await server.delivery.deliver(jobs[offset : offset + BATCH])
         await store.write(_drop_outbox, [key for key, _ in staged])
     for record in executions:
         log.info("resuming execution %s of message %s v%d", record.execution, record.message, record.version)

@@ -94,16 +94,20 @@ class Reporting(Actor):
         await self.send(event)
 
     async def record_many(self, events: list[ReportEvent]) -> None:
-        for event in events:
-            await self.send(event)
+        """Record ``events`` as one mailbox item (a batch's events, so that a large send does not
+        take a mailbox slot per notification)."""
+        if events:
+            await self.send(events)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
-        while events := await self.receive_batch(4096):
+        while items := await self.receive_batch(4096):
             batch: Counter[ReportKey] = Counter()
-            for event in events:
-                self.counts[(event.outcome, event.reason)] += 1
-                batch[_key(event)] += 1
+            for item in items:
+                for event in item if type(item) is list else (item,):
+                    batch[_key(event)] += 1
+            for key, n in batch.items():
+                self.counts[(key[6], key[7])] += n
             minute = int(self.clock() // 60)
             bucket = self.live.get(minute)
             if bucket is None:

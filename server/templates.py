@@ -13,7 +13,9 @@ The names a template sees: ``profile`` (``attributes`` merged at the top, so
 ``message`` (``id``, ``version``).
 
 A field is compiled once (`compile_field`; plain text without ``{{`` or ``{%`` is not a
-template at all) and rendered per profile (`Field.render`). Every render is bounded, so that
+template at all) and rendered per profile (`Field.render`). The names of one profile are best
+given as a `Scope`, shared by every template rendered for it: Jinja's context is then made
+once per profile instead of once per template (it is most of a small template's cost). Every render is bounded, so that
 no template can run away or allocate without bound: at most `MAX_ITERATIONS` loop iterations
 in all, `MAX_OUTPUT` characters out, `MAX_REPEAT` characters from ``*``, small exponents,
 Python's recursion limit for macros. A template breaking a bound raises `TemplateLimit`.
@@ -43,10 +45,13 @@ from urllib.parse import quote
 import jinja2
 import jinja2.nodes
 import jinja2.sandbox
+from jinja2.parser import Parser
+from jinja2.runtime import Context
 
 from ._errors import InvalidArgument
 
 __all__ = [
+    "Scope",
     "Field",
     "compile_field",
     "Condition",
@@ -250,6 +255,33 @@ def _error(name: str, what: str, exc: BaseException) -> TemplateError:
     return TemplateError(f"{name}: {type(exc).__name__}: {exc}", field=name)
 
 
+class Scope:
+    """The names one profile's templates see, bound once for all of them.
+
+    Jinja makes a context per render (a copy of the globals and the names); a scope makes one
+    per environment and hands it to each template in turn, after clearing what the previous
+    one set (``{% set %}`` at the top level), so that templates stay independent.
+    """
+
+    __slots__ = ("names", "_contexts")
+
+    def __init__(self, names: dict[str, Any]) -> None:
+        self.names = names
+        self._contexts: dict[int, Context] = {}
+
+    def context(self, template: jinja2.Template) -> Context:
+        if template.blocks:  # a block needs the context of its own template
+            return template.new_context(self.names)
+        key = id(template.environment)
+        context = self._contexts.get(key)
+        if context is None:
+            context = self._contexts[key] = template.new_context(self.names)
+        else:
+            context.vars.clear()
+            context.exported_vars.clear()
+        return context
+
+
 class Field:
     """A compiled field: `render` it with a context. Plain text renders as itself."""
 
@@ -264,8 +296,8 @@ class Field:
     def is_template(self) -> bool:
         return self._template is not None
 
-    def render(self, context: dict[str, Any]) -> str:
-        """Render for one profile.
+    def render(self, context: dict[str, Any] | Scope) -> str:
+        """Render for one profile (its names, or better, its `Scope`).
 
         Raises:
             MissingValue: a value is missing and the field's message excludes such profiles.
@@ -276,10 +308,11 @@ class Field:
         if template is None:
             return self.source
         _budget.iterations = MAX_ITERATIONS
+        scope = context if type(context) is Scope else Scope(context)  # type: ignore[arg-type]
         try:
             parts = []
             size = 0
-            for chunk in template.generate(context):
+            for chunk in template.root_render_func(scope.context(template)):
                 size += len(chunk)
                 if size > MAX_OUTPUT:
                     raise TemplateLimit(f"the template renders more than {MAX_OUTPUT} characters")
@@ -312,22 +345,27 @@ def compile_field(name: str, source: str, on_missing: OnMissing = "default") -> 
 class Condition:
     """A compiled condition (an audience): `test` it with a context."""
 
-    __slots__ = ("name", "source", "_expression")
+    __slots__ = ("name", "source", "_template")
 
-    def __init__(self, name: str, source: str, expression: Any) -> None:
+    def __init__(self, name: str, source: str, template: jinja2.Template) -> None:
         self.name = name
         self.source = source
-        self._expression = expression
+        self._template = template
 
-    def test(self, context: dict[str, Any]) -> bool:
+    def test(self, context: dict[str, Any] | Scope) -> bool:
         """Whether the context qualifies; a missing value does not (it is false).
 
         Raises:
             TemplateLimit, TemplateError: as `Field.render`.
         """
         _budget.iterations = MAX_ITERATIONS
+        scope = context if type(context) is Scope else Scope(context)  # type: ignore[arg-type]
         try:
-            return bool(self._expression(**context))
+            jinja_context = scope.context(self._template)
+            for _ in self._template.root_render_func(jinja_context):
+                pass
+            result = jinja_context.vars["result"]
+            return False if isinstance(result, jinja2.Undefined) else bool(result)
         except jinja2.UndefinedError:
             return False  # compared or computed with a missing value
         except _RENDER_ERRORS as exc:
@@ -342,10 +380,17 @@ def compile_condition(name: str, source: str) -> Condition:
     """
     env = _ENVIRONMENTS["default"]
     try:
-        expression = env.compile_expression(source, undefined_to_none=True)
+        # What Environment.compile_expression does, keeping the template: a Scope renders it.
+        parser = Parser(env, source, state="variable")
+        expression = parser.parse_expression()
+        if not parser.stream.eos:
+            raise jinja2.TemplateSyntaxError("chunk after expression", parser.stream.current.lineno, None, None)
+        expression.set_environment(env)
+        body = [jinja2.nodes.Assign(jinja2.nodes.Name("result", "store"), expression, lineno=1)]
+        template = env.from_string(jinja2.nodes.Template(body, lineno=1))
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateSyntax(f"{name}: {exc.message}", field=name) from None
-    return Condition(name, source, expression)
+    return Condition(name, source, template)
 
 
 def _column(env: jinja2.Environment, source: str, lineno: int) -> int | None:

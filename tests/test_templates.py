@@ -14,6 +14,7 @@ from server.templates import (
     TemplateError,
     TemplateLimit,
     TemplateSyntax,
+    compile_condition,
     compile_field,
 )
 
@@ -153,3 +154,20 @@ def test_a_default_applies_below_a_missing_parent_when_missing_values_exclude() 
     assert render("Hi {{ profile.person.firstName | default('you') }}", {"profile": {}}, on_missing="exclude") == "Hi you"
     with pytest.raises(MissingValue):
         render("{% if profile.person.vip %}VIP{% endif %}", {"profile": {}}, on_missing="exclude")
+
+
+def test_templates_rendered_in_one_scope_stay_independent() -> None:
+    from server.templates import Scope
+
+    scope = Scope({"profile": {"name": "Ana", "points": 5}})
+    condition = compile_condition("$.audience", "profile.points > 3")
+    first = compile_field("$.content.title", "{% set x = 'from the title' %}{{ x }}, {{ profile.name }}")
+    second = compile_field("$.content.body", "{{ x | default('nothing set') }} for {{ profile.name }}")
+    excluding = compile_field("$.content.subtitle", "{{ profile.name }} {{ profile.city }}", "exclude")
+    assert condition.test(scope) is True
+    assert first.render(scope) == "from the title, Ana"
+    assert second.render(scope) == "nothing set for Ana"  # the title's variable did not leak
+    with pytest.raises(MissingValue):  # its own environment's rule for missing values
+        excluding.render(scope)
+    assert second.render(scope) == "nothing set for Ana"
+    assert compile_condition("$.audience", "profile.city == 'Oslo'").test(scope) is False
