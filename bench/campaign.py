@@ -139,6 +139,7 @@ async def one_round(client: Client, monitor: Client, apns: MockApnsProcess, fcm:
         "server_cpu_us_per_send": round(cpu / max(1, sends) * 1e6, 1),
         "server_cpu_share": round(cpu / wall, 2),
         "mocks_cpu_us_per_send": round(mocks_cpu / max(1, sends) * 1e6, 1),
+        "first_accepted_ms": round(latencies_ms[0], 1) if latencies_ms else None,
         "first_1000_p50_ms": round(_percentile(latencies_ms, 50), 1) if latencies_ms else None,
         "first_1000_p99_ms": round(_percentile(latencies_ms, 99), 1) if latencies_ms else None,
         "rss_mb_before": round(rss0 / 2**20, 1),

@@ -53,6 +53,9 @@ PLATFORMS = {"ios": ("apns", "apns-sandbox"), "android": ("fcm",)}
 #: crash, at most BATCH * IN_FLIGHT profiles' notifications are delivered again.
 BATCH = 500
 IN_FLIGHT = 4
+#: The first batch is smaller (the sizes double up to BATCH), so that the first notifications
+#: leave sooner.
+FIRST_BATCH = 50
 
 
 class ExecutionRecord(msgspec.Struct, kw_only=True):
@@ -162,13 +165,14 @@ class Pipeline:
         async with trio.open_nursery() as nursery:
             while True:
                 if state.audience is None:
-                    identities = state.identities[state.cursor : state.cursor + BATCH]
+                    size = min(BATCH, FIRST_BATCH << state.batches)
+                    identities = state.identities[state.cursor : state.cursor + size]
                     if not identities:
                         break
                     profiles = _profiles_of(store, identities)
                     state.cursor += len(identities)
                 else:
-                    page = store.scan_profiles(state.after, BATCH)
+                    page = store.scan_profiles(state.after, min(BATCH, FIRST_BATCH << state.batches))
                     if not page:
                         break
                     profiles = [profile for _, profile in page]
@@ -193,7 +197,9 @@ class Pipeline:
         with the execution's cursor past it (one commit)."""
         reports: list[ReportEvent] = []
         jobs: list[DeliveryJob] = []
-        for profile in profiles:
+        for n, profile in enumerate(profiles):
+            if n % 100 == 99:
+                await trio.lowlevel.checkpoint()  # let the batches in delivery move meanwhile
             context = Scope(messages.context_for(attributes=profile.attributes, identities=profile.identities,
                                                  event=self.event, message=self.spec, version=self.record.version))
             if self.test and profile.attributes.get("testProfile") is not True:
