@@ -120,6 +120,7 @@ __all__ = [
     "MinuteCounts",
     "Report",
     "GetReport",
+    "WatchReport",
 ]
 
 R = TypeVar("R")
@@ -1002,20 +1003,43 @@ class Report(Response):
     reasons: dict[str, dict[str, int]] = {}
     by_platform: dict[str, dict[str, int]] = {}
     by_app: dict[str, dict[str, int]] = {}
-    #: ``opened`` / ``delivered``, when anything was delivered.
+    #: Per journey (notifications sent outside journeys are under ``""``).
+    by_journey: dict[str, dict[str, int]] = {}
+    #: ``unique_opened`` / ``delivered``, when anything was delivered: the share of
+    #: notifications whose profile opened the message (a profile with two devices counts
+    #: twice in ``delivered`` and once in ``unique_opened``).
     open_rate: float | None = None
     #: The live window's per-minute counts, oldest first (only minutes with counts).
     minutes: list[MinuteCounts] = []
 
 
 class GetReport(Request[Report]):
+    """The counts of the notifications that match every filter given."""
+
     method: ClassVar[str] = "reports.get"
     message: Name | None = None
     version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    journey: Name | None = None
+    node: Name | None = None
     app: AppId | None = None
     platform: Platform | None = None
     #: ``all_time`` (stored) or ``live`` (the last 24 hours, by minute).
     window: Literal["live", "all_time"] = "all_time"
+
+
+class WatchReport(StreamRequest[Report]):
+    """`GetReport`, streamed: a report at once, then a new one whenever the counts change, at
+    most every ``interval_s``, until the client cancels the call."""
+
+    method: ClassVar[str] = "reports.watch"
+    message: Name | None = None
+    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    journey: Name | None = None
+    node: Name | None = None
+    app: AppId | None = None
+    platform: Platform | None = None
+    window: Literal["live", "all_time"] = "all_time"
+    interval_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1069,6 +1093,7 @@ METHODS: dict[str, MethodSpec] = {
             PreviewMessage,
             SendMessage,
             GetReport,
+            WatchReport,
         ],
     )
 }

@@ -125,10 +125,12 @@ class Client(ClientBase):
         """
         sink = _Stream()
         call_id = await self._start(request, sink, window=sink.window)
+        items = self._items(call_id, sink, decoder_for(response_type(request)))
         try:
             self._kick()
-            yield self._items(call_id, sink, decoder_for(response_type(request)))
+            yield items
         finally:
+            await items.aclose()  # a loop left early leaves the generator suspended: end it here
             self._abandon(call_id)
 
     async def _items(self, call_id: int, sink: _Stream, decoder: msgspec.msgpack.Decoder) -> AsyncIterator[Any]:

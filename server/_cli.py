@@ -64,6 +64,7 @@ COMMANDS: dict[str, str] = {
     "messages.preview": "messages preview",
     "messages.send": "messages send",
     "reports.get": "reports",
+    "reports.watch": "reports --watch",
 }
 
 
@@ -434,14 +435,16 @@ def show_send(r: api.SendResult) -> str:
             f"{r.delivered} delivered, {sum(r.failed.values())} failed{reasons(r.failed)}, {r.bounced} bounced")
 
 
-_REPORT_COLUMNS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "opened", "action")
+_REPORT_COLUMNS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "opened", "unique_opened", "action")
 
 
 def show_report(r: api.Report) -> str:
     rows = [["all", *(str(r.totals.get(c, 0)) for c in _REPORT_COLUMNS)]]
     rows += [[f"platform {name}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)] for name, row in sorted(r.by_platform.items())]
     rows += [[f"app {name}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)] for name, row in sorted(r.by_app.items())]
-    out = [_table(rows, ["", *(c.upper() for c in _REPORT_COLUMNS)])]
+    rows += [[f"journey {name}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)]
+             for name, row in sorted(r.by_journey.items()) if name]
+    out = [_table(rows, ["", *(c.upper().replace("UNIQUE_OPENED", "UNIQUE OPENS") for c in _REPORT_COLUMNS)])]
     if r.open_rate is not None:
         out.append(f"open rate {r.open_rate:.1%}")
     for metric, reasons in sorted(r.reasons.items()):
@@ -453,17 +456,20 @@ def show_report(r: api.Report) -> str:
 
 
 async def _reports(client: Client, args: argparse.Namespace) -> None:
-    request = api.GetReport(message=args.message, version=args.version, app=args.app, platform=args.platform,
-                            window="live" if args.live else "all_time")
-    while True:
+    filters = {"message": args.message, "version": args.version, "journey": args.journey, "node": args.node,
+               "app": args.app, "platform": args.platform, "window": "live" if args.live else "all_time"}
+    if args.watch is None:
         with trio.fail_after(args.timeout):
-            result = await client.call(request)
-        text = _json(result) if args.json else show_report(result)
-        if args.watch is None:
-            print(text)
-            return
-        print("\x1b[H\x1b[2J" + text, flush=True)  # refresh in place
-        await trio.sleep(args.watch)
+            result = await client.call(api.GetReport(**filters))
+        print(_json(result) if args.json else show_report(result))
+        return
+    # The server streams a report whenever the counts change; until interrupted.
+    async with client.stream(api.WatchReport(**filters, interval_s=args.watch)) as reports:
+        async for result in reports:
+            if args.json:
+                print(msgspec.json.encode(result).decode(), flush=True)  # one report per line
+            else:
+                print("\x1b[H\x1b[2J" + show_report(result), flush=True)  # refresh in place
 
 
 def _preview_request(args: argparse.Namespace) -> api.PreviewMessage:
@@ -705,11 +711,14 @@ def _build_parser() -> argparse.ArgumentParser:
             _reports)
     p.add_argument("--message", help="one message")
     p.add_argument("--version", type=int, help="one version of it")
+    p.add_argument("--journey", help="one journey")
+    p.add_argument("--node", help="one node of a journey")
     p.add_argument("--app")
     p.add_argument("--platform", choices=["apns", "apns-sandbox", "fcm"])
     p.add_argument("--live", action="store_true", help="the last 24 hours, by minute (default: all time)")
     p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
-                   help="refresh in place every SECONDS (default 2) until interrupted")
+                   help="stay connected: the server sends the report again whenever its counts change, at most "
+                        "every SECONDS (default 2); refreshed in place (with --json: one report per line) until interrupted")
 
     demo = commands.add_parser("demo", help="the whole flow in one command: mocks, apps, a message, a send, a report")
     demo.add_argument("--data", metavar="DIR", help="folder for the demo (default: a new temporary one)")

@@ -18,7 +18,7 @@ import trio
 from . import _store as store_ops
 from ._actor import Actor, Future
 from ._errors import ActorCrashed, ServerError
-from ._reporting import ReportEvent, Reporting
+from ._reporting import ReportEvent, Reporting, counted
 from .channels import Channel, DeliveryJob, DeliveryResult
 
 __all__ = ["Delivery", "DeliveryRequest", "report_events"]
@@ -36,8 +36,10 @@ class DeliveryRequest:
 
 def report_events(job: DeliveryJob, result: DeliveryResult) -> list[ReportEvent]:
     """``sent``, then ``delivered`` or ``failed`` (and ``bounced`` for a dead token), with the
-    message and journey of the job's tracking envelope."""
+    message and journey of the job's tracking envelope (none for a test send's)."""
     tracking = job.tracking or {}
+    if not counted(tracking):
+        return []
     dims = {
         "app": job.app.app,
         "platform": job.platform,

@@ -97,6 +97,7 @@ async def run_demo(data: str | None, profiles: int, out: Any = print) -> int:
                 result = await client.call(api.SendMessage(id="welcome-back", identities=[p[0] for p in people] + ["crm:999"]))
                 out(show_send(result))
                 accepted = apns.admin.accepted() + fcm.admin.accepted()
+                owner = {person[3]: person[0] for person in people}  # token -> identity
                 opens = []
                 for i, notification in enumerate(accepted):
                     payload = notification.get("payload") or notification.get("message", {}).get("data", {})
@@ -108,7 +109,8 @@ async def run_demo(data: str | None, profiles: int, out: Any = print) -> int:
                     data = {"_p": envelope, "platform": platform, "app": APP}
                     if kind == "pushTracking.customAction":
                         data["actionId"] = "redeem"
-                    opens.append(api.Event(identity=people[0][0], type=kind, data=data))
+                    token = notification.get("token") or notification.get("message", {}).get("token")
+                    opens.append(api.Event(identity=owner[token], type=kind, data=data))
                 if opens:
                     await client.call(api.IngestEvents(events=opens))
                 out(f"{len(opens)} interactions reported by the app")

@@ -23,7 +23,7 @@ from ._actor import Actor, Future
 from ._errors import InvalidArgument, ServerError
 from ._keys import MAX_KEY_BYTES
 from ._records import to_us
-from ._reporting import ReportEvent
+from ._reporting import ReportEvent, counted
 from ._store import InEvent, ProfileStore, WriteOp, ingest_events
 
 log = logging.getLogger("pigeon.ingest")
@@ -167,7 +167,7 @@ def push_interactions(events: list[InEvent]) -> list[ReportEvent]:
     holds it), and for an action its ``actionId``; ``app`` and ``platform`` when the app
     sends them."""
     out = []
-    for _, type_, _, raw in events:
+    for identity, type_, _, raw in events:
         metric = INTERACTIONS.get(type_)
         if metric is None:
             continue
@@ -180,6 +180,8 @@ def push_interactions(events: list[InEvent]) -> list[ReportEvent]:
             continue
         if not isinstance(tracking, dict) or not isinstance(tracking.get("m"), str):
             continue  # not one of ours
+        if not counted(tracking):
+            continue  # a test send's
         version = tracking.get("v")
         out.append(ReportEvent(
             outcome=metric,
@@ -190,6 +192,7 @@ def push_interactions(events: list[InEvent]) -> list[ReportEvent]:
             app=str(data.get("app", "")),
             platform=str(data.get("platform", "")),
             reason=str(data.get("actionId", "")) if metric == "action" else "",
+            profile=identity,
         ))
     return out
 

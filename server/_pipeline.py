@@ -13,7 +13,12 @@ Exclusion reasons (AJO's names where it has one):
 - ``NoConsent``: the profile opted out of the app's push (or did not opt in, with consent
   ``opt_in``);
 - ``MissingValue``, ``TemplateLimit``, ``TemplateError``: personalization failed for it;
-- ``AudienceError``: the audience condition fails on its data (a text compared with a number).
+- ``AudienceError``: the audience condition fails on its data (a text compared with a number);
+- a rule's reason: plugins implementing ``pigeon_exclude`` (`server.hookspecs`: frequency
+  caps, holdouts, suppression lists) exclude profiles after consent, before personalization.
+
+Test sends (``test``) reach only test profiles and are not counted in reports (their envelope
+carries ``t``); their counts are in the `SendResult` only.
 
 Durability: an execution is stored when it starts (``executions``). Each batch of 500
 profiles is staged in one commit: its notifications go into the outbox (``outbox``) and the
@@ -28,6 +33,7 @@ cursors. So every targeted profile is staged exactly once, and sent at least onc
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from collections import Counter
 from typing import Any
@@ -39,7 +45,7 @@ from protocols import api
 
 from . import _messages as messages
 from ._errors import InvalidArgument
-from ._reporting import ReportEvent
+from ._reporting import ReportEvent, counted
 from .channels import AppRecord, DeliveryJob
 from .templates import Condition, Scope, TemplateError, compile_condition
 
@@ -137,9 +143,13 @@ class Pipeline:
         self.event = event
         self.test = test
         self.execution = resume.execution if resume is not None else secrets.token_hex(8)
-        self.tracking = {"m": self.spec.id, "v": record.version, "x": self.execution}
+        self.tracking: dict[str, Any] = {"m": self.spec.id, "v": record.version, "x": self.execution}
+        if test:
+            self.tracking["t"] = 1  # not counted in reports
         self.apps: dict[str, AppRecord | None] = {app: server.store.get_app(app) for app in config.apps}
         self.platforms = {p for name in config.platforms for p in PLATFORMS[name]}
+        hook = server.plugins.pm.hook.pigeon_exclude
+        self._rules = hook if hook.get_hookimpls() else None  # the frequency-cap step
         self.state = resume or ExecutionRecord(
             execution=self.execution, message=self.spec.id, version=record.version, identities=identities or [],
             audience=audience, test=test, event=event,
@@ -232,7 +242,8 @@ class Pipeline:
             for key, job in zip(keys, jobs)
         ]
         await self.server.store.write(stage_batch, self._encoded_state(), self.execution, entries)
-        await self.server.reporting.record_many(reports)
+        if not self.test:
+            await self.server.reporting.record_many(reports)
         return jobs, keys
 
     async def _deliver(self, jobs: list[DeliveryJob], keys: list[bytes], limiter: trio.Semaphore) -> None:
@@ -270,6 +281,11 @@ class Pipeline:
             if not allowed:
                 return "NoConsent"
             active = allowed
+        if self._rules is not None:
+            reason = self._rules(identity=profile.identities[0] if profile.identities else "", attributes=profile.attributes,
+                                 message=self.spec, version=self.record.version, config=self.config, event=self.event)
+            if reason is not None:
+                return _rule_reason(reason)
         try:
             content = self.compiled.render(context)
         except InvalidArgument as exc:
@@ -278,6 +294,17 @@ class Pipeline:
         for r in active:
             jobs.append(rendered.job(self.apps[r.app] or AppRecord(app=r.app), r.token, r.platform, self.tracking))
         return None
+
+
+def _rule_reason(reason: Any) -> str:
+    """A plugin's exclusion reason, as reported (a bad one is named, not trusted)."""
+    if isinstance(reason, str) and _REASON.fullmatch(reason):
+        return reason
+    log.error("a pigeon_exclude plugin returned %r, not a reason code: reported as ExcludedByRule", reason)
+    return "ExcludedByRule"
+
+
+_REASON = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 def _profiles_of(store: Any, identities: list[str]) -> list[Any]:
@@ -336,7 +363,7 @@ async def recover(server: Any) -> None:
         await server.reporting.record_many([
             ReportEvent(outcome="replayed", app=job.app.app, platform=job.platform, message=str(job.tracking.get("m", "")),
                         version=job.tracking.get("v", 0) if isinstance(job.tracking.get("v"), int) else 0)
-            for job in jobs
+            for job in jobs if counted(job.tracking)
         ])
         for offset in range(0, len(jobs), BATCH):
             await server.delivery.deliver(jobs[offset : offset + BATCH])

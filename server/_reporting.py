@@ -14,11 +14,18 @@ restarts. Metrics, per notification (a profile with two devices counts twice):
 - ``replayed``: among the sent, delivered again after a crash because the outbox could not
   tell whether they had been (they may have reached the provider twice);
 - ``opened``, ``action`` (with the button id), ``received``, ``dismissed``: interactions the
-  app reported.
+  app reported; ``unique_opened``: the first ``opened`` of each profile for a message version
+  (in a journey node: per node), counted once whatever its app or platform.
+
+Test sends (to test profiles) are not counted: their envelope carries ``t``.
+
+Live counts are stored too (the ``live`` database, by minute, older than 24 hours deleted), so
+the live view survives a restart. Which profiles opened what is kept in ``uniques``.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import Counter
@@ -28,19 +35,27 @@ from typing import Any
 import msgspec
 import trio
 
+from protocols import api
+
 from ._actor import Actor
 from ._errors import ServerError
+from ._records import from_us
 
-__all__ = ["Reporting", "ReportEvent", "ReportKey", "add_counts", "METRICS"]
+__all__ = ["Reporting", "ReportEvent", "ReportKey", "add_counts", "METRICS", "counted"]
 
 log = logging.getLogger("pigeon.reporting")
 
-METRICS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "replayed", "received", "opened", "action",
-           "dismissed")
+METRICS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "replayed", "received", "opened",
+           "unique_opened", "action", "dismissed")
+
+
+def counted(tracking: dict[str, Any] | None) -> bool:
+    """Whether a notification with this envelope is reported (test sends are not)."""
+    return not (tracking and tracking.get("t"))
 
 
 class ReportEvent(msgspec.Struct, frozen=True, kw_only=True):
-    #: One of `METRICS`.
+    #: One of `METRICS` (``unique_opened`` is counted here, from ``opened``).
     outcome: str
     app: str = ""
     platform: str = ""
@@ -49,10 +64,15 @@ class ReportEvent(msgspec.Struct, frozen=True, kw_only=True):
     version: int = 0
     journey: str = ""
     node: str = ""
+    #: The identity an interaction came from (for unique opens); not a dimension.
+    profile: str = ""
 
 
 #: (message, version, journey, node, app, platform, outcome, reason)
 ReportKey = tuple[str, int, str, str, str, str, str, str]
+#: An ``opened`` that may be the profile's first for its message: (the ``unique_opened`` key,
+#: the identity).
+Candidate = tuple[ReportKey, str]
 
 _key_encoder = msgspec.msgpack.Encoder()
 _key_decoder = msgspec.msgpack.Decoder(tuple[str, int, str, str, str, str, str, str])
@@ -62,13 +82,37 @@ def _key(event: ReportEvent) -> ReportKey:
     return (event.message, event.version, event.journey, event.node, event.app, event.platform, event.outcome, event.reason)
 
 
-def add_counts(w: Any, counts: dict[ReportKey, int]) -> None:
-    """Store op: add ``counts`` to the all-time counters."""
-    db = w.dbs["reports"]
-    for key, n in counts.items():
+def _unique_key(key: ReportKey, pid: bytes) -> bytes:
+    """Who opened what: the message, version, journey and node, and the profile."""
+    return _key_encoder.encode(key[:4]) + pid
+
+
+def add_counts(w: Any, counts: dict[ReportKey, int], minute: int, candidates: list[Candidate],
+               keep_after: int) -> Counter[ReportKey]:
+    """Store op: count the ``candidates`` that are first opens (returned, as ``unique_opened``
+    counts), then add everything to the all-time counters and to ``minute`` 's live counts;
+    live counts of minutes before ``keep_after`` are deleted."""
+    uniques: Counter[ReportKey] = Counter()
+    seen = w.dbs["uniques"]
+    for key, identity in candidates:
+        pid = w.pid(identity) or identity.encode()  # an unknown identity counts as itself
+        marker = _unique_key(key, pid)
+        if w.txn.get(marker, db=seen) is None:
+            w.txn.put(marker, b"", db=seen)
+            uniques[key] += 1
+    db, live = w.dbs["reports"], w.dbs["live"]
+    prefix = minute.to_bytes(4, "big")
+    for key, n in itertools.chain(counts.items(), uniques.items()):
         raw = _key_encoder.encode(key)
         old = w.txn.get(raw, db=db)
         w.txn.put(raw, (n + (int.from_bytes(old, "big") if old else 0)).to_bytes(8, "big"), db=db)
+        old = w.txn.get(prefix + raw, db=live)
+        w.txn.put(prefix + raw, (n + (int.from_bytes(old, "big") if old else 0)).to_bytes(8, "big"), db=live)
+    cursor = w.txn.cursor(db=live)
+    limit = keep_after.to_bytes(4, "big")
+    while cursor.first() and cursor.key()[:4] < limit:
+        cursor.delete()
+    return uniques
 
 
 class Reporting(Actor):
@@ -89,6 +133,10 @@ class Reporting(Actor):
         self.live: dict[int, Counter[ReportKey]] = {}
         self.counts: Counter[tuple[str, str]] = Counter()
         self.store_failures = 0
+        #: Batches counted so far, and an event set at each (watchers wait on it).
+        self.changes = 0
+        self.changed = trio.Event()
+        self._opened: set[bytes] = set()  # first opens without a store
 
     async def record(self, event: ReportEvent) -> None:
         await self.send(event)
@@ -100,27 +148,62 @@ class Reporting(Actor):
             await self.send(events)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._load_live()
         task_status.started()
         while items := await self.receive_batch(4096):
             batch: Counter[ReportKey] = Counter()
+            candidates: list[Candidate] = []
             for item in items:
                 for event in item if type(item) is list else (item,):
-                    batch[_key(event)] += 1
+                    key = _key(event)
+                    batch[key] += 1
+                    if event.outcome == "opened" and event.profile:
+                        candidates.append((key[:6] + ("unique_opened", ""), event.profile))
+            minute = int(self.clock() // 60)
+            uniques = await self._store(batch, minute, candidates)
+            batch.update(uniques)
             for key, n in batch.items():
                 self.counts[(key[6], key[7])] += n
-            minute = int(self.clock() // 60)
             bucket = self.live.get(minute)
             if bucket is None:
                 bucket = self.live[minute] = Counter()
                 for old in [m for m in self.live if m <= minute - self.LIVE_MINUTES]:
                     del self.live[old]
             bucket.update(batch)
-            if self.store is not None:
-                try:
-                    await self.store.write(add_counts, dict(batch))
-                except ServerError as exc:  # the live view still has them
-                    self.store_failures += 1
-                    log.error("could not store %d report counts: %s", len(batch), exc)
+            self.changes += 1
+            self.changed.set()
+            self.changed = trio.Event()
+
+    async def _store(self, batch: Counter[ReportKey], minute: int, candidates: list[Candidate]) -> Counter[ReportKey]:
+        """Store the batch; the first opens among the candidates."""
+        if self.store is None:
+            uniques: Counter[ReportKey] = Counter()
+            for key, identity in candidates:
+                marker = _unique_key(key, identity.encode())
+                if marker not in self._opened:
+                    self._opened.add(marker)
+                    uniques[key] += 1
+            return uniques
+        try:
+            return await self.store.write(add_counts, dict(batch), minute, candidates, minute - self.LIVE_MINUTES + 1)
+        except ServerError as exc:  # the live view still has them
+            self.store_failures += 1
+            log.error("could not store %d report counts (%d possible first opens not counted): %s", len(batch),
+                      len(candidates), exc)
+            return Counter()
+
+    def _load_live(self) -> None:
+        """The live counts of the last 24 hours, as stored (they survive restarts)."""
+        if self.store is None:
+            return
+        since = int(self.clock() // 60) - self.LIVE_MINUTES
+        live: dict[int, Counter[ReportKey]] = {}
+        with self.store.env.begin() as txn:
+            for raw, value in txn.cursor(db=self.store._dbs["live"]):
+                minute = int.from_bytes(raw[:4], "big")
+                if minute > since:
+                    live.setdefault(minute, Counter())[_key_decoder.decode(raw[4:])] = int.from_bytes(value, "big")
+        self.live = live
 
     # -- queries ----------------------------------------------------------------------------
 
@@ -139,6 +222,40 @@ class Reporting(Actor):
         with self.store.env.begin() as txn:
             for raw, value in txn.cursor(db=self.store._dbs["reports"]):
                 out[_key_decoder.decode(raw)] = int.from_bytes(value, "big")
+        return out
+
+    def report(self, query: api.GetReport | api.WatchReport) -> api.Report:
+        """The counts that match the query's filters, totalled and grouped."""
+        filters = [(i, value) for i, value in enumerate((query.message, query.version, query.journey, query.node,
+                                                          query.app, query.platform)) if value is not None]
+
+        def add(counts: Counter[ReportKey]) -> None:
+            for key, n in counts.items():
+                if any(key[i] != value for i, value in filters):
+                    continue
+                _, _, journey, _, app, platform, outcome, reason = key
+                out.totals[outcome] = out.totals.get(outcome, 0) + n
+                if reason:
+                    per = out.reasons.setdefault(outcome, {})
+                    per[reason] = per.get(reason, 0) + n
+                for group, name in ((out.by_platform, platform), (out.by_app, app), (out.by_journey, journey)):
+                    if name or group is out.by_journey:
+                        row = group.setdefault(name, {})
+                        row[outcome] = row.get(outcome, 0) + n
+
+        out = api.Report(window=query.window)
+        if query.window == "live":
+            for minute, counts in self.live_counts():
+                before = dict(out.totals)
+                add(counts)
+                delta = {k: v - before.get(k, 0) for k, v in out.totals.items() if v != before.get(k, 0)}
+                if delta:
+                    out.minutes.append(api.MinuteCounts(start=from_us(minute * 60_000_000), counts=delta))
+        else:
+            add(self.all_time())
+        delivered = out.totals.get("delivered", 0)
+        if delivered:
+            out.open_rate = round(out.totals.get("unique_opened", 0) / delivered, 4)
         return out
 
     def details(self) -> dict[str, Any]:

@@ -563,8 +563,10 @@ class _Connection:
             # The call ended under the handler (its answer was refused): stop producing.
             self.calls[call_id].cancel()
             await trio.lowlevel.checkpoint()
+        # The writer sends what is queued when it next runs (items queued meanwhile go in the
+        # same write): a stream that sends now and then (reports.watch) is not held back.
+        self.kick()
         if self.conn.pending_bytes >= _STREAM_FLUSH_BYTES:
-            self.kick()
             await self.wait_writable()
             await trio.lowlevel.checkpoint()  # let the writer take what is queued
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import msgspec.structs
+import trio
 
 from protocols import api
 from protocols.frames import PROTOCOL_VERSION
@@ -464,42 +465,19 @@ def build_router(server: Server) -> Router:
         return result
 
     async def report(ctx: CallContext, req: api.GetReport) -> api.Report:
-        def matches(key: tuple[Any, ...]) -> bool:
-            message, version, _journey, _node, app, platform, _outcome, _reason = key
-            return ((req.message is None or message == req.message) and (req.version is None or version == req.version)
-                    and (req.app is None or app == req.app) and (req.platform is None or platform == req.platform))
+        return server.reporting.report(req)
 
-        out = api.Report(window=req.window)
-
-        def add(counts: Any) -> None:
-            for key, n in counts.items():
-                if not matches(key):
-                    continue
-                _, _, _, _, app, platform, outcome, reason = key
-                out.totals[outcome] = out.totals.get(outcome, 0) + n
-                if reason:
-                    per = out.reasons.setdefault(outcome, {})
-                    per[reason] = per.get(reason, 0) + n
-                for group, name in ((out.by_platform, platform), (out.by_app, app)):
-                    if name:
-                        row = group.setdefault(name, {})
-                        row[outcome] = row.get(outcome, 0) + n
-
-        if req.window == "live":
-            for minute, counts in server.reporting.live_counts():
-                before = dict(out.totals)
-                add(counts)
-                delta = {k: v - before.get(k, 0) for k, v in out.totals.items() if v != before.get(k, 0)}
-                if delta:
-                    out.minutes.append(api.MinuteCounts(start=from_us(minute * 60_000_000), counts=delta))
-        else:
-            add(server.reporting.all_time())
-        delivered = out.totals.get("delivered", 0)
-        if delivered:
-            out.open_rate = round(out.totals.get("opened", 0) / delivered, 4)
-        return out
+    async def watch_report(ctx: CallContext, req: api.WatchReport, send: Any) -> None:
+        reporting = server.reporting
+        while True:
+            seen = reporting.changes
+            await send(reporting.report(req))
+            await trio.sleep(req.interval_s)
+            if reporting.changes == seen:
+                await reporting.changed.wait()
 
     router.add(api.GetReport, report)
+    router.add(api.WatchReport, watch_report)
     router.add(api.SendMessage, send_message)
     router.add(api.PublishConfig, publish_config)
     router.add(api.GetConfig, config_get)

@@ -70,7 +70,7 @@ MAX_PROFILE_BYTES = 256 * 1024
 #: Registrations kept per profile; registering one more evicts the least recently seen.
 MAX_REGISTRATIONS = 50
 
-_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports", "executions", "outbox")
+_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports", "executions", "outbox", "live", "uniques")
 _meta_encoder = msgspec.msgpack.Encoder()
 
 

@@ -19,10 +19,14 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from typing import Any
+
+    from protocols import api
+
     from ._config import Config
     from .channels import Channel
 
-__all__ = ["hookspec", "hookimpl", "pigeon_channels"]
+__all__ = ["hookspec", "hookimpl", "pigeon_channels", "pigeon_exclude"]
 
 #: Marks hook specifications (Pigeon's own use).
 hookspec = pluggy.HookspecMarker("pigeon")
@@ -44,6 +48,35 @@ def pigeon_channels(config: Config) -> list[Channel]:  # type: ignore[empty-body
 
     :param config: the server's configuration (for endpoints and limits).
     :return: `server.channels.Channel` objects.
+
+    .. versionadded:: 0.1
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# sending
+
+
+@hookspec(firstresult=True)
+def pigeon_exclude(  # type: ignore[empty-body]
+    identity: str, attributes: dict[str, Any], message: api.MessageSpec, version: int, config: api.ChannelConfig,
+    event: dict[str, Any],
+) -> str | None:
+    """Whether a profile that qualified for a message is excluded by a rule (a frequency cap,
+    a holdout group, a suppression list); the pipeline's last step before personalization.
+
+    Called once per profile of every send, only when some plugin implements it (keep it fast:
+    a send may ask 10,000 times a second; read what you need into memory beforehand). The
+    first implementation to return a reason wins; the profile is then counted under
+    ``excluded`` with that reason (AJO's name for rule exclusions is
+    ``ExcludedForControlRules``), and nothing is sent to it.
+
+    :param identity: the profile's first identity.
+    :param attributes: its attributes (read only).
+    :param message: the message being sent, and ``version`` its version.
+    :param config: the message's channel configuration.
+    :param event: the send's event data (for templates that use ``event``).
+    :return: a reason code (letters, digits, ``_``, ``-``), or None to let the profile through.
 
     .. versionadded:: 0.1
     """

@@ -7,6 +7,7 @@ import functools
 import json
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from plugins.apns.mock import MockApnsProcess, SigningKey
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.trio_client import open_client
-from server import Server
+from server import Server, hookimpl
+from server._plugins import Plugins
 
 from .conftest import make_config
 
@@ -35,6 +37,13 @@ def mocks(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 async def client(tmp_path: Path, mocks) -> AsyncIterator[Any]:
+    async with serve(tmp_path, mocks) as c:
+        yield c
+
+
+@asynccontextmanager
+async def serve(tmp_path: Path, mocks: Any, plugins: Plugins | None = None) -> AsyncIterator[Any]:
+    """A server on ``tmp_path/data`` with the app, its configuration and the message ``cart``."""
     apns, fcm = mocks
     for admin in (apns.admin, fcm.admin):
         admin.reset_faults()
@@ -44,7 +53,7 @@ async def client(tmp_path: Path, mocks) -> AsyncIterator[Any]:
     endpoint = {"address": apns.address, "ca_file": str(apns.ca_file)}
     config = make_config(tmp_path / "data", apns={"sandbox": endpoint, "production": endpoint},
                          fcm={"url": fcm.url, "ca_file": str(fcm.ca_file), "retry_min_s": 0.05})
-    srv = Server(config)
+    srv = Server(config, plugins=plugins)
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
         async with open_client(srv.addresses[0]) as c:
@@ -185,3 +194,132 @@ async def test_a_profile_whose_data_breaks_the_audience_is_excluded_and_the_send
     await profile(client, "crm:21", {"age": "forty"}, [("apns-sandbox", odd)])
     result = await client.call(api.SendMessage(id="cart", audience="profile.age > 30", event={"product": "x"}))
     assert result.excluded == {"AudienceError": 1} and result.delivered == 1
+
+
+async def wait_for_report(client: Any, done: Any, **filters: Any) -> api.Report:
+    """The report once ``done(report)`` holds (reports are counted a moment after the events)."""
+    with trio.fail_after(10):
+        while not done(report := await client.call(api.GetReport(**filters))):
+            await trio.sleep(0.02)
+    return report
+
+
+def opened(identity: str, envelope: dict[str, Any], platform: str) -> api.Event:
+    return api.Event(identity=identity, type="pushTracking.applicationOpened", data={"_p": envelope, "platform": platform})
+
+
+async def test_unique_opens_journeys_and_test_sends_in_reports(client, mocks):
+    apns, fcm = mocks
+    ios, android, other = apns_token(), "fcm-uniq", apns_token()
+    await admin(apns, "set_tokens", {ios: [APP], other: [APP]})
+    await admin(fcm, "set_tokens", "acme-push", {android: {}})
+    await profile(client, "crm:30", {"testProfile": True}, [("apns-sandbox", ios), ("fcm", android)])
+    await profile(client, "crm:31", {}, [("apns-sandbox", other)])
+    await client.call(api.LinkIdentity(identity="crm:30", link="email:ana@example.com"))
+    result = await client.call(api.SendMessage(id="cart", identities=["crm:30", "crm:31"], event={"product": "x"}))
+    assert result.delivered == 3
+    envelope = {"m": "cart", "v": 1, "x": result.execution}
+    # crm:30 opens on both devices, twice on one, under two of its identities: one unique open.
+    await client.call(api.IngestEvents(events=[
+        opened("crm:30", envelope, "apns-sandbox"), opened("crm:30", envelope, "apns-sandbox"),
+        opened("email:ana@example.com", envelope, "fcm"),
+    ]))
+    report = await wait_for_report(client, lambda r: r.totals.get("opened", 0) >= 3, message="cart")
+    assert (report.totals["opened"], report.totals["unique_opened"]) == (3, 1)
+    assert report.by_platform["apns-sandbox"]["unique_opened"] == 1 and "unique_opened" not in report.by_platform["fcm"]
+    assert report.open_rate == round(1 / 3, 4)
+
+    # An interaction from a journey's node is counted under the journey (and the node).
+    in_journey = {**envelope, "j": "welcome", "n": "push-1"}
+    await client.call(api.IngestEvents(events=[opened("crm:31", in_journey, "apns-sandbox")]))
+    journey = await wait_for_report(client, lambda r: r.totals.get("opened", 0) >= 1, journey="welcome")
+    assert journey.totals == {"opened": 1, "unique_opened": 1} and journey.by_journey == {"welcome": journey.totals}
+    assert (await client.call(api.GetReport(journey="welcome", node="push-1"))).totals == journey.totals
+    assert (await client.call(api.GetReport(journey="welcome", node="push-2"))).totals == {}
+    report = await wait_for_report(client, lambda r: r.totals.get("opened", 0) >= 4, message="cart")
+    assert report.by_journey[""]["opened"] == 3 and report.by_journey["welcome"]["opened"] == 1
+
+    # A test send, and its opens, are not counted.
+    before = (await client.call(api.GetReport(message="cart"))).totals
+    test = await client.call(api.SendMessage(id="cart", audience="true", test=True, event={"product": "x"}))
+    assert (test.profiles, test.delivered) == (1, 2)
+    test_envelope = {"m": "cart", "v": 1, "x": test.execution, "t": 1}
+    assert test_envelope in [a["payload"]["_p"] for a in await admin(apns, "accepted")]
+    await client.call(api.IngestEvents(events=[opened("crm:30", test_envelope, "apns-sandbox")]))
+    await client.call(api.IngestEvents(events=[opened("crm:31", envelope, "apns-sandbox")]))  # a marker after it
+    after = await wait_for_report(client, lambda r: r.totals.get("opened", 0) >= 5, message="cart")
+    assert after.totals == {**before, "opened": 5, "unique_opened": 3}
+
+
+async def test_a_watch_streams_the_report_whenever_it_changes(client, mocks):
+    apns, _ = mocks
+    token = apns_token()
+    await admin(apns, "set_tokens", {token: [APP]})
+    await profile(client, "crm:40", {}, [("apns-sandbox", token)])
+    seen = []
+    with trio.fail_after(15):
+        async with client.stream(api.WatchReport(message="cart", interval_s=0.1)) as reports:
+            async for report in reports:
+                seen.append(report.totals)
+                if len(seen) == 1:
+                    assert report.totals == {}  # at once, before anything happened
+                    result = await client.call(api.SendMessage(id="cart", identities=["crm:40"], event={"product": "x"}))
+                    assert result.delivered == 1
+                elif report.totals.get("delivered") == 1:
+                    break
+    assert seen[-1] == {"targeted": 1, "sent": 1, "delivered": 1}
+    # Nothing changes: nothing is streamed (the reports are not re-sent every interval).
+    items = []
+    with trio.move_on_after(0.5):
+        async with client.stream(api.WatchReport(message="cart", interval_s=0.1)) as reports:
+            async for report in reports:
+                items.append(report.totals)
+    assert items == [seen[-1]]
+
+
+class Cap:
+    """A frequency-cap plugin: at most one message per profile (in memory)."""
+
+    def __init__(self) -> None:
+        self.sent: set[str] = set()
+        self.calls: list[tuple[str, str, int, str]] = []
+
+    @hookimpl
+    def pigeon_exclude(self, identity: str, message: api.MessageSpec, version: int, config: api.ChannelConfig) -> str | None:
+        self.calls.append((identity, message.id, version, config.name))
+        if identity in self.sent:
+            return "FrequencyCap"
+        self.sent.add(identity)
+        return None
+
+
+async def test_a_rule_plugin_excludes_profiles_with_its_reason(tmp_path, mocks):
+    apns, _ = mocks
+    token = apns_token()
+    cap = Cap()
+    async with serve(tmp_path, mocks, Plugins(entry_points=False, extra={"cap": cap})) as client:
+        await admin(apns, "set_tokens", {token: [APP]})
+        await profile(client, "crm:50", {}, [("apns-sandbox", token)])
+        await profile(client, "crm:51", {})  # no token: excluded before the rule is asked
+        first = await client.call(api.SendMessage(id="cart", identities=["crm:50", "crm:51"], event={"product": "x"}))
+        second = await client.call(api.SendMessage(id="cart", identities=["crm:50"], event={"product": "x"}))
+        assert (first.delivered, first.excluded) == (1, {"NoTokenForApp": 1})
+        assert (second.delivered, second.excluded) == (0, {"FrequencyCap": 1})
+        assert cap.calls == [("crm:50", "cart", 1, "shop-push")] * 2
+        report = await wait_for_report(client, lambda r: r.totals.get("excluded", 0) >= 2, message="cart")
+        assert report.reasons["excluded"] == {"NoTokenForApp": 1, "FrequencyCap": 1}
+        assert report.totals["targeted"] == report.totals["excluded"] + report.totals["sent"] == 3
+
+
+async def test_live_reports_and_first_opens_survive_a_restart(tmp_path, mocks):
+    envelope = {"m": "cart", "v": 1, "x": "0123456789abcdef"}
+    async with serve(tmp_path, mocks) as client:
+        await profile(client, "crm:60", {})
+        await client.call(api.IngestEvents(events=[opened("crm:60", envelope, "fcm")]))
+        live = await wait_for_report(client, lambda r: r.totals.get("opened", 0) >= 1, message="cart", window="live")
+    assert live.totals == {"opened": 1, "unique_opened": 1} and len(live.minutes) == 1
+    async with serve(tmp_path, mocks) as client:  # the same data folder
+        assert await client.call(api.GetReport(message="cart", window="live")) == live
+        await client.call(api.IngestEvents(events=[opened("crm:60", envelope, "fcm")]))
+        again = await wait_for_report(client, lambda r: r.totals.get("opened", 0) >= 2, message="cart", window="live")
+    assert again.totals == {"opened": 2, "unique_opened": 1}  # the first open was remembered

@@ -299,6 +299,7 @@ def test_pigeon_demo_runs_the_whole_flow(tmp_path):
     [summary] = [line for line in out.splitlines() if line.startswith("message welcome-back v1, execution")]
     assert "15 profile(s), 15 targeted" in summary and "bounced" in summary
     [totals] = [line.split() for line in out.splitlines() if line.startswith("all ")]
-    targeted, excluded, sent, delivered, failed, bounced, opened, action = map(int, totals[1:])
+    targeted, excluded, sent, delivered, failed, bounced, opened, unique_opened, action = map(int, totals[1:])
     assert targeted == excluded + sent and sent == delivered + failed
     assert bounced >= 1 and opened >= 1 and (tmp_path / "demo" / "data").is_dir()
+    assert unique_opened == opened  # one device per profile, each opened once at most

@@ -165,3 +165,36 @@ def test_messages_are_authored_as_yaml_files_from_the_cli(server_process, tmp_pa
     r = pigeon("messages", "preview", "cart", "--profile", '{"person": {"firstName": "Ana"}}')
     assert r.returncode == 0, r.stderr
     assert "ios (com.acme.shop)" in r.stdout and '"title": "Hi Ana"' in r.stdout
+
+
+def test_reports_from_the_cli_as_a_table_as_json_and_watched(server_process, tmp_path):
+    def pigeon(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "server._cli", *args, "--server", server_process.address],
+                              capture_output=True, text=True, timeout=60)
+
+    (tmp_path / "key.p8").write_text(KEY.private_key_pem)
+    assert pigeon("apps", "register-ios", APP, "--p8", str(tmp_path / "key.p8"), "--key-id", KEY.key_id,
+                  "--team-id", KEY.team_id).returncode == 0
+    (tmp_path / "config.yaml").write_text(f"name: shop-push\napps: [{APP}]\nplatforms: [ios]\n")
+    (tmp_path / "cart.yaml").write_text("id: cart\nchannel: shop-push\ncontent:\n  title: Hi\n")
+    assert pigeon("configs", "publish", str(tmp_path / "config.yaml")).returncode == 0
+    assert pigeon("messages", "publish", str(tmp_path / "cart.yaml")).returncode == 0
+    assert pigeon("profiles", "upsert", "crm:1").returncode == 0  # no device
+
+    with subprocess.Popen([sys.executable, "-m", "server._cli", "reports", "--message", "cart", "--watch", "0.1", "--json",
+                           "--server", server_process.address], stdout=subprocess.PIPE, text=True) as watch:
+        try:
+            assert json.loads(watch.stdout.readline()) == {"window": "all_time"}  # at once: nothing yet
+            r = pigeon("messages", "send", "cart", "--identity", "crm:1")
+            assert r.returncode == 0 and "1 targeted, 1 excluded (NoTokenForApp 1)" in r.stdout, r.stdout + r.stderr
+            pushed = json.loads(watch.stdout.readline())  # the server sends it as the counts change
+            assert pushed["totals"] == {"targeted": 1, "excluded": 1} and pushed["reasons"] == {"excluded": {"NoTokenForApp": 1}}
+        finally:
+            watch.terminate()  # it runs until interrupted
+
+    r = pigeon("reports", "--message", "cart")
+    assert r.returncode == 0, r.stderr
+    [header, totals] = r.stdout.splitlines()[:2]
+    assert header.split()[:3] == ["TARGETED", "EXCLUDED", "SENT"] and totals.split()[:4] == ["all", "1", "1", "0"]
+    assert "excluded: NoTokenForApp 1" in r.stdout
+    assert json.loads(pigeon("reports", "--message", "cart", "--json").stdout)["totals"] == pushed["totals"]
