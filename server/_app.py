@@ -178,6 +178,7 @@ class Server:
     def request_stop(self) -> None:
         self.stopping = True
         self._stop.set()
+        self.reporting.wake()  # report watches end
 
 
 #: Allocations between young-generation collections (CPython's default is 700).

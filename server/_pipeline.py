@@ -20,9 +20,9 @@ Exclusion reasons (AJO's names where it has one):
 Test sends (``test``) reach only test profiles and are not counted in reports (their envelope
 carries ``t``); their counts are in the `SendResult` only.
 
-Durability: an execution is stored when it starts (``executions``). Each batch of 500
-profiles is staged in one commit: its notifications go into the outbox (``outbox``) and the
-execution's cursor moves past the batch. They are then delivered, and removed from the
+Durability: an execution is stored when it starts (``executions``). Each batch of profiles
+(50 at first, doubling up to 500) is staged in one commit: its notifications go into the
+outbox (``outbox``) and the execution's cursor moves past the batch. They are then delivered, and removed from the
 outbox, with the execution's counts, in a second commit. Up to four batches are being
 delivered at once while the next is prepared. After a crash (or a stop) the
 server, when it starts, delivers what the outbox still holds again (these may reach the
@@ -96,6 +96,7 @@ class OutboxEntry(msgspec.Struct, array_like=True):
 _encoder = msgspec.msgpack.Encoder()
 _execution_decoder = msgspec.msgpack.Decoder(ExecutionRecord)
 _entry_decoder = msgspec.msgpack.Decoder(OutboxEntry)
+_result_decoder = msgspec.msgpack.Decoder(api.SendResult)
 
 
 def _outbox_key(execution: str, batch: int, index: int) -> bytes:
@@ -109,14 +110,22 @@ def stage_batch(w: Any, record: bytes, execution: str, entries: list[tuple[bytes
         w.txn.put(key, value, db=w.dbs["outbox"])
 
 
-def settle_batch(w: Any, record: bytes | None, execution: str, keys: list[bytes]) -> None:
-    """Store op: the batch delivered: out of the outbox; the execution's counts (None: it ended)."""
+def settle_batch(w: Any, result: bytes | None, execution: str, keys: list[bytes]) -> None:
+    """Store op: the batch delivered: out of the outbox; the execution's counts (None: it ended).
+
+    Only the counts change: the cursor is the staging's alone (a batch settled while the next
+    one is being staged must not store a cursor past notifications not in the outbox yet)."""
     for key in keys:
         w.txn.delete(key, db=w.dbs["outbox"])
-    if record is None:
-        w.txn.delete(bytes.fromhex(execution), db=w.dbs["executions"])
-    else:
-        w.txn.put(bytes.fromhex(execution), record, db=w.dbs["executions"])
+    key = bytes.fromhex(execution)
+    if result is None:
+        w.txn.delete(key, db=w.dbs["executions"])
+        return
+    stored = w.txn.get(key, db=w.dbs["executions"])
+    if stored is not None:
+        record = _execution_decoder.decode(stored)
+        record.result = _result_decoder.decode(result)
+        w.txn.put(key, _encoder.encode(record), db=w.dbs["executions"])
 
 
 class Pipeline:
@@ -197,10 +206,11 @@ class Pipeline:
         await store.write(settle_batch, None, self.execution, [])
         return self.result
 
-    def _encoded_state(self) -> bytes:
+    def _encoded_state(self, what: Any = None) -> bytes:
+        """The execution (or ``what`` of it), encoded with its counts."""
         self.result.excluded = dict(self._excluded)
         self.result.failed = dict(self._failed)
-        return _encoder.encode(self.state)
+        return _encoder.encode(self.state if what is None else what)
 
     async def _stage(self, profiles: list[Any], audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]]:
         """Qualify, exclude and personalize a batch; stage its notifications in the outbox
@@ -258,7 +268,7 @@ class Pipeline:
                         self._failed[result.reason or "Unknown"] += 1
                         if result.status == "invalid":
                             self.result.bounced += 1
-            await self.server.store.write(settle_batch, self._encoded_state(), self.execution, keys)
+            await self.server.store.write(settle_batch, self._encoded_state(self.result), self.execution, keys)
         finally:
             limiter.release()
 

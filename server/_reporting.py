@@ -171,8 +171,12 @@ class Reporting(Actor):
                     del self.live[old]
             bucket.update(batch)
             self.changes += 1
-            self.changed.set()
-            self.changed = trio.Event()
+            self.wake()
+
+    def wake(self) -> None:
+        """Wake whoever waits for a change (report watches)."""
+        self.changed.set()
+        self.changed = trio.Event()
 
     async def _store(self, batch: Counter[ReportKey], minute: int, candidates: list[Candidate]) -> Counter[ReportKey]:
         """Store the batch; the first opens among the candidates."""

@@ -468,12 +468,17 @@ def build_router(server: Server) -> Router:
         return server.reporting.report(req)
 
     async def watch_report(ctx: CallContext, req: api.WatchReport, send: Any) -> None:
+        # Until the client cancels, or the server stops (the stream then ends normally).
         reporting = server.reporting
-        while True:
+        last = None
+        while not server.stopping:
             seen = reporting.changes
-            await send(reporting.report(req))
+            report = reporting.report(req)
+            if report != last:  # counts of other messages changed: nothing to send
+                await send(report)
+                last = report
             await trio.sleep(req.interval_s)
-            if reporting.changes == seen:
+            if reporting.changes == seen and not server.stopping:
                 await reporting.changed.wait()
 
     router.add(api.GetReport, report)

@@ -42,6 +42,7 @@ EXPECTED_METHODS = {
     "messages.preview": (api.PreviewMessage, api.Preview, False),
     "messages.send": (api.SendMessage, api.SendResult, False),
     "reports.get": (api.GetReport, api.Report, False),
+    "reports.watch": (api.WatchReport, api.Report, True),
     "apps.get": (api.GetApp, api.AppInfo, False),
     "apps.list": (api.ListApps, api.AppList, False),
     "apps.delete": (api.DeleteApp, api.AppDeleted, False),
@@ -141,6 +142,7 @@ SAMPLES: dict[str, api.Request[Any]] = {
     "messages.preview": api.PreviewMessage(id="cart", identity="crm:42", event={"sku": "S1"}),
     "messages.send": api.SendMessage(id="cart", audience="profile.tier == 'gold'", test=True, event={"sku": "S1"}),
     "reports.get": api.GetReport(message="cart", platform="fcm", window="live"),
+    "reports.watch": api.WatchReport(message="cart", journey="welcome", node="push-1", interval_s=0.5),
 }
 
 
@@ -511,7 +513,9 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "messages.send": st.builds(api.SendMessage, id=_names, identities=st.lists(_identities, max_size=3),
                                audience=st.none() | st.text(max_size=40), test=st.booleans()),
     "reports.get": st.builds(api.GetReport, message=st.none() | _names, app=st.none() | _apps,
-                             window=st.sampled_from(["live", "all_time"])),
+                             journey=st.none() | _names, window=st.sampled_from(["live", "all_time"])),
+    "reports.watch": st.builds(api.WatchReport, message=st.none() | _names, node=st.none() | _names,
+                               window=st.sampled_from(["live", "all_time"]), interval_s=st.floats(0.1, 3600)),
     "apps.get": st.builds(api.GetApp, app=_apps),
     "apps.list": st.builds(api.ListApps),
     "apps.delete": st.builds(api.DeleteApp, app=_apps),

@@ -70,6 +70,7 @@ async def serve(tmp_path: Path, mocks: Any, plugins: Plugins | None = None) -> A
                     buttons=[api.Button(id="buy", label="Buy", action="deeplink", url="shop://buy")],
                 ),
             )))
+            c.pigeon = srv  # for tests that stop it
             yield c
         srv.request_stop()
 
@@ -269,12 +270,24 @@ async def test_a_watch_streams_the_report_whenever_it_changes(client, mocks):
                     break
     assert seen[-1] == {"targeted": 1, "sent": 1, "delivered": 1}
     # Nothing changes: nothing is streamed (the reports are not re-sent every interval).
+    # Nothing changes for this message: nothing more is streamed, whatever else is counted.
     items = []
-    with trio.move_on_after(0.5):
+    with trio.move_on_after(0.6):
         async with client.stream(api.WatchReport(message="cart", interval_s=0.1)) as reports:
             async for report in reports:
                 items.append(report.totals)
+                await client.call(api.IngestEvents(events=[opened("crm:40", {"m": "other", "v": 1}, "fcm")]))
     assert items == [seen[-1]]
+    assert (await wait_for_report(client, lambda r: r.totals, message="other")).totals["opened"] == 1
+
+
+async def test_a_watch_ends_when_the_server_stops(tmp_path, mocks):
+    async with serve(tmp_path, mocks) as client:
+        with trio.fail_after(10):
+            async with client.stream(api.WatchReport()) as reports:
+                async for _ in reports:
+                    client.pigeon.request_stop()
+            # the loop ended: the server ended the stream (not an error)
 
 
 class Cap:
