@@ -21,6 +21,7 @@ import msgspec.inspect
 
 __all__ = [
     "IDENTITY_PATTERN",
+    "NAME_PATTERN",
     "Identity",
     "AppId",
     "Platform",
@@ -758,6 +759,8 @@ class SendPush(Request[PushSent]):
 # channel configurations and messages
 
 _NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}\Z"
+#: Names of messages, channel configurations, journeys and their nodes.
+NAME_PATTERN = _NAME_PATTERN
 #: A channel configuration's name or a message id: a letter, then letters, digits, '_', '.', '-'.
 Name = Annotated[str, msgspec.Meta(pattern=_NAME_PATTERN)]
 _PATTERN_MEANINGS[_NAME_PATTERN] = "a name like spring_sale (a letter, then letters, digits, '_', '.', '-'; at most 100)"

@@ -175,6 +175,10 @@ class Server:
 
     _background: trio.Nursery | None = None
 
+    async def wait_stopping(self) -> None:
+        """Return once a stop is requested."""
+        await self._stop.wait()
+
     def request_stop(self) -> None:
         self.stopping = True
         self._stop.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
@@ -161,6 +162,16 @@ INTERACTIONS = {
 }
 
 
+_NAME = re.compile(api.NAME_PATTERN)
+
+
+def _names_ok(tracking: dict[str, Any]) -> bool:
+    """The envelope's message (and journey and node) are names as Pigeon gives them: they
+    become report keys, which must stay short."""
+    return isinstance(tracking.get("m"), str) and all(
+        isinstance(tracking.get(k, ""), str) and (k not in tracking or _NAME.fullmatch(tracking[k])) for k in ("m", "j", "n"))
+
+
 def push_interactions(events: list[InEvent]) -> list[ReportEvent]:
     """The report events of the push interactions among ``events``: their data carries the
     notification's tracking envelope under ``_p`` (a map, or its JSON text as FCM data
@@ -178,7 +189,7 @@ def push_interactions(events: list[InEvent]) -> list[ReportEvent]:
                 tracking = msgspec.json.decode(tracking)
         except (msgspec.DecodeError, AttributeError):
             continue
-        if not isinstance(tracking, dict) or not isinstance(tracking.get("m"), str):
+        if not isinstance(tracking, dict) or not _names_ok(tracking):
             continue  # not one of ours
         if not counted(tracking):
             continue  # a test send's

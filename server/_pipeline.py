@@ -22,10 +22,10 @@ carries ``t``); their counts are in the `SendResult` only.
 
 Durability: an execution is stored when it starts (``executions``). Each batch of profiles
 (50 at first, doubling up to 500) is staged in one commit: its notifications go into the
-outbox (``outbox``) and the execution's cursor moves past the batch. They are then delivered, and removed from the
-outbox, with the execution's counts, in a second commit. Up to four batches are being
-delivered at once while the next is prepared. After a crash (or a stop) the
-server, when it starts, delivers what the outbox still holds again (these may reach the
+outbox (``outbox``) and the execution's cursor moves past the batch. They are then
+delivered, and removed from the outbox, with their outcomes' counts, in a second commit. Four
+batches at most are being prepared or delivered at once (three delivered while the next is
+personalized). After a crash (or a stop) the server, when it starts, delivers what the outbox still holds again (these may reach the
 provider twice: they are counted as ``replayed``) and resumes the executions from their
 cursors. So every targeted profile is staged exactly once, and sent at least once.
 """
@@ -96,7 +96,6 @@ class OutboxEntry(msgspec.Struct, array_like=True):
 _encoder = msgspec.msgpack.Encoder()
 _execution_decoder = msgspec.msgpack.Decoder(ExecutionRecord)
 _entry_decoder = msgspec.msgpack.Decoder(OutboxEntry)
-_result_decoder = msgspec.msgpack.Decoder(api.SendResult)
 
 
 def _outbox_key(execution: str, batch: int, index: int) -> bytes:
@@ -110,22 +109,49 @@ def stage_batch(w: Any, record: bytes, execution: str, entries: list[tuple[bytes
         w.txn.put(key, value, db=w.dbs["outbox"])
 
 
-def settle_batch(w: Any, result: bytes | None, execution: str, keys: list[bytes]) -> None:
-    """Store op: the batch delivered: out of the outbox; the execution's counts (None: it ended).
+def settle_batch(w: Any, outcomes: Outcomes | None, execution: str, keys: list[bytes]) -> None:
+    """Store op: the batch delivered: out of the outbox, its outcomes added to the execution's
+    counts (None: the execution ended).
 
-    Only the counts change: the cursor is the staging's alone (a batch settled while the next
-    one is being staged must not store a cursor past notifications not in the outbox yet)."""
+    Only the batch's own outcomes are added: the cursor, and the counts of the profiles
+    staged, are the staging's alone (a batch settled while the next one is being prepared
+    must store neither a cursor past profiles not in the outbox yet, nor their counts)."""
     for key in keys:
         w.txn.delete(key, db=w.dbs["outbox"])
     key = bytes.fromhex(execution)
-    if result is None:
+    if outcomes is None:
         w.txn.delete(key, db=w.dbs["executions"])
         return
     stored = w.txn.get(key, db=w.dbs["executions"])
     if stored is not None:
         record = _execution_decoder.decode(stored)
-        record.result = _result_decoder.decode(result)
+        outcomes.add_to(record.result)
         w.txn.put(key, _encoder.encode(record), db=w.dbs["executions"])
+
+
+class Outcomes:
+    """What became of one batch's notifications."""
+
+    __slots__ = ("sent", "delivered", "bounced", "failed")
+
+    def __init__(self) -> None:
+        self.sent = self.delivered = self.bounced = 0
+        self.failed: Counter[str] = Counter()
+
+    def count(self, result: Any) -> None:
+        self.sent += 1
+        if result.status == "sent":
+            self.delivered += 1
+        else:
+            self.failed[result.reason or "Unknown"] += 1
+            if result.status == "invalid":
+                self.bounced += 1
+
+    def add_to(self, result: api.SendResult) -> None:
+        result.sent += self.sent
+        result.delivered += self.delivered
+        result.bounced += self.bounced
+        result.failed = dict(Counter(result.failed) + self.failed)
 
 
 class Pipeline:
@@ -159,6 +185,7 @@ class Pipeline:
         self.platforms = {p for name in config.platforms for p in PLATFORMS[name]}
         hook = server.plugins.pm.hook.pigeon_exclude
         self._rules = hook if hook.get_hookimpls() else None  # the frequency-cap step
+        self._rule_failed = False
         self.state = resume or ExecutionRecord(
             execution=self.execution, message=self.spec.id, version=record.version, identities=identities or [],
             audience=audience, test=test, event=event,
@@ -175,42 +202,73 @@ class Pipeline:
     async def run(self, audience: Condition | None = None) -> api.SendResult:
         """Send to the execution's profiles from its cursor on; return the counts.
 
-        Batches are prepared and staged one after the other; up to `IN_FLIGHT` of them are
-        being delivered at once (so personalizing the next overlaps with delivering the last).
+        Batches are prepared and staged one after the other; `IN_FLIGHT` of them at most are
+        being prepared or delivered at once (personalizing the next overlaps with delivering
+        the last ones). A batch that cannot be staged ends the run once the batches in
+        delivery are settled (its error is raised; the execution resumes at the next start).
         """
         store = self.server.store
-        state = self.state
         limiter = trio.Semaphore(IN_FLIGHT)
-        async with trio.open_nursery() as nursery:
-            while True:
-                if state.audience is None:
-                    size = min(BATCH, FIRST_BATCH << state.batches)
-                    identities = state.identities[state.cursor : state.cursor + size]
-                    if not identities:
+        failure: BaseException | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                while failure is None:
+                    # A slot first, then the profiles: what they hold is read just before use.
+                    await limiter.acquire()
+                    try:
+                        staged = await self._next_batch(audience)
+                    except Exception as exc:  # deliver what is in flight before failing
+                        failure = exc
+                        staged = None
+                    if staged is None:
+                        limiter.release()
                         break
-                    profiles = _profiles_of(store, identities)
-                    state.cursor += len(identities)
-                else:
-                    page = store.scan_profiles(state.after, min(BATCH, FIRST_BATCH << state.batches))
-                    if not page:
-                        break
-                    profiles = [profile for _, profile in page]
-                    state.after = page[-1][0]
-                await limiter.acquire()
-                try:
-                    jobs, keys = await self._stage(profiles, audience)
-                except BaseException:
-                    limiter.release()
-                    raise
-                nursery.start_soon(self._deliver, jobs, keys, limiter)
+                    nursery.start_soon(self._deliver, *staged, limiter)
+        except BaseExceptionGroup as group:  # a delivery failed: its error, not trio's group
+            _, rest = group.split(trio.Cancelled)
+            if rest is None:
+                raise  # cancelled: trio's business
+            raise _first(rest) from None
+        if failure is not None:
+            raise failure
         await store.write(settle_batch, None, self.execution, [])
-        return self.result
-
-    def _encoded_state(self, what: Any = None) -> bytes:
-        """The execution (or ``what`` of it), encoded with its counts."""
         self.result.excluded = dict(self._excluded)
         self.result.failed = dict(self._failed)
-        return _encoder.encode(self.state if what is None else what)
+        return self.result
+
+    async def _next_batch(self, audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]] | None:
+        """Read, personalize and stage the next batch; None when there is none."""
+        store = self.server.store
+        state = self.state
+        if state.audience is None:
+            size = min(BATCH, FIRST_BATCH << state.batches)
+            identities = state.identities[state.cursor : state.cursor + size]
+            if not identities:
+                return None
+            profiles = _profiles_of(store, identities)
+            state.cursor += len(identities)
+        else:
+            page = store.scan_profiles(state.after, min(BATCH, FIRST_BATCH << state.batches))
+            if not page:
+                return None
+            profiles = [profile for _, profile in page]
+            state.after = page[-1][0]
+        return await self._stage(profiles, audience)
+
+    def _rule_reason(self, reason: Any) -> str:
+        """A plugin's exclusion reason, as reported (a bad one is named once, not trusted)."""
+        if isinstance(reason, str) and _REASON.fullmatch(reason):
+            return reason
+        if not self._rule_failed:
+            log.error("a pigeon_exclude plugin returned %r, not a reason code: reported as ExcludedByRule", reason)
+        self._rule_failed = True
+        return "ExcludedByRule"
+
+    def _encoded_state(self) -> bytes:
+        """The execution, encoded with its counts."""
+        self.result.excluded = dict(self._excluded)
+        self.result.failed = dict(self._failed)
+        return _encoder.encode(self.state)
 
     async def _stage(self, profiles: list[Any], audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]]:
         """Qualify, exclude and personalize a batch; stage its notifications in the outbox
@@ -259,16 +317,15 @@ class Pipeline:
     async def _deliver(self, jobs: list[DeliveryJob], keys: list[bytes], limiter: trio.Semaphore) -> None:
         """Deliver a staged batch, count its outcomes, and take it out of the outbox."""
         try:
+            outcomes = Outcomes()
             if jobs:
                 for result in await self.server.delivery.deliver(jobs):
-                    self.result.sent += 1
-                    if result.status == "sent":
-                        self.result.delivered += 1
-                    else:
-                        self._failed[result.reason or "Unknown"] += 1
-                        if result.status == "invalid":
-                            self.result.bounced += 1
-            await self.server.store.write(settle_batch, self._encoded_state(self.result), self.execution, keys)
+                    outcomes.count(result)
+            self.result.sent += outcomes.sent
+            self.result.delivered += outcomes.delivered
+            self.result.bounced += outcomes.bounced
+            self._failed.update(outcomes.failed)
+            await self.server.store.write(settle_batch, outcomes, self.execution, keys)
         finally:
             limiter.release()
 
@@ -292,10 +349,17 @@ class Pipeline:
                 return "NoConsent"
             active = allowed
         if self._rules is not None:
-            reason = self._rules(identity=profile.identities[0] if profile.identities else "", attributes=profile.attributes,
-                                 message=self.spec, version=self.record.version, config=self.config, event=self.event)
-            if reason is not None:
-                return _rule_reason(reason)
+            try:
+                reason = self._rules(identity=profile.identities[0] if profile.identities else "",
+                                     attributes=profile.attributes, message=self.spec, version=self.record.version,
+                                     config=self.config, event=self.event)
+            except Exception:  # a plugin's bug excludes the profile, and is told once
+                if not self._rule_failed:
+                    log.exception("a pigeon_exclude plugin failed: the profiles it fails on are excluded as RuleError")
+                self._rule_failed = True
+                return "RuleError"
+            if reason:
+                return self._rule_reason(reason)
         try:
             content = self.compiled.render(context)
         except InvalidArgument as exc:
@@ -306,12 +370,11 @@ class Pipeline:
         return None
 
 
-def _rule_reason(reason: Any) -> str:
-    """A plugin's exclusion reason, as reported (a bad one is named, not trusted)."""
-    if isinstance(reason, str) and _REASON.fullmatch(reason):
-        return reason
-    log.error("a pigeon_exclude plugin returned %r, not a reason code: reported as ExcludedByRule", reason)
-    return "ExcludedByRule"
+def _first(exc: BaseException) -> BaseException:
+    """The first error of a group (a delivery task's)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 _REASON = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -380,7 +443,10 @@ async def recover(server: Any) -> None:
         await store.write(_drop_outbox, [key for key, _ in staged])
     for record in executions:
         log.info("resuming execution %s of message %s v%d", record.execution, record.message, record.version)
-        await resume(server, record)
+        try:
+            await resume(server, record)
+        except Exception:  # the others still resume; this one again at the next start
+            log.exception("execution %s failed again; it stays stored", record.execution)
 
 
 def _drop_outbox(w: Any, keys: list[bytes]) -> None:

@@ -95,7 +95,9 @@ def add_counts(w: Any, counts: dict[ReportKey, int], minute: int, candidates: li
     uniques: Counter[ReportKey] = Counter()
     seen = w.dbs["uniques"]
     for key, identity in candidates:
-        pid = w.pid(identity) or identity.encode()  # an unknown identity counts as itself
+        pid = w.pid(identity)
+        if pid is None:  # no such profile (deleted since): an open, not a unique one
+            continue
         marker = _unique_key(key, pid)
         if w.txn.get(marker, db=seen) is None:
             w.txn.put(marker, b"", db=seen)

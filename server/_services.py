@@ -477,7 +477,8 @@ def build_router(server: Server) -> Router:
             if report != last:  # counts of other messages changed: nothing to send
                 await send(report)
                 last = report
-            await trio.sleep(req.interval_s)
+            with trio.move_on_after(req.interval_s):
+                await server.wait_stopping()
             if reporting.changes == seen and not server.stopping:
                 await reporting.changed.wait()
 

@@ -65,11 +65,17 @@ def pigeon_exclude(  # type: ignore[empty-body]
     """Whether a profile that qualified for a message is excluded by a rule (a frequency cap,
     a holdout group, a suppression list); the pipeline's last step before personalization.
 
-    Called once per profile of every send, only when some plugin implements it (keep it fast:
-    a send may ask 10,000 times a second; read what you need into memory beforehand). The
-    first implementation to return a reason wins; the profile is then counted under
-    ``excluded`` with that reason (AJO's name for rule exclusions is
-    ``ExcludedForControlRules``), and nothing is sent to it.
+    Called once per profile of every send, test sends included, only when some plugin
+    implements it (keep it fast: a send may ask 10,000 times a second; read what you need into
+    memory beforehand). The first implementation to return a reason wins; the profile is then
+    counted under ``excluded`` with that reason (AJO's name for rule exclusions is
+    ``ExcludedForControlRules``), and nothing is sent to it. An implementation that raises
+    excludes the profile as ``RuleError`` (logged once per send).
+
+    Decide, do not record: the same profile may be asked again for the same send (after a
+    crash, a batch not yet staged is prepared again), and a profile let through may still be
+    excluded later (a missing value). A frequency cap counts what was delivered, from reports
+    or its own store, not the calls to this hook.
 
     :param identity: the profile's first identity.
     :param attributes: its attributes (read only).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from typing import Any
 
 import pytest
@@ -167,6 +168,16 @@ def test_messages_are_authored_as_yaml_files_from_the_cli(server_process, tmp_pa
     assert "ios (com.acme.shop)" in r.stdout and '"title": "Hi Ana"' in r.stdout
 
 
+def readline(stream: Any, timeout: float = 30) -> str:
+    """A line from a child's output, or a failure after ``timeout`` seconds (not a hang)."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    assert lines, f"no line within {timeout} s"
+    return lines[0]
+
+
 def test_reports_from_the_cli_as_a_table_as_json_and_watched(server_process, tmp_path):
     def pigeon(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "server._cli", *args, "--server", server_process.address],
@@ -184,10 +195,10 @@ def test_reports_from_the_cli_as_a_table_as_json_and_watched(server_process, tmp
     with subprocess.Popen([sys.executable, "-m", "server._cli", "reports", "--message", "cart", "--watch", "0.1", "--json",
                            "--server", server_process.address], stdout=subprocess.PIPE, text=True) as watch:
         try:
-            assert json.loads(watch.stdout.readline()) == {"window": "all_time"}  # at once: nothing yet
+            assert json.loads(readline(watch.stdout)) == {"window": "all_time"}  # at once: nothing yet
             r = pigeon("messages", "send", "cart", "--identity", "crm:1")
             assert r.returncode == 0 and "1 targeted, 1 excluded (NoTokenForApp 1)" in r.stdout, r.stdout + r.stderr
-            pushed = json.loads(watch.stdout.readline())  # the server sends it as the counts change
+            pushed = json.loads(readline(watch.stdout))  # the server sends it as the counts change
             assert pushed["totals"] == {"targeted": 1, "excluded": 1} and pushed["reasons"] == {"excluded": {"NoTokenForApp": 1}}
         finally:
             watch.terminate()  # it runs until interrupted

@@ -171,3 +171,7 @@ def test_templates_rendered_in_one_scope_stay_independent() -> None:
         excluding.render(scope)
     assert second.render(scope) == "nothing set for Ana"
     assert compile_condition("$.audience", "profile.city == 'Oslo'").test(scope) is False
+    # Nor does the condition's own result, or a macro.
+    after = compile_field("$.content.body", "{{ result | default('no result') }} {{ m is defined }}")
+    assert compile_field("$.content.title", "{% macro m() %}x{% endmacro %}{{ m() }}").render(scope) == "x"
+    assert after.render(scope) == "no result false"
