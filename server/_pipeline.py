@@ -193,7 +193,6 @@ class Pipeline:
         )
         self.result = self.state.result
         self._excluded: Counter[str] = Counter(self.result.excluded)
-        self._failed: Counter[str] = Counter(self.result.failed)
 
     def _report(self, outcome: str, app: str = "", platform: str = "", reason: str = "") -> ReportEvent:
         return ReportEvent(outcome=outcome, app=app, platform=platform, reason=reason, message=self.spec.id,
@@ -233,7 +232,6 @@ class Pipeline:
             raise failure
         await store.write(settle_batch, None, self.execution, [])
         self.result.excluded = dict(self._excluded)
-        self.result.failed = dict(self._failed)
         return self.result
 
     async def _next_batch(self, audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]] | None:
@@ -267,7 +265,6 @@ class Pipeline:
     def _encoded_state(self) -> bytes:
         """The execution, encoded with its counts."""
         self.result.excluded = dict(self._excluded)
-        self.result.failed = dict(self._failed)
         return _encoder.encode(self.state)
 
     async def _stage(self, profiles: list[Any], audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]]:
@@ -321,10 +318,7 @@ class Pipeline:
             if jobs:
                 for result in await self.server.delivery.deliver(jobs):
                     outcomes.count(result)
-            self.result.sent += outcomes.sent
-            self.result.delivered += outcomes.delivered
-            self.result.bounced += outcomes.bounced
-            self._failed.update(outcomes.failed)
+            outcomes.add_to(self.result)
             await self.server.store.write(settle_batch, outcomes, self.execution, keys)
         finally:
             limiter.release()

@@ -104,12 +104,15 @@ def add_counts(w: Any, counts: dict[ReportKey, int], minute: int, candidates: li
             uniques[key] += 1
     db, live = w.dbs["reports"], w.dbs["live"]
     prefix = minute.to_bytes(4, "big")
+
+    def add(key: bytes, n: int, db: Any) -> None:
+        old = w.txn.get(key, db=db)
+        w.txn.put(key, (n + (int.from_bytes(old, "big") if old else 0)).to_bytes(8, "big"), db=db)
+
     for key, n in itertools.chain(counts.items(), uniques.items()):
         raw = _key_encoder.encode(key)
-        old = w.txn.get(raw, db=db)
-        w.txn.put(raw, (n + (int.from_bytes(old, "big") if old else 0)).to_bytes(8, "big"), db=db)
-        old = w.txn.get(prefix + raw, db=live)
-        w.txn.put(prefix + raw, (n + (int.from_bytes(old, "big") if old else 0)).to_bytes(8, "big"), db=live)
+        add(raw, n, db)
+        add(prefix + raw, n, live)
     cursor = w.txn.cursor(db=live)
     limit = keep_after.to_bytes(4, "big")
     while cursor.first() and cursor.key()[:4] < limit:
@@ -140,9 +143,6 @@ class Reporting(Actor):
         self.changed = trio.Event()
         self._opened: set[bytes] = set()  # first opens without a store
 
-    async def record(self, event: ReportEvent) -> None:
-        await self.send(event)
-
     async def record_many(self, events: list[ReportEvent]) -> None:
         """Record ``events`` as one mailbox item (a batch's events, so that a large send does not
         take a mailbox slot per notification)."""
@@ -156,7 +156,7 @@ class Reporting(Actor):
             batch: Counter[ReportKey] = Counter()
             candidates: list[Candidate] = []
             for item in items:
-                for event in item if type(item) is list else (item,):
+                for event in item:
                     key = _key(event)
                     batch[key] += 1
                     if event.outcome == "opened" and event.profile:

@@ -125,7 +125,7 @@ async def test_stats_show_actors_and_method_latency(client, server):
 
 async def test_a_crashed_actor_is_restarted_and_visible_in_stats(client, server):
     # a message the reporting actor cannot handle crashes it; the supervisor restarts it
-    await server.reporting.send(object())
+    await server.reporting.send([object()])  # its mailbox takes lists of report events
     with trio.fail_after(10):
         while True:
             stats = await client.call(api.GetStats())
