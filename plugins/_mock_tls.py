@@ -43,6 +43,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from protocols.h2client import HpackError, decode_huffman
+
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
 
@@ -94,50 +96,14 @@ class _PlainEncoder(hpack.Encoder):
         return bytes(out)
 
 
-_HUFFMAN_STEPS: dict[int, tuple[int, bytes, bool]] = {}
-
-
-def _huffman_step(state: int, byte: int) -> tuple[int, bytes, bool]:
-    from hpack.exceptions import HPACKDecodingError
-    from hpack.huffman_table import (
-        HUFFMAN_COMPLETE,
-        HUFFMAN_EMIT_SYMBOL,
-        HUFFMAN_FAIL,
-        HUFFMAN_TABLE,
-    )
-
-    out = b""
-    flags = 0
-    for nibble in (byte >> 4, byte & 0x0F):
-        state, flags, symbol = HUFFMAN_TABLE[state * 16 + nibble]
-        if flags & HUFFMAN_FAIL:
-            raise HPACKDecodingError("Invalid Huffman string")
-        if flags & HUFFMAN_EMIT_SYMBOL:
-            out += bytes((symbol,))
-    return state, out, bool(flags & HUFFMAN_COMPLETE)
-
-
 def _decode_huffman(data: bytes) -> bytes:
-    """hpack's nibble-table Huffman decoder, one byte per step (table built lazily)."""
-    if not data:
-        return b""
-    steps = _HUFFMAN_STEPS
-    state = 0
-    complete = False
-    out = bytearray()
-    for byte in data:
-        key = state << 8 | byte
-        step = steps.get(key)
-        if step is None:
-            step = steps[key] = _huffman_step(state, byte)
-        state, emitted, complete = step
-        if emitted:
-            out += emitted
-    if not complete:
+    """The client codec's byte-wise Huffman decoder, raising what hpack raises."""
+    try:
+        return decode_huffman(data)
+    except HpackError as exc:
         from hpack.exceptions import HPACKDecodingError
 
-        raise HPACKDecodingError("Incomplete Huffman string")
-    return bytes(out)
+        raise HPACKDecodingError(str(exc)) from None
 
 
 class _NoLog:

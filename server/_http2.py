@@ -1,4 +1,4 @@
-"""An HTTP/2 client connection pool on Trio and h2, for push providers (APNs, FCM).
+"""An HTTP/2 client connection pool on Trio, for push providers (APNs, FCM).
 
 One `H2Pool` talks to one origin over several TLS connections (ALPN ``h2``), opened lazily.
 Requests are submitted without waiting (`H2Pool.try_submit`) and answered through a
@@ -7,16 +7,15 @@ has a free stream, `H2Pool.wait_capacity` opens another one (up to ``max_connect
 waits for a stream to finish. That is the backpressure: a slow server never makes the pool
 hold more than ``max_connections × streams_per_connection`` requests.
 
-Each connection has one reader task and one writer task; requests only queue frames, so a
-caller's cancellation cannot cut a frame. The number of streams per connection follows the
-server's SETTINGS_MAX_CONCURRENT_STREAMS (capped by ``streams_per_connection``: h2 counts its
-open streams by scanning them, so very many per connection cost CPU on every request).
+Each connection speaks HTTP/2 through the sans-IO `protocols.h2client.H2Client` (a few µs a
+request, where h2's general state machine cost ~50) and has one reader task and one writer
+task; requests only queue frames, so a caller's cancellation cannot cut a frame. The number
+of streams per connection follows the server's SETTINGS_MAX_CONCURRENT_STREAMS (capped by
+``streams_per_connection``).
 
-GOAWAY: h2 4.x closes its state machine on a GOAWAY and then rejects the answers the server
-still sends for streams it accepted (``last_stream_id`` and below). `_ClientH2` keeps the
-connection open for those answers; the pool opens no new stream on it, fails the streams
-above ``last_stream_id`` with `StreamRefused` (never processed, safe to retry), and closes
-the connection once the others are answered.
+GOAWAY: the pool opens no new stream on the connection, fails the streams above
+``last_stream_id`` with `StreamRefused` (never processed, safe to retry), and closes the
+connection once the others are answered.
 
 Failures reported to the callback:
 
@@ -30,18 +29,22 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import h2.config
-import hpack
-import h2.connection
-import h2.errors
-import h2.events
-import h2.exceptions
-import h2.settings
 import trio
+
+from protocols.h2client import (
+    LAST_STREAM_ID,
+    ErrorCode,
+    GoAway,
+    H2Client,
+    H2ProtocolError,
+    PingAck,
+    ResponseEnded,
+    SettingsChanged,
+    StreamReset,
+)
 
 from ._errors import ServerError
 
@@ -81,139 +84,6 @@ class H2Response:
 Callback = Callable[[Any], None]
 
 
-def _hpack_integer(value: int, prefix_bits: int, flags: int) -> bytes:
-    """An HPACK integer (RFC 7541 5.1) with ``flags`` in the first byte's high bits."""
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes((flags | value,))
-    out = bytearray((flags | limit,))
-    value -= limit
-    while value >= 128:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-_STATIC_FIELDS = {(n, v): i for i, (n, v) in enumerate(hpack.table.HeaderTable.STATIC_TABLE, 1)}
-_STATIC_NAMES: dict[bytes, int] = {}
-for (_name, _), _index in _STATIC_FIELDS.items():
-    _STATIC_NAMES.setdefault(_name, _index)
-
-
-class _StatelessHpack:
-    """An HPACK encoder that never uses the dynamic table (and says so: its first block sets
-    the table size to 0), so that each field's encoding depends on nothing but the field.
-
-    Requests to APNs repeat almost every field (authority, topic, push type, the provider
-    token), so their encodings are cached; hpack's general encoder spends ~20 µs a request
-    searching its tables and Huffman-coding. Values are sent as they are (no Huffman):
-    a few more bytes on the wire. Sensitive fields (`hpack.NeverIndexedHeaderTuple`) are
-    sent as never-indexed literals.
-    """
-
-    _CACHE_LIMIT = 1024
-
-    def __init__(self) -> None:
-        self.header_table_size = 4096  # h2 sets it from the peer's SETTINGS; unused here
-        self._first = True
-        self._cache: dict[tuple[bytes, bytes, bool], bytes] = {}
-
-    def encode(self, headers: Any, huffman: bool = True) -> bytes:
-        cache = self._cache
-        parts = []
-        if self._first:
-            self._first = False
-            parts.append(b"\x20")  # dynamic table size update: 0
-        for field in headers:
-            name, value = field
-            sensitive = type(field) is hpack.NeverIndexedHeaderTuple
-            key = (name, value, sensitive)
-            encoded = cache.get(key)
-            if encoded is None:
-                encoded = self._field(name, value, sensitive)
-                if name != b":path" and (sensitive or len(value) <= 128):  # values that may repeat
-                    if len(cache) >= self._CACHE_LIMIT:
-                        cache.clear()
-                    cache[key] = encoded
-            parts.append(encoded)
-        return b"".join(parts)
-
-    @staticmethod
-    def _field(name: bytes, value: bytes, sensitive: bool) -> bytes:
-        if not sensitive:
-            index = _STATIC_FIELDS.get((name, value))
-            if index is not None:
-                return _hpack_integer(index, 7, 0x80)
-        flags = 0x10 if sensitive else 0x00  # never indexed / without indexing
-        index = _STATIC_NAMES.get(name)
-        if index is not None:
-            head = _hpack_integer(index, 4, flags)
-        else:
-            head = bytes((flags,)) + _hpack_integer(len(name), 7, 0) + name
-        return head + _hpack_integer(len(value), 7, 0) + value
-
-
-class _ClientH2(h2.connection.H2Connection):
-    """h2's connection, except that
-
-    - a received GOAWAY leaves it open for the answers to the streams the server accepted
-      (see the module docstring);
-    - it counts open streams from the pool's own table instead of scanning all of its streams
-      on every request (h2 also drops its closed streams during that scan: `forget` does it
-      for the streams the pool saw end).
-    """
-
-    #: How closed streams were closed, kept for frames that arrive late (h2 keeps 65,536 per
-    #: connection, ~6 MB each: memory that grows for the first 65,536 requests).
-    MAX_CLOSED_STREAMS = 2048
-
-    def __init__(self, config: h2.config.H2Configuration, streams: dict[int, Any]) -> None:
-        super().__init__(config=config)
-        self._pool_streams = streams
-        self._ended: list[int] = []
-
-    @property
-    def open_outbound_streams(self) -> int:
-        return len(self._pool_streams)
-
-    def forget(self, stream_id: int) -> None:
-        """The pool is done with ``stream_id``; drop h2's record of it once it is closed."""
-        ended = self._ended
-        ended.append(stream_id)
-        if len(ended) >= 64:
-            streams, closed = self.streams, self._closed_streams
-            keep = []
-            for sid in ended:
-                stream = streams.get(sid)
-                if stream is None:
-                    continue
-                if stream.closed:
-                    del streams[sid]
-                    closed[sid] = stream.closed_by
-                else:  # the request body is still going out
-                    keep.append(sid)
-            self._ended = keep
-
-    def _receive_goaway_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
-        event = h2.events.ConnectionTerminated()
-        event.error_code = h2.errors._error_code_from_int(frame.error_code)
-        event.last_stream_id = frame.last_stream_id
-        event.additional_data = frame.additional_data or None
-        return [], [event]
-
-
-_CONFIG = h2.config.H2Configuration(
-    client_side=True,
-    header_encoding=None,
-    # The senders build well-formed headers; validating them costs ~30 µs a request.
-    validate_outbound_headers=False,
-    normalize_outbound_headers=False,
-    validate_inbound_headers=False,
-    normalize_inbound_headers=False,
-)
-
-
 class _Stream:
     __slots__ = ("callback", "status", "headers", "body", "started")
 
@@ -230,11 +100,7 @@ class _Connection:
         self.pool = pool
         self.number = number
         self.streams: dict[int, _Stream] = {}
-        self.h2 = _ClientH2(_CONFIG, self.streams)
-        if pool.stateless_hpack:
-            self.h2.encoder = _StatelessHpack()  # type: ignore[assignment]
-        #: Bodies waiting for flow-control window: (stream id, remaining bytes).
-        self.blocked: deque[tuple[int, bytes]] = deque()
+        self.h2 = H2Client(window=_WINDOW)
         self.ready = False
         #: Streams allowed at once: the server's SETTINGS_MAX_CONCURRENT_STREAMS, capped by ours.
         self.limit = 0
@@ -263,39 +129,15 @@ class _Connection:
     # -- sending ----------------------------------------------------------------------------
 
     def submit(self, headers: list[tuple[bytes, bytes]], body: bytes, callback: Callback) -> None:
-        h2c = self.h2
         now = trio.current_time()
-        stream_id = h2c.get_next_available_stream_id()
-        if stream_id >= _LAST_STREAM_ID:
+        stream_id = self.h2.send_request(headers, body)
+        if stream_id >= LAST_STREAM_ID:
             # Out of stream ids after this one (2**30 requests): a new connection takes over.
             self.draining = True
-        h2c.send_headers(stream_id, headers, end_stream=not body)
         self.streams[stream_id] = _Stream(callback, now)
-        if body:
-            if self.blocked or h2c.local_flow_control_window(stream_id) < len(body):
-                self.blocked.append((stream_id, body))
-            else:
-                h2c.send_data(stream_id, body, end_stream=True)
         self.opened_streams += 1
         self.last_activity = now
         self._queued.set()
-
-    def _send_blocked(self) -> None:
-        h2c = self.h2
-        while self.blocked:
-            stream_id, body = self.blocked[0]
-            if stream_id not in self.streams:
-                self.blocked.popleft()
-                continue
-            window = min(h2c.local_flow_control_window(stream_id), h2c.max_outbound_frame_size)
-            if window <= 0:
-                return
-            chunk, rest = body[:window], body[window:]
-            h2c.send_data(stream_id, chunk, end_stream=not rest)
-            if rest:
-                self.blocked[0] = (stream_id, rest)
-            else:
-                self.blocked.popleft()
 
     def kick(self) -> None:
         self._queued.set()
@@ -309,16 +151,8 @@ class _Connection:
             with self.scope:
                 with trio.fail_after(pool.connect_timeout):
                     self.stream = await pool.connect()
-                    h2c = self.h2
-                    h2c.initiate_connection()
-                    h2c.update_settings(
-                        {
-                            h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
-                        }
-                    )
-                    h2c.increment_flow_control_window(_WINDOW - 65535)
-                    await self.stream.send_all(h2c.data_to_send())
+                    self.h2.initiate()
+                    await self.stream.send_all(self.h2.data_to_send())
                     # Ready once the server's SETTINGS tell us how many streams it allows.
                     while not self.ready:
                         data = await self.stream.receive_some(_READ_SIZE)
@@ -408,7 +242,7 @@ class _Connection:
             if not self.streams and idle >= pool.idle_timeout:
                 log.debug("closing idle connection %d to %s", self.number, pool.origin)
                 self.draining = True
-                self.h2.close_connection()
+                self.h2.close()
                 self._queued.set()
                 return
             self._pong = trio.Event()
@@ -429,12 +263,9 @@ class _Connection:
             late = [sid for sid, stream in self.streams.items() if stream.started < limit]
             for stream_id in late:
                 stream = self.streams.pop(stream_id)
-                try:
-                    self.h2.reset_stream(stream_id, h2.errors.ErrorCodes.CANCEL)
-                except h2.exceptions.ProtocolError:
-                    pass  # already closed on h2's side
+                self.h2.reset(stream_id, ErrorCode.CANCEL)
                 pool.timeouts += 1
-                self._done(stream_id, stream, ConnectionLost(f"no answer from {pool.origin} within {timeout:g}s"))
+                self._done(stream, ConnectionLost(f"no answer from {pool.origin} within {timeout:g}s"))
             if late:
                 self._queued.set()
                 if self.draining and not self.streams:
@@ -442,51 +273,33 @@ class _Connection:
 
     def _receive(self, data: bytes) -> None:
         streams = self.streams
-        for event in self.h2.receive_data(data):
+        for event in self.h2.receive(data):
             kind = type(event)
-            if kind is h2.events.ResponseReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    for name, value in event.headers:
-                        if name == b":status":
-                            stream.status = int(value)
-                        else:
-                            stream.headers[name] = value
-            elif kind is h2.events.DataReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None:
-                    stream.body.append(event.data)
-                self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
-            elif kind is h2.events.StreamEnded:
-                stream = streams.pop(event.stream_id, None)
-                if self.blocked and any(sid == event.stream_id for sid, _ in self.blocked):
-                    # Answered before our body was all sent: end our side too.
-                    self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.CANCEL)
-                if stream is not None:
-                    self._done(event.stream_id, stream, H2Response(stream.status, stream.headers, b"".join(stream.body)))
-            elif kind is h2.events.StreamReset:
+            if kind is ResponseEnded:
                 stream = streams.pop(event.stream_id, None)
                 if stream is not None:
-                    if event.error_code == h2.errors.ErrorCodes.REFUSED_STREAM:
-                        self._done(event.stream_id, stream, StreamRefused("the server refused the stream (REFUSED_STREAM)"))
+                    self._done(stream, H2Response(event.status, event.headers, event.body))
+            elif kind is StreamReset:
+                stream = streams.pop(event.stream_id, None)
+                if stream is not None:
+                    if event.error_code == ErrorCode.REFUSED_STREAM:
+                        self._done(stream, StreamRefused("the server refused the stream (REFUSED_STREAM)"))
                     else:
-                        self._done(event.stream_id, stream, ConnectionLost(f"the server reset the stream ({event.error_code!r})"))
-            elif kind is h2.events.WindowUpdated:
-                self._send_blocked()
-            elif kind is h2.events.RemoteSettingsChanged:
-                self.limit = min(self.h2.remote_settings.max_concurrent_streams, self.pool.streams_per_connection)
+                        self._done(stream, ConnectionLost(f"the stream was reset ({ErrorCode.name(event.error_code)})"))
+            elif kind is SettingsChanged:
+                self.limit = min(event.max_concurrent_streams, self.pool.streams_per_connection)
                 self.ready = True
-                if self.blocked:  # the initial window may have grown
-                    self._send_blocked()
                 self.pool._capacity_changed()
-            elif kind is h2.events.ConnectionTerminated:
+            elif kind is GoAway:
                 self._goaway(event)
-            elif kind is h2.events.PingAckReceived:
+            elif kind is PingAck:
                 self._pong.set()
 
-    def _goaway(self, event: h2.events.ConnectionTerminated) -> None:
-        last = event.last_stream_id if event.last_stream_id is not None else 0
-        reason = event.additional_data.decode("utf-8", "replace") if event.additional_data else ""
+    def _goaway(self, event: GoAway) -> None:
+        last = event.last_stream_id
+        reason = event.debug_data.decode("utf-8", "replace")
+        if event.error_code:
+            reason = f"{ErrorCode.name(event.error_code)} {reason}"
         self.draining = True
         self.pool.goaways += 1
         if not self.answered:
@@ -497,11 +310,11 @@ class _Connection:
         log.info("GOAWAY from %s on connection %d (last stream %d) %s", self.pool.origin, self.number, last, reason)
         refused = [sid for sid in self.streams if sid > last]
         for stream_id in refused:
-            self._done(stream_id, self.streams.pop(stream_id), StreamRefused(f"GOAWAY before the server read it {reason}".strip()))
+            self.h2.reset(stream_id)
+            self._done(self.streams.pop(stream_id), StreamRefused(f"GOAWAY before the server read it {reason}".strip()))
         self.pool._capacity_changed()
 
-    def _done(self, stream_id: int, stream: _Stream, outcome: Any) -> None:
-        self.h2.forget(stream_id)
+    def _done(self, stream: _Stream, outcome: Any) -> None:
         self.pool.completed += 1
         if type(outcome) is H2Response and not self.answered:
             self.answered = True
@@ -515,17 +328,13 @@ class _Connection:
 
     def _fail_all(self, error: H2Failure) -> None:
         streams = dict(self.streams)
-        self.streams.clear()  # in place: the h2 connection counts open streams from it
-        self.blocked.clear()
-        for stream_id, stream in streams.items():
-            self._done(stream_id, stream, error)
+        self.streams.clear()
+        for stream in streams.values():
+            self._done(stream, error)
 
-
-#: The highest client stream id (odd, below 2**31).
-_LAST_STREAM_ID = 2**31 - 1
 
 _CONNECTION_ERRORS = (
-    OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, h2.exceptions.ProtocolError,
+    OSError, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, H2ProtocolError,
     trio.TooSlowError, H2Failure,
 )
 
@@ -566,8 +375,6 @@ class H2Pool:
             `ConnectionLost` (and its stream is reset).
         reconnect_min, reconnect_max: after a failed connection (or one sent away before it
             answered anything), wait this long before opening another one, doubling.
-        stateless_hpack: encode headers without HPACK's dynamic table, caching each field's
-            encoding (much less CPU for requests that repeat their fields, a few more bytes).
     """
 
     def __init__(
@@ -586,7 +393,6 @@ class H2Pool:
         request_timeout: float = 30.0,
         reconnect_min: float = 0.1,
         reconnect_max: float = 30.0,
-        stateless_hpack: bool = False,
     ) -> None:
         self.host = host
         self.port = port
@@ -603,7 +409,6 @@ class H2Pool:
         self.request_timeout = request_timeout
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
-        self.stateless_hpack = stateless_hpack
         #: Consecutive failed connections, and no new one before this (trio time).
         self.failed_in_a_row = 0
         self.reconnect_at = 0.0
@@ -652,8 +457,8 @@ class H2Pool:
             return False
         try:
             best.submit(headers, body, callback)
-        except h2.exceptions.ProtocolError as exc:
-            # h2 closed the connection under us (its reader has not noticed yet).
+        except H2ProtocolError as exc:
+            # The connection is closing (its reader has not noticed yet).
             log.info("connection %d to %s cannot take requests: %r", best.number, self.origin, exc)
             best.closed = True
             best.kick()

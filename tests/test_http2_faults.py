@@ -11,7 +11,6 @@ from datetime import UTC, datetime
 import h2.errors
 import trio
 import trio.testing
-from h2.connection import ConnectionState
 
 from plugins.apns import ApnsChannel
 from plugins.apns._credentials import check_ios
@@ -110,7 +109,7 @@ async def test_a_connection_out_of_stream_ids_hands_over_to_a_new_one():
         await nursery.start(sender.run)
         assert (await sender.send([(request(), TOKEN)]))[0].status == "sent"
         [connection] = sender.pool._connections
-        connection.h2.highest_outbound_stream_id = 2**31 - 3  # as after 2**30 requests
+        connection.h2.next_stream_id = 2**31 - 1  # as after 2**30 requests: the last id
         with trio.fail_after(10):
             results = await sender.send([(request(), TOKEN), (request(), TOKEN)])
         nursery.cancel_scope.cancel()
@@ -128,9 +127,9 @@ async def test_a_connection_that_failed_takes_no_submission():
         await trio.testing.wait_all_tasks_blocked()
         await fake.last_stream.send_all(b"\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # DATA on stream 0: PROTOCOL_ERROR
         with trio.fail_after(5):
-            while connection.h2.state_machine.state != ConnectionState.CLOSED:
+            while not connection.h2.closed:
                 await trio.lowlevel.checkpoint()
-        # Between h2 closing and the connection's task ending, it must not take requests.
+        # Between the codec closing and the connection's task ending, it must not take requests.
         assert pool.try_submit(HEADERS, b"{}", lambda outcome: None) is False
         nursery.cancel_scope.cancel()
 

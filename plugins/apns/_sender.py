@@ -109,7 +109,6 @@ class ApnsSender(PooledSender):
             max_connections=max_connections,
             streams_per_connection=streams_per_connection,
             # Every request repeats the authority, topic, push type and provider token.
-            stateless_hpack=True,
         )
         super().__init__(
             pool, f"the APNs sender of {app.app}", max_queue=max_queue, retry_window=retry_window,

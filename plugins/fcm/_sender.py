@@ -194,7 +194,6 @@ class FcmSender(PooledSender):
             max_connections=max_connections,
             streams_per_connection=streams_per_connection,
             # Every request repeats the authority, the path and the access token.
-            stateless_hpack=True,
         )
         super().__init__(
             pool, f"the FCM sender of {self.project}", max_queue=max_queue, retry_window=retry_window,
