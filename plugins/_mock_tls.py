@@ -4,7 +4,7 @@
   once and kept) and issues a fresh server certificate (``server.pem``/``server.key``) for
   127.0.0.1, ::1, localhost and any extra host names at each start. Clients trust a mock with
   ``cafile=STATE/ca.pem``; two mocks may share one CA.
-- HPACK speed-ups for the mock's own process (`_PlainEncoder`, `_tune_hpack`).
+- HPACK speed-ups (`_PlainEncoder`, `_Decoder`; `_tune_hpack` for the mock's own process).
 - Process plumbing: ``--listen`` parsing, the ready line, stopping on SIGTERM/SIGINT or stdin
   EOF, uvloop.
 - Workers (``--workers N``): `_supervise` binds N sockets to one port (SO_REUSEPORT), starts one
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import ipaddress
 import os
 import signal
@@ -43,7 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocols.h2client import HpackError, decode_huffman
+from protocols.h2client import HpackDecoder, HpackError, decode_huffman
 
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
@@ -96,14 +97,27 @@ class _PlainEncoder(hpack.Encoder):
         return bytes(out)
 
 
-def _decode_huffman(data: bytes) -> bytes:
-    """The client codec's byte-wise Huffman decoder, raising what hpack raises."""
-    try:
-        return decode_huffman(data)
-    except HpackError as exc:
-        from hpack.exceptions import HPACKDecodingError
+class _Decoder(HpackDecoder):
+    """hpack's `Decoder` as h2 uses it, done by the client codec's decoder (a quarter of the
+    cost), raising what hpack raises. Huffman strings are cached (tokens and paths repeat)."""
 
-        raise HPACKDecodingError(str(exc)) from None
+    huffman = staticmethod(functools.lru_cache(maxsize=4096)(decode_huffman))
+
+    @property
+    def max_allowed_table_size(self) -> int:
+        return self.max_table_size
+
+    @max_allowed_table_size.setter
+    def max_allowed_table_size(self, value: int) -> None:
+        self.max_table_size = value
+
+    def decode(self, data: bytes, raw: bool = True) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
+        try:
+            return super().decode(data)
+        except HpackError as exc:
+            from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
+
+            raise (OversizedHeaderListError if "header list over" in str(exc) else HPACKDecodingError)(str(exc)) from None
 
 
 class _NoLog:
@@ -112,16 +126,16 @@ class _NoLog:
 
 
 def _tune_hpack() -> None:
-    """Make hpack cheaper in the mock's own process (never call it in a test process):
-    cached, byte-wise Huffman decoding (tokens and paths repeat) and no debug-log calls."""
-    import functools
-
+    """Make h2 cheaper in the mock's own process (never call it in a test process): no
+    debug-log calls in hpack, and no ``repr`` of every frame received for a trace log that
+    h2 builds whether or not anyone logs it (6% of the mock's time)."""
+    import h2.connection
     import hpack.hpack
     import hpack.table
 
-    hpack.hpack.decode_huffman = functools.lru_cache(maxsize=4096)(_decode_huffman)
     hpack.hpack.log = _NoLog()  # type: ignore[assignment]
     hpack.table.log = _NoLog()  # type: ignore[assignment]
+    h2.connection.repr = lambda frame: ""  # type: ignore[attr-defined]
 
 
 

@@ -63,6 +63,7 @@ LAST_STREAM_ID = 2**31 - 1
 _DEFAULT_WINDOW = 65535
 _FRAME_SIZE = 16384  # SETTINGS_MAX_FRAME_SIZE we accept (the default; we do not raise it)
 _MAX_HEADER_BLOCK = 65536  # a header block (HEADERS + CONTINUATIONs) longer than this is refused
+_MAX_CONTINUATIONS = 64  # ... or in more frames than this (empty CONTINUATIONs cost memory too)
 
 _HEAD = struct.Struct(">HBBBL")  # length (high 16 bits, low 8 bits), type, flags, stream id
 _U32 = struct.Struct(">L")
@@ -98,11 +99,13 @@ class ErrorCode:
 
 class H2ProtocolError(ProtocolError):
     """The server broke HTTP/2's rules (or the connection cannot take a request); the
-    connection is over. ``error_code`` is the HTTP/2 error code sent in our GOAWAY."""
+    connection is over. ``error_code`` is the HTTP/2 error code sent in our GOAWAY;
+    ``events`` what the same bytes completed before the violation (deliver them)."""
 
     def __init__(self, message: str, error_code: int = ErrorCode.PROTOCOL_ERROR) -> None:
         super().__init__(message)
         self.error_code = error_code
+        self.events: list[Any] = []
 
 
 # -- events -----------------------------------------------------------------------------------
@@ -292,6 +295,9 @@ class HpackDecoder:
     tables, Huffman strings, table size updates up to ``max_table_size`` (our
     SETTINGS_HEADER_TABLE_SIZE), and a bound on the decoded header list."""
 
+    #: How Huffman strings are decoded (a subclass may cache it).
+    huffman = staticmethod(decode_huffman)
+
     def __init__(self, max_table_size: int = 4096, max_header_list_size: int = 65536) -> None:
         self.max_table_size = max_table_size
         self.max_header_list_size = max_header_list_size
@@ -363,7 +369,7 @@ class HpackDecoder:
         if pos + length > len(block):
             raise HpackError("a string longer than its header block")
         data = block[pos:pos + length]
-        return (decode_huffman(data) if huffman else data), pos + length
+        return (self.huffman(data) if huffman else data), pos + length
 
     def _field(self, index: int) -> tuple[bytes, bytes]:
         if 0 < index <= 61:
@@ -391,12 +397,13 @@ class HpackDecoder:
 
 
 class _Stream:
-    __slots__ = ("status", "headers", "body", "send_window", "pending", "recv_window", "unacked")
+    __slots__ = ("status", "headers", "body", "size", "send_window", "pending", "recv_window", "unacked")
 
     def __init__(self, send_window: int, recv_window: int) -> None:
         self.status = 0
         self.headers: dict[bytes, bytes] = {}
         self.body: list[bytes] = []
+        self.size = 0
         self.send_window = send_window
         #: Request body not sent yet (waiting for window).
         self.pending = b""
@@ -416,12 +423,15 @@ class H2Client:
         window: the flow-control window granted to the server, per stream and for the
             connection (responses to pushes are small: be generous).
         max_header_list_size: a response's header list longer than this is refused.
+        max_body: a response body longer than this resets its stream (`StreamReset` with
+            ``CANCEL``): push providers answer in a few KiB.
     """
 
-    def __init__(self, *, window: int = 1 << 24, max_header_list_size: int = 65536) -> None:
+    def __init__(self, *, window: int = 1 << 24, max_header_list_size: int = 65536, max_body: int = 1 << 20) -> None:
         if not _DEFAULT_WINDOW <= window <= _MAX_WINDOW:
             raise ValueError(f"window must be between {_DEFAULT_WINDOW} and {_MAX_WINDOW}, not {window}")
         self.window = window
+        self.max_body = max_body
         self.encoder = StatelessEncoder()
         self.decoder = HpackDecoder(max_header_list_size=max_header_list_size)
         self.max_header_list_size = max_header_list_size
@@ -439,12 +449,14 @@ class H2Client:
         #: Streams with body waiting for window, in order.
         self._blocked: deque[int] = deque()
         self._out: list[bytes] = []
-        self._buffer = b""
+        #: The start of a frame not yet whole.
+        self._buffer = bytearray()
         #: A header block being received: its stream, flags of the HEADERS frame, fragments.
         self._block_stream = 0
         self._block_end_stream = False
         self._block: list[bytes] = []
         self._block_size = 0
+        self._block_frames = 0
         self.goaway_received: GoAway | None = None
         self.closed = False
 
@@ -522,7 +534,12 @@ class H2Client:
 
     def reset(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
         """Abandon a stream (RST_STREAM); nothing more is reported for it."""
-        if self.streams.pop(stream_id, None) is not None and not self.closed:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return
+        if stream.pending:
+            self._blocked.remove(stream_id)
+        if not self.closed:
             self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(error_code)))
 
     def ping(self, data: bytes) -> None:
@@ -550,8 +567,16 @@ class H2Client:
 
     def receive(self, data: bytes) -> list[Any]:
         """Feed bytes from the server; returns the events they complete, in order."""
-        if self._buffer:
-            data = self._buffer + data
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            if len(buffer) < 9:
+                return []
+            length = buffer[0] << 16 | buffer[1] << 8 | buffer[2]
+            if length <= _FRAME_SIZE and len(buffer) < 9 + length:
+                return []  # (copying the buffer at each read of a trickle would be quadratic)
+            data = bytes(buffer)
+            buffer.clear()
         events: list[Any] = []
         end = len(data)
         pos = 0
@@ -609,10 +634,12 @@ class H2Client:
                         raise H2ProtocolError("a malformed PRIORITY", ErrorCode.FRAME_SIZE_ERROR)
                 # Other frame types are extensions: ignored (RFC 9113 4.1).
         except H2ProtocolError as exc:
-            self._buffer = b""
+            self._buffer.clear()
             self.close(exc.error_code, str(exc).encode()[:256])
+            exc.events = events
             raise
-        self._buffer = data[pos:] if pos < end else b""
+        if pos < end:
+            buffer += data[pos:]
         if self._recv_unacked >= self.window >> 1:
             self._out.append(_frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._recv_unacked)))
             self.recv_window += self._recv_unacked
@@ -640,12 +667,15 @@ class H2Client:
         self._block_end_stream = bool(flags & END_STREAM)
         self._block_stream = stream_id
         self._block_size = 0
+        self._block_frames = 0
         self._fragment(payload, flags, events)
 
     def _fragment(self, payload: bytes, flags: int, events: list[Any]) -> None:
         self._block_size += len(payload)
-        if self._block_size > _MAX_HEADER_BLOCK:
-            raise H2ProtocolError(f"a header block over {_MAX_HEADER_BLOCK} bytes", ErrorCode.ENHANCE_YOUR_CALM)
+        self._block_frames += 1
+        if self._block_size > _MAX_HEADER_BLOCK or self._block_frames > _MAX_CONTINUATIONS:
+            raise H2ProtocolError(f"a header block over {_MAX_HEADER_BLOCK} bytes or {_MAX_CONTINUATIONS} frames",
+                                  ErrorCode.ENHANCE_YOUR_CALM)
         if not flags & END_HEADERS:
             self._block.append(payload)
             return
@@ -695,6 +725,7 @@ class H2Client:
     def _end(self, stream_id: int, stream: _Stream, events: list[Any]) -> None:
         del self.streams[stream_id]
         if stream.pending:  # answered before our body was all sent: end our side too
+            self._blocked.remove(stream_id)
             self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.NO_ERROR)))
         body = stream.body
         events.append(ResponseEnded(stream_id, stream.status, stream.headers,
@@ -711,8 +742,8 @@ class H2Client:
         stream = self.streams.get(stream_id)
         if stream is None:
             return  # reset or ended: counted for the connection only
-        if stream.status == 0:
-            self._stream_error(stream_id, events)  # DATA before the response's head
+        if stream.status < 200:
+            self._stream_error(stream_id, events)  # DATA before the final response's head
             return
         if flags & PADDED:
             if not payload:
@@ -723,6 +754,11 @@ class H2Client:
             payload = payload[1:length - pad]
         if payload:
             stream.body.append(payload)
+            stream.size += len(payload)
+            if stream.size > self.max_body:
+                self.reset(stream_id, ErrorCode.CANCEL)
+                events.append(StreamReset(stream_id, ErrorCode.CANCEL))
+                return
         if flags & END_STREAM:
             self._end(stream_id, stream, events)
             return

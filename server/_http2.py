@@ -53,6 +53,9 @@ __all__ = ["H2Pool", "H2Response", "H2Failure", "StreamRefused", "ConnectionLost
 log = logging.getLogger("pigeon.http2")
 
 _READ_SIZE = 65536
+#: Acknowledgements (PING, SETTINGS) and window updates waiting for a writer that is blocked:
+#: beyond this, the server is not reading what it makes us send.
+_MAX_OUTBOX = 1 << 20
 #: Flow-control window we grant the server (responses are small; be generous).
 _WINDOW = 1 << 24
 
@@ -109,8 +112,11 @@ class _Connection:
         self.stream: trio.abc.Stream | None = None
         self.scope = trio.CancelScope()
         self._queued = trio.Event()
-        #: Bytes h2 produced while reading, for the writer (which alone writes).
+        #: Bytes the codec produced while reading, for the writer (which alone writes).
         self._outbox: list[bytes] = []
+        self._outbox_size = 0
+        #: A GOAWAY came before any answer (counted as a failed connection).
+        self._sent_away = False
         self._pong = trio.Event()
         self.last_activity = trio.current_time()
         self.opened_streams = 0
@@ -160,6 +166,8 @@ class _Connection:
                             raise ConnectionLost("the server closed the connection during the handshake")
                         self._receive(data)
                         await self._write_now()
+                    if self.draining:  # a GOAWAY came with the SETTINGS
+                        raise ConnectionLost(f"sent away during the handshake: {pool.last_connect_error}")
                 task_status.started()
                 started = True
                 async with trio.open_nursery() as nursery:
@@ -173,8 +181,9 @@ class _Connection:
                     raise self._error
         except _CONNECTION_ERRORS as exc:
             if not started:
-                pool._connect_failed()
-                pool.last_connect_error = _describe(exc)
+                if not self._sent_away:  # (already counted as a failure)
+                    pool._connect_failed()
+                    pool.last_connect_error = _describe(exc)
                 log.warning("cannot connect to %s: %s", pool.origin, pool.last_connect_error)
                 raise ConnectionLost(f"cannot connect to {pool.origin}: {pool.last_connect_error}") from exc
             log.info("connection %d to %s lost: %s", self.number, pool.origin, _describe(exc))
@@ -185,6 +194,14 @@ class _Connection:
             pool._forget(self)
             if self.stream is not None:
                 with trio.CancelScope(shield=True):
+                    # The GOAWAY saying why, if the codec closed the connection (best effort).
+                    goodbye = self.h2.data_to_send() if self.h2.closed else b""
+                    if goodbye:
+                        with trio.move_on_after(1):
+                            try:
+                                await self.stream.send_all(goodbye)
+                            except (*_CONNECTION_ERRORS, trio.BusyResourceError):
+                                pass
                     await trio.aclose_forcefully(self.stream)
 
     async def _guard(self, task: Callable[[], Any]) -> None:
@@ -203,6 +220,7 @@ class _Connection:
         if self._outbox:
             data = b"".join(self._outbox) + data
             self._outbox.clear()
+            self._outbox_size = 0
         if data:
             assert self.stream is not None
             await self.stream.send_all(data)
@@ -229,6 +247,10 @@ class _Connection:
             pending = self.h2.data_to_send()
             if pending:
                 self._outbox.append(pending)
+                self._outbox_size += len(pending)
+                if self._outbox_size > _MAX_OUTBOX:
+                    raise ConnectionLost(f"the server sends more than it reads ({self._outbox_size} bytes"
+                                         " of acknowledgements we cannot write)")
                 self._queued.set()
             if self.draining and not self.streams:
                 return
@@ -272,8 +294,16 @@ class _Connection:
                     self.scope.cancel()
 
     def _receive(self, data: bytes) -> None:
+        try:
+            events = self.h2.receive(data)
+        except H2ProtocolError as exc:
+            self._handle(exc.events)  # answers read before the violation are answers
+            raise
+        self._handle(events)
+
+    def _handle(self, events: list[Any]) -> None:
         streams = self.streams
-        for event in self.h2.receive(data):
+        for event in events:
             kind = type(event)
             if kind is ResponseEnded:
                 stream = streams.pop(event.stream_id, None)
@@ -302,11 +332,12 @@ class _Connection:
             reason = f"{ErrorCode.name(event.error_code)} {reason}"
         self.draining = True
         self.pool.goaways += 1
-        if not self.answered:
+        if not self.answered and not self._sent_away:
             # Sent away before answering anything (a refused certificate, a server shutting
             # down): as bad as failing to connect, so the pool backs off before the next one.
             self.pool._connect_failed()
             self.pool.last_connect_error = f"GOAWAY before any answer {reason}".strip()
+            self._sent_away = True
         log.info("GOAWAY from %s on connection %d (last stream %d) %s", self.pool.origin, self.number, last, reason)
         refused = [sid for sid in self.streams if sid > last]
         for stream_id in refused:

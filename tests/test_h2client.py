@@ -380,3 +380,43 @@ def test_decoding_never_indexed_literals_and_table_eviction():
 def test_huffman_decoding_matches_hpack(data):
     assert decode_huffman(hpack.huffman.HuffmanEncoder(
         hpack.huffman_constants.REQUEST_CODES, hpack.huffman_constants.REQUEST_CODES_LENGTH).encode(data)) == data
+
+
+# -- servers that misbehave ----------------------------------------------------------------
+
+def test_an_endless_header_block_of_empty_continuations_is_refused():
+    client = ready_client()
+    client.receive(frame(1, 0, 1, b"\x88"))  # HEADERS without END_HEADERS
+    with pytest.raises(H2ProtocolError):
+        for _ in range(20):
+            client.receive(frame(9, 0, 1, b"") * 10_000)
+    assert len(client._block) < 10_000
+
+
+def test_a_response_body_beyond_max_body_resets_its_stream():
+    client = H2Client(window=65535, max_body=100_000)
+    client.initiate()
+    client.receive(frame(4, 0, 0, b""))
+    sid = client.send_request(request())
+    client.data_to_send()
+    client.receive(frame(1, 0x4, sid, b"\x88"))
+    events = []
+    for _ in range(7):  # a server that sends exactly what our WINDOW_UPDATEs allow, forever
+        events += client.receive(frame(0, 0, sid, b"x" * 16384))
+        client.data_to_send()
+    assert [(type(e), e.stream_id, e.error_code) for e in events] == [(StreamReset, sid, ErrorCode.CANCEL)]
+    assert sid not in client.streams
+
+
+def test_responses_before_a_violation_in_the_same_read_are_not_lost():
+    client = ready_client(2)
+    with pytest.raises(H2ProtocolError) as raised:
+        client.receive(frame(1, 0x5, 1, b"\x88") + frame(7, 0, 0, b"\x00"))  # 200 for stream 1, then a bad GOAWAY
+    delivered = getattr(raised.value, "events", [])
+    assert [(type(e), e.stream_id) for e in delivered] == [(ResponseEnded, 1)]
+
+
+def test_data_after_an_informational_head_is_not_a_response():
+    client = ready_client()
+    events = client.receive(frame(1, 0x4, 1, b"\x08\x03103") + frame(0, 0x1, 1, b"body"))
+    assert not any(type(e) is ResponseEnded and e.status < 200 for e in events)

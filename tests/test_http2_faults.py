@@ -5,10 +5,12 @@ the faults the mock providers do not offer)."""
 from __future__ import annotations
 
 import ssl
+import struct
 import types
 from datetime import UTC, datetime
 
 import h2.errors
+import pytest
 import trio
 import trio.testing
 
@@ -22,6 +24,7 @@ from server._http2 import ConnectionLost, H2Pool, H2Response
 from server.channels import AppRecord, DeliveryJob
 
 from .h2_fake import FakeH2Server
+from .test_h2client import frame
 
 KEY = SigningKey.generate()
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -302,3 +305,139 @@ async def test_a_bug_reading_an_answer_fails_that_notification_instead_of_strand
         nursery.cancel_scope.cancel()
     assert (result.status, result.reason, result.status_code) == ("failed", "InternalError", 200)
     assert "cannot read this" in result.detail and sender.held == 0
+
+
+class _SentAwayAtOnce(trio.abc.Stream):
+    """SETTINGS and a GOAWAY(NO_ERROR, last stream 0) in one read; then silence, the TCP connection left open."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def send_all(self, data) -> None:
+        pass
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            return frame(4, 0, 0, b"") + frame(7, 0, 0, struct.pack(">LL", 0, 0))
+        await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        pass
+
+
+# APNs answers a refused certificate with SETTINGS and a GOAWAY, often in one read.
+async def test_a_connection_sent_away_during_its_handshake_fails_the_connect_and_holds_no_place():
+    pool = H2Pool("x", 443, ssl_context=ssl.create_default_context(), max_connections=1)
+
+    async def connect():
+        return _SentAwayAtOnce()
+
+    pool.connect = connect  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        with trio.fail_after(5):
+            with pytest.raises(ConnectionLost, match="cannot connect to x:443: GOAWAY before any answer"):
+                await pool.wait_capacity()
+        assert pool._connections == [] and pool.connect_failures == 1 and pool.goaways == 1
+        nursery.cancel_scope.cancel()
+
+
+class _DeafPingFlooder(trio.abc.Stream):
+    """SETTINGS, then PINGs as fast as it can; reads nothing after the handshake."""
+
+    def __init__(self) -> None:
+        self.writes = 0
+        self.reads = 0
+
+    async def send_all(self, data) -> None:
+        self.writes += 1
+        if self.writes > 2:  # the preface and the SETTINGS ack go; then the TCP window is full
+            await trio.sleep_forever()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        self.reads += 1
+        await trio.sleep(0)
+        if self.reads == 1:
+            return frame(4, 0, 0, b"")
+        if self.reads > 100:
+            await trio.sleep_forever()
+        return frame(6, 0, 0, b"12345678") * 3800  # ~64 KB of PINGs
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_server_that_floods_pings_and_reads_nothing_is_left():
+    server = _DeafPingFlooder()
+    pool = H2Pool("deaf", 443, ssl_context=ssl.create_default_context())
+
+    async def connect():
+        return server
+
+    pool.connect = connect  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await pool.wait_capacity()
+        [connection] = pool._connections
+        with trio.fail_after(5):
+            while pool._connections:
+                assert connection._outbox_size <= (1 << 20) + 65536 * 2  # the bound, and one read's answers
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert server.reads < 100  # left after ~1 MiB of acknowledgements it would not read
+
+
+class _Recorder(trio.abc.Stream):
+    """SETTINGS, then a malformed GOAWAY; records what we write."""
+
+    def __init__(self) -> None:
+        self.written = b""
+        self.reads = 0
+
+    async def send_all(self, data) -> None:
+        self.written += data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            return frame(4, 0, 0, b"")
+        if self.reads == 2:
+            await trio.sleep(0.1)
+            return frame(7, 0, 0, b"\x00")  # a malformed GOAWAY: our PROTOCOL_ERROR
+        await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_a_protocol_error_is_told_to_the_server():
+    server = _Recorder()
+    pool = H2Pool("x", 443, ssl_context=ssl.create_default_context())
+
+    async def connect():
+        return server
+
+    pool.connect = connect  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        await pool.wait_capacity()
+        await trio.sleep(0.3)
+        nursery.cancel_scope.cancel()
+    wire = server.written[24:]  # after the preface's magic
+    codes, pos = [], 0
+    while pos + 9 <= len(wire):
+        length = int.from_bytes(wire[pos:pos + 3], "big")
+        if wire[pos + 3] == 7:  # GOAWAY
+            codes.append(struct.unpack(">L", wire[pos + 13:pos + 17])[0])
+        pos += 9 + length
+    assert codes == [1]  # PROTOCOL_ERROR

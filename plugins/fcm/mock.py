@@ -172,6 +172,7 @@ from plugins._mock_tls import (
     _IpcClient,
     _key_pem,
     _locked,
+    _Decoder,
     _PlainEncoder,
     _print_ready,
     _quiet_exception_handler,
@@ -1528,6 +1529,7 @@ class _Connection(asyncio.Protocol):
         app.protocols["h2"]["connections"] += 1
         conn = self.h2 = _H2Connection(config=app.h2_config)
         conn.encoder = _PlainEncoder()
+        conn.decoder = _Decoder()  # type: ignore[assignment]
         conn.local_settings = h2.settings.Settings(
             client=False,
             initial_values={
