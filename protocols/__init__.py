@@ -3,6 +3,9 @@
 Everything at this level is sans-IO (bytes in, events out; no trio or asyncio import). The
 clients live beside it: `protocols.trio_client` and `protocols.asyncio_client`. The wire
 format is specified in ``PROTOCOL.md`` next to this file.
+
+`protocols.h2client` is the other codec here: the HTTP/2 client the push senders speak to
+APNs and FCM (imported on its own; not part of this package's names).
 """
 
 from . import api as api

@@ -6,7 +6,9 @@ The tree, drawn once::
     ├── ProtocolError                   the byte stream broke the rules
     │   ├── FrameTooLarge               a length prefix above the advertised maximum
     │   ├── MalformedFrame              a frame that is not a valid envelope
-    │   └── HandshakeError              hello/welcome went wrong (version, order)
+    │   ├── HandshakeError              hello/welcome went wrong (version, order)
+    │   └── H2ProtocolError             an HTTP/2 server broke RFC 9113 (`protocols.h2client`)
+    │       └── HpackError              ... with a header block that does not decode
     ├── CallError                       a call ended with a non-OK status
     ├── ConnectionClosed                the peer went away (carries the goaway, if any)
     └── BatchFailed                     an event batcher's call failed; carries the events
