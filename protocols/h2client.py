@@ -609,7 +609,10 @@ class H2Client:
                 elif kind == RST_STREAM:
                     if stream_id == 0 or length != 4:
                         raise H2ProtocolError("a malformed RST_STREAM", ErrorCode.PROTOCOL_ERROR if stream_id == 0 else ErrorCode.FRAME_SIZE_ERROR)
-                    if self.streams.pop(stream_id, None) is not None:
+                    stream = self.streams.pop(stream_id, None)
+                    if stream is not None:
+                        if stream.pending:
+                            self._blocked.remove(stream_id)
                         events.append(StreamReset(stream_id, _U32.unpack(payload)[0]))
                 elif kind == PING:
                     if stream_id != 0 or length != 8:

@@ -88,14 +88,13 @@ Callback = Callable[[Any], None]
 
 
 class _Stream:
-    __slots__ = ("callback", "status", "headers", "body", "started")
+    """A request in flight: who to tell, and since when (the codec assembles the answer)."""
+
+    __slots__ = ("callback", "started")
 
     def __init__(self, callback: Callback, started: float) -> None:
         self.callback = callback
         self.started = started
-        self.status = 0
-        self.headers: dict[bytes, bytes] = {}
-        self.body: list[bytes] = []
 
 
 class _Connection:

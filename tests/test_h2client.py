@@ -131,6 +131,19 @@ def test_the_connection_window_is_shared_in_order():
     assert [pair.requests[sid]["body"] for sid in ids] == bodies
 
 
+def test_streams_that_end_while_their_bodies_wait_leave_the_queue():
+    pair = Pair(initial_window_size=10)
+    ids = [pair.client.send_request(request(), b"x" * 50) for _ in range(3)]
+    pair.exchange(acknowledge=False)
+    assert list(pair.client._blocked) == ids
+    pair.client.reset(ids[0])
+    pair.server.reset_stream(ids[1], h2.errors.ErrorCodes.CANCEL)
+    pair.server.send_headers(ids[2], [(b":status", b"413")], end_stream=True)  # answered early
+    events = pair.exchange(acknowledge=False)
+    assert [(type(e), e.stream_id) for e in events] == [(StreamReset, ids[1]), (ResponseEnded, ids[2])]
+    assert not pair.client._blocked and not pair.client.streams
+
+
 def test_a_server_raising_its_initial_window_releases_waiting_bodies():
     pair = Pair(initial_window_size=10)
     sid = pair.client.send_request(request(), b"x" * 50)
