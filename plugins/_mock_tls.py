@@ -44,7 +44,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocols.h2client import HpackDecoder, HpackError, decode_huffman
+from protocols.h2client import HeaderListTooLong, HpackDecoder, HpackError, decode_huffman
 
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
@@ -117,7 +117,7 @@ class _Decoder(HpackDecoder):
         except HpackError as exc:
             from hpack.exceptions import HPACKDecodingError, OversizedHeaderListError
 
-            raise (OversizedHeaderListError if "header list over" in str(exc) else HPACKDecodingError)(str(exc)) from None
+            raise (OversizedHeaderListError if type(exc) is HeaderListTooLong else HPACKDecodingError)(str(exc)) from None
 
 
 class _NoLog:

@@ -45,6 +45,7 @@ __all__ = [
     "ErrorCode",
     "HpackDecoder",
     "HpackError",
+    "HeaderListTooLong",
     "decode_huffman",
 ]
 
@@ -251,6 +252,10 @@ class HpackError(H2ProtocolError):
         super().__init__(message, ErrorCode.COMPRESSION_ERROR)
 
 
+class HeaderListTooLong(HpackError):
+    """A response header list longer than ``max_header_list_size``."""
+
+
 _STATIC_TABLE = hpack.table.HeaderTable.STATIC_TABLE
 _HUFFMAN_STEPS: dict[int, tuple[int, bytes, bool]] = {}
 
@@ -338,7 +343,7 @@ class HpackDecoder:
                     self._add(field)
             total += len(field[0]) + len(field[1]) + 32
             if total > self.max_header_list_size:
-                raise HpackError(f"a header list over {self.max_header_list_size} bytes")
+                raise HeaderListTooLong(f"a header list over {self.max_header_list_size} bytes")
             fields.append(field)
         return fields
 
@@ -534,13 +539,17 @@ class H2Client:
 
     def reset(self, stream_id: int, error_code: int = ErrorCode.CANCEL) -> None:
         """Abandon a stream (RST_STREAM); nothing more is reported for it."""
-        stream = self.streams.pop(stream_id, None)
-        if stream is None:
+        if self._drop(stream_id) is None:
             return
-        if stream.pending:
-            self._blocked.remove(stream_id)
         if not self.closed:
             self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(error_code)))
+
+    def _drop(self, stream_id: int) -> _Stream | None:
+        """Forget a stream (and its body waiting for window, if any)."""
+        stream = self.streams.pop(stream_id, None)
+        if stream is not None and stream.pending:
+            self._blocked.remove(stream_id)
+        return stream
 
     def ping(self, data: bytes) -> None:
         """Queue a PING (8 bytes of opaque data); its answer is a `PingAck`."""
@@ -609,10 +618,7 @@ class H2Client:
                 elif kind == RST_STREAM:
                     if stream_id == 0 or length != 4:
                         raise H2ProtocolError("a malformed RST_STREAM", ErrorCode.PROTOCOL_ERROR if stream_id == 0 else ErrorCode.FRAME_SIZE_ERROR)
-                    stream = self.streams.pop(stream_id, None)
-                    if stream is not None:
-                        if stream.pending:
-                            self._blocked.remove(stream_id)
+                    if self._drop(stream_id) is not None:
                         events.append(StreamReset(stream_id, _U32.unpack(payload)[0]))
                 elif kind == PING:
                     if stream_id != 0 or length != 8:
@@ -726,9 +732,8 @@ class H2Client:
         events.append(StreamReset(stream_id, ErrorCode.PROTOCOL_ERROR))
 
     def _end(self, stream_id: int, stream: _Stream, events: list[Any]) -> None:
-        del self.streams[stream_id]
+        self._drop(stream_id)
         if stream.pending:  # answered before our body was all sent: end our side too
-            self._blocked.remove(stream_id)
             self._out.append(_frame(RST_STREAM, 0, stream_id, _U32.pack(ErrorCode.NO_ERROR)))
         body = stream.body
         events.append(ResponseEnded(stream_id, stream.status, stream.headers,

@@ -307,11 +307,9 @@ async def test_a_bug_reading_an_answer_fails_that_notification_instead_of_strand
     assert "cannot read this" in result.detail and sender.held == 0
 
 
-class _SentAwayAtOnce(trio.abc.Stream):
-    """SETTINGS and a GOAWAY(NO_ERROR, last stream 0) in one read; then silence, the TCP connection left open."""
-
-    def __init__(self) -> None:
-        self.reads = 0
+class _Scripted(trio.abc.Stream):
+    """A server's side of a connection, scripted by a subclass's `receive_some` (and
+    `send_all`): for what neither the mocks nor `FakeH2Server` do."""
 
     async def send_all(self, data) -> None:
         pass
@@ -320,23 +318,39 @@ class _SentAwayAtOnce(trio.abc.Stream):
         pass
 
     async def receive_some(self, max_bytes=None) -> bytes:
-        self.reads += 1
-        if self.reads == 1:
-            return frame(4, 0, 0, b"") + frame(7, 0, 0, struct.pack(">LL", 0, 0))
-        await trio.sleep_forever()
+        raise NotImplementedError
 
     async def aclose(self) -> None:
         pass
 
 
-# APNs answers a refused certificate with SETTINGS and a GOAWAY, often in one read.
-async def test_a_connection_sent_away_during_its_handshake_fails_the_connect_and_holds_no_place():
-    pool = H2Pool("x", 443, ssl_context=ssl.create_default_context(), max_connections=1)
+def pool_on(stream: _Scripted, **kwargs) -> H2Pool:
+    """A pool whose every connection is ``stream``."""
+    pool = H2Pool("x", 443, ssl_context=ssl.create_default_context(), **kwargs)
 
     async def connect():
-        return _SentAwayAtOnce()
+        return stream
 
     pool.connect = connect  # type: ignore[method-assign]
+    return pool
+
+
+class _SentAwayAtOnce(_Scripted):
+    """SETTINGS and a GOAWAY(NO_ERROR, last stream 0) in one read; then silence, the TCP connection left open."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    async def receive_some(self, max_bytes=None) -> bytes:
+        self.reads += 1
+        if self.reads == 1:
+            return frame(4, 0, 0, b"") + frame(7, 0, 0, struct.pack(">LL", 0, 0))
+        await trio.sleep_forever()
+
+
+# APNs answers a refused certificate with SETTINGS and a GOAWAY, often in one read.
+async def test_a_connection_sent_away_during_its_handshake_fails_the_connect_and_holds_no_place():
+    pool = pool_on(_SentAwayAtOnce(), max_connections=1)
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         with trio.fail_after(5):
@@ -346,7 +360,7 @@ async def test_a_connection_sent_away_during_its_handshake_fails_the_connect_and
         nursery.cancel_scope.cancel()
 
 
-class _DeafPingFlooder(trio.abc.Stream):
+class _DeafPingFlooder(_Scripted):
     """SETTINGS, then PINGs as fast as it can; reads nothing after the handshake."""
 
     def __init__(self) -> None:
@@ -358,9 +372,6 @@ class _DeafPingFlooder(trio.abc.Stream):
         if self.writes > 2:  # the preface and the SETTINGS ack go; then the TCP window is full
             await trio.sleep_forever()
 
-    async def wait_send_all_might_not_block(self) -> None:
-        pass
-
     async def receive_some(self, max_bytes=None) -> bytes:
         self.reads += 1
         await trio.sleep(0)
@@ -370,18 +381,10 @@ class _DeafPingFlooder(trio.abc.Stream):
             await trio.sleep_forever()
         return frame(6, 0, 0, b"12345678") * 3800  # ~64 KB of PINGs
 
-    async def aclose(self) -> None:
-        pass
-
 
 async def test_a_server_that_floods_pings_and_reads_nothing_is_left():
     server = _DeafPingFlooder()
-    pool = H2Pool("deaf", 443, ssl_context=ssl.create_default_context())
-
-    async def connect():
-        return server
-
-    pool.connect = connect  # type: ignore[method-assign]
+    pool = pool_on(server)
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         await pool.wait_capacity()
@@ -394,7 +397,7 @@ async def test_a_server_that_floods_pings_and_reads_nothing_is_left():
     assert server.reads < 100  # left after ~1 MiB of acknowledgements it would not read
 
 
-class _Recorder(trio.abc.Stream):
+class _Recorder(_Scripted):
     """SETTINGS, then a malformed GOAWAY; records what we write."""
 
     def __init__(self) -> None:
@@ -403,9 +406,6 @@ class _Recorder(trio.abc.Stream):
 
     async def send_all(self, data) -> None:
         self.written += data
-
-    async def wait_send_all_might_not_block(self) -> None:
-        pass
 
     async def receive_some(self, max_bytes=None) -> bytes:
         self.reads += 1
@@ -416,18 +416,10 @@ class _Recorder(trio.abc.Stream):
             return frame(7, 0, 0, b"\x00")  # a malformed GOAWAY: our PROTOCOL_ERROR
         await trio.sleep_forever()
 
-    async def aclose(self) -> None:
-        pass
-
 
 async def test_a_protocol_error_is_told_to_the_server():
     server = _Recorder()
-    pool = H2Pool("x", 443, ssl_context=ssl.create_default_context())
-
-    async def connect():
-        return server
-
-    pool.connect = connect  # type: ignore[method-assign]
+    pool = pool_on(server)
     async with trio.open_nursery() as nursery:
         await nursery.start(pool.run)
         await pool.wait_capacity()
