@@ -7,6 +7,7 @@ The tree, drawn once::
     │   ├── FrameTooLarge               a length prefix above the advertised maximum
     │   ├── MalformedFrame              a frame that is not a valid envelope
     │   ├── HandshakeError              hello/welcome went wrong (version, order)
+    │   │   └── NotPigeonServer         the peer answered the hello in another protocol (HTTP, TLS)
     │   └── H2ProtocolError             an HTTP/2 server broke RFC 9113 (`protocols.h2client`)
     │       └── HpackError              ... with a header block that does not decode
     ├── CallError                       a call ended with a non-OK status
@@ -29,6 +30,7 @@ __all__ = [
     "FrameTooLarge",
     "MalformedFrame",
     "HandshakeError",
+    "NotPigeonServer",
     "CallError",
     "ConnectionClosed",
     "BatchFailed",
@@ -93,6 +95,18 @@ class MalformedFrame(ProtocolError):
 
 class HandshakeError(ProtocolError):
     """The hello/welcome exchange failed (wrong order, unsupported version)."""
+
+
+class NotPigeonServer(HandshakeError):
+    """The server's first bytes are not a Pigeon frame: something else listens there.
+
+    Attributes:
+        speaks: ``"http"`` or ``"tls"`` when the answer shows which protocol it speaks, else None.
+    """
+
+    def __init__(self, message: str, speaks: str | None = None) -> None:
+        super().__init__(message)
+        self.speaks = speaks
 
 
 class CallError(PigeonProtocolError):
