@@ -270,6 +270,12 @@ class MethodStats(Response):
 
 class ConnectionStats(Response):
     open: int = 0
+    #: Open connections that have not said hello yet.
+    handshaking: int = 0
+    #: Connections closed before their hello to make room for new ones.
+    evicted: int = 0
+    #: Bytes of answers queued, being written or reserved, all connections together.
+    buffered_bytes: int = 0
     accepted: int = 0
     closed_by_protocol_error: int = 0
     frames_in: int = 0

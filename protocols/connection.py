@@ -37,7 +37,7 @@ from .frames import (
     Reply,
     Welcome,
 )
-from .framing import HEADER_SIZE, FrameDecoder, FrameEncoder
+from .framing import DECODE_ERRORS, HEADER_SIZE, FrameDecoder, FrameEncoder, decode_error_text
 
 __all__ = [
     "State",
@@ -244,7 +244,7 @@ class ServerConnection(_Base):
     def _receive_frame(self, payload: bytes) -> list[Any]:
         try:
             frame = _frame_decoder.decode(payload)
-        except msgspec.DecodeError as exc:
+        except DECODE_ERRORS as exc:
             return self._malformed(payload, exc)
         if self.state is State.HANDSHAKE:
             return self._receive_hello(frame)
@@ -271,17 +271,18 @@ class ServerConnection(_Base):
                 )
                 return []
 
-    def _malformed(self, payload: bytes, exc: msgspec.DecodeError) -> list[Any]:
+    def _malformed(self, payload: bytes, exc: Exception) -> list[Any]:
         try:
             call_id = _salvage_decoder.decode(payload).id
-        except msgspec.DecodeError:
+        except DECODE_ERRORS:
             call_id = 0
+        what = decode_error_text(exc)
         if self.state is State.HANDSHAKE:
-            return self._terminate(Status.INVALID_ARGUMENT, f"malformed hello frame: {exc}")
+            return self._terminate(Status.INVALID_ARGUMENT, f"malformed hello frame: {what}")
         field = _field_of(exc) if isinstance(exc, msgspec.ValidationError) else None
         if call_id <= 0 or call_id in self.open_calls:
             call_id = 0
-        self._queue(Error(id=call_id, code=Status.INVALID_ARGUMENT, message=f"malformed frame: {exc}", field=field))
+        self._queue(Error(id=call_id, code=Status.INVALID_ARGUMENT, message=f"malformed frame: {what}", field=field))
         return []
 
     def _receive_hello(self, frame: AnyFrame) -> list[Any]:
@@ -469,8 +470,8 @@ class ClientConnection(_Base):
             self.frames_in += 1
             try:
                 frame = _frame_decoder.decode(payload)
-            except msgspec.DecodeError as exc:
-                raise MalformedFrame(f"malformed frame from server: {exc}") from exc
+            except DECODE_ERRORS as exc:
+                raise MalformedFrame(f"malformed frame from server: {decode_error_text(exc)}") from exc
             match frame:
                 case Reply(id=i, body=b):
                     events.append(ReplyReceived(i, b))

@@ -11,9 +11,21 @@ import msgspec
 from .errors import FrameTooLarge
 from .frames import DEFAULT_MAX_FRAME, Frame
 
-__all__ = ["HEADER_SIZE", "DEFAULT_MAX_FRAME", "FrameEncoder", "FrameDecoder"]
+__all__ = ["HEADER_SIZE", "DEFAULT_MAX_FRAME", "DECODE_ERRORS", "decode_error_text", "FrameEncoder", "FrameDecoder"]
 
 HEADER_SIZE = 4
+
+#: What decoding untrusted MessagePack (or JSON) with msgspec can raise: its own errors, and
+#: RecursionError for input nested deeper than the interpreter's stack allows (msgspec checks
+#: the depth as it goes, so a 1 KB frame of nested arrays raises it, wherever it is decoded).
+DECODE_ERRORS = (msgspec.DecodeError, RecursionError)
+
+
+def decode_error_text(exc: Exception) -> str:
+    """What was wrong with input that raised one of `DECODE_ERRORS`."""
+    if isinstance(exc, RecursionError):
+        return "nested too deeply (arrays or maps inside each other beyond what the decoder follows)"
+    return str(exc)
 
 
 class FrameEncoder:

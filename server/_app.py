@@ -85,8 +85,12 @@ class Server:
             max_frame=config.max_frame,
             max_calls=config.max_calls,
             max_connections=config.max_connections,
+            max_connections_per_peer=config.max_connections_per_peer,
+            max_handshakes=config.max_handshakes,
             write_timeout=config.write_timeout_s,
             handshake_timeout=config.handshake_timeout_s,
+            busy_handshake_timeout=config.busy_handshake_timeout_s,
+            reply_buffer=config.reply_buffer_mb * 1024 * 1024,
         )
         s = config.supervisor
         self.supervisor = Supervisor(

@@ -103,9 +103,18 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_frame: Annotated[int, msgspec.Meta(ge=1024)] = DEFAULT_MAX_FRAME
     max_calls: Positive = 256
     max_connections: Positive = 1024
+    #: Connections from one address (host) at most.
+    max_connections_per_peer: Positive = 256
+    #: Connections that have not said hello yet at most; past it the oldest of them is closed.
+    max_handshakes: Positive = 128
     write_timeout_s: PositiveFloat = 30.0
-    #: Seconds a new connection has to send its hello before it is closed.
+    #: Seconds a new connection has to send its hello before it is closed ...
     handshake_timeout_s: PositiveFloat = 10.0
+    #: ... and while more than half of max_handshakes are taken.
+    busy_handshake_timeout_s: PositiveFloat = 1.0
+    #: MiB of answers waiting to be written (or reserved for calls running), all connections
+    #: together; past it calls wait (a connection with nothing waiting still runs one).
+    reply_buffer_mb: Positive = 64
     shutdown_grace_s: PositiveFloat = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)

@@ -1,10 +1,29 @@
 """The socket protocol's server: listeners, connections, calls.
 
-Each connection has a reader task, a writer task and a task per call (see `_Connection`). A
-client may keep ``max_calls`` calls in flight (announced in the welcome; more are refused
-with RESOURCE_EXHAUSTED), answers wait in a buffer of at most ``_HIGH_WATER`` bytes beyond
-those, and a client that reads nothing for ``write_timeout`` seconds is disconnected: a slow
-or stuck client costs bounded memory.
+Each connection has a reader task, a writer task and a task per call (see `_Connection`).
+Whatever a peer does costs only its own connection, and bounded memory:
+
+- Connections: at most ``max_connections``, ``max_connections_per_peer`` from one address, and
+  ``max_handshakes`` that have not said hello yet. Past either limit on handshakes the oldest
+  connection still waiting for its hello is closed to make room, and while more than half of
+  them are taken every connection without a hello has ``busy_handshake_timeout`` seconds to
+  send it instead of ``handshake_timeout``: idle sockets cannot lock honest clients out, and
+  connections that completed a handshake keep their places.
+- Calls: ``max_calls`` in flight per connection (announced in the welcome; more are refused
+  with RESOURCE_EXHAUSTED). The reader stops reading while the connection's calls hold more
+  than ``_REQUEST_HIGH_WATER`` bytes of requests or more than ``_HIGH_WATER`` bytes of answers
+  wait to be written.
+- Answers: a call starts only when its answer has room: the connection's answers waiting to be
+  written, plus a reservation for each call running (the largest answer its method has given
+  so far), stay under ``_HIGH_WATER``, and all connections' together under ``reply_buffer``,
+  except that a connection with nothing waiting may always run one call. So a client that
+  pipelines calls for large answers and reads nothing holds about ``_HIGH_WATER`` bytes of
+  them (plus one answer larger than its method's largest so far), and all such clients
+  together about ``reply_buffer``; a client that reads nothing for ``write_timeout`` seconds
+  is disconnected.
+- Failures: a frame that cannot be decoded costs its call or its connection (see
+  `protocols.connection`); anything unexpected while serving a connection closes that
+  connection only, never the listener.
 """
 
 from __future__ import annotations
@@ -16,6 +35,7 @@ import os
 import socket as _stdlib_socket
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -35,6 +55,7 @@ from protocols.connection import (
 )
 from protocols.errors import Status
 from protocols.frames import Call
+from protocols.framing import DECODE_ERRORS, decode_error_text
 
 from ._actor import Actor
 from ._errors import ServerError
@@ -50,8 +71,12 @@ _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBU
 _STREAM_FLUSH_BYTES = 32 * 1024
 #: Bytes written per send; each must make progress within write_timeout.
 _WRITE_CHUNK = 64 * 1024
-#: Bytes of answers queued for a connection before its reader stops reading.
+#: Bytes of answers a connection's calls may have queued or reserved (see the module docstring).
 _HIGH_WATER = 1024 * 1024
+#: Bytes of requests a connection's open calls may hold before its reader stops reading.
+_REQUEST_HIGH_WATER = 4 * 1024 * 1024
+#: The reservation for a method's answer before it has given any.
+_FIRST_ESTIMATE = 16 * 1024
 
 
 class CallContext(msgspec.Struct):
@@ -127,8 +152,12 @@ class Listener(Actor):
         server_name: announced in the welcome.
         max_frame, max_calls: per connection, announced in the welcome.
         max_connections: further connections get a goaway and are closed.
+        max_connections_per_peer: connections from one address (host) at most.
+        max_handshakes: connections waiting for their hello at most.
         write_timeout: seconds a write may make no progress before the connection is dropped.
         handshake_timeout: seconds a new connection has to send its hello.
+        busy_handshake_timeout: the same, while more than half of ``max_handshakes`` are taken.
+        reply_buffer: bytes of answers queued or reserved for all connections together.
     """
 
     def __init__(
@@ -141,8 +170,12 @@ class Listener(Actor):
         max_frame: int,
         max_calls: int,
         max_connections: int,
+        max_connections_per_peer: int | None = None,
+        max_handshakes: int | None = None,
         write_timeout: float,
         handshake_timeout: float = 10.0,
+        busy_handshake_timeout: float = 1.0,
+        reply_buffer: int = 64 * 1024 * 1024,
     ) -> None:
         super().__init__("listener", 1)
         self.router = router
@@ -152,14 +185,32 @@ class Listener(Actor):
         self.max_frame = max_frame
         self.max_calls = max_calls
         self.max_connections = max_connections
+        self.max_connections_per_peer = max_connections_per_peer or max_connections
+        self.max_handshakes = max_handshakes or max_connections
         self.write_timeout = write_timeout
         self.handshake_timeout = handshake_timeout
+        self.busy_handshake_timeout = min(busy_handshake_timeout, handshake_timeout)
+        self.reply_buffer = reply_buffer
         #: The bound addresses, once listening (a port of 0 is replaced by the real one).
         self.addresses: list[str] = []
         self.connections: set[_Connection] = set()
+        #: Connections still waiting for their hello, oldest first.
+        self.handshaking: dict[_Connection, None] = {}
+        #: Connections per peer host.
+        self.peers: Counter[str] = Counter()
+        #: Connections closed to make room for new ones (no hello yet, limits reached).
+        self.evicted = 0
+        #: Bytes of answers queued, being written or reserved, all connections together.
+        self.buffered = 0
+        #: Set (and replaced) whenever buffered bytes are freed: calls waiting for room wake.
+        self.room = trio.Event()
+        #: The largest answer each method has given so far: what a running call reserves.
+        self.answer_sizes: dict[str, int] = {}
         self.method_stats: dict[str, _MethodStats] = {}
         self.accepted = 0
         self.protocol_errors = 0
+        #: Connections ended by an unexpected error in their own handling (logged).
+        self.connection_failures = 0
         self.frames_in = 0
         self.frames_out = 0
 
@@ -251,22 +302,80 @@ class Listener(Actor):
 
     async def _serve_connection(self, stream: trio.abc.Stream) -> None:
         connection = _Connection(self, stream)
-        if len(self.connections) >= self.max_connections:
-            await connection.refuse(
-                Status.RESOURCE_EXHAUSTED, f"the server already has {self.max_connections} connections"
-            )
+        refusal = self._make_room(connection)
+        if refusal is not None:
+            await connection.refuse(Status.RESOURCE_EXHAUSTED, refusal)
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             return
         self.connections.add(connection)
+        self.peers[connection.host] += 1
+        self.handshaking[connection] = None
+        if len(self.handshaking) > self.max_handshakes // 2:
+            # Busy with connections that say nothing: every one of them gets the short budget.
+            for waiting in self.handshaking:
+                waiting.shorten_handshake(self.busy_handshake_timeout)
         try:
             await connection.serve()
+        except Exception:
+            # A connection's failure, whatever it is, ends that connection only: never the
+            # listener (a restart would drop every other client).
+            self.connection_failures += 1
+            log.exception("connection from %s failed; closing it", connection.peer)
         finally:
-            self.connections.discard(connection)
+            self._forget(connection)
+            connection.release()
             self.frames_in += connection.conn.frames_in
             self.frames_out += connection.conn.frames_out
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
+
+    def _make_room(self, new: _Connection) -> str | None:
+        """Make room for a new connection by closing the oldest ones that have not said hello
+        yet where a limit is reached; or say why it is refused."""
+        host = new.host
+        if self.peers[host] >= self.max_connections_per_peer and not self._evict(host):
+            return f"{host} already has {self.max_connections_per_peer} connections (max_connections_per_peer)"
+        if len(self.handshaking) >= self.max_handshakes:
+            self._evict()
+        if len(self.connections) >= self.max_connections and not self._evict():
+            return f"the server already has {self.max_connections} connections"
+        return None
+
+    def _evict(self, host: str | None = None) -> bool:
+        """Close the oldest connection (from ``host``) still waiting for its hello."""
+        for connection in self.handshaking:
+            if host is None or connection.host == host:
+                break
+        else:
+            return False
+        self._forget(connection)
+        self.evicted += 1
+        connection.evict("no hello was received, and the server needs the place for a new connection")
+        return True
+
+    def _forget(self, connection: _Connection) -> None:
+        """The connection no longer takes a place (closed, or closing after an eviction)."""
+        if connection in self.connections:
+            self.connections.discard(connection)
+            self.handshaking.pop(connection, None)
+            self.peers[connection.host] -= 1
+            if not self.peers[connection.host]:
+                del self.peers[connection.host]
+
+    def buffered_changed(self, delta: int) -> None:
+        self.buffered += delta
+        if delta < 0:
+            self.room.set()
+            self.room = trio.Event()
+
+    def reservation(self, method: str) -> int:
+        """Bytes a call of ``method`` reserves for its answer while it runs."""
+        return self.answer_sizes.get(method, _FIRST_ESTIMATE)
+
+    def answered(self, method: str, size: int) -> None:
+        if size > self.answer_sizes.get(method, 0):
+            self.answer_sizes[method] = size
 
     def stats_for(self, method: str) -> _MethodStats:
         stats = self.method_stats.get(method)
@@ -277,6 +386,9 @@ class Listener(Actor):
     def connection_stats(self) -> api.ConnectionStats:
         return api.ConnectionStats(
             open=len(self.connections),
+            handshaking=len(self.handshaking),
+            evicted=self.evicted,
+            buffered_bytes=self.buffered,
             accepted=self.accepted,
             closed_by_protocol_error=self.protocol_errors,
             frames_in=self.frames_in + sum(c.conn.frames_in for c in self.connections),
@@ -305,14 +417,17 @@ def _unix_socket_in_use(path: str) -> bool:
     return True
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
+def _peer_name(stream: trio.abc.Stream) -> tuple[str, str]:
+    """(host, host:port) of the peer; ``unix`` for a unix socket."""
     inner = getattr(stream, "transport_stream", stream)
     sock = getattr(inner, "socket", None)
     try:
         name = sock.getpeername() if sock is not None else "?"
     except OSError:
-        return "?"
-    return f"{name[0]}:{name[1]}" if isinstance(name, tuple) else (name or "unix")
+        return "?", "?"
+    if isinstance(name, tuple):
+        return name[0], f"{name[0]}:{name[1]}"
+    return "unix", name or "unix"
 
 
 class _Connection:
@@ -320,8 +435,11 @@ class _Connection:
 
     - The reader never waits for a call to finish: every frame is handled as it arrives (a
       call beyond ``max_calls`` is refused by the protocol layer), so credit, cancel and ping
-      frames are always seen. It stops reading only while more than ``_HIGH_WATER`` bytes of
-      answers wait to be written, which is how a client that does not read is held back.
+      frames are always seen. It stops reading only while the connection holds too many bytes
+      of requests or of answers (`_may_read`), which is how a client that does not read is
+      held back.
+    - A call runs once its answer has room (`_may_start`); a stream's item waits for room
+      before it is queued.
     - Only the writer writes to the socket, so cancelling a call can never cut a frame in
       half. A write that makes no progress for ``write_timeout`` seconds closes the connection.
     """
@@ -329,7 +447,7 @@ class _Connection:
     def __init__(self, listener: Listener, stream: trio.abc.Stream) -> None:
         self.listener = listener
         self.stream = stream
-        self.peer = _peer_name(stream)
+        self.host, self.peer = _peer_name(stream)
         self.conn = ServerConnection(
             server=listener.server_name, max_frame=listener.max_frame, max_calls=listener.max_calls
         )
@@ -344,9 +462,62 @@ class _Connection:
         self.scope = trio.CancelScope()
         #: Cancelled to stop reading once nothing is left to answer.
         self.read_scope = trio.CancelScope()
+        #: Ends when the hello arrives; its deadline is the time left to send it.
+        self.started = trio.current_time()
+        self.handshake = trio.CancelScope(deadline=self.started + listener.handshake_timeout)
         self._queued = trio.Event()
         self._progress = trio.Event()
         self._writing = False
+        #: Bytes taken by the writer and not yet written.
+        self._writing_bytes = 0
+        #: Bytes reserved for the answers of the calls running.
+        self.reserved = 0
+        #: Bytes of the requests of the calls open.
+        self.request_bytes = 0
+        #: This connection's part of ``listener.buffered``.
+        self._counted = 0
+
+    # -- memory -------------------------------------------------------------------------------
+
+    @property
+    def answer_bytes(self) -> int:
+        """Bytes of answers queued, being written or reserved."""
+        return self.conn.pending_bytes + self._writing_bytes + self.reserved
+
+    def account(self) -> None:
+        """Bring ``listener.buffered`` up to date with this connection's answer bytes."""
+        held = self.answer_bytes
+        if held != self._counted:
+            delta, self._counted = held - self._counted, held
+            self.listener.buffered_changed(delta)
+            if delta < 0:
+                self._progress.set()
+                self._progress = trio.Event()
+
+    def release(self) -> None:
+        """The connection is gone: nothing it holds counts any more."""
+        if self._counted:
+            self.listener.buffered_changed(-self._counted)
+            self._counted = 0
+
+    def _may_read(self) -> bool:
+        return (self.conn.pending_bytes + self._writing_bytes <= _HIGH_WATER
+                and self.request_bytes <= _REQUEST_HIGH_WATER)
+
+    def _may_start(self, reservation: int) -> bool:
+        """Whether a call reserving ``reservation`` bytes for its answer (or a stream's item)
+        may go: there is room on this connection and in all, or this connection has nothing
+        waiting (so that it always makes progress)."""
+        held = self.answer_bytes
+        if held == 0:
+            return True
+        return held + reservation <= _HIGH_WATER and self.listener.buffered + reservation <= self.listener.reply_buffer
+
+    async def _wait_for_room(self, reservation: int) -> None:
+        while not self._may_start(reservation):
+            self.kick()
+            room = self.listener.room
+            await room.wait()
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -354,26 +525,21 @@ class _Connection:
         """Tell the writer that frames are queued."""
         self._queued.set()
 
-    async def wait_writable(self) -> None:
-        """Wait while too much is queued for a client that is not reading."""
-        while self.conn.pending_bytes > _HIGH_WATER:
-            self.kick()
-            progress = self._progress
-            await progress.wait()
-
     async def _writer(self) -> None:
         while True:
             await self._queued.wait()
             self._queued = trio.Event()
             data = self.conn.data_to_send()
             self._writing = True
+            self._writing_bytes = len(data)
             # In chunks, each with its own timer: a client that reads slowly but steadily is
             # served; one that reads nothing for write_timeout seconds is dropped.
             view = memoryview(data)
             for offset in range(0, len(data), _WRITE_CHUNK):
+                chunk = view[offset : offset + _WRITE_CHUNK]
                 with trio.move_on_after(self.listener.write_timeout) as waited:
                     try:
-                        await self.stream.send_all(view[offset : offset + _WRITE_CHUNK])
+                        await self.stream.send_all(chunk)
                     except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
                         log.debug("send to %s failed: %r", self.peer, exc)
                         self.scope.cancel()
@@ -385,6 +551,8 @@ class _Connection:
                     )
                     self.scope.cancel()
                     return
+                self._writing_bytes -= len(chunk)
+                self.account()
             self._writing = False
             self._progress.set()
             self._progress = trio.Event()
@@ -415,6 +583,16 @@ class _Connection:
         if not self.conn.open_calls:
             self.read_scope.cancel()
 
+    def evict(self, message: str) -> None:
+        """Close a connection that has not said hello: a goaway, and one second to write it."""
+        log.warning("closing connection from %s: %s", self.peer, message)
+        self.go_away(Status.RESOURCE_EXHAUSTED, message)
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + 1)
+
+    def shorten_handshake(self, seconds: float) -> None:
+        """Give the connection at most ``seconds`` from its start to send its hello."""
+        self.handshake.deadline = min(self.handshake.deadline, self.started + seconds)
+
     async def serve(self) -> None:
         with self.scope:
             async with trio.open_nursery() as nursery:
@@ -429,15 +607,19 @@ class _Connection:
                 nursery.cancel_scope.cancel()
 
     async def _handshake_deadline(self) -> None:
-        await trio.sleep(self.listener.handshake_timeout)
+        with self.handshake:
+            await trio.sleep_forever()
         if self.conn.hello is None:
-            log.warning("no hello from %s within %gs; closing", self.peer, self.listener.handshake_timeout)
+            log.warning("no hello from %s within %gs; closing", self.peer, trio.current_time() - self.started)
             self.scope.cancel()
 
     async def _read(self, calls: trio.Nursery) -> None:
         conn = self.conn
         while True:
-            await self.wait_writable()
+            while not self._may_read():
+                self.kick()
+                progress = self._progress
+                await progress.wait()
             try:
                 data = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
@@ -454,6 +636,7 @@ class _Connection:
                         scope.deadline = trio.current_time() + call.timeout_ms / 1000
                     if call.window is not None and self.reading:
                         self.windows[call.id] = _Window(call.window)
+                    self.request_bytes += len(call.body)
                     calls.start_soon(self._run_call, call, scope)
                 elif isinstance(event, CreditGranted):
                     window = self.windows.get(event.id)
@@ -466,6 +649,8 @@ class _Connection:
                         scope.cancel()
                 elif isinstance(event, HelloReceived):
                     log.debug("client %r connected from %s", event.hello.client, self.peer)
+                    self.listener.handshaking.pop(self, None)
+                    self.handshake.cancel()
                 elif isinstance(event, Terminated):
                     # The stream cannot be trusted any more: read nothing else, but answer the
                     # calls already received (the goaway's last_id promises it).
@@ -483,6 +668,7 @@ class _Connection:
                     # The client will send nothing more; answer what is open if it still reads.
                     self._reader_gone()
                     return
+            self.account()
             self.kick()
             if self.closing and not conn.open_calls:
                 return
@@ -506,6 +692,10 @@ class _Connection:
             self.calls.pop(call.id, None)
             self.windows.pop(call.id, None)
             self.cancelled_by_client.discard(call.id)
+            self.request_bytes -= len(call.body)
+            self.account()
+            self._progress.set()  # the reader may wait for request bytes to be freed
+            self._progress = trio.Event()
             stats.calls += 1
             stats.errors += not ok
             stats.histogram.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
@@ -520,24 +710,20 @@ class _Connection:
         if route is None:
             conn.send_error(call.id, Status.UNIMPLEMENTED, f"unknown method {call.method!r}", field="$.method")
             return False
+        # A stream's items wait for room one by one (`_send_item`); a unary answer is reserved.
+        reservation = 0 if route.spec.streaming else self.listener.reservation(call.method)
         try:
             with scope:
                 # A cancel or deadline read before the call started stops it here, even if its
                 # handler would never suspend.
                 await trio.lowlevel.checkpoint_if_cancelled()
+                if not self._may_start(reservation):
+                    await self._wait_for_room(reservation)
+                self.reserved += reservation
                 try:
-                    request = route.decoder.decode(call.body) if route.decoder is not None else None
-                except msgspec.DecodeError as exc:
-                    message, field = api.describe_validation_error(str(exc), route.spec.request)
-                    conn.send_error(call.id, Status.INVALID_ARGUMENT, message, field=field)
-                    return False
-                ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
-                if route.spec.streaming:
-                    await route.handler(ctx, request, lambda item: self._send_item(call.id, item))
-                    conn.send_end(call.id)
-                else:
-                    conn.send_reply(call.id, await route.handler(ctx, request))
-                return True
+                    return await self._answer(call, route)
+                finally:
+                    self.reserved -= reservation
         except ServerError as exc:
             conn.send_error(call.id, exc.status, exc.message, field=exc.field)
             return False
@@ -545,12 +731,34 @@ class _Connection:
             log.exception("%s failed", call.method)
             conn.send_error(call.id, Status.INTERNAL, f"internal error in {call.method}; see the server log")
             return False
-        # Only reached when the scope swallowed a cancellation.
-        if call.id in self.cancelled_by_client:
-            conn.send_error(call.id, Status.CANCELLED, "cancelled by the client")
-        else:
-            conn.send_error(call.id, Status.DEADLINE_EXCEEDED, f"deadline of {call.timeout_ms} ms exceeded")
+        finally:
+            # Only reached without an answer when the scope swallowed a cancellation.
+            if call.id in conn.open_calls:
+                if call.id in self.cancelled_by_client:
+                    conn.send_error(call.id, Status.CANCELLED, "cancelled by the client")
+                else:
+                    conn.send_error(call.id, Status.DEADLINE_EXCEEDED, f"deadline of {call.timeout_ms} ms exceeded")
         return False
+
+    async def _answer(self, call: Call, route: _Route) -> bool:
+        """Decode the request, run the handler, queue the answer."""
+        conn = self.conn
+        try:
+            request = route.decoder.decode(call.body) if route.decoder is not None else None
+        except DECODE_ERRORS as exc:
+            message, field = api.describe_validation_error(decode_error_text(exc), route.spec.request)
+            conn.send_error(call.id, Status.INVALID_ARGUMENT, message, field=field)
+            return False
+        ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
+        if route.spec.streaming:
+            await route.handler(ctx, request, lambda item: self._send_item(call.id, item))
+            conn.send_end(call.id)
+        else:
+            result = await route.handler(ctx, request)
+            before = conn.pending_bytes
+            conn.send_reply(call.id, result)
+            self.listener.answered(call.method, conn.pending_bytes - before)
+        return True
 
     async def _send_item(self, call_id: int, item: Any) -> None:
         window = self.windows.get(call_id)
@@ -559,15 +767,17 @@ class _Connection:
                 self.kick()  # the client can only grant credit for what it received
                 await window.wait_for_credit()
             window.available -= 1
+        if not self._may_start(0):
+            await self._wait_for_room(0)
         if not self.conn.send_item(call_id, item):
             # The call ended under the handler (its answer was refused): stop producing.
             self.calls[call_id].cancel()
             await trio.lowlevel.checkpoint()
         # The writer sends what is queued when it next runs (items queued meanwhile go in the
         # same write): a stream that sends now and then (reports.watch) is not held back.
+        self.account()
         self.kick()
         if self.conn.pending_bytes >= _STREAM_FLUSH_BYTES:
-            await self.wait_writable()
             await trio.lowlevel.checkpoint()  # let the writer take what is queued
 
 

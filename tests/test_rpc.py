@@ -643,3 +643,217 @@ async def test_listening_beyond_loopback_warns_that_nothing_is_authenticated(tmp
         await nursery.start(srv.run)
         srv.request_stop()
     assert "API keys are not enforced yet" in caplog.text
+
+
+def _nested(depth: int) -> bytes:
+    """MessagePack of ``depth`` one-element arrays inside each other around a 1."""
+    return b"\x91" * depth + b"\x01"
+
+
+def _map(**items: Any) -> bytes:
+    """A MessagePack map whose values may be raw MessagePack (bytes) or plain values."""
+    out = bytearray([0x80 | len(items)])
+    for key, value in items.items():
+        out += msgspec.msgpack.encode(key) + (value if isinstance(value, bytes) else msgspec.msgpack.encode(value))
+    return bytes(out)
+
+
+def _framed(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + payload
+
+
+async def test_a_deeply_nested_frame_costs_only_its_own_connection(server, address, connect):
+    """A frame nested ~1,000 levels (1 KB) made the decoder raise RecursionError, which crashed
+    the listener: every connection dropped, and six such frames in 10 s stopped the process."""
+    bystander = await connect(address)
+    for depth in (1_000, 5_000, 100_000):
+        # in a hello: the connection is refused, with a goaway that says why
+        raw = await connect(address, hello=False)
+        await raw.send(_framed(_map(t="hello", version=PROTOCOL_VERSION, x=_nested(depth))))
+        goaway = await raw.receive()
+        assert isinstance(goaway, GoAway) and goaway.code == Status.INVALID_ARGUMENT
+        assert "nested too deeply" in goaway.message
+        assert await raw.receive() is None
+        # in an open connection's call envelope, or in a call's body (the envelope cannot be
+        # decoded either, nor its call id: the error is the connection's, id 0): the
+        # connection goes on
+        raw = await connect(address)
+        await raw.send(_framed(_map(t="call", id=1, method="server.health", x=_nested(depth))))
+        error = await raw.receive()
+        assert isinstance(error, Error) and error.code == Status.INVALID_ARGUMENT and "nested too deeply" in error.message
+        await raw.send(_framed(_map(t="call", id=2, method="profiles.upsert",
+                                    body=_map(identity="crm:1", attributes=_map(a=_nested(depth))))))
+        error = await raw.receive()
+        assert isinstance(error, Error) and error.id == 0 and error.code == Status.INVALID_ARGUMENT
+        assert "nested too deeply" in error.message
+        await raw.call(3, "server.health", {})
+        assert isinstance(await raw.receive(), Reply)
+        # the bystander's connection was never dropped
+        await bystander.call(depth, "server.health", {})
+        assert isinstance(await bystander.receive(), Reply)
+    assert server.listener.protocol_errors == 3
+    assert all(actor.restarts == 0 for actor in (await _stats(address)).actors)
+
+
+async def _stats(address: str) -> api.Stats:
+    async with open_client(address) as c:
+        return await c.call(api.GetStats())
+
+
+async def test_a_failure_inside_one_connection_closes_that_connection_only(server, address, connect, monkeypatch, caplog):
+    """Whatever goes wrong while serving a connection (here a bug injected into the protocol
+    layer) ends that connection, never the listener and the other clients."""
+    from protocols.connection import ServerConnection
+
+    receive_call = ServerConnection._receive_call
+
+    def failing(self, call):
+        if call.method == "test.fail":
+            raise ValueError("a bug in the protocol layer")
+        return receive_call(self, call)
+
+    monkeypatch.setattr(ServerConnection, "_receive_call", failing)
+    bystander = await connect(address)
+    raw = await connect(address)
+    await raw.call(1, "test.fail", {})
+    assert await raw.receive() is None  # closed
+    await bystander.call(1, "server.health", {})
+    assert isinstance(await bystander.receive(), Reply)
+    assert server.listener.connection_failures == 1 and "a bug in the protocol layer" in caplog.text
+    assert all(actor.restarts == 0 for actor in (await _stats(address)).actors)
+
+
+async def _health(address: str) -> bool:
+    """Connect, say hello, call server.health: whether it answered."""
+    try:
+        with trio.fail_after(5):
+            async with open_client(address) as c:
+                return (await c.call(api.GetHealth())).status == "serving"
+    except (ConnectionClosed, CallError, OSError, trio.TooSlowError):
+        return False
+
+
+async def test_connections_that_never_say_hello_cannot_lock_honest_clients_out(tmp_path):
+    """2,000 sockets that never said hello took all 1,024 places for the whole handshake
+    timeout: honest clients were refused (2.8% availability). Now the oldest connection still
+    waiting for its hello makes room for a new one, and they have a shorter time to say it
+    while many wait."""
+    srv = Server(make_config(tmp_path / "d", max_connections=64, handshake_timeout_s=30))
+    host, port = "127.0.0.1", 0
+    idle: list[trio.SocketStream] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        address = srv.addresses[0]
+        host, port = address.rsplit(":", 1)
+
+        async def open_idle(count: int, pause: float) -> None:
+            for _ in range(count):  # held open, never a byte sent
+                try:
+                    idle.append(await trio.open_tcp_stream(host, int(port)))
+                except OSError:
+                    pass
+                await trio.sleep(pause)
+
+        await open_idle(200, 0)  # more than max_connections
+        nursery.start_soon(open_idle, 300, 0.005)  # and more while the honest clients call
+        answered = [await _health(address) for _ in range(100)]
+        assert all(answered), f"{answered.count(False)} of 100 health checks failed"
+        assert srv.listener.evicted > 0
+        for stream in idle:
+            await stream.aclose()
+        srv.request_stop()
+
+
+async def test_connections_per_peer_are_limited_and_the_oldest_without_hello_makes_room(tmp_path, connect):
+    srv = Server(make_config(tmp_path / "d", max_connections_per_peer=3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        address = srv.addresses[0]
+        silent = await connect(address, hello=False)
+        a, b = await connect(address), await connect(address)
+        c = await connect(address)  # takes the place of the silent one, which is told why
+        goaway = await silent.receive()
+        assert isinstance(goaway, GoAway) and goaway.code == Status.RESOURCE_EXHAUSTED and "no hello" in goaway.message
+        assert await silent.receive() is None
+        refused = await connect(address, hello=False)  # all three said hello: nothing to close
+        goaway = await refused.receive()
+        assert isinstance(goaway, GoAway) and goaway.code == Status.RESOURCE_EXHAUSTED
+        assert "max_connections_per_peer" in goaway.message
+        for raw in (a, b, c):
+            await raw.call(1, "server.health", {})
+            assert isinstance(await raw.receive(), Reply)
+        srv.request_stop()
+
+
+async def test_while_many_connections_wait_for_their_hello_each_has_the_short_budget(tmp_path, connect, caplog):
+    srv = Server(make_config(tmp_path / "d", max_handshakes=4, handshake_timeout_s=30, busy_handshake_timeout_s=0.3))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        address = srv.addresses[0]
+        first = await connect(address, hello=False)  # alone: the full 30 s
+        await trio.sleep(0.5)
+        assert len(srv.listener.handshaking) == 1
+        others = [await connect(address, hello=False) for _ in range(2)]  # 3 > 4 // 2: busy
+        with trio.fail_after(5):
+            for raw in (first, *others):
+                assert await raw.receive() is None
+        assert "no hello from" in caplog.text
+        honest = await connect(address)  # says hello at once
+        await honest.call(1, "server.health", {})
+        assert isinstance(await honest.receive(), Reply)
+        srv.request_stop()
+
+
+def _pipeline_and_never_read(address: str, calls: bytes) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.sendall(_encoder.frame(Hello(version=PROTOCOL_VERSION)) + calls)
+    return sock
+
+
+def test_clients_that_pipeline_large_answers_and_never_read_hold_bounded_memory(spawn_server):
+    """10 connections each pipelining 256 profiles.get of a 255 KB profile (13 KB of requests)
+    and reading nothing grew the server by 648 MB; 200 connections x 24 calls by 1.14 GB. A
+    connection's answers now stay around 1 MiB (plus one), all connections' around
+    reply_buffer_mb (plus one answer each)."""
+    proc = spawn_server(env={"PIGEON_WRITE_TIMEOUT_S": "60", "PIGEON_REPLY_BUFFER_MB": "16"})
+
+    async def setup() -> None:
+        async with open_client(proc.address) as c:
+            await c.call(api.UpsertProfile(identity="crm:big", attributes={"blob": "x" * 255_000}))
+
+    async def stats() -> api.Stats:
+        async with open_client(proc.address) as c:
+            return await c.call(api.GetStats())
+
+    def settled_rss() -> tuple[int, int]:
+        """RSS and buffered bytes once the server has stopped answering the silent clients."""
+        last = -1
+        for _ in range(50):
+            time.sleep(0.2)
+            s = trio.run(stats)
+            if s.methods["profiles.get"].calls == last:
+                break
+            last = s.methods["profiles.get"].calls
+        return s.process.rss_bytes, s.connections.buffered_bytes
+
+    trio.run(setup)
+    call = _encoder.body(api.GetProfile(identity="crm:big"))
+    frames = lambda n: b"".join(_encoder.frame(Call(id=i + 1, method="profiles.get", body=call)) for i in range(n))
+    rss_before = trio.run(stats).process.rss_bytes
+    socks = [_pipeline_and_never_read(proc.address, frames(256)) for _ in range(10)]
+    rss, buffered = settled_rss()
+    # 10 connections x (1 MiB + one 255 KB answer) is ~13 MB
+    assert buffered < 16 * 2**20 and rss - rss_before < 60 * 2**20, (buffered, rss - rss_before)
+    for sock in socks:
+        sock.close()
+
+    rss_before = trio.run(stats).process.rss_bytes
+    socks = [_pipeline_and_never_read(proc.address, frames(24)) for _ in range(100)]
+    rss, buffered = settled_rss()
+    # 16 MiB in all, plus one answer for each connection: ~42 MB
+    assert buffered < 48 * 2**20 and rss - rss_before < 100 * 2**20, (buffered, rss - rss_before)
+    assert trio.run(stats).connections.open == 101
+    for sock in socks:
+        sock.close()
