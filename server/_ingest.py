@@ -23,7 +23,7 @@ from protocols import api
 from ._actor import Actor, Future
 from ._errors import InvalidArgument, ServerError
 from ._keys import MAX_KEY_BYTES
-from ._records import to_us
+from ._records import MAX_VALUE_DEPTH, check_depth, to_us
 from ._reporting import ReportEvent, counted
 from ._store import InEvent, ProfileStore, WriteOp, ingest_events
 
@@ -59,16 +59,29 @@ _loose_decoder = msgspec.msgpack.Decoder(_LooseBatch)
 _event_decoder = msgspec.msgpack.Decoder(_InEvent)
 
 
+#: Event data is checked as attributes are: decoded as they are (which checks timestamps),
+#: then `check_depth`. The encoded map is what is stored.
+_data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 _data_keys = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
 
 
-def _has_string_keys(raw: msgspec.Raw) -> bool:
-    """Whether the map's keys are strings (its values stay encoded: only keys are read)."""
+def _data_problem(raw: msgspec.Raw, field: str) -> tuple[str, str] | None:
+    """What makes an event's encoded ``data`` unfit to store, as ``(message, field)``."""
     try:
-        _data_keys.decode(raw)
-    except msgspec.DecodeError:
-        return False
-    return True
+        check_depth(_data_decoder.decode(raw), field, "data")
+    except msgspec.DecodeError as exc:
+        try:
+            _data_keys.decode(raw)
+        except msgspec.DecodeError:
+            return f"{field}: data's keys must be strings", field
+        message, path = api.describe_validation_error(str(exc))
+        full = field + path[1:]
+        return full + message[len(path) :], full
+    except InvalidArgument as exc:
+        return f"{exc.field}: {exc.message}", exc.field or field
+    except RecursionError:
+        return f"{field}: data nest deeper than {MAX_VALUE_DEPTH} levels", field
+    return None
 
 
 def _is_map(raw: msgspec.Raw) -> bool:
@@ -86,6 +99,30 @@ def _rejection(index: int, exc: msgspec.DecodeError) -> api.Rejection:
     return api.Rejection(index=index, code="INVALID_ARGUMENT", message=full + message[len(field) :], field=full)
 
 
+def _decode_events(body: bytes | msgspec.Raw) -> tuple[list[_InEvent | None], list[api.Rejection]]:
+    """The batch's events (None for each one that does not decode) and the rejections of those."""
+    try:
+        return _batch_decoder.decode(body).events, []
+    except msgspec.ValidationError:
+        pass
+    except msgspec.DecodeError as exc:
+        raise InvalidArgument(f"not an event batch: {exc}") from None
+    try:
+        raws = _loose_decoder.decode(body).events
+    except msgspec.DecodeError as exc:
+        message, field = api.describe_validation_error(str(exc))
+        raise InvalidArgument(f"not an event batch: {message}", field=field) from None
+    events: list[_InEvent | None] = []
+    rejected = []
+    for index, raw in enumerate(raws):
+        try:
+            events.append(_event_decoder.decode(raw))
+        except msgspec.DecodeError as exc:
+            events.append(None)
+            rejected.append(_rejection(index, exc))
+    return events, rejected
+
+
 def decode_batch(
     body: bytes | msgspec.Raw, *, now_us: int, retention_us: int
 ) -> tuple[list[InEvent], list[api.Rejection]]:
@@ -95,25 +132,14 @@ def decode_batch(
     per bad event, by index. Raises `InvalidArgument` only when the body as a whole is not a
     batch (not a map with an ``events`` list).
     """
-    rejected: list[api.Rejection] = []
     try:
-        events: list[Any] = _batch_decoder.decode(body).events
-    except msgspec.ValidationError:
-        try:
-            raws = _loose_decoder.decode(body).events
-        except msgspec.DecodeError as exc:
-            message, field = api.describe_validation_error(str(exc))
-            raise InvalidArgument(f"not an event batch: {message}", field=field) from None
-        events = []
-        for index, raw in enumerate(raws):
-            try:
-                events.append(_event_decoder.decode(raw))
-            except msgspec.DecodeError as exc:
-                events.append(None)
-                rejected.append(_rejection(index, exc))
-    except msgspec.DecodeError as exc:
-        raise InvalidArgument(f"not an event batch: {exc}") from None
-
+        events, rejected = _decode_events(body)
+    except RecursionError:
+        # Too deep for msgspec even to skip over: no event of it can be told apart.
+        raise InvalidArgument(
+            f"not an event batch: it nests far deeper than the {MAX_VALUE_DEPTH} levels event data may",
+            field="$.events",
+        ) from None
     accepted: list[InEvent] = []
     oldest = max(0, now_us - retention_us)  # no event is older than 1970
     newest = now_us + MAX_FUTURE_SKEW_US
@@ -133,8 +159,6 @@ def decode_batch(
         if problem is None:
             if not _is_map(event.data):
                 problem = ("INVALID_ARGUMENT", "data must be a map", "data")
-            elif not _has_string_keys(event.data):
-                problem = ("INVALID_ARGUMENT", "data's keys must be strings", "data")
             elif (size := memoryview(event.data).nbytes) > MAX_EVENT_DATA_BYTES:
                 problem = (
                     "INVALID_ARGUMENT",
@@ -147,6 +171,10 @@ def decode_batch(
             code, message, name = problem
             field = f"$.events[{index}].{name}"
             rejected.append(api.Rejection(index=index, code=code, message=f"{field}: {message}", field=field))
+            continue
+        if bad := _data_problem(event.data, f"$.events[{index}].data"):
+            message, field = bad
+            rejected.append(api.Rejection(index=index, code="INVALID_ARGUMENT", message=message, field=field))
             continue
         accepted.append((event.identity, event.type, ts, event.data))
     rejected.sort(key=lambda r: r.index)

@@ -17,11 +17,13 @@ import msgspec
 
 from protocols import api
 
-from ._errors import SchemaError
+from ._errors import InvalidArgument, SchemaError
 from .channels import AppRecord
 
 __all__ = [
     "SCHEMA_VERSION",
+    "MAX_VALUE_DEPTH",
+    "check_depth",
     "RegistrationRecord",
     "ConsentRecord",
     "ProfileRecord",
@@ -40,6 +42,35 @@ __all__ = [
 #: Layout of keys and databases (see `_keys`); recorded in ``meta`` when the store is created.
 SCHEMA_VERSION = 1
 _V1 = b"\x01"
+
+
+#: Attributes and event data: the map itself and at most this many further levels of maps
+#: and arrays.
+MAX_VALUE_DEPTH = 32
+
+
+def check_depth(value: dict[str, Any], field: str, what: str) -> None:
+    """Refuse attributes or event data that nest deeper than `MAX_VALUE_DEPTH`.
+
+    This and decoding them as ``dict[str, Any]`` (string keys at the top, valid timestamps,
+    hashable keys below) are the rules both obey (section 4.2 of PROTOCOL.md), so that what
+    is stored can be read back. Raises `InvalidArgument` naming the first container too deep
+    (``field`` is the map's own path, ``$.attributes``; ``what`` names it in the message).
+    """
+    _check_depth(value, field, what, 0)
+
+
+def _check_depth(value: Any, field: str, what: str, depth: int) -> None:
+    if depth > MAX_VALUE_DEPTH:
+        raise InvalidArgument(f"{what} nest deeper than {MAX_VALUE_DEPTH} levels", field=field)
+    if type(value) is dict:
+        for key, item in value.items():
+            if type(item) is dict or type(item) is list:
+                _check_depth(item, f"{field}.{key}", what, depth + 1)
+    else:
+        for index, item in enumerate(value):
+            if type(item) is dict or type(item) is list:
+                _check_depth(item, f"{field}[{index}]", what, depth + 1)
 
 
 class RegistrationRecord(msgspec.Struct, array_like=True):

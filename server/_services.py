@@ -22,7 +22,7 @@ from . import _store as store_ops
 from . import templates
 from ._errors import ActorError, FailedPrecondition, InvalidArgument, NotFound
 from .channels import AppRecord, DeliveryJob
-from ._records import from_us, profile_to_api, to_us
+from ._records import MAX_VALUE_DEPTH, check_depth, from_us, profile_to_api, to_us
 from ._rpc import CallContext, Router
 
 if TYPE_CHECKING:
@@ -32,22 +32,9 @@ __all__ = ["build_router", "MAX_ATTRIBUTE_DEPTH"]
 
 log = logging.getLogger("pigeon")
 
-MAX_ATTRIBUTE_DEPTH = 32
+MAX_ATTRIBUTE_DEPTH = MAX_VALUE_DEPTH
 _END_OF_TIME_US = 2**63 - 1
 _PAGE = 256
-
-
-def _check_depth(value: Any, field: str, depth: int = 0) -> None:
-    if depth > MAX_ATTRIBUTE_DEPTH:
-        raise InvalidArgument(f"attributes nest deeper than {MAX_ATTRIBUTE_DEPTH} levels", field=field)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if isinstance(item, (dict, list)):
-                _check_depth(item, f"{field}.{key}", depth + 1)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            if isinstance(item, (dict, list)):
-                _check_depth(item, f"{field}[{index}]", depth + 1)
 
 
 def _check_apns_token(platform: str, token: str) -> str:
@@ -144,11 +131,11 @@ def build_router(server: Server) -> Router:
         return profile_to_api(store.get_profile(req.identity))
 
     async def upsert_profile(ctx: CallContext, req: api.UpsertProfile) -> api.Profile:
-        _check_depth(req.attributes, "$.attributes")
+        check_depth(req.attributes, "$.attributes", "attributes")
         return profile_to_api(await store.write(store_ops.upsert_profile, req.identity, req.attributes))
 
     async def patch_profile(ctx: CallContext, req: api.PatchProfile) -> api.Profile:
-        _check_depth(req.patch, "$.patch")
+        check_depth(req.patch, "$.patch", "attributes")
         return profile_to_api(await store.write(store_ops.patch_profile, req.identity, req.patch, req.create))
 
     async def delete_profile(ctx: CallContext, req: api.DeleteProfile) -> api.ProfileDeleted:

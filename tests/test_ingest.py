@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import msgspec
 import pytest
 import trio
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 
 from protocols import api
+from protocols.trio_client import open_client
+from protocols.errors import CallError, Status
 from server import InvalidArgument
 from server._ingest import MAX_EVENT_DATA_BYTES, decode_batch
 
@@ -119,3 +124,156 @@ def test_a_retention_reaching_before_1970_accepts_no_pre_1970_event():
     old = {"identity": "crm:1", "type": "t", "ts": datetime(1969, 12, 31, tzinfo=UTC)}
     accepted, rejected = decode_batch(_body([old]), now_us=NOW, retention_us=100_000 * DAY)
     assert accepted == [] and rejected[0].code == "OUT_OF_RANGE"
+
+
+# -- event data obeys the rules of attributes -----------------------------------------------------
+
+_BAD_TIMESTAMP = msgspec.msgpack.Ext(-1, b"\xff" * 12)  # 12-byte form, nanoseconds over 10**9
+
+
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth):
+        value = {"n": value}
+    return value
+
+
+#: (value under the key "x", the path of the offending part below it) for values no profile
+#: and no event may hold.
+UNSTORABLE = [
+    (_BAD_TIMESTAMP, "[...]"),  # msgspec names a value of a free-form map so
+    (msgspec.msgpack.Ext(-1, b"\x00" * 5), "[...]"),  # a timestamp is 4, 8 or 12 bytes
+    ({"a": [1, {"b": _BAD_TIMESTAMP}]}, "[...][...][1][...]"),
+    (_nested(32), ".x" + ".n" * 32),  # its innermost map is 33 levels below the top one
+    ([[[_nested(30)]]], ".x[0][0][0]" + ".n" * 29),
+]
+#: Values both take, and give back as they were (PROTOCOL.md, section 4.2).
+STORABLE = [
+    datetime(2027, 1, 15, 8, 30, 1, 500, tzinfo=UTC),
+    b"\x00\xffbinary",
+    {1: "keys of any type below the top", (1, 2): "an array", None: [None, True, 1.5, -(2**63), 2**64 - 1]},
+    msgspec.msgpack.Ext(5, b"other extension types are kept"),
+    _nested(31),
+    "é" * 100,
+]
+
+
+@pytest.mark.parametrize("value, path", UNSTORABLE)
+async def test_event_data_that_attributes_refuse_is_rejected_by_index_and_field(client, value, path):
+    with pytest.raises(CallError) as refused:
+        await client.call(api.UpsertProfile(identity="crm:1", attributes={"x": value}))
+    assert refused.value.status is Status.INVALID_ARGUMENT
+    good = api.Event(identity="crm:1", type="ok", data={"x": 1})
+    result = await client.call(
+        api.IngestEvents(events=[good, api.Event(identity="crm:1", type="bad", data={"x": value}), good])
+    )
+    assert result.accepted == 2 and [r.index for r in result.rejected] == [1]
+    rejection = result.rejected[0]
+    field = "$.events[1].data" + path
+    assert rejection.field == field and rejection.message.startswith(field + ": ")
+    assert rejection.message.endswith(refused.value.message.split(": ", 1)[-1].removeprefix("attributes "))
+    # what was stored is what can be read back
+    async with client.stream(api.ListEvents(identity="crm:1")) as events:
+        assert [e.data async for e in events] == [{"x": 1}, {"x": 1}]
+
+
+@pytest.mark.parametrize("value", STORABLE, ids=lambda v: type(v).__name__)
+async def test_event_data_that_attributes_take_is_stored_and_read_back(client, value):
+    profile = await client.call(api.UpsertProfile(identity="crm:1", attributes={"x": value}))
+    assert profile.attributes == {"x": value}
+    result = await client.call(api.IngestEvents(events=[api.Event(identity="crm:1", type="ok", data={"x": value})]))
+    assert result.accepted == 1 and result.rejected == []
+    async with client.stream(api.ListEvents(identity="crm:1")) as events:
+        assert [e.data async for e in events] == [{"x": value}]
+
+
+def test_a_batch_too_deep_for_the_decoder_is_refused_as_a_whole():
+    deep = b"\x91" * 100_000 + b"\xc0"  # msgspec cannot even skip over it
+    body = b"\x81\xa6events\x91\x83\xa8identity\xa5crm:1\xa4type\xa1t\xa4data\x81\xa1x" + deep
+    with pytest.raises(InvalidArgument, match="deeper than the 32 levels") as refused:
+        decode_batch(body, now_us=NOW, retention_us=DAY)
+    assert refused.value.field == "$.events"
+    # also when an earlier event sends decoding down the slower path, event by event
+    body = b"\x81\xa6events\x92\x81\xa4type\x05\x83\xa8identity\xa5crm:1\xa4type\xa1t\xa4data\x81\xa1x" + deep
+    with pytest.raises(InvalidArgument, match="deeper than the 32 levels"):
+        decode_batch(body, now_us=NOW, retention_us=DAY)
+
+
+# -- fuzzed event data, through a real server -----------------------------------------------------
+
+_keys = st.one_of(
+    st.text(max_size=6), st.integers(-3, 3), st.booleans(), st.none(), st.binary(max_size=2),
+    st.tuples(st.integers(0, 2)), st.floats(allow_nan=False, width=32),
+)
+_extensions = st.one_of(
+    st.builds(msgspec.msgpack.Ext, st.just(-1), st.binary(min_size=4, max_size=4) | st.binary(min_size=8, max_size=8)
+              | st.binary(min_size=12, max_size=12) | st.binary(max_size=13)),
+    st.builds(msgspec.msgpack.Ext, st.integers(-128, 127), st.binary(max_size=8)),
+)
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=False),
+    st.text(max_size=20), st.binary(max_size=20),
+    st.datetimes(timezones=st.just(UTC)), _extensions,
+    st.integers(0, 70_000).map("x".__mul__),  # sizes around the 64 KiB limit of data
+)
+
+
+def _nest(value, path: list[bool]):
+    for as_map in path:
+        value = {"k": value} if as_map else [value]
+    return value
+
+
+def _mostly(usual, *rare):
+    """``usual`` seven times in ten, else one of ``rare``."""
+    return st.sampled_from([usual] * 7 + [*rare] * (3 // len(rare))).flatmap(lambda strategy: strategy)
+
+
+_values = _mostly(
+    st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=3), max_leaves=12),
+    st.builds(_nest, _scalars, st.lists(st.booleans(), min_size=28, max_size=40)),  # around the depth limit
+    st.builds(_nest, _scalars, st.lists(st.booleans(), min_size=100, max_size=300)),
+)
+_data = _mostly(  # mostly maps with string keys, as data should be
+    st.dictionaries(st.text(max_size=6), _values, max_size=4), st.dictionaries(_keys, _values, max_size=3), _values
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_data)
+def test_fuzzed_event_data_is_refused_as_attributes_are_and_read_back_as_sent(server_process, data):
+    """Whatever the data, an event and a profile's attributes get the same verdict; a refusal
+    names the event and a field inside its data; what is accepted is listed back as sent."""
+    encoded = msgspec.msgpack.encode(data)
+    try:
+        sent = msgspec.msgpack.decode(encoded)  # what a client reads back if it is stored
+    except (msgspec.DecodeError, RecursionError):
+        sent = None  # not even readable: must be refused
+
+    async def check() -> None:
+        identity = f"crm:{next(_fuzz_ids)}"
+        async with open_client(server_process.address) as client:
+            result = await client.call(api.IngestEvents(events=[api.Event(identity=identity, type="t", data=data)]))
+            event("accepted" if result.accepted else result.rejected[0].message.split(": ", 1)[1][:30])
+            try:
+                profile = await client.call(api.UpsertProfile(identity="crm:profile", attributes=data))
+                as_attributes = profile.attributes
+            except CallError as exc:
+                assert exc.status is Status.INVALID_ARGUMENT, exc
+                as_attributes = None
+            if result.accepted:
+                assert sent is not None and len(encoded) <= MAX_EVENT_DATA_BYTES
+                async with client.stream(api.ListEvents(identity=identity)) as events:
+                    assert [e.data async for e in events] == [sent]
+                assert as_attributes == sent
+            else:
+                (rejection,) = result.rejected
+                assert rejection.code == "INVALID_ARGUMENT" and rejection.field.startswith("$.events[0].data")
+                assert rejection.message.startswith(rejection.field + ": ")
+                if len(encoded) <= MAX_EVENT_DATA_BYTES:
+                    assert as_attributes is None, rejection
+
+    trio.run(check)
+
+
+_fuzz_ids = itertools.count()
