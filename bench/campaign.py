@@ -163,7 +163,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                                                   "faults": faults}) as fcm:
         env = {
             "PIGEON_APNS__SANDBOX__ADDRESS": apns.address, "PIGEON_APNS__SANDBOX__CA_FILE": str(apns.ca_file),
-            "PIGEON_FCM__URL": fcm.url, "PIGEON_FCM__CA_FILE": str(fcm.ca_file),
+            "PIGEON_FCM__URL": fcm.url, "PIGEON_FCM__TOKEN_URI": fcm.token_uri, "PIGEON_FCM__CA_FILE": str(fcm.ca_file),
             "PIGEON_STORE__SYNC": "true" if args.sync else "false",
         }
         with ServerUnderTest(env=env, address=args.address) as server:

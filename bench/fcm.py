@@ -91,10 +91,11 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
     from server._config import FcmSettings
     from server.channels import AppRecord, DeliveryJob
 
-    settings = FcmSettings(url=job["url"], ca_file=job["ca_file"], token_uri=None, max_connections=4,
+    settings = FcmSettings(url=job["url"], ca_file=job["ca_file"], token_uri=job["token_uri"], max_connections=4,
                            streams_per_connection=100, max_queue=10_000, rate_per_minute=RATE_PER_MINUTE,
                            retry_min_s=10.0)
-    app = AppRecord(app=APP, android=check_android(api.RegisterAndroidApp(app=APP, service_account=job["service_account"])))
+    request = api.RegisterAndroidApp(app=APP, service_account=job["service_account"])
+    app = AppRecord(app=APP, android=check_android(request, token_uri_setting=job["token_uri"]))
     tokens = job["tokens"]
 
     def jobs(start: int, n: int) -> list[DeliveryJob]:
@@ -341,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-fcm-") as state, \
             MockFcmProcess(state, config=config, workers=args.mock_workers) as mock:
         mock.admin.set_faults(record_accepted=False, accept_any_token=True)
-        base = {"url": mock.url, "ca_file": str(mock.ca_file), "service_account": account.info(mock.token_uri), "tokens": tokens}
+        base = {"url": mock.url, "token_uri": mock.token_uri, "ca_file": str(mock.ca_file),
+                "service_account": account.info(mock.token_uri), "tokens": tokens}
         for round_number in range(1, args.rounds + 1):
             for name in senders:
                 job = {**base, "count": admin_count if name in ADMIN_SENDERS else args.count}

@@ -79,7 +79,9 @@ class FcmSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     url: Annotated[str, msgspec.Meta(pattern=r"^https://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?\Z")] = (
         "https://fcm.googleapis.com"
     )
-    #: Exchange OAuth2 assertions here instead of at the service account's ``token_uri``.
+    #: Exchange OAuth2 assertions here instead of at Google's endpoint. A service account
+    #: whose ``token_uri`` is neither Google's nor this one is refused when it is registered
+    #: (the server would POST signed assertions to an address a client chose).
     token_uri: Annotated[str, msgspec.Meta(pattern=r"^https?://\S+\Z")] | None = None
     #: Trust this CA file instead of the system's, for FCM and the token endpoint (the mock writes one).
     ca_file: str | None = None

@@ -63,7 +63,7 @@ async def run_demo(data: str | None, profiles: int, out: Any = print) -> int:
         config = load_config(env={}, overrides={
             "data": str(folder / "data"), "listen": ["127.0.0.1:0"],
             "apns": {"sandbox": endpoint, "production": endpoint},
-            "fcm": {"url": fcm.url, "ca_file": str(fcm.ca_file)},
+            "fcm": {"url": fcm.url, "ca_file": str(fcm.ca_file), "token_uri": fcm.token_uri},
         })
         server = Server(config)
         async with trio.open_nursery() as nursery:

@@ -52,7 +52,7 @@ async def serve(tmp_path: Path, mocks: Any, plugins: Plugins | None = None) -> A
     fcm.admin.set_project("acme-push", service_accounts=[ACCOUNT.spec()])
     endpoint = {"address": apns.address, "ca_file": str(apns.ca_file)}
     config = make_config(tmp_path / "data", apns={"sandbox": endpoint, "production": endpoint},
-                         fcm={"url": fcm.url, "ca_file": str(fcm.ca_file), "retry_min_s": 0.05})
+                         fcm={"url": fcm.url, "token_uri": fcm.token_uri, "ca_file": str(fcm.ca_file), "retry_min_s": 0.05})
     srv = Server(config, plugins=plugins)
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)

@@ -231,7 +231,7 @@ def test_an_android_app_and_one_push_to_every_device_of_a_profile(spawn_server, 
     with MockApnsProcess(tmp_path / "apns", config=apns_config) as apns, MockFcmProcess(tmp_path / "fcm", config=fcm_config) as fcm:
         proc = spawn_server(env={
             "PIGEON_APNS__SANDBOX__ADDRESS": apns.address, "PIGEON_APNS__SANDBOX__CA_FILE": str(apns.ca_file),
-            "PIGEON_FCM__URL": fcm.url, "PIGEON_FCM__CA_FILE": str(fcm.ca_file),
+            "PIGEON_FCM__URL": fcm.url, "PIGEON_FCM__TOKEN_URI": fcm.token_uri, "PIGEON_FCM__CA_FILE": str(fcm.ca_file),
         })
         addr = proc.address
         p8 = tmp_path / "key.p8"

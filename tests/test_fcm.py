@@ -66,14 +66,16 @@ async def call_admin(mock: MockFcmProcess, name: str, *args: Any, **kwargs: Any)
 
 
 def record(mock: MockFcmProcess, account: ServiceAccount = ACCOUNT) -> AndroidRecord:
-    return check_android(api.RegisterAndroidApp(app=APP, service_account=account.info(mock.token_uri)))
+    request = api.RegisterAndroidApp(app=APP, service_account=account.info(mock.token_uri))
+    return check_android(request, token_uri_setting=mock.token_uri)
 
 
 @asynccontextmanager
 async def running_sender(mock: MockFcmProcess, account: ServiceAccount = ACCOUNT, **kwargs: Any) -> AsyncIterator[FcmSender]:
     kwargs.setdefault("backoff_min", 0.05)
     async with httpx.AsyncClient(verify=ssl_context(str(mock.ca_file))) as http:
-        sender = FcmSender(record(mock, account), host=mock.host, port=mock.port, http=http, ca_file=str(mock.ca_file), **kwargs)
+        sender = FcmSender(record(mock, account), host=mock.host, port=mock.port, http=http, token_uri=mock.token_uri,
+                           ca_file=str(mock.ca_file), **kwargs)
         async with trio.open_nursery() as nursery:
             await nursery.start(sender.run)
             yield sender
@@ -287,7 +289,8 @@ async def test_the_rate_limit_spreads_messages(mock):
 
 @pytest.fixture
 async def fcm_server(tmp_path: Path, mock: MockFcmProcess) -> AsyncIterator[Server]:
-    settings = {"url": mock.url, "ca_file": str(mock.ca_file), "retry_min_s": 0.05}
+    # The mock's token endpoint is not Google's: only the fcm.token_uri setting lets accounts name it.
+    settings = {"url": mock.url, "token_uri": mock.token_uri, "ca_file": str(mock.ca_file), "retry_min_s": 0.05}
     srv = Server(make_config(tmp_path / "data", fcm=settings))
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
@@ -302,7 +305,7 @@ async def client(fcm_server: Server) -> AsyncIterator[Client]:
 
 
 async def register(client: Client, account: ServiceAccount = ACCOUNT, mock: MockFcmProcess | None = None) -> api.AppInfo:
-    info = account.info(mock.token_uri if mock else "https://127.0.0.1:9/token")
+    info = account.info(mock.token_uri) if mock else account.info()  # Google's token endpoint
     return await client.call(api.RegisterAndroidApp(app=APP, service_account=info))
 
 
@@ -376,3 +379,44 @@ async def test_re_registering_with_another_service_account_switches_senders(clie
     await register(client, ACCOUNT, mock=mock)  # the right key: sends at once, no refusal period
     sent = await client.call(api.SendPush(app=APP, token=token, platform="fcm", content=api.PushContent(title="x")))
     assert sent.outcomes[0].status == "sent"
+
+
+@pytest.mark.parametrize("setting", [False, True], ids=["default", "token_uri set"])
+async def test_a_service_account_cannot_make_the_server_post_where_it_likes(tmp_path, mock, setting):
+    """The key file names the token endpoint, and the server POSTs signed assertions there:
+    only Google's (or the fcm.token_uri setting's) may be named."""
+    requests: list[bytes] = []
+
+    async def listener(stream: trio.SocketStream) -> None:
+        requests.append(await stream.receive_some(65536))
+        await stream.aclose()
+
+    fcm = {"url": mock.url, "ca_file": str(mock.ca_file), "retry_min_s": 0.05}
+    if setting:
+        fcm["token_uri"] = mock.token_uri
+    srv = Server(make_config(tmp_path / "data", fcm=fcm))
+    async with trio.open_nursery() as nursery:
+        [internal] = await nursery.start(functools.partial(trio.serve_tcp, listener, 0, host="127.0.0.1"))
+        target = f"http://127.0.0.1:{internal.socket.getsockname()[1]}/internal-admin?action=delete"
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0]) as client:
+            token = new_token()
+            await call_admin(mock, "set_tokens", PROJECT, {token: {}})
+            try:
+                await client.call(api.RegisterAndroidApp(app=APP, service_account=ACCOUNT.info(target)))
+                refusal = None
+            except CallError as exc:
+                refusal = exc
+            try:  # what used to make the server call the target
+                await client.call(api.SendPush(app=APP, token=token, platform="fcm", content=api.PushContent(title="x")))
+            except CallError:
+                pass
+            assert requests == []
+            assert refusal is not None and refusal.status is Status.INVALID_ARGUMENT
+            assert refusal.field == "$.service_account.token_uri"
+            assert "not Google's token endpoint" in refusal.message and "fcm.token_uri" in refusal.message
+            # Google's own endpoint is always accepted (its key files name it)
+            info = await client.call(api.RegisterAndroidApp(app=APP, service_account=ACCOUNT.info()))
+            assert info.android is not None
+        srv.request_stop()
+        nursery.cancel_scope.cancel()

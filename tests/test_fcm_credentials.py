@@ -30,7 +30,7 @@ def account(**changes: Any) -> dict[str, Any]:
         "private_key": RSA_PEM,
         "client_email": "pigeon@acme-push.iam.gserviceaccount.com",
         "client_id": "1234567890",
-        "token_uri": "https://oauth2.example.test/token",
+        "token_uri": GOOGLE_TOKEN_URI,
     }
     doc.update(changes)
     return {k: v for k, v in doc.items() if v is not None}
@@ -45,7 +45,7 @@ def test_a_service_account_is_checked_and_stored_without_echoing_the_key() -> No
     assert (record.package_name, record.project_id, record.client_email) == (
         "com.acme.app", "acme-push", "pigeon@acme-push.iam.gserviceaccount.com",
     )
-    assert record.token_uri == "https://oauth2.example.test/token"
+    assert record.token_uri == GOOGLE_TOKEN_URI
     assert record.private_key_pem.startswith("-----BEGIN PRIVATE KEY-----")
     info = record.info()
     assert "private_key_pem" not in info.__struct_fields__
@@ -90,6 +90,39 @@ def test_a_bad_service_account_names_the_field_and_never_the_key(changes, field,
     assert message in str(caught.value)
     text = str(caught.value)
     assert "AAAA" not in text and RSA_PEM.splitlines()[1] not in text and EC_PEM.splitlines()[1] not in text
+
+
+def test_a_token_endpoint_other_than_googles_is_refused_unless_the_setting_names_it() -> None:
+    """The server POSTs signed assertions to the token URI: a client's key file must not choose it."""
+    for uri in ("http://127.0.0.1:8080/internal-admin?action=delete", "https://oauth2.example.test/token",
+                "https://oauth2.googleapis.com.example.test/token"):
+        with pytest.raises(InvalidArgument) as caught:
+            check_android(register(token_uri=uri))
+        assert caught.value.field == "$.service_account.token_uri"
+        assert "not Google's token endpoint" in caught.value.message and "fcm.token_uri" in caught.value.message
+        with pytest.raises(InvalidArgument):
+            check_android(register(token_uri=uri), token_uri_setting="https://127.0.0.1:9/token")
+        assert check_android(register(token_uri=uri), token_uri_setting=uri).token_uri == uri
+    # Google's endpoints, today's and the one older key files name, with or without the setting
+    for uri in (GOOGLE_TOKEN_URI, "https://accounts.google.com/o/oauth2/token"):
+        assert check_android(register(token_uri=uri)).token_uri == uri
+        assert check_android(register(token_uri=uri), token_uri_setting="https://127.0.0.1:9/token").token_uri == uri
+
+
+def test_a_stored_account_is_sent_to_no_token_endpoint_but_googles_or_the_settings() -> None:
+    """Credentials stored before registration checked the endpoint are checked again before use."""
+    record = check_android(register())
+    record.token_uri = "http://127.0.0.1:8080/internal-admin"
+    with pytest.raises(CredentialsError, match="neither Google's nor the fcm.token_uri setting") as caught:
+        AccessToken(record, http=None)  # type: ignore[arg-type]
+    assert caught.value.reason == "InvalidCredentials"
+    with pytest.raises(CredentialsError):
+        AccessToken(record, http=None, token_uri="https://127.0.0.1:9/token")  # type: ignore[arg-type]
+    assert AccessToken(record, http=None, token_uri=record.token_uri).token_uri == record.token_uri  # type: ignore[arg-type]
+    record.token_uri = GOOGLE_TOKEN_URI
+    assert AccessToken(record, http=None).token_uri == GOOGLE_TOKEN_URI  # type: ignore[arg-type]
+    # with the setting, a Google account's assertions go where the setting says
+    assert AccessToken(record, http=None, token_uri="https://127.0.0.1:9/token").token_uri == "https://127.0.0.1:9/token"  # type: ignore[arg-type]
 
 
 def test_stored_credentials_are_checked_again_before_use() -> None:

@@ -60,7 +60,7 @@ def _successes(mock: MockFcmProcess) -> int:
 async def test_a_send_killed_midway_resumes_after_the_restart_with_bounded_duplicates(tmp_path):
     with MockFcmProcess(tmp_path / "fcm", config={"projects": {"acme-push": {"service_accounts": [ACCOUNT.spec()]}}}) as mock:
         mock.admin.set_faults(accept_any_token=True, latency_ms=40)
-        env = {"PIGEON_FCM__URL": mock.url, "PIGEON_FCM__CA_FILE": str(mock.ca_file)}
+        env = {"PIGEON_FCM__URL": mock.url, "PIGEON_FCM__TOKEN_URI": mock.token_uri, "PIGEON_FCM__CA_FILE": str(mock.ca_file)}
         server = ServerProcess(tmp_path / "data", env=env)
         server.start()
         try:

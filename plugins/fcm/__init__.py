@@ -72,7 +72,7 @@ class FcmChannel(Channel):
 
     def check_app(self, request: api.RegisterAndroidApp) -> AndroidRecord:
         """Check Android credentials when an app is registered (raises `InvalidArgument`)."""
-        return check_android(request)
+        return check_android(request, token_uri_setting=self.settings.token_uri)
 
     async def send(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
         results: list[DeliveryResult | None] = [None] * len(jobs)

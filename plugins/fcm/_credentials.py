@@ -2,10 +2,13 @@
 OAuth2 access token its sends carry.
 
 The service account is the JSON key file Firebase's console downloads. It must name the
-project, the client e-mail, the private key id and an RSA private key (PKCS#8 PEM); the
-token URI defaults to Google's. `AccessToken` signs a JWT assertion with the key (RS256,
-``kid`` = private key id, ``iss`` = client e-mail, ``scope`` = firebase.messaging,
-``aud`` = token URI, one hour) and exchanges it for an access token (RFC 7523) with httpx.
+project, the client e-mail, the private key id and an RSA private key (PKCS#8 PEM). Its token
+URI, where assertions are exchanged, must be Google's (the default) or the one the server's
+``fcm.token_uri`` setting names: the key file comes from a client, and the server POSTs signed
+assertions to that address, so any other one would make the server call a URL of the client's
+choosing. `AccessToken` signs a JWT assertion with the key (RS256, ``kid`` = private key id,
+``iss`` = client e-mail, ``scope`` = firebase.messaging, ``aud`` = token URI, one hour) and
+exchanges it for an access token (RFC 7523) with httpx.
 
 Error messages name the field and what is wrong; they never quote the key.
 """
@@ -29,11 +32,13 @@ from protocols import api
 from server import InvalidArgument
 from server.channels import AndroidRecord, CredentialsError
 
-__all__ = ["check_android", "recheck_android", "AccessToken", "GOOGLE_TOKEN_URI", "SCOPE", "ssl_context"]
+__all__ = ["check_android", "recheck_android", "token_endpoint", "AccessToken", "GOOGLE_TOKEN_URI", "SCOPE", "ssl_context"]
 
 log = logging.getLogger("pigeon.fcm")
 
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
+#: Google's token endpoints: today's, and the one older key files name (google-auth takes both).
+_GOOGLE_TOKEN_URIS = frozenset({GOOGLE_TOKEN_URI, "https://accounts.google.com/o/oauth2/token"})
 SCOPE = "https://www.googleapis.com/auth/firebase.messaging"
 _GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 _PROJECT = re.compile(r"^[a-z0-9][a-z0-9-]{2,62}\Z|^[0-9]{1,20}\Z")
@@ -70,8 +75,24 @@ def _load_key(text: str, name: str = "private_key") -> rsa.RSAPrivateKey:
     return key
 
 
-def check_android(request: api.RegisterAndroidApp, *, now: datetime | None = None) -> AndroidRecord:
+def token_endpoint(account_uri: str, setting: str | None) -> str | None:
+    """Where to exchange the assertions of a service account whose key file names
+    ``account_uri``: the ``fcm.token_uri`` setting when there is one, else the account's own
+    if it is Google's. None when the account names another endpoint that the setting does
+    not: only the server's configuration may send assertions elsewhere."""
+    if setting is not None:
+        return setting if account_uri in _GOOGLE_TOKEN_URIS or account_uri == setting else None
+    return account_uri if account_uri in _GOOGLE_TOKEN_URIS else None
+
+
+def check_android(
+    request: api.RegisterAndroidApp, *, token_uri_setting: str | None = None, now: datetime | None = None
+) -> AndroidRecord:
     """Check the service account of ``request`` and return the record to store.
+
+    Args:
+        token_uri_setting: the ``fcm.token_uri`` setting: the only token endpoint besides
+            Google's that a service account may name.
 
     Raises:
         InvalidArgument: naming the field and the problem (never the key itself).
@@ -94,6 +115,12 @@ def check_android(request: api.RegisterAndroidApp, *, now: datetime | None = Non
         raise _bad("private_key_id", "expected the key's id (letters and digits)")
     if not re.match(r"^https?://\S+\Z", token_uri):
         raise _bad("token_uri", f"{token_uri!r} is not an http(s) URL")
+    if token_endpoint(token_uri, token_uri_setting) is None:
+        raise _bad(
+            "token_uri",
+            f"{token_uri!r} is not Google's token endpoint ({GOOGLE_TOKEN_URI}); the server exchanges assertions only"
+            " there, or at the endpoint its fcm.token_uri setting names (set it to use another one, such as a mock's)",
+        )
     key = _load_key(private_key)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     return AndroidRecord(
@@ -137,9 +164,14 @@ class AccessToken:
 
     Args:
         record: the service account.
-        token_uri: where to exchange assertions (the account's own by default).
+        token_uri: the ``fcm.token_uri`` setting: exchange assertions there (by default at
+            the account's own endpoint, which must be Google's; see `token_endpoint`).
         http: the HTTP client (its TLS settings apply).
         clock: seconds since the epoch.
+
+    Raises:
+        CredentialsError: the stored account names a token endpoint that is not allowed
+            (stored before registration checked it, or the setting has changed since).
     """
 
     #: Renew when less than this (or half its life) is left; google-auth renews 3 min 45 s early.
@@ -159,7 +191,13 @@ class AccessToken:
     ) -> None:
         self._key = recheck_android(record)
         self.record = record
-        self.token_uri = token_uri or record.token_uri
+        endpoint = token_endpoint(record.token_uri, token_uri)
+        if endpoint is None:
+            raise CredentialsError(
+                f"the service account of {record.project_id} names the token endpoint {record.token_uri!r}, which is"
+                " neither Google's nor the fcm.token_uri setting; register the app again, or set fcm.token_uri"
+            )
+        self.token_uri = endpoint
         self.http = http
         self.clock = clock
         #: ``Bearer <token>`` (empty before the first exchange).
