@@ -19,7 +19,42 @@ from protocols import api
 
 from ._errors import ServerError
 
-__all__ = ["Rendered", "AppVersions", "CredentialsError", "IosRecord", "AndroidRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel"]
+__all__ = ["Rendered", "AppVersions", "CredentialsError", "IosRecord", "AndroidRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel",
+           "json_problem"]
+
+_json_encode = msgspec.json.Encoder().encode
+
+
+def json_problem(value: Any, path: str) -> tuple[str, str] | None:
+    """The path of the first part of ``value`` that JSON cannot hold (as msgspec maps it:
+    bytes become base64, a datetime RFC 3339), and why; None when it encodes. Channels use
+    it to name the field of a raw payload a client sent (``$.raw.data.k``) instead of
+    failing on it. It encodes parts of ``value`` again: for error paths only."""
+    try:
+        return _json_problem(value, path)
+    except RecursionError:
+        return path, "nests too deeply"
+
+
+def _json_problem(value: Any, path: str) -> tuple[str, str] | None:
+    try:
+        _json_encode(value)
+        return None
+    except (TypeError, ValueError) as exc:
+        problem = str(exc)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int, float)) or isinstance(key, bool):
+                return path, f"key {key!r} is not a string"
+            found = _json_problem(item, f"{path}.{key}")
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            found = _json_problem(item, f"{path}[{index}]")
+            if found:
+                return found
+    return path, problem
 
 
 class IosRecord(msgspec.Struct, kw_only=True):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 
@@ -323,8 +324,6 @@ async def test_an_android_app_is_registered_and_shown_without_its_key(client, mo
 
 
 def msgspec_json(obj: Any) -> Any:
-    import msgspec
-
     return json.loads(msgspec.json.encode(obj))
 
 
@@ -420,3 +419,19 @@ async def test_a_service_account_cannot_make_the_server_post_where_it_likes(tmp_
             assert info.android is not None
         srv.request_stop()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_raw_fcm_message_json_cannot_hold_fails_with_its_field(client, mock):
+    """Not a channel error with a traceback: the notification fails before any request, naming the field."""
+    token = new_token()
+    await call_admin(mock, "set_tokens", PROJECT, {token: {}})
+    await register(client, mock=mock)
+    for raw, field in (({"data": {"k": msgspec.msgpack.Ext(5, b"x")}}, "$.fcm_raw.data.k"),
+                       ({"android": {"notification": {(1, 2): "x"}}}, "$.fcm_raw.android.notification")):
+        result = await client.call(api.SendPush(app=APP, token=token, platform="fcm", fcm_raw=raw))
+        [outcome] = result.outcomes
+        assert (outcome.status, outcome.reason, outcome.attempts) == ("failed", "INVALID_ARGUMENT", 0)
+        assert outcome.detail.startswith(f"{field}: not JSON-encodable")
+    assert await call_admin(mock, "accepted") == []
+    good = await client.call(api.SendPush(app=APP, token=token, platform="fcm", fcm_raw={"data": {"k": "v"}}))
+    assert good.outcomes[0].status == "sent"  # the channel is still there

@@ -168,6 +168,31 @@ def test_raw_messages_must_leave_the_target_to_pigeon(raw, field) -> None:
     assert caught.value.field == field
 
 
+def _deep(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "problem"),
+    [
+        ({"data": {None: "x"}}, "$.fcm_raw.data", "key None is not a string"),
+        ({"android": {"notification": {(1, 2): "x"}}}, "$.fcm_raw.android.notification", "key (1, 2) is not a string"),
+        ({"data": {"k": msgspec.msgpack.Ext(5, b"x")}}, "$.fcm_raw.data.k", "msgspec.msgpack.Ext is unsupported"),
+        ({"apns": {"payload": [1, {"x": msgspec.msgpack.Ext(-2, b"")}]}}, "$.fcm_raw.apns.payload[1].x", "Ext"),
+        ({"data": {"k": _deep(100_000)}}, "$.fcm_raw", "nests too deeply"),
+    ],
+)
+def test_a_raw_message_json_cannot_hold_names_its_field(raw, field, problem) -> None:
+    """As APNs's raw payloads: a PayloadError naming the field, not a TypeError from the encoder."""
+    with pytest.raises(PayloadError) as caught:
+        build_message(raw=raw, tracking={"m": "x"})
+    assert (caught.value.reason, caught.value.field) == ("INVALID_ARGUMENT", field)
+    assert caught.value.message.startswith("not JSON-encodable: ") and problem in caught.value.message
+
+
 def test_tracking_needs_a_data_map_in_a_raw_message() -> None:
     with pytest.raises(PayloadError, match=r"\$\.fcm_raw\.data"):
         build_message(raw={"data": "x"}, tracking={"m": 1})

@@ -58,6 +58,7 @@ from typing import Any
 import msgspec
 
 from protocols.api import ApnsOptions, ApnsPushType, CriticalSound, LiveActivity, PushContent
+from server.channels import json_problem
 
 __all__ = [
     "ApnsRequest",
@@ -425,28 +426,6 @@ def _raw_payload(raw: Any, push_type: str) -> dict[str, Any]:
     return raw
 
 
-def _unencodable(value: Any, path: str) -> tuple[str, str] | None:
-    """The path of the first part of ``value`` msgspec cannot encode as JSON, and why."""
-    try:
-        _encode(value)
-        return None
-    except (TypeError, ValueError) as exc:
-        problem = str(exc)
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, (str, int, float)):
-                return path, f"key {key!r} is not a string"
-            found = _unencodable(item, f"{path}.{key}")
-            if found:
-                return found
-    elif isinstance(value, (list, tuple)):
-        for index, item in enumerate(value):
-            found = _unencodable(item, f"{path}[{index}]")
-            if found:
-                return found
-    return path, problem
-
-
 def build_request(
     *,
     bundle_id: str,
@@ -569,17 +548,17 @@ def build_request(
 def _find_unencodable(payload: dict[str, Any], content: PushContent | None, where: str) -> tuple[str, str] | None:
     """Name the field behind an encoding failure (error path only)."""
     if TRACKING_KEY in payload:
-        found = _unencodable(payload[TRACKING_KEY], "$.tracking")
+        found = json_problem(payload[TRACKING_KEY], "$.tracking")
         if found:
             return found
     if content is None:
-        return _unencodable({k: v for k, v in payload.items() if k != TRACKING_KEY}, where)
-    found = _unencodable(content.data, "$.content.data")
+        return json_problem({k: v for k, v in payload.items() if k != TRACKING_KEY}, where)
+    found = json_problem(content.data, "$.content.data")
     if found:
         return found
     for attr in content.__struct_fields__:
         if attr != "data":
-            found = _unencodable(getattr(content, attr), f"$.content.{attr}")
+            found = json_problem(getattr(content, attr), f"$.content.{attr}")
             if found:
                 return found
     return None

@@ -39,6 +39,7 @@ from typing import Any
 import msgspec
 
 from protocols.api import CriticalSound, FcmOptions, PushContent
+from server.channels import json_problem
 
 __all__ = ["PayloadError", "build_message", "encode_send", "MESSAGE_LIMIT", "TRACKING_KEY", "LINK_KEY", "LINK_TYPE_KEY"]
 
@@ -236,13 +237,14 @@ def build_message(
         if data and TRACKING_KEY in data:
             raise PayloadError("INVALID_ARGUMENT", f"$.fcm_raw.data.{TRACKING_KEY}", "Pigeon fills this data key itself")
         message["data"] = {**(data or {}), TRACKING_KEY: _string(tracking)}
-    size = len(_encoder.encode(message))
+    where = "$.fcm_raw" if raw is not None else "$.content"
+    try:
+        size = len(_encoder.encode(message))
+    except (TypeError, ValueError, RecursionError) as exc:  # only a raw message can hold such values
+        field, problem = json_problem(raw if raw is not None else message, where) or (where, str(exc))
+        raise PayloadError("INVALID_ARGUMENT", field, f"not JSON-encodable: {problem}") from None
     if size > MESSAGE_LIMIT:
-        raise PayloadError(
-            "INVALID_ARGUMENT",
-            "$.fcm_raw" if raw is not None else "$.content",
-            f"the message is {size} bytes of JSON; FCM allows {MESSAGE_LIMIT}",
-        )
+        raise PayloadError("INVALID_ARGUMENT", where, f"the message is {size} bytes of JSON; FCM allows {MESSAGE_LIMIT}")
     return message
 
 
