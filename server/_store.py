@@ -12,6 +12,9 @@ number): an acknowledged ingest costs a few sequential pages whatever profiles i
 Each profile's time-ordered view of its events is an in-memory index derived from the log
 (`_index`), updated after each commit and rebuilt from the log when the store opens.
 
+The data folder holds every profile, token and credential: it is made readable by its owner
+only (0700, its files 0600), and a folder found more open is tightened when the store opens.
+
 Reads are synchronous, short read transactions on the Trio thread: LMDB readers never block
 the writer and a point read costs microseconds, far less than a hop to a worker thread. No read
 transaction is held across an ``await``, which is what makes growing the map between two write
@@ -69,6 +72,11 @@ log = logging.getLogger("pigeon.store")
 MAX_PROFILE_BYTES = 256 * 1024
 #: Registrations kept per profile; registering one more evicts the least recently seen.
 MAX_REGISTRATIONS = 50
+
+#: Modes of the data folder and of the files the store creates in it.
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+_FILES = ("data.mdb", "lock.mdb", "pigeon.lock")
 
 _DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports", "executions", "outbox", "live", "uniques")
 _meta_encoder = msgspec.msgpack.Encoder()
@@ -168,7 +176,8 @@ class ProfileStore(Actor):
     def _lock_folder(self) -> None:
         """Take the data folder for this process: two servers on one folder would hand out
         the same profile ids and sequence numbers."""
-        lock = open(self.path / "pigeon.lock", "a+")  # noqa: SIM115 - held while the store is open
+        fd = os.open(self.path / "pigeon.lock", os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        lock = open(fd, "a+")  # noqa: SIM115 - held while the store is open
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -186,15 +195,27 @@ class ProfileStore(Actor):
 
     def _open(self) -> None:
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.path.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
+        self._tighten()
         self._lock_folder()
         try:
             self._open_environment()
         except BaseException:
             self._unlock_folder()
             raise
+
+    def _tighten(self) -> None:
+        """Make the folder and the store's files private to their owner, as a folder made by
+        an older Pigeon (0755, files 0644) or by hand may not be."""
+        for path, mode in [(self.path, FOLDER_MODE), *((self.path / name, FILE_MODE) for name in _FILES)]:
+            try:
+                if path.exists() and path.stat().st_mode & 0o077:  # group or others may read
+                    path.chmod(mode)
+                    log.info("permissions of %s set to %o", path, mode)
+            except OSError as exc:  # not the owner, or a file system without modes
+                log.warning("cannot make %s private to its owner (mode %o): %s", path, mode, exc)
 
     def _unlock_folder(self) -> None:
         if self._lock is not None:
@@ -210,6 +231,7 @@ class ProfileStore(Actor):
                 sync=self.sync,
                 readahead=False,
                 writemap=False,  # nested transactions need it off
+                mode=FILE_MODE,
             )
         except (OSError, lmdb.Error) as exc:
             raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc

@@ -277,6 +277,32 @@ def test_data_folder_that_cannot_be_created_is_a_clear_error(tmp_path: Path):
         store._open()
 
 
+def _modes(folder: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mode & 0o777 for path in [folder, *folder.iterdir()]}
+
+
+async def test_the_data_folder_and_its_files_are_private_to_their_owner(tmp_path):
+    """Profiles, tokens and credentials are in there: no other user of the machine may read them."""
+    data = tmp_path / "data"
+
+    async def serve_once() -> None:
+        srv = Server(make_config(data))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            async with open_client(srv.addresses[0]) as client:
+                await client.call(api.UpsertProfile(identity="crm:1", attributes={"email": "ana@example.com"}))
+            srv.request_stop()
+
+    await serve_once()
+    assert _modes(data) == {"data": 0o700, "data.mdb": 0o600, "lock.mdb": 0o600, "pigeon.lock": 0o600}
+    # a folder made by an older version, or by hand, is tightened when the server starts
+    data.chmod(0o755)
+    for name in ("data.mdb", "lock.mdb", "pigeon.lock"):
+        (data / name).chmod(0o644)
+    await serve_once()
+    assert _modes(data) == {"data": 0o700, "data.mdb": 0o600, "lock.mdb": 0o600, "pigeon.lock": 0o600}
+
+
 class _LooseUpsert(api.Request[api.Profile]):
     """profiles.upsert without client-side typing, to send what a careless client might."""
 
