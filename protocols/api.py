@@ -958,6 +958,10 @@ class PreviewMessage(Request[Preview]):
     event: dict[str, Any] = {}
 
 
+#: Unknown identities a `SendResult` lists (it counts them all).
+MAX_UNKNOWN_LISTED = 100
+
+
 class SendResult(Response):
     """What a send did, per notification (a profile with two devices counts twice; an
     excluded profile once). ``targeted`` = ``excluded`` + ``sent``; ``sent`` = ``delivered`` +
@@ -973,6 +977,13 @@ class SendResult(Response):
     delivered: int = 0
     failed: dict[str, int] = {}
     bounced: int = 0
+    #: Identities of the request that no profile has (nothing is sent to them, nothing counted):
+    #: how many, and the first `MAX_UNKNOWN_LISTED` of them.
+    unknown: int = 0
+    unknown_identities: list[str] = []
+    #: Why the first profile excluded for a reason that needs explaining was (``MissingValue``,
+    #: ``TemplateLimit``, ``TemplateError``, ``AudienceError``): ``<identity>: <field>: <problem>``.
+    details: dict[str, str] = {}
 
 
 class SendMessage(Request[SendResult]):

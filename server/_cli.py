@@ -430,9 +430,15 @@ def show_send(r: api.SendResult) -> str:
     def reasons(counts: dict[str, int]) -> str:
         return f" ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if counts else ""
 
-    return (f"message {r.message} v{r.version}, execution {r.execution}: {r.profiles} profile(s), "
-            f"{r.targeted} targeted, {sum(r.excluded.values())} excluded{reasons(r.excluded)}, {r.sent} sent, "
-            f"{r.delivered} delivered, {sum(r.failed.values())} failed{reasons(r.failed)}, {r.bounced} bounced")
+    out = [f"message {r.message} v{r.version}, execution {r.execution}: {r.profiles} profile(s), "
+           f"{r.targeted} targeted, {sum(r.excluded.values())} excluded{reasons(r.excluded)}, {r.sent} sent, "
+           f"{r.delivered} delivered, {sum(r.failed.values())} failed{reasons(r.failed)}, {r.bounced} bounced"]
+    if r.unknown:
+        more = ", ..." if r.unknown > len(r.unknown_identities) else ""
+        out.append(f"{r.unknown} identit{'y' if r.unknown == 1 else 'ies'} matched no profile (nothing sent): "
+                   f"{', '.join(r.unknown_identities)}{more}")
+    out += [f"{reason}: {detail}" for reason, detail in sorted(r.details.items())]
+    return "\n".join(out)
 
 
 _REPORT_COLUMNS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "opened", "unique_opened", "action")
@@ -440,8 +446,9 @@ _REPORT_COLUMNS = ("targeted", "excluded", "sent", "delivered", "failed", "bounc
 
 def show_report(r: api.Report) -> str:
     rows = [["all", *(str(r.totals.get(c, 0)) for c in _REPORT_COLUMNS)]]
-    rows += [[f"platform {name}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)] for name, row in sorted(r.by_platform.items())]
-    rows += [[f"app {name}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)] for name, row in sorted(r.by_app.items())]
+    rows += [[f"platform {name or '(none)'}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)]
+             for name, row in sorted(r.by_platform.items())]
+    rows += [[f"app {name or '(none)'}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)] for name, row in sorted(r.by_app.items())]
     rows += [[f"journey {name}", *(str(row.get(c, 0)) for c in _REPORT_COLUMNS)]
              for name, row in sorted(r.by_journey.items()) if name]
     out = [_table(rows, ["", *(c.upper().replace("UNIQUE_OPENED", "UNIQUE OPENS") for c in _REPORT_COLUMNS)])]

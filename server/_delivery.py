@@ -1,15 +1,20 @@
 """Delivery: hands notifications to the channels and deals with what comes back.
 
 The channels come from plugins (`pigeon_channels`); the actor starts each one's long-lived
-tasks and sends it batches of `DeliveryJob` by registration platform. Every result is
-reported; a token the provider says is dead is marked invalid on its profile (the store
-keeps a registration renewed after the provider's timestamp valid). A job whose platform no
-channel serves fails with ``NoChannel``: nothing is dropped silently.
+tasks and sends it batches of `DeliveryJob` by registration platform. Every result goes back
+to the caller. The sending pipeline counts them in the reports itself, in the commit that
+settles the batch (`count_outcomes`), so that a crash can neither lose the counts nor count
+them twice; for a caller without an outbox (``push.send``) the actor counts them, targeted
+and outcome, whether or not the caller still waits (``count=True``). A token the provider
+says is dead is marked invalid on its profile (the store keeps a registration renewed after
+the provider's timestamp valid). A job whose platform no channel serves fails with
+``NoChannel``: nothing is dropped silently.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 import msgspec.structs
@@ -18,51 +23,50 @@ import trio
 from . import _store as store_ops
 from ._actor import Actor, Future
 from ._errors import ActorCrashed, ServerError
-from ._reporting import ReportEvent, Reporting, counted
+from ._reporting import ReportKey, Reporting, envelope_key
 from .channels import Channel, DeliveryJob, DeliveryResult
 
-__all__ = ["Delivery", "DeliveryRequest", "report_events"]
+__all__ = ["Delivery", "DeliveryRequest", "count_outcomes"]
 
 log = logging.getLogger("pigeon.delivery")
 
 
 class DeliveryRequest:
-    __slots__ = ("jobs", "future")
+    __slots__ = ("jobs", "count", "future")
 
-    def __init__(self, jobs: list[DeliveryJob]) -> None:
+    def __init__(self, jobs: list[DeliveryJob], count: bool) -> None:
         self.jobs = jobs
+        self.count = count
         self.future: Future[list[DeliveryResult]] = Future()
 
 
-def report_events(job: DeliveryJob, result: DeliveryResult) -> list[ReportEvent]:
-    """``sent``, then ``delivered`` or ``failed`` (and ``bounced`` for a dead token), with the
-    message and journey of the job's tracking envelope (none for a test send's)."""
-    tracking = job.tracking or {}
-    if not counted(tracking):
-        return []
-    dims = {
-        "app": job.app.app,
-        "platform": job.platform,
-        "message": str(tracking.get("m", "")),
-        "version": tracking.get("v", 0) if isinstance(tracking.get("v"), int) else 0,
-        "journey": str(tracking.get("j", "")),
-        "node": str(tracking.get("n", "")),
-    }
-    events = [ReportEvent(outcome="sent", **dims)]
-    if result.status == "sent":
-        events.append(ReportEvent(outcome="delivered", **dims))
-    else:
-        events.append(ReportEvent(outcome="failed", reason=result.reason or "", **dims))
-        if result.status == "invalid":
-            events.append(ReportEvent(outcome="bounced", reason=result.reason or "", **dims))
-    return events
+def count_outcomes(counts: Counter[ReportKey], jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
+    """Add to ``counts`` the report counts of delivered jobs: ``sent``, then ``delivered`` or
+    ``failed`` (and ``bounced`` for a dead token), with the message and journey of each job's
+    tracking envelope (none for a test send's)."""
+    last: Any = ()
+    head = None
+    for job, result in zip(jobs, results):
+        if job.tracking is not last:  # a send's jobs share their envelope
+            last = job.tracking
+            head = envelope_key(last)
+        if head is None:
+            continue
+        where = (*head, job.app.app, job.platform)
+        counts[(*where, "sent", "")] += 1
+        if result.status == "sent":
+            counts[(*where, "delivered", "")] += 1
+        else:
+            counts[(*where, "failed", result.reason or "")] += 1
+            if result.status == "invalid":
+                counts[(*where, "bounced", result.reason or "")] += 1
 
 
 class Delivery(Actor):
     """Runs the channels and delivers job batches through them.
 
     Args:
-        reporting: where results are counted.
+        reporting: where the results of ``count=True`` deliveries are counted.
         store: where dead tokens are marked invalid.
         channels: the channels plugins provide.
         max_concurrent: batches in delivery at once (more wait in the mailbox).
@@ -87,9 +91,14 @@ class Delivery(Actor):
         self.jobs = 0
         self.invalidated = 0
 
-    async def deliver(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
-        """Deliver ``jobs``; their results in the same order once every one is settled."""
-        request = DeliveryRequest(jobs)
+    async def deliver(self, jobs: list[DeliveryJob], *, count: bool = False) -> list[DeliveryResult]:
+        """Deliver ``jobs``; their results in the same order once every one is settled.
+
+        Args:
+            count: count each job as ``targeted`` and its outcome in the reports (in a commit
+                of their own) before answering, even if the caller stopped waiting.
+        """
+        request = DeliveryRequest(jobs, count)
         await self.send(request)
         return await request.future.wait()
 
@@ -110,6 +119,14 @@ class Delivery(Actor):
     async def _handle(self, request: DeliveryRequest, limiter: trio.Semaphore) -> None:
         try:
             results = await self._deliver(request.jobs)
+            if request.count:
+                counts: Counter[ReportKey] = Counter()
+                for job in request.jobs:
+                    head = envelope_key(job.tracking)
+                    if head is not None:
+                        counts[(*head, job.app.app, job.platform, "targeted", "")] += 1
+                count_outcomes(counts, request.jobs, results)
+                await self.reporting.record_counts(counts)
             request.future.set(results)
         finally:
             limiter.release()
@@ -151,7 +168,7 @@ class Delivery(Actor):
         return final
 
     async def _after(self, jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
-        """Mark dead tokens, then report every result."""
+        """Mark dead tokens invalid on their profiles."""
         dead = [(i, jobs[i], r) for i, r in enumerate(results) if r.status == "invalid"]
         if dead:
             try:
@@ -167,7 +184,6 @@ class Delivery(Actor):
                     result.status = "failed"
                     result.detail = "the token was registered again after the provider's timestamp: it stays valid"
             self.invalidated += marked.count("marked")
-        await self.reporting.record_many([event for job, result in zip(jobs, results) for event in report_events(job, result)])
 
     def details(self) -> dict[str, Any]:
         return {

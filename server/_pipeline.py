@@ -2,9 +2,10 @@
 
 Per profile: qualification (the audience condition; test sends only reach test profiles) →
 exclusions, each with a reason → personalization → the delivery service → the outcome. Every
-step is reported (`server._reporting`): ``targeted`` and ``excluded`` here, ``sent``,
-``delivered``, ``failed`` and ``bounced`` by the delivery service, all carrying the message,
-its version and the execution in the tracking envelope (``m``, ``v``, ``x``).
+step is reported (`server._reporting`), in the commits below: ``targeted`` and ``excluded``
+when a batch is staged, ``sent``, ``delivered``, ``failed`` and ``bounced`` when it is
+settled. The notifications carry the message, its version and the execution in their
+tracking envelope (``m``, ``v``, ``x``).
 
 Exclusion reasons (AJO's names where it has one):
 
@@ -22,16 +23,22 @@ carries ``t``); their counts are in the `SendResult` only.
 
 Durability: an execution is stored when it starts (``executions``). Each batch of profiles
 (50 at first, doubling up to 500) is staged in one commit: its notifications go into the
-outbox (``outbox``) and the execution's cursor moves past the batch. They are then
-delivered, and removed from the outbox, with their outcomes' counts, in a second commit. Four
-batches at most are being prepared or delivered at once (three delivered while the next is
-personalized). After a crash (or a stop) the server, when it starts, delivers what the outbox still holds again (these may reach the
-provider twice: they are counted as ``replayed``) and resumes the executions from their
-cursors. So every targeted profile is staged exactly once, and sent at least once.
+outbox (``outbox``), the execution's cursor moves past the batch, and its ``targeted`` and
+``excluded`` counts go into the reports. They are then delivered, and settled in a second
+commit: out of the outbox, their outcomes added to the execution's counts and to the
+reports. Four batches at most are being prepared or delivered at once (three delivered while
+the next is personalized). After a crash (or a stop) the server, when it starts, delivers
+again what the outbox still holds, batch by batch, each settled as above (these may reach
+the provider twice: each is counted as ``replayed``, in a commit before it goes out), then
+resumes the executions from their cursors. So, whenever crashes happen, every targeted
+profile is staged and counted exactly once, each notification has exactly one outcome in the
+reports, and the notifications sent twice are at most those staged and not settled at each
+crash.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import re
 import secrets
@@ -44,8 +51,9 @@ import trio
 from protocols import api
 
 from . import _messages as messages
+from ._delivery import count_outcomes
 from ._errors import InvalidArgument
-from ._reporting import ReportEvent, counted
+from ._reporting import ReportKey, envelope_key, store_counts
 from .channels import AppRecord, DeliveryJob
 from .templates import Condition, Scope, TemplateError, compile_condition
 
@@ -93,8 +101,16 @@ class OutboxEntry(msgspec.Struct, array_like=True):
     tracking: dict[str, Any]
 
 
+class _Settled(msgspec.Struct):
+    """The part of a stored execution only settles change: its outcomes' counts (decoding it
+    skips the identities)."""
+
+    result: api.SendResult
+
+
 _encoder = msgspec.msgpack.Encoder()
 _execution_decoder = msgspec.msgpack.Decoder(ExecutionRecord)
+_settled_decoder = msgspec.msgpack.Decoder(_Settled)
 _entry_decoder = msgspec.msgpack.Decoder(OutboxEntry)
 
 
@@ -102,16 +118,32 @@ def _outbox_key(execution: str, batch: int, index: int) -> bytes:
     return bytes.fromhex(execution) + batch.to_bytes(4, "big") + index.to_bytes(4, "big")
 
 
-def stage_batch(w: Any, record: bytes, execution: str, entries: list[tuple[bytes, bytes]]) -> None:
-    """Store op: the batch's notifications into the outbox, and the execution past the batch."""
-    w.txn.put(bytes.fromhex(execution), record, db=w.dbs["executions"])
-    for key, value in entries:
-        w.txn.put(key, value, db=w.dbs["outbox"])
+def stage_batch(w: Any, state: ExecutionRecord, entries: list[tuple[bytes, bytes]], counts: Counter[ReportKey],
+                minute: int) -> None:
+    """Store op: the batch's notifications into the outbox, the execution past the batch, and
+    the batch's ``targeted`` and ``excluded`` counts into the reports (under ``minute``).
+
+    ``state`` is the execution as the pipeline has it, a copy this op may change: its outcome
+    counts are replaced by the stored ones, which only settles change (a batch settled while
+    this one was being prepared has added its own)."""
+    key = bytes.fromhex(state.execution)
+    db = w.dbs["executions"]
+    stored = w.txn.get(key, db=db)
+    if stored is not None:
+        settled = _settled_decoder.decode(stored).result
+        result = state.result
+        result.sent, result.delivered, result.bounced, result.failed = (
+            settled.sent, settled.delivered, settled.bounced, settled.failed)
+    w.txn.put(key, _encoder.encode(state), db=db)
+    for entry_key, value in entries:
+        w.txn.put(entry_key, value, db=w.dbs["outbox"])
+    store_counts(w, counts, minute)
 
 
-def settle_batch(w: Any, outcomes: Outcomes | None, execution: str, keys: list[bytes]) -> None:
+def settle_batch(w: Any, outcomes: Outcomes, execution: str, keys: list[bytes], counts: Counter[ReportKey],
+                 minute: int) -> None:
     """Store op: the batch delivered: out of the outbox, its outcomes added to the execution's
-    counts (None: the execution ended).
+    counts, and its report counts (``sent``, ``delivered``, ...) into the reports.
 
     Only the batch's own outcomes are added: the cursor, and the counts of the profiles
     staged, are the staging's alone (a batch settled while the next one is being prepared
@@ -119,14 +151,33 @@ def settle_batch(w: Any, outcomes: Outcomes | None, execution: str, keys: list[b
     for key in keys:
         w.txn.delete(key, db=w.dbs["outbox"])
     key = bytes.fromhex(execution)
-    if outcomes is None:
-        w.txn.delete(key, db=w.dbs["executions"])
-        return
     stored = w.txn.get(key, db=w.dbs["executions"])
     if stored is not None:
         record = _execution_decoder.decode(stored)
         outcomes.add_to(record.result)
         w.txn.put(key, _encoder.encode(record), db=w.dbs["executions"])
+    store_counts(w, counts, minute)
+
+
+def end_execution(w: Any, execution: str) -> None:
+    """Store op: the execution ended (each of its batches settled)."""
+    w.txn.delete(bytes.fromhex(execution), db=w.dbs["executions"])
+
+
+async def deliver_batch(server: Any, execution: str, jobs: list[DeliveryJob], keys: list[bytes]) -> Outcomes:
+    """Deliver a staged batch, then settle it (`settle_batch`) and show its counts; its
+    outcomes."""
+    outcomes = Outcomes()
+    counts: Counter[ReportKey] = Counter()
+    if jobs:
+        results = await server.delivery.deliver(jobs)
+        for result in results:
+            outcomes.count(result)
+        count_outcomes(counts, jobs, results)
+    minute = server.reporting.minute()
+    await server.store.write(settle_batch, outcomes, execution, keys, counts, minute)
+    server.reporting.counted(counts, minute)
+    return outcomes
 
 
 class Outcomes:
@@ -193,10 +244,9 @@ class Pipeline:
         )
         self.result = self.state.result
         self._excluded: Counter[str] = Counter(self.result.excluded)
-
-    def _report(self, outcome: str, app: str = "", platform: str = "", reason: str = "") -> ReportEvent:
-        return ReportEvent(outcome=outcome, app=app, platform=platform, reason=reason, message=self.spec.id,
-                           version=self.record.version)
+        #: The report key of this execution's notifications, but for app, platform, outcome
+        #: and reason (None: a test send, not counted).
+        self._head = envelope_key(self.tracking)
 
     async def run(self, audience: Condition | None = None) -> api.SendResult:
         """Send to the execution's profiles from its cursor on; return the counts.
@@ -230,7 +280,7 @@ class Pipeline:
             raise _first(rest) from None
         if failure is not None:
             raise failure
-        await store.write(settle_batch, None, self.execution, [])
+        await store.write(end_execution, self.execution)
         self.result.excluded = dict(self._excluded)
         return self.result
 
@@ -243,8 +293,12 @@ class Pipeline:
             identities = state.identities[state.cursor : state.cursor + size]
             if not identities:
                 return None
-            profiles = _profiles_of(store, identities)
+            profiles, unknown = _profiles_of(store, identities)
             state.cursor += len(identities)
+            if unknown:
+                self.result.unknown += len(unknown)
+                listed = self.result.unknown_identities
+                listed += unknown[: api.MAX_UNKNOWN_LISTED - len(listed)]
         else:
             page = store.scan_profiles(state.after, min(BATCH, FIRST_BATCH << state.batches))
             if not page:
@@ -262,15 +316,26 @@ class Pipeline:
         self._rule_failed = True
         return "ExcludedByRule"
 
-    def _encoded_state(self) -> bytes:
-        """The execution, encoded with its counts."""
-        self.result.excluded = dict(self._excluded)
-        return _encoder.encode(self.state)
+    def _snapshot(self) -> ExecutionRecord:
+        """A copy of the execution to stage (`stage_batch` changes its outcome counts)."""
+        result = msgspec.structs.replace(self.result, excluded=dict(self._excluded), details=dict(self.result.details),
+                                         unknown_identities=list(self.result.unknown_identities))
+        return msgspec.structs.replace(self.state, result=result)
+
+    def _explain(self, reason: str, profile: Any, problem: str) -> None:
+        """Keep why the first profile excluded for ``reason`` was (`api.SendResult.details`)."""
+        if reason not in self.result.details:
+            identity = profile.identities[0] if profile.identities else "?"
+            if reason == "MissingValue" and self.spec.on_missing == "default":
+                problem += (" (with on_missing: default a missing value prints as nothing, but this template"
+                            " computes with it: give it a default(...))")
+            self.result.details[reason] = f"{identity}: {problem}"[:_MAX_DETAIL]
 
     async def _stage(self, profiles: list[Any], audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]]:
         """Qualify, exclude and personalize a batch; stage its notifications in the outbox
-        with the execution's cursor past it (one commit)."""
-        reports: list[ReportEvent] = []
+        with the execution's cursor past it and its counts (one commit)."""
+        counts: Counter[ReportKey] = Counter()
+        head = self._head
         jobs: list[DeliveryJob] = []
         for n, profile in enumerate(profiles):
             if n % 100 == 99:
@@ -284,20 +349,24 @@ class Pipeline:
                 try:
                     if not audience.test(context):
                         continue
-                except TemplateError:
+                except TemplateError as exc:
                     reason = "AudienceError"  # this profile's data breaks the condition; the others go on
+                    self._explain(reason, profile, exc.message)
             self.result.profiles += 1
             jobs_before = len(jobs)
             if reason is None:
                 reason = self._profile(profile, context, jobs)
             if reason is not None:
-                reports += [self._report("targeted"), self._report("excluded", reason=reason)]
                 self.result.targeted += 1
                 self._excluded[reason] += 1
+                if head is not None:
+                    counts[(*head, "", "", "targeted", "")] += 1
+                    counts[(*head, "", "", "excluded", reason)] += 1
             else:
-                for job in jobs[jobs_before:]:
-                    reports.append(self._report("targeted", app=job.app.app, platform=job.platform))
-                    self.result.targeted += 1
+                self.result.targeted += len(jobs) - jobs_before
+                if head is not None:
+                    for job in jobs[jobs_before:]:
+                        counts[(*head, job.app.app, job.platform, "targeted", "")] += 1
         batch = self.state.batches
         self.state.batches += 1
         keys = [_outbox_key(self.execution, batch, i) for i in range(len(jobs))]
@@ -306,20 +375,17 @@ class Pipeline:
                                               job.tracking or {})))
             for key, job in zip(keys, jobs)
         ]
-        await self.server.store.write(stage_batch, self._encoded_state(), self.execution, entries)
-        if not self.test:
-            await self.server.reporting.record_many(reports)
+        reporting = self.server.reporting
+        minute = reporting.minute()
+        await self.server.store.write(stage_batch, self._snapshot(), entries, counts, minute)
+        reporting.counted(counts, minute)
         return jobs, keys
 
     async def _deliver(self, jobs: list[DeliveryJob], keys: list[bytes], limiter: trio.Semaphore) -> None:
-        """Deliver a staged batch, count its outcomes, and take it out of the outbox."""
+        """Deliver a staged batch and settle it; its outcomes counted in the result once stored."""
         try:
-            outcomes = Outcomes()
-            if jobs:
-                for result in await self.server.delivery.deliver(jobs):
-                    outcomes.count(result)
+            outcomes = await deliver_batch(self.server, self.execution, jobs, keys)
             outcomes.add_to(self.result)
-            await self.server.store.write(settle_batch, outcomes, self.execution, keys)
         finally:
             limiter.release()
 
@@ -357,7 +423,9 @@ class Pipeline:
         try:
             content = self.compiled.render(context)
         except InvalidArgument as exc:
-            return messages.exclusion(exc)
+            reason = messages.exclusion(exc)
+            self._explain(reason, profile, exc.message)
+            return reason
         rendered = messages.to_delivery(self.spec, content)
         for r in active:
             jobs.append(rendered.job(self.apps[r.app] or AppRecord(app=r.app), r.token, r.platform, self.tracking))
@@ -372,25 +440,29 @@ def _first(exc: BaseException) -> BaseException:
 
 
 _REASON = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Characters of an exclusion's detail kept in a `api.SendResult` (a template's error can be long).
+_MAX_DETAIL = 500
 
 
-def _profiles_of(store: Any, identities: list[str]) -> list[Any]:
-    """The profiles of ``identities``, unknown identities skipped (a profile named twice in
-    one batch once)."""
+def _profiles_of(store: Any, identities: list[str]) -> tuple[list[Any], list[str]]:
+    """The profiles of ``identities`` (a profile named twice in one batch once), and the
+    identities no profile has."""
     from ._errors import NotFound
 
     seen: set[str] = set()
     out = []
+    unknown = []
     for identity in identities:
         try:
             profile = store.get_profile(identity)
         except NotFound:
+            unknown.append(identity)
             continue
         key = profile.identities[0] if profile.identities else identity
         if key not in seen:
             seen.add(key)
             out.append(profile)
-    return out
+    return out, unknown
 
 
 async def resume(server: Any, record: ExecutionRecord) -> api.SendResult:
@@ -403,7 +475,7 @@ async def resume(server: Any, record: ExecutionRecord) -> api.SendResult:
     if value is None or config_value is None:
         log.error("cannot resume execution %s: message %s v%d or its configuration is gone", record.execution,
                   record.message, record.version)
-        await server.store.write(settle_batch, None, record.execution, [])
+        await server.store.write(end_execution, record.execution)
         return record.result
     audience = compile_condition("$.audience", record.audience) if record.audience is not None else None
     run = Pipeline(server, message, messages.Compiled(message), messages.decode_config(config_value).config,
@@ -413,28 +485,20 @@ async def resume(server: Any, record: ExecutionRecord) -> api.SendResult:
 
 async def recover(server: Any) -> None:
     """At start: deliver again what the outbox holds (a crash or a stop left it between
-    staging and settling), then resume the executions that did not end."""
+    staging and settling), batch by batch, then resume the executions that did not end."""
     store = server.store
     with store.env.begin() as txn:
         staged = list(txn.cursor(db=store._dbs["outbox"]))
-        executions = [_execution_decoder.decode(v) for _, v in txn.cursor(db=store._dbs["executions"])]
+        pending = [key for key, _ in txn.cursor(db=store._dbs["executions"])]
     if staged:
-        jobs = []
-        for _, value in staged:
-            entry = _entry_decoder.decode(value)
-            app = store.get_app(entry.app) or AppRecord(app=entry.app)
-            jobs.append(DeliveryJob(app=app, token=entry.token, platform=entry.platform, content=entry.content,
-                                    apns=entry.apns, fcm=entry.fcm, tracking=entry.tracking))
         log.warning("delivering %d notifications again that were staged when the server stopped "
-                    "(some may reach the provider twice)", len(jobs))
-        await server.reporting.record_many([
-            ReportEvent(outcome="replayed", app=job.app.app, platform=job.platform, message=str(job.tracking.get("m", "")),
-                        version=job.tracking.get("v", 0) if isinstance(job.tracking.get("v"), int) else 0)
-            for job in jobs if counted(job.tracking)
-        ])
-        for offset in range(0, len(jobs), BATCH):
-            await server.delivery.deliver(jobs[offset : offset + BATCH])
-        await store.write(_drop_outbox, [key for key, _ in staged])
+                    "(some may reach the provider twice)", len(staged))
+        # Keys are the execution, the batch and the index: a batch's entries are together.
+        for _, batch in itertools.groupby(staged, key=lambda item: item[0][:12]):
+            await _replay(server, list(batch))
+    with store.env.begin() as txn:  # as the replays left them, with their outcomes
+        stored = [txn.get(key, db=store._dbs["executions"]) for key in pending]
+    executions = [_execution_decoder.decode(value) for value in stored if value is not None]
     for record in executions:
         log.info("resuming execution %s of message %s v%d", record.execution, record.message, record.version)
         try:
@@ -443,6 +507,22 @@ async def recover(server: Any) -> None:
             log.exception("execution %s failed again; it stays stored", record.execution)
 
 
-def _drop_outbox(w: Any, keys: list[bytes]) -> None:
-    for key in keys:
-        w.txn.delete(key, db=w.dbs["outbox"])
+async def _replay(server: Any, staged: list[tuple[bytes, bytes]]) -> None:
+    """Deliver a batch the outbox held again, and settle it. Its notifications are counted as
+    ``replayed`` in a commit before they go out: a crash during this delivery leaves them in
+    the outbox, to be delivered, and counted as replayed, again at the next start."""
+    store, reporting = server.store, server.reporting
+    jobs = []
+    replayed: Counter[ReportKey] = Counter()
+    for _, value in staged:
+        entry = _entry_decoder.decode(value)
+        app = store.get_app(entry.app) or AppRecord(app=entry.app)
+        jobs.append(DeliveryJob(app=app, token=entry.token, platform=entry.platform, content=entry.content,
+                                apns=entry.apns, fcm=entry.fcm, tracking=entry.tracking))
+        head = envelope_key(entry.tracking)
+        if head is not None:
+            replayed[(*head, entry.app, entry.platform, "replayed", "")] += 1
+    minute = reporting.minute()
+    await store.write(store_counts, replayed, minute)
+    reporting.counted(replayed, minute)
+    await deliver_batch(server, staged[0][0][:8].hex(), jobs, [key for key, _ in staged])

@@ -1,26 +1,33 @@
 """Reporting: what happened to every notification, counted per message, journey, app and
 platform, live (the last 24 hours by minute) and for all time.
 
-The delivery service and the sending pipeline record `ReportEvent` s; the actor counts each
-batch in memory (the live view: per-minute buckets, 24 hours) and adds it to the all-time
-counters in LMDB (the ``reports`` database, one group commit per batch), so reports survive
-restarts. Metrics, per notification (a profile with two devices counts twice):
+Counts are kept in LMDB (the ``reports`` database for all time, ``live`` by minute, older
+than 24 hours deleted), so both windows survive restarts, and in memory for the live view.
+The counts of a notification are stored in the same commit as what they describe, so that no
+crash can lose them or count them twice: the sending pipeline adds ``targeted`` and
+``excluded`` to the commit that stages a batch in the outbox, and ``sent``, ``delivered``,
+``failed`` and ``bounced`` to the commit that settles it (`store_counts` inside its store
+op), then shows them in the live view (`Reporting.counted`); ``push.send``, which has no
+outbox, stores its counts in a commit of their own (`Reporting.record_counts`). The
+interactions the app reports are counted by the actor, which stores each batch of them in
+one group commit. Metrics, per notification (a profile with two devices counts twice):
 
-- ``targeted`` = ``excluded`` + ``sent``: a notification the pipeline considered;
+- ``targeted`` = ``excluded`` + ``sent``: a notification the pipeline (or ``push.send``)
+  considered;
 - ``excluded`` (with a reason): not sent (no token, no consent, a missing value, ...);
 - ``sent`` = ``delivered`` + ``failed``: handed to a channel;
 - ``delivered``: the provider accepted it; ``failed`` (with the provider's or Pigeon's
   reason): it did not; ``bounced``: among the failed, the token was dead;
-- ``replayed``: among the sent, delivered again after a crash because the outbox could not
-  tell whether they had been (they may have reached the provider twice);
+- ``replayed``: deliveries again after a crash of notifications the outbox still held
+  (staged, not settled: they may have reached the provider before). Each one is counted
+  before it goes out again, so ``replayed`` bounds the duplicates the providers received;
+  their outcome is counted once, in ``sent`` and the rest, when the batch is settled;
 - ``opened``, ``action`` (with the button id), ``received``, ``dismissed``: interactions the
   app reported; ``unique_opened``: the first ``opened`` of each profile for a message version
   (in a journey node: per node), counted once whatever its app or platform.
 
-Test sends (to test profiles) are not counted: their envelope carries ``t``.
-
-Live counts are stored too (the ``live`` database, by minute, older than 24 hours deleted), so
-the live view survives a restart. Which profiles opened what is kept in ``uniques``.
+Test sends (to test profiles) are not counted: their envelope carries ``t``. Which profiles
+opened what is kept in ``uniques``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import itertools
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgspec
@@ -41,7 +48,8 @@ from ._actor import Actor
 from ._errors import ServerError
 from ._records import from_us
 
-__all__ = ["Reporting", "ReportEvent", "ReportKey", "add_counts", "METRICS", "counted"]
+__all__ = ["Reporting", "ReportEvent", "ReportKey", "add_counts", "store_counts", "METRICS", "counted",
+           "envelope_key"]
 
 log = logging.getLogger("pigeon.reporting")
 
@@ -52,6 +60,17 @@ METRICS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "re
 def counted(tracking: dict[str, Any] | None) -> bool:
     """Whether a notification with this envelope is reported (test sends are not)."""
     return not (tracking and tracking.get("t"))
+
+
+def envelope_key(tracking: dict[str, Any] | None) -> tuple[str, int, str, str] | None:
+    """The message, version, journey and node a notification with this envelope is counted
+    under (None: not counted, a test send's)."""
+    if not counted(tracking):
+        return None
+    tracking = tracking or {}
+    version = tracking.get("v", 0)
+    return (str(tracking.get("m", "")), version if isinstance(version, int) else 0, str(tracking.get("j", "")),
+            str(tracking.get("n", "")))
 
 
 class ReportEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,7 +106,7 @@ def _unique_key(key: ReportKey, pid: bytes) -> bytes:
     return _key_encoder.encode(key[:4]) + pid
 
 
-def add_counts(w: Any, counts: dict[ReportKey, int], minute: int, candidates: list[Candidate],
+def add_counts(w: Any, counts: Mapping[ReportKey, int], minute: int, candidates: list[Candidate],
                keep_after: int) -> Counter[ReportKey]:
     """Store op: count the ``candidates`` that are first opens (returned, as ``unique_opened``
     counts), then add everything to the all-time counters and to ``minute`` 's live counts;
@@ -120,8 +139,17 @@ def add_counts(w: Any, counts: dict[ReportKey, int], minute: int, candidates: li
     return uniques
 
 
+def store_counts(w: Any, counts: Mapping[ReportKey, int], minute: int) -> None:
+    """Store op (alone, or a step of another op, in its transaction): add ``counts`` of
+    notifications to the all-time counters and to ``minute`` 's live counts. The caller shows
+    them in the live view once committed (`Reporting.counted`)."""
+    if counts:
+        add_counts(w, counts, minute, [], minute - Reporting.LIVE_MINUTES + 1)
+
+
 class Reporting(Actor):
-    """Counts report events; see the module docstring.
+    """Counts the interactions the app reports, and shows every count in the live view; see
+    the module docstring.
 
     Args:
         store: where the all-time counters are kept (None: in memory only).
@@ -144,8 +172,7 @@ class Reporting(Actor):
         self._opened: set[bytes] = set()  # first opens without a store
 
     async def record_many(self, events: list[ReportEvent]) -> None:
-        """Record ``events`` as one mailbox item (a batch's events, so that a large send does not
-        take a mailbox slot per notification)."""
+        """Record ``events`` (the push interactions of an ingested batch) as one mailbox item."""
         if events:
             await self.send(events)
 
@@ -161,19 +188,44 @@ class Reporting(Actor):
                     batch[key] += 1
                     if event.outcome == "opened" and event.profile:
                         candidates.append((key[:6] + ("unique_opened", ""), event.profile))
-            minute = int(self.clock() // 60)
+            minute = self.minute()
             uniques = await self._store(batch, minute, candidates)
             batch.update(uniques)
-            for key, n in batch.items():
-                self.counts[(key[6], key[7])] += n
-            bucket = self.live.get(minute)
-            if bucket is None:
-                bucket = self.live[minute] = Counter()
-                for old in [m for m in self.live if m <= minute - self.LIVE_MINUTES]:
-                    del self.live[old]
-            bucket.update(batch)
-            self.changes += 1
-            self.wake()
+            self.counted(batch, minute)
+
+    def minute(self) -> int:
+        """The current minute of the live view (epoch minutes), to store counts under."""
+        return int(self.clock() // 60)
+
+    def counted(self, counts: Mapping[ReportKey, int], minute: int) -> None:
+        """Show counts stored under ``minute`` in the live view, and wake the report watches."""
+        if not counts:
+            return
+        for key, n in counts.items():
+            self.counts[(key[6], key[7])] += n
+        bucket = self.live.get(minute)
+        if bucket is None:
+            bucket = self.live[minute] = Counter()
+            for old in [m for m in self.live if m <= minute - self.LIVE_MINUTES]:
+                del self.live[old]
+        bucket.update(counts)
+        self.changes += 1
+        self.wake()
+
+    async def record_counts(self, counts: Mapping[ReportKey, int]) -> None:
+        """Store counts in a commit of their own, then show them (``push.send`` 's: no outbox
+        to commit them with). Counts the store fails to write are logged, and shown in the live
+        view only."""
+        if not counts:
+            return
+        minute = self.minute()
+        if self.store is not None:
+            try:
+                await self.store.write(store_counts, counts, minute)
+            except ServerError as exc:
+                self.store_failures += 1
+                log.error("could not store %d report counts: %s", len(counts), exc)
+        self.counted(counts, minute)
 
     def wake(self) -> None:
         """Wake whoever waits for a change (report watches)."""
@@ -244,10 +296,11 @@ class Reporting(Actor):
                 if reason:
                     per = out.reasons.setdefault(outcome, {})
                     per[reason] = per.get(reason, 0) + n
+                # Every count in one row of each: "" holds those without (no journey; an
+                # exclusion has no platform, an interaction the app reported without them neither).
                 for group, name in ((out.by_platform, platform), (out.by_app, app), (out.by_journey, journey)):
-                    if name or group is out.by_journey:
-                        row = group.setdefault(name, {})
-                        row[outcome] = row.get(outcome, 0) + n
+                    row = group.setdefault(name, {})
+                    row[outcome] = row.get(outcome, 0) + n
 
         out = api.Report(window=query.window)
         if query.window == "live":

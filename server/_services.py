@@ -294,11 +294,12 @@ def build_router(server: Server) -> Router:
                 r for r in store.get_profile(req.identity).registrations
                 if r.app == req.app and (req.platform is None or r.platform == req.platform)
             ]
-            if not registrations:
-                return api.PushSent(outcomes=[], excluded="NoTokenForApp")
             targets = [(r.token, r.platform) for r in registrations if r.state == "active"]
             if not targets:
-                return api.PushSent(outcomes=[], excluded="OnlyInvalidTokens")
+                excluded = "OnlyInvalidTokens" if registrations else "NoTokenForApp"
+                where = ("", 0, "", "", req.app, req.platform or "")
+                await server.reporting.record_counts({(*where, "targeted", ""): 1, (*where, "excluded", excluded): 1})
+                return api.PushSent(outcomes=[], excluded=excluded)
         jobs = [
             DeliveryJob(
                 app=app, token=token, platform=platform, content=req.content, raw=req.raw, fcm_raw=req.fcm_raw,
@@ -306,7 +307,9 @@ def build_router(server: Server) -> Router:
             )
             for token, platform in targets
         ]
-        results = await server.delivery.deliver(jobs)
+        # Counted as messages.send counts (targeted, then sent and the outcome), under no
+        # message, even if this call is cancelled meanwhile.
+        results = await server.delivery.deliver(jobs, count=True)
         return api.PushSent(
             outcomes=[
                 api.PushOutcome(

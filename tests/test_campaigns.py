@@ -19,6 +19,7 @@ from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.trio_client import open_client
 from server import Server, hookimpl
+from server._cli import show_report, show_send
 from server._plugins import Plugins
 
 from .conftest import make_config
@@ -111,6 +112,8 @@ async def test_a_send_personalizes_excludes_delivers_and_reports(client, mocks):
         id="cart", identities=["crm:1", "crm:2", "crm:3", "crm:4", "crm:5", "crm:404"], event={"product": "red shoes"},
     ))
     assert result.profiles == 5
+    assert (result.unknown, result.unknown_identities) == (1, ["crm:404"])  # said, not silently skipped
+    assert "1 identity matched no profile (nothing sent): crm:404" in show_send(result)
     assert result.excluded == {"NoTokenForApp": 1, "NoConsent": 1, "OnlyInvalidTokens": 1}
     assert (result.targeted, result.sent, result.delivered, result.bounced) == (6, 3, 2, 1)
     assert result.failed == {"UNREGISTERED": 1}
@@ -154,6 +157,44 @@ async def test_a_send_personalizes_excludes_delivers_and_reports(client, mocks):
     # The transactional push of crm:5 is reported too, under no message.
     everything = await client.call(api.GetReport())
     assert everything.totals["sent"] == 4
+    assert everything.totals["targeted"] == everything.totals["excluded"] + everything.totals["sent"] == 7
+
+
+async def test_a_push_is_counted_as_targeted_and_excluded_as_a_send_is_before_it_answers(client, mocks):
+    _, fcm = mocks
+    await admin(fcm, "set_tokens", "acme-push", {"fcm-push": {}})
+    await profile(client, "crm:80", {}, [("fcm", "fcm-push")])
+    await profile(client, "crm:81", {})
+    [outcome] = (await client.call(api.SendPush(app=APP, identity="crm:80", content=api.PushContent(title="x")))).outcomes
+    assert outcome.status == "sent"
+    nothing = await client.call(api.SendPush(app=APP, identity="crm:81", content=api.PushContent(title="x")))
+    assert nothing.excluded == "NoTokenForApp"
+    report = await client.call(api.GetReport())  # counted before the calls answered
+    assert report.totals == {"targeted": 2, "excluded": 1, "sent": 1, "delivered": 1}
+    assert report.reasons == {"excluded": {"NoTokenForApp": 1}}
+    assert report.by_app == {APP: report.totals}
+    assert report.by_platform == {"fcm": {"targeted": 1, "sent": 1, "delivered": 1}, "": {"targeted": 1, "excluded": 1}}
+    assert (await client.call(api.GetReport(message="cart"))).totals == {}  # under no message
+
+
+async def test_every_count_is_in_one_platform_row_and_one_app_row(client, mocks):
+    _, fcm = mocks
+    await admin(fcm, "set_tokens", "acme-push", {"fcm-rows": {}})
+    await profile(client, "crm:90", {}, [("fcm", "fcm-rows")])
+    await profile(client, "crm:91", {})  # no token: excluded, on no platform
+    result = await client.call(api.SendMessage(id="cart", identities=["crm:90", "crm:91"], event={"product": "x"}))
+    envelope = {"m": "cart", "v": 1, "x": result.execution}
+    # The app reports an open with the envelope only, without its app or platform.
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:90", type="pushTracking.applicationOpened",
+                                                         data={"_p": envelope})]))
+    report = await wait_for_report(client, lambda r: r.totals.get("opened", 0) >= 1, message="cart")
+    assert report.totals == {"targeted": 2, "excluded": 1, "sent": 1, "delivered": 1, "opened": 1, "unique_opened": 1}
+    for rows in (report.by_platform, report.by_app, report.by_journey):
+        assert {metric: sum(row.get(metric, 0) for row in rows.values()) for metric in report.totals} == report.totals
+    none = {"targeted": 1, "excluded": 1, "opened": 1, "unique_opened": 1}
+    assert report.by_platform == {"fcm": {"targeted": 1, "sent": 1, "delivered": 1}, "": none}
+    assert report.by_app == {APP: {"targeted": 1, "sent": 1, "delivered": 1}, "": none}
+    assert "platform (none)" in show_report(report) and "app (none)" in show_report(report)
 
 
 async def test_audiences_test_sends_and_missing_values(client, mocks):
@@ -176,6 +217,18 @@ async def test_audiences_test_sends_and_missing_values(client, mocks):
         content=api.MessageContent(title="Hi {{ profile.person.firstName }}"))))
     strict = await client.call(api.SendMessage(id="strict", identities=["crm:10", "crm:12"]))
     assert strict.excluded == {"MissingValue": 1} and strict.delivered == 1
+    assert strict.details == {"MissingValue": "crm:10: $.content.title: 'dict object' has no attribute 'person'"}
+    # With on_missing: default, a missing value a template computes with still excludes: the
+    # result says why, as a preview would.
+    await client.call(api.PublishMessage(message=api.MessageSpec(
+        id="points", channel="shop-push", content=api.MessageContent(title="{{ profile.points + 1 }} points"))))
+    points = await client.call(api.SendMessage(id="points", identities=["crm:10"]))
+    assert points.excluded == {"MissingValue": 1}
+    detail = points.details["MissingValue"]
+    assert detail.startswith("crm:10: $.content.title: 'dict object' has no attribute 'points'") and "default(" in detail
+    assert f"MissingValue: {detail}" in show_send(points)
+    preview = await client.call(api.PreviewMessage(id="points", identity="crm:10"))
+    assert preview.excluded == "MissingValue" and preview.detail in detail
 
     from protocols.errors import CallError, Status
 
@@ -195,6 +248,7 @@ async def test_a_profile_whose_data_breaks_the_audience_is_excluded_and_the_send
     await profile(client, "crm:21", {"age": "forty"}, [("apns-sandbox", odd)])
     result = await client.call(api.SendMessage(id="cart", audience="profile.age > 30", event={"product": "x"}))
     assert result.excluded == {"AudienceError": 1} and result.delivered == 1
+    assert result.details["AudienceError"].startswith("crm:21: $.audience: ")
 
 
 async def wait_for_report(client: Any, done: Any, **filters: Any) -> api.Report:
