@@ -411,6 +411,9 @@ class TokenRegistered(Response):
     created_profile: bool = False
     #: An identity of the profile the token was moved from, if it belonged to another one.
     moved_from: str | None = None
+    #: Registrations this one pushed out of the profile, least recently seen first: a profile
+    #: keeps at most ``store.max_registrations`` (50 by default); their tokens are forgotten.
+    evicted: list[Registration] = []
 
 
 class RegisterToken(Request[TokenRegistered]):

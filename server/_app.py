@@ -63,6 +63,7 @@ class Server:
             config.data,
             map_size=config.store.map_size_mb * 1024 * 1024,
             max_batch=config.store.max_batch,
+            max_registrations=config.store.max_registrations,
             retention_us=retention_us,
             sweep_interval=config.store.sweep_interval_s,
             clock=clock,

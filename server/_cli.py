@@ -598,7 +598,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub(tokens, "register", "register a push token on a profile",
             _req(lambda a: api.RegisterToken(identity=a.identity, app=a.app, platform=a.platform, token=a.token),
                  lambda r: f"registered {_short_token(r.registration.token)} for {r.registration.app} ({r.registration.platform})"
-                 + (f"; moved from {r.moved_from}" if r.moved_from else "") + ("; profile created" if r.created_profile else "")))
+                 + (f"; moved from {r.moved_from}" if r.moved_from else "") + ("; profile created" if r.created_profile else "")
+                 + "".join(f"\nevicted {_short_token(e.token)} for {e.app} ({e.platform}), the profile's least recently seen"
+                           " registration (store.max_registrations)" for e in r.evicted)))
     p.add_argument("identity")
     p.add_argument("--app", required=True, help="bundle id or package name")
     p.add_argument("--platform", required=True, choices=["apns", "apns-sandbox", "fcm"])

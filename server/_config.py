@@ -41,6 +41,10 @@ class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_batch: Positive = 1024
     #: Experience events older than this are deleted.
     retention_days: PositiveFloat = 90.0
+    #: Push registrations kept per profile: registering one more evicts the least recently
+    #: seen (the reply of tokens.register names it). Lowering it trims a profile at its next
+    #: registration.
+    max_registrations: Positive = 50
     sweep_interval_s: PositiveFloat = 3600.0
     #: fsync every commit; turn off only for throwaway data.
     sync: bool = True

@@ -37,6 +37,7 @@ __all__ = [
     "to_us",
     "from_us",
     "profile_to_api",
+    "registration_to_api",
 ]
 
 #: Layout of keys and databases (see `_keys`); recorded in ``meta`` when the store is created.
@@ -168,23 +169,24 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = datetime.resolution  # one microsecond
 
 
+def registration_to_api(r: RegistrationRecord) -> api.Registration:
+    return api.Registration(
+        app=r.app,
+        platform=r.platform,  # type: ignore[arg-type]
+        token=r.token,
+        first_seen=from_us(r.first_seen),
+        last_seen=from_us(r.last_seen),
+        state=r.state,  # type: ignore[arg-type]
+        invalid_reason=r.invalid_reason,
+        invalid_at=None if r.invalid_at is None else from_us(r.invalid_at),
+    )
+
+
 def profile_to_api(record: ProfileRecord) -> api.Profile:
     return api.Profile(
         identities=record.identities,
         attributes=record.attributes,
-        registrations=[
-            api.Registration(
-                app=r.app,
-                platform=r.platform,  # type: ignore[arg-type]
-                token=r.token,
-                first_seen=from_us(r.first_seen),
-                last_seen=from_us(r.last_seen),
-                state=r.state,  # type: ignore[arg-type]
-                invalid_reason=r.invalid_reason,
-                invalid_at=None if r.invalid_at is None else from_us(r.invalid_at),
-            )
-            for r in record.registrations
-        ],
+        registrations=[registration_to_api(r) for r in record.registrations],
         consent={
             app: api.ConsentEntry(push=c.push, updated=from_us(c.updated))  # type: ignore[arg-type]
             for app, c in record.consent.items()

@@ -22,7 +22,7 @@ from . import _store as store_ops
 from . import templates
 from ._errors import ActorError, FailedPrecondition, InvalidArgument, NotFound
 from .channels import AppRecord, DeliveryJob
-from ._records import MAX_VALUE_DEPTH, check_depth, from_us, profile_to_api, to_us
+from ._records import MAX_VALUE_DEPTH, check_depth, from_us, profile_to_api, registration_to_api, to_us
 from ._rpc import CallContext, Router
 
 if TYPE_CHECKING:
@@ -159,7 +159,7 @@ def build_router(server: Server) -> Router:
 
     async def register_token(ctx: CallContext, req: api.RegisterToken) -> api.TokenRegistered:
         token = _check_apns_token(req.platform, req.token)
-        registration, created, moved_from = await store.write(
+        registration, created, moved_from, evicted = await store.write(
             store_ops.register_token, req.identity, req.app, req.platform, token
         )
         return api.TokenRegistered(
@@ -172,6 +172,7 @@ def build_router(server: Server) -> Router:
             ),
             created_profile=created,
             moved_from=moved_from,
+            evicted=[registration_to_api(r) for r in evicted],
         )
 
     async def unregister_token(ctx: CallContext, req: api.UnregisterToken) -> api.TokenUnregistered:

@@ -70,7 +70,8 @@ log = logging.getLogger("pigeon.store")
 
 #: An encoded profile record may not exceed this.
 MAX_PROFILE_BYTES = 256 * 1024
-#: Registrations kept per profile; registering one more evicts the least recently seen.
+#: Registrations kept per profile by default (``store.max_registrations``); registering one
+#: more evicts the least recently seen.
 MAX_REGISTRATIONS = 50
 
 #: Modes of the data folder and of the files the store creates in it.
@@ -111,6 +112,7 @@ class ProfileStore(Actor):
         max_batch: most ops committed in one transaction.
         max_commit_events: most events (op weights) committed in one transaction, unless a
             single op is heavier.
+        max_registrations: push registrations kept per profile.
         retention_us: events older than this are deleted by the sweeper.
         sweep_interval: seconds between retention sweeps.
         clock: returns the current time in µs since the epoch.
@@ -124,6 +126,7 @@ class ProfileStore(Actor):
         map_size: int = 1024 * 1024 * 1024,
         max_batch: int = 1024,
         max_commit_events: int = 20_000,
+        max_registrations: int = MAX_REGISTRATIONS,
         retention_us: int = 90 * 86_400 * 1_000_000,
         sweep_interval: float = 3600.0,
         clock: Callable[[], int],
@@ -135,6 +138,7 @@ class ProfileStore(Actor):
         self.map_size = map_size
         self.max_batch = max_batch
         self.max_commit_events = max_commit_events
+        self.max_registrations = max_registrations
         self.retention_us = retention_us
         self.sweep_interval = sweep_interval
         self.clock = clock
@@ -666,7 +670,13 @@ def unlink_identity(w: Writer, identity: str) -> ProfileRecord:
 
 def register_token(
     w: Writer, identity: str, app: str, platform: str, token: str
-) -> tuple[RegistrationRecord, bool, str | None]:
+) -> tuple[RegistrationRecord, bool, str | None, list[RegistrationRecord]]:
+    """Register ``token`` on the profile (created if needed), moving it from another profile.
+
+    Returns the registration, whether the profile was created, an identity of the profile it
+    moved from, and the registrations evicted to keep ``max_registrations`` (least recently
+    seen first; their tokens are forgotten).
+    """
     tkey = keys.token_key(app, token)
     pid, record, created = w.get_or_create(identity)
     txn, dbs = w.txn, w.dbs
@@ -689,15 +699,17 @@ def register_token(
             kept.append(reg)
     registration = RegistrationRecord(app, platform, token, first_seen, w.now)
     kept.append(registration)
-    if len(kept) > MAX_REGISTRATIONS:
+    evicted: list[RegistrationRecord] = []
+    cap = w.store.max_registrations
+    if len(kept) > cap:
         kept.sort(key=lambda r: r.last_seen)
-        for evicted in kept[: len(kept) - MAX_REGISTRATIONS]:
-            txn.delete(keys.token_key(evicted.app, evicted.token), db=dbs["tokens"])
-        kept = kept[len(kept) - MAX_REGISTRATIONS :]
+        evicted, kept = kept[: len(kept) - cap], kept[len(kept) - cap :]
+        for gone in evicted:
+            txn.delete(keys.token_key(gone.app, gone.token), db=dbs["tokens"])
     record.registrations = kept
     w.save(pid, record)
     txn.put(tkey, pid, db=dbs["tokens"])
-    return registration, created, moved_from
+    return registration, created, moved_from, evicted
 
 
 def unregister_token(w: Writer, app: str, token: str) -> str:

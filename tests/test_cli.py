@@ -303,3 +303,15 @@ def test_pigeon_demo_runs_the_whole_flow(tmp_path):
     assert targeted == excluded + sent and sent == delivered + failed
     assert bounced >= 1 and opened >= 1 and (tmp_path / "demo" / "data").is_dir()
     assert unique_opened == opened  # one device per profile, each opened once at most
+
+
+def test_a_registration_evicted_by_the_cap_is_named(spawn_server):
+    addr = spawn_server(env={"PIGEON_STORE__MAX_REGISTRATIONS": "1"}).address
+    register = ("tokens", "register", "crm:1", "--app", "com.acme.app", "--platform", "fcm", "--token")
+    r = pigeon(addr, *register, "fcm-token-1")
+    assert r.returncode == 0 and "evicted" not in r.stdout
+    r = pigeon(addr, *register, "fcm-token-2")
+    assert r.returncode == 0, r.stderr
+    assert "evicted fcm-token-1 for com.acme.app (fcm)" in r.stdout and "store.max_registrations" in r.stdout
+    r = pigeon(addr, *register, "fcm-token-3", "--json")
+    assert [e["token"] for e in json.loads(r.stdout)["evicted"]] == ["fcm-token-2"]

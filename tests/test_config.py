@@ -42,6 +42,13 @@ def test_bad_value_names_key_and_source(tmp_path):
         load_config(str(path), env={})
 
 
+def test_the_registration_cap_is_a_setting():
+    assert load_config(env={}).store.max_registrations == 50
+    assert load_config(env={"PIGEON_STORE__MAX_REGISTRATIONS": "5"}).store.max_registrations == 5
+    with pytest.raises(ConfigError, match=r"'store.max_registrations' \(from environment variable .*\).*>= 1"):
+        load_config(env={"PIGEON_STORE__MAX_REGISTRATIONS": "0"})
+
+
 def test_unknown_key_is_an_error(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text("[store]\nretention_dayz = 3\n")

@@ -107,12 +107,36 @@ async def test_apns_token_must_be_hex(client):
 
 
 async def test_registrations_are_capped_evicting_the_least_recently_seen(client, server):
+    replies = []
     for i in range(MAX_REGISTRATIONS + 2):
-        await client.call(api.RegisterToken(identity="crm:1", app=APP, platform="fcm", token=f"t{i}"))
+        replies.append(await client.call(api.RegisterToken(identity="crm:1", app=APP, platform="fcm", token=f"t{i}")))
     tokens = [r.token for r in (await client.call(api.GetProfile(identity="crm:1"))).registrations]
     assert len(tokens) == MAX_REGISTRATIONS and "t0" not in tokens and "t1" not in tokens
     assert server.store.find_token(APP, "t0") is None  # the index forgot evicted tokens
     assert server.store.find_token(APP, "t2") is not None
+    # the reply that evicts says which registration went
+    assert all(r.evicted == [] for r in replies[:MAX_REGISTRATIONS])
+    assert [[(e.app, e.platform, e.token) for e in r.evicted] for r in replies[MAX_REGISTRATIONS:]] == [
+        [(APP, "fcm", "t0")], [(APP, "fcm", "t1")],
+    ]
+
+
+async def test_the_registration_cap_is_a_setting(tmp_path):
+    """store.max_registrations; lowered, it trims a profile at its next registration, oldest first."""
+    data = tmp_path / "data"
+    for cap, tokens, evicted in ((4, ["a", "b", "c", "d", "e"], ["a"]), (2, ["f"], ["b", "c", "d"])):
+        srv = Server(make_config(data, store={"max_registrations": cap}))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(srv.run)
+            async with open_client(srv.addresses[0]) as client:
+                for token in tokens:
+                    reply = await client.call(api.RegisterToken(identity="crm:1", app=APP, platform="fcm", token=token))
+                assert [e.token for e in reply.evicted] == evicted
+                assert all(e.app == APP and e.state == "active" for e in reply.evicted)
+                profile = await client.call(api.GetProfile(identity="crm:1"))
+                assert len(profile.registrations) == cap
+                assert all(srv.store.find_token(APP, token) is None for token in evicted)
+            srv.request_stop()
 
 
 async def test_consent(client):
