@@ -21,7 +21,17 @@ from .connection import (
     ReplyReceived,
     Welcomed,
 )
-from .errors import BatchFailed, CallError, ConnectionClosed, MalformedFrame, PigeonProtocolError, ProtocolError, Status
+from .errors import (
+    BatchFailed,
+    CallError,
+    ConnectionClosed,
+    FrameTooLarge,
+    MalformedFrame,
+    NotPigeonServer,
+    PigeonProtocolError,
+    ProtocolError,
+    Status,
+)
 from .frames import Welcome
 
 __all__ = [
@@ -35,6 +45,7 @@ __all__ = [
     "abandon",
     "STREAM_WINDOW",
     "closed_error",
+    "not_pigeon",
     "describe",
     "BatchBook",
     "BatcherResults",
@@ -303,6 +314,8 @@ class ClientBase:
         self._closed_error: PigeonProtocolError | None = None
         #: Errors the server sent about the connection itself (call id 0).
         self.connection_errors: list[CallError] = []
+        #: The first bytes from the server, kept until its welcome to say what it is if not Pigeon.
+        self._head = b""
 
     @property
     def welcome(self) -> Welcome:
@@ -341,9 +354,19 @@ class ClientBase:
             self._kick()
 
     def _receive(self, data: bytes) -> None:
-        """Bytes from the server (b"" at its end): hand every frame to its call."""
+        """Bytes from the server (b"" at its end): hand every frame to its call.
+
+        Raises:
+            NotPigeonServer: before the welcome, bytes that are not Pigeon frames.
+            ProtocolError: the server broke the protocol.
+        """
+        conn = self._conn
+        if conn.welcome is None and conn.goaway is None:
+            events = self._receive_first(data)
+        else:
+            events = conn.receive_data(data)
         route_events(
-            self._conn.receive_data(data),
+            events,
             self._pending,
             on_welcome=self._welcomed.set,
             on_pong=self._pong,
@@ -351,6 +374,19 @@ class ClientBase:
         )
         if self._conn.pending_bytes:  # pongs
             self._kick()
+
+    def _receive_first(self, data: bytes) -> list[Any]:
+        """Bytes before the welcome: a server that answers in another protocol (an HTTP server,
+        a TLS port) is named as such, not reported as a broken Pigeon stream."""
+        if len(self._head) < _HEAD_KEPT:
+            self._head += data[: _HEAD_KEPT - len(self._head)]
+        try:
+            events = self._conn.receive_data(data)
+        except (FrameTooLarge, MalformedFrame) as exc:
+            raise not_pigeon(self._head) from exc
+        if not data and self._head and self._conn.goaway is None:
+            raise not_pigeon(self._head)  # it closed after bytes that made no frame
+        return events
 
     def _connection_error(self, error: CallError) -> None:
         log.warning("the server reported a connection error: %s", error)
@@ -379,7 +415,27 @@ def describe(exc: BaseException) -> str:
     return f"{exc!r} caused by {cause!r}" if cause is not None else repr(exc)
 
 
-def closed_error(conn: ClientConnection, reason: str = "the connection was closed") -> ConnectionClosed:
+def closed_error(conn: ClientConnection, reason: str | None = None) -> ConnectionClosed:
+    """The error for calls on a connection that ended: the server's goaway, else ``reason``
+    (default: it was closed)."""
     if conn.goaway is not None:
         return ConnectionClosed(conn.goaway.message, conn.goaway.code)
+    if reason is None:
+        # A Pigeon server welcomes a client or sends a goaway; a TLS port read without TLS just closes.
+        reason = ("the connection was closed" if conn.welcome is not None else
+                  "the server closed the connection without a welcome: is it a Pigeon server (one that serves TLS?)")
     return ConnectionClosed(reason, Status.UNAVAILABLE)
+
+
+#: Bytes of the server's first answer kept to describe it.
+_HEAD_KEPT = 64
+
+
+def not_pigeon(head: bytes) -> NotPigeonServer:
+    """The error for a server whose first bytes ``head`` are not a Pigeon frame."""
+    if head.startswith(b"HTTP/"):
+        line = head.splitlines()[0].decode("latin-1")
+        return NotPigeonServer(f"not a Pigeon server: it answered in HTTP ({line})", "http")
+    if len(head) >= 2 and head[0] in (0x15, 0x16) and head[1] == 0x03:  # a TLS alert or handshake record
+        return NotPigeonServer("the server speaks TLS: it answered the plaintext hello with a TLS record", "tls")
+    return NotPigeonServer(f"not a Pigeon server: its first bytes were {head[:32]!r}")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import signal
 import ssl
 import time
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -24,7 +26,7 @@ from ._ingest import Ingestion
 from ._journeys import Journeys
 from ._plugins import Plugins
 from ._reporting import Reporting
-from ._rpc import Listener
+from ._rpc import Listener, parse_address
 from ._services import build_router
 from ._store import ProfileStore
 from ._supervisor import ChildSpec, Supervisor, SupervisorOptions
@@ -53,6 +55,7 @@ class Server:
     """
 
     def __init__(self, config: Config, *, clock: Any = _now_us, plugins: Plugins | None = None) -> None:
+        _check_listen(config.listen)  # a configuration error stops here, before the data folder exists
         self.config = config
         self.version = VERSION
         self.started_at = time.monotonic()
@@ -190,6 +193,17 @@ class Server:
         self.reporting.wake()  # report watches end
 
 
+def _check_listen(addresses: list[str]) -> None:
+    """Raise `ConfigError` for an address the listener could not listen on (``:99999``)."""
+    from ._errors import ConfigError
+
+    for address in addresses:
+        try:
+            parse_address(address)
+        except ValueError as exc:
+            raise ConfigError(f"configuration key 'listen': {exc}") from None
+
+
 #: Allocations between young-generation collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 50_000
 
@@ -208,30 +222,58 @@ def tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> int:
+async def serve(
+    config: Config, *, ready_file: str | None = None, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED
+) -> int:
     """Run a server until SIGINT or SIGTERM, then stop it gracefully.
 
     A second signal cancels whatever is still running. Returns the exit status: 0 after a
     graceful stop, 1 after a forced one.
+
+    Args:
+        ready_file: once the server listens, its addresses (the port chosen for ``:0``
+            included) are written there, one a line, in one step (a reader never sees half of
+            it); the file is removed when the server stops.
     """
     server = Server(config)
     tune_gc()
     forced = False
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
+    if ready_file is not None:
+        Path(ready_file).unlink(missing_ok=True)  # left by a server that was killed
+    try:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
 
-            async def watch() -> None:
-                nonlocal forced
-                async for signum in signals:
-                    if not server.stopping:
-                        log.info("received %s", signal.Signals(signum).name)
-                        server.request_stop()
-                    else:
-                        log.warning("received %s again; exiting now", signal.Signals(signum).name)
-                        forced = True
-                        nursery.cancel_scope.cancel()
+                async def watch() -> None:
+                    nonlocal forced
+                    async for signum in signals:
+                        if not server.stopping:
+                            log.info("received %s", signal.Signals(signum).name)
+                            server.request_stop()
+                        else:
+                            log.warning("received %s again; exiting now", signal.Signals(signum).name)
+                            forced = True
+                            nursery.cancel_scope.cancel()
 
-            nursery.start_soon(watch)
-            await server.run(task_status=task_status)
-            nursery.cancel_scope.cancel()
+                async def run(*, task_status: trio.TaskStatus[Server]) -> None:
+                    await server.run(task_status=task_status)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(watch)
+                await nursery.start(run)
+                if ready_file is not None:
+                    _write_ready_file(ready_file, server.addresses)
+                task_status.started(server)
+    finally:
+        if ready_file is not None:
+            Path(ready_file).unlink(missing_ok=True)
     return 1 if forced else 0
+
+
+def _write_ready_file(path: str, addresses: list[str]) -> None:
+    """Write the addresses to ``path`` through a temporary file renamed over it, so that a
+    reader waiting for the file finds it whole."""
+    target = Path(path)
+    partial = target.with_name(f".{target.name}.{os.getpid()}")
+    partial.write_text("".join(f"{address}\n" for address in addresses))
+    partial.replace(target)

@@ -2,8 +2,13 @@
 
 ``pigeon serve`` runs a server; every other command is a client of one (``--server``, or
 ``PIGEON_SERVER``, default 127.0.0.1:7600) and prints a readable summary, or the response
-as JSON with ``--json``. Exit status: 0 on success, 1 when the server refused the call or
-could not be reached, 2 for a usage or configuration error.
+as JSON with ``--json`` (every field, defaults included). Options common to the client
+commands may come before or after the command. Exit status: 0 on success; 1 when the server
+could not do it (not found, refused for a reason other than the input, a notification not
+sent) or could not be reached; 2 for bad input, whoever found it (a usage error, a file or
+value the CLI or the server refused: ``INVALID_ARGUMENT``) and for a configuration error;
+141 when the output was closed early (``| head``), quietly, as other Unix tools do.
+Bare ``pigeon`` (or a command group without its subcommand) prints its help, with status 2.
 """
 
 from __future__ import annotations
@@ -13,18 +18,23 @@ import json
 import logging
 import math
 import os
+import signal
 import ssl
 import sys
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import msgspec
+import msgspec.structs
 import trio
 
 from protocols import api
-from protocols.errors import CallError, PigeonProtocolError
+from protocols.errors import CallError, ConnectionClosed, NotPigeonServer, PigeonProtocolError, Status
+from protocols.frames import PROTOCOL_VERSION
+from protocols._client_core import parse_target
 from protocols.trio_client import BatchFailed, Client, open_client
 
 from ._config import DEFAULT_LISTEN, load_config
@@ -76,8 +86,31 @@ class UsageError(Exception):
 # output
 
 
+def _complete(value: Any) -> Any:
+    """``value`` with every field of its structs, defaults included.
+
+    The wire omits a field at its default (a registration's ``state`` while it is active);
+    the JSON output shows what the text view shows, so a script can read it there too.
+    """
+    if isinstance(value, msgspec.Struct):
+        config = value.__struct_config__
+        out = {config.tag_field: config.tag} if config.tag_field else {}
+        out.update((f.encode_name, _complete(getattr(value, f.name))) for f in msgspec.structs.fields(value))
+        return out
+    if isinstance(value, dict):
+        return {key: _complete(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_complete(item) for item in value]
+    return value
+
+
 def _json(obj: Any) -> str:
-    return json.dumps(json.loads(msgspec.json.encode(obj)), indent=2, ensure_ascii=False)
+    return json.dumps(json.loads(msgspec.json.encode(_complete(obj))), indent=2, ensure_ascii=False)
+
+
+def _json_line(obj: Any) -> str:
+    """One JSON document on one line (streamed output: one item per line)."""
+    return msgspec.json.encode(_complete(obj)).decode()
 
 
 def _when(dt: datetime | None) -> str:
@@ -202,6 +235,10 @@ def show_ingest(r: api.IngestResult) -> str:
 # input
 
 
+#: What a parser's RecursionError means: input nested deeper than the parser follows.
+TOO_DEEP = "nested too deeply (arrays or objects inside each other, hundreds of levels)"
+
+
 def _parse_json_object(text: str, what: str) -> dict[str, Any]:
     if text.startswith("@"):
         path = text[1:]
@@ -213,6 +250,8 @@ def _parse_json_object(text: str, what: str) -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UsageError(f"{what} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{what} is {TOO_DEEP}") from None
     if not isinstance(value, dict):
         raise UsageError(f"{what} must be a JSON object, not {type(value).__name__}")
     return value
@@ -286,6 +325,9 @@ async def _events_import(client: Client, args: argparse.Namespace) -> None:
                 except msgspec.DecodeError as exc:
                     invalid.append(f"line {lineno}: {exc}")
                     continue
+                except RecursionError:
+                    invalid.append(f"line {lineno}: {TOO_DEEP}")
+                    continue
                 await batcher.add(event)
     except BatchFailed as exc:
         stopped = exc
@@ -321,7 +363,7 @@ async def _events_list(client: Client, args: argparse.Namespace) -> None:
     async with client.stream(request) as events:
         async for event in events:
             count += 1
-            print(msgspec.json.encode(event).decode() if args.json else show_event(event))
+            print(_json_line(event) if args.json else show_event(event))
     if not args.json and count == 0:
         print("(no events)")
 
@@ -355,6 +397,8 @@ def _register_android(args: argparse.Namespace) -> api.RegisterAndroidApp:
         account = json.loads(text)
     except ValueError as exc:
         raise UsageError(f"the service account key file {args.service_account!r} is not JSON: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"the service account key file {args.service_account!r} is {TOO_DEEP}") from None
     if not isinstance(account, dict):
         raise UsageError(f"the service account key file {args.service_account!r} does not hold a JSON object")
     return api.RegisterAndroidApp(app=args.app, package_name=args.package_name, service_account=account)
@@ -371,10 +415,14 @@ def _load_document(path: str, kind: type) -> Any:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         raise UsageError(f"{path}: {where}not valid YAML or JSON: {getattr(exc, 'problem', None) or exc}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: {TOO_DEEP}") from None
     try:
         return msgspec.convert(doc, kind)
     except msgspec.ValidationError as exc:
         raise UsageError(f"{path}: {api.describe_validation_error(exc, kind)[0]}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: {TOO_DEEP}") from None
 
 
 def _publisher(kind: type, request: Callable[[Any], api.Request[Any]], show: Callable[[Any], str]) -> Action:
@@ -474,7 +522,7 @@ async def _reports(client: Client, args: argparse.Namespace) -> None:
     async with client.stream(api.WatchReport(**filters, interval_s=args.watch)) as reports:
         async for result in reports:
             if args.json:
-                print(msgspec.json.encode(result).decode(), flush=True)  # one report per line
+                print(_json_line(result), flush=True)  # one report per line
             else:
                 print("\x1b[H\x1b[2J" + show_report(result), flush=True)  # refresh in place
 
@@ -543,18 +591,54 @@ async def _push_send(client: Client, args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=os.environ.get("PIGEON_SERVER", DEFAULT_LISTEN),
-                        help="HOST:PORT or unix:PATH of the server (env PIGEON_SERVER; default %(default)s)")
-    common.add_argument("--json", action="store_true", help="print the response as JSON")
-    common.add_argument("--tls", action="store_true", help="connect with TLS")
-    common.add_argument("--ca", metavar="FILE", help="CA certificate to trust for TLS (implies --tls)")
-    common.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+def _client_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    """The options every client command takes. They are given to the main parser with their
+    defaults and to each command without (SUPPRESS), so that they may come before or after
+    the command and one given before is not reset by the command's own parser."""
+    def default(value: Any) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    server = os.environ.get("PIGEON_SERVER", DEFAULT_LISTEN)
+    parser.add_argument("--server", default=default(server),
+                        help=f"HOST:PORT or unix:PATH of the server (env PIGEON_SERVER; default {server})")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print the response as JSON (every field, defaults included)")
+    parser.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS")
+    parser.add_argument("--ca", metavar="FILE", default=default(None), help="CA certificate to trust for TLS (implies --tls)")
+    parser.add_argument("--timeout", type=float, default=default(30.0), metavar="SECONDS",
                         help="deadline for connecting and for each call (default 30)")
 
-    parser = argparse.ArgumentParser(prog="pigeon", description="Pigeon, a self-hosted push journey server.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is too few: at least 1")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    from ._app import VERSION
+
+    common = argparse.ArgumentParser(add_help=False)
+    _client_options(common, defaults=False)
+
+    parser = argparse.ArgumentParser(
+        prog="pigeon", description="Pigeon, a self-hosted push journey server.",
+        epilog="Options of the client commands (--server, --json, --tls, --ca, --timeout) may also come after "
+               "the command. `pigeon COMMAND --help` shows a command's own options.")
+    parser.add_argument("--version", action="version", version=f"pigeon {VERSION} (protocol {PROTOCOL_VERSION})")
+    _client_options(parser, defaults=True)
+    parser.set_defaults(action=None, group=parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def group(name: str, help: str) -> Any:
+        """A command group (``profiles``, ``apps``, ...); without a subcommand it prints its help."""
+        p = commands.add_parser(name, help=help)
+        p.set_defaults(group=p)
+        return p.add_subparsers(dest="sub", metavar="SUBCOMMAND")
 
     serve = commands.add_parser("serve", help="run the server")
     serve.add_argument("--data", metavar="DIR", help="data folder (default ./pigeon-data)")
@@ -562,17 +646,22 @@ def _build_parser() -> argparse.ArgumentParser:
                        help="HOST:PORT or unix:PATH to listen on; repeat for several (default 127.0.0.1:7600)")
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file (default ./pigeon.toml if present)")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--ready-file", metavar="PATH",
+                       help="once listening, write the addresses listened on to PATH (one a line, the port "
+                            "chosen for :0 included); removed when the server stops")
     serve.set_defaults(action=None)
 
-    def sub(parent: Any, name: str, help: str, action: Action) -> argparse.ArgumentParser:
+    def sub(parent: Any, name: str, help: str, action: Action, flags: dict[str, str] | None = None) -> argparse.ArgumentParser:
+        """A client command. ``flags`` maps the request fields that come from a flag (``$.auth.key_pem``)
+        to the flag's dest (``p8``), so that the server's error about the field names the flag."""
         p = parent.add_parser(name, help=help, parents=[common])
-        p.set_defaults(action=action)
+        p.set_defaults(action=action, flags=flags or {})
         return p
 
     sub(commands, "health", "is the server serving?", _req(lambda a: api.GetHealth(), lambda h: f"{h.status} (pigeon {h.version}, protocol {h.protocol}, up {h.uptime_s:.0f}s)"))
     sub(commands, "stats", "actors, connections, store and per-method latency", _req(lambda a: api.GetStats(), show_stats))
 
-    profiles = commands.add_parser("profiles", help="customer profiles").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    profiles = group("profiles", "customer profiles")
     p = sub(profiles, "get", "show a profile", _req(lambda a: api.GetProfile(identity=a.identity), show_profile))
     p.add_argument("identity", help="namespace:value, e.g. crm:42")
     p = sub(profiles, "upsert", "create a profile or replace its attributes",
@@ -594,7 +683,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub(profiles, "unlink", "remove an identity from its profile", _req(lambda a: api.UnlinkIdentity(identity=a.identity), show_profile))
     p.add_argument("identity")
 
-    tokens = commands.add_parser("tokens", help="push tokens").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    tokens = group("tokens", "push tokens")
     p = sub(tokens, "register", "register a push token on a profile",
             _req(lambda a: api.RegisterToken(identity=a.identity, app=a.app, platform=a.platform, token=a.token),
                  lambda r: f"registered {_short_token(r.registration.token)} for {r.registration.app} ({r.registration.platform})"
@@ -610,16 +699,18 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--app", required=True)
     p.add_argument("--token", required=True)
 
-    consent = commands.add_parser("consent", help="push consent").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    consent = group("consent", "push consent")
     p = sub(consent, "set", "opt a profile in or out of an app's push",
             _req(lambda a: api.SetConsent(identity=a.identity, app=a.app, push=a.push), lambda c: f"push {c.push} since {_when(c.updated)}"))
     p.add_argument("identity")
     p.add_argument("--app", required=True)
     p.add_argument("--push", required=True, choices=["in", "out"])
 
-    apps = commands.add_parser("apps", help="apps and their provider credentials").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    apps = group("apps", "apps and their provider credentials")
     p = sub(apps, "register-ios", "register an app's APNs credentials (checked now, never shown again)",
-            _req(_register_ios, show_app))
+            _req(_register_ios, show_app),
+            flags={"$.auth.key_pem": "p8", "$.auth.key_id": "key_id", "$.auth.team_id": "team_id", "$.auth.pkcs12": "p12",
+                   "$.auth.pem": "pem", "$.auth.password": "password_env", "$.bundle_id": "bundle_id"})
     p.add_argument("app", help="the app id (usually the bundle id)")
     p.add_argument("--bundle-id", help="the APNs topic, if not the app id")
     p.add_argument("--environment", choices=["production", "sandbox", "both"], default="both",
@@ -631,7 +722,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pem", metavar="FILE", help="certificate auth: certificate and key in PEM")
     p.add_argument("--password-env", metavar="NAME", help="the environment variable holding the .p12 or key password")
     p = sub(apps, "register-android", "register an app's FCM service account (checked now, never shown again)",
-            _req(_register_android, show_app))
+            _req(_register_android, show_app),
+            flags={"$.service_account": "service_account", "$.package_name": "package_name"})
     p.add_argument("app", help="the app id (usually the package name)")
     p.add_argument("--service-account", required=True, metavar="FILE",
                    help="the Firebase service account's JSON key file")
@@ -643,8 +735,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub(apps, "delete", "forget an app and its credentials", _req(lambda a: api.DeleteApp(app=a.app), lambda r: f"deleted app {r.app}"))
     p.add_argument("app")
 
-    push = commands.add_parser("push", help="send push notifications").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
-    p = sub(push, "send", "send one notification now (transactional: no consent or capping rules)", _push_send)
+    push = group("push", "send push notifications")
+    p = sub(push, "send", "send one notification now (transactional: no consent or capping rules)", _push_send,
+            flags={"$.raw": "raw", "$.fcm_raw": "fcm_raw", "$.content.data": "data"})
     p.add_argument("--app", required=True)
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--token", help="one device token (with --platform)")
@@ -677,8 +770,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fcm-color", help="Android icon colour, #rrggbb")
     p.add_argument("--fcm-icon", help="Android drawable name")
 
-    configs = commands.add_parser("configs", help="channel configurations (where messages go)").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+    configs = group("configs", "channel configurations (where messages go)")
     p = sub(configs, "publish", "publish channel configurations from YAML or JSON files (a new version each)",
             _publisher(api.ChannelConfig, lambda c: api.PublishConfig(config=c), show_config))
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -688,8 +780,7 @@ def _build_parser() -> argparse.ArgumentParser:
     sub(configs, "list", "list channel configurations (latest versions)",
         _req(lambda a: api.ListConfigs(), lambda r: "\n".join(show_config(c) for c in r.configs) or "(no configurations)"))
 
-    messages = commands.add_parser("messages", help="push messages and their templates").add_subparsers(
-        dest="sub", required=True, metavar="SUBCOMMAND")
+    messages = group("messages", "push messages and their templates")
     p = sub(messages, "publish", "publish messages from YAML or JSON files (templates checked; a new version each)",
             _publisher(api.MessageSpec, lambda m: api.PublishMessage(message=m), show_message))
     p.add_argument("files", nargs="+", metavar="FILE")
@@ -731,7 +822,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole flow in one command: mocks, apps, a message, a send, a report")
     demo.add_argument("--data", metavar="DIR", help="folder for the demo (default: a new temporary one)")
-    demo.add_argument("--profiles", type=int, default=40, help="profiles to create (default 40)")
+    demo.add_argument("--profiles", type=_at_least_one, default=40, help="profiles to create (default 40, at least 1)")
     demo.set_defaults(action=None)
 
     for name, what in (("mock-apns", "APNs"), ("mock-fcm", "FCM")):
@@ -739,7 +830,7 @@ def _build_parser() -> argparse.ArgumentParser:
         mock.add_argument("rest", nargs=argparse.REMAINDER)
         mock.set_defaults(action=None)
 
-    events = commands.add_parser("events", help="experience events").add_subparsers(dest="sub", required=True, metavar="SUBCOMMAND")
+    events = group("events", "experience events")
     p = sub(events, "send", "send one event", _events_send)
     p.add_argument("identity")
     p.add_argument("type", help="event type, e.g. commerce.purchase")
@@ -758,18 +849,112 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Unreachable(Exception):
+    """The server could not be reached or is not a Pigeon server; printed as it is, exit status 1."""
+
+
 async def _run_client(args: argparse.Namespace) -> None:
     context = None
     if args.tls or args.ca:
         context = ssl.create_default_context(cafile=args.ca)
-    # --timeout bounds connecting, and then each call (in the commands), not the whole command:
-    # a long import or listing may take as long as it needs while the server keeps answering.
-    with trio.CancelScope(deadline=trio.current_time() + args.timeout) as connecting:
-        async with open_client(args.server, ssl_context=context, client_name="pigeon-cli") as client:
-            connecting.deadline = math.inf
-            await args.action(client, args)
-    if connecting.cancelled_caught:
-        raise trio.TooSlowError
+    connected = False
+    try:
+        # --timeout bounds connecting, and then each call (in the commands), not the whole command:
+        # a long import or listing may take as long as it needs while the server keeps answering.
+        with trio.CancelScope(deadline=trio.current_time() + args.timeout) as connecting:
+            async with open_client(args.server, ssl_context=context, client_name="pigeon-cli") as client:
+                connected = True
+                connecting.deadline = math.inf
+                await args.action(client, args)
+        if connecting.cancelled_caught:
+            raise trio.TooSlowError
+    except (OSError, PigeonProtocolError, trio.TooSlowError) as exc:
+        if connected or isinstance(exc, (BrokenPipeError, CallError)):
+            raise
+        raise Unreachable(await _unreachable(args, exc)) from None
+
+
+async def _unreachable(args: argparse.Namespace, exc: BaseException) -> str:
+    """Why the server at ``args.server`` could not be talked to, with what to do about it."""
+    server = args.server
+    start = "start one with `pigeon serve`, or point --server (or PIGEON_SERVER) at yours"
+    if isinstance(exc, OSError) and _refused(exc):
+        return f"no server is listening at {server}: {start}"
+    if isinstance(exc, NotPigeonServer):
+        return _speaks_tls(server) if exc.speaks == "tls" else f"{server} is {exc}"  # "not a Pigeon server: ..."
+    if isinstance(exc, (ConnectionClosed, trio.TooSlowError)) and _plaintext(args):
+        # It took the connection but did not welcome us: ask it in the protocols it may speak.
+        host, port = parse_target(server)
+        if host != "unix":
+            speaks = await _probe(host, int(port))
+            if speaks == "tls":
+                return _speaks_tls(server)
+            if speaks is not None:
+                return f"{server} is not a Pigeon server: it answered in HTTP ({speaks})"
+    if isinstance(exc, trio.TooSlowError):
+        return f"no answer from {server} within {args.timeout:g}s"
+    if isinstance(exc, OSError):
+        return f"cannot connect to {server}: {exc}"
+    return f"cannot talk to the server at {server}: {exc}"
+
+
+def _plaintext(args: argparse.Namespace) -> bool:
+    """Whether the client spoke without TLS (only then may the server be a TLS port)."""
+    return not (args.tls or args.ca)
+
+
+def _speaks_tls(server: str) -> str:
+    return f"{server} speaks TLS: use --tls (and --ca FILE unless its certificate comes from a CA this system trusts)"
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether connecting failed because nothing listens there (trio reports the attempts of
+    ``open_tcp_stream`` as the cause of one OSError)."""
+    if isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_refused(e) for e in exc.exceptions)
+    return exc.__cause__ is not None and _refused(exc.__cause__)
+
+
+#: How long each probe of a server that did not welcome us may take.
+PROBE_S = 2.0
+
+
+async def _probe(host: str, port: int) -> str | None:
+    """What a server that took a connection but sent no welcome speaks: ``"tls"`` if it completes
+    a TLS handshake, the first line of its answer if it answers an HTTP request, else None."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # a question about the protocol, not about trust; nothing is sent
+    with trio.move_on_after(PROBE_S):
+        try:
+            stream = trio.SSLStream(await trio.open_tcp_stream(host, port), context, server_hostname=host)
+            try:
+                await stream.do_handshake()
+                return "tls"
+            finally:
+                await trio.aclose_forcefully(stream)
+        except (OSError, trio.BrokenResourceError):
+            pass
+    with trio.move_on_after(PROBE_S):
+        try:
+            plain = await trio.open_tcp_stream(host, port)
+            try:
+                await plain.send_all(b"HEAD / HTTP/1.0\r\n\r\n")
+                answer = b""
+                while b"\n" not in answer and len(answer) < 1024:
+                    data = await plain.receive_some(1024)
+                    if not data:
+                        break
+                    answer += data
+            finally:
+                await trio.aclose_forcefully(plain)
+        except (OSError, trio.BrokenResourceError):
+            return None
+        if answer.startswith(b"HTTP/"):
+            return answer.splitlines()[0].decode("latin-1")
+    return None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -783,13 +968,15 @@ def _serve(args: argparse.Namespace) -> int:
     if args.log_level:
         overrides["log_level"] = args.log_level
     config = load_config(args.config, env=os.environ, overrides=overrides)
+    if args.ready_file and not Path(args.ready_file).absolute().parent.is_dir():
+        raise UsageError(f"--ready-file {args.ready_file}: its folder does not exist")
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
-        return trio.run(serve, config)
+        return trio.run(partial(serve, config, ready_file=args.ready_file))
     except BaseExceptionGroup as group:
         match, _ = group.split((RestartIntensityExceeded, ServerError))
         if match is None:
@@ -812,6 +999,34 @@ def main(argv: list[str] | None = None) -> int:
 
         return fcm_mock_main(argv[1:])
     args = _build_parser().parse_args(argv)
+    if args.action is None and args.command not in ("serve", "demo"):
+        args.group.print_help()  # bare `pigeon`, or a group without its subcommand
+        return 2
+    try:
+        try:
+            code = _run(args)
+        except SystemExit as exc:  # a command's own status (push send: 1 unless all were sent)
+            code = exc.code if isinstance(exc.code, int) else 1
+        sys.stdout.flush()  # output still buffered meets a closed pipe here, not at exit
+        return code
+    except BrokenPipeError:
+        return _output_closed()
+    except BaseExceptionGroup as group:  # from inside a nursery (the demo's)
+        if group.split(BrokenPipeError)[1] is not None:
+            raise
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """Whoever read our output has gone (`pigeon events list ... | head`): stop quietly, as Unix
+    tools do, and point stdout at /dev/null so that the interpreter's last flush does not
+    complain (https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; errors become a line on stderr and an exit status (see the module's docstring)."""
     try:
         if args.command == "serve":
             return _serve(args)
@@ -829,8 +1044,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pigeon: {exc}", file=sys.stderr)
         return 1
     except CallError as exc:
-        print(f"pigeon: {exc.status}: {exc.message}", file=sys.stderr)
+        print(f"pigeon: {_call_error_text(exc, args)}", file=sys.stderr)
+        return 2 if exc.status is Status.INVALID_ARGUMENT else 1
+    except Unreachable as exc:
+        print(f"pigeon: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise
     except (PigeonProtocolError, OSError) as exc:
         print(f"pigeon: cannot talk to the server at {getattr(args, 'server', '?')}: {exc}", file=sys.stderr)
         return 1
@@ -839,5 +1059,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _call_error_text(exc: CallError, args: argparse.Namespace) -> str:
+    """The server's error; when it is about a field that came from a flag, it names the flag
+    and its value (``--p8 AuthKey.p8: ...``) instead of the request's field (``$.auth.key_pem``)."""
+    field = exc.field or ""
+    for prefix, dest in getattr(args, "flags", {}).items():
+        value = getattr(args, dest, None)
+        if value is None or not (field == prefix or field.startswith((prefix + ".", prefix + "["))):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if len(value) <= 200 and "\n" not in value:  # a file name, an id; not a whole JSON document
+            flag += f" {value}"
+        inner = field[len(prefix):].lstrip(".")
+        return f"{flag}: " + (f"{inner}: " if inner else "") + exc.message.removeprefix(f"{field}: ")
+    return f"{exc.status}: {exc.message}"
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m server._cli``: use the module as the package imports it, so that there
+    # is one UsageError class (the demo raises server._cli's, not __main__'s).
+    from server._cli import main as package_main
+
+    sys.exit(package_main())

@@ -3,10 +3,11 @@
 It starts the mock APNs and the mock FCM (in child processes, with their own CAs), a Pigeon
 server in this process on a fresh data folder pointed at them, and then, as a client would:
 registers an app's iOS and Android credentials, publishes a channel configuration and a
-personalized message, creates profiles with push tokens (some of them stale: the mocks know
-them as unregistered, and one profile opted out), sends the message, reports interactions
-for some of the notifications (opens and a button action, as the app's SDK would), and
-prints the report.
+personalized message, creates profiles with push tokens (some of them stale: the mocks do not
+know them or know them as unregistered; one profile in eleven opted out), sends the message,
+reports interactions for some of the notifications (opens and a button action, as the app's
+SDK would), and prints the report. The folder must be new or empty: a second demo in the same
+folder would add its counts to the first one's report.
 """
 
 from __future__ import annotations
@@ -29,13 +30,23 @@ NAMES = ["Ana", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kai
 
 
 async def run_demo(data: str | None, profiles: int, out: Any = print) -> int:
+    """Run the demo in ``data`` (default: a new temporary folder) with ``profiles`` profiles (at least 1).
+
+    Raises:
+        UsageError: ``data`` already holds something (a demo's data, or anything else).
+    """
     from plugins.apns.mock import MockApnsProcess, SigningKey
     from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 
     from ._app import Server
-    from ._cli import show_preview, show_report, show_send
+    from ._cli import UsageError, show_preview, show_report, show_send
     from ._config import load_config
 
+    if profiles < 1:
+        raise UsageError(f"--profiles {profiles}: the demo needs at least one profile")
+    if data is not None and Path(data).exists() and any(Path(data).iterdir()):
+        raise UsageError(f"--data {data} is not empty (a demo there already?): give a new folder, "
+                         "so that this demo's report counts this demo only")
     folder = Path(data or tempfile.mkdtemp(prefix="pigeon-demo-"))
     rng = random.Random(7)
     key = SigningKey.generate(key_id="DEMOKEY001", team_id="DEMOTEAM01")
@@ -90,8 +101,8 @@ async def run_demo(data: str | None, profiles: int, out: Any = print) -> int:
                     if opted_out:
                         await client.call(api.SetConsent(identity=identity, app=APP, push="out"))
                 await client.call(api.UpsertProfile(identity="crm:999", attributes={"person": {"firstName": "Nobody"}}))
-                out(f"{len(people) + 1} profiles: {len(apns_tokens)} iOS and {len(fcm_tokens)} Android tokens "
-                    f"(some stale), some opted out, one without a device")
+                out(_describe_profiles(people, stale=lambda token: token not in apns_tokens and fcm_tokens.get(
+                    token, {"unregistered": True})["unregistered"]))
                 preview = await client.call(api.PreviewMessage(id="welcome-back", identity=people[0][0]))
                 out(show_preview(preview))
                 result = await client.call(api.SendMessage(id="welcome-back", identities=[p[0] for p in people] + ["crm:999"]))
@@ -120,3 +131,21 @@ async def run_demo(data: str | None, profiles: int, out: Any = print) -> int:
             server.request_stop()
     out(f"\nthe data stays in {folder}; run `pigeon serve --data {folder / 'data'}` to look around")
     return 0
+
+
+def _describe_profiles(people: list[tuple[str, str, str, str, bool]], stale: Any) -> str:
+    """What the demo created, counted from the list it created them from."""
+    ios = [p for p in people if p[2] != "fcm"]
+    android = [p for p in people if p[2] == "fcm"]
+    stale_ios = sum(1 for p in ios if stale(p[3]))
+    stale_android = sum(1 for p in android if stale(p[3]))
+    opted_out = [p[0] for p in people if p[4]]
+    names = people[0][0] if len(people) == 1 else f"{people[0][0]} to {people[-1][0]}"
+    lines = [
+        f"{len(people) + 1} profiles: {names}, one device each, and crm:999 without a device",
+        f"  {len(ios)} iOS tokens, {stale_ios} of them stale (unknown to APNs), and "
+        f"{len(android)} Android tokens, {stale_android} of them stale (unregistered at FCM)",
+    ]
+    if opted_out:
+        lines.append(f"  opted out of the app's push: {', '.join(opted_out)}")
+    return "\n".join(lines)

@@ -5,24 +5,24 @@
             ...
 
 `ServerProcess` runs ``pigeon serve`` in a child process on 127.0.0.1 with a free port, waits
-until it is ready, and collects its log; it can be signalled, killed and started again on the
-same data folder.
+until it is ready (its ``--ready-file`` names the port), and collects its log; it can be
+signalled, killed and started again on the same data folder.
 """
 
 from __future__ import annotations
 
 import os
-import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 __all__ = ["ServerProcess"]
-
-_READY = re.compile(r"ready on (\S+?)(?:,| |\Z)")
 
 
 class ServerProcess:
@@ -46,36 +46,38 @@ class ServerProcess:
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
         self._pump: threading.Thread | None = None
+        self._ready_dir: str | None = None
 
     def start(self, timeout: float = 20.0) -> ServerProcess:
         """Start the server and wait until it is ready (raises RuntimeError with its log if not)."""
         self.log = []
         self.address = ""
+        self._ready_dir = tempfile.mkdtemp(prefix="pigeon-ready-")
+        ready = Path(self._ready_dir) / "ready"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server._cli", "serve", "--data", str(self.data), "--listen", "127.0.0.1:0", *self.extra],
+            [sys.executable, "-m", "server._cli", "serve", "--data", str(self.data), "--listen", "127.0.0.1:0",
+             "--ready-file", str(ready), *self.extra],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
             env=self.env,
         )
-        ready = threading.Event()
         proc = self.proc
 
         def pump() -> None:
             assert proc.stderr is not None
             for line in proc.stderr:
                 self.log.append(line)
-                match = _READY.search(line)
-                if match:
-                    self.address = match.group(1)
-                    ready.set()
-            ready.set()
 
         self._pump = threading.Thread(target=pump, daemon=True)
         self._pump.start()
-        if not ready.wait(timeout) or not self.address:
-            self.kill()
-            raise RuntimeError("the server did not start:\n" + "".join(self.log))
+        deadline = time.monotonic() + timeout
+        while not ready.exists():  # written whole, once the server listens
+            if proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError("the server did not start:\n" + "".join(self.log))
+            time.sleep(0.01)
+        self.address = ready.read_text().split()[0]
         return self
 
     def signal(self, signum: int) -> None:
@@ -108,6 +110,9 @@ class ServerProcess:
             if self._pump is not None:
                 self._pump.join(5)
             self.proc.stderr.close()
+        if self._ready_dir is not None:
+            shutil.rmtree(self._ready_dir, ignore_errors=True)
+            self._ready_dir = None
 
     def __enter__(self) -> ServerProcess:
         return self.start()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -72,14 +74,13 @@ def test_errors_are_readable_with_exit_status_1_or_2(server_process):
     addr = server_process.address
     r = pigeon(addr, "profiles", "get", "crm:404")
     assert r.returncode == 1 and "NOT_FOUND" in r.stderr and "crm:404" in r.stderr
+    # Bad input exits 2 whoever finds it: the server (INVALID_ARGUMENT) or the CLI.
     r = pigeon(addr, "profiles", "get", "nope")
-    assert r.returncode == 1 and "$.identity" in r.stderr and "identity like crm:42" in r.stderr
+    assert r.returncode == 2 and "$.identity" in r.stderr and "identity like crm:42" in r.stderr
     r = pigeon(addr, "profiles", "upsert", "crm:1", "[1, 2]")
     assert r.returncode == 2 and "must be a JSON object" in r.stderr
     r = pigeon(addr, "events", "send", "crm:1", "bad type!")
     assert r.returncode == 2 and "$.type" in r.stderr
-    r = pigeon("127.0.0.1:1", "health")
-    assert r.returncode == 1 and "cannot talk to the server" in r.stderr
 
 
 def test_events_send_list_and_import(server_process, tmp_path):
@@ -170,7 +171,7 @@ def test_an_ios_app_and_a_push_from_the_cli(spawn_server, tmp_path):
         )
         r = pigeon(addr, "apps", "register-ios", "com.other.app", "--p8", str(rsa_key), "--key-id", key.key_id,
                    "--team-id", key.team_id)
-        assert r.returncode == 1 and "$.auth.key_pem" in r.stderr and "P-256" in r.stderr
+        assert r.returncode == 2 and f"--p8 {rsa_key}: " in r.stderr and "P-256" in r.stderr
         assert "PRIVATE KEY" not in r.stderr
 
         assert pigeon(addr, "tokens", "register", "crm:1", "--app", "com.acme.app", "--platform", "apns-sandbox",
@@ -289,20 +290,175 @@ def test_mock_fcm_runs_from_the_cli(tmp_path):
                 proc.kill()
 
 
-def test_pigeon_demo_runs_the_whole_flow(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "server._cli", "demo", "--data", str(tmp_path / "demo"), "--profiles", "14"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    out = r.stdout
-    assert "ios (com.example.pigeon-demo)" in out and "android (com.example.pigeon-demo)" in out
-    assert "report for welcome-back:" in out
-    [summary] = [line for line in out.splitlines() if line.startswith("message welcome-back v1, execution")]
-    assert "15 profile(s), 15 targeted" in summary and "bounced" in summary
-    [totals] = [line.split() for line in out.splitlines() if line.startswith("all ")]
-    targeted, excluded, sent, delivered, failed, bounced, opened, unique_opened, action = map(int, totals[1:])
-    assert targeted == excluded + sent and sent == delivered + failed
-    assert bounced >= 1 and opened >= 1 and (tmp_path / "demo" / "data").is_dir()
-    assert unique_opened == opened  # one device per profile, each opened once at most
+def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``pigeon ARGS`` as they are (options where the test puts them)."""
+    return subprocess.run([sys.executable, "-m", "server._cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_version_and_help_without_a_command():
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("pigeon ") and "protocol 1" in r.stdout
+    r = cli()  # bare `pigeon`: the help, not only a usage error
+    assert r.returncode == 2
+    assert "serve" in r.stdout and "messages" in r.stdout and "--version" in r.stdout and r.stderr == ""
+    r = cli("profiles")  # a group without its subcommand: the group's help
+    assert r.returncode == 2 and "upsert" in r.stdout and "merge-patch" in r.stdout
+
+
+def test_client_options_come_before_or_after_the_command(server_process):
+    addr = server_process.address
+    assert pigeon(addr, "profiles", "upsert", "crm:7", '{"n": 1}').returncode == 0
+    before = cli("--json", "--server", addr, "--timeout", "10", "profiles", "get", "crm:7")
+    after = cli("profiles", "get", "crm:7", "--json", "--server", addr, "--timeout", "10")
+    mixed = cli("--server", addr, "profiles", "get", "--json", "crm:7")
+    assert before.returncode == after.returncode == mixed.returncode == 0, before.stderr + after.stderr + mixed.stderr
+    assert json.loads(before.stdout) == json.loads(after.stdout) == json.loads(mixed.stdout)
+    assert json.loads(before.stdout)["attributes"] == {"n": 1}
+
+
+def test_json_registrations_carry_the_state_the_text_view_shows(server_process):
+    addr = server_process.address
+    assert pigeon(addr, "tokens", "register", "crm:8", "--app", "com.acme.app", "--platform", "fcm", "--token", "t-1").returncode == 0
+    text = pigeon(addr, "profiles", "get", "crm:8").stdout
+    [registration] = json.loads(pigeon(addr, "profiles", "get", "crm:8", "--json").stdout)["registrations"]
+    assert "active" in text
+    assert registration["state"] == "active" and registration["invalid_reason"] is None
+
+
+def test_a_closed_output_ends_the_command_quietly(server_process):
+    addr = server_process.address
+    lines = "".join(json.dumps({"identity": "crm:9", "type": "page.view", "data": {"n": i}}) + "\n" for i in range(3000))
+    assert pigeon(addr, "events", "import", "-", stdin=lines).returncode == 0
+    # About 150 KB of output, more than a pipe holds: the command is still writing when the reader goes.
+    with subprocess.Popen([sys.executable, "-m", "server._cli", "events", "list", "crm:9", "--limit", "3000", "--server", addr],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        assert proc.stdout is not None and proc.stderr is not None
+        assert "page.view" in proc.stdout.readline()
+        proc.stdout.close()  # as `pigeon events list ... | head -1` does
+        err = proc.stderr.read()
+        assert proc.wait(60) == 141  # as for Unix tools (128 + SIGPIPE)
+    assert err == ""
+
+
+def test_nothing_listening_says_to_start_a_server(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for address in (f"127.0.0.1:{port}", f"unix:{tmp_path / 'pigeon.sock'}"):
+        r = cli("health", "--server", address)
+        assert r.returncode == 1
+        assert f"no server is listening at {address}" in r.stderr and "`pigeon serve`" in r.stderr
+
+
+@pytest.fixture
+def http_server():
+    """Python's own HTTP server on a free port: it reads a request line and never answers ours."""
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_an_http_server_is_named_as_not_pigeon(http_server):
+    r = cli("health", "--server", http_server, "--timeout", "2")
+    assert r.returncode == 1
+    assert f"{http_server} is not a Pigeon server: it answered in HTTP (HTTP/1.0 200 OK)" in r.stderr, r.stderr
+
+
+def test_a_server_that_answers_in_http_at_once_is_named_as_not_pigeon():
+    # Like nginx: a request line that is not HTTP is answered with 400 at once.
+    listener = socket.create_server(("127.0.0.1", 0))
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+
+    def answer() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(1024)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nServer: nginx\r\nContent-Length: 0\r\n\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        r = cli("health", "--server", address, "--timeout", "10")
+    finally:
+        thread.join(10)
+        listener.close()
+    assert r.returncode == 1
+    assert f"{address} is not a Pigeon server: it answered in HTTP (HTTP/1.1 400 Bad Request)" in r.stderr, r.stderr
+
+
+def test_a_tls_port_spoken_to_without_tls_says_to_use_tls(spawn_server, tmp_path):
+    from .conftest import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    proc = spawn_server(env={"PIGEON_TLS_CERT": str(cert), "PIGEON_TLS_KEY": str(key)})
+    r = cli("health", "--server", proc.address, "--timeout", "10")
+    assert r.returncode == 1
+    assert f"{proc.address} speaks TLS: use --tls" in r.stderr, r.stderr
+    assert cli("health", "--server", proc.address, "--ca", str(cert)).returncode == 0
+
+
+def test_bad_input_files_exit_2_whoever_finds_the_fault(server_process, tmp_path):
+    from plugins.apns.mock import SigningKey
+
+    addr = server_process.address
+    key = SigningKey.generate(key_id="ABC123DEFG", team_id="TEAM123456")
+    (tmp_path / "key.p8").write_text(key.private_key_pem)
+    assert pigeon(addr, "apps", "register-ios", "com.acme.app", "--p8", str(tmp_path / "key.p8"), "--key-id", key.key_id,
+                  "--team-id", key.team_id).returncode == 0
+    (tmp_path / "config.yaml").write_text("name: shop-push\napps: [com.acme.app]\n")
+    assert pigeon(addr, "configs", "publish", str(tmp_path / "config.yaml")).returncode == 0
+    (tmp_path / "typo.yaml").write_text("id: cart\nchannel: shop-push\ncontent: {titel: Hi}\n")
+    (tmp_path / "template.yaml").write_text("id: cart\nchannel: shop-push\ncontent: {title: '{{ profile.name'}\n")
+    typo = pigeon(addr, "messages", "publish", str(tmp_path / "typo.yaml"))  # found by the CLI
+    template = pigeon(addr, "messages", "publish", str(tmp_path / "template.yaml"))  # found by the server
+    assert typo.returncode == template.returncode == 2, typo.stderr + template.stderr
+    assert "typo.yaml: $.content.titel" in typo.stderr
+    assert "template.yaml: $.content.title" in template.stderr
+
+
+def test_a_wrong_credential_file_is_named_by_its_flag(server_process, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    addr = server_process.address
+    rsa_key = tmp_path / "AuthKey_ABC123DEFG.p8"
+    rsa_key.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    r = pigeon(addr, "apps", "register-ios", "com.acme.app", "--p8", str(rsa_key), "--key-id", "ABC123DEFG",
+               "--team-id", "TEAM123456")
+    assert r.returncode == 2
+    assert f"pigeon: --p8 {rsa_key}: APNs keys are EC P-256" in r.stderr and "$.auth" not in r.stderr
+    r = pigeon(addr, "apps", "register-ios", "com.acme.app", "--p8", str(rsa_key), "--key-id", "short", "--team-id", "TEAM123456")
+    assert r.returncode == 2 and "pigeon: --key-id short: " in r.stderr and "$.auth" not in r.stderr
+    (tmp_path / "sa.json").write_text('{"type": "service_account"}')
+    r = pigeon(addr, "apps", "register-android", "com.acme.app", "--service-account", str(tmp_path / "sa.json"))
+    assert r.returncode == 2
+    assert f"pigeon: --service-account {tmp_path / 'sa.json'}: project_id: " in r.stderr and "$.service_account" not in r.stderr
+
+
+def test_deeply_nested_input_is_a_clear_error(server_process, tmp_path):
+    addr = server_process.address
+    (tmp_path / "deep.yaml").write_text("name: " + "[" * 2000 + "]" * 2000 + "\n")
+    r = pigeon(addr, "configs", "publish", str(tmp_path / "deep.yaml"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"{tmp_path / 'deep.yaml'}: nested too deeply" in r.stderr
+    (tmp_path / "deep.json").write_text('{"a": ' + "[" * 5000 + "]" * 5000 + "}")
+    r = pigeon(addr, "profiles", "upsert", "crm:1", f"@{tmp_path / 'deep.json'}")
+    assert r.returncode == 2 and "attributes is nested too deeply" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "deep.jsonl").write_text('{"identity": "crm:1", "type": "t", "data": {"a": ' + "[" * 5000 + "]" * 5000 + "}}\n")
+    r = pigeon(addr, "events", "import", str(tmp_path / "deep.jsonl"))
+    assert r.returncode == 1 and "line 1: nested too deeply" in r.stdout and "Traceback" not in r.stderr
 
 
 def test_a_registration_evicted_by_the_cap_is_named(spawn_server):

@@ -159,7 +159,7 @@ def test_messages_are_authored_as_yaml_files_from_the_cli(server_process, tmp_pa
     assert r.returncode == 0 and "message cart v1" in r.stdout and "templates in title" in r.stdout
     (tmp_path / "bad.yaml").write_text("id: bad\nchannel: shop-push\ncontent:\n  title: 'Hi {{ profile. }}'\n")
     r = pigeon("messages", "publish", str(tmp_path / "bad.yaml"))
-    assert r.returncode == 1 and f"{tmp_path / 'bad.yaml'}: $.content.title: line 1, column 4" in r.stderr
+    assert r.returncode == 2 and f"{tmp_path / 'bad.yaml'}: $.content.title: line 1, column 4" in r.stderr
     (tmp_path / "typo.yaml").write_text("id: typo\nchannel: shop-push\ncontent:\n  titel: x\n")
     r = pigeon("messages", "publish", str(tmp_path / "typo.yaml"))
     assert r.returncode == 2 and "typo.yaml: $.content.titel" in r.stderr
@@ -195,7 +195,8 @@ def test_reports_from_the_cli_as_a_table_as_json_and_watched(server_process, tmp
     with subprocess.Popen([sys.executable, "-m", "server._cli", "reports", "--message", "cart", "--watch", "0.1", "--json",
                            "--server", server_process.address], stdout=subprocess.PIPE, text=True) as watch:
         try:
-            assert json.loads(readline(watch.stdout)) == {"window": "all_time"}  # at once: nothing yet
+            first = json.loads(readline(watch.stdout))  # at once: nothing yet (every field shown, defaults included)
+            assert first["window"] == "all_time" and first["totals"] == {} and first["by_platform"] == {}
             r = pigeon("messages", "send", "cart", "--identity", "crm:1")
             assert r.returncode == 0 and "1 targeted, 1 excluded (NoTokenForApp 1)" in r.stdout, r.stdout + r.stderr
             pushed = json.loads(readline(watch.stdout))  # the server sends it as the counts change
