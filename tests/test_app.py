@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -192,3 +194,42 @@ def test_a_second_signal_forces_the_stop_with_exit_1(spawn_server):
 
     trio.run(hold_a_stream_open)
     assert "again; exiting now" in "".join(proc.log)
+
+
+def test_a_listen_address_out_of_range_is_refused_before_the_data_folder_exists(tmp_path, capsys):
+    data = tmp_path / "d"
+    assert main(["serve", "--data", str(data), "--listen", "127.0.0.1:99999"]) == 2
+    err = capsys.readouterr().err
+    assert "configuration key 'listen'" in err and "'127.0.0.1:99999' is not HOST:PORT" in err
+    assert not data.exists()
+    # So is a ready file whose folder does not exist.
+    assert main(["serve", "--data", str(data), "--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "no" / "ready")]) == 2
+    assert "--ready-file" in capsys.readouterr().err and not data.exists()
+
+
+def test_the_ready_file_names_the_bound_addresses_and_goes_with_the_server(tmp_path):
+    ready = tmp_path / "pigeon.ready"
+    ready.write_text("127.0.0.1:1\n")  # left by a server killed earlier: never read as this one's
+    socket_path = tmp_path / "pigeon.sock"
+    command = [sys.executable, "-m", "server._cli", "serve", "--data", str(tmp_path / "d"), "--listen", "127.0.0.1:0",
+               "--listen", f"unix:{socket_path}", "--ready-file", str(ready), "--log-level", "warning"]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            deadline = time.monotonic() + 20
+            while not (ready.exists() and ready.read_text() != "127.0.0.1:1\n"):
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.02)
+            tcp, unix = ready.read_text().splitlines()
+            assert tcp.startswith("127.0.0.1:") and tcp != "127.0.0.1:0" and unix == f"unix:{socket_path}"
+
+            async def health(address: str) -> str:
+                async with open_client(address) as client:
+                    return (await client.call(api.GetHealth())).status
+
+            assert trio.run(health, tcp) == trio.run(health, unix) == "serving"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert not ready.exists()
