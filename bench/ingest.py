@@ -1,7 +1,8 @@
 """Benchmark: sustained experience-event ingestion over the socket protocol.
 
-    python -m bench.ingest                 # the full run (about three minutes)
+    python -m bench.ingest                 # the full run (about four minutes)
     python -m bench.ingest --quick         # a smoke run
+    python -m bench.ingest --baseline DIR  # this version and the one in DIR, side by side
 
 Phases, against a fresh server in a child process (LMDB with fsync on every commit):
 
@@ -12,7 +13,18 @@ Phases, against a fresh server in a child process (LMDB with fsync on every comm
    schedule whether or not earlier ones were answered; latency is measured from the scheduled
    time, so a stall cannot hide queued requests (no coordinated omission);
 3. point reads: ``profiles.get`` of random profiles; the server's own per-method histogram
-   gives the server-side time (decode, LMDB read, build and encode the reply).
+   gives the server-side time (decode, LMDB read, build and encode the reply);
+4. memory: ``--memory-events`` more events over the same profiles; the server's resident
+   memory per event from ``/proc/PID/status`` between the end of the first quarter and the
+   end (steady growth), split into anonymous memory (the event index and the allocator's
+   overhead around it), the event index's own measure (``event_index.memory_bytes``), and
+   pages of the LMDB file mapped into the process (page cache the kernel may reclaim).
+
+With ``--baseline DIR`` (another checkout of Pigeon, e.g. ``git worktree add DIR main~1``),
+phases 1 and 4 run against a server of each version (phase 1 alternating run by run between
+the two), so that both versions see the same machine in the same minutes; the report shows
+them side by side (``bench/results/ingest-comparison.json``). A shared machine measures differently from one hour to the next:
+compare versions this way, not with figures from another run.
 
 Figures are printed and written as JSON (``bench/results/ingest.json`` by default).
 """
@@ -21,9 +33,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
+import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from protocols import api
@@ -151,6 +166,54 @@ async def open_loop(clients: list[Client], batches: list[api.IngestEvents], rate
     }
 
 
+def resident(pid: int) -> dict[str, int]:
+    """Resident memory of a local process, bytes: all of it, anonymous, and file-backed."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+async def memory(client: Client, events: int, batch: int = 1000, in_flight: int = 4) -> dict[str, Any]:
+    """Ingest ``events`` more; resident memory per event over the last three quarters."""
+    batches = make_batches(16, batch, seed=4)
+    pid = (await client.call(api.GetStats())).process.pid
+    sent = 0
+
+    async def ingest_until(target: int) -> None:
+        nonlocal sent
+        while sent < target:
+            sent += batch
+            await client.call(batches[(sent // batch) % len(batches)])
+
+    async def sample() -> dict[str, int]:
+        index = (await store_details(client))["event_index"]
+        return {**resident(pid), "index": index["memory_bytes"], "indexed": index["events"]}
+
+    await asyncio.gather(*(ingest_until(events // 4) for _ in range(in_flight)))
+    first = await sample()
+    await asyncio.gather(*(ingest_until(events) for _ in range(in_flight)))
+    last = await sample()
+    n = last["indexed"] - first["indexed"]
+    per_event = {key: round((last[key] - first[key]) / n, 1) for key in ("VmRSS", "RssAnon", "RssFile", "index")}
+    return {
+        "events": n,
+        "events_indexed": last["indexed"],
+        "bytes_per_event": {"rss": per_event["VmRSS"], "anonymous": per_event["RssAnon"],
+                            "event_index": per_event["index"], "lmdb_file_pages": per_event["RssFile"]},
+        "rss_mb": {"from": round(first["VmRSS"] / 2**20, 1), "to": round(last["VmRSS"] / 2**20, 1)},
+    }
+
+
+def show_memory(r: dict[str, Any], name: str = "") -> str:
+    b = r["bytes_per_event"]
+    return (f"  memory{name}: {b['rss']:.1f} bytes of RSS per event over {r['events']:,} events: {b['anonymous']:.1f} anonymous "
+            f"(the event index counts {b['event_index']:.1f}), {b['lmdb_file_pages']:.1f} of LMDB file pages; "
+            f"RSS {r['rss_mb']['from']} -> {r['rss_mb']['to']} MB")
+
+
 async def populate_profiles(client: Client) -> None:
     """Give every profile realistic attributes, a push registration and consent."""
     names = iter(range(PROFILES))
@@ -197,15 +260,19 @@ async def point_reads(client: Client, count: int, concurrency: int) -> dict[str,
     }
 
 
+@contextlib.asynccontextmanager
+async def connections(address: str, count: int) -> Any:
+    async with contextlib.AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(open_client(address, client_name="bench")) for _ in range(count)]
+
+
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"scenario": "ingest", "machine": machine(), "settings": vars(args)}
+    if args.baseline:
+        results["comparison"] = await compare(args)
+        return results
     with ServerUnderTest(address=args.server) as server:
-        clients = []
-        try:
-            for _ in range(args.connections):
-                cm = open_client(server.address, client_name="bench")
-                clients.append((cm, await cm.__aenter__()))
-            conns = [c for _, c in clients]
+        async with connections(server.address, args.connections) as conns:
             print(f"server on {server.address}; {args.connections} connections × {args.in_flight} calls in flight")
 
             warm = make_batches(4, 500, seed=0)
@@ -246,6 +313,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"  profiles.get: server-side p50 {r['server_side_us']['p50']:.0f} µs, p99 {r['server_side_us']['p99']:.0f} µs; "
                 f"round trip p50 {r['round_trip']['p50_ms'] * 1000:.0f} µs"
             )
+            results["memory"] = await memory(conns[0], args.memory_events)
+            print(show_memory(results["memory"]))
             stats = await conns[0].call(api.GetStats())
             results["server"] = {
                 "store": next(a for a in stats.actors if a.name == "store").details,
@@ -256,15 +325,48 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                 "rss_mb": round(stats.process.rss_bytes / 2**20, 1),
                 "max_rss_mb": round(stats.process.max_rss_bytes / 2**20, 1),
             }
-        finally:
-            for cm, _ in clients:
-                await cm.__aexit__(None, None, None)
     results["targets"] = {
         "events_per_s >= 100000": best["events_per_s"] >= 100_000,
         "p99 ack < 50 ms at half rate": results["latency_at_half_rate"]["ack_latency"]["p99_ms"] < 50,
         "point read <= 20 us server-side (p50)": results["point_reads"]["server_side_us"]["p50"] <= 20,
     }
     return results
+
+
+async def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Phases 1 and 4 against this version and the one in ``args.baseline``, alternating."""
+    # The baseline's own modules first: its folder ahead of this checkout's (which Python
+    # would otherwise put first as the working folder).
+    baseline_env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(Path(args.baseline).resolve())}
+    names = ("baseline", "this")
+    with ServerUnderTest(env=baseline_env) as baseline, ServerUnderTest() as this:
+        async with connections(baseline.address, args.connections) as old, connections(this.address, args.connections) as new:
+            servers = dict(zip(names, (old, new)))
+            print(f"baseline {args.baseline} on {baseline.address}, this checkout on {this.address}; "
+                  f"{args.connections} connections × {args.in_flight} calls in flight, runs alternating")
+            for conns in servers.values():
+                await throughput(conns, make_batches(4, 500, seed=0), 20_000, 2)
+            out: dict[str, Any] = {"throughput": []}
+            for size in args.batch_sizes:
+                batches = make_batches(16, size, seed=size)
+                runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+                for _ in range(args.repeat):
+                    for name in names:
+                        runs[name].append(await throughput(servers[name], batches, args.events, args.in_flight))
+                row = {"batch_size": size}
+                for name in names:
+                    rates = [r["events_per_s"] for r in runs[name]]
+                    row[name] = {"events_per_s": statistics.median(rates), "runs_events_per_s": rates,
+                                 "server_cpu_us_per_event": statistics.median(r["server_cpu_us_per_event"] for r in runs[name])}
+                out["throughput"].append(row)
+                print(f"  batch {size:>5}: " + "; ".join(
+                    f"{name} {row[name]['events_per_s']:>9,.0f} events/s (runs {', '.join(f'{x:,}' for x in row[name]['runs_events_per_s'])}), "
+                    f"{row[name]['server_cpu_us_per_event']:.2f} µs CPU/event" for name in names))
+            out["memory"] = {}
+            for name in names:
+                out["memory"][name] = await memory(servers[name][0], args.memory_events)
+                print(show_memory(out["memory"][name], f" ({name})"))
+    return out
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -276,16 +378,19 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-batch", type=int, default=500)
     parser.add_argument("--latency-seconds", type=float, default=8.0)
     parser.add_argument("--reads", type=int, default=20_000)
+    parser.add_argument("--memory-events", type=int, default=2_000_000, help="events ingested in phase 4")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the median is reported")
     parser.add_argument("--quick", action="store_true", help="a small run to check the harness")
     parser.add_argument("--out", help="JSON output path (default bench/results/ingest.json)")
     parser.add_argument("--server", help="use a server already running at HOST:PORT (e.g. under a profiler)")
+    parser.add_argument("--baseline", metavar="DIR", help="also measure the version checked out in DIR, side by side")
     args = parser.parse_args(argv)
     if args.quick:
-        args.events, args.latency_seconds, args.reads, args.repeat = 30_000, 2.0, 2_000, 1
+        args.events, args.latency_seconds, args.reads, args.repeat, args.memory_events = 30_000, 2.0, 2_000, 1, 200_000
     results = run(main(args))
-    path = write_results("ingest", results, args.out)
-    print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in results["targets"].items()))
+    path = write_results("ingest-comparison" if args.baseline else "ingest", results, args.out)
+    if "targets" in results:
+        print("targets: " + ", ".join(f"{k}: {'met' if v else 'MISSED'}" for k, v in results["targets"].items()))
     print(f"results written to {path}")
     sys.exit(0)
 

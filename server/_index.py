@@ -4,7 +4,8 @@ The store's log (``events``, by sequence number) is the record. This index answe
 of profile P between two times" and is rebuilt from the log whenever the store opens. Kept in
 LMDB, every commit would have copied and written about one 4 KB page per profile it touched
 (a B-tree keyed by profile takes random writes); in memory it costs a dictionary lookup and
-an append per event, and about 17 bytes per event plus ~200 bytes per profile (measured).
+an append per event, and about 17 bytes per event plus ~200 bytes per profile (measured; the
+allocator adds about 2 bytes per event around the arrays, see ``bench/ingest.py``'s memory phase).
 
 Each profile's entries are an ``array('Q')`` of interleaved ``ts, seq`` pairs sorted by
 ``(ts, seq)``. Only the Trio thread changes the index (after the commit that logged the

@@ -65,23 +65,26 @@ _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 _data_keys = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
 
 
-def _data_problem(raw: msgspec.Raw, field: str) -> tuple[str, str] | None:
-    """What makes an event's encoded ``data`` unfit to store, as ``(message, field)``."""
+def _data_problem(raw: msgspec.Raw, index: int) -> tuple[str, str] | None:
+    """What makes the encoded ``data`` of event ``index`` unfit to store, as ``(message, field)``."""
+    # Paths start at "$" and become the event's only when there is a problem: most events
+    # have none, and building their path costs as much as checking their data.
     try:
-        check_depth(_data_decoder.decode(raw), field, "data")
+        check_depth(_data_decoder.decode(raw), "$", "data")
+        return None
     except msgspec.DecodeError as exc:
         try:
             _data_keys.decode(raw)
         except msgspec.DecodeError:
-            return f"{field}: data's keys must be strings", field
-        message, path = api.describe_validation_error(str(exc))
-        full = field + path[1:]
-        return full + message[len(path) :], full
+            message, path = "$: data's keys must be strings", "$"
+        else:
+            message, path = api.describe_validation_error(str(exc))
     except InvalidArgument as exc:
-        return f"{exc.field}: {exc.message}", exc.field or field
+        message, path = f"{exc.field}: {exc.message}", exc.field or "$"
     except RecursionError:
-        return f"{field}: data nest deeper than {MAX_VALUE_DEPTH} levels", field
-    return None
+        message, path = f"$: data nest deeper than {MAX_VALUE_DEPTH} levels", "$"
+    field = f"$.events[{index}].data{path[1:]}"
+    return field + message[len(path) :], field
 
 
 def _is_map(raw: msgspec.Raw) -> bool:
@@ -172,7 +175,7 @@ def decode_batch(
             field = f"$.events[{index}].{name}"
             rejected.append(api.Rejection(index=index, code=code, message=f"{field}: {message}", field=field))
             continue
-        if bad := _data_problem(event.data, f"$.events[{index}].data"):
+        if bad := _data_problem(event.data, index):
             message, field = bad
             rejected.append(api.Rejection(index=index, code="INVALID_ARGUMENT", message=message, field=field))
             continue

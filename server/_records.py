@@ -48,6 +48,7 @@ _V1 = b"\x01"
 #: Attributes and event data: the map itself and at most this many further levels of maps
 #: and arrays.
 MAX_VALUE_DEPTH = 32
+_CONTAINERS = frozenset((dict, list))
 
 
 def check_depth(value: dict[str, Any], field: str, what: str) -> None:
@@ -58,7 +59,10 @@ def check_depth(value: dict[str, Any], field: str, what: str) -> None:
     is stored can be read back. Raises `InvalidArgument` naming the first container too deep
     (``field`` is the map's own path, ``$.attributes``; ``what`` names it in the message).
     """
-    _check_depth(value, field, what, 0)
+    for item in value.values():  # most maps hold no map or array: this is all they cost
+        if type(item) in _CONTAINERS:
+            _check_depth(value, field, what, 0)
+            return
 
 
 def _check_depth(value: Any, field: str, what: str, depth: int) -> None:
@@ -66,11 +70,11 @@ def _check_depth(value: Any, field: str, what: str, depth: int) -> None:
         raise InvalidArgument(f"{what} nest deeper than {MAX_VALUE_DEPTH} levels", field=field)
     if type(value) is dict:
         for key, item in value.items():
-            if type(item) is dict or type(item) is list:
+            if type(item) in _CONTAINERS:
                 _check_depth(item, f"{field}.{key}", what, depth + 1)
     else:
         for index, item in enumerate(value):
-            if type(item) is dict or type(item) is list:
+            if type(item) in _CONTAINERS:
                 _check_depth(item, f"{field}[{index}]", what, depth + 1)
 
 

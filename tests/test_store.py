@@ -384,6 +384,19 @@ async def test_the_index_is_rebuilt_from_the_log_when_the_store_opens(tmp_path):
         reopened._close()
 
 
+def test_the_index_takes_the_17_bytes_per_event_the_readme_says():
+    """Two 8-byte numbers an event, and the arrays' spare room (README, Durability; the
+    allocator's overhead and the LMDB pages in the resident size are measured by bench/ingest.py)."""
+    from server._index import EventIndex
+
+    index = EventIndex()
+    pids = [i.to_bytes(8, "big") for i in range(1000)]
+    index.add((pids[seq % 1000], 1_000 + seq, seq) for seq in range(200_000))
+    stats = index.statistics()
+    per_event = (stats["memory_bytes"] - 200 * stats["profiles"]) / stats["events"]
+    assert stats["events"] == 200_000 and 15.5 <= per_event <= 17.5
+
+
 def test_index_paging_cursors_in_both_directions():
     from server._index import EventIndex
 
