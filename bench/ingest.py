@@ -34,9 +34,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import random
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -333,13 +335,26 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+@contextlib.contextmanager
+def baseline_server(folder: str) -> Any:
+    """A server of the version checked out in ``folder``, started by that version's own
+    `server.testing.ServerProcess` (its command line may differ from this one's)."""
+    root = Path(folder).resolve()
+    spec = importlib.util.spec_from_file_location("pigeon_baseline_testing", root / "server" / "testing.py")
+    assert spec is not None and spec.loader is not None
+    testing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(testing)
+    # Its modules before this checkout's (which Python puts first as the working folder).
+    env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(root)}
+    with tempfile.TemporaryDirectory(prefix="pigeon-bench-") as data:
+        with testing.ServerProcess(Path(data) / "data", env=env) as server:
+            yield server
+
+
 async def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Phases 1 and 4 against this version and the one in ``args.baseline``, alternating."""
-    # The baseline's own modules first: its folder ahead of this checkout's (which Python
-    # would otherwise put first as the working folder).
-    baseline_env = {"PYTHONSAFEPATH": "1", "PYTHONPATH": str(Path(args.baseline).resolve())}
     names = ("baseline", "this")
-    with ServerUnderTest(env=baseline_env) as baseline, ServerUnderTest() as this:
+    with baseline_server(args.baseline) as baseline, ServerUnderTest() as this:
         async with connections(baseline.address, args.connections) as old, connections(this.address, args.connections) as new:
             servers = dict(zip(names, (old, new)))
             print(f"baseline {args.baseline} on {baseline.address}, this checkout on {this.address}; "
@@ -356,8 +371,9 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
                 row = {"batch_size": size}
                 for name in names:
                     rates = [r["events_per_s"] for r in runs[name]]
+                    cpu = [r["server_cpu_us_per_event"] for r in runs[name]]
                     row[name] = {"events_per_s": statistics.median(rates), "runs_events_per_s": rates,
-                                 "server_cpu_us_per_event": statistics.median(r["server_cpu_us_per_event"] for r in runs[name])}
+                                 "server_cpu_us_per_event": statistics.median(cpu), "runs_server_cpu_us_per_event": cpu}
                 out["throughput"].append(row)
                 print(f"  batch {size:>5}: " + "; ".join(
                     f"{name} {row[name]['events_per_s']:>9,.0f} events/s (runs {', '.join(f'{x:,}' for x in row[name]['runs_events_per_s'])}), "
