@@ -772,6 +772,8 @@ _NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_.-]{0,99}\Z"
 NAME_PATTERN = _NAME_PATTERN
 #: A channel configuration's name or a message id: a letter, then letters, digits, '_', '.', '-'.
 Name = Annotated[str, msgspec.Meta(pattern=_NAME_PATTERN)]
+#: A published version of a configuration or message: 1, 2, ... (stored in 4 bytes).
+Version = Annotated[int, msgspec.Meta(ge=1, le=2**32 - 1)]
 _PATTERN_MEANINGS[_NAME_PATTERN] = "a name like spring_sale (a letter, then letters, digits, '_', '.', '-'; at most 100)"
 
 
@@ -808,7 +810,7 @@ class GetConfig(Request[ConfigInfo]):
     method: ClassVar[str] = "configs.get"
     name: Name
     #: The latest when omitted.
-    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    version: Version | None = None
 
 
 class ConfigList(Response):
@@ -911,7 +913,7 @@ class PublishMessage(Request[MessageInfo]):
 class GetMessage(Request[MessageInfo]):
     method: ClassVar[str] = "messages.get"
     id: Name
-    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    version: Version | None = None
 
 
 class MessageList(Response):
@@ -953,7 +955,7 @@ class PreviewMessage(Request[Preview]):
 
     method: ClassVar[str] = "messages.preview"
     id: Name
-    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    version: Version | None = None
     identity: Identity | None = None
     #: A sample profile: attributes (and optionally ``identities``, ``audiences``).
     profile: dict[str, Any] | None = None
@@ -997,7 +999,7 @@ class SendMessage(Request[SendResult]):
 
     method: ClassVar[str] = "messages.send"
     id: Name
-    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    version: Version | None = None
     identities: Annotated[list[Identity], msgspec.Meta(max_length=10_000)] = []
     audience: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
     #: Only to profiles flagged as test profiles (the attribute ``testProfile`` is true).
@@ -1041,7 +1043,7 @@ class GetReport(Request[Report]):
 
     method: ClassVar[str] = "reports.get"
     message: Name | None = None
-    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    version: Version | None = None
     journey: Name | None = None
     node: Name | None = None
     app: AppId | None = None
@@ -1056,7 +1058,7 @@ class WatchReport(StreamRequest[Report]):
 
     method: ClassVar[str] = "reports.watch"
     message: Name | None = None
-    version: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    version: Version | None = None
     journey: Name | None = None
     node: Name | None = None
     app: AppId | None = None

@@ -95,6 +95,7 @@ class Server:
             handshake_timeout=config.handshake_timeout_s,
             busy_handshake_timeout=config.busy_handshake_timeout_s,
             reply_buffer=config.reply_buffer_mb * 1024 * 1024,
+            max_running=config.max_running,
         )
         s = config.supervisor
         self.supervisor = Supervisor(

@@ -10,9 +10,9 @@ Whatever a peer does costs only its own connection, and bounded memory:
   send it instead of ``handshake_timeout``: idle sockets cannot lock honest clients out, and
   connections that completed a handshake keep their places.
 - Calls: ``max_calls`` in flight per connection (announced in the welcome; more are refused
-  with RESOURCE_EXHAUSTED). The reader stops reading while the connection's calls hold more
-  than ``_REQUEST_HIGH_WATER`` bytes of requests or more than ``_HIGH_WATER`` bytes of answers
-  wait to be written.
+  with RESOURCE_EXHAUSTED). The reader stops reading while more than ``_REQUEST_HIGH_WATER``
+  bytes of the connection's requests wait to be decoded, or more than ``_HIGH_WATER`` bytes of
+  answers wait to be written.
 - Answers: a call starts only when its answer has room: the connection's answers waiting to be
   written, plus a reservation for each call running (the largest answer its method has given
   so far), stay under ``_HIGH_WATER``, and all connections' together under ``reply_buffer``,
@@ -21,6 +21,13 @@ Whatever a peer does costs only its own connection, and bounded memory:
   them (plus one answer larger than its method's largest so far), and all such clients
   together about ``reply_buffer``; a client that reads nothing for ``write_timeout`` seconds
   is disconnected.
+- Fairness: at most ``max_running`` unary calls run at once, all connections together; a
+  call beyond waits for a turn, and a turn that comes free goes to the connection running the
+  fewest (`FairTurns`): a client with one call goes before connections that flood the server
+  with hundreds. This also bounds what calls in progress hold (decoded requests, handlers'
+  state), which the garbage collector walks in every full collection. CPU-heavy steps
+  (decoding an ingest batch) take turns the same way, two at a time, so that a scheduling
+  round of the event loop stays short.
 - Failures: a frame that cannot be decoded costs its call or its connection (see
   `protocols.connection`); anything unexpected while serving a connection closes that
   connection only, never the listener.
@@ -30,13 +37,15 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import itertools
 import logging
 import os
 import socket as _stdlib_socket
 import ssl
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -60,7 +69,7 @@ from protocols.framing import DECODE_ERRORS, decode_error_text
 from ._actor import Actor
 from ._errors import ServerError
 
-__all__ = ["Router", "CallContext", "Listener", "parse_address"]
+__all__ = ["Router", "CallContext", "FairTurns", "Listener", "parse_address"]
 
 log = logging.getLogger("pigeon.rpc")
 
@@ -73,7 +82,7 @@ _STREAM_FLUSH_BYTES = 32 * 1024
 _WRITE_CHUNK = 64 * 1024
 #: Bytes of answers a connection's calls may have queued or reserved (see the module docstring).
 _HIGH_WATER = 1024 * 1024
-#: Bytes of requests a connection's open calls may hold before its reader stops reading.
+#: Bytes of requests read and not yet decoded that a connection may hold before its reader stops.
 _REQUEST_HIGH_WATER = 4 * 1024 * 1024
 #: The reservation for a method's answer before it has given any.
 _FIRST_ESTIMATE = 16 * 1024
@@ -87,6 +96,74 @@ class CallContext(msgspec.Struct):
     client: str
     #: The call's undecoded body, for handlers that decode it themselves.
     body: msgspec.Raw
+    #: ``async with ctx.turn():`` around CPU-heavy work on the event loop (decoding a large
+    #: batch), which then takes turns, fairly between connections (`FairTurns`).
+    turn: Callable[[], AbstractAsyncContextManager[None]]
+
+
+class FairTurns:
+    """At most ``capacity`` holders at once; a turn that comes free goes to the waiting owner
+    that holds the fewest, and among those to the one served longest ago: an owner with one
+    waiter goes before owners that hold many turns, and never waits for more than one turn of
+    each of them, however many they queue.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.busy = 0
+        self._held: Counter[object] = Counter()
+        #: When each owner holding or waiting for a turn was last given one (0: never).
+        self._served: dict[object, int] = {}
+        self._ticks = itertools.count(1)
+        self._waiting: dict[object, deque[trio.Event]] = {}
+
+    @property
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._waiting.values())
+
+    @asynccontextmanager
+    async def turn(self, owner: object) -> AsyncIterator[None]:
+        if self.busy < self.capacity and not self._waiting:
+            self.busy += 1
+        else:
+            granted = trio.Event()
+            queue = self._waiting.setdefault(owner, deque())
+            queue.append(granted)
+            try:
+                await granted.wait()
+            except BaseException:
+                if granted.is_set():
+                    self._pass_on()  # granted as it was cancelled: hand the turn on
+                else:
+                    queue.remove(granted)
+                    if not queue:
+                        del self._waiting[owner]
+                        self._forget(owner)
+                raise
+        self._held[owner] += 1
+        self._served[owner] = next(self._ticks)
+        try:
+            yield
+        finally:
+            self._held[owner] -= 1
+            self._forget(owner)
+            self._pass_on()
+
+    def _forget(self, owner: object) -> None:
+        if not self._held[owner] and owner not in self._waiting:
+            del self._held[owner]
+            self._served.pop(owner, None)
+
+    def _pass_on(self) -> None:
+        """A turn is free: hand it to the waiting owner holding the fewest, or free it."""
+        if not self._waiting:
+            self.busy -= 1
+            return
+        owner = min(self._waiting, key=lambda o: (self._held[o], self._served.get(o, 0)))
+        queue = self._waiting[owner]
+        queue.popleft().set()
+        if not queue:
+            del self._waiting[owner]
 
 
 class _Route(msgspec.Struct, frozen=True):
@@ -158,6 +235,8 @@ class Listener(Actor):
         handshake_timeout: seconds a new connection has to send its hello.
         busy_handshake_timeout: the same, while more than half of ``max_handshakes`` are taken.
         reply_buffer: bytes of answers queued or reserved for all connections together.
+        max_running: unary calls running at once, all connections together; others wait
+            for a turn (`FairTurns`: the connection running the fewest first).
     """
 
     def __init__(
@@ -176,6 +255,7 @@ class Listener(Actor):
         handshake_timeout: float = 10.0,
         busy_handshake_timeout: float = 1.0,
         reply_buffer: int = 64 * 1024 * 1024,
+        max_running: int = 1024,
     ) -> None:
         super().__init__("listener", 1)
         self.router = router
@@ -191,6 +271,7 @@ class Listener(Actor):
         self.handshake_timeout = handshake_timeout
         self.busy_handshake_timeout = min(busy_handshake_timeout, handshake_timeout)
         self.reply_buffer = reply_buffer
+
         #: The bound addresses, once listening (a port of 0 is replaced by the real one).
         self.addresses: list[str] = []
         self.connections: set[_Connection] = set()
@@ -206,6 +287,10 @@ class Listener(Actor):
         self.room = trio.Event()
         #: The largest answer each method has given so far: what a running call reserves.
         self.answer_sizes: dict[str, int] = {}
+        #: Turns at CPU-heavy work (`CallContext.turn`).
+        self.turns = FairTurns(2)
+        #: Turns to run a unary call, all connections together.
+        self.running = FairTurns(max_running)
         self.method_stats: dict[str, _MethodStats] = {}
         self.accepted = 0
         self.protocol_errors = 0
@@ -472,7 +557,8 @@ class _Connection:
         self._writing_bytes = 0
         #: Bytes reserved for the answers of the calls running.
         self.reserved = 0
-        #: Bytes of the requests of the calls open.
+        #: Bytes of the requests read and not yet decoded (by call id, and in all).
+        self.request_sizes: dict[int, int] = {}
         self.request_bytes = 0
         #: This connection's part of ``listener.buffered``.
         self._counted = 0
@@ -493,6 +579,14 @@ class _Connection:
             if delta < 0:
                 self._progress.set()
                 self._progress = trio.Event()
+
+    def _decoded(self, call_id: int) -> None:
+        """The call's request is decoded (or the call ended): its bytes no longer count."""
+        size = self.request_sizes.pop(call_id, 0)
+        if size:
+            self.request_bytes -= size
+            self._progress.set()  # the reader may be waiting for them
+            self._progress = trio.Event()
 
     def release(self) -> None:
         """The connection is gone: nothing it holds counts any more."""
@@ -637,6 +731,7 @@ class _Connection:
                     if call.window is not None and self.reading:
                         self.windows[call.id] = _Window(call.window)
                     self.request_bytes += len(call.body)
+                    self.request_sizes[call.id] = len(call.body)
                     calls.start_soon(self._run_call, call, scope)
                 elif isinstance(event, CreditGranted):
                     window = self.windows.get(event.id)
@@ -681,6 +776,10 @@ class _Connection:
 
     # -- calls --------------------------------------------------------------------------------
 
+    def turn(self) -> AbstractAsyncContextManager[None]:
+        """A turn at CPU-heavy work for one of this connection's calls (`FairTurns`)."""
+        return self.listener.turns.turn(self)
+
     async def _run_call(self, call: Call, scope: trio.CancelScope) -> None:
         known = call.method in self.listener.router.routes
         stats = self.listener.stats_for(call.method if known else "(unknown method)")
@@ -692,10 +791,8 @@ class _Connection:
             self.calls.pop(call.id, None)
             self.windows.pop(call.id, None)
             self.cancelled_by_client.discard(call.id)
-            self.request_bytes -= len(call.body)
+            self._decoded(call.id)
             self.account()
-            self._progress.set()  # the reader may wait for request bytes to be freed
-            self._progress = trio.Event()
             stats.calls += 1
             stats.errors += not ok
             stats.histogram.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
@@ -721,7 +818,10 @@ class _Connection:
                     await self._wait_for_room(reservation)
                 self.reserved += reservation
                 try:
-                    return await self._answer(call, route)
+                    if route.spec.streaming:  # long-lived, and flow-controlled item by item
+                        return await self._answer(call, route)
+                    async with self.listener.running.turn(self):
+                        return await self._answer(call, route)
                 finally:
                     self.reserved -= reservation
         except ServerError as exc:
@@ -745,11 +845,13 @@ class _Connection:
         conn = self.conn
         try:
             request = route.decoder.decode(call.body) if route.decoder is not None else None
+            if route.decoder is not None:
+                self._decoded(call.id)
         except DECODE_ERRORS as exc:
             message, field = api.describe_validation_error(decode_error_text(exc), route.spec.request)
             conn.send_error(call.id, Status.INVALID_ARGUMENT, message, field=field)
             return False
-        ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
+        ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body, self.turn)
         if route.spec.streaming:
             await route.handler(ctx, request, lambda item: self._send_item(call.id, item))
             conn.send_end(call.id)

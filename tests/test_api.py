@@ -545,3 +545,14 @@ def test_request_round_trips_through_msgpack(name: str, data: st.DataObject) -> 
     assert decoded == request
     # Datetimes come back in UTC, but the msgpack timestamp is the same instant: same bytes.
     assert msgspec.msgpack.encode(decoded) == bytes(encoded)
+
+
+@pytest.mark.parametrize("name", sorted(n for n, s in api.METHODS.items() if "version" in s.request.__struct_fields__))
+def test_a_version_is_refused_beyond_what_a_stored_version_can_be(name: str) -> None:
+    """A version is stored in 4 bytes: 2**63-1 reached the store and failed there (INTERNAL)."""
+    cls = api.METHODS[name].request
+    sample = msgspec.to_builtins(SAMPLES[name])
+    msgspec.msgpack.decode(msgspec.msgpack.encode({**sample, "version": 2**32 - 1}), type=cls)
+    with pytest.raises(msgspec.ValidationError) as info:
+        msgspec.msgpack.decode(msgspec.msgpack.encode({**sample, "version": 2**32}), type=cls)
+    assert api.describe_validation_error(info.value, cls)[1] == "$.version"

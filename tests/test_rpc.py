@@ -755,8 +755,10 @@ async def test_connections_that_never_say_hello_cannot_lock_honest_clients_out(t
                 await trio.sleep(pause)
 
         await open_idle(200, 0)  # more than max_connections
-        nursery.start_soon(open_idle, 300, 0.005)  # and more while the honest clients call
-        answered = [await _health(address) for _ in range(100)]
+        async with trio.open_nursery() as flood:
+            flood.start_soon(open_idle, 300, 0.005)  # and more while the honest clients call
+            answered = [await _health(address) for _ in range(100)]
+            flood.cancel_scope.cancel()
         assert all(answered), f"{answered.count(False)} of 100 health checks failed"
         assert srv.listener.evicted > 0
         for stream in idle:
@@ -857,3 +859,95 @@ def test_clients_that_pipeline_large_answers_and_never_read_hold_bounded_memory(
     assert trio.run(stats).connections.open == 101
     for sock in socks:
         sock.close()
+
+
+async def test_fair_turns_go_to_the_owner_holding_the_fewest_then_served_longest_ago():
+    from server._rpc import FairTurns
+
+    turns = FairTurns(2)
+    order: list[str] = []
+    release = {name: trio.Event() for name in ("a1", "a2", "a3", "a4", "b1", "c1", "c2")}
+
+    async def hold(owner: str, name: str) -> None:
+        async with turns.turn(owner):
+            order.append(name)
+            await release[name].wait()
+
+    async def step(name: str) -> None:
+        release[name].set()
+        await trio.testing.wait_all_tasks_blocked()
+
+    async with trio.open_nursery() as nursery:
+        for owner, name in (("a", "a1"), ("a", "a2"), ("a", "a3"), ("a", "a4"), ("c", "c1"), ("c", "c2"), ("b", "b1")):
+            nursery.start_soon(hold, owner, name)  # a floods: two hold the turns, the rest wait
+            await trio.testing.wait_all_tasks_blocked()
+        assert order == ["a1", "a2"] and turns.waiting == 5
+        await step("a1")  # a holds one; b and c none and were never served: c waited first
+        await step("a2")  # a none, but was served; b never: b
+        await step("c1")  # a and c none: a was served longer ago
+        assert order == ["a1", "a2", "c1", "b1", "a3"]
+        await step("a3")  # a and c none: c was served longer ago
+        await step("b1")
+        assert order == ["a1", "a2", "c1", "b1", "a3", "c2", "a4"]
+        for name in release:
+            release[name].set()
+    assert turns.busy == 0 and turns.waiting == 0 and not turns._held and not turns._served
+
+
+async def test_a_call_waiting_for_a_turn_can_be_cancelled_or_time_out(tmp_path, connect):
+    srv = Server(make_config(tmp_path / "d", max_running=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        address = srv.addresses[0]
+        busy = trio.Event()
+
+        health = srv.listener.router.routes["server.health"].handler
+
+        async def slow(ctx, request):
+            await busy.wait()
+            return await health(ctx, request)
+
+        srv.listener.router.routes["server.health"] = _Route(api.METHODS["server.health"], slow, None)
+        raw = await connect(address)
+        await raw.call(1, "server.health", {})  # holds the only turn
+        await raw.send(Call(id=2, method="server.health", body=_encoder.body({}), timeout_ms=100))
+        await raw.call(3, "server.health", {})
+        await raw.send(Cancel(id=3))
+        answers = {frame.id: frame for frame in [await raw.receive(), await raw.receive()]}
+        assert answers[2].code == Status.DEADLINE_EXCEEDED and answers[3].code == Status.CANCELLED
+        busy.set()
+        assert isinstance(await raw.receive(), Reply)
+        assert srv.listener.running.busy == 0
+        srv.request_stop()
+
+
+async def test_with_one_turn_a_client_waits_for_one_call_of_a_flooding_one_not_for_all(tmp_path, connect):
+    srv = Server(make_config(tmp_path / "d", max_running=1))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        address = srv.addresses[0]
+        gate = trio.Event()
+        started: list[str] = []
+        health = srv.listener.router.routes["server.health"].handler
+
+        async def slow(ctx, request):
+            started.append(ctx.peer)
+            await gate.wait()
+            return await health(ctx, request)
+
+        srv.listener.router.routes["server.health"] = _Route(api.METHODS["server.health"], slow, None)
+        flood, client = await connect(address), await connect(address)
+        for call_id in range(1, 21):
+            await flood.call(call_id, "server.health", {})
+        await trio.testing.wait_all_tasks_blocked()
+        await client.call(1, "server.health", {})
+        await trio.testing.wait_all_tasks_blocked()
+        gate.set()  # every call now runs as soon as it has the turn
+        with trio.fail_after(5):
+            assert isinstance(await client.receive(), Reply)
+            answered = [await flood.receive() for _ in range(20)]
+        assert all(isinstance(a, Reply) for a in answered)
+        flood_peer = started[0]
+        # the client's call ran second: after the flood's first, before its 19 others
+        assert started[1] != flood_peer and started.count(flood_peer) == 20
+        srv.request_stop()
