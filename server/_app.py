@@ -55,7 +55,7 @@ class Server:
     """
 
     def __init__(self, config: Config, *, clock: Any = _now_us, plugins: Plugins | None = None) -> None:
-        _check_listen(config.listen)  # a configuration error stops here, before the data folder exists
+        _check_config(config)  # a configuration error stops here, before the data folder exists
         self.config = config
         self.version = VERSION
         self.started_at = time.monotonic()
@@ -194,15 +194,21 @@ class Server:
         self.reporting.wake()  # report watches end
 
 
-def _check_listen(addresses: list[str]) -> None:
-    """Raise `ConfigError` for an address the listener could not listen on (``:99999``)."""
+def _check_config(config: Config) -> None:
+    """Raise `ConfigError` for a setting the server would fail on once started: an address it
+    cannot listen on (``:99999``), a CA file it cannot read."""
     from ._errors import ConfigError
 
-    for address in addresses:
+    for address in config.listen:
         try:
             parse_address(address)
         except ValueError as exc:
             raise ConfigError(f"configuration key 'listen': {exc}") from None
+    files = {"apns.production.ca_file": config.apns.production.ca_file, "apns.sandbox.ca_file": config.apns.sandbox.ca_file,
+             "fcm.ca_file": config.fcm.ca_file}
+    for key, path in files.items():
+        if path is not None and not os.access(path, os.R_OK):
+            raise ConfigError(f"configuration key {key!r}: cannot read the file {path!r}")
 
 
 #: Allocations between young-generation collections (CPython's default is 700).

@@ -196,12 +196,18 @@ def test_a_second_signal_forces_the_stop_with_exit_1(spawn_server):
     assert "again; exiting now" in "".join(proc.log)
 
 
-def test_a_listen_address_out_of_range_is_refused_before_the_data_folder_exists(tmp_path, capsys):
+def test_a_listen_address_out_of_range_is_refused_before_the_data_folder_exists(tmp_path, capsys, monkeypatch):
     data = tmp_path / "d"
     assert main(["serve", "--data", str(data), "--listen", "127.0.0.1:99999"]) == 2
     err = capsys.readouterr().err
     assert "configuration key 'listen'" in err and "'127.0.0.1:99999' is not HOST:PORT" in err
     assert not data.exists()
+    # So is a CA file that cannot be read (the FCM channel failed on it once started, again and again).
+    monkeypatch.setenv("PIGEON_FCM__CA_FILE", str(tmp_path / "no-ca.pem"))
+    assert main(["serve", "--data", str(data), "--listen", "127.0.0.1:0"]) == 2
+    assert f"configuration key 'fcm.ca_file': cannot read the file '{tmp_path / 'no-ca.pem'}'" in capsys.readouterr().err
+    assert not data.exists()
+    monkeypatch.delenv("PIGEON_FCM__CA_FILE")
     # So is a ready file whose folder does not exist.
     assert main(["serve", "--data", str(data), "--listen", "127.0.0.1:0", "--ready-file", str(tmp_path / "no" / "ready")]) == 2
     assert "--ready-file" in capsys.readouterr().err and not data.exists()
