@@ -595,6 +595,7 @@ def _client_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """The options every client command takes. They are given to the main parser with their
     defaults and to each command without (SUPPRESS), so that they may come before or after
     the command and one given before is not reset by the command's own parser."""
+
     def default(value: Any) -> Any:
         return value if defaults else argparse.SUPPRESS
 
@@ -607,16 +608,6 @@ def _client_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     parser.add_argument("--ca", metavar="FILE", default=default(None), help="CA certificate to trust for TLS (implies --tls)")
     parser.add_argument("--timeout", type=float, default=default(30.0), metavar="SECONDS",
                         help="deadline for connecting and for each call (default 30)")
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is too few: at least 1")
-    return value
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -822,7 +813,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole flow in one command: mocks, apps, a message, a send, a report")
     demo.add_argument("--data", metavar="DIR", help="folder for the demo (default: a new temporary one)")
-    demo.add_argument("--profiles", type=_at_least_one, default=40, help="profiles to create (default 40, at least 1)")
+    demo.add_argument("--profiles", type=int, default=40, help="profiles to create (default 40, at least 1)")
     demo.set_defaults(action=None)
 
     for name, what in (("mock-apns", "APNs"), ("mock-fcm", "FCM")):
@@ -854,9 +845,14 @@ class Unreachable(Exception):
 
 
 async def _run_client(args: argparse.Namespace) -> None:
-    context = None
-    if args.tls or args.ca:
-        context = ssl.create_default_context(cafile=args.ca)
+    try:
+        parse_target(args.server)
+    except ValueError as exc:
+        raise UsageError(f"--server: {exc}") from None
+    try:
+        context = None if _plaintext(args) else ssl.create_default_context(cafile=args.ca)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"--ca {args.ca}: cannot load it as a CA certificate: {getattr(exc, 'strerror', None) or exc}") from None
     connected = False
     try:
         # --timeout bounds connecting, and then each call (in the commands), not the whole command:
@@ -869,7 +865,7 @@ async def _run_client(args: argparse.Namespace) -> None:
         if connecting.cancelled_caught:
             raise trio.TooSlowError
     except (OSError, PigeonProtocolError, trio.TooSlowError) as exc:
-        if connected or isinstance(exc, (BrokenPipeError, CallError)):
+        if connected:
             raise
         raise Unreachable(await _unreachable(args, exc)) from None
 

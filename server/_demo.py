@@ -33,7 +33,8 @@ async def run_demo(data: str | None, profiles: int, out: Any = print) -> int:
     """Run the demo in ``data`` (default: a new temporary folder) with ``profiles`` profiles (at least 1).
 
     Raises:
-        UsageError: ``data`` already holds something (a demo's data, or anything else).
+        UsageError: ``profiles`` is below 1, or ``data`` already holds something (a demo's data,
+            or anything else).
     """
     from plugins.apns.mock import MockApnsProcess, SigningKey
     from plugins.fcm.mock import MockFcmProcess, ServiceAccount
@@ -43,7 +44,7 @@ async def run_demo(data: str | None, profiles: int, out: Any = print) -> int:
     from ._config import load_config
 
     if profiles < 1:
-        raise UsageError(f"--profiles {profiles}: the demo needs at least one profile")
+        raise UsageError(f"--profiles {profiles}: the demo needs at least 1 profile")
     if data is not None and Path(data).exists() and any(Path(data).iterdir()):
         raise UsageError(f"--data {data} is not empty (a demo there already?): give a new folder, "
                          "so that this demo's report counts this demo only")

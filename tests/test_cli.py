@@ -471,3 +471,10 @@ def test_a_registration_evicted_by_the_cap_is_named(spawn_server):
     assert "evicted fcm-token-1 for com.acme.app (fcm)" in r.stdout and "store.max_registrations" in r.stdout
     r = pigeon(addr, *register, "fcm-token-3", "--json")
     assert [e["token"] for e in json.loads(r.stdout)["evicted"]] == ["fcm-token-2"]
+
+
+def test_a_bad_server_address_or_ca_file_is_a_usage_error(tmp_path):
+    r = cli("health", "--server", "nonsense")
+    assert r.returncode == 2 and "--server: 'nonsense' is not HOST:PORT" in r.stderr and "Traceback" not in r.stderr
+    r = cli("health", "--server", "127.0.0.1:1", "--ca", str(tmp_path / "ca.pem"))
+    assert r.returncode == 2 and f"--ca {tmp_path / 'ca.pem'}: cannot load it" in r.stderr
