@@ -61,6 +61,8 @@ class Server:
         self.started_at = time.monotonic()
         self.stopping = False
         self._stop = trio.Event()
+        #: Executions (sends) a pipeline of this process is running: recovery leaves them alone.
+        self.running_executions: set[str] = set()
         retention_us = int(config.store.retention_days * 86_400 * 1_000_000)
         self.store = ProfileStore(
             config.data,

@@ -259,6 +259,10 @@ class Pipeline:
         store = self.server.store
         limiter = trio.Semaphore(IN_FLIGHT)
         failure: BaseException | None = None
+        running = self.server.running_executions
+        if self.execution in running:
+            raise InvalidArgument(f"execution {self.execution} is already running")
+        running.add(self.execution)  # recovery leaves it alone
         try:
             async with trio.open_nursery() as nursery:
                 while failure is None:
@@ -278,6 +282,8 @@ class Pipeline:
             if rest is None:
                 raise  # cancelled: trio's business
             raise _first(rest) from None
+        finally:
+            running.discard(self.execution)
         if failure is not None:
             raise failure
         await store.write(end_execution, self.execution)
@@ -487,9 +493,12 @@ async def recover(server: Any) -> None:
     """At start: deliver again what the outbox holds (a crash or a stop left it between
     staging and settling), batch by batch, then resume the executions that did not end."""
     store = server.store
+    # What a pipeline of this process runs is not a leftover: clients may have started sends
+    # before this runs (the listener is up).
+    running = {bytes.fromhex(execution) for execution in server.running_executions}
     with store.env.begin() as txn:
-        staged = list(txn.cursor(db=store._dbs["outbox"]))
-        pending = [key for key, _ in txn.cursor(db=store._dbs["executions"])]
+        staged = [item for item in txn.cursor(db=store._dbs["outbox"]) if item[0][:8] not in running]
+        pending = [key for key, _ in txn.cursor(db=store._dbs["executions"]) if key not in running]
     if staged:
         log.warning("delivering %d notifications again that were staged when the server stopped "
                     "(some may reach the provider twice)", len(staged))

@@ -49,6 +49,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 import trio
 from hdrh.histogram import HdrHistogram
 
@@ -68,6 +69,7 @@ from protocols.framing import DECODE_ERRORS, decode_error_text
 
 from ._actor import Actor
 from ._errors import ServerError
+from ._records import check_depth
 
 __all__ = ["Router", "CallContext", "FairTurns", "Listener", "parse_address"]
 
@@ -170,6 +172,19 @@ class _Route(msgspec.Struct, frozen=True):
     spec: api.MethodSpec
     handler: Callable[..., Awaitable[Any]]
     decoder: msgspec.msgpack.Decoder | None
+    #: The request's free-form maps (``dict[str, Any]`` fields): their depth is checked.
+    maps: tuple[str, ...] = ()
+
+
+def _free_form_maps(request_type: type) -> tuple[str, ...]:
+    """The fields of ``request_type`` that hold any map (attributes, payloads, ...)."""
+    names = []
+    for field in msgspec.inspect.type_info(request_type).fields:  # type: ignore[attr-defined]
+        types = field.type.types if isinstance(field.type, msgspec.inspect.UnionType) else (field.type,)
+        if any(isinstance(t, msgspec.inspect.DictType) and isinstance(t.value_type, msgspec.inspect.AnyType)
+               for t in types):
+            names.append(field.name)
+    return tuple(names)
 
 
 class Router:
@@ -183,7 +198,7 @@ class Router:
         for a streamed method). With ``raw`` the handler gets ``None`` and decodes ``ctx.body``."""
         spec = api.METHODS[request_type.method]  # type: ignore[attr-defined]
         decoder = None if raw else msgspec.msgpack.Decoder(spec.request)
-        self.routes[spec.name] = _Route(spec, handler, decoder)
+        self.routes[spec.name] = _Route(spec, handler, decoder, () if raw else _free_form_maps(spec.request))
 
 
 class _MethodStats:
@@ -851,6 +866,10 @@ class _Connection:
             message, field = api.describe_validation_error(decode_error_text(exc), route.spec.request)
             conn.send_error(call.id, Status.INVALID_ARGUMENT, message, field=field)
             return False
+        for name in route.maps:  # what is stored or rendered can be encoded and read back
+            value = getattr(request, name)
+            if value:
+                check_depth(value, f"$.{name}", name)
         ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body, self.turn)
         if route.spec.streaming:
             await route.handler(ctx, request, lambda item: self._send_item(call.id, item))

@@ -22,7 +22,7 @@ from . import _store as store_ops
 from . import templates
 from ._errors import ActorError, FailedPrecondition, InvalidArgument, NotFound
 from .channels import AppRecord, DeliveryJob
-from ._records import MAX_VALUE_DEPTH, check_depth, from_us, profile_to_api, registration_to_api, to_us
+from ._records import MAX_VALUE_DEPTH, from_us, profile_to_api, registration_to_api, to_us
 from ._rpc import CallContext, Router
 
 if TYPE_CHECKING:
@@ -131,11 +131,9 @@ def build_router(server: Server) -> Router:
         return profile_to_api(store.get_profile(req.identity))
 
     async def upsert_profile(ctx: CallContext, req: api.UpsertProfile) -> api.Profile:
-        check_depth(req.attributes, "$.attributes", "attributes")
         return profile_to_api(await store.write(store_ops.upsert_profile, req.identity, req.attributes))
 
     async def patch_profile(ctx: CallContext, req: api.PatchProfile) -> api.Profile:
-        check_depth(req.patch, "$.patch", "attributes")
         return profile_to_api(await store.write(store_ops.patch_profile, req.identity, req.patch, req.create))
 
     async def delete_profile(ctx: CallContext, req: api.DeleteProfile) -> api.ProfileDeleted:

@@ -412,3 +412,26 @@ async def test_a_rule_plugin_that_fails_excludes_only_the_profiles_it_fails_on(t
         await profile(client, "crm:71", {}, [("apns-sandbox", tokens[1])])
         result = await client.call(api.SendMessage(id="cart", identities=["crm:70", "crm:71"], event={"product": "x"}))
         assert (result.delivered, result.excluded) == (1, {"RuleError": 1})
+
+
+async def test_recovery_leaves_alone_a_send_this_server_is_running(client, mocks):
+    """Recovery runs once the listener is up: a send a client started before it read the
+    outbox and the executions was resumed (and its staged batches delivered) a second time
+    beside itself."""
+    from server._pipeline import recover
+
+    apns, fcm = mocks
+    await trio.to_thread.run_sync(functools.partial(fcm.admin.set_faults, accept_any_token=True, latency_ms=20))
+    for i in range(300):
+        await profile(client, f"crm:r{i}", {"n": i}, [("fcm", f"fcm-r{i}")])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.call, api.SendMessage(id="cart", identities=[f"crm:r{i}" for i in range(300)]))
+        with trio.fail_after(10):
+            while not (await admin(fcm, "stats"))["successes"]:
+                await trio.sleep(0.005)
+        await recover(client.pigeon)  # while the send goes on
+    accepted = [a["token"] for a in await admin(fcm, "accepted")]
+    assert sorted(accepted) == sorted(f"fcm-r{i}" for i in range(300))  # once each
+    report = await client.call(api.GetReport(message="cart"))
+    assert report.totals["targeted"] == report.totals["sent"] == report.totals["delivered"] == 300
+    assert "replayed" not in report.totals

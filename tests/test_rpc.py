@@ -951,3 +951,32 @@ async def test_with_one_turn_a_client_waits_for_one_call_of_a_flooding_one_not_f
         # the client's call ran second: after the flood's first, before its 19 others
         assert started[1] != flood_peer and started.count(flood_peer) == 20
         srv.request_stop()
+
+
+def _deep(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "method, body, field",
+    [
+        ("profiles.upsert", {"identity": "crm:1", "attributes": {"a": _deep(40)}}, "$.attributes.a"),
+        ("profiles.patch", {"identity": "crm:1", "patch": {"a": _deep(40)}}, "$.patch.a"),
+        ("messages.preview", {"id": "m", "event": {"e": _deep(40)}}, "$.event.e"),
+        ("messages.send", {"id": "m", "event": {"e": _deep(40)}}, "$.event.e"),
+        ("push.send", {"app": "a", "identity": "crm:1", "raw": {"aps": _deep(40)}}, "$.raw.aps"),
+        ("push.send", {"app": "a", "identity": "crm:1", "fcm_raw": {"data": _deep(40)}}, "$.fcm_raw.data"),
+        ("apps.register_android", {"app": "a", "service_account": {"x": _deep(40)}}, "$.service_account.x"),
+    ],
+)
+async def test_every_free_form_map_of_a_request_is_bounded_in_depth(address, connect, method, body, field):
+    """Payloads and preview data nested 40 levels went on to be rendered, encoded or stored
+    (an APNs raw payload deep enough raised RecursionError while being built)."""
+    raw = await connect(address)
+    await raw.call(1, method, body)
+    error = await raw.receive()
+    assert isinstance(error, Error) and error.code == Status.INVALID_ARGUMENT, error
+    assert error.field.startswith(field + "[0]") and "nest deeper than 32 levels" in error.message
