@@ -11,6 +11,8 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocols import api
 from server._cli import COMMANDS, _build_parser
@@ -478,3 +480,23 @@ def test_a_bad_server_address_or_ca_file_is_a_usage_error(tmp_path):
     assert r.returncode == 2 and "--server: 'nonsense' is not HOST:PORT" in r.stderr and "Traceback" not in r.stderr
     r = cli("health", "--server", "127.0.0.1:1", "--ca", str(tmp_path / "ca.pem"))
     assert r.returncode == 2 and f"--ca {tmp_path / 'ca.pem'}: cannot load it" in r.stderr
+
+
+@settings(max_examples=40, deadline=None)
+@given(depth=st.integers(min_value=0, max_value=3000), brackets=st.sampled_from(["[]", "{}"]), where=st.sampled_from(["json", "yaml"]))
+def test_any_nesting_depth_is_parsed_or_refused_as_bad_input(tmp_path_factory, depth, brackets, where):
+    """However deep the input, the CLI's parsers give a value or a UsageError, never a RecursionError."""
+    from server._cli import UsageError, _load_document, _parse_json_object
+
+    opening, closing = brackets
+    inner = (opening + '"k": ' if opening == "{" else opening) * depth + "1" + closing * depth
+    text = '{"a": ' + inner + "}"
+    try:
+        if where == "json":
+            assert _parse_json_object(text, "attributes")["a"] is not None
+        else:
+            path = tmp_path_factory.mktemp("doc") / "config.yaml"
+            path.write_text(f"name: shop-push\napps: [com.acme.app]\ndescription: {inner}\n")
+            _load_document(str(path), api.ChannelConfig)
+    except UsageError as exc:
+        assert "nested too deeply" in str(exc) or "description" in str(exc)
