@@ -878,8 +878,10 @@ async def _unreachable(args: argparse.Namespace, exc: BaseException) -> str:
         return f"no server is listening at {server}: {start}"
     if isinstance(exc, NotPigeonServer):
         return _speaks_tls(server) if exc.speaks == "tls" else f"{server} is {exc}"  # "not a Pigeon server: ..."
-    if isinstance(exc, (ConnectionClosed, trio.TooSlowError)) and _plaintext(args):
-        # It took the connection but did not welcome us: ask it in the protocols it may speak.
+    silent = isinstance(exc, trio.TooSlowError) or (isinstance(exc, ConnectionClosed) and exc.status is Status.UNAVAILABLE)
+    if silent and _plaintext(args):
+        # It took the connection but did not welcome us (a Pigeon server that refuses one says
+        # why with another status): ask it in the protocols it may speak.
         host, port = parse_target(server)
         if host != "unix":
             speaks = await _probe(host, int(port))
