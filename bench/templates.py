@@ -1,4 +1,5 @@
-"""Benchmark: personalization, the render of one template field and of a whole message.
+"""Benchmark: personalization, the render of one template field and of a whole message, and
+what the templates that held the server cost now.
 
     python -m bench.templates            # a few seconds; writes bench/results/templates.json
 
@@ -6,12 +7,20 @@ Each case is compiled once and rendered many times for the same context in this 
 the figure is the median over 7 runs of the CPU time per render (``time.process_time``).
 ``message`` renders a message with 3 personalized fields (`server._messages.Compiled.render`,
 including the copy and conversion of the content), as the pipeline will for each profile.
+
+``hostile``: each template of issue 11 that held the server (for 4 s to over 10 minutes, up
+to 3.8 GB) is compiled and rendered in a child process of its own: the wall time of both
+(the median of 5 children), the child's RSS growth (its peak over its size before), and how it
+ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -34,6 +43,42 @@ FIELDS = {
     "currency": "Your total: {{ event.total | currency('EUR') }}",
     "loop": "{% for item in event.items %}{{ item.name }}{% if not loop.last %}, {% endif %}{% endfor %}",
 }
+
+
+HOSTILE = {
+    "power": ("{{ ((10**999)**999)**999 }}", {}),
+    "center": ("{{ 'a'|center(1000000000) }}", {}),
+    "percent_width": ("{{ '%0999999999d' % 1 }}", {}),
+    "percent_precision": ("{{ '%.999999999f' % 1.0 }}", {}),
+    "indent_at_render": ("{{ 'a\nb' | indent(event.n) }}", {"event": {"n": 1_000_000_000}}),
+}
+
+#: Compiles and renders one template, then prints how it ended, the time and the RSS growth.
+_CHILD = """
+import json, resource, sys, time
+from server.templates import TemplateError, compile_field
+
+source, context = json.loads(sys.stdin.read())
+before = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+started = time.perf_counter()
+try:
+    outcome = f"rendered {len(compile_field('$.content.body', source).render(context))} characters"
+except TemplateError as exc:
+    outcome = f"{type(exc).__name__}: {exc}"
+seconds = time.perf_counter() - started
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"ms": seconds * 1000, "rss_mb": (peak - before) / 1024, "outcome": outcome}))
+"""
+
+
+def _hostile(source: str, context: dict[str, Any]) -> dict[str, Any]:
+    runs = []
+    for _ in range(5):
+        child = subprocess.run([sys.executable, "-c", _CHILD], input=json.dumps([source, context]), capture_output=True,
+                               text=True, timeout=120, check=True)
+        runs.append(json.loads(child.stdout))
+    return {"ms": round(statistics.median(r["ms"] for r in runs), 2),
+            "rss_mb": round(max(r["rss_mb"] for r in runs), 1), "outcome": runs[0]["outcome"]}
 
 
 def _per_render(render: Any, count: int) -> float:
@@ -65,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     us = _per_render(lambda: compiled.render(context), args.count // 2)
     results["us_per_render"]["message_3_fields"] = round(us, 2)
     print(f"{'message':10} {us:6.2f} µs   3 personalized fields, copy and conversion included ({us / 3:.2f} µs a field)")
+    print("\nhostile templates (a child process each, median of 5):")
+    results["hostile"] = {}
+    for name, (source, context) in HOSTILE.items():
+        figures = results["hostile"][name] = _hostile(source, context)
+        print(f"{name:18} {figures['ms']:7.2f} ms  RSS +{figures['rss_mb']:5.1f} MB  {figures['outcome'][:90]}")
     path = write_results("templates", results, args.out)
     print(f"\nwritten to {path}")
     return 0

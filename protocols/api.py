@@ -102,6 +102,7 @@ __all__ = [
     "GetConfig",
     "ConfigList",
     "ListConfigs",
+    "MAX_TEXT",
     "Button",
     "OnClick",
     "IosFields",
@@ -823,37 +824,44 @@ class ListConfigs(Request[ConfigList]):
     method: ClassVar[str] = "configs.list"
 
 
+#: Characters in each text of a message (a title, a URL, a data key or value...), a template's
+#: source included: an APNs or FCM payload is at most 4,096 bytes in all, so no longer text
+#: could be sent (a template may render shorter than its source, not this much shorter).
+MAX_TEXT = 4_096
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT)]
+
+
 class Button(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     """An action button (Android; on iOS the message's ``ios.category`` names the app's buttons)."""
 
     id: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
-    label: str
+    label: Text
     action: Literal["open_app", "deeplink", "web_url", "dismiss"] = "open_app"
-    url: str | None = None
+    url: Text | None = None
 
 
 class OnClick(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
     action: Literal["open_app", "deeplink", "web_url"] = "open_app"
     #: The deep link or web URL (a template, like every text).
-    url: str | None = None
+    url: Text | None = None
 
 
 class IosFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    category: str | None = None
-    thread_id: str | None = None
+    category: Text | None = None
+    thread_id: Text | None = None
     interruption_level: Literal["passive", "active", "time-sensitive", "critical"] | None = None
     relevance_score: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] | None = None
-    collapse_id: str | None = None
+    collapse_id: Text | None = None
 
 
 class AndroidFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
-    channel_id: str | None = None
+    channel_id: Text | None = None
     notification_priority: AndroidNotificationPriority | None = None
     visibility: Literal["private", "public", "secret"] | None = None
-    tag: str | None = None
-    collapse_key: str | None = None
+    tag: Text | None = None
+    collapse_key: Text | None = None
     sticky: bool = False
-    icon: str | None = None
+    icon: Text | None = None
     color: Annotated[str, msgspec.Meta(pattern=_COLOR_PATTERN)] | None = None
     #: Send a data message for the app's SDK to render (Adobe's adb_* keys).
     data_only: bool = False
@@ -863,17 +871,18 @@ class MessageContent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, o
     """What a message shows, for both platforms. Every text, URL and data value may be a
     template (``{{ profile.person.firstName }}``)."""
 
-    title: str | None = None
-    subtitle: str | None = None
-    body: str | None = None
-    media_url: str | None = None
+    title: Text | None = None
+    subtitle: Text | None = None
+    body: Text | None = None
+    media_url: Text | None = None
     on_click: OnClick = msgspec.field(default_factory=OnClick)
     buttons: Annotated[list[Button], msgspec.Meta(max_length=3)] = []
-    sound: str | None = None
+    sound: Text | None = None
     badge: Annotated[int, msgspec.Meta(ge=0)] | None = None
     #: A silent update (iOS content-available; an Android data message).
     silent: bool = False
-    data: dict[str, str] = {}
+    #: At most 100 entries (a payload of 4,096 bytes holds fewer).
+    data: Annotated[dict[Text, Text], msgspec.Meta(max_length=100)] = {}
     ios: IosFields = msgspec.field(default_factory=IosFields)
     android: AndroidFields = msgspec.field(default_factory=AndroidFields)
 
@@ -885,7 +894,7 @@ class MessageSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit
     #: The channel configuration it is sent through.
     channel: Name
     content: MessageContent
-    description: str = ""
+    description: Text = ""
     #: ``high`` (now: APNs 10, FCM HIGH) or ``normal`` (power-friendly: APNs 5, FCM NORMAL).
     priority: Literal["high", "normal"] = "high"
     #: How long the providers keep it for an offline device; their default when omitted.

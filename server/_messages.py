@@ -8,7 +8,9 @@ take (`PushContent`, `ApnsOptions`, `FcmOptions`).
 
 Templated fields: ``title``, ``subtitle``, ``body``, ``media_url``, ``on_click.url``,
 ``sound``, every ``buttons[i].label`` and ``buttons[i].url``, every ``data`` value,
-``ios.thread_id``, ``ios.collapse_id``, ``android.tag`` and ``android.collapse_key``.
+``ios.thread_id``, ``ios.collapse_id``, ``android.tag`` and ``android.collapse_key``. Each
+text is at most ``api.MAX_TEXT`` characters (the protocol says so), and the templates of a
+message at most `MAX_TEMPLATES` together: compiling them is what publishing costs.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ from .templates import Field, MissingValue, Scope, TemplateLimit, compile_field
 
 __all__ = [
     "ConfigRecord", "MessageRecord", "Compiled", "Rendered", "encode", "decode_config", "decode_message", "to_delivery",
-    "context_for", "exclusion",
+    "context_for", "exclusion", "MAX_TEMPLATES",
 ]
+
+#: Characters of templates in one message, all its fields together: twice what a payload
+#: holds, so that compiling them when it is published takes a bounded time (about 5 ms a KB).
+MAX_TEMPLATES = 8_192
 
 _TEXT = ("title", "subtitle", "body", "media_url", "sound")
 
@@ -106,6 +112,8 @@ class Compiled:
 
     Raises (from the constructor):
         TemplateSyntax: a template does not compile (names field, line, column).
+        TemplateLimit: a template is too long or nested too deep, or the templates are
+            longer than `MAX_TEMPLATES` together.
     """
 
     def __init__(self, record: MessageRecord) -> None:
@@ -113,10 +121,15 @@ class Compiled:
         self.spec = record.message
         self._content = msgspec.to_builtins(self.spec.content)
         self._fields: list[tuple[tuple[Any, ...], Field]] = []
+        size = 0
         for name, path in _paths(self._content):
             field = compile_field(name, _get(self._content, path), self.spec.on_missing)
             if field.is_template:
                 self._fields.append((path, field))
+                size += len(field.source)
+                if size > MAX_TEMPLATES:
+                    raise TemplateLimit(f"$.content: the templates have more than {MAX_TEMPLATES} characters in all "
+                                        f"(at {name})", field="$.content")
         #: The containers a render writes into, parents first: copied per render, the rest shared.
         self._copies = sorted({path[:i] for path, _ in self._fields for i in range(1, len(path))}, key=len)
 

@@ -10,11 +10,14 @@ import threading
 from typing import Any
 
 import pytest
+import trio
 
 from plugins.apns.mock import SigningKey
 from plugins.fcm.mock import ServiceAccount
 from protocols import api
 from protocols.errors import CallError, Status
+from protocols.trio_client import open_client
+from server._messages import MAX_TEMPLATES
 
 KEY = SigningKey.generate(key_id="ABC123DEFG", team_id="TEAM123456")
 ACCOUNT = ServiceAccount.generate("acme-push")
@@ -129,11 +132,17 @@ async def test_preview_with_a_sample_profile_and_the_exclusions(client):
     stopped = await client.call(api.PreviewMessage(id="runaway", profile={}))
     assert stopped.excluded == "TemplateLimit"
 
-    big = api.MessageSpec(id="big", channel="shop-push", content=api.MessageContent(title="{{ 'x' * 5000 }}"))
+    big = api.MessageSpec(id="big", channel="shop-push", content=api.MessageContent(
+        title="{{ 'x' * 3000 }}", body="{{ 'y' * 2000 }}"))
     await client.call(api.PublishMessage(message=big))
     oversize = await client.call(api.PreviewMessage(id="big", profile={}))
     ios, android = oversize.previews
     assert ios.error == "PayloadTooLarge" and android.error == "INVALID_ARGUMENT"
+    # One text longer than any payload (api.MAX_TEXT) excludes the profile, naming the field.
+    longer = api.MessageSpec(id="longer", channel="shop-push", content=api.MessageContent(title="{{ 'x' * 5000 }}"))
+    await client.call(api.PublishMessage(message=longer))
+    too_long = await client.call(api.PreviewMessage(id="longer", profile={}))
+    assert too_long.excluded == "TemplateError" and "$.title" in too_long.detail and too_long.previews == []
 
     with pytest.raises(CallError) as caught:
         await client.call(api.PreviewMessage(id="nope", profile={}))
@@ -210,3 +219,98 @@ def test_reports_from_the_cli_as_a_table_as_json_and_watched(server_process, tmp
     assert header.split()[:3] == ["TARGETED", "EXCLUDED", "SENT"] and totals.split()[:4] == ["all", "1", "1", "0"]
     assert "excluded: NoTokenForApp 1" in r.stdout
     assert json.loads(pigeon("reports", "--message", "cart", "--json").stdout)["totals"] == pushed["totals"]
+
+
+# -- bounds (issue 11, item 2) --------------------------------------------------------------
+
+#: Templates that held the server for 4 s to over 10 minutes, and took up to 3.8 GB.
+HOSTILE = {
+    "power": "{{ ((10**999)**999)**999 }}",
+    "center": "{{ 'a' | center(1000000000) }}",
+    "percent": "{{ '%0999999999d' % 1 }}",
+    "precision": "{{ '%.999999999f' % 1.0 }}",
+    "indent": "{{ 'a\nb' | indent(event.n) }}",
+}
+
+
+def peak_rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM")) / 1024
+
+
+async def test_the_server_answers_others_while_hostile_templates_are_published_and_previewed(server_process):
+    async with open_client(server_process.address) as attacker, open_client(server_process.address) as bystander:
+        await setup_app(attacker)
+        peak_before = peak_rss_mb(server_process.proc.pid)
+        waits: list[float] = []
+        done = trio.Event()
+
+        async def watch() -> None:
+            for i in range(2_000):
+                if done.is_set() and i >= 5:
+                    return
+                started = trio.current_time()
+                assert (await bystander.call(api.GetHealth())).status == "serving"
+                waits.append(trio.current_time() - started)
+                await trio.sleep(0.01)
+
+        # Without the bounds, the first publish holds the server for 20 s, a preview for minutes.
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watch)
+                for name, source in HOSTILE.items():
+                    spec = api.MessageSpec(id=name, channel="shop-push", content=api.MessageContent(title=source))
+                    await attacker.call(api.PublishMessage(message=spec))  # compiling evaluates nothing
+                    preview = await attacker.call(api.PreviewMessage(id=name, profile={}, event={"n": 10**9}))
+                    assert preview.excluded == "TemplateLimit" and preview.detail.startswith("$.content.title: ")
+                done.set()
+        assert len(waits) >= 5 and max(waits) < 2.0  # measured: a few ms; the margin is for a busy machine
+        assert peak_rss_mb(server_process.proc.pid) - peak_before < 50
+
+
+@pytest.mark.parametrize(
+    ("content", "field", "text"),
+    [
+        (api.MessageContent(title="x" * 3_000_000), "$.message.content.title", "length <= 4096"),
+        (api.MessageContent(title="Hi", buttons=[api.Button(id="b", label="x" * 4097)]),
+         "$.message.content.buttons[0].label", "length <= 4096"),
+        (api.MessageContent(title="Hi", data={str(i): "v" for i in range(101)}), "$.message.content.data",
+         "length <= 100"),
+        (api.MessageContent(title="Hi", data={"k": "{{ x }}" * 600}), "$.message.content.data[...]", "length <= 4096"),
+        (api.MessageContent(title="Hi", ios=api.IosFields(thread_id="t" * 4097)), "$.message.content.ios.thread_id",
+         "length <= 4096"),
+    ],
+)
+async def test_message_texts_are_bounded_by_what_a_payload_holds(client, content, field, text):
+    # A 3 MB title was published (compiled and stored). (Constructors do not check; the server does.)
+    await setup_app(client)
+    with pytest.raises(CallError) as caught:
+        await client.call(api.PublishMessage(message=api.MessageSpec(id="m", channel="shop-push", content=content)))
+    assert (caught.value.status, caught.value.field) == (Status.INVALID_ARGUMENT, field)
+    assert text in caught.value.message
+    with pytest.raises(CallError) as missing:
+        await client.call(api.GetMessage(id="m"))
+    assert missing.value.status == Status.NOT_FOUND
+
+
+async def test_a_messages_templates_are_bounded_together(client):
+    await setup_app(client)
+    template = "{{ profile.person.firstName | default('you') }} " * 80  # 3,920 characters
+    spec = api.MessageSpec(id="long", channel="shop-push", content=api.MessageContent(
+        title=template, subtitle=template, body=template))
+    with pytest.raises(CallError) as caught:
+        await client.call(api.PublishMessage(message=spec))
+    assert (caught.value.status, caught.value.field) == (Status.INVALID_ARGUMENT, "$.content")
+    assert f"more than {MAX_TEMPLATES} characters in all (at $.content.body)" in caught.value.message
+    two = api.MessageSpec(id="long", channel="shop-push", content=api.MessageContent(title=template, body=template))
+    assert (await client.call(api.PublishMessage(message=two))).templates == ["$.content.title", "$.content.body"]
+
+
+async def test_an_audience_written_with_a_single_equals_says_how_to_compare(client):
+    await setup_app(client)
+    await client.call(api.PublishMessage(message=message()))
+    with pytest.raises(CallError) as caught:
+        await client.call(api.SendMessage(id="cart", audience="profile.city = 'Oslo'"))
+    assert (caught.value.status, caught.value.field) == (Status.INVALID_ARGUMENT, "$.audience")
+    assert caught.value.message == ("$.audience: unexpected '=' after the expression: to compare, write '==' "
+                                    "(profile.city == 'Oslo')")
