@@ -197,11 +197,14 @@ REPRODUCTIONS = [
 
 #: Compiles and renders one template, then prints what happened, the time and the RSS growth.
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from server.templates import TemplateError, compile_field
 
 source, context = json.loads(sys.stdin.read())
-before = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+def status(key):  # kB; VmHWM is this process's peak (getrusage's can be its parent's, from before exec)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+before = status("VmRSS")
 started = time.perf_counter()
 try:
     compile_field("$.content.body", source).render(context)
@@ -209,7 +212,7 @@ try:
 except TemplateError as exc:
     error = f"{type(exc).__name__}: {exc}"
 seconds = time.perf_counter() - started
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = status("VmHWM")
 print(json.dumps({"error": error, "seconds": seconds, "rss_mb": (peak - before) / 1024}))
 """
 
