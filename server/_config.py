@@ -121,9 +121,6 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: MiB of answers waiting to be written (or reserved for calls running), all connections
     #: together; past it calls wait (a connection with nothing waiting still runs one).
     reply_buffer_mb: Positive = 64
-    #: Unary calls running at once, all connections together; more wait for a turn (the
-    #: connection running the fewest first).
-    max_running: Positive = 1024
     shutdown_grace_s: PositiveFloat = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)

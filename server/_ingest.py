@@ -13,7 +13,6 @@ import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, nullcontext
 from typing import Annotated, Any
 
 import msgspec
@@ -299,14 +298,9 @@ class Ingestion(Actor):
         self.batches = 0
         self.store_ops = 0
 
-    async def ingest(self, body: bytes | msgspec.Raw,
-                     turn: Callable[[], AbstractAsyncContextManager[None]] = nullcontext) -> api.IngestResult:
-        """Validate a raw ``events.ingest`` body, store what is valid, return once durable.
-
-        The decoding waits for a ``turn`` (the call's fair share of the event loop: see
-        `server._rpc.FairTurns`)."""
-        async with turn():
-            events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
+    async def ingest(self, body: bytes | msgspec.Raw) -> api.IngestResult:
+        """Validate a raw ``events.ingest`` body, store what is valid, return once durable."""
+        events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
         self.rejected += len(rejected)
         if not events:
             return api.IngestResult(accepted=0, rejected=rejected)

@@ -21,13 +21,6 @@ Whatever a peer does costs only its own connection, and bounded memory:
   them (plus one answer larger than its method's largest so far), and all such clients
   together about ``reply_buffer``; a client that reads nothing for ``write_timeout`` seconds
   is disconnected.
-- Fairness: at most ``max_running`` unary calls run at once, all connections together; a
-  call beyond waits for a turn, and a turn that comes free goes to the connection running the
-  fewest (`FairTurns`): a client with one call goes before connections that flood the server
-  with hundreds. This also bounds what calls in progress hold (decoded requests, handlers'
-  state), which the garbage collector walks in every full collection. CPU-heavy steps
-  (decoding an ingest batch) take turns the same way, two at a time, so that a scheduling
-  round of the event loop stays short.
 - Failures: a frame that cannot be decoded costs its call or its connection (see
   `protocols.connection`); anything unexpected while serving a connection closes that
   connection only, never the listener.
@@ -37,15 +30,13 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import itertools
 import logging
 import os
 import socket as _stdlib_socket
 import ssl
 import time
-from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -71,7 +62,7 @@ from ._actor import Actor
 from ._errors import ServerError
 from ._records import check_depth
 
-__all__ = ["Router", "CallContext", "FairTurns", "Listener", "parse_address"]
+__all__ = ["Router", "CallContext", "Listener", "parse_address"]
 
 log = logging.getLogger("pigeon.rpc")
 
@@ -98,74 +89,6 @@ class CallContext(msgspec.Struct):
     client: str
     #: The call's undecoded body, for handlers that decode it themselves.
     body: msgspec.Raw
-    #: ``async with ctx.turn():`` around CPU-heavy work on the event loop (decoding a large
-    #: batch), which then takes turns, fairly between connections (`FairTurns`).
-    turn: Callable[[], AbstractAsyncContextManager[None]]
-
-
-class FairTurns:
-    """At most ``capacity`` holders at once; a turn that comes free goes to the waiting owner
-    that holds the fewest, and among those to the one served longest ago: an owner with one
-    waiter goes before owners that hold many turns, and never waits for more than one turn of
-    each of them, however many they queue.
-    """
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.busy = 0
-        self._held: Counter[object] = Counter()
-        #: When each owner holding or waiting for a turn was last given one (0: never).
-        self._served: dict[object, int] = {}
-        self._ticks = itertools.count(1)
-        self._waiting: dict[object, deque[trio.Event]] = {}
-
-    @property
-    def waiting(self) -> int:
-        return sum(len(queue) for queue in self._waiting.values())
-
-    @asynccontextmanager
-    async def turn(self, owner: object) -> AsyncIterator[None]:
-        if self.busy < self.capacity and not self._waiting:
-            self.busy += 1
-        else:
-            granted = trio.Event()
-            queue = self._waiting.setdefault(owner, deque())
-            queue.append(granted)
-            try:
-                await granted.wait()
-            except BaseException:
-                if granted.is_set():
-                    self._pass_on()  # granted as it was cancelled: hand the turn on
-                else:
-                    queue.remove(granted)
-                    if not queue:
-                        del self._waiting[owner]
-                        self._forget(owner)
-                raise
-        self._held[owner] += 1
-        self._served[owner] = next(self._ticks)
-        try:
-            yield
-        finally:
-            self._held[owner] -= 1
-            self._forget(owner)
-            self._pass_on()
-
-    def _forget(self, owner: object) -> None:
-        if not self._held[owner] and owner not in self._waiting:
-            del self._held[owner]
-            self._served.pop(owner, None)
-
-    def _pass_on(self) -> None:
-        """A turn is free: hand it to the waiting owner holding the fewest, or free it."""
-        if not self._waiting:
-            self.busy -= 1
-            return
-        owner = min(self._waiting, key=lambda o: (self._held[o], self._served.get(o, 0)))
-        queue = self._waiting[owner]
-        queue.popleft().set()
-        if not queue:
-            del self._waiting[owner]
 
 
 class _Route(msgspec.Struct, frozen=True):
@@ -250,8 +173,6 @@ class Listener(Actor):
         handshake_timeout: seconds a new connection has to send its hello.
         busy_handshake_timeout: the same, while more than half of ``max_handshakes`` are taken.
         reply_buffer: bytes of answers queued or reserved for all connections together.
-        max_running: unary calls running at once, all connections together; others wait
-            for a turn (`FairTurns`: the connection running the fewest first).
     """
 
     def __init__(
@@ -270,7 +191,6 @@ class Listener(Actor):
         handshake_timeout: float = 10.0,
         busy_handshake_timeout: float = 1.0,
         reply_buffer: int = 64 * 1024 * 1024,
-        max_running: int = 1024,
     ) -> None:
         super().__init__("listener", 1)
         self.router = router
@@ -302,10 +222,6 @@ class Listener(Actor):
         self.room = trio.Event()
         #: The largest answer each method has given so far: what a running call reserves.
         self.answer_sizes: dict[str, int] = {}
-        #: Turns at CPU-heavy work (`CallContext.turn`).
-        self.turns = FairTurns(2)
-        #: Turns to run a unary call, all connections together.
-        self.running = FairTurns(max_running)
         self.method_stats: dict[str, _MethodStats] = {}
         self.accepted = 0
         self.protocol_errors = 0
@@ -791,10 +707,6 @@ class _Connection:
 
     # -- calls --------------------------------------------------------------------------------
 
-    def turn(self) -> AbstractAsyncContextManager[None]:
-        """A turn at CPU-heavy work for one of this connection's calls (`FairTurns`)."""
-        return self.listener.turns.turn(self)
-
     async def _run_call(self, call: Call, scope: trio.CancelScope) -> None:
         known = call.method in self.listener.router.routes
         stats = self.listener.stats_for(call.method if known else "(unknown method)")
@@ -833,10 +745,7 @@ class _Connection:
                     await self._wait_for_room(reservation)
                 self.reserved += reservation
                 try:
-                    if route.spec.streaming:  # long-lived, and flow-controlled item by item
-                        return await self._answer(call, route)
-                    async with self.listener.running.turn(self):
-                        return await self._answer(call, route)
+                    return await self._answer(call, route)
                 finally:
                     self.reserved -= reservation
         except ServerError as exc:
@@ -870,7 +779,7 @@ class _Connection:
             value = getattr(request, name)
             if value:
                 check_depth(value, f"$.{name}", name)
-        ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body, self.turn)
+        ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
         if route.spec.streaming:
             await route.handler(ctx, request, lambda item: self._send_item(call.id, item))
             conn.send_end(call.id)

@@ -188,7 +188,7 @@ def build_router(server: Server) -> Router:
     # -- events -------------------------------------------------------------------------------
 
     async def ingest(ctx: CallContext, req: None) -> api.IngestResult:
-        return await server.ingestion.ingest(ctx.body, ctx.turn)
+        return await server.ingestion.ingest(ctx.body)
 
     async def list_events(ctx: CallContext, req: api.ListEvents, send: Any) -> None:
         # events past the retention window are not listed, swept or not yet
