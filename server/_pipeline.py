@@ -42,6 +42,7 @@ import itertools
 import logging
 import re
 import secrets
+import time
 from collections import Counter
 from typing import Any
 
@@ -67,6 +68,8 @@ PLATFORMS = {"ios": ("apns", "apns-sandbox"), "android": ("fcm",)}
 #: crash, at most BATCH * IN_FLIGHT profiles' notifications are delivered again.
 BATCH = 500
 IN_FLIGHT = 4
+#: Seconds a batch is prepared before it lets the event loop run other tasks.
+_SLICE_S = 0.005
 #: The first batch is smaller (the sizes double up to BATCH), so that the first notifications
 #: leave sooner.
 FIRST_BATCH = 50
@@ -343,9 +346,13 @@ class Pipeline:
         counts: Counter[ReportKey] = Counter()
         head = self._head
         jobs: list[DeliveryJob] = []
-        for n, profile in enumerate(profiles):
-            if n % 100 == 99:
-                await trio.lowlevel.checkpoint()  # let the batches in delivery move meanwhile
+        yielded = time.perf_counter()
+        for profile in profiles:
+            if time.perf_counter() - yielded > _SLICE_S:
+                # Let the batches in delivery and other clients move meanwhile (a profile's
+                # templates may take up to 50 ms).
+                await trio.lowlevel.checkpoint()
+                yielded = time.perf_counter()
             context = Scope(messages.context_for(attributes=profile.attributes, identities=profile.identities,
                                                  event=self.event, message=self.spec, version=self.record.version))
             if self.test and profile.attributes.get("testProfile") is not True:

@@ -435,3 +435,31 @@ async def test_recovery_leaves_alone_a_send_this_server_is_running(client, mocks
     report = await client.call(api.GetReport(message="cart"))
     assert report.totals["targeted"] == report.totals["sent"] == report.totals["delivered"] == 300
     assert "replayed" not in report.totals
+
+
+async def test_a_send_whose_templates_burn_cpu_lets_other_clients_in_between_profiles(client, mocks):
+    """A profile's templates may take 50 ms of CPU; a batch was prepared without letting the
+    event loop go for 100 profiles at a time (its first batch, 50 profiles, in one go: 2 s
+    here, in which the server, which runs in this test's event loop, answered nobody)."""
+    await trio.to_thread.run_sync(functools.partial(mocks[1].admin.set_faults, accept_any_token=True))
+    await client.call(api.PublishMessage(message=api.MessageSpec(id="burn", channel="shop-push", content=api.MessageContent(
+        title="{% for i in range(9999) %}{% if 'zz' in event.s %}!{% endif %}{% endfor %}Hi"))))
+    for i in range(40):
+        await profile(client, f"crm:b{i}", {"n": i}, [("fcm", f"fcm-b{i}")])
+    answers: list[float] = []
+    async with open_client(client.pigeon.addresses[0]) as bystander, trio.open_nursery() as nursery:
+        done = trio.Event()
+
+        async def send() -> None:
+            await client.call(api.SendMessage(id="burn", identities=[f"crm:b{i}" for i in range(40)],
+                                              event={"s": "a" * 16_000}))
+            done.set()
+
+        nursery.start_soon(send)
+        while not done.is_set():
+            await bystander.call(api.GetHealth())
+            answers.append(trio.current_time())
+    report = await client.call(api.GetReport(message="burn"))
+    assert report.reasons["excluded"] == {"TemplateLimit": 40}  # 50 ms of CPU each
+    longest = max(b - a for a, b in zip(answers, answers[1:]))
+    assert longest < 1.0, f"the bystander waited {longest:.2f} s for an answer"
