@@ -348,11 +348,16 @@ class ServerConnection(_Base):
     # -- output -----------------------------------------------------------------------------
 
     def send_reply(self, call_id: int, body: Any) -> bool:
-        """Queue the unary result of a call. False if the call is no longer open."""
+        """Queue the unary result of a call. False if the call is no longer open.
+
+        Raises:
+            Whatever encoding ``body`` raises; the call is then still open (for an error).
+        """
         if call_id not in self.open_calls:
             return False
+        encoded = self._encoder.body(body)
         self.open_calls.discard(call_id)
-        self._queue_answer(Reply(id=call_id, body=self._encoder.body(body)))
+        self._queue_answer(Reply(id=call_id, body=encoded))
         return True
 
     def send_item(self, call_id: int, body: Any) -> bool:

@@ -24,6 +24,10 @@ _UNSET: Any = object()
 log = logging.getLogger("pigeon.actor")
 
 
+#: What a future holds once its error was raised (`Future.result`).
+_TAKEN = RuntimeError("taken")
+
+
 class Future(Generic[T]):
     """A one-shot result slot, resolved once by the actor and awaited by the caller.
 
@@ -69,11 +73,22 @@ class Future(Generic[T]):
             self._callbacks.append(callback)
 
     def result(self) -> T:
-        """The value, or raise the error."""
+        """The value, or raise the error (once: see below)."""
         if not self.done:
             raise RuntimeError("the future has no result yet")
-        if self._error is not None:
-            raise self._error
+        error = self._error
+        if error is not None:
+            # Raised, the error's traceback holds the frames of whoever waited, and they hold
+            # this future: a cycle that only a full garbage collection breaks, with all those
+            # frames hold (a refused 3.8 MB profiles.patch kept 7.5 MB alive per call). So the
+            # future lets go of its error as it raises it: an error is taken once.
+            self._error = _TAKEN
+            if error is _TAKEN:
+                raise RuntimeError("the error of this future was already taken")
+            try:
+                raise error
+            finally:
+                del error  # this frame, in the traceback, must not hold it either
         return self._value
 
     async def wait(self) -> T:

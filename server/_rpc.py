@@ -4,23 +4,24 @@ Each connection has a reader task, a writer task and a task per call (see `_Conn
 Whatever a peer does costs only its own connection, and bounded memory:
 
 - Connections: at most ``max_connections``, ``max_connections_per_peer`` from one address, and
-  ``max_handshakes`` that have not said hello yet. Past either limit on handshakes the oldest
-  connection still waiting for its hello is closed to make room, and while more than half of
-  them are taken every connection without a hello has ``busy_handshake_timeout`` seconds to
-  send it instead of ``handshake_timeout``: idle sockets cannot lock honest clients out, and
-  connections that completed a handshake keep their places.
+  ``max_handshakes`` that have not said hello yet. Past a limit the oldest connection still
+  waiting for its hello (from the address with the most of them) is closed to make room, and
+  while more than half of ``max_handshakes`` are taken every connection without a hello has
+  ``busy_handshake_timeout`` seconds to send it instead of ``handshake_timeout``: idle sockets
+  cannot lock honest clients out, and connections that completed a handshake keep their places.
 - Calls: ``max_calls`` in flight per connection (announced in the welcome; more are refused
-  with RESOURCE_EXHAUSTED). The reader stops reading while more than ``_REQUEST_HIGH_WATER``
-  bytes of the connection's requests wait to be decoded, or more than ``_HIGH_WATER`` bytes of
-  answers wait to be written.
-- Answers: a call starts only when its answer has room: the connection's answers waiting to be
-  written, plus a reservation for each call running (the largest answer its method has given
-  so far), stay under ``_HIGH_WATER``, and all connections' together under ``reply_buffer``,
-  except that a connection with nothing waiting may always run one call. So a client that
-  pipelines calls for large answers and reads nothing holds about ``_HIGH_WATER`` bytes of
-  them (plus one answer larger than its method's largest so far), and all such clients
-  together about ``reply_buffer``; a client that reads nothing for ``write_timeout`` seconds
-  is disconnected.
+  with RESOURCE_EXHAUSTED). The reader stops reading while the connection's calls hold more
+  than ``_REQUEST_HIGH_WATER`` bytes of requests, or more than ``_HIGH_WATER`` bytes of answers
+  wait to be written.
+- Answers: a call (unary or streamed) starts only when its answer has room: the connection's
+  answers waiting to be written, plus a reservation for each call running (the largest answer
+  or item its method gave lately, `Listener.reservation`), stay under ``_HIGH_WATER``, and all
+  connections' together under ``reply_buffer`` or the connection's share of it; a connection
+  with nothing waiting may always start one call. A stream's items wait while more than
+  ``_HIGH_WATER`` bytes wait to be written. So a client that pipelines calls for large answers
+  and reads nothing holds about ``_HIGH_WATER`` bytes of them (plus one answer larger than its
+  method's reservation), and all such clients together about ``reply_buffer`` (plus one answer
+  each); a client that reads nothing for ``write_timeout`` seconds is disconnected.
 - Failures: a frame that cannot be decoded costs its call or its connection (see
   `protocols.connection`); anything unexpected while serving a connection closes that
   connection only, never the listener.
@@ -79,6 +80,8 @@ _HIGH_WATER = 1024 * 1024
 _REQUEST_HIGH_WATER = 4 * 1024 * 1024
 #: The reservation for a method's answer before it has given any.
 _FIRST_ESTIMATE = 16 * 1024
+#: Seconds in which a method's largest answer so far counts half as much in its reservations.
+_ESTIMATE_HALF_LIFE_S = 10.0
 
 
 class CallContext(msgspec.Struct):
@@ -206,12 +209,12 @@ class Listener(Actor):
         self.handshake_timeout = handshake_timeout
         self.busy_handshake_timeout = min(busy_handshake_timeout, handshake_timeout)
         self.reply_buffer = reply_buffer
-
         #: The bound addresses, once listening (a port of 0 is replaced by the real one).
         self.addresses: list[str] = []
         self.connections: set[_Connection] = set()
-        #: Connections still waiting for their hello, oldest first.
+        #: Connections still waiting for their hello, oldest first, and their number by host.
         self.handshaking: dict[_Connection, None] = {}
+        self.handshaking_hosts: Counter[str] = Counter()
         #: Connections per peer host.
         self.peers: Counter[str] = Counter()
         #: Connections closed to make room for new ones (no hello yet, limits reached).
@@ -220,8 +223,8 @@ class Listener(Actor):
         self.buffered = 0
         #: Set (and replaced) whenever buffered bytes are freed: calls waiting for room wake.
         self.room = trio.Event()
-        #: The largest answer each method has given so far: what a running call reserves.
-        self.answer_sizes: dict[str, int] = {}
+        #: The largest answer (or stream item) each method gave lately, and when.
+        self.answer_sizes: dict[str, tuple[int, float]] = {}
         self.method_stats: dict[str, _MethodStats] = {}
         self.accepted = 0
         self.protocol_errors = 0
@@ -327,6 +330,7 @@ class Listener(Actor):
         self.connections.add(connection)
         self.peers[connection.host] += 1
         self.handshaking[connection] = None
+        self.handshaking_hosts[connection.host] += 1
         if len(self.handshaking) > self.max_handshakes // 2:
             # Busy with connections that say nothing: every one of them gets the short budget.
             for waiting in self.handshaking:
@@ -359,9 +363,14 @@ class Listener(Actor):
         return None
 
     def _evict(self, host: str | None = None) -> bool:
-        """Close the oldest connection (from ``host``) still waiting for its hello."""
+        """Close the oldest connection still waiting for its hello from ``host``, or from the
+        host with the most of them (a flood from one address does not close others')."""
+        if host is None:
+            if not self.handshaking_hosts:
+                return False
+            host = max(self.handshaking_hosts, key=self.handshaking_hosts.__getitem__)
         for connection in self.handshaking:
-            if host is None or connection.host == host:
+            if connection.host == host:
                 break
         else:
             return False
@@ -370,11 +379,18 @@ class Listener(Actor):
         connection.evict("no hello was received, and the server needs the place for a new connection")
         return True
 
+    def said_hello(self, connection: _Connection) -> None:
+        """The connection is no longer waiting for its hello."""
+        if self.handshaking.pop(connection, False) is None:
+            self.handshaking_hosts[connection.host] -= 1
+            if not self.handshaking_hosts[connection.host]:
+                del self.handshaking_hosts[connection.host]
+
     def _forget(self, connection: _Connection) -> None:
         """The connection no longer takes a place (closed, or closing after an eviction)."""
         if connection in self.connections:
             self.connections.discard(connection)
-            self.handshaking.pop(connection, None)
+            self.said_hello(connection)
             self.peers[connection.host] -= 1
             if not self.peers[connection.host]:
                 del self.peers[connection.host]
@@ -386,12 +402,18 @@ class Listener(Actor):
             self.room = trio.Event()
 
     def reservation(self, method: str) -> int:
-        """Bytes a call of ``method`` reserves for its answer while it runs."""
-        return self.answer_sizes.get(method, _FIRST_ESTIMATE)
+        """Bytes a call of ``method`` reserves for its answer (or a stream for each item) while
+        it runs: the largest the method gave, halved every `_ESTIMATE_HALF_LIFE_S` since (so
+        that one large answer does not hold every later call back for good)."""
+        seen = self.answer_sizes.get(method)
+        if seen is None:
+            return _FIRST_ESTIMATE
+        size, when = seen
+        return size >> min(62, int((trio.current_time() - when) / _ESTIMATE_HALF_LIFE_S))
 
     def answered(self, method: str, size: int) -> None:
-        if size > self.answer_sizes.get(method, 0):
-            self.answer_sizes[method] = size
+        if size >= self.reservation(method) or method not in self.answer_sizes:
+            self.answer_sizes[method] = (size, trio.current_time())
 
     def stats_for(self, method: str) -> _MethodStats:
         stats = self.method_stats.get(method)
@@ -488,8 +510,7 @@ class _Connection:
         self._writing_bytes = 0
         #: Bytes reserved for the answers of the calls running.
         self.reserved = 0
-        #: Bytes of the requests read and not yet decoded (by call id, and in all).
-        self.request_sizes: dict[int, int] = {}
+        #: Bytes of the requests of the calls open.
         self.request_bytes = 0
         #: This connection's part of ``listener.buffered``.
         self._counted = 0
@@ -511,14 +532,6 @@ class _Connection:
                 self._progress.set()
                 self._progress = trio.Event()
 
-    def _decoded(self, call_id: int) -> None:
-        """The call's request is decoded (or the call ended): its bytes no longer count."""
-        size = self.request_sizes.pop(call_id, 0)
-        if size:
-            self.request_bytes -= size
-            self._progress.set()  # the reader may be waiting for them
-            self._progress = trio.Event()
-
     def release(self) -> None:
         """The connection is gone: nothing it holds counts any more."""
         if self._counted:
@@ -530,19 +543,30 @@ class _Connection:
                 and self.request_bytes <= _REQUEST_HIGH_WATER)
 
     def _may_start(self, reservation: int) -> bool:
-        """Whether a call reserving ``reservation`` bytes for its answer (or a stream's item)
-        may go: there is room on this connection and in all, or this connection has nothing
-        waiting (so that it always makes progress)."""
+        """Whether a call reserving ``reservation`` bytes for its answer may start: there is
+        room on this connection, and in all or within the connection's share of all; or the
+        connection has nothing waiting (so that it always makes progress)."""
         held = self.answer_bytes
         if held == 0:
             return True
-        return held + reservation <= _HIGH_WATER and self.listener.buffered + reservation <= self.listener.reply_buffer
+        if held + reservation > _HIGH_WATER:
+            return False
+        listener = self.listener
+        return (listener.buffered + reservation <= listener.reply_buffer
+                or held + reservation <= listener.reply_buffer // len(listener.connections))
 
     async def _wait_for_room(self, reservation: int) -> None:
         while not self._may_start(reservation):
             self.kick()
             room = self.listener.room
             await room.wait()
+
+    async def _wait_writable(self) -> None:
+        """Wait while more than ``_HIGH_WATER`` bytes wait to be written (a stream's items)."""
+        while self.conn.pending_bytes + self._writing_bytes > _HIGH_WATER:
+            self.kick()
+            progress = self._progress
+            await progress.wait()
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -662,7 +686,6 @@ class _Connection:
                     if call.window is not None and self.reading:
                         self.windows[call.id] = _Window(call.window)
                     self.request_bytes += len(call.body)
-                    self.request_sizes[call.id] = len(call.body)
                     calls.start_soon(self._run_call, call, scope)
                 elif isinstance(event, CreditGranted):
                     window = self.windows.get(event.id)
@@ -675,7 +698,7 @@ class _Connection:
                         scope.cancel()
                 elif isinstance(event, HelloReceived):
                     log.debug("client %r connected from %s", event.hello.client, self.peer)
-                    self.listener.handshaking.pop(self, None)
+                    self.listener.said_hello(self)
                     self.handshake.cancel()
                 elif isinstance(event, Terminated):
                     # The stream cannot be trusted any more: read nothing else, but answer the
@@ -715,10 +738,13 @@ class _Connection:
         try:
             ok = await self._dispatch(call, scope)
         finally:
-            self.calls.pop(call.id, None)
-            self.windows.pop(call.id, None)
-            self.cancelled_by_client.discard(call.id)
-            self._decoded(call.id)
+            if self.calls.get(call.id) is scope:  # else the id was answered and is in use again
+                del self.calls[call.id]
+                self.windows.pop(call.id, None)
+                self.cancelled_by_client.discard(call.id)
+            self.request_bytes -= len(call.body)
+            self._progress.set()  # the reader may be waiting for request bytes to be freed
+            self._progress = trio.Event()
             self.account()
             stats.calls += 1
             stats.errors += not ok
@@ -734,8 +760,8 @@ class _Connection:
         if route is None:
             conn.send_error(call.id, Status.UNIMPLEMENTED, f"unknown method {call.method!r}", field="$.method")
             return False
-        # A stream's items wait for room one by one (`_send_item`); a unary answer is reserved.
-        reservation = 0 if route.spec.streaming else self.listener.reservation(call.method)
+        # What its answer, or each item of a stream, may take: a stream holds one at a time.
+        reservation = self.listener.reservation(call.method)
         try:
             with scope:
                 # A cancel or deadline read before the call started stops it here, even if its
@@ -744,6 +770,7 @@ class _Connection:
                 if not self._may_start(reservation):
                     await self._wait_for_room(reservation)
                 self.reserved += reservation
+                self.account()  # so that other connections see it in listener.buffered
                 try:
                     return await self._answer(call, route)
                 finally:
@@ -769,8 +796,6 @@ class _Connection:
         conn = self.conn
         try:
             request = route.decoder.decode(call.body) if route.decoder is not None else None
-            if route.decoder is not None:
-                self._decoded(call.id)
         except DECODE_ERRORS as exc:
             message, field = api.describe_validation_error(decode_error_text(exc), route.spec.request)
             conn.send_error(call.id, Status.INVALID_ARGUMENT, message, field=field)
@@ -781,7 +806,7 @@ class _Connection:
                 check_depth(value, f"$.{name}", name)
         ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
         if route.spec.streaming:
-            await route.handler(ctx, request, lambda item: self._send_item(call.id, item))
+            await route.handler(ctx, request, lambda item: self._send_item(call, item))
             conn.send_end(call.id)
         else:
             result = await route.handler(ctx, request)
@@ -790,19 +815,21 @@ class _Connection:
             self.listener.answered(call.method, conn.pending_bytes - before)
         return True
 
-    async def _send_item(self, call_id: int, item: Any) -> None:
+    async def _send_item(self, call: Call, item: Any) -> None:
+        call_id = call.id
         window = self.windows.get(call_id)
         if window is not None:
             while window.available <= 0:
                 self.kick()  # the client can only grant credit for what it received
                 await window.wait_for_credit()
             window.available -= 1
-        if not self._may_start(0):
-            await self._wait_for_room(0)
+        await self._wait_writable()
+        before = self.conn.pending_bytes
         if not self.conn.send_item(call_id, item):
             # The call ended under the handler (its answer was refused): stop producing.
             self.calls[call_id].cancel()
             await trio.lowlevel.checkpoint()
+        self.listener.answered(call.method, self.conn.pending_bytes - before)
         # The writer sends what is queued when it next runs (items queued meanwhile go in the
         # same write): a stream that sends now and then (reports.watch) is not held back.
         self.account()

@@ -35,6 +35,8 @@ log = logging.getLogger("pigeon")
 MAX_ATTRIBUTE_DEPTH = MAX_VALUE_DEPTH
 _END_OF_TIME_US = 2**63 - 1
 _PAGE = 256
+#: Bytes of events a page of events.list holds at most (and one event more).
+_PAGE_BYTES = 16 * 1024
 
 
 def _check_apns_token(platform: str, token: str) -> str:
@@ -202,7 +204,8 @@ def build_router(server: Server) -> Router:
         after: tuple[int, int] | None = None
         while remaining > 0:
             page, after = store.read_events(
-                req.identity, after=after, since_us=since, until_us=until, reverse=req.reverse, limit=_PAGE
+                req.identity, after=after, since_us=since, until_us=until, reverse=req.reverse, limit=_PAGE,
+                max_bytes=_PAGE_BYTES,
             )
             for seq, ts, record in page:
                 if req.type is not None and record.type != req.type:

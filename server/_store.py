@@ -348,7 +348,10 @@ class ProfileStore(Actor):
                 except ServerError as exc:
                     child.abort()
                     writer.rollback(mark)
-                    results.append((False, exc))
+                    # A refusal is the op's answer: without its traceback, which would hold this
+                    # frame, which holds ``results`` and so the error (a cycle keeping the ops'
+                    # data alive until a full garbage collection).
+                    results.append((False, exc.with_traceback(None)))
                     continue
                 except BaseException:
                     child.abort()
@@ -438,9 +441,11 @@ class ProfileStore(Actor):
         until_us: int,
         reverse: bool,
         limit: int,
+        max_bytes: int | None = None,
     ) -> tuple[list[tuple[int, int, EventRecord]], tuple[int, int] | None]:
         """One page of a profile's events in time order, after the cursor ``after`` (None: from
-        the range's edge).
+        the range's edge): ``limit`` events at most, and no more once ``max_bytes`` of them
+        are read (a streamed call holds its page while its client is slow).
 
         Returns ``[(seq, ts, record)]`` and the cursor to resume from, or None at the end.
         """
@@ -453,10 +458,14 @@ class ProfileStore(Actor):
                 pid, after=after, since_us=since_us, until_us=until_us, reverse=reverse, limit=limit
             )
             out = []
-            for seq, ts in page:
+            size = 0
+            for n, (seq, ts) in enumerate(page):
                 value = txn.get(keys.seq_key(seq), db=dbs["events"])
                 if value is not None:
                     out.append((seq, ts, decode_event(value)[2]))
+                    size += len(value)
+                if max_bytes is not None and size >= max_bytes and n + 1 < len(page):
+                    return out, (ts, seq)
         return out, resume
 
     def get_app(self, app: str) -> AppRecord | None:

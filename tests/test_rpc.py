@@ -888,3 +888,113 @@ async def test_every_free_form_map_of_a_request_is_bounded_in_depth(address, con
     error = await raw.receive()
     assert isinstance(error, Error) and error.code == Status.INVALID_ARGUMENT, error
     assert error.field.startswith(field + "[0]") and "nest deeper than 32 levels" in error.message
+
+
+def test_streams_on_a_connection_that_reads_nothing_hold_bounded_memory(spawn_server):
+    """A stream reserved nothing, and events.list holds a page of up to 256 events while it
+    waits (for credit, here): 256 such streams on one silent connection, over events of 60 KB,
+    took the server from 70 MiB to 3.8 GiB. Streams now reserve room as calls do, and a page
+    holds at most 16 KiB of events and one more."""
+    proc = spawn_server(env={"PIGEON_WRITE_TIMEOUT_S": "60"})
+
+    async def setup() -> None:
+        async with open_client(proc.address) as c:
+            await c.call(api.IngestEvents(events=[api.Event(identity="crm:big", type="app.open")]))
+            for _ in range(4):
+                await c.call(api.IngestEvents(events=[
+                    api.Event(identity="crm:big", type="app.open", data={"p": "x" * 60_000}) for _ in range(64)]))
+
+    async def stats() -> api.Stats:
+        async with open_client(proc.address) as c:
+            return await c.call(api.GetStats())
+
+    trio.run(setup)
+    before = trio.run(stats).process.rss_bytes
+    body = _encoder.body(api.ListEvents(identity="crm:big", limit=1000))
+    frames = b"".join(_encoder.frame(Call(id=i + 1, method="events.list", body=body, window=1)) for i in range(64))
+    sock = _pipeline_and_never_read(proc.address, frames)
+    time.sleep(2)
+    after = trio.run(stats)
+    sock.close()
+    assert after.methods["events.list"].calls == 0  # all of them still streaming
+    assert after.process.rss_bytes - before < 64 * 2**20, (after.process.rss_bytes - before) / 2**20
+
+
+def test_the_requests_of_calls_in_flight_are_bounded_in_bytes(spawn_server):
+    """A request stopped counting against its connection once decoded, while its call (and
+    the decoded request) waited in the store: 2 connections x 250 profiles.patch of 3.8 MB
+    took the server's peak memory from 52 MB to 1.79 GB. They count until the call ends."""
+    proc = spawn_server()
+
+    async def stats() -> api.Stats:
+        async with open_client(proc.address) as c:
+            return await c.call(api.GetStats())
+
+    before = trio.run(stats).process.max_rss_bytes
+    body = _encoder.body(api.PatchProfile(identity="crm:1", patch={"blob": "x" * 3_800_000}, create=True))
+    frame = lambda i: _encoder.frame(Call(id=i + 1, method="profiles.patch", body=body))
+    host, port = proc.address.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(_encoder.frame(Hello(version=PROTOCOL_VERSION)))
+    sock.settimeout(0.5)
+    sent = 0
+    try:
+        while sent < 60:
+            sock.sendall(frame(sent))
+            sent += 1
+    except TimeoutError:
+        pass  # the server stopped reading: it holds its 4 MiB of requests
+    deadline = time.monotonic() + 30
+    while trio.run(stats).methods.get("profiles.patch", api.MethodStats()).calls < sent:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    peak = trio.run(stats).process.max_rss_bytes
+    sock.close()
+    assert peak - before < 100 * 2**20, (peak - before) / 2**20
+
+
+async def test_an_answer_that_cannot_be_encoded_is_an_internal_error_not_silence(server, address, connect):
+    async def unencodable(ctx, request):
+        return {"n": 2**70}
+
+    server.listener.router.routes["server.health"] = _Route(api.METHODS["server.health"], unencodable, None)
+    raw = await connect(address)
+    await raw.call(1, "server.health", {})
+    error = await raw.receive()
+    assert isinstance(error, Error) and error.id == 1 and error.code == Status.INTERNAL
+
+
+async def test_a_flood_of_silent_connections_from_one_address_closes_its_own_not_others(tmp_path):
+    """Past max_handshakes the oldest connection waiting for its hello was closed, whoever
+    opened it: a flood from one address closed honest clients whose hello was on its way."""
+    srv = Server(make_config(tmp_path / "d", max_handshakes=4, handshake_timeout_s=30, busy_handshake_timeout_s=30))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        host, port = srv.addresses[0].rsplit(":", 1)
+        honest = await trio.open_tcp_stream(host, int(port))  # from 127.0.0.1, hello not sent yet
+        flood = [await trio.open_tcp_stream(host, int(port), local_address="127.0.0.2") for _ in range(12)]
+        with trio.fail_after(5):
+            while srv.listener.evicted < 9:
+                await trio.sleep(0.01)
+        await honest.send_all(_encoder.frame(Hello(version=PROTOCOL_VERSION)))
+        raw = Raw(honest)
+        assert isinstance(await raw.receive(), Welcome)
+        for stream in [honest, *flood]:
+            await stream.aclose()
+        srv.request_stop()
+
+
+async def test_a_methods_reservation_halves_every_ten_seconds_after_its_largest_answer(autojump_clock):
+    from server._rpc import _FIRST_ESTIMATE, Listener, Router
+
+    listener = Listener(Router(), listen=[], server_name="t", max_frame=1024, max_calls=1, max_connections=1,
+                        write_timeout=1)
+    assert listener.reservation("events.ingest") == _FIRST_ESTIMATE
+    listener.answered("events.ingest", 50)
+    assert listener.reservation("events.ingest") == 50
+    listener.answered("events.ingest", 1_200_000)  # one large answer (a batch of rejections)
+    await trio.sleep(25)
+    assert listener.reservation("events.ingest") == 300_000
+    listener.answered("events.ingest", 50)  # smaller than what it reserves now: kept
+    await trio.sleep(60)
+    assert listener.reservation("events.ingest") < 50_000
