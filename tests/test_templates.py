@@ -3,14 +3,12 @@ sandbox's bounds."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from bench.templates import in_child
 from server.templates import (
     MAX_ITERATIONS,
     MAX_OUTPUT,
@@ -195,37 +193,12 @@ REPRODUCTIONS = [
     ("{{ 'a\nb' | indent(event.n) }}", {"event": {"n": 1_000_000_000}}, "'indent' would make 2000000003 characters"),
 ]
 
-#: Compiles and renders one template, then prints what happened, the time and the RSS growth.
-CHILD = """
-import json, sys, time
-from server.templates import TemplateError, compile_field
-
-source, context = json.loads(sys.stdin.read())
-def status(key):  # kB; VmHWM is this process's peak (getrusage's can be its parent's, from before exec)
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
-
-before = status("VmRSS")
-started = time.perf_counter()
-try:
-    compile_field("$.content.body", source).render(context)
-    error = None
-except TemplateError as exc:
-    error = f"{type(exc).__name__}: {exc}"
-seconds = time.perf_counter() - started
-peak = status("VmHWM")
-print(json.dumps({"error": error, "seconds": seconds, "rss_mb": (peak - before) / 1024}))
-"""
-
-
 @pytest.mark.parametrize(("source", "context", "says"), REPRODUCTIONS)
 def test_the_templates_that_held_the_server_are_refused_at_once(source: str, context: dict, says: str) -> None:
     # In a child process, so that without the bounds this fails at the timeout instead of
     # holding the suite (and its memory).
-    run = subprocess.run([sys.executable, "-c", CHILD], input=json.dumps([source, context]), capture_output=True,
-                         text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    outcome = json.loads(run.stdout)
-    assert outcome["error"].startswith("TemplateLimit: $.content.body: ") and says in outcome["error"]
+    outcome = in_child(source, context, timeout=60)
+    assert outcome["outcome"].startswith("TemplateLimit: $.content.body: ") and says in outcome["outcome"]
     assert outcome["seconds"] < 2.0  # measured: 1-6 ms (the bound is 100 ms; the margin is for a busy machine)
     assert outcome["rss_mb"] < 50
 
