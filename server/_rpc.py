@@ -767,8 +767,7 @@ class _Connection:
                 # A cancel or deadline read before the call started stops it here, even if its
                 # handler would never suspend.
                 await trio.lowlevel.checkpoint_if_cancelled()
-                if not self._may_start(reservation):
-                    await self._wait_for_room(reservation)
+                await self._wait_for_room(reservation)
                 self.reserved += reservation
                 self.account()  # so that other connections see it in listener.buffered
                 try:
