@@ -82,7 +82,11 @@ def parse_target(target: str) -> tuple[str, str | int]:
 
 
 class CallSink:
-    """Where the reader puts a unary call's outcome: its body, or an error."""
+    """Where the reader puts a unary call's outcome: its body, or an error.
+
+    An outcome of None is a stream's end; `route_events` never gives it to a unary call (it
+    turns such an end into an INTERNAL error).
+    """
 
     streaming = False
     #: Called once when the call has ended on the wire: its slot (welcome.max_calls) is free.
@@ -353,7 +357,7 @@ class ClientBase:
             self._conn.cancel(call_id)
             self._kick()
 
-    def _receive(self, data: bytes) -> None:
+    def _receive(self, data: bytes | bytearray) -> None:
         """Bytes from the server (b"" at its end): hand every frame to its call.
 
         Raises:
@@ -375,7 +379,7 @@ class ClientBase:
         if self._conn.pending_bytes:  # pongs
             self._kick()
 
-    def _receive_first(self, data: bytes) -> list[Any]:
+    def _receive_first(self, data: bytes | bytearray) -> list[Any]:
         """Bytes before the welcome: a server that answers in another protocol (an HTTP server,
         a TLS port) is named as such, not reported as a broken Pigeon stream."""
         if len(self._head) < _HEAD_KEPT:
@@ -419,7 +423,8 @@ def closed_error(conn: ClientConnection, reason: str | None = None) -> Connectio
     """The error for calls on a connection that ended: the server's goaway, else ``reason``
     (default: it was closed)."""
     if conn.goaway is not None:
-        return ConnectionClosed(conn.goaway.message, conn.goaway.code)
+        # ClientConnection stores the goaway with its code already mapped to a Status.
+        return ConnectionClosed(conn.goaway.message, Status(conn.goaway.code))
     if reason is None:
         # A Pigeon server welcomes a client or sends a goaway; a TLS port read without TLS just closes.
         reason = ("the connection was closed" if conn.welcome is not None else

@@ -7,6 +7,14 @@ type ``T`` followed by an end marker.
 
 Requests forbid unknown fields (a misspelt option is an error that names it); responses
 tolerate them (an older client can read a newer server). New fields always get defaults.
+
+Why one module of over 1,000 lines: it is the single description of the protocol's request
+and answer types, read beside ``PROTOCOL.md``. Its structs refer to each other across
+services (a `SendPush` carries `PushContent`, a `Report` is the item of `WatchReport`), and
+`METHODS` at the end registers them all; split by service, the method table and the shared
+types would have to be reassembled from several modules to see the protocol whole.
+Concrete requests repeat ``frozen=True``: msgspec inherits it from `Request` anyway, but type
+checkers (``dataclass_transform``, PEP 681) only see it when each class says so.
 """
 
 from __future__ import annotations
@@ -125,7 +133,9 @@ __all__ = [
     "WatchReport",
 ]
 
-R = TypeVar("R")
+#: A request's answer type. Covariant: it is only ever produced (decoded from the answer), so a
+#: ``Request[IngestResult]`` is also a request whose answer is an ``IngestResult | Exception``.
+R = TypeVar("R", covariant=True)
 
 _APP_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}\Z"
 _TOKEN_PATTERN = r"^[\x21-\x7e]{1,4096}\Z"
@@ -226,7 +236,7 @@ class Request(
     method: ClassVar[str]
 
 
-class StreamRequest(Request[R]):
+class StreamRequest(Request[R], frozen=True):
     """Base of server-streamed requests; ``R`` is the type of each item."""
 
 
@@ -245,7 +255,7 @@ class Health(Response):
     uptime_s: float
 
 
-class GetHealth(Request[Health]):
+class GetHealth(Request[Health], frozen=True):
     method: ClassVar[str] = "server.health"
 
 
@@ -316,7 +326,7 @@ class Stats(Response):
     store: StoreStats | None = None
 
 
-class GetStats(Request[Stats]):
+class GetStats(Request[Stats], frozen=True):
     method: ClassVar[str] = "server.stats"
 
 
@@ -351,12 +361,12 @@ class Profile(Response):
     updated: Timestamp
 
 
-class GetProfile(Request[Profile]):
+class GetProfile(Request[Profile], frozen=True):
     method: ClassVar[str] = "profiles.get"
     identity: Identity
 
 
-class UpsertProfile(Request[Profile]):
+class UpsertProfile(Request[Profile], frozen=True):
     """Create the profile or replace its attributes (registrations and consent are kept)."""
 
     method: ClassVar[str] = "profiles.upsert"
@@ -364,7 +374,7 @@ class UpsertProfile(Request[Profile]):
     attributes: dict[str, Any] = {}
 
 
-class PatchProfile(Request[Profile]):
+class PatchProfile(Request[Profile], frozen=True):
     """Merge-patch the attributes (RFC 7386: a null value deletes the key)."""
 
     method: ClassVar[str] = "profiles.patch"
@@ -380,14 +390,14 @@ class ProfileDeleted(Response):
     events: int
 
 
-class DeleteProfile(Request[ProfileDeleted]):
+class DeleteProfile(Request[ProfileDeleted], frozen=True):
     """Delete the profile and every trace of it: identities, tokens, consent, events."""
 
     method: ClassVar[str] = "profiles.delete"
     identity: Identity
 
 
-class LinkIdentity(Request[Profile]):
+class LinkIdentity(Request[Profile], frozen=True):
     """Make ``link`` a further identity of the profile found by ``identity``."""
 
     method: ClassVar[str] = "profiles.link"
@@ -395,7 +405,7 @@ class LinkIdentity(Request[Profile]):
     link: Identity
 
 
-class UnlinkIdentity(Request[Profile]):
+class UnlinkIdentity(Request[Profile], frozen=True):
     """Remove ``identity`` from its profile; a profile keeps at least one identity."""
 
     method: ClassVar[str] = "profiles.unlink"
@@ -417,7 +427,7 @@ class TokenRegistered(Response):
     evicted: list[Registration] = []
 
 
-class RegisterToken(Request[TokenRegistered]):
+class RegisterToken(Request[TokenRegistered], frozen=True):
     """Register (or refresh) a push token on a profile, creating the profile if needed.
 
     A token that belongs to another profile moves to this one.
@@ -434,13 +444,13 @@ class TokenUnregistered(Response):
     identity: str
 
 
-class UnregisterToken(Request[TokenUnregistered]):
+class UnregisterToken(Request[TokenUnregistered], frozen=True):
     method: ClassVar[str] = "tokens.unregister"
     app: AppId
     token: PushToken
 
 
-class SetConsent(Request[ConsentEntry]):
+class SetConsent(Request[ConsentEntry], frozen=True):
     method: ClassVar[str] = "consent.set"
     identity: Identity
     app: AppId
@@ -475,7 +485,7 @@ class IngestResult(Response):
     last_seq: int = 0
 
 
-class IngestEvents(Request[IngestResult]):
+class IngestEvents(Request[IngestResult], frozen=True):
     """Ingest a batch; each event is validated on its own and a bad one is reported by index
     without rejecting its neighbours. The reply comes after the accepted events are durable."""
 
@@ -490,7 +500,7 @@ class StoredEvent(Response):
     data: dict[str, Any] = {}
 
 
-class ListEvents(StreamRequest[StoredEvent]):
+class ListEvents(StreamRequest[StoredEvent], frozen=True):
     """Stream a profile's events in time order (newest first with ``reverse``)."""
 
     method: ClassVar[str] = "events.list"
@@ -557,7 +567,7 @@ class AppInfo(Response):
     android: AndroidAppInfo | None = None
 
 
-class RegisterIosApp(Request[AppInfo]):
+class RegisterIosApp(Request[AppInfo], frozen=True):
     """Register (or replace) an app's iOS credentials. They are checked now and never returned."""
 
     method: ClassVar[str] = "apps.register_ios"
@@ -570,7 +580,7 @@ class RegisterIosApp(Request[AppInfo]):
     environment: ApnsEnvironment = "both"
 
 
-class RegisterAndroidApp(Request[AppInfo]):
+class RegisterAndroidApp(Request[AppInfo], frozen=True):
     """Register (or replace) an app's Android (FCM) credentials. They are checked now and never returned."""
 
     method: ClassVar[str] = "apps.register_android"
@@ -582,7 +592,7 @@ class RegisterAndroidApp(Request[AppInfo]):
     package_name: AppId | None = None
 
 
-class GetApp(Request[AppInfo]):
+class GetApp(Request[AppInfo], frozen=True):
     method: ClassVar[str] = "apps.get"
     app: AppId
 
@@ -591,7 +601,7 @@ class AppList(Response):
     apps: list[AppInfo]
 
 
-class ListApps(Request[AppList]):
+class ListApps(Request[AppList], frozen=True):
     method: ClassVar[str] = "apps.list"
 
 
@@ -599,7 +609,7 @@ class AppDeleted(Response):
     app: str
 
 
-class DeleteApp(Request[AppDeleted]):
+class DeleteApp(Request[AppDeleted], frozen=True):
     method: ClassVar[str] = "apps.delete"
     app: AppId
 
@@ -743,7 +753,7 @@ class PushSent(Response):
     excluded: str | None = None
 
 
-class SendPush(Request[PushSent]):
+class SendPush(Request[PushSent], frozen=True):
     """Send one notification now, to one token or to every valid token a profile has for an app.
 
     Transactional: consent and frequency rules do not apply. Give ``content`` (built for each
@@ -800,14 +810,14 @@ class ConfigInfo(Response):
     published: Timestamp
 
 
-class PublishConfig(Request[ConfigInfo]):
+class PublishConfig(Request[ConfigInfo], frozen=True):
     """Publish a channel configuration: a new version (earlier ones stay readable)."""
 
     method: ClassVar[str] = "configs.publish"
     config: ChannelConfig
 
 
-class GetConfig(Request[ConfigInfo]):
+class GetConfig(Request[ConfigInfo], frozen=True):
     method: ClassVar[str] = "configs.get"
     name: Name
     #: The latest when omitted.
@@ -818,7 +828,7 @@ class ConfigList(Response):
     configs: list[ConfigInfo]
 
 
-class ListConfigs(Request[ConfigList]):
+class ListConfigs(Request[ConfigList], frozen=True):
     """The latest version of every channel configuration."""
 
     method: ClassVar[str] = "configs.list"
@@ -911,7 +921,7 @@ class MessageInfo(Response):
     templates: list[str] = []
 
 
-class PublishMessage(Request[MessageInfo]):
+class PublishMessage(Request[MessageInfo], frozen=True):
     """Publish a message: its templates are compiled and checked, its channel configuration
     must exist; it becomes a new version (versions are never edited)."""
 
@@ -919,7 +929,7 @@ class PublishMessage(Request[MessageInfo]):
     message: MessageSpec
 
 
-class GetMessage(Request[MessageInfo]):
+class GetMessage(Request[MessageInfo], frozen=True):
     method: ClassVar[str] = "messages.get"
     id: Name
     version: Version | None = None
@@ -929,7 +939,7 @@ class MessageList(Response):
     messages: list[MessageInfo]
 
 
-class ListMessages(Request[MessageList]):
+class ListMessages(Request[MessageList], frozen=True):
     """The latest version of every message."""
 
     method: ClassVar[str] = "messages.list"
@@ -958,7 +968,7 @@ class Preview(Response):
     detail: str | None = None
 
 
-class PreviewMessage(Request[Preview]):
+class PreviewMessage(Request[Preview], frozen=True):
     """Render a message for a profile (a stored one, or a sample given as JSON) and show the
     exact provider payloads, without sending anything."""
 
@@ -1000,7 +1010,7 @@ class SendResult(Response):
     details: dict[str, str] = {}
 
 
-class SendMessage(Request[SendResult]):
+class SendMessage(Request[SendResult], frozen=True):
     """Send a published message now (a one-shot campaign) to profiles: a list of identities,
     or an audience (a condition over ``profile``, e.g. ``profile.loyalty.tier == 'gold'``).
     Consent and the channel configuration's rules apply; the reply comes once every
@@ -1047,7 +1057,7 @@ class Report(Response):
     minutes: list[MinuteCounts] = []
 
 
-class GetReport(Request[Report]):
+class GetReport(Request[Report], frozen=True):
     """The counts of the notifications that match every filter given."""
 
     method: ClassVar[str] = "reports.get"
@@ -1061,7 +1071,7 @@ class GetReport(Request[Report]):
     window: Literal["live", "all_time"] = "all_time"
 
 
-class WatchReport(StreamRequest[Report]):
+class WatchReport(StreamRequest[Report], frozen=True):
     """`GetReport`, streamed: a report at once, then a new one whenever the counts change, at
     most every ``interval_s``, until the client cancels the call."""
 
@@ -1087,8 +1097,11 @@ class MethodSpec(msgspec.Struct, frozen=True):
     streaming: bool
 
 
-def _spec(cls: type) -> MethodSpec:
-    base = next(b for b in cls.__orig_bases__ if typing.get_origin(b) in (Request, StreamRequest))  # type: ignore[attr-defined]
+def _spec(cls: type[Request[Any]]) -> MethodSpec:
+    # __orig_bases__ is set on generic subclasses at runtime but absent from typeshed's `type`
+    # (types.get_original_bases is Python 3.12+).
+    bases = cls.__orig_bases__  # type: ignore[attr-defined]
+    base = next(b for b in bases if typing.get_origin(b) in (Request, StreamRequest))
     (response,) = typing.get_args(base)
     return MethodSpec(cls.method, cls, response, typing.get_origin(base) is StreamRequest)
 

@@ -84,9 +84,9 @@ class _Unary(CallSink):
     __slots__ = ("future",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.future: asyncio.Future[msgspec.Raw | BaseException] = loop.create_future()
+        self.future: asyncio.Future[msgspec.Raw | BaseException | None] = loop.create_future()
 
-    def resolve(self, outcome: msgspec.Raw | BaseException) -> None:
+    def resolve(self, outcome: msgspec.Raw | BaseException | None) -> None:
         # The outcome is the future's result, never its exception: a caller that has gone
         # (cancelled) must not leave a "Future exception was never retrieved" behind.
         if not self.future.done():
@@ -124,7 +124,7 @@ class _Items(AsyncIterator[R]):
         if due:
             self._client._conn.grant(self._call_id, due)
             self._client._flush_soon()
-        return self._decoder.decode(body)  # type: ignore[no-any-return]
+        return self._decoder.decode(body)
 
 
 def _fresh(error: PigeonProtocolError) -> PigeonProtocolError:
@@ -183,7 +183,8 @@ class Client(ClientBase):
                 # The server's clock ran out first; report it the way a local expiry is reported.
                 raise TimeoutError(outcome.message) from outcome
             raise outcome
-        return decoder_for(response_type(request)).decode(outcome)  # type: ignore[no-any-return]
+        assert outcome is not None  # route_events ends a unary call with a body or an error
+        return decoder_for(response_type(request)).decode(outcome)
 
     @asynccontextmanager
     async def stream(self, request: api.StreamRequest[R]) -> AsyncIterator[AsyncIterator[R]]:
@@ -293,7 +294,8 @@ class Client(ClientBase):
             await self._writer.drain()
         except OSError as exc:
             self._fail_all(closed_error(self._conn, f"sending failed: {describe(exc)}"))
-            raise _fresh(self._closed_error) from exc  # type: ignore[arg-type]
+            assert self._closed_error is not None  # set by _fail_all, if it was not already
+            raise _fresh(self._closed_error) from exc
 
     async def _read_loop(self) -> None:
         conn = self._conn

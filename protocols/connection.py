@@ -218,7 +218,7 @@ class ServerConnection(_Base):
 
     # -- input ------------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Any]:
+    def receive_data(self, data: bytes | bytearray) -> list[Any]:
         """Feed bytes from the client; ``b""`` means the client closed its side."""
         if self.state is State.CLOSED:
             return []
@@ -460,7 +460,7 @@ class ClientConnection(_Base):
     def ping(self, nonce: int = 0) -> None:
         self._queue(Ping(nonce=nonce))
 
-    def receive_data(self, data: bytes) -> list[Any]:
+    def receive_data(self, data: bytes | bytearray) -> list[Any]:
         """Feed bytes from the server; ``b""`` means the server closed.
 
         Raises:

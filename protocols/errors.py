@@ -34,6 +34,10 @@ __all__ = [
     "CallError",
     "ConnectionClosed",
     "BatchFailed",
+    "ErrorCode",
+    "H2ProtocolError",
+    "HpackError",
+    "HeaderListTooLong",
 ]
 
 
@@ -151,3 +155,54 @@ class BatchFailed(PigeonProtocolError):
         super().__init__(f"{len(events)} events were not acknowledged: {error}")
         self.error = error
         self.events = list(events)
+
+
+# -- HTTP/2 (raised by `protocols.h2client`, which re-exports these) ----------------------------
+
+
+class ErrorCode:
+    """HTTP/2 error codes (RFC 9113 7), as plain ints."""
+
+    NO_ERROR = 0x0
+    PROTOCOL_ERROR = 0x1
+    INTERNAL_ERROR = 0x2
+    FLOW_CONTROL_ERROR = 0x3
+    SETTINGS_TIMEOUT = 0x4
+    STREAM_CLOSED = 0x5
+    FRAME_SIZE_ERROR = 0x6
+    REFUSED_STREAM = 0x7
+    CANCEL = 0x8
+    COMPRESSION_ERROR = 0x9
+    CONNECT_ERROR = 0xA
+    ENHANCE_YOUR_CALM = 0xB
+    INADEQUATE_SECURITY = 0xC
+    HTTP_1_1_REQUIRED = 0xD
+
+    @classmethod
+    def name(cls, code: int) -> str:
+        for name, value in vars(cls).items():
+            if value == code and name.isupper():
+                return name
+        return f"0x{code:x}"
+
+
+class H2ProtocolError(ProtocolError):
+    """The server broke HTTP/2's rules (or the connection cannot take a request); the
+    connection is over. ``error_code`` is the HTTP/2 error code sent in our GOAWAY;
+    ``events`` what the same bytes completed before the violation (deliver them)."""
+
+    def __init__(self, message: str, error_code: int = ErrorCode.PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.error_code = error_code
+        self.events: list[Any] = []
+
+
+class HpackError(H2ProtocolError):
+    """A response header block that does not decode (a COMPRESSION_ERROR)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, ErrorCode.COMPRESSION_ERROR)
+
+
+class HeaderListTooLong(HpackError):
+    """A response header list longer than ``max_header_list_size``."""

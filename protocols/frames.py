@@ -46,10 +46,14 @@ EMPTY_BODY = msgspec.Raw(b"\x80")
 
 
 class Frame(msgspec.Struct, tag_field="t", frozen=True, kw_only=True, omit_defaults=True):
-    """Base of all frames."""
+    """Base of all frames.
+
+    Subclasses repeat ``frozen=True``: msgspec inherits it anyway, but type checkers
+    (``dataclass_transform``, PEP 681) only see it when each class says so.
+    """
 
 
-class Hello(Frame, tag="hello"):
+class Hello(Frame, tag="hello", frozen=True):
     """Client → server, first frame on a connection."""
 
     version: int
@@ -60,7 +64,7 @@ class Hello(Frame, tag="hello"):
     max_frame: Annotated[int, msgspec.Meta(ge=1024)] = DEFAULT_MAX_FRAME
 
 
-class Welcome(Frame, tag="welcome"):
+class Welcome(Frame, tag="welcome", frozen=True):
     """Server → client, answer to `Hello`. Nothing else is sent before it."""
 
     version: int
@@ -72,7 +76,7 @@ class Welcome(Frame, tag="welcome"):
     max_calls: int
 
 
-class Call(Frame, tag="call"):
+class Call(Frame, tag="call", frozen=True):
     """Client → server: start call ``id`` of ``method`` (``service.method``)."""
 
     id: CallId
@@ -85,27 +89,27 @@ class Call(Frame, tag="call"):
     window: Annotated[int, msgspec.Meta(ge=1)] | None = None
 
 
-class Reply(Frame, tag="reply"):
+class Reply(Frame, tag="reply", frozen=True):
     """Server → client: the unary result of call ``id``. Terminal."""
 
     id: int
     body: msgspec.Raw
 
 
-class Item(Frame, tag="item"):
+class Item(Frame, tag="item", frozen=True):
     """Server → client: one item of a server-streamed call."""
 
     id: int
     body: msgspec.Raw
 
 
-class End(Frame, tag="end"):
+class End(Frame, tag="end", frozen=True):
     """Server → client: a server-streamed call finished successfully. Terminal."""
 
     id: int
 
 
-class Error(Frame, tag="error"):
+class Error(Frame, tag="error", frozen=True):
     """Server → client: call ``id`` failed. Terminal. ``id`` 0 concerns the connection."""
 
     id: int
@@ -115,13 +119,13 @@ class Error(Frame, tag="error"):
     field: str | None = None
 
 
-class Cancel(Frame, tag="cancel"):
+class Cancel(Frame, tag="cancel", frozen=True):
     """Client → server: abandon call ``id``; the server answers with CANCELLED if still running."""
 
     id: CallId
 
 
-class Credit(Frame, tag="credit"):
+class Credit(Frame, tag="credit", frozen=True):
     """Client → server: the client consumed ``items`` more items of stream ``id``; the server
     may send that many more (see `Call.window`)."""
 
@@ -129,17 +133,17 @@ class Credit(Frame, tag="credit"):
     items: Annotated[int, msgspec.Meta(ge=1)]
 
 
-class Ping(Frame, tag="ping"):
+class Ping(Frame, tag="ping", frozen=True):
     """Either way: answered by a `Pong` carrying the same nonce."""
 
     nonce: int = 0
 
 
-class Pong(Frame, tag="pong"):
+class Pong(Frame, tag="pong", frozen=True):
     nonce: int = 0
 
 
-class GoAway(Frame, tag="goaway"):
+class GoAway(Frame, tag="goaway", frozen=True):
     """Server → client: no new calls will be accepted; the connection closes soon.
 
     Calls with ids up to ``last_id`` that were received are still answered; later ones are

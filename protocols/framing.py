@@ -67,11 +67,11 @@ class FrameDecoder:
         """Bytes received but not yet returned as a frame (a partial frame)."""
         return len(self._buffer)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes]:
         """Add ``data`` and return every frame payload now complete, in order."""
         buffer = self._buffer
         buffer += data
-        frames = []
+        frames: list[bytes] = []
         start = 0
         end = len(buffer)
         while end - start >= HEADER_SIZE:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -54,7 +54,7 @@ class _Unary(CallSink):
         self.event = trio.Event()
         self.outcome: msgspec.Raw | BaseException | None = None
 
-    def resolve(self, outcome: msgspec.Raw | BaseException) -> None:
+    def resolve(self, outcome: msgspec.Raw | BaseException | None) -> None:
         self.outcome = outcome
         self.event.set()
 
@@ -113,6 +113,7 @@ class Client(ClientBase):
                 # (the checkpoint raises Cancelled, which fail_after turns into TooSlowError).
                 await trio.lowlevel.checkpoint()
             raise outcome
+        assert outcome is not None  # route_events ends a unary call with a body or an error
         return decoder_for(response_type(request)).decode(outcome)
 
     @asynccontextmanager
@@ -133,7 +134,7 @@ class Client(ClientBase):
             await items.aclose()  # a loop left early leaves the generator suspended: end it here
             self._abandon(call_id)
 
-    async def _items(self, call_id: int, sink: _Stream, decoder: msgspec.msgpack.Decoder) -> AsyncIterator[Any]:
+    async def _items(self, call_id: int, sink: _Stream, decoder: msgspec.msgpack.Decoder) -> AsyncGenerator[Any, None]:
         while True:
             try:
                 body = sink.take()
