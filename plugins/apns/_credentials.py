@@ -14,12 +14,14 @@ import os
 import ssl
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
@@ -57,7 +59,7 @@ def check_ios(request: api.RegisterIosApp, *, now: datetime | None = None) -> Io
             team_id=auth.team_id,
             updated=now,
         )
-    key, certificate = _load_certificate(auth)
+    private_key, certificate = _load_certificate(auth)
     if certificate.not_valid_after_utc <= now:
         raise InvalidArgument(
             f"$.auth: the certificate expired on {certificate.not_valid_after_utc:%Y-%m-%d}", field="$.auth"
@@ -76,7 +78,7 @@ def check_ios(request: api.RegisterIosApp, *, now: datetime | None = None) -> Io
             )
     elif bundle_id not in uids and not common.endswith(bundle_id):
         raise InvalidArgument(f"$.auth: the certificate does not name the topic {bundle_id}", field="$.auth")
-    chain = certificate.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+    chain = certificate.public_bytes(serialization.Encoding.PEM) + private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
     return IosRecord(
@@ -138,7 +140,7 @@ def _load_p8(text: str) -> ec.EllipticCurvePrivateKey:
     return key
 
 
-def _load_certificate(auth: api.ApnsCertificateAuth) -> tuple[object, x509.Certificate]:
+def _load_certificate(auth: api.ApnsCertificateAuth) -> tuple[PrivateKeyTypes, x509.Certificate]:
     if (auth.pkcs12 is None) == (auth.pem is None):
         raise InvalidArgument("$.auth: give either pkcs12 (with its password) or pem", field="$.auth")
     if auth.pkcs12 is not None:
@@ -170,7 +172,7 @@ def _load_certificate(auth: api.ApnsCertificateAuth) -> tuple[object, x509.Certi
     public = certificate.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    if key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != public:  # type: ignore[attr-defined]
+    if key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) != public:
         raise InvalidArgument("$.auth: the private key does not belong to the certificate", field="$.auth")
     return key, certificate
 
@@ -216,25 +218,27 @@ class ProviderToken:
     RENEW_AFTER = 50 * 60
     MIN_AGE = 20 * 60
 
-    def __init__(self, record: IosRecord, *, clock: object = time.time) -> None:
+    def __init__(self, record: IosRecord, *, clock: Callable[[], float] = time.time) -> None:
         assert record.key_pem and record.key_id and record.team_id
-        self._key = serialization.load_pem_private_key(record.key_pem.encode(), password=None)
+        key = serialization.load_pem_private_key(record.key_pem.encode(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)  # check_ios stores only EC P-256 keys
+        self._key = key
         self._key_id = record.key_id
         self._team_id = record.team_id
         self._clock = clock
         self._value = b""
-        self._issued = -1e18
+        self._issued: float = -1e18
         self.renewals = 0
 
     def header(self) -> bytes:
         """``bearer <jwt>``, renewed first if it is due."""
-        if self._clock() - self._issued >= self.RENEW_AFTER:  # type: ignore[operator]
+        if self._clock() - self._issued >= self.RENEW_AFTER:
             self._renew()
         return self._value
 
     @property
     def age(self) -> float:
-        return self._clock() - self._issued  # type: ignore[operator]
+        return self._clock() - self._issued
 
     def renew_now(self) -> bool:
         """Renew because APNs said the token expired; False if it is younger than 20 minutes
@@ -245,7 +249,7 @@ class ProviderToken:
         return True
 
     def _renew(self) -> None:
-        now = int(self._clock())  # type: ignore[call-overload]
+        now = int(self._clock())
         token = jwt.encode({"iss": self._team_id, "iat": now}, self._key, algorithm="ES256", headers={"kid": self._key_id})
         self._value = b"bearer " + token.encode()
         self._issued = now

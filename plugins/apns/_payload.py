@@ -208,7 +208,7 @@ _FIXED_CACHE_SIZE = 4096
 
 def _fixed_headers(bundle_id: str, push_type: str, priority: int | None) -> _Fixed:
     """Topic, priority and the headers that depend only on them, checked (not cached)."""
-    suffix = TOPIC_SUFFIXES.get(push_type)  # type: ignore[call-overload]
+    suffix = TOPIC_SUFFIXES.get(push_type)
     if suffix is None:
         raise PayloadError(
             "InvalidPushType",
@@ -455,7 +455,33 @@ def build_request(
             custom key that clashes with ``aps`` or Pigeon's keys, or a value that is not JSON.
     """
     push_type = options.push_type
-    priority = options.priority
+    topic, priority, fixed_headers = _cached_fixed_headers(bundle_id, push_type, options.priority)
+    headers = list(fixed_headers)
+    expiration = _expiration_seconds(options.expiration)
+    if expiration is not None:
+        headers.append((b"apns-expiration", str(expiration).encode("ascii")))
+    collapse_id = options.collapse_id
+    if collapse_id is not None:
+        headers.append((b"apns-collapse-id", _checked_collapse_id(collapse_id)))
+    apns_id = options.apns_id
+    if apns_id is not None:
+        apns_id = _checked_apns_id(apns_id)
+        headers.append((b"apns-id", apns_id.encode("ascii")))
+    payload, where = _payload(content, raw, tracking, push_type)
+    return ApnsRequest(
+        topic=topic,
+        push_type=push_type,
+        priority=priority,
+        expiration=expiration,
+        collapse_id=collapse_id,
+        apns_id=apns_id,
+        headers=headers,
+        payload=_body(payload, content, where, push_type),
+    )
+
+
+def _cached_fixed_headers(bundle_id: str, push_type: str, priority: int | None) -> _Fixed:
+    """`_fixed_headers`, cached: an app's notifications repeat its topic and priority."""
     key = (bundle_id, push_type, priority)
     fixed = _fixed_cache.get(key)
     if fixed is None:
@@ -463,46 +489,56 @@ def build_request(
         if len(_fixed_cache) >= _FIXED_CACHE_SIZE:
             _fixed_cache.clear()
         _fixed_cache[key] = fixed
-    topic, priority, fixed_headers = fixed
-    headers = list(fixed_headers)
+    return fixed
 
-    expiration = options.expiration
-    seconds: int | None = None
-    if expiration is not None:
-        seconds = _seconds(expiration, "$.apns.expiration")
-        if seconds < 0:
-            raise PayloadError("BadExpirationDate", "$.apns.expiration", f"{expiration.isoformat()} is before 1970")
-        headers.append((b"apns-expiration", str(seconds).encode("ascii")))
-    collapse_id = options.collapse_id
-    if collapse_id is not None:
-        try:
-            encoded = collapse_id.encode("utf-8")
-        except UnicodeEncodeError:
-            raise PayloadError("BadCollapseId", "$.apns.collapse_id", "contains a lone surrogate") from None
-        if len(encoded) > MAX_COLLAPSE_ID_BYTES:
-            raise PayloadError(
-                "BadCollapseId",
-                "$.apns.collapse_id",
-                f"is {len(encoded)} bytes in UTF-8; APNs allows at most {MAX_COLLAPSE_ID_BYTES}",
-            )
-        if not encoded or _BAD_HEADER_TEXT.search(collapse_id):
-            raise PayloadError(
-                "BadCollapseId",
-                "$.apns.collapse_id",
-                f"{collapse_id!r} must be non-empty, without control characters or surrounding blanks",
-            )
-        headers.append((b"apns-collapse-id", encoded))
-    apns_id = options.apns_id
-    if apns_id is not None:
-        if not isinstance(apns_id, str) or not _UUID.fullmatch(apns_id):
-            raise PayloadError(
-                "BadMessageId",
-                "$.apns.apns_id",
-                f"{apns_id!r} is not a canonical UUID (8-4-4-4-12 hexadecimal digits)",
-            )
-        apns_id = apns_id.lower()
-        headers.append((b"apns-id", apns_id.encode("ascii")))
 
+def _expiration_seconds(expiration: datetime | None) -> int | None:
+    """``apns-expiration``: the UNIX seconds of ``$.apns.expiration``, if it is given."""
+    if expiration is None:
+        return None
+    seconds = _seconds(expiration, "$.apns.expiration")
+    if seconds < 0:
+        raise PayloadError("BadExpirationDate", "$.apns.expiration", f"{expiration.isoformat()} is before 1970")
+    return seconds
+
+
+def _checked_collapse_id(collapse_id: str) -> bytes:
+    """``apns-collapse-id``: ``$.apns.collapse_id`` in UTF-8, within Apple's limit."""
+    try:
+        encoded = collapse_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise PayloadError("BadCollapseId", "$.apns.collapse_id", "contains a lone surrogate") from None
+    if len(encoded) > MAX_COLLAPSE_ID_BYTES:
+        raise PayloadError(
+            "BadCollapseId",
+            "$.apns.collapse_id",
+            f"is {len(encoded)} bytes in UTF-8; APNs allows at most {MAX_COLLAPSE_ID_BYTES}",
+        )
+    if not encoded or _BAD_HEADER_TEXT.search(collapse_id):
+        raise PayloadError(
+            "BadCollapseId",
+            "$.apns.collapse_id",
+            f"{collapse_id!r} must be non-empty, without control characters or surrounding blanks",
+        )
+    return encoded
+
+
+def _checked_apns_id(apns_id: str) -> str:
+    """``apns-id``: ``$.apns.apns_id``, a canonical UUID, lower-cased."""
+    if not isinstance(apns_id, str) or not _UUID.fullmatch(apns_id):
+        raise PayloadError(
+            "BadMessageId",
+            "$.apns.apns_id",
+            f"{apns_id!r} is not a canonical UUID (8-4-4-4-12 hexadecimal digits)",
+        )
+    return apns_id.lower()
+
+
+def _payload(
+    content: PushContent | None, raw: dict[str, Any] | None, tracking: dict[str, Any] | None, push_type: str
+) -> tuple[dict[str, Any], str]:
+    """The payload, with the tracking envelope, and the field its errors name (``$.content``
+    or ``$.raw``). ``raw`` itself is never changed."""
     if content is not None:
         if raw is not None:
             raise PayloadError("InvalidPayload", "$.raw", "give content or raw, not both")
@@ -520,7 +556,11 @@ def build_request(
         if payload is raw:
             payload = dict(raw)
         payload[TRACKING_KEY] = tracking
+    return payload, where
 
+
+def _body(payload: dict[str, Any], content: PushContent | None, where: str, push_type: str) -> bytes:
+    """The payload as JSON, within Apple's size limit for ``push_type``."""
     try:
         body = _encode(payload)
     except (TypeError, ValueError) as exc:
@@ -533,16 +573,7 @@ def build_request(
             where,
             f"the payload is {len(body)} bytes; APNs allows at most {limit} for push type {push_type!r}",
         )
-    return ApnsRequest(
-        topic=topic,
-        push_type=push_type,
-        priority=priority,
-        expiration=seconds,
-        collapse_id=collapse_id,
-        apns_id=apns_id,
-        headers=headers,
-        payload=body,
-    )
+    return body
 
 
 def _find_unencodable(payload: dict[str, Any], content: PushContent | None, where: str) -> tuple[str, str] | None:
