@@ -63,10 +63,10 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
     import trio
 
     from plugins.apns import ApnsChannel
-    from server._app import tune_gc
+    from server.runtime.app import tune_gc
     from plugins.apns._credentials import check_ios
     from protocols import api
-    from server._config import ApnsEndpoint, ApnsSettings
+    from server.runtime.config import ApnsEndpoint, ApnsSettings
     from server.channels import AppRecord, DeliveryJob
 
     settings = ApnsSettings(sandbox=ApnsEndpoint(address=job["address"], ca_file=job["ca_file"]),

@@ -13,7 +13,7 @@ process, in the same order every round:
 - ``pigeon``: Pigeon's FCM channel (`plugins.fcm.FcmChannel`) as the delivery actor drives
   it: batches of 1,000 `DeliveryJob` built from content fields (the message is built for each
   job), 8 batches in flight, one project (4 HTTP/2 connections of at most 100 streams), on
-  Trio, with the garbage collector tuned as ``pigeon serve`` does (`server._app.tune_gc`).
+  Trio, with the garbage collector tuned as ``pigeon serve`` does (`server.runtime.app.tune_gc`).
   Its rate limit is raised to 6,000,000 a minute so that it does not set the pace (the
   default, 600,000, is FCM's default quota: 10,000/s);
 - ``firebase-admin``: ``messaging.send_each`` with chunks of 500 messages (its limit; each
@@ -87,8 +87,8 @@ def run_pigeon(job: dict[str, Any]) -> dict[str, Any]:
     from plugins.fcm import FcmChannel
     from plugins.fcm._credentials import check_android
     from protocols import api
-    from server._app import tune_gc
-    from server._config import FcmSettings
+    from server.runtime.app import tune_gc
+    from server.runtime.config import FcmSettings
     from server.channels import AppRecord, DeliveryJob
 
     settings = FcmSettings(url=job["url"], ca_file=job["ca_file"], token_uri=job["token_uri"], max_connections=4,

@@ -5,7 +5,7 @@ what the templates that held the server cost now.
 
 Each case is compiled once and rendered many times for the same context in this process;
 the figure is the median over 7 runs of the CPU time per render (``time.process_time``).
-``message`` renders a message with 3 personalized fields (`server._messages.Compiled.render`,
+``message`` renders a message with 3 personalized fields (`server.messages.content.Compiled.render`,
 including the copy and conversion of the content), as the pipeline will for each profile.
 
 ``hostile``: each template of issue 11 that held the server (for 4 s to over 10 minutes, up
@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from protocols import api
-from server._messages import Compiled, MessageRecord, context_for
+from server.messages.content import Compiled, MessageRecord, context_for
 from server.templates import compile_field
 
 from ._harness import machine, write_results

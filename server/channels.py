@@ -17,7 +17,7 @@ import trio
 
 from protocols import api
 
-from ._errors import ServerError
+from server.runtime.errors import ServerError
 
 __all__ = ["Rendered", "AppVersions", "CredentialsError", "IosRecord", "AndroidRecord", "AppRecord", "DeliveryJob", "DeliveryResult", "Channel",
            "json_problem"]
@@ -216,10 +216,13 @@ class Channel:
     Attributes:
         name: the channel's name (``apns``).
         platforms: registration platforms it delivers to (``{"apns", "apns-sandbox"}``).
+        app_platform: the apps whose credentials it checks (``ios`` or ``android``, see
+            `check_app`), or None.
     """
 
     name: ClassVar[str]
     platforms: ClassVar[frozenset[str]]
+    app_platform: ClassVar[str | None] = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run the channel's long-lived tasks (connection pools); report ready at once."""
@@ -231,6 +234,12 @@ class Channel:
 
         Never raises for a job's failure: each becomes a ``failed`` result with a reason.
         """
+        raise NotImplementedError
+
+    def check_app(self, request: Any) -> Any:
+        """Check the credentials of an ``apps.register-ios`` or ``apps.register-android``
+        request (for a channel with an ``app_platform``) and return what `AppRecord` keeps of
+        them (`IosRecord`, `AndroidRecord`); raise `InvalidArgument` naming what is wrong."""
         raise NotImplementedError
 
     def forget_app(self, app: str, version: int | None = None) -> None:

@@ -23,8 +23,8 @@ if TYPE_CHECKING:
 
     from protocols import api
 
-    from ._config import Config
-    from .channels import Channel
+    from server.runtime.config import Config
+    from server.channels import Channel
 
 __all__ = ["hookspec", "hookimpl", "pigeon_channels", "pigeon_exclude"]
 

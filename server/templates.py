@@ -60,11 +60,11 @@ import math
 import re
 import time
 import types
-from collections.abc import Callable, MappingView
+from collections.abc import Callable, Iterable, MappingView
 from datetime import UTC, date, datetime
 from datetime import time as time_of_day
 from functools import update_wrapper
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import quote
 
 import jinja2
@@ -78,7 +78,7 @@ from jinja2.utils import Namespace
 from jinja2.visitor import NodeTransformer
 from markupsafe import EscapeFormatter, Markup
 
-from ._errors import InvalidArgument
+from server.runtime.errors import InvalidArgument
 
 __all__ = [
     "Scope",
@@ -234,7 +234,7 @@ def _printed(value: Any, limit: int = MAX_VALUE) -> int:
         elif isinstance(item, (list, tuple, set, frozenset, MappingView)):
             size += 2 + 2 * len(item)
             if size <= limit:
-                pending.extend(item)
+                pending.extend(cast(Iterable[Any], item))  # a MappingView iterates too
         elif isinstance(item, Namespace):
             pending.append(item._Namespace__attrs)  # its repr is its attributes'
             size += 12
@@ -501,17 +501,18 @@ class _Bounded(jinja2.sandbox.ImmutableSandboxedEnvironment):
             if format_map:
                 if kwargs or len(args) != 1:
                     raise TypeError("format_map() takes exactly one argument")
-                args, kwargs = (), args[0]
+                kwargs = args[0]
+                args = ()
             formatter = _EscapeFormatter(env, escape=text.escape) if isinstance(text, Markup) else _Formatter(env)
             return type(text)(formatter.vformat(text, args, kwargs))
 
         return update_wrapper(format, value)
 
 
-def _call(name: str, node: jinja2.nodes.Node, *args: jinja2.nodes.Expr) -> jinja2.nodes.Call:
+def _call(name: str, node: jinja2.nodes.Node, *args: jinja2.nodes.Node) -> jinja2.nodes.Call:
     """A call of the environment's function ``name``, where ``node`` was."""
     function = jinja2.nodes.EnvironmentAttribute(name, lineno=node.lineno)
-    return jinja2.nodes.Call(function, list(args), [], None, None, lineno=node.lineno)
+    return jinja2.nodes.Call(function, list(args), [], None, None, lineno=node.lineno)  # type: ignore[arg-type]  # Jinja's own nodes are Exprs
 
 
 class _Bounds(NodeTransformer):
@@ -788,13 +789,13 @@ def _environment(undefined: type[jinja2.Undefined]) -> _Bounded:
         days_since=_days_since, url_encode=lambda v: quote(str(v), safe=""),
     )
     for name, function in env.filters.items():
-        env.filters[name] = _guarded(name, function, _FILTER_SIZES.get(name), textual=name in _TEXTUAL,
+        env.filters[name] = _guarded(name, cast(Callable[..., Any], function), _FILTER_SIZES.get(name), textual=name in _TEXTUAL,
                                      goes_through=name not in _INSTANT, keyed=name in _KEYED)
     for name, function in env.tests.items():
-        env.tests[name] = _guarded(name, function, textual=name in ("lower", "upper"))
+        env.tests[name] = _guarded(name, cast(Callable[..., Any], function), textual=name in ("lower", "upper"))
     # range() in the sandbox is already capped (MAX_RANGE, lazy); loops over it count as iterations.
     env.globals.update(
-        lipsum=_guarded("lipsum", env.globals["lipsum"], _lipsum_size), namespace=_namespace,
+        lipsum=_guarded("lipsum", cast(Callable[..., Any], env.globals["lipsum"]), _lipsum_size), namespace=_namespace,
         now=lambda: datetime.now(UTC), coalesce=_coalesce,
     )
     return env

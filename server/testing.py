@@ -55,7 +55,7 @@ class ServerProcess:
         self._ready_dir = tempfile.mkdtemp(prefix="pigeon-ready-")
         ready = Path(self._ready_dir) / "ready"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server._cli", "serve", "--data", str(self.data), "--listen", "127.0.0.1:0",
+            [sys.executable, "-m", "server.cli", "serve", "--data", str(self.data), "--listen", "127.0.0.1:0",
              "--ready-file", str(ready), *self.extra],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,

@@ -16,7 +16,7 @@ import h2.settings
 import trio
 import trio.testing
 
-from server._http2 import H2Pool
+from server.delivery.http2 import H2Pool
 
 
 class FakeH2Server:

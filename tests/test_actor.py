@@ -10,8 +10,8 @@ import pytest
 import trio
 import trio.testing
 
-from server._actor import Actor, ActorStatistics, Future
-from server._errors import ActorCrashed, ActorError, MailboxClosed, ResourceExhausted
+from server.runtime.actor import Actor, ActorStatistics, Future
+from server.runtime.errors import ActorCrashed, ActorError, MailboxClosed, ResourceExhausted
 
 
 class Call(msgspec.Struct, frozen=True):

@@ -14,7 +14,7 @@ from protocols import api
 from protocols.errors import PigeonProtocolError
 from protocols.trio_client import open_client
 from server import RestartIntensityExceeded, Server
-from server._cli import main
+from server.cli.main import main
 
 from .conftest import make_config
 
@@ -76,7 +76,7 @@ async def test_root_escalation_stops_the_server_with_the_reason(tmp_path, monkey
 
 
 def test_cli_serve_exits_non_zero_when_the_root_gives_up(tmp_path, monkeypatch, caplog):
-    from server import _journeys
+    from server.journeys import engine as _journeys
 
     async def crashing_run(self, *, task_status=trio.TASK_STATUS_IGNORED):
         task_status.started()
@@ -217,7 +217,7 @@ def test_the_ready_file_names_the_bound_addresses_and_goes_with_the_server(tmp_p
     ready = tmp_path / "pigeon.ready"
     ready.write_text("127.0.0.1:1\n")  # left by a server killed earlier: never read as this one's
     socket_path = tmp_path / "pigeon.sock"
-    command = [sys.executable, "-m", "server._cli", "serve", "--data", str(tmp_path / "d"), "--listen", "127.0.0.1:0",
+    command = [sys.executable, "-m", "server.cli", "serve", "--data", str(tmp_path / "d"), "--listen", "127.0.0.1:0",
                "--listen", f"unix:{socket_path}", "--ready-file", str(ready), "--log-level", "warning"]
     with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as proc:
         try:

@@ -19,8 +19,8 @@ from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.trio_client import open_client
 from server import Server, hookimpl
-from server._cli import show_report, show_send
-from server._plugins import Plugins
+from server.cli.main import show_report, show_send
+from server.runtime.plugins import Plugins
 
 from .conftest import make_config
 
@@ -418,7 +418,7 @@ async def test_recovery_leaves_alone_a_send_this_server_is_running(client, mocks
     """Recovery runs once the listener is up: a send a client started before it read the
     outbox and the executions was resumed (and its staged batches delivered) a second time
     beside itself."""
-    from server._pipeline import recover
+    from server.messages.pipeline import recover
 
     apns, fcm = mocks
     await trio.to_thread.run_sync(functools.partial(fcm.admin.set_faults, accept_any_token=True, latency_ms=20))

@@ -15,12 +15,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols import api
-from server._cli import COMMANDS, _build_parser
+from server.cli.main import COMMANDS, _build_parser
 
 
 def pigeon(address: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "server._cli", *args, "--server", address],
+        [sys.executable, "-m", "server.cli", *args, "--server", address],
         capture_output=True,
         text=True,
         input=stdin,
@@ -204,7 +204,7 @@ def test_an_ios_app_and_a_push_from_the_cli(spawn_server, tmp_path):
 
 
 def test_mock_apns_runs_from_the_cli(tmp_path):
-    command = [sys.executable, "-m", "server._cli", "mock-apns", "--dir", str(tmp_path / "apns"), "--listen", "127.0.0.1:0",
+    command = [sys.executable, "-m", "server.cli", "mock-apns", "--dir", str(tmp_path / "apns"), "--listen", "127.0.0.1:0",
                "--environment", "production", "--exit-on-stdin-eof"]
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
@@ -217,7 +217,7 @@ def test_mock_apns_runs_from_the_cli(tmp_path):
         finally:
             if proc.poll() is None:
                 proc.kill()
-    r = subprocess.run([sys.executable, "-m", "server._cli", "mock-apns", "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([sys.executable, "-m", "server.cli", "mock-apns", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "pigeon mock-apns" in r.stdout and "--workers" in r.stdout
 
 
@@ -278,7 +278,7 @@ def test_an_android_app_and_one_push_to_every_device_of_a_profile(spawn_server, 
 
 
 def test_mock_fcm_runs_from_the_cli(tmp_path):
-    command = [sys.executable, "-m", "server._cli", "mock-fcm", "--dir", str(tmp_path / "fcm"), "--listen", "127.0.0.1:0"]
+    command = [sys.executable, "-m", "server.cli", "mock-fcm", "--dir", str(tmp_path / "fcm"), "--listen", "127.0.0.1:0"]
     with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             assert proc.stdout is not None and proc.stdin is not None
@@ -294,7 +294,7 @@ def test_mock_fcm_runs_from_the_cli(tmp_path):
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """``pigeon ARGS`` as they are (options where the test puts them)."""
-    return subprocess.run([sys.executable, "-m", "server._cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
 def test_version_and_help_without_a_command():
@@ -332,7 +332,7 @@ def test_a_closed_output_ends_the_command_quietly(server_process):
     lines = "".join(json.dumps({"identity": "crm:9", "type": "page.view", "data": {"n": i}}) + "\n" for i in range(3000))
     assert pigeon(addr, "events", "import", "-", stdin=lines).returncode == 0
     # About 150 KB of output, more than a pipe holds: the command is still writing when the reader goes.
-    with subprocess.Popen([sys.executable, "-m", "server._cli", "events", "list", "crm:9", "--limit", "3000", "--server", addr],
+    with subprocess.Popen([sys.executable, "-m", "server.cli", "events", "list", "crm:9", "--limit", "3000", "--server", addr],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         assert "page.view" in proc.stdout.readline()
@@ -486,7 +486,7 @@ def test_a_bad_server_address_or_ca_file_is_a_usage_error(tmp_path):
 @given(depth=st.integers(min_value=0, max_value=3000), brackets=st.sampled_from(["[]", "{}"]), where=st.sampled_from(["json", "yaml"]))
 def test_any_nesting_depth_is_parsed_or_refused_as_bad_input(tmp_path_factory, depth, brackets, where):
     """However deep the input, the CLI's parsers give a value or a UsageError, never a RecursionError."""
-    from server._cli import UsageError, _load_document, _parse_json_object
+    from server.cli.main import UsageError, _load_document, _parse_json_object
 
     opening, closing = brackets
     inner = (opening + '"k": ' if opening == "{" else opening) * depth + "1" + closing * depth

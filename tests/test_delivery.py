@@ -9,8 +9,8 @@ import trio
 
 from protocols import api
 from server import ConfigError, Server
-from server._delivery import count_outcomes
-from server._plugins import Plugins
+from server.delivery.service import count_outcomes
+from server.runtime.plugins import Plugins
 from server.channels import AppRecord, Channel, DeliveryJob, DeliveryResult
 from server import hookimpl
 

@@ -16,7 +16,7 @@ from server.testing import ServerProcess
 
 
 def demo(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "server._cli", "demo", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "server.cli", "demo", *args], capture_output=True, text=True, timeout=120)
 
 
 def test_pigeon_demo_runs_the_whole_flow(tmp_path):
@@ -97,7 +97,7 @@ def test_a_second_demo_in_the_same_folder_is_refused_before_it_adds_to_the_first
 def test_a_closed_output_ends_the_demo_quietly(tmp_path):
     # Unbuffered, so that the demo writes each line as it goes, as into a terminal: the reader
     # is surely gone before the next one (with a buffer, it all might fit in the pipe at exit).
-    with subprocess.Popen([sys.executable, "-m", "server._cli", "demo", "--data", str(tmp_path / "demo"), "--profiles", "3"],
+    with subprocess.Popen([sys.executable, "-m", "server.cli", "demo", "--data", str(tmp_path / "demo"), "--profiles", "3"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
         assert proc.stdout is not None and proc.stderr is not None

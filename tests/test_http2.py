@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from plugins.apns.mock import MockApnsProcess
-from server._http2 import H2Pool, H2Response
+from server.delivery.http2 import H2Pool, H2Response
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from plugins.apns._payload import build_request
 from plugins.apns._sender import ApnsSender
 from plugins.apns.mock import SigningKey
 from protocols import api
-from server._http2 import ConnectionLost, H2Pool, H2Response
+from server.delivery.http2 import ConnectionLost, H2Pool, H2Response
 from server.channels import AppRecord, DeliveryJob
 
 from .h2_fake import FakeH2Server

@@ -15,7 +15,7 @@ from protocols import api
 from protocols.trio_client import open_client
 from protocols.errors import CallError, Status
 from server import InvalidArgument
-from server._ingest import MAX_EVENT_DATA_BYTES, decode_batch
+from server.profiles.ingest import MAX_EVENT_DATA_BYTES, decode_batch
 
 NOW = 1_800_000_000_000_000
 DAY = 86_400_000_000

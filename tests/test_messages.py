@@ -17,7 +17,7 @@ from plugins.fcm.mock import ServiceAccount
 from protocols import api
 from protocols.errors import CallError, Status
 from protocols.trio_client import open_client
-from server._messages import MAX_TEMPLATES
+from server.messages.content import MAX_TEMPLATES
 
 KEY = SigningKey.generate(key_id="ABC123DEFG", team_id="TEAM123456")
 ACCOUNT = ServiceAccount.generate("acme-push")
@@ -151,7 +151,7 @@ async def test_preview_with_a_sample_profile_and_the_exclusions(client):
 
 def test_messages_are_authored_as_yaml_files_from_the_cli(server_process, tmp_path):
     def pigeon(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "server._cli", *args, "--server", server_process.address],
+        return subprocess.run([sys.executable, "-m", "server.cli", *args, "--server", server_process.address],
                               capture_output=True, text=True, timeout=60)
 
     (tmp_path / "key.p8").write_text(KEY.private_key_pem)
@@ -189,7 +189,7 @@ def readline(stream: Any, timeout: float = 30) -> str:
 
 def test_reports_from_the_cli_as_a_table_as_json_and_watched(server_process, tmp_path):
     def pigeon(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "server._cli", *args, "--server", server_process.address],
+        return subprocess.run([sys.executable, "-m", "server.cli", *args, "--server", server_process.address],
                               capture_output=True, text=True, timeout=60)
 
     (tmp_path / "key.p8").write_text(KEY.private_key_pem)
@@ -201,7 +201,7 @@ def test_reports_from_the_cli_as_a_table_as_json_and_watched(server_process, tmp
     assert pigeon("messages", "publish", str(tmp_path / "cart.yaml")).returncode == 0
     assert pigeon("profiles", "upsert", "crm:1").returncode == 0  # no device
 
-    with subprocess.Popen([sys.executable, "-m", "server._cli", "reports", "--message", "cart", "--watch", "0.1", "--json",
+    with subprocess.Popen([sys.executable, "-m", "server.cli", "reports", "--message", "cart", "--watch", "0.1", "--json",
                            "--server", server_process.address], stdout=subprocess.PIPE, text=True) as watch:
         try:
             first = json.loads(readline(watch.stdout))  # at once: nothing yet (every field shown, defaults included)

@@ -18,7 +18,7 @@ from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.errors import PigeonProtocolError
 from protocols.trio_client import open_client
-from server._pipeline import BATCH, IN_FLIGHT
+from server.messages.pipeline import BATCH, IN_FLIGHT
 from server.testing import ServerProcess
 
 APP = "com.acme.shop"

@@ -12,10 +12,10 @@ import pytest
 import trio
 
 from protocols import api
-from server._errors import ServerError
-from server._pipeline import ExecutionRecord, Outcomes, end_execution, settle_batch, stage_batch
-from server._reporting import Reporting
-from server._store import ProfileStore
+from server.runtime.errors import ServerError
+from server.messages.outbox import ExecutionRecord, Outcomes, end_execution, settle_batch, stage_batch
+from server.reports.reporting import Reporting
+from server.profiles.store import ProfileStore
 from server.channels import DeliveryResult
 
 _decoder = msgspec.msgpack.Decoder(ExecutionRecord)

@@ -184,11 +184,11 @@ def test_documented_constants_match_the_code():
     from protocols import api
     from protocols.frames import PROTOCOL_VERSION
     from protocols.framing import DEFAULT_MAX_FRAME
-    from server._config import DEFAULT_LISTEN, Config
-    from server._ingest import MAX_EVENT_DATA_BYTES
-    from server._rpc import _HIGH_WATER, _STREAM_FLUSH_BYTES, _WRITE_CHUNK
-    from server._services import MAX_ATTRIBUTE_DEPTH
-    from server._store import MAX_PROFILE_BYTES, MAX_REGISTRATIONS
+    from server.runtime.config import DEFAULT_LISTEN, Config
+    from server.profiles.ingest import MAX_EVENT_DATA_BYTES
+    from server.api.connection import _HIGH_WATER, _STREAM_FLUSH_BYTES, _WRITE_CHUNK
+    from server.runtime.values import MAX_VALUE_DEPTH as MAX_ATTRIBUTE_DEPTH
+    from server.profiles.store import MAX_PROFILE_BYTES, MAX_REGISTRATIONS
 
     text = doc_text()
     config = Config()

@@ -16,7 +16,7 @@ from protocols.frames import PROTOCOL_VERSION, AnyFrame, Call, Cancel, End, Erro
 from protocols.framing import FrameDecoder, FrameEncoder
 from protocols.trio_client import open_client
 from server import Server
-from server._rpc import _Route
+from server.api.registry import Route as _Route
 
 from .conftest import make_config
 
@@ -985,7 +985,8 @@ async def test_a_flood_of_silent_connections_from_one_address_closes_its_own_not
 
 
 async def test_a_methods_reservation_halves_every_ten_seconds_after_its_largest_answer(autojump_clock):
-    from server._rpc import _FIRST_ESTIMATE, Listener, Router
+    from server.api.listener import _FIRST_ESTIMATE, Listener
+    from server.api.registry import Router
 
     listener = Listener(Router(), listen=[], server_name="t", max_frame=1024, max_calls=1, max_connections=1,
                         write_timeout=1)

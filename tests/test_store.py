@@ -14,9 +14,11 @@ from protocols import api
 from protocols.errors import CallError, Status
 from protocols.trio_client import open_client
 from server import SchemaError, Server
-from server import _store as store_ops
-from server._errors import InvalidArgument
-from server._store import MAX_REGISTRATIONS, ProfileStore
+from server.delivery import apps as app_ops
+from server.profiles import store as store_module
+from server.profiles import writes as store_ops
+from server.runtime.errors import InvalidArgument
+from server.profiles.store import MAX_REGISTRATIONS, ProfileStore
 
 from .conftest import make_config
 
@@ -221,7 +223,7 @@ async def test_schema_version_is_recorded_and_checked(tmp_path):
     env = lmdb.open(str(path), max_dbs=10)
     with env.begin(write=True) as txn:
         meta = env.open_db(b"meta", txn=txn)
-        assert msgspec.msgpack.decode(txn.get(b"schema", db=meta)) == store_ops.SCHEMA_VERSION
+        assert msgspec.msgpack.decode(txn.get(b"schema", db=meta)) == store_module.SCHEMA_VERSION
         txn.put(b"schema", msgspec.msgpack.encode(99), db=meta)
     env.close()
     with pytest.raises(SchemaError, match="schema version 99"):
@@ -286,7 +288,7 @@ async def test_too_deep_attributes_are_refused(client):
 
 
 def test_store_keys_sort_numerically():
-    from server import _keys as keys
+    from server.profiles import keys as keys
 
     assert keys.seq_key(255) < keys.seq_key(256) and keys.seq_of(keys.seq_key(2**40)) == 2**40
     assert keys.pid_key(1) < keys.pid_key(2**32) and int.from_bytes(keys.pid_key(7), "big") == 7
@@ -388,7 +390,7 @@ async def test_the_index_is_rebuilt_from_the_log_when_the_store_opens(tmp_path):
 def test_the_index_takes_the_17_bytes_per_event_the_readme_says():
     """Two 8-byte numbers an event, and the arrays' spare room (README, Durability; the
     allocator's overhead and the LMDB pages in the resident size are measured by bench/ingest.py)."""
-    from server._index import EventIndex
+    from server.profiles.index import EventIndex
 
     index = EventIndex()
     pids = [i.to_bytes(8, "big") for i in range(1000)]
@@ -399,7 +401,7 @@ def test_the_index_takes_the_17_bytes_per_event_the_readme_says():
 
 
 def test_index_paging_cursors_in_both_directions():
-    from server._index import EventIndex
+    from server.profiles.index import EventIndex
 
     index = EventIndex()
     pid = b"\x00" * 7 + b"\x01"
@@ -433,12 +435,12 @@ async def test_a_backlog_is_committed_in_transactions_of_bounded_size(tmp_path):
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
         events = [("crm:1", "t", 1, msgspec.Raw(b"\x80"))] * 6
-        ops = [store_ops.WriteOp(store_ops.ingest_events, [events], weight=6) for _ in range(3)]
+        ops = [store_module.WriteOp(store_ops.ingest_events, [events], weight=6) for _ in range(3)]
         for op in ops:  # all queued before the writer looks: one batch of 18 events
             store.send_nowait(op)
         assert [await op.future.wait() for op in ops] == [[6], [12], [18]]
         assert store.commits == 3  # 6 + 6 > 10: one op per commit
-        heavy = store_ops.WriteOp(store_ops.ingest_events, [events * 3], weight=18)
+        heavy = store_module.WriteOp(store_ops.ingest_events, [events * 3], weight=18)
         assert await store.write_op(heavy) == [36]  # a single heavier op still commits, alone
         store.request_stop()
 
@@ -532,15 +534,15 @@ async def test_app_versions_are_never_reused(tmp_path):
     store = ProfileStore(tmp_path / "d", clock=lambda: 1)
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        first = await store.write(store_ops.put_app, AppRecord(app="com.acme.app"))
-        await store.write(store_ops.put_app, AppRecord(app="com.other.app"))
-        await store.write(store_ops.delete_app, "com.acme.app")
-        again = await store.write(store_ops.put_app, AppRecord(app="com.acme.app"))
+        first = await store.write(app_ops.put_app, AppRecord(app="com.acme.app"))
+        await store.write(app_ops.put_app, AppRecord(app="com.other.app"))
+        await store.write(app_ops.delete_app, "com.acme.app")
+        again = await store.write(app_ops.put_app, AppRecord(app="com.acme.app"))
         assert (first.version, again.version) == (1, 3)
         assert store.get_app("com.acme.app").version == 3
         assert [a.app for a in store.list_apps()] == ["com.acme.app", "com.other.app"]
         with pytest.raises(Exception, match="no app 'com.gone.app'"):
-            await store.write(store_ops.delete_app, "com.gone.app")
+            await store.write(app_ops.delete_app, "com.gone.app")
         store.request_stop()
 
 

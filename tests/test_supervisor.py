@@ -14,9 +14,9 @@ import pytest
 import trio
 import trio.testing
 
-from server._actor import Actor, Future
-from server._errors import ActorCrashed, ActorError, MailboxClosed, RestartIntensityExceeded
-from server._supervisor import ChildSpec, ChildStatistics, Restart, Supervisor, SupervisorOptions
+from server.runtime.actor import Actor, Future
+from server.runtime.errors import ActorCrashed, ActorError, MailboxClosed, RestartIntensityExceeded
+from server.runtime.supervisor import ChildSpec, ChildStatistics, Restart, Supervisor, SupervisorOptions
 
 #: Options for tests that do not look at the backoff: no jitter, small delays, lenient intensity.
 CALM = SupervisorOptions(intensity=10, period=10.0, backoff_min=0.5, backoff_max=4.0, jitter=0.0)

@@ -43,24 +43,24 @@ def test_trio_client_over_tls(tls_server, certificate):
 
 def test_cli_over_tls_and_a_plaintext_client_is_refused(tls_server, certificate):
     r = subprocess.run(
-        [sys.executable, "-m", "server._cli", "health", "--server", tls_server.address, "--ca", str(certificate[0])],
+        [sys.executable, "-m", "server.cli", "health", "--server", tls_server.address, "--ca", str(certificate[0])],
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 0 and r.stdout.startswith("serving"), r.stderr
     # an untrusted certificate is an error, not a silent downgrade
     r = subprocess.run(
-        [sys.executable, "-m", "server._cli", "health", "--server", tls_server.address, "--tls", "--timeout", "5"],
+        [sys.executable, "-m", "server.cli", "health", "--server", tls_server.address, "--tls", "--timeout", "5"],
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in r.stderr
     # a client speaking plaintext gets nothing it can use, and the server keeps serving
     r = subprocess.run(
-        [sys.executable, "-m", "server._cli", "health", "--server", tls_server.address, "--timeout", "3"],
+        [sys.executable, "-m", "server.cli", "health", "--server", tls_server.address, "--timeout", "3"],
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 1
     r = subprocess.run(
-        [sys.executable, "-m", "server._cli", "health", "--server", tls_server.address, "--ca", str(certificate[0])],
+        [sys.executable, "-m", "server.cli", "health", "--server", tls_server.address, "--ca", str(certificate[0])],
         capture_output=True, text=True, timeout=60,
     )
     assert r.returncode == 0

@@ -18,7 +18,7 @@ import trio
 
 from protocols import api
 from server.channels import AppRecord, AppVersions, Channel, DeliveryJob, DeliveryResult, IosRecord, Rendered
-from server._sender import Senders
+from server.delivery.sender import Senders
 from server.hookspecs import hookimpl
 
 from ._credentials import CredentialsError, check_ios, recheck_ios

@@ -21,7 +21,7 @@ starts them on the pool's free streams; the pool's callbacks classify each answe
 A notification lost with its connection may have reached APNs: it is retried anyway (a
 possible duplicate rather than a certain loss); give it an ``apns-collapse-id`` to make a
 duplicate replace the first. When the sender stops (retired, or failed), whatever it still
-holds fails with ``SenderStopped`` (`server._sender.PooledSender` keeps these promises for
+holds fails with ``SenderStopped`` (`server.delivery.sender.PooledSender` keeps these promises for
 both channels).
 - any other 4xx: failed, with Apple's reason.
 """
@@ -36,8 +36,8 @@ from typing import Any
 import msgspec
 from hpack import NeverIndexedHeaderTuple
 
-from server._http2 import H2Pool, H2Response
-from server._sender import Job, PooledSender
+from server.delivery.http2 import H2Pool, H2Response
+from server.delivery.sender import Job, PooledSender
 from server.channels import AppRecord, DeliveryResult
 
 from ._credentials import ProviderToken, client_ssl_context

@@ -22,7 +22,7 @@ import trio
 
 from protocols import api
 from server.channels import AndroidRecord, AppVersions, Channel, CredentialsError, DeliveryJob, DeliveryResult, Rendered
-from server._sender import Senders
+from server.delivery.sender import Senders
 from server.hookspecs import hookimpl
 
 from ._credentials import check_android, recheck_android, ssl_context

@@ -38,8 +38,8 @@ import msgspec
 import trio
 from hpack import NeverIndexedHeaderTuple
 
-from server._http2 import H2Pool, H2Response
-from server._sender import Job, PooledSender
+from server.delivery.http2 import H2Pool, H2Response
+from server.delivery.sender import Job, PooledSender
 from server.channels import AndroidRecord, CredentialsError, DeliveryResult
 
 from ._credentials import AccessToken, ssl_context

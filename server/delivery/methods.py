@@ -1,0 +1,114 @@
+"""The delivery methods: ``apps.*`` (apps and their credentials) and ``push.send``."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from protocols import api
+from server.api.registry import CallContext, Methods
+from server.channels import DeliveryJob, DeliveryResult
+from server.delivery.apps import channel_for_apps, delete_app as delete_app_op, require_app, store_credentials
+from server.profiles import keys
+from server.runtime.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from server.runtime.app import Server
+
+__all__ = ["methods"]
+
+log = logging.getLogger("pigeon")
+
+methods = Methods()
+
+
+@methods(api.RegisterIosApp)
+async def register_ios(server: Server, ctx: CallContext, req: api.RegisterIosApp) -> api.AppInfo:
+    ios = channel_for_apps(server, "ios").check_app(req)
+    stored = await store_credentials(server, req.app, ios=ios)
+    log.info("app %s: iOS credentials registered (%s auth, %s)", req.app, ios.auth, ios.environment)
+    return stored.info()
+
+
+@methods(api.RegisterAndroidApp)
+async def register_android(server: Server, ctx: CallContext, req: api.RegisterAndroidApp) -> api.AppInfo:
+    android = channel_for_apps(server, "android").check_app(req)
+    stored = await store_credentials(server, req.app, android=android)
+    log.info("app %s: Android credentials registered (project %s)", req.app, android.project_id)
+    return stored.info()
+
+
+@methods(api.GetApp)
+async def get_app(server: Server, ctx: CallContext, req: api.GetApp) -> api.AppInfo:
+    return require_app(server, req.app).info()
+
+
+@methods(api.ListApps)
+async def list_apps(server: Server, ctx: CallContext, req: api.ListApps) -> api.AppList:
+    return api.AppList(apps=[record.info() for record in server.store.list_apps()])
+
+
+@methods(api.DeleteApp)
+async def delete_app(server: Server, ctx: CallContext, req: api.DeleteApp) -> api.AppDeleted:
+    await server.store.write(delete_app_op, req.app)
+    for channel in server.channels:
+        channel.forget_app(req.app, None)
+    return api.AppDeleted(app=req.app)
+
+
+@methods(api.SendPush)
+async def push_send(server: Server, ctx: CallContext, req: api.SendPush) -> api.PushSent:
+    _check_push(req)
+    app = require_app(server, req.app)
+    if req.token is not None:
+        if req.platform is None:
+            raise InvalidArgument("a token needs its platform (apns, apns-sandbox or fcm)", field="$.platform")
+        token = keys.normalize_token(req.platform, req.token)
+        keys.token_key(req.app, token)  # the same length limit as registered tokens
+        targets: list[tuple[str, str]] = [(token, req.platform)]
+    else:
+        assert req.identity is not None
+        registrations = [
+            r for r in server.store.get_profile(req.identity).registrations
+            if r.app == req.app and (req.platform is None or r.platform == req.platform)
+        ]
+        targets = [(r.token, r.platform) for r in registrations if r.state == "active"]
+        if not targets:
+            excluded = "OnlyInvalidTokens" if registrations else "NoTokenForApp"
+            where = ("", 0, "", "", req.app, req.platform or "")
+            await server.reporting.record_counts({(*where, "targeted", ""): 1, (*where, "excluded", excluded): 1})
+            return api.PushSent(outcomes=[], excluded=excluded)
+    jobs = [
+        DeliveryJob(
+            app=app, token=token, platform=platform, content=req.content, raw=req.raw, fcm_raw=req.fcm_raw,
+            apns=req.apns, fcm=req.fcm,
+        )
+        for token, platform in targets
+    ]
+    # Counted as messages.send counts (targeted, then sent and the outcome), under no
+    # message, even if this call is cancelled meanwhile.
+    results = await server.delivery.deliver(jobs, count=True)
+    return api.PushSent(outcomes=[_outcome(token, platform, r) for (token, platform), r in zip(targets, results)])
+
+
+def _check_push(req: api.SendPush) -> None:
+    if (req.token is None) == (req.identity is None):
+        raise InvalidArgument("give either a token (with its platform) or an identity", field="$.token")
+    if req.content is not None and (req.raw is not None or req.fcm_raw is not None):
+        raise InvalidArgument("give content, or raw payloads (raw for APNs, fcm_raw for FCM), not both", field="$.content")
+    if req.content is None and req.raw is None and req.fcm_raw is None:
+        raise InvalidArgument("give content, or a raw payload (raw for APNs, fcm_raw for FCM)", field="$.content")
+
+
+def _outcome(token: str, platform: str, result: DeliveryResult) -> api.PushOutcome:
+    return api.PushOutcome(
+        token=token,
+        platform=platform,  # type: ignore[arg-type]
+        status=result.status,
+        reason=result.reason,
+        detail=result.detail,
+        status_code=result.status_code,
+        provider_id=result.provider_id,
+        unique_id=result.unique_id,
+        attempts=result.attempts,
+    )

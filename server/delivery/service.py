@@ -1,0 +1,195 @@
+"""Delivery: hands notifications to the channels and deals with what comes back.
+
+The channels come from plugins (`pigeon_channels`); the actor starts each one's long-lived
+tasks and sends it batches of `DeliveryJob` by registration platform. Every result goes back
+to the caller. The sending pipeline counts them in the reports itself, in the commit that
+settles the batch (`count_outcomes`), so that a crash can neither lose the counts nor count
+them twice; for a caller without an outbox (``push.send``) the actor counts them, targeted
+and outcome, whether or not the caller still waits (``count=True``). A token the provider
+says is dead is marked invalid on its profile (the store keeps a registration renewed after
+the provider's timestamp valid). A job whose platform no channel serves fails with
+``NoChannel``: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+import msgspec.structs
+import trio
+
+from server.profiles import writes
+from server.profiles.store import ProfileStore
+from server.runtime.actor import Actor, Future
+from server.runtime.errors import ActorCrashed, ServerError
+from server.reports.reporting import ReportKey, Reporting, envelope_key
+from server.channels import Channel, DeliveryJob, DeliveryResult
+
+__all__ = ["Delivery", "DeliveryRequest", "count_outcomes"]
+
+log = logging.getLogger("pigeon.delivery")
+
+
+class DeliveryRequest:
+    __slots__ = ("jobs", "count", "future")
+
+    def __init__(self, jobs: list[DeliveryJob], count: bool) -> None:
+        self.jobs = jobs
+        self.count = count
+        self.future: Future[list[DeliveryResult]] = Future()
+
+
+def count_outcomes(counts: Counter[ReportKey], jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
+    """Add to ``counts`` the report counts of delivered jobs: ``sent``, then ``delivered`` or
+    ``failed`` (and ``bounced`` for a dead token), with the message and journey of each job's
+    tracking envelope (none for a test send's)."""
+    last: Any = ()
+    head = None
+    for job, result in zip(jobs, results):
+        if job.tracking is not last:  # a send's jobs share their envelope
+            last = job.tracking
+            head = envelope_key(last)
+        if head is None:
+            continue
+        where = (*head, job.app.app, job.platform)
+        counts[(*where, "sent", "")] += 1
+        if result.status == "sent":
+            counts[(*where, "delivered", "")] += 1
+        else:
+            counts[(*where, "failed", result.reason or "")] += 1
+            if result.status == "invalid":
+                counts[(*where, "bounced", result.reason or "")] += 1
+
+
+class Delivery(Actor):
+    """Runs the channels and delivers job batches through them.
+
+    Args:
+        reporting: where the results of ``count=True`` deliveries are counted.
+        store: where dead tokens are marked invalid.
+        channels: the channels plugins provide.
+        max_concurrent: batches in delivery at once (more wait in the mailbox).
+    """
+
+    def __init__(
+        self,
+        reporting: Reporting,
+        store: ProfileStore,
+        channels: list[Channel],
+        *,
+        mailbox_size: int = 1024,
+        max_concurrent: int = 64,
+    ) -> None:
+        super().__init__("delivery", mailbox_size)
+        self.reporting = reporting
+        self.store = store
+        self.channels = channels
+        self.by_platform = {platform: channel for channel in channels for platform in channel.platforms}
+        self.max_concurrent = max_concurrent
+        self.batches = 0
+        self.jobs = 0
+        self.invalidated = 0
+
+    async def deliver(self, jobs: list[DeliveryJob], *, count: bool = False) -> list[DeliveryResult]:
+        """Deliver ``jobs``; their results in the same order once every one is settled.
+
+        Args:
+            count: count each job as ``targeted`` and its outcome in the reports (in a commit
+                of their own) before answering, even if the caller stopped waiting.
+        """
+        request = DeliveryRequest(jobs, count)
+        await self.send(request)
+        return await request.future.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as channels:
+            for channel in self.channels:
+                await channels.start(channel.run)
+            task_status.started()
+            limiter = trio.Semaphore(self.max_concurrent)
+            async with trio.open_nursery() as batches:
+                while requests := await self.receive_batch(256):
+                    for request in requests:
+                        await limiter.acquire()
+                        batches.start_soon(self._handle, request, limiter)
+                    self._in_hand = []  # each task answers its own request
+            channels.cancel_scope.cancel()
+
+    async def _handle(self, request: DeliveryRequest, limiter: trio.Semaphore) -> None:
+        try:
+            results = await self._deliver(request.jobs)
+            if request.count:
+                counts: Counter[ReportKey] = Counter()
+                for job in request.jobs:
+                    head = envelope_key(job.tracking)
+                    if head is not None:
+                        counts[(*head, job.app.app, job.platform, "targeted", "")] += 1
+                count_outcomes(counts, request.jobs, results)
+                await self.reporting.record_counts(counts)
+            request.future.set(results)
+        finally:
+            limiter.release()
+            if not request.future.done:
+                request.future.fail(ActorCrashed("delivery stopped before the notifications were settled"))
+
+    async def _deliver(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
+        self.batches += 1
+        self.jobs += len(jobs)
+        results: list[DeliveryResult | None] = [None] * len(jobs)
+        routed: dict[str, list[int]] = {}
+        for index, job in enumerate(jobs):
+            channel = self.by_platform.get(job.platform)
+            if channel is None:
+                results[index] = DeliveryResult(
+                    status="failed", reason="NoChannel", attempts=0, detail=f"no channel delivers to {job.platform!r}"
+                )
+            else:
+                routed.setdefault(channel.name, []).append(index)
+        channels = {c.name: c for c in self.channels}
+
+        async def through(name: str, indexes: list[int]) -> None:
+            try:
+                outcomes = await channels[name].send([jobs[i] for i in indexes])
+                if len(outcomes) != len(indexes):
+                    raise RuntimeError(f"returned {len(outcomes)} results for {len(indexes)} notifications")
+            except Exception as exc:  # a channel's bug fails its own notifications, not the others'
+                log.exception("channel %s failed", name)
+                failed = DeliveryResult(status="failed", reason="ChannelError", attempts=0, detail=f"channel {name}: {exc!r}")
+                outcomes = [msgspec.structs.replace(failed) for _ in indexes]
+            for i, outcome in zip(indexes, outcomes):
+                results[i] = outcome
+
+        async with trio.open_nursery() as nursery:
+            for name, indexes in routed.items():
+                nursery.start_soon(through, name, indexes)
+        final: list[DeliveryResult] = results  # type: ignore[assignment]
+        await self._after(jobs, final)
+        return final
+
+    async def _after(self, jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
+        """Mark dead tokens invalid on their profiles."""
+        dead = [(i, jobs[i], r) for i, r in enumerate(results) if r.status == "invalid"]
+        if dead:
+            try:
+                marked = await self.store.write(
+                    writes.invalidate_tokens,
+                    [(job.app.app, job.token, result.reason or "Invalid", result.invalid_since_us) for _, job, result in dead],
+                )
+            except ServerError as exc:  # the results stand; only the profiles could not be updated
+                log.error("could not mark %d dead tokens invalid: %s", len(dead), exc)
+                marked = ["unknown"] * len(dead)
+            for (_, _, result), what in zip(dead, marked):
+                if what == "kept":
+                    result.status = "failed"
+                    result.detail = "the token was registered again after the provider's timestamp: it stays valid"
+            self.invalidated += marked.count("marked")
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "batches": self.batches,
+            "notifications": self.jobs,
+            "tokens_invalidated": self.invalidated,
+            "channels": {channel.name: channel.statistics() for channel in self.channels},
+        }

@@ -1,0 +1,1 @@
+"""Journeys: the journey engine (today it follows the event log and evaluates nothing)."""

@@ -1,0 +1,142 @@
+"""The message methods: ``configs.*`` and ``messages.*`` (publish, read, preview, send)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from protocols import api
+from server import templates
+from server.api.registry import CallContext, Methods
+from server.channels import AppRecord
+from server.messages import content
+from server.messages.pipeline import Pipeline
+from server.profiles.store import publish_version
+from server.runtime.errors import InvalidArgument, NotFound
+
+if TYPE_CHECKING:
+    from server.runtime.app import Server
+
+__all__ = ["methods"]
+
+log = logging.getLogger("pigeon")
+
+methods = Methods()
+
+
+@methods(api.PublishConfig)
+async def publish_config(server: Server, ctx: CallContext, req: api.PublishConfig) -> api.ConfigInfo:
+    store = server.store
+    config = req.config
+    for i, app in enumerate(config.apps):
+        if store.get_app(app) is None:
+            raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios or register-android ...)",
+                           field=f"$.config.apps[{i}]")
+    published = store.clock()
+
+    def encode(version: int) -> bytes:
+        return content.encode(content.ConfigRecord(config=config, version=version, published_us=published))
+
+    version = await store.write(publish_version, "configs", config.name, encode)
+    log.info("channel configuration %s: version %d published", config.name, version)
+    return content.ConfigRecord(config=config, version=version, published_us=published).info()
+
+
+@methods(api.GetConfig)
+async def get_config(server: Server, ctx: CallContext, req: api.GetConfig) -> api.ConfigInfo:
+    return server.catalog.config(req.name, req.version).info()
+
+
+@methods(api.ListConfigs)
+async def list_configs(server: Server, ctx: CallContext, req: api.ListConfigs) -> api.ConfigList:
+    return api.ConfigList(configs=[content.decode_config(v).info() for v in server.store.list_latest("configs")])
+
+
+@methods(api.PublishMessage)
+async def publish_message(server: Server, ctx: CallContext, req: api.PublishMessage) -> api.MessageInfo:
+    store = server.store
+    spec = req.message
+    server.catalog.config(spec.channel, field="$.message.channel")
+    draft = content.MessageRecord(message=spec, version=0, published_us=store.clock())
+    check = content.Compiled(draft)  # raises TemplateSyntax naming the field, line and column
+    draft.templates = check.templates
+
+    def encode(version: int) -> bytes:
+        draft.version = version
+        return content.encode(draft)
+
+    draft.version = await store.write(publish_version, "messages", spec.id, encode)
+    log.info("message %s: version %d published (%d templates)", spec.id, draft.version, len(draft.templates))
+    return draft.info()
+
+
+@methods(api.GetMessage)
+async def get_message(server: Server, ctx: CallContext, req: api.GetMessage) -> api.MessageInfo:
+    return server.catalog.message(req.id, req.version).info()
+
+
+@methods(api.ListMessages)
+async def list_messages(server: Server, ctx: CallContext, req: api.ListMessages) -> api.MessageList:
+    return api.MessageList(messages=[content.decode_message(v).info() for v in server.store.list_latest("messages")])
+
+
+@methods(api.PreviewMessage)
+async def preview(server: Server, ctx: CallContext, req: api.PreviewMessage) -> api.Preview:
+    if (req.identity is None) == (req.profile is None):
+        raise InvalidArgument("give either an identity or a sample profile", field="$.identity")
+    record = server.catalog.message(req.id, req.version)
+    spec = record.message
+    context = content.context_for(**_who(server, req), event=req.event, message=spec, version=record.version)
+    result = api.Preview(id=spec.id, version=record.version)
+    try:
+        rendered_content = server.catalog.compiled(record).render(context)
+    except InvalidArgument as exc:
+        result.excluded = content.exclusion(exc)
+        result.detail = exc.message
+        return result
+    rendered_message = content.to_delivery(spec, rendered_content)
+    config = server.catalog.config(spec.channel, field="$.id").config
+    tracking = {"m": spec.id, "v": record.version, "x": "preview"}
+    for app in config.apps:
+        app_record = server.store.get_app(app) or AppRecord(app=app)
+        for platform in config.platforms:
+            channel = server.delivery.by_platform.get("apns" if platform == "ios" else "fcm")
+            if channel is None:
+                result.previews.append(api.PlatformPreview(platform=platform, app=app, error="NoChannel"))
+                continue
+            rendered = channel.render(
+                rendered_message.job(app_record, "", "apns" if platform == "ios" else "fcm", tracking)
+            )
+            result.previews.append(api.PlatformPreview(
+                platform=platform, app=app, payload=rendered.payload, headers=rendered.headers, size=rendered.size,
+                error=rendered.error, detail=rendered.detail,
+            ))
+    return result
+
+
+def _who(server: Server, req: api.PreviewMessage) -> dict[str, Any]:
+    """The profile a preview renders for: a stored one, or the request's sample."""
+    if req.identity is not None:
+        profile = server.store.get_profile(req.identity)
+        return {"attributes": profile.attributes, "identities": profile.identities, "audiences": []}
+    sample = dict(req.profile or {})
+    identities = [str(i) for i in sample.pop("identities", [])] if isinstance(sample.get("identities"), list) else []
+    audiences = [str(a) for a in sample.pop("audiences", [])] if isinstance(sample.get("audiences"), list) else []
+    return {"attributes": sample, "identities": identities, "audiences": audiences}
+
+
+@methods(api.SendMessage)
+async def send_message(server: Server, ctx: CallContext, req: api.SendMessage) -> api.SendResult:
+    if bool(req.identities) == (req.audience is not None):
+        raise InvalidArgument("give either identities or an audience", field="$.identities")
+    record = server.catalog.message(req.id, req.version)
+    config = server.catalog.config(record.message.channel, field="$.id").config
+    audience = templates.compile_condition("$.audience", req.audience) if req.audience is not None else None
+    run = Pipeline(server, record, server.catalog.compiled(record), config, event=req.event, test=req.test,
+                   identities=req.identities, audience=req.audience)
+    # The execution runs in the server, not in this call: a client that goes away does
+    # not stop it, and the reply waits for it.
+    result: api.SendResult = await server.run_in_background(run.run, audience)
+    log.info("message %s v%d execution %s: %d targeted, %d sent, %d delivered", result.message, result.version,
+             result.execution, result.targeted, result.sent, result.delivered)
+    return result

@@ -1,0 +1,202 @@
+"""The send pipeline's outbox: executions as stored, staged notifications, settling, replay.
+
+Durability: an execution is stored when it starts (``executions``). Each batch of profiles
+(50 at first, doubling up to 500) is staged in one commit: its notifications go into the
+outbox (``outbox``), the execution's cursor moves past the batch, and its ``targeted`` and
+``excluded`` counts go into the reports. They are then delivered, and settled in a second
+commit: out of the outbox, their outcomes added to the execution's counts and to the
+reports. Four batches at most are being prepared or delivered at once (three delivered while
+the next is personalized). After a crash (or a stop) the server, when it starts, delivers
+again what the outbox still holds, batch by batch, each settled as above (these may reach
+the provider twice: each is counted as ``replayed``, in a commit before it goes out), then
+resumes the executions from their cursors. So, whenever crashes happen, every targeted
+profile is staged and counted exactly once, each notification has exactly one outcome in the
+reports, and the notifications sent twice are at most those staged and not settled at each
+crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from protocols import api
+from server.channels import AppRecord, DeliveryJob, DeliveryResult
+from server.delivery.service import count_outcomes
+from server.profiles.store import Writer
+from server.reports.reporting import ReportKey, envelope_key, store_counts
+
+if TYPE_CHECKING:
+    from server.runtime.app import Server
+
+__all__ = [
+    "ExecutionRecord", "OutboxEntry", "Outcomes", "outbox_key", "encode_entry", "decode_execution", "stage_batch",
+    "settle_batch", "end_execution", "deliver_batch", "replay",
+]
+
+log = logging.getLogger("pigeon.pipeline")
+
+
+class ExecutionRecord(msgspec.Struct, kw_only=True):
+    """A send in progress, as stored: enough to resume it."""
+
+    execution: str
+    message: str
+    version: int
+    identities: list[str] = []
+    audience: str | None = None
+    test: bool = False
+    event: dict[str, Any] = {}
+    #: Identities staged so far, or the last profile id staged (audiences).
+    cursor: int = 0
+    after: bytes | None = None
+    batches: int = 0
+    result: api.SendResult
+
+
+class OutboxEntry(msgspec.Struct, array_like=True):
+    """A notification staged for delivery."""
+
+    app: str
+    token: str
+    platform: str
+    content: api.PushContent | None
+    apns: api.ApnsOptions
+    fcm: api.FcmOptions
+    tracking: dict[str, Any]
+
+
+class _Settled(msgspec.Struct):
+    """The part of a stored execution only settles change: its outcomes' counts (decoding it
+    skips the identities)."""
+
+    result: api.SendResult
+
+
+_encoder = msgspec.msgpack.Encoder()
+_execution_decoder = msgspec.msgpack.Decoder(ExecutionRecord)
+_settled_decoder = msgspec.msgpack.Decoder(_Settled)
+_entry_decoder = msgspec.msgpack.Decoder(OutboxEntry)
+
+
+def outbox_key(execution: str, batch: int, index: int) -> bytes:
+    return bytes.fromhex(execution) + batch.to_bytes(4, "big") + index.to_bytes(4, "big")
+
+
+def stage_batch(w: Writer, state: ExecutionRecord, entries: list[tuple[bytes, bytes]], counts: Counter[ReportKey],
+                minute: int) -> None:
+    """Store op: the batch's notifications into the outbox, the execution past the batch, and
+    the batch's ``targeted`` and ``excluded`` counts into the reports (under ``minute``).
+
+    ``state`` is the execution as the pipeline has it, a copy this op may change: its outcome
+    counts are replaced by the stored ones, which only settles change (a batch settled while
+    this one was being prepared has added its own)."""
+    key = bytes.fromhex(state.execution)
+    db = w.dbs["executions"]
+    stored = w.txn.get(key, db=db)
+    if stored is not None:
+        settled = _settled_decoder.decode(stored).result
+        result = state.result
+        result.sent, result.delivered, result.bounced, result.failed = (
+            settled.sent, settled.delivered, settled.bounced, settled.failed)
+    w.txn.put(key, _encoder.encode(state), db=db)
+    for entry_key, value in entries:
+        w.txn.put(entry_key, value, db=w.dbs["outbox"])
+    store_counts(w, counts, minute)
+
+
+def settle_batch(w: Writer, outcomes: Outcomes, execution: str, keys: list[bytes], counts: Counter[ReportKey],
+                 minute: int) -> None:
+    """Store op: the batch delivered: out of the outbox, its outcomes added to the execution's
+    counts, and its report counts (``sent``, ``delivered``, ...) into the reports.
+
+    Only the batch's own outcomes are added: the cursor, and the counts of the profiles
+    staged, are the staging's alone (a batch settled while the next one is being prepared
+    must store neither a cursor past profiles not in the outbox yet, nor their counts)."""
+    for key in keys:
+        w.txn.delete(key, db=w.dbs["outbox"])
+    key = bytes.fromhex(execution)
+    stored = w.txn.get(key, db=w.dbs["executions"])
+    if stored is not None:
+        record = _execution_decoder.decode(stored)
+        outcomes.add_to(record.result)
+        w.txn.put(key, _encoder.encode(record), db=w.dbs["executions"])
+    store_counts(w, counts, minute)
+
+
+def end_execution(w: Writer, execution: str) -> None:
+    """Store op: the execution ended (each of its batches settled)."""
+    w.txn.delete(bytes.fromhex(execution), db=w.dbs["executions"])
+
+
+async def deliver_batch(server: Server, execution: str, jobs: list[DeliveryJob], keys: list[bytes]) -> Outcomes:
+    """Deliver a staged batch, then settle it (`settle_batch`) and show its counts; its
+    outcomes."""
+    outcomes = Outcomes()
+    counts: Counter[ReportKey] = Counter()
+    if jobs:
+        results = await server.delivery.deliver(jobs)
+        for result in results:
+            outcomes.count(result)
+        count_outcomes(counts, jobs, results)
+    minute = server.reporting.minute()
+    await server.store.write(settle_batch, outcomes, execution, keys, counts, minute)
+    server.reporting.counted(counts, minute)
+    return outcomes
+
+
+class Outcomes:
+    """What became of one batch's notifications."""
+
+    __slots__ = ("sent", "delivered", "bounced", "failed")
+
+    def __init__(self) -> None:
+        self.sent = self.delivered = self.bounced = 0
+        self.failed: Counter[str] = Counter()
+
+    def count(self, result: DeliveryResult) -> None:
+        self.sent += 1
+        if result.status == "sent":
+            self.delivered += 1
+        else:
+            self.failed[result.reason or "Unknown"] += 1
+            if result.status == "invalid":
+                self.bounced += 1
+
+    def add_to(self, result: api.SendResult) -> None:
+        result.sent += self.sent
+        result.delivered += self.delivered
+        result.bounced += self.bounced
+        result.failed = dict(Counter(result.failed) + self.failed)
+
+
+async def replay(server: Server, staged: list[tuple[bytes, bytes]]) -> None:
+    """Deliver a batch the outbox held again, and settle it. Its notifications are counted as
+    ``replayed`` in a commit before they go out: a crash during this delivery leaves them in
+    the outbox, to be delivered, and counted as replayed, again at the next start."""
+    store, reporting = server.store, server.reporting
+    jobs = []
+    replayed: Counter[ReportKey] = Counter()
+    for _, value in staged:
+        entry = _entry_decoder.decode(value)
+        app = store.get_app(entry.app) or AppRecord(app=entry.app)
+        jobs.append(DeliveryJob(app=app, token=entry.token, platform=entry.platform, content=entry.content,
+                                apns=entry.apns, fcm=entry.fcm, tracking=entry.tracking))
+        head = envelope_key(entry.tracking)
+        if head is not None:
+            replayed[(*head, entry.app, entry.platform, "replayed", "")] += 1
+    minute = reporting.minute()
+    await store.write(store_counts, replayed, minute)
+    reporting.counted(replayed, minute)
+    await deliver_batch(server, staged[0][0][:8].hex(), jobs, [key for key, _ in staged])
+
+
+def encode_entry(entry: OutboxEntry) -> bytes:
+    return _encoder.encode(entry)
+
+
+def decode_execution(value: bytes) -> ExecutionRecord:
+    return _execution_decoder.decode(value)

@@ -1,0 +1,384 @@
+"""The sending pipeline: a published message to profiles, one notification per valid token.
+
+Per profile: qualification (the audience condition; test sends only reach test profiles) →
+exclusions, each with a reason → personalization → the delivery service → the outcome. Every
+step is reported (`server.reports.reporting`), in the commits below: ``targeted`` and ``excluded``
+when a batch is staged, ``sent``, ``delivered``, ``failed`` and ``bounced`` when it is
+settled. The notifications carry the message, its version and the execution in their
+tracking envelope (``m``, ``v``, ``x``).
+
+Exclusion reasons (AJO's names where it has one):
+
+- ``NoTokenForApp``: no registration for the configuration's apps and platforms;
+- ``OnlyInvalidTokens``: only registrations providers said are dead;
+- ``NoConsent``: the profile opted out of the app's push (or did not opt in, with consent
+  ``opt_in``);
+- ``MissingValue``, ``TemplateLimit``, ``TemplateError``: personalization failed for it;
+- ``AudienceError``: the audience condition fails on its data (a text compared with a number);
+- a rule's reason: plugins implementing ``pigeon_exclude`` (`server.hookspecs`: frequency
+  caps, holdouts, suppression lists) exclude profiles after consent, before personalization.
+
+Test sends (``test``) reach only test profiles and are not counted in reports (their envelope
+carries ``t``); their counts are in the `SendResult` only.
+
+Durability: each batch is staged in the outbox and settled in its own commits, and the
+sends a crash interrupted resume when the server starts (`server.messages.outbox`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import secrets
+import time
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from protocols import api
+
+from server.messages import content as messages
+from server.messages import outbox
+from server.messages.outbox import ExecutionRecord, OutboxEntry, deliver_batch, end_execution, stage_batch
+from server.profiles.records import ProfileRecord
+from server.profiles.store import ProfileStore
+from server.runtime.errors import InvalidArgument, NotFound
+from server.reports.reporting import ReportKey, envelope_key
+from server.channels import AppRecord, DeliveryJob
+from server.templates import Condition, Scope, TemplateError, compile_condition
+
+if TYPE_CHECKING:
+    from server.runtime.app import Server
+
+__all__ = ["Pipeline", "PLATFORMS", "resume", "recover"]
+
+log = logging.getLogger("pigeon.pipeline")
+
+#: Registration platforms of each configuration platform.
+PLATFORMS = {"ios": ("apns", "apns-sandbox"), "android": ("fcm",)}
+#: Profiles per batch (staged in one commit), and batches being delivered at once: after a
+#: crash, at most BATCH * IN_FLIGHT profiles' notifications are delivered again.
+BATCH = 500
+IN_FLIGHT = 4
+#: Seconds a batch is prepared before it lets the event loop run other tasks.
+_SLICE_S = 0.005
+#: The first batch is smaller (the sizes double up to BATCH), so that the first notifications
+#: leave sooner.
+FIRST_BATCH = 50
+
+
+class Pipeline:
+    """One execution of a message (see the module docstring).
+
+    Args:
+        server: the running server (store, delivery, reporting).
+        record: the message version.
+        compiled: its compiled templates.
+        config: its channel configuration.
+        event: data for templates that use ``event``.
+        test: only test profiles.
+    """
+
+    def __init__(self, server: Server, record: messages.MessageRecord, compiled: messages.Compiled,
+                 config: api.ChannelConfig, *, event: dict[str, Any], test: bool,
+                 identities: list[str] | None = None, audience: str | None = None,
+                 resume: ExecutionRecord | None = None) -> None:
+        self.server = server
+        self.record = record
+        self.spec = record.message
+        self.compiled = compiled
+        self.config = config
+        self.event = event
+        self.test = test
+        self.execution = resume.execution if resume is not None else secrets.token_hex(8)
+        self.tracking: dict[str, Any] = {"m": self.spec.id, "v": record.version, "x": self.execution}
+        if test:
+            self.tracking["t"] = 1  # not counted in reports
+        self.apps: dict[str, AppRecord | None] = {app: server.store.get_app(app) for app in config.apps}
+        self.platforms = {p for name in config.platforms for p in PLATFORMS[name]}
+        hook = server.plugins.pm.hook.pigeon_exclude
+        self._rules = hook if hook.get_hookimpls() else None  # the frequency-cap step
+        self._rule_failed = False
+        self.state = resume or ExecutionRecord(
+            execution=self.execution, message=self.spec.id, version=record.version, identities=identities or [],
+            audience=audience, test=test, event=event,
+            result=api.SendResult(execution=self.execution, message=self.spec.id, version=record.version),
+        )
+        self.result = self.state.result
+        self._excluded: Counter[str] = Counter(self.result.excluded)
+        #: The report key of this execution's notifications, but for app, platform, outcome
+        #: and reason (None: a test send, not counted).
+        self._head = envelope_key(self.tracking)
+
+    async def run(self, audience: Condition | None = None) -> api.SendResult:
+        """Send to the execution's profiles from its cursor on; return the counts.
+
+        Batches are prepared and staged one after the other; `IN_FLIGHT` of them at most are
+        being prepared or delivered at once (personalizing the next overlaps with delivering
+        the last ones). A batch that cannot be staged ends the run once the batches in
+        delivery are settled (its error is raised; the execution resumes at the next start).
+        """
+        store = self.server.store
+        limiter = trio.Semaphore(IN_FLIGHT)
+        failure: BaseException | None = None
+        running = self.server.running_executions
+        if self.execution in running:
+            raise InvalidArgument(f"execution {self.execution} is already running")
+        running.add(self.execution)  # recovery leaves it alone
+        try:
+            async with trio.open_nursery() as nursery:
+                while failure is None:
+                    # A slot first, then the profiles: what they hold is read just before use.
+                    await limiter.acquire()
+                    try:
+                        staged = await self._next_batch(audience)
+                    except Exception as exc:  # deliver what is in flight before failing
+                        failure = exc
+                        staged = None
+                    if staged is None:
+                        limiter.release()
+                        break
+                    nursery.start_soon(self._deliver, *staged, limiter)
+        except BaseExceptionGroup as group:  # a delivery failed: its error, not trio's group
+            _, rest = group.split(trio.Cancelled)
+            if rest is None:
+                raise  # cancelled: trio's business
+            raise _first(rest) from None
+        finally:
+            running.discard(self.execution)
+        if failure is not None:
+            raise failure
+        await store.write(end_execution, self.execution)
+        self.result.excluded = dict(self._excluded)
+        return self.result
+
+    async def _next_batch(self, audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]] | None:
+        """Read, personalize and stage the next batch; None when there is none."""
+        store = self.server.store
+        state = self.state
+        if state.audience is None:
+            size = min(BATCH, FIRST_BATCH << state.batches)
+            identities = state.identities[state.cursor : state.cursor + size]
+            if not identities:
+                return None
+            profiles, unknown = _profiles_of(store, identities)
+            state.cursor += len(identities)
+            if unknown:
+                self.result.unknown += len(unknown)
+                listed = self.result.unknown_identities
+                listed += unknown[: api.MAX_UNKNOWN_LISTED - len(listed)]
+        else:
+            page = store.scan_profiles(state.after, min(BATCH, FIRST_BATCH << state.batches))
+            if not page:
+                return None
+            profiles = [profile for _, profile in page]
+            state.after = page[-1][0]
+        return await self._stage(profiles, audience)
+
+    def _rule_reason(self, reason: Any) -> str:
+        """A plugin's exclusion reason, as reported (a bad one is named once, not trusted)."""
+        if isinstance(reason, str) and _REASON.fullmatch(reason):
+            return reason
+        if not self._rule_failed:
+            log.error("a pigeon_exclude plugin returned %r, not a reason code: reported as ExcludedByRule", reason)
+        self._rule_failed = True
+        return "ExcludedByRule"
+
+    def _snapshot(self) -> ExecutionRecord:
+        """A copy of the execution to stage (`stage_batch` changes its outcome counts)."""
+        result = msgspec.structs.replace(self.result, excluded=dict(self._excluded), details=dict(self.result.details),
+                                         unknown_identities=list(self.result.unknown_identities))
+        return msgspec.structs.replace(self.state, result=result)
+
+    def _explain(self, reason: str, profile: ProfileRecord, problem: str) -> None:
+        """Keep why the first profile excluded for ``reason`` was (`api.SendResult.details`)."""
+        if reason not in self.result.details:
+            identity = profile.identities[0] if profile.identities else "?"
+            if reason == "MissingValue" and self.spec.on_missing == "default":
+                problem += (" (with on_missing: default a missing value prints as nothing, but this template"
+                            " computes with it: give it a default(...))")
+            self.result.details[reason] = f"{identity}: {problem}"[:_MAX_DETAIL]
+
+    async def _stage(self, profiles: list[ProfileRecord], audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]]:
+        """Qualify, exclude and personalize a batch; stage its notifications in the outbox
+        with the execution's cursor past it and its counts (one commit)."""
+        counts: Counter[ReportKey] = Counter()
+        head = self._head
+        jobs: list[DeliveryJob] = []
+        yielded = time.perf_counter()
+        for profile in profiles:
+            if time.perf_counter() - yielded > _SLICE_S:
+                # Let the batches in delivery and other clients move meanwhile (a profile's
+                # templates may take up to 50 ms).
+                await trio.lowlevel.checkpoint()
+                yielded = time.perf_counter()
+            context = Scope(messages.context_for(attributes=profile.attributes, identities=profile.identities,
+                                                 event=self.event, message=self.spec, version=self.record.version))
+            if self.test and profile.attributes.get("testProfile") is not True:
+                continue
+            reason = None
+            if audience is not None:
+                try:
+                    if not audience.test(context):
+                        continue
+                except TemplateError as exc:
+                    reason = "AudienceError"  # this profile's data breaks the condition; the others go on
+                    self._explain(reason, profile, exc.message)
+            self.result.profiles += 1
+            jobs_before = len(jobs)
+            if reason is None:
+                reason = self._profile(profile, context, jobs)
+            if reason is not None:
+                self.result.targeted += 1
+                self._excluded[reason] += 1
+                if head is not None:
+                    counts[(*head, "", "", "targeted", "")] += 1
+                    counts[(*head, "", "", "excluded", reason)] += 1
+            else:
+                self.result.targeted += len(jobs) - jobs_before
+                if head is not None:
+                    for job in jobs[jobs_before:]:
+                        counts[(*head, job.app.app, job.platform, "targeted", "")] += 1
+        batch = self.state.batches
+        self.state.batches += 1
+        keys = [outbox.outbox_key(self.execution, batch, i) for i in range(len(jobs))]
+        entries = [
+            (key, outbox.encode_entry(OutboxEntry(job.app.app, job.token, job.platform, job.content, job.apns, job.fcm,
+                                              job.tracking or {})))
+            for key, job in zip(keys, jobs)
+        ]
+        reporting = self.server.reporting
+        minute = reporting.minute()
+        await self.server.store.write(stage_batch, self._snapshot(), entries, counts, minute)
+        reporting.counted(counts, minute)
+        return jobs, keys
+
+    async def _deliver(self, jobs: list[DeliveryJob], keys: list[bytes], limiter: trio.Semaphore) -> None:
+        """Deliver a staged batch and settle it; its outcomes counted in the result once stored."""
+        try:
+            outcomes = await deliver_batch(self.server, self.execution, jobs, keys)
+            outcomes.add_to(self.result)
+        finally:
+            limiter.release()
+
+    def _profile(self, profile: ProfileRecord, context: Scope, jobs: list[DeliveryJob]) -> str | None:
+        """Add the profile's jobs; or return why it is excluded."""
+        registrations = [r for r in profile.registrations if r.app in self.apps and r.platform in self.platforms]
+        if not registrations:
+            return "NoTokenForApp"
+        active = [r for r in registrations if r.state == "active"]
+        if not active:
+            return "OnlyInvalidTokens"
+        consent_rule = self.config.consent
+        if consent_rule != "none":
+            allowed = []
+            for r in active:
+                entry = profile.consent.get(r.app)
+                choice = entry.push if entry is not None else None
+                if (consent_rule == "opt_in" and choice == "in") or (consent_rule == "not_opted_out" and choice != "out"):
+                    allowed.append(r)
+            if not allowed:
+                return "NoConsent"
+            active = allowed
+        if self._rules is not None:
+            try:
+                reason = self._rules(identity=profile.identities[0] if profile.identities else "",
+                                     attributes=profile.attributes, message=self.spec, version=self.record.version,
+                                     config=self.config, event=self.event)
+            except Exception:  # a plugin's bug excludes the profile, and is told once
+                if not self._rule_failed:
+                    log.exception("a pigeon_exclude plugin failed: the profiles it fails on are excluded as RuleError")
+                self._rule_failed = True
+                return "RuleError"
+            if reason:
+                return self._rule_reason(reason)
+        try:
+            content = self.compiled.render(context)
+        except InvalidArgument as exc:
+            reason = messages.exclusion(exc)
+            self._explain(reason, profile, exc.message)
+            return reason
+        rendered = messages.to_delivery(self.spec, content)
+        for r in active:
+            jobs.append(rendered.job(self.apps[r.app] or AppRecord(app=r.app), r.token, r.platform, self.tracking))
+        return None
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first error of a group (a delivery task's)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+_REASON = re.compile(r"[A-Za-z0-9_-]{1,64}")
+#: Characters of an exclusion's detail kept in a `api.SendResult` (a template's error can be long).
+_MAX_DETAIL = 500
+
+
+def _profiles_of(store: ProfileStore, identities: list[str]) -> tuple[list[ProfileRecord], list[str]]:
+    """The profiles of ``identities`` (a profile named twice in one batch once), and the
+    identities no profile has."""
+
+    seen: set[str] = set()
+    out = []
+    unknown = []
+    for identity in identities:
+        try:
+            profile = store.get_profile(identity)
+        except NotFound:
+            unknown.append(identity)
+            continue
+        key = profile.identities[0] if profile.identities else identity
+        if key not in seen:
+            seen.add(key)
+            out.append(profile)
+    return out, unknown
+
+
+async def resume(server: Server, record: ExecutionRecord) -> api.SendResult:
+    """Run a stored execution on from its cursor."""
+    value = server.store.get_version("messages", record.message, record.version)
+    config_value = None
+    if value is not None:
+        message = messages.decode_message(value)
+        config_value = server.store.get_version("configs", message.message.channel)
+    if value is None or config_value is None:
+        log.error("cannot resume execution %s: message %s v%d or its configuration is gone", record.execution,
+                  record.message, record.version)
+        await server.store.write(end_execution, record.execution)
+        return record.result
+    audience = compile_condition("$.audience", record.audience) if record.audience is not None else None
+    run = Pipeline(server, message, messages.Compiled(message), messages.decode_config(config_value).config,
+                   event=record.event, test=record.test, resume=record)
+    return await run.run(audience)
+
+
+async def recover(server: Server) -> None:
+    """At start: deliver again what the outbox holds (a crash or a stop left it between
+    staging and settling), batch by batch, then resume the executions that did not end."""
+    store = server.store
+    # What a pipeline of this process runs is not a leftover: clients may have started sends
+    # before this runs (the listener is up).
+    running = {bytes.fromhex(execution) for execution in server.running_executions}
+    with store.env.begin() as txn:
+        staged = [item for item in txn.cursor(db=store._dbs["outbox"]) if item[0][:8] not in running]
+        pending = [key for key, _ in txn.cursor(db=store._dbs["executions"]) if key not in running]
+    if staged:
+        log.warning("delivering %d notifications again that were staged when the server stopped "
+                    "(some may reach the provider twice)", len(staged))
+        # Keys are the execution, the batch and the index: a batch's entries are together.
+        for _, batch in itertools.groupby(staged, key=lambda item: item[0][:12]):
+            await outbox.replay(server, list(batch))
+    with store.env.begin() as txn:  # as the replays left them, with their outcomes
+        stored = [txn.get(key, db=store._dbs["executions"]) for key in pending]
+    executions = [outbox.decode_execution(value) for value in stored if value is not None]
+    for record in executions:
+        log.info("resuming execution %s of message %s v%d", record.execution, record.message, record.version)
+        try:
+            await resume(server, record)
+        except Exception:  # the others still resume; this one again at the next start
+            log.exception("execution %s failed again; it stays stored", record.execution)

@@ -1,0 +1,354 @@
+"""Ingestion: validates experience-event batches and feeds them to the store.
+
+`decode_batch` checks every event on its own, so one bad event is reported by its index and
+its neighbours are still accepted. The actor takes every validated batch waiting in its
+mailbox and hands them to the store as one write op (many small ingest calls, one nested
+transaction); when the store has committed, each caller gets its own result and the journeys
+engine is told how far the committed event log now reaches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Any
+
+import msgspec
+import trio
+
+from protocols import api
+
+from server.runtime.actor import Actor, Future
+from server.runtime.errors import InvalidArgument, ServerError
+from server.profiles.keys import MAX_KEY_BYTES
+from server.runtime.values import MAX_VALUE_DEPTH, check_depth, to_us
+from server.reports.reporting import ReportEvent, counted
+from server.profiles.store import InEvent, ProfileStore, WriteOp
+from server.profiles.writes import ingest_events
+
+log = logging.getLogger("pigeon.ingest")
+
+__all__ = ["Ingestion", "decode_batch", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US"]
+
+#: Largest encoded ``data`` map of one event.
+MAX_EVENT_DATA_BYTES = 64 * 1024
+#: How far in the future an event's timestamp may be (clock skew allowance): 5 minutes.
+MAX_FUTURE_SKEW_US = 5 * 60 * 1_000_000
+
+_EMPTY_MAP = msgspec.Raw(b"\x80")
+
+
+class _InEvent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    identity: api.Identity
+    type: api.EventType
+    ts: api.Timestamp | None = None
+    data: msgspec.Raw = _EMPTY_MAP
+
+
+class _Batch(msgspec.Struct, forbid_unknown_fields=True):
+    events: Annotated[list[_InEvent], msgspec.Meta(max_length=api.MAX_EVENTS_PER_BATCH)]
+
+
+class _LooseBatch(msgspec.Struct, forbid_unknown_fields=True):
+    events: Annotated[list[msgspec.Raw], msgspec.Meta(max_length=api.MAX_EVENTS_PER_BATCH)]
+
+
+_batch_decoder = msgspec.msgpack.Decoder(_Batch)
+_loose_decoder = msgspec.msgpack.Decoder(_LooseBatch)
+_event_decoder = msgspec.msgpack.Decoder(_InEvent)
+
+
+#: Event data is checked as attributes are: decoded as they are (which checks timestamps),
+#: then `check_depth`. The encoded map is what is stored.
+_data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+_data_keys = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+
+
+def _data_problem(raw: msgspec.Raw, index: int) -> tuple[str, str] | None:
+    """What makes the encoded ``data`` of event ``index`` unfit to store, as ``(message, field)``."""
+    # Paths start at "$" and become the event's only when there is a problem: most events
+    # have none, and building their path costs as much as checking their data.
+    try:
+        check_depth(_data_decoder.decode(raw), "$", "data")
+        return None
+    except msgspec.DecodeError as exc:
+        try:
+            _data_keys.decode(raw)
+        except msgspec.DecodeError:
+            message, path = "$: data's keys must be strings", "$"
+        else:
+            message, found = api.describe_validation_error(str(exc))
+            path = found or "$"
+    except InvalidArgument as exc:
+        message, path = f"{exc.field}: {exc.message}", exc.field or "$"
+    except RecursionError:
+        message, path = f"$: data nest deeper than {MAX_VALUE_DEPTH} levels", "$"
+    field = f"$.events[{index}].data{path[1:]}"
+    return field + message[len(path) :], field
+
+
+def _is_map(raw: msgspec.Raw) -> bool:
+    view = memoryview(raw)
+    return len(view) > 0 and (0x80 <= view[0] <= 0x8F or view[0] in (0xDE, 0xDF))
+
+
+def _rejection(index: int, exc: msgspec.DecodeError) -> api.Rejection:
+    """Describe a bad event with paths relative to the batch (``$.events[3].type``)."""
+    prefix = f"$.events[{index}]"
+    message, field = api.describe_validation_error(str(exc))
+    if field is None:
+        return api.Rejection(index=index, code="INVALID_ARGUMENT", message=f"{prefix}: {message}", field=prefix)
+    full = prefix + field[1:]
+    return api.Rejection(index=index, code="INVALID_ARGUMENT", message=full + message[len(field) :], field=full)
+
+
+def _decode_events(body: bytes | msgspec.Raw) -> tuple[Sequence[_InEvent | None], list[api.Rejection]]:
+    """The batch's events (None for each one that does not decode) and the rejections of those."""
+    try:
+        return _batch_decoder.decode(body).events, []
+    except msgspec.ValidationError:
+        pass
+    except msgspec.DecodeError as exc:
+        raise InvalidArgument(f"not an event batch: {exc}") from None
+    try:
+        raws = _loose_decoder.decode(body).events
+    except msgspec.DecodeError as exc:
+        message, field = api.describe_validation_error(str(exc))
+        raise InvalidArgument(f"not an event batch: {message}", field=field) from None
+    events: list[_InEvent | None] = []
+    rejected = []
+    for index, raw in enumerate(raws):
+        try:
+            events.append(_event_decoder.decode(raw))
+        except msgspec.DecodeError as exc:
+            events.append(None)
+            rejected.append(_rejection(index, exc))
+    return events, rejected
+
+
+def decode_batch(
+    body: bytes | msgspec.Raw, *, now_us: int, retention_us: int
+) -> tuple[list[InEvent], list[api.Rejection]]:
+    """Decode and check an ``events.ingest`` body.
+
+    Returns the accepted events (identity, type, µs timestamp, encoded data) and a rejection
+    per bad event, by index. Raises `InvalidArgument` only when the body as a whole is not a
+    batch (not a map with an ``events`` list).
+    """
+    try:
+        events, rejected = _decode_events(body)
+    except RecursionError:
+        # Too deep for msgspec even to skip over: no event of it can be told apart.
+        raise InvalidArgument(
+            f"not an event batch: it nests far deeper than the {MAX_VALUE_DEPTH} levels event data may",
+            field="$.events",
+        ) from None
+    accepted: list[InEvent] = []
+    oldest = max(0, now_us - retention_us)  # no event is older than 1970
+    newest = now_us + MAX_FUTURE_SKEW_US
+    for index, event in enumerate(events):
+        if event is None:
+            continue
+        problem = None
+        if event.ts is None:
+            ts = now_us
+        else:
+            ts = to_us(event.ts)
+            if ts > newest:
+                problem = ("OUT_OF_RANGE", "ts is more than 5 minutes in the future", "ts")
+            elif ts < oldest:
+                days = retention_us / 86_400_000_000
+                problem = ("OUT_OF_RANGE", f"ts is older than the retention window of {days:g} days", "ts")
+        if problem is None:
+            if not _is_map(event.data):
+                problem = ("INVALID_ARGUMENT", "data must be a map", "data")
+            elif (size := memoryview(event.data).nbytes) > MAX_EVENT_DATA_BYTES:
+                problem = (
+                    "INVALID_ARGUMENT",
+                    f"data is {size} bytes encoded; the limit is {MAX_EVENT_DATA_BYTES}",
+                    "data",
+                )
+            elif len(event.identity.encode()) > MAX_KEY_BYTES:
+                problem = ("INVALID_ARGUMENT", f"identity is longer than {MAX_KEY_BYTES} bytes", "identity")
+        if problem is not None:
+            code, message, name = problem
+            field = f"$.events[{index}].{name}"
+            rejected.append(api.Rejection(index=index, code=code, message=f"{field}: {message}", field=field))
+            continue
+        if bad := _data_problem(event.data, index):
+            message, field = bad
+            rejected.append(api.Rejection(index=index, code="INVALID_ARGUMENT", message=message, field=field))
+            continue
+        accepted.append((event.identity, event.type, ts, event.data))
+    rejected.sort(key=lambda r: r.index)
+    return accepted, rejected
+
+
+#: Push interaction event types (Adobe's, which its SDKs send) and the report metric of each.
+INTERACTIONS = {
+    "pushTracking.applicationOpened": "opened",
+    "pushTracking.customAction": "action",
+    "pushTracking.received": "received",
+    "pushTracking.dismissed": "dismissed",
+}
+
+
+_NAME = re.compile(api.NAME_PATTERN)
+
+
+def _names_ok(tracking: dict[str, Any]) -> bool:
+    """The envelope's message (and journey and node) are names as Pigeon gives them: they
+    become report keys, which must stay short."""
+    return isinstance(tracking.get("m"), str) and all(
+        isinstance(tracking.get(k, ""), str) and (k not in tracking or _NAME.fullmatch(tracking[k])) for k in ("m", "j", "n"))
+
+
+def push_interactions(events: list[InEvent]) -> list[ReportEvent]:
+    """The report events of the push interactions among ``events``: their data carries the
+    notification's tracking envelope under ``_p`` (a map, or its JSON text as FCM data
+    holds it), and for an action its ``actionId``; ``app`` and ``platform`` when the app
+    sends them."""
+    out = []
+    for identity, type_, _, raw in events:
+        metric = INTERACTIONS.get(type_)
+        if metric is None:
+            continue
+        try:
+            data = msgspec.msgpack.decode(raw)
+            tracking = data.get("_p") if isinstance(data, dict) else None
+            if isinstance(tracking, str):
+                tracking = msgspec.json.decode(tracking)
+        except (msgspec.DecodeError, AttributeError):
+            continue
+        if not isinstance(tracking, dict) or not _names_ok(tracking):
+            continue  # not one of ours
+        if not counted(tracking):
+            continue  # a test send's
+        version = tracking.get("v")
+        out.append(ReportEvent(
+            outcome=metric,
+            message=tracking["m"],
+            version=version if isinstance(version, int) else 0,
+            journey=str(tracking.get("j", "")),
+            node=str(tracking.get("n", "")),
+            app=str(data.get("app", "")),
+            platform=str(data.get("platform", "")),
+            reason=str(data.get("actionId", "")) if metric == "action" else "",
+            profile=identity,
+        ))
+    return out
+
+
+class _Job:
+    __slots__ = ("events", "rejected", "future")
+
+    def __init__(self, events: list[InEvent], rejected: list[api.Rejection]) -> None:
+        self.events = events
+        self.rejected = rejected
+        self.future: Future[api.IngestResult] = Future()
+
+
+def _groups(jobs: list[_Job], limit: int) -> list[list[_Job]]:
+    """Consecutive jobs, grouped so that a group holds at most ``limit`` events (or one job)."""
+    groups: list[list[_Job]] = [[]]
+    size = 0
+    for job in jobs:
+        if groups[-1] and size + len(job.events) > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(job)
+        size += len(job.events)
+    return groups
+
+
+class Ingestion(Actor):
+    """Validates event batches and forwards them to the store, coalescing concurrent batches.
+
+    Args:
+        store: where events are written.
+        on_committed: called with the last committed sequence number after each commit
+            (the journeys engine's trigger).
+        clock: current time in µs.
+        retention_us: events older than this are refused.
+        max_coalesce: most batches merged into one store op.
+    """
+
+    def __init__(
+        self,
+        store: ProfileStore,
+        *,
+        on_committed: Callable[[int, int], None],
+        clock: Callable[[], int],
+        retention_us: int,
+        mailbox_size: int = 256,
+        max_coalesce: int = 64,
+        on_interactions: Callable[[list[ReportEvent]], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__("ingestion", mailbox_size)
+        self.store = store
+        self.on_committed = on_committed
+        self.clock = clock
+        self.retention_us = retention_us
+        self.max_coalesce = max_coalesce
+        #: Called with the push interactions of each stored batch (reporting).
+        self.on_interactions = on_interactions
+        self.interactions_lost = 0
+        self.accepted = 0
+        self.rejected = 0
+        self.batches = 0
+        self.store_ops = 0
+
+    async def ingest(self, body: bytes | msgspec.Raw) -> api.IngestResult:
+        """Validate a raw ``events.ingest`` body, store what is valid, return once durable."""
+        events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
+        self.rejected += len(rejected)
+        if not events:
+            return api.IngestResult(accepted=0, rejected=rejected)
+        job = _Job(events, rejected)
+        await self.send(job)
+        result = await job.future.wait()
+        if self.on_interactions is not None:
+            interactions = push_interactions(events)
+            if interactions:
+                try:
+                    await self.on_interactions(interactions)
+                except ServerError as exc:  # the events are stored: the call succeeded all the same
+                    self.interactions_lost += len(interactions)
+                    log.warning("%d push interactions not counted: %s", len(interactions), exc)
+        return result
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while jobs := await self.receive_batch(self.max_coalesce):
+            for group in _groups(jobs, self.store.max_commit_events):
+                op = WriteOp(ingest_events, [job.events for job in group], weight=sum(len(j.events) for j in group))
+                op.future.on_done(functools.partial(self._committed, group))
+                await self.store.send(op)
+                # The store now holds the op; its outcome resolves the jobs.
+                self._in_hand = self._in_hand[len(group) :]
+                self.batches += len(group)
+                self.store_ops += 1
+
+    def _committed(self, jobs: list[_Job], done: Future[list[int]]) -> None:
+        try:
+            lasts = done.result()
+        except BaseException as exc:
+            for job in jobs:
+                job.future.fail(exc)
+            return
+        count = 0
+        for job, last in zip(jobs, lasts):
+            count += len(job.events)
+            job.future.set(api.IngestResult(accepted=len(job.events), rejected=job.rejected, last_seq=last))
+        self.accepted += count
+        self.on_committed(max(lasts), count)
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "events_accepted": self.accepted,
+            "events_rejected": self.rejected,
+            "batches": self.batches,
+            "store_ops": self.store_ops,
+        }

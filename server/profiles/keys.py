@@ -1,0 +1,87 @@
+"""Every LMDB key Pigeon writes is built here (schema version 1).
+
+Layout, one named database per record kind:
+
+    meta         ascii name              -> versioned value
+    identities   utf-8 "namespace:value" -> profile id (8 bytes)
+    profiles     profile id (u64 BE)     -> versioned ProfileRecord
+    tokens       utf-8 app + NUL + token -> profile id (8 bytes)
+    events       seq (u64 BE)            -> versioned event: profile id, ts, type, data
+    apps         utf-8 app id            -> versioned AppRecord (with provider credentials)
+
+Integers are fixed-width big-endian so byte order is numeric order. ``events`` is the log, in
+commit order: appending to it dirties a few sequential pages per commit, whatever profiles
+the events belong to; each profile's time-ordered view of it is kept in memory (`server.profiles.index`).
+The profile key is derived from the identity here and only here, so that partitioning
+profiles by identity (scale-out) has one place to change.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from server.runtime.errors import InvalidArgument
+
+__all__ = [
+    "MAX_KEY_BYTES",
+    "identity_key",
+    "pid_key",
+    "normalize_token",
+    "token_key",
+    "app_key",
+    "seq_key",
+    "seq_of",
+
+]
+
+#: LMDB's default key limit is 511 bytes.
+MAX_KEY_BYTES = 511
+
+_U64 = struct.Struct(">Q")
+
+
+def identity_key(identity: str, field: str = "$.identity") -> bytes:
+    key = identity.encode()
+    if len(key) > MAX_KEY_BYTES:
+        raise InvalidArgument(
+            f"{field}: the identity is {len(key)} bytes long; at most {MAX_KEY_BYTES} bytes are allowed", field=field
+        )
+    return key
+
+
+def pid_key(pid: int) -> bytes:
+    return _U64.pack(pid)
+
+
+def normalize_token(platform: str, token: str) -> str:
+    """An APNs token in lower case, refused unless it is hexadecimal; other tokens as given."""
+    if platform.startswith("apns"):
+        if len(token) % 2 or any(c not in "0123456789abcdefABCDEF" for c in token):
+            raise InvalidArgument(
+                "an APNs device token is the hexadecimal text of the token bytes (an even number of 0-9a-f)",
+                field="$.token",
+            )
+        return token.lower()
+    return token
+
+
+def token_key(app: str, token: str) -> bytes:
+    key = f"{app}\x00{token}".encode()
+    if len(key) > MAX_KEY_BYTES:
+        raise InvalidArgument(
+            f"app id and token together are {len(key)} bytes; at most {MAX_KEY_BYTES} are allowed", field="$.token"
+        )
+    return key
+
+
+def app_key(app: str) -> bytes:
+    return app.encode()
+
+
+def seq_key(seq: int) -> bytes:
+    """The log key of event number ``seq``."""
+    return _U64.pack(seq)
+
+
+def seq_of(key: bytes) -> int:
+    return _U64.unpack(key)[0]

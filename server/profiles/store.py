@@ -1,0 +1,630 @@
+"""The profile store: one LMDB environment, one writer actor with group commit.
+
+Writes are `WriteOp` messages. The writer takes every op waiting in its mailbox, applies them
+in one write transaction inside one ``trio.to_thread.run_sync`` call (an LMDB write transaction
+belongs to its thread), commits, and only then resolves each op's future: an acknowledged write
+is on disk. Each op runs in a nested transaction, so an op that fails (a missing profile, a
+value too large) is rolled back alone and its neighbours still commit. While one batch
+commits the next one gathers, so the batch size follows the load.
+
+Experience events are appended to a log in commit order (``events``, keyed by sequence
+number): an acknowledged ingest costs a few sequential pages whatever profiles it touches.
+Each profile's time-ordered view of its events is an in-memory index derived from the log
+(`server.profiles.index`), updated after each commit and rebuilt from the log when the store opens.
+
+The data folder holds every profile, token and credential: it is made readable by its owner
+only (0700, its files 0600), and a folder found more open is tightened when the store opens.
+
+Reads are synchronous, short read transactions on the Trio thread: LMDB readers never block
+the writer and a point read costs microseconds, far less than a hop to a worker thread. No read
+transaction is held across an ``await``, which is what makes growing the map between two write
+batches safe.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import lmdb
+import msgspec
+import trio
+
+from server.profiles import keys as keys
+from server.runtime.actor import Actor, Future
+from server.runtime.errors import (
+    InvalidArgument,
+    NotFound,
+    SchemaError,
+    ServerError,
+    StorageError,
+    ActorError,
+    MailboxClosed,
+)
+from server.profiles.records import (
+    SCHEMA_VERSION,
+    EventRecord,
+    ProfileRecord,
+    decode_event,
+    decode_profile,
+    encode_profile,
+    decode_app,
+)
+from server.profiles.index import Entry, EventIndex
+from server.channels import AppRecord
+
+__all__ = ["ProfileStore", "WriteOp", "InEvent", "MAX_PROFILE_BYTES", "MAX_REGISTRATIONS"]
+
+log = logging.getLogger("pigeon.store")
+
+#: An encoded profile record may not exceed this.
+MAX_PROFILE_BYTES = 256 * 1024
+#: Registrations kept per profile by default (``store.max_registrations``); registering one
+#: more evicts the least recently seen.
+MAX_REGISTRATIONS = 50
+
+#: Modes of the data folder and of the files the store creates in it.
+FOLDER_MODE = 0o700
+FILE_MODE = 0o600
+_FILES = ("data.mdb", "lock.mdb", "pigeon.lock")
+
+_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports", "executions", "outbox", "live", "uniques")
+_meta_encoder = msgspec.msgpack.Encoder()
+
+
+class WriteOp:
+    """A write for the store actor: ``fn(writer, *args)`` runs inside the write transaction.
+
+    ``weight`` is its size in events (1 for a profile write): a group commit holds at most
+    ``max_commit_events`` of them, so a backlog is cleared in commits of bounded duration.
+    """
+
+    __slots__ = ("fn", "args", "future", "weight")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, weight: int = 1) -> None:
+        self.fn = fn
+        self.args = args
+        self.weight = weight
+        self.future: Future[Any] = Future()
+
+
+#: A validated event ready for storage: identity, type, timestamp (µs), encoded data map.
+InEvent = tuple[str, str, int, msgspec.Raw]
+
+
+class ProfileStore(Actor):
+    """Owns the LMDB environment in ``path``.
+
+    Args:
+        path: the data folder (created if missing).
+        map_size: initial map size in bytes; doubled whenever a write finds it full.
+        max_batch: most ops committed in one transaction.
+        max_commit_events: most events (op weights) committed in one transaction, unless a
+            single op is heavier.
+        max_registrations: push registrations kept per profile.
+        retention_us: events older than this are deleted by the sweeper.
+        sweep_interval: seconds between retention sweeps.
+        clock: returns the current time in µs since the epoch.
+        sync: fsync on commit (turn off only for throwaway data).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        map_size: int = 1024 * 1024 * 1024,
+        max_batch: int = 1024,
+        max_commit_events: int = 20_000,
+        max_registrations: int = MAX_REGISTRATIONS,
+        retention_us: int = 90 * 86_400 * 1_000_000,
+        sweep_interval: float = 3600.0,
+        clock: Callable[[], int],
+        sync: bool = True,
+        mailbox_size: int = 1024,
+    ) -> None:
+        super().__init__("store", mailbox_size)
+        self.path = Path(path)
+        self.map_size = map_size
+        self.max_batch = max_batch
+        self.max_commit_events = max_commit_events
+        self.max_registrations = max_registrations
+        self.retention_us = retention_us
+        self.sweep_interval = sweep_interval
+        self.clock = clock
+        self.sync = sync
+        self._env: lmdb.Environment | None = None
+        self._dbs: dict[str, lmdb._Database] = {}
+        self._lock: IO[str] | None = None
+        self._next_pid = 1
+        self._next_seq = 1
+        self.index = EventIndex()
+        self.commits = 0
+        self.writes = 0
+        self.map_resizes = 0
+        self.swept = 0
+        #: Time spent applying ops (Python, holds the GIL) and committing (fsync) so far.
+        self.apply_seconds = 0.0
+        self.commit_seconds = 0.0
+        #: The slowest group commit so far: (total, apply, commit) seconds.
+        self.slowest = (0.0, 0.0, 0.0)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        # In a thread: rebuilding the event index takes about a second per million events,
+        # and after a restart the rest of the server keeps serving meanwhile.
+        await trio.to_thread.run_sync(self._open)
+        try:
+            async with trio.open_nursery() as nursery:
+                if self.sweep_interval > 0:
+                    nursery.start_soon(self._sweeper)
+                task_status.started()
+                while batch := await self.receive_batch(self.max_batch):
+                    for chunk in _by_weight(batch, self.max_commit_events):
+                        await self._write(chunk)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._close()
+
+    def _lock_folder(self) -> None:
+        """Take the data folder for this process: two servers on one folder would hand out
+        the same profile ids and sequence numbers."""
+        fd = os.open(self.path / "pigeon.lock", os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
+        lock = open(fd, "a+")  # noqa: SIM115 - held while the store is open
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise StorageError(
+                f"the data folder {str(self.path)!r} is in use by another Pigeon server (pid {holder})"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
+
+    def _open(self) -> None:
+        try:
+            self.path.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
+        self._tighten()
+        self._lock_folder()
+        try:
+            self._open_environment()
+        except BaseException:
+            self._unlock_folder()
+            raise
+
+    def _tighten(self) -> None:
+        """Make the folder and the store's files private to their owner, as a folder made by
+        an older Pigeon (0755, files 0644) or by hand may not be."""
+        for path, mode in [(self.path, FOLDER_MODE), *((self.path / name, FILE_MODE) for name in _FILES)]:
+            try:
+                if path.exists() and path.stat().st_mode & 0o077:  # group or others may read
+                    path.chmod(mode)
+                    log.info("permissions of %s set to %o", path, mode)
+            except OSError as exc:  # not the owner, or a file system without modes
+                log.warning("cannot make %s private to its owner (mode %o): %s", path, mode, exc)
+
+    def _unlock_folder(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
+
+    def _open_environment(self) -> None:
+        try:
+            env = lmdb.open(
+                str(self.path),
+                map_size=self.map_size,
+                max_dbs=len(_DATABASES) + 4,
+                sync=self.sync,
+                readahead=False,
+                writemap=False,  # nested transactions need it off
+                mode=FILE_MODE,
+            )
+        except (OSError, lmdb.Error) as exc:
+            raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
+        try:
+            with env.begin(write=True) as txn:
+                dbs = {name: env.open_db(name.encode(), txn=txn) for name in _DATABASES}
+                meta = dbs["meta"]
+                version = txn.get(b"schema", db=meta)
+                if version is None:
+                    txn.put(b"schema", _meta_encoder.encode(SCHEMA_VERSION), db=meta)
+                    txn.put(b"created_us", _meta_encoder.encode(self.clock()), db=meta)
+                elif (found := msgspec.msgpack.decode(version)) != SCHEMA_VERSION:
+                    raise SchemaError(
+                        f"the data folder {str(self.path)!r} has schema version {found}; "
+                        f"this Pigeon reads version {SCHEMA_VERSION} and has no migration from it"
+                    )
+                self._next_pid = msgspec.msgpack.decode(txn.get(b"next_pid", db=meta) or b"\x01")
+                self._next_seq = msgspec.msgpack.decode(txn.get(b"next_seq", db=meta) or b"\x01")
+            started = time.perf_counter()
+            with env.begin() as txn:
+                indexed = self.index.rebuild(txn, dbs["events"])
+        except BaseException:
+            env.close()
+            raise
+        if indexed:
+            log.info("event index: %d events indexed in %.1fs", indexed, time.perf_counter() - started)
+        self._env, self._dbs = env, dbs
+        log.info("store open at %s (map %d MiB)", self.path, env.info()["map_size"] >> 20)
+
+    def _close(self) -> None:
+        if self._env is not None:
+            self._env.close()
+            self._env = None
+            self._dbs = {}
+        self._unlock_folder()
+
+    @property
+    def env(self) -> lmdb.Environment:
+        if self._env is None:
+            raise ActorError("the profile store is not open (starting or restarting); retry shortly")
+        return self._env
+
+    # -- writing -----------------------------------------------------------------------------
+
+    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Apply ``fn(writer, *args)`` in the next group commit; return its result once durable."""
+        return await self.write_op(WriteOp(fn, *args))
+
+    async def write_op(self, op: WriteOp) -> Any:
+        await self.send(op)
+        return await op.future.wait()
+
+    async def _write(self, ops: list[WriteOp]) -> None:
+        while True:
+            try:
+                outcome = await trio.to_thread.run_sync(self._apply, ops)
+                break
+            except lmdb.MapFullError:
+                self._grow()
+            except ServerError:
+                raise  # the store itself is unusable (not open): crash, restart
+            except lmdb.Error as exc:
+                raise StorageError(f"LMDB write failed: {exc}") from exc
+            except Exception as exc:
+                # A bug triggered by some op: find it and fail it alone.
+                if len(ops) > 1:
+                    log.exception("a write batch failed; retrying its %d ops one by one", len(ops))
+                    for op in ops:
+                        await self._write([op])
+                    return
+                log.exception("write op %s failed", getattr(ops[0].fn, "__name__", ops[0].fn))
+                ops[0].future.fail(ServerError(f"internal error while writing: {exc!r}"))
+                return
+        results, writer = outcome
+        # The commit is durable: index what it logged (only this thread changes the index).
+        self.index.add(writer.index_adds)
+        self.index.remove(writer.index_removes)
+        for pid in writer.index_drops:
+            self.index.drop(pid)
+        self.commits += 1
+        self.writes += len(ops)
+        for op, (ok, value) in zip(ops, results):
+            if ok:
+                op.future.set(value)
+            else:
+                op.future.fail(value)
+
+    def _grow(self) -> None:
+        env = self.env
+        size = env.info()["map_size"] * 2
+        env.set_mapsize(size)
+        self.map_resizes += 1
+        log.info("store map grown to %d MiB", size >> 20)
+
+    def _apply(self, ops: list[WriteOp]) -> tuple[list[tuple[bool, Any]], Writer]:
+        """Runs in a worker thread: one write transaction, one nested transaction per op."""
+        env = self.env
+        results: list[tuple[bool, Any]] = []
+        pid, seq = self._next_pid, self._next_seq
+        started = time.perf_counter()
+        txn = env.begin(write=True)
+        try:
+            writer = Writer(self, txn)
+            for op in ops:
+                child = env.begin(write=True, parent=txn)
+                writer.txn = child
+                mark = writer.mark()
+                try:
+                    value = op.fn(writer, *op.args)
+                except ServerError as exc:
+                    child.abort()
+                    writer.rollback(mark)
+                    # A refusal is the op's answer: without its traceback, which would hold this
+                    # frame, which holds ``results`` and so the error (a cycle keeping the ops'
+                    # data alive until a full garbage collection).
+                    results.append((False, exc.with_traceback(None)))
+                    continue
+                except BaseException:
+                    child.abort()
+                    raise
+                child.commit()
+                results.append((True, value))
+            meta = self._dbs["meta"]
+            if self._next_pid != pid:
+                txn.put(b"next_pid", _meta_encoder.encode(self._next_pid), db=meta)
+            if self._next_seq != seq:
+                txn.put(b"next_seq", _meta_encoder.encode(self._next_seq), db=meta)
+        except BaseException:
+            txn.abort()
+            # Nothing was committed: hand the numbers out again.
+            self._next_pid, self._next_seq = pid, seq
+            raise
+        applied = time.perf_counter()
+        try:
+            txn.commit()
+        except BaseException:
+            self._next_pid, self._next_seq = pid, seq
+            raise
+        committed = time.perf_counter()
+        self.apply_seconds += applied - started
+        self.commit_seconds += committed - applied
+        self.slowest = max(self.slowest, (committed - started, applied - started, committed - applied))
+        return results, writer
+
+    # -- retention --------------------------------------------------------------------------
+
+    async def _sweeper(self) -> None:
+        # Once shortly after opening (a server restarted often would otherwise never sweep),
+        # then every sweep_interval.
+        delay = min(self.sweep_interval, 60.0)
+        while not self.stopping:
+            await trio.sleep(delay)
+            delay = self.sweep_interval
+            try:
+                await self.sweep()
+            except MailboxClosed:
+                return
+
+    async def sweep(self, budget: int = 10_000) -> int:
+        """Delete events older than the retention window, ``budget`` events per transaction."""
+        expired = self.index.expired(self.clock() - self.retention_us)
+        for start in range(0, len(expired), budget):
+            await self.write(_sweep_events, expired[start : start + budget])
+        self.swept += len(expired)
+        if expired:
+            log.info("retention sweep deleted %d events", len(expired))
+        return len(expired)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def get_profile(self, identity: str) -> ProfileRecord:
+        """The profile with ``identity``; raises `NotFound`."""
+        key = keys.identity_key(identity)
+        dbs = self._dbs
+        with self.env.begin() as txn:
+            pid = txn.get(key, db=dbs["identities"])
+            if pid is None:
+                raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
+            return decode_profile(txn.get(pid, db=dbs["profiles"]))
+
+    def scan_profiles(self, after: bytes | None = None, limit: int = 500) -> list[tuple[bytes, ProfileRecord]]:
+        """Up to ``limit`` profiles in profile-id order, after the id ``after`` (audiences)."""
+        out: list[tuple[bytes, ProfileRecord]] = []
+        with self.env.begin() as txn:
+            cursor = txn.cursor(db=self._dbs["profiles"])
+            found = cursor.set_range(after + b"\x00") if after is not None else cursor.first()
+            while found and len(out) < limit:
+                out.append((bytes(cursor.key()), decode_profile(cursor.value())))
+                found = cursor.next()
+        return out
+
+    def find_token(self, app: str, token: str) -> ProfileRecord | None:
+        with self.env.begin() as txn:
+            pid = txn.get(keys.token_key(app, token), db=self._dbs["tokens"])
+            return None if pid is None else decode_profile(txn.get(pid, db=self._dbs["profiles"]))
+
+    def read_events(
+        self,
+        identity: str,
+        *,
+        after: tuple[int, int] | None,
+        since_us: int,
+        until_us: int,
+        reverse: bool,
+        limit: int,
+        max_bytes: int | None = None,
+    ) -> tuple[list[tuple[int, int, EventRecord]], tuple[int, int] | None]:
+        """One page of a profile's events in time order, after the cursor ``after`` (None: from
+        the range's edge): ``limit`` events at most, and no more once ``max_bytes`` of them
+        are read (a streamed call holds its page while its client is slow).
+
+        Returns ``[(seq, ts, record)]`` and the cursor to resume from, or None at the end.
+        """
+        dbs = self._dbs
+        with self.env.begin() as txn:
+            pid = txn.get(keys.identity_key(identity), db=dbs["identities"])
+            if pid is None:
+                raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
+            page, resume = self.index.page(
+                pid, after=after, since_us=since_us, until_us=until_us, reverse=reverse, limit=limit
+            )
+            out = []
+            size = 0
+            for n, (seq, ts) in enumerate(page):
+                value = txn.get(keys.seq_key(seq), db=dbs["events"])
+                if value is not None:
+                    out.append((seq, ts, decode_event(value)[2]))
+                    size += len(value)
+                if max_bytes is not None and size >= max_bytes and n + 1 < len(page):
+                    return out, (ts, seq)
+        return out, resume
+
+    def get_app(self, app: str) -> AppRecord | None:
+        with self.env.begin() as txn:
+            value = txn.get(keys.app_key(app), db=self._dbs["apps"])
+        return None if value is None else decode_app(value)
+
+    def get_version(self, db: str, name: str, version: int | None = None) -> bytes | None:
+        """A published version (``configs``, ``messages``): the given one, or the latest."""
+        prefix = name.encode() + b"\x00"
+        with self.env.begin() as txn:
+            if version is not None:
+                return txn.get(prefix + version.to_bytes(4, "big"), db=self._dbs[db])
+            cursor = txn.cursor(db=self._dbs[db])
+            key = _latest_key(cursor, prefix)
+            return None if key is None else cursor.get(key)
+
+    def list_latest(self, db: str) -> list[bytes]:
+        """The latest version of everything published in ``db``, by name."""
+        latest: dict[bytes, bytes] = {}
+        with self.env.begin() as txn:
+            for key, value in txn.cursor(db=self._dbs[db]):
+                latest[key[:-5]] = value  # keys sort by name, then version
+        return list(latest.values())
+
+    def list_apps(self) -> list[AppRecord]:
+        with self.env.begin() as txn:
+            return [decode_app(value) for _, value in txn.cursor(db=self._dbs["apps"])]
+
+    def counts(self) -> dict[str, int]:
+        env = self.env
+        with env.begin() as txn:
+            counts = {name: txn.stat(db)["entries"] for name, db in self._dbs.items() if name not in ("meta", "apps")}
+        info, stat = env.info(), env.stat()
+        counts["map_size"] = info["map_size"]
+        counts["used_bytes"] = (info["last_pgno"] + 1) * stat["psize"]
+        return counts
+
+    def details(self) -> dict[str, Any]:
+        return {
+            "commits": self.commits,
+            "writes": self.writes,
+            "map_resizes": self.map_resizes,
+            "events_swept": self.swept,
+            "event_index": self.index.statistics(),
+            "slowest_commit_ms": {
+                name: round(value * 1000, 1) for name, value in zip(("total", "apply", "fsync"), self.slowest)
+            },
+            "apply_seconds": round(self.apply_seconds, 3),
+            "commit_seconds": round(self.commit_seconds, 3),
+        }
+
+
+def _by_weight(ops: list[WriteOp], limit: int) -> list[list[WriteOp]]:
+    """Split ``ops``, in order, into runs whose weights add up to at most ``limit``."""
+    chunks: list[list[WriteOp]] = [[]]
+    weight = 0
+    for op in ops:
+        if chunks[-1] and weight + op.weight > limit:
+            chunks.append([])
+            weight = 0
+        chunks[-1].append(op)
+        weight += op.weight
+    return chunks
+
+
+class Writer:
+    """What a write op sees: the transaction, the databases and helpers. Runs in the writer thread."""
+
+    def __init__(self, store: ProfileStore, txn: lmdb.Transaction[bytes]) -> None:
+        self.store = store
+        self.txn = txn
+        self.dbs = store._dbs
+        self.now = store.clock()
+        #: Index work for after the commit: events logged, events deleted, profiles deleted.
+        self.index_adds: list[Entry] = []
+        self.index_removes: list[Entry] = []
+        self.index_drops: list[bytes] = []
+
+    def mark(self) -> tuple[int, int, int]:
+        return len(self.index_adds), len(self.index_removes), len(self.index_drops)
+
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        """Forget the index work of an op whose nested transaction was aborted."""
+        adds, removes, drops = mark
+        del self.index_adds[adds:]
+        del self.index_removes[removes:]
+        del self.index_drops[drops:]
+
+    def pid(self, identity: str, field: str = "$.identity") -> bytes | None:
+        return self.txn.get(keys.identity_key(identity, field), db=self.dbs["identities"])
+
+    def load(self, pid: bytes) -> ProfileRecord:
+        return decode_profile(self.txn.get(pid, db=self.dbs["profiles"]))
+
+    def require(self, identity: str) -> tuple[bytes, ProfileRecord]:
+        pid = self.pid(identity)
+        if pid is None:
+            raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
+        return pid, self.load(pid)
+
+    def get_or_create(self, identity: str) -> tuple[bytes, ProfileRecord, bool]:
+        pid = self.pid(identity)
+        if pid is not None:
+            return pid, self.load(pid), False
+        pid, record = self.create(identity)
+        return pid, record, True
+
+    def create(self, identity: str) -> tuple[bytes, ProfileRecord]:
+        """A new, empty profile known by ``identity`` (which must be free)."""
+        store = self.store
+        pid = keys.pid_key(store._next_pid)
+        store._next_pid += 1
+        record = ProfileRecord([identity], {}, [], {}, self.now, self.now)
+        self.txn.put(keys.identity_key(identity), pid, db=self.dbs["identities"])
+        self.save(pid, record, touch=False)
+        return pid, record
+
+    def save(self, pid: bytes, record: ProfileRecord, *, touch: bool = True) -> None:
+        if touch:
+            record.updated = self.now
+        value = encode_profile(record)
+        if len(value) > MAX_PROFILE_BYTES:
+            raise InvalidArgument(
+                f"the profile would take {len(value)} bytes; the limit is {MAX_PROFILE_BYTES}",
+                field="$.attributes",
+            )
+        self.txn.put(pid, value, db=self.dbs["profiles"])
+
+    def next_seq(self) -> int:
+        store = self.store
+        seq = store._next_seq
+        store._next_seq = seq + 1
+        return seq
+
+
+# ---------------------------------------------------------------------------------------------
+# write ops: each checks before it writes; a ServerError rolls back its nested transaction.
+
+
+def _latest_key(cursor: Any, prefix: bytes) -> bytes | None:
+    """The last key starting with ``prefix`` (a name and its NUL; names hold no NUL)."""
+    last = None
+    if cursor.set_range(prefix):
+        for key in cursor.iternext(keys=True, values=False):
+            if not key.startswith(prefix):
+                break
+            last = key
+    return last
+
+
+def publish_version(w: Writer, db: str, name: str, encode: Callable[[int], bytes]) -> int:
+    """Store the next version of ``name`` in ``db`` (``encode(version)`` gives its value);
+    versions start at 1 and are never replaced."""
+    prefix = name.encode() + b"\x00"
+    last = _latest_key(w.txn.cursor(db=w.dbs[db]), prefix)
+    version = 1 if last is None else int.from_bytes(last[-4:], "big") + 1
+    w.txn.put(prefix + version.to_bytes(4, "big"), encode(version), db=w.dbs[db])
+    return version
+
+
+def _sweep_events(w: Writer, expired: list[Entry]) -> int:
+    """Delete these expired events from the log."""
+    events = w.dbs["events"]
+    for _, _, seq in expired:
+        w.txn.delete(keys.seq_key(seq), db=events)
+    w.index_removes.extend(expired)
+    return len(expired)

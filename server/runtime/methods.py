@@ -1,0 +1,102 @@
+"""The server's own methods: ``server.health`` and ``server.stats``."""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from typing import TYPE_CHECKING
+
+from protocols import api
+from protocols.frames import PROTOCOL_VERSION
+from server.api.registry import CallContext, Methods
+from server.profiles.records import SCHEMA_VERSION
+from server.runtime.errors import ActorError
+
+if TYPE_CHECKING:
+    from server.runtime.app import Server
+
+__all__ = ["methods"]
+
+methods = Methods()
+
+
+@methods(api.GetHealth)
+async def health(server: Server, ctx: CallContext, req: api.GetHealth) -> api.Health:
+    return api.Health(
+        status="stopping" if server.stopping else "serving",
+        version=server.version,
+        protocol=PROTOCOL_VERSION,
+        uptime_s=time.monotonic() - server.started_at,
+    )
+
+
+@methods(api.GetStats)
+async def stats(server: Server, ctx: CallContext, req: api.GetStats) -> api.Stats:
+    return api.Stats(
+        version=server.version,
+        uptime_s=time.monotonic() - server.started_at,
+        process=_process_stats(),
+        actors=_actor_stats(server),
+        connections=server.listener.connection_stats(),
+        methods={name: m.snapshot() for name, m in sorted(server.listener.method_stats.items())},
+        store=_store_stats(server),
+    )
+
+
+def _actor_stats(server: Server) -> list[api.ActorStats]:
+    supervised = {c.name: c for c in server.supervisor.statistics()}
+    actors = []
+    for actor in server.supervisor.actors():
+        s = actor.statistics()
+        child = supervised[actor.name]
+        actors.append(
+            api.ActorStats(
+                name=actor.name,
+                state=child.state,
+                restarts=child.restarts,
+                crashes=child.crashes,
+                last_error=child.last_error,
+                mailbox_used=s.mailbox_used,
+                mailbox_size=s.mailbox_size,
+                details=s.details,
+            )
+        )
+    return actors
+
+
+def _store_stats(server: Server) -> api.StoreStats | None:
+    store = server.store
+    try:
+        counts = store.counts()
+    except ActorError:
+        return None  # the store is restarting: the actors' states matter most now
+    return api.StoreStats(
+        path=str(store.path),
+        schema_version=SCHEMA_VERSION,
+        map_size=counts["map_size"],
+        used_bytes=counts["used_bytes"],
+        profiles=counts["profiles"],
+        identities=counts["identities"],
+        tokens=counts["tokens"],
+        events=counts["events"],
+        commits=store.commits,
+        writes=store.writes,
+        map_resizes=store.map_resizes,
+    )
+
+
+def _process_stats() -> api.ProcessStats:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    try:
+        with open("/proc/self/statm") as f:
+            rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        rss = usage.ru_maxrss * 1024
+    return api.ProcessStats(
+        pid=os.getpid(),
+        cpu_user_s=usage.ru_utime,
+        cpu_system_s=usage.ru_stime,
+        rss_bytes=rss,
+        max_rss_bytes=usage.ru_maxrss * 1024,
+    )
