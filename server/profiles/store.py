@@ -316,6 +316,9 @@ class ProfileStore(Actor):
                 op.future.set(value)
             else:
                 op.future.fail(value)
+        # The worker thread may still hold the list it returned: what it holds goes now, not
+        # when that thread takes its next job (a refusal would keep its op's data alive).
+        results.clear()
 
     def _grow(self) -> None:
         env = self.env
