@@ -294,7 +294,7 @@ class _Connection:
 
     def _receive(self, data: bytes | bytearray) -> None:
         try:
-            events = self.h2.receive(data)
+            events = self.h2.receive(bytes(data))  # the same object when it is bytes already
         except H2ProtocolError as exc:
             self._handle(exc.events)  # answers read before the violation are answers
             raise

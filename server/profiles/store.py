@@ -12,8 +12,8 @@ number): an acknowledged ingest costs a few sequential pages whatever profiles i
 Each profile's time-ordered view of its events is an in-memory index derived from the log
 (`server.profiles.index`), updated after each commit and rebuilt from the log when the store opens.
 
-The data folder holds every profile, token and credential: it is made readable by its owner
-only (0700, its files 0600), and a folder found more open is tightened when the store opens.
+The data folder holds every profile, token and credential (`server.profiles.folder`: private
+to its owner, and locked for one process).
 
 Reads are synchronous, short read transactions on the Trio thread: LMDB readers never block
 the writer and a point read costs microseconds, far less than a hop to a worker thread. No read
@@ -23,7 +23,6 @@ batches safe.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import time
@@ -35,7 +34,7 @@ import lmdb
 import msgspec
 import trio
 
-from server.profiles import keys as keys
+from server.profiles import folder, keys
 from server.runtime.actor import Actor, Future
 from server.runtime.errors import (
     InvalidArgument,
@@ -67,11 +66,6 @@ MAX_PROFILE_BYTES = 256 * 1024
 #: Registrations kept per profile by default (``store.max_registrations``); registering one
 #: more evicts the least recently seen.
 MAX_REGISTRATIONS = 50
-
-#: Modes of the data folder and of the files the store creates in it.
-FOLDER_MODE = 0o700
-FILE_MODE = 0o600
-_FILES = ("data.mdb", "lock.mdb", "pigeon.lock")
 
 _DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports", "executions", "outbox", "live", "uniques")
 _meta_encoder = msgspec.msgpack.Encoder()
@@ -171,49 +165,13 @@ class ProfileStore(Actor):
         finally:
             self._close()
 
-    def _lock_folder(self) -> None:
-        """Take the data folder for this process: two servers on one folder would hand out
-        the same profile ids and sequence numbers."""
-        fd = os.open(self.path / "pigeon.lock", os.O_RDWR | os.O_CREAT | os.O_APPEND, FILE_MODE)
-        lock = open(fd, "a+")  # noqa: SIM115 - held while the store is open
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "another process"
-            lock.close()
-            raise StorageError(
-                f"the data folder {str(self.path)!r} is in use by another Pigeon server (pid {holder})"
-            ) from None
-        lock.seek(0)
-        lock.truncate()
-        lock.write(str(os.getpid()))
-        lock.flush()
-        self._lock = lock
-
     def _open(self) -> None:
-        try:
-            self.path.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
-        self._tighten()
-        self._lock_folder()
+        self._lock = folder.open_folder(self.path)
         try:
             self._open_environment()
         except BaseException:
             self._unlock_folder()
             raise
-
-    def _tighten(self) -> None:
-        """Make the folder and the store's files private to their owner, as a folder made by
-        an older Pigeon (0755, files 0644) or by hand may not be."""
-        for path, mode in [(self.path, FOLDER_MODE), *((self.path / name, FILE_MODE) for name in _FILES)]:
-            try:
-                if path.exists() and path.stat().st_mode & 0o077:  # group or others may read
-                    path.chmod(mode)
-                    log.info("permissions of %s set to %o", path, mode)
-            except OSError as exc:  # not the owner, or a file system without modes
-                log.warning("cannot make %s private to its owner (mode %o): %s", path, mode, exc)
 
     def _unlock_folder(self) -> None:
         if self._lock is not None:
@@ -229,7 +187,7 @@ class ProfileStore(Actor):
                 sync=self.sync,
                 readahead=False,
                 writemap=False,  # nested transactions need it off
-                mode=FILE_MODE,
+                mode=folder.FILE_MODE,
             )
         except (OSError, lmdb.Error) as exc:
             raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
