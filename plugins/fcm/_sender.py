@@ -238,7 +238,10 @@ class FcmSender(PooledSender):
         """
         now = self.clock()
         never = now + self.retry_window
-        deadlines = [never if ttls is None or ttls[i] is None else now + ttls[i] for i in range(len(bodies))]  # type: ignore[operator]
+        if ttls is None:
+            deadlines = [never] * len(bodies)
+        else:
+            deadlines = [never if (ttl := ttls[i]) is None else now + ttl for i in range(len(bodies))]
         return await self._send(bodies, deadlines)
 
     def _refusal(self, now: float) -> DeliveryResult | None:
