@@ -19,7 +19,7 @@ from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.trio_client import open_client
 from server import Server, hookimpl
-from server.cli.main import show_report, show_send
+from server.cli.output import show_report, show_send
 from server.runtime.plugins import Plugins
 
 from .conftest import make_config

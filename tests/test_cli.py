@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols import api
-from server.cli.main import COMMANDS, _build_parser
+from server.cli.parser import COMMANDS, build_parser as _build_parser
 
 
 def pigeon(address: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -486,7 +486,7 @@ def test_a_bad_server_address_or_ca_file_is_a_usage_error(tmp_path):
 @given(depth=st.integers(min_value=0, max_value=3000), brackets=st.sampled_from(["[]", "{}"]), where=st.sampled_from(["json", "yaml"]))
 def test_any_nesting_depth_is_parsed_or_refused_as_bad_input(tmp_path_factory, depth, brackets, where):
     """However deep the input, the CLI's parsers give a value or a UsageError, never a RecursionError."""
-    from server.cli.main import UsageError, _load_document, _parse_json_object
+    from server.cli.inputs import UsageError, load_document as _load_document, parse_json_object as _parse_json_object
 
     opening, closing = brackets
     inner = (opening + '"k": ' if opening == "{" else opening) * depth + "1" + closing * depth
