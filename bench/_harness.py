@@ -1,6 +1,6 @@
 """Shared by the benchmark scenarios: a server in a child process, stats, latency summaries.
 
-The server under test runs as its own process (``python -m server.cli.main serve``) on a fresh
+The server under test runs as its own process (``python -m server.cli serve``) on a fresh
 data folder; load comes from this process over loopback, on asyncio with uvloop, so on a
 2-core machine the server and the load generator each get a core. CPU figures are the server
 process's own accounting (``server.stats`` reads ``getrusage``).

@@ -44,7 +44,7 @@ class ApnsChannel(Channel):
 
     def __init__(self, settings: Any) -> None:
         self.settings = settings
-        self._senders = Senders("the APNs sender")
+        self._senders: Senders[tuple[str, int, str], ApnsSender] = Senders("the APNs sender")
         self._versions = AppVersions()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -125,8 +125,7 @@ class ApnsChannel(Channel):
             self._senders.retire(k for k in self._senders.running if k[0] == key[0] and k[2] == key[2] and k[1] < key[1])
             return sender
 
-        # Senders is not generic: it returns what make() made, now or for an earlier call.
-        return cast(ApnsSender, await self._senders.get(key, make))
+        return await self._senders.get(key, make)
 
     def render(self, job: DeliveryJob) -> Rendered:
         ios = job.app.ios

@@ -59,7 +59,7 @@ class FcmChannel(Channel):
         url = urlsplit(settings.url)
         self.host = url.hostname or ""
         self.port = url.port or 443
-        self._senders = Senders("the FCM sender")
+        self._senders: Senders[SenderKey, FcmSender] = Senders("the FCM sender")
         #: The apps using each sender (a sender retires when none does).
         self._users: dict[SenderKey, set[str]] = {}
         self._versions = AppVersions()
@@ -139,8 +139,7 @@ class FcmChannel(Channel):
                 backoff_min=settings.retry_min_s,
             )
 
-        # Senders is not generic: it returns what make() made, now or for an earlier call.
-        return cast(FcmSender, await self._senders.get(key, make))
+        return await self._senders.get(key, make)
 
     def render(self, job: DeliveryJob) -> Rendered:
         if job.app.android is None:

@@ -27,8 +27,8 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any, Generic, TypeVar
 
 import trio
 
@@ -401,7 +401,11 @@ class PooledSender:
         }
 
 
-class Senders:
+K = TypeVar("K", bound=Hashable)
+S = TypeVar("S", bound="PooledSender")
+
+
+class Senders(Generic[K, S]):
     """A channel's running senders, by key: each started once, on demand, in the channel's
     nursery (`run`), and forgotten when it ends.
 
@@ -411,8 +415,8 @@ class Senders:
 
     def __init__(self, what: str) -> None:
         self.what = what
-        self.running: dict[Any, PooledSender] = {}
-        self._starting: dict[Any, trio.Event] = {}
+        self.running: dict[K, S] = {}
+        self._starting: dict[K, trio.Event] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -421,7 +425,7 @@ class Senders:
             task_status.started()
             await trio.sleep_forever()
 
-    async def get(self, key: Any, make: Callable[[], PooledSender]) -> PooledSender:
+    async def get(self, key: K, make: Callable[[], S]) -> S:
         """The sender of ``key``, started with ``make()`` if there is none (``make`` may raise
         `CredentialsError`; callers waiting for the same key then get one too)."""
         sender = self.running.get(key)
@@ -445,7 +449,7 @@ class Senders:
             del self._starting[key]
             starting.set()
 
-    async def _run(self, key: Any, sender: PooledSender, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async def _run(self, key: K, sender: S, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
             await sender.run(task_status=task_status)
         except Exception:
@@ -454,7 +458,7 @@ class Senders:
             if self.running.get(key) is sender:
                 del self.running[key]
 
-    def retire(self, keys: Any) -> None:
+    def retire(self, keys: Iterable[K]) -> None:
         """Retire the senders of ``keys`` (they finish what they hold, then stop)."""
         for key in list(keys):
             sender = self.running.pop(key, None)
