@@ -65,7 +65,7 @@ async def register_token(server: Server, ctx: CallContext, req: api.RegisterToke
     return api.TokenRegistered(
         registration=api.Registration(
             app=registration.app,
-            platform=registration.platform,
+            platform=registration.platform,  # type: ignore[arg-type]  # stored as text, checked when registered
             token=registration.token,
             first_seen=from_us(registration.first_seen),
             last_seen=from_us(registration.last_seen),
@@ -85,7 +85,7 @@ async def unregister_token(server: Server, ctx: CallContext, req: api.Unregister
 @methods(api.SetConsent)
 async def set_consent(server: Server, ctx: CallContext, req: api.SetConsent) -> api.ConsentEntry:
     entry = await server.store.write(writes.set_consent, req.identity, req.app, req.push)
-    return api.ConsentEntry(push=entry.push, updated=from_us(entry.updated))
+    return api.ConsentEntry(push=entry.push, updated=from_us(entry.updated))  # type: ignore[arg-type]  # stored as text
 
 
 @methods(api.IngestEvents, raw=True)

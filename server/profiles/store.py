@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar, TypeVarTuple
 
 import lmdb
 import msgspec
@@ -61,6 +61,9 @@ __all__ = ["ProfileStore", "WriteOp", "InEvent", "MAX_PROFILE_BYTES", "MAX_REGIS
 
 log = logging.getLogger("pigeon.store")
 
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
 #: An encoded profile record may not exceed this.
 MAX_PROFILE_BYTES = 256 * 1024
 #: Registrations kept per profile by default (``store.max_registrations``); registering one
@@ -71,7 +74,7 @@ _DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "con
 _meta_encoder = msgspec.msgpack.Encoder()
 
 
-class WriteOp:
+class WriteOp(Generic[T]):
     """A write for the store actor: ``fn(writer, *args)`` runs inside the write transaction.
 
     ``weight`` is its size in events (1 for a profile write): a group commit holds at most
@@ -80,11 +83,11 @@ class WriteOp:
 
     __slots__ = ("fn", "args", "future", "weight")
 
-    def __init__(self, fn: Callable[..., Any], *args: Any, weight: int = 1) -> None:
-        self.fn = fn
-        self.args = args
+    def __init__(self, fn: Callable[[Writer, *Ts], T], *args: *Ts, weight: int = 1) -> None:
+        self.fn: Callable[..., T] = fn
+        self.args: tuple[Any, ...] = args
         self.weight = weight
-        self.future: Future[Any] = Future()
+        self.future: Future[T] = Future()
 
 
 #: A validated event ready for storage: identity, type, timestamp (µs), encoded data map.
@@ -232,11 +235,11 @@ class ProfileStore(Actor):
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def write(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def write(self, fn: Callable[[Writer, *Ts], T], *args: *Ts) -> T:
         """Apply ``fn(writer, *args)`` in the next group commit; return its result once durable."""
         return await self.write_op(WriteOp(fn, *args))
 
-    async def write_op(self, op: WriteOp) -> Any:
+    async def write_op(self, op: WriteOp[T]) -> T:
         await self.send(op)
         return await op.future.wait()
 
