@@ -9,7 +9,7 @@ import trio
 
 from protocols import api
 from server import ConfigError, Server
-from server.delivery.service import count_outcomes
+from server.reports.reporting import count_outcomes
 from server.runtime.plugins import Plugins
 from server.channels import AppRecord, Channel, DeliveryJob, DeliveryResult
 from server import hookimpl

@@ -110,6 +110,26 @@ def test_every_method_is_served_by_exactly_one_domain() -> None:
     assert set(served) == set(api.METHODS)
 
 
+def test_each_handler_takes_the_request_and_gives_the_answer_of_its_method() -> None:
+    """The registry types a handler loosely (any callable); its annotations must say what
+    `protocols.api` says of its method, so that mypy checks the body against the protocol."""
+    import typing
+
+    from server.runtime.app import METHODS, Server
+
+    for methods in METHODS:
+        for request_type, handler, raw in methods.entries:
+            spec = api.METHODS[request_type.method]
+            hints = typing.get_type_hints(handler, localns={"Server": Server})  # imported for type checkers only
+            assert hints["server"] is Server, spec.name
+            assert hints["req"] is (type(None) if raw else spec.request), spec.name
+            if spec.streaming:
+                assert hints["return"] is type(None), spec.name
+                assert typing.get_args(hints["send"])[0] == [spec.response], spec.name
+            else:
+                assert hints["return"] is spec.response, spec.name
+
+
 def test_each_domain_registers_only_its_own_methods() -> None:
     """A method lives in the domain its name says (``profiles.get`` in `server.profiles`)."""
     from server.runtime.app import METHODS

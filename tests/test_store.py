@@ -539,8 +539,8 @@ async def test_app_versions_are_never_reused(tmp_path):
         await store.write(app_ops.delete_app, "com.acme.app")
         again = await store.write(app_ops.put_app, AppRecord(app="com.acme.app"))
         assert (first.version, again.version) == (1, 3)
-        assert store.get_app("com.acme.app").version == 3
-        assert [a.app for a in store.list_apps()] == ["com.acme.app", "com.other.app"]
+        assert app_ops.get_app(store, "com.acme.app").version == 3
+        assert [a.app for a in app_ops.list_apps(store)] == ["com.acme.app", "com.other.app"]
         with pytest.raises(Exception, match="no app 'com.gone.app'"):
             await store.write(app_ops.delete_app, "com.gone.app")
         store.request_stop()

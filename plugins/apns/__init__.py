@@ -20,6 +20,7 @@ from protocols import api
 from server.channels import AppRecord, AppVersions, Channel, DeliveryJob, DeliveryResult, IosRecord, Rendered
 from server.delivery.sender import Senders
 from server.hookspecs import hookimpl
+from server.runtime.config import Config, ApnsSettings
 
 from ._credentials import CredentialsError, check_ios, recheck_ios
 from ._payload import ApnsRequest, PayloadError, build_request
@@ -42,7 +43,7 @@ class ApnsChannel(Channel):
     #: The app platform whose credentials this channel checks.
     app_platform: ClassVar[str] = "ios"
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: ApnsSettings) -> None:
         self.settings = settings
         self._senders: Senders[tuple[str, int, str], ApnsSender] = Senders("the APNs sender")
         self._versions = AppVersions()
@@ -156,5 +157,5 @@ def _endpoint(address: str) -> tuple[str, int]:
 
 
 @hookimpl
-def pigeon_channels(config: Any) -> list[Channel]:
+def pigeon_channels(config: Config) -> list[Channel]:
     return [ApnsChannel(config.apns)]

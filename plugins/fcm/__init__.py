@@ -24,6 +24,7 @@ from protocols import api
 from server.channels import AndroidRecord, AppVersions, Channel, CredentialsError, DeliveryJob, DeliveryResult, Rendered
 from server.delivery.sender import Senders
 from server.hookspecs import hookimpl
+from server.runtime.config import Config, FcmSettings
 
 from ._credentials import check_android, recheck_android, ssl_context
 from ._message import PayloadError, build_message, encode_send
@@ -54,7 +55,7 @@ class FcmChannel(Channel):
     #: The app platform whose credentials this channel checks.
     app_platform: ClassVar[str] = "android"
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: FcmSettings) -> None:
         self.settings = settings
         url = urlsplit(settings.url)
         self.host = url.hostname or ""
@@ -175,5 +176,5 @@ def raw_ttl(message: dict[str, Any]) -> int | None:
 
 
 @hookimpl
-def pigeon_channels(config: Any) -> list[Channel]:
+def pigeon_channels(config: Config) -> list[Channel]:
     return [FcmChannel(config.fcm)]

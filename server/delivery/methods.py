@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from protocols import api
 from server.api.registry import CallContext, Methods
 from server.channels import DeliveryJob, DeliveryResult
-from server.delivery.apps import channel_for_apps, delete_app as delete_app_op, require_app, store_credentials
+from server.delivery import apps
 from server.profiles import keys
 from server.runtime.errors import InvalidArgument
 
@@ -24,33 +24,33 @@ methods = Methods()
 
 @methods(api.RegisterIosApp)
 async def register_ios(server: Server, ctx: CallContext, req: api.RegisterIosApp) -> api.AppInfo:
-    ios = channel_for_apps(server, "ios").check_app(req)
-    stored = await store_credentials(server, req.app, ios=ios)
+    ios = apps.channel_for_apps(server, "ios").check_app(req)
+    stored = await apps.store_credentials(server, req.app, ios=ios)
     log.info("app %s: iOS credentials registered (%s auth, %s)", req.app, ios.auth, ios.environment)
     return stored.info()
 
 
 @methods(api.RegisterAndroidApp)
 async def register_android(server: Server, ctx: CallContext, req: api.RegisterAndroidApp) -> api.AppInfo:
-    android = channel_for_apps(server, "android").check_app(req)
-    stored = await store_credentials(server, req.app, android=android)
+    android = apps.channel_for_apps(server, "android").check_app(req)
+    stored = await apps.store_credentials(server, req.app, android=android)
     log.info("app %s: Android credentials registered (project %s)", req.app, android.project_id)
     return stored.info()
 
 
 @methods(api.GetApp)
 async def get_app(server: Server, ctx: CallContext, req: api.GetApp) -> api.AppInfo:
-    return require_app(server, req.app).info()
+    return apps.require_app(server, req.app).info()
 
 
 @methods(api.ListApps)
 async def list_apps(server: Server, ctx: CallContext, req: api.ListApps) -> api.AppList:
-    return api.AppList(apps=[record.info() for record in server.store.list_apps()])
+    return api.AppList(apps=[record.info() for record in apps.list_apps(server.store)])
 
 
 @methods(api.DeleteApp)
 async def delete_app(server: Server, ctx: CallContext, req: api.DeleteApp) -> api.AppDeleted:
-    await server.store.write(delete_app_op, req.app)
+    await server.store.write(apps.delete_app, req.app)
     for channel in server.channels:
         channel.forget_app(req.app, None)
     return api.AppDeleted(app=req.app)
@@ -59,7 +59,7 @@ async def delete_app(server: Server, ctx: CallContext, req: api.DeleteApp) -> ap
 @methods(api.SendPush)
 async def push_send(server: Server, ctx: CallContext, req: api.SendPush) -> api.PushSent:
     _check_push(req)
-    app = require_app(server, req.app)
+    app = apps.require_app(server, req.app)
     if req.token is not None:
         if req.platform is None:
             raise InvalidArgument("a token needs its platform (apns, apns-sandbox or fcm)", field="$.platform")

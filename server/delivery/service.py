@@ -24,10 +24,10 @@ from server.profiles import writes
 from server.profiles.store import ProfileStore
 from server.runtime.actor import Actor, Future
 from server.runtime.errors import ActorCrashed, ServerError
-from server.reports.reporting import ReportKey, Reporting, envelope_key
+from server.reports.reporting import ReportKey, Reporting, count_outcomes, count_targeted
 from server.channels import Channel, DeliveryJob, DeliveryResult
 
-__all__ = ["Delivery", "DeliveryRequest", "count_outcomes"]
+__all__ = ["Delivery", "DeliveryRequest"]
 
 log = logging.getLogger("pigeon.delivery")
 
@@ -39,28 +39,6 @@ class DeliveryRequest:
         self.jobs = jobs
         self.count = count
         self.future: Future[list[DeliveryResult]] = Future()
-
-
-def count_outcomes(counts: Counter[ReportKey], jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
-    """Add to ``counts`` the report counts of delivered jobs: ``sent``, then ``delivered`` or
-    ``failed`` (and ``bounced`` for a dead token), with the message and journey of each job's
-    tracking envelope (none for a test send's)."""
-    last: Any = ()
-    head = None
-    for job, result in zip(jobs, results):
-        if job.tracking is not last:  # a send's jobs share their envelope
-            last = job.tracking
-            head = envelope_key(last)
-        if head is None:
-            continue
-        where = (*head, job.app.app, job.platform)
-        counts[(*where, "sent", "")] += 1
-        if result.status == "sent":
-            counts[(*where, "delivered", "")] += 1
-        else:
-            counts[(*where, "failed", result.reason or "")] += 1
-            if result.status == "invalid":
-                counts[(*where, "bounced", result.reason or "")] += 1
 
 
 class Delivery(Actor):
@@ -122,10 +100,7 @@ class Delivery(Actor):
             results = await self._deliver(request.jobs)
             if request.count:
                 counts: Counter[ReportKey] = Counter()
-                for job in request.jobs:
-                    head = envelope_key(job.tracking)
-                    if head is not None:
-                        counts[(*head, job.app.app, job.platform, "targeted", "")] += 1
+                count_targeted(counts, request.jobs)
                 count_outcomes(counts, request.jobs, results)
                 await self.reporting.record_counts(counts)
             request.future.set(results)

@@ -10,8 +10,9 @@ from server import templates
 from server.api.registry import CallContext, Methods
 from server.channels import AppRecord
 from server.messages import content
+from server.delivery.apps import get_app
+from server.messages.catalog import list_latest, publish_version
 from server.messages.pipeline import Pipeline
-from server.profiles.store import publish_version
 from server.runtime.errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
@@ -29,7 +30,7 @@ async def publish_config(server: Server, ctx: CallContext, req: api.PublishConfi
     store = server.store
     config = req.config
     for i, app in enumerate(config.apps):
-        if store.get_app(app) is None:
+        if get_app(store, app) is None:
             raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios or register-android ...)",
                            field=f"$.config.apps[{i}]")
     published = store.clock()
@@ -49,7 +50,7 @@ async def get_config(server: Server, ctx: CallContext, req: api.GetConfig) -> ap
 
 @methods(api.ListConfigs)
 async def list_configs(server: Server, ctx: CallContext, req: api.ListConfigs) -> api.ConfigList:
-    return api.ConfigList(configs=[content.decode_config(v).info() for v in server.store.list_latest("configs")])
+    return api.ConfigList(configs=[content.decode_config(v).info() for v in list_latest(server.store, "configs")])
 
 
 @methods(api.PublishMessage)
@@ -77,7 +78,7 @@ async def get_message(server: Server, ctx: CallContext, req: api.GetMessage) -> 
 
 @methods(api.ListMessages)
 async def list_messages(server: Server, ctx: CallContext, req: api.ListMessages) -> api.MessageList:
-    return api.MessageList(messages=[content.decode_message(v).info() for v in server.store.list_latest("messages")])
+    return api.MessageList(messages=[content.decode_message(v).info() for v in list_latest(server.store, "messages")])
 
 
 @methods(api.PreviewMessage)
@@ -98,7 +99,7 @@ async def preview(server: Server, ctx: CallContext, req: api.PreviewMessage) -> 
     config = server.catalog.config(spec.channel, field="$.id").config
     tracking = {"m": spec.id, "v": record.version, "x": "preview"}
     for app in config.apps:
-        app_record = server.store.get_app(app) or AppRecord(app=app)
+        app_record = get_app(server.store, app) or AppRecord(app=app)
         for platform in config.platforms:
             channel = server.delivery.by_platform.get("apns" if platform == "ios" else "fcm")
             if channel is None:

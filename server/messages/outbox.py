@@ -13,6 +13,10 @@ resumes the executions from their cursors. So, whenever crashes happen, every ta
 profile is staged and counted exactly once, each notification has exactly one outcome in the
 reports, and the notifications sent twice are at most those staged and not settled at each
 crash.
+
+Databases: ``executions``, the execution id (8 bytes) -> `ExecutionRecord`; ``outbox``, the
+execution id + batch (u32 BE) + index (u32 BE) -> `OutboxEntry` (a batch's entries are
+together, in order).
 """
 
 from __future__ import annotations
@@ -25,16 +29,16 @@ import msgspec
 
 from protocols import api
 from server.channels import AppRecord, DeliveryJob, DeliveryResult
-from server.delivery.service import count_outcomes
-from server.profiles.store import Writer
-from server.reports.reporting import ReportKey, envelope_key, store_counts
+from server.delivery.apps import get_app
+from server.profiles.store import ProfileStore, Writer
+from server.reports.reporting import ReportKey, count_outcomes, envelope_key, store_counts
 
 if TYPE_CHECKING:
     from server.runtime.app import Server
 
 __all__ = [
     "ExecutionRecord", "OutboxEntry", "Outcomes", "outbox_key", "encode_entry", "decode_execution", "stage_batch",
-    "settle_batch", "end_execution", "deliver_batch", "replay",
+    "settle_batch", "end_execution", "deliver_batch", "replay", "leftovers", "executions",
 ]
 
 log = logging.getLogger("pigeon.pipeline")
@@ -182,7 +186,7 @@ async def replay(server: Server, staged: list[tuple[bytes, bytes]]) -> None:
     replayed: Counter[ReportKey] = Counter()
     for _, value in staged:
         entry = _entry_decoder.decode(value)
-        app = store.get_app(entry.app) or AppRecord(app=entry.app)
+        app = get_app(store, entry.app) or AppRecord(app=entry.app)
         jobs.append(DeliveryJob(app=app, token=entry.token, platform=entry.platform, content=entry.content,
                                 apns=entry.apns, fcm=entry.fcm, tracking=entry.tracking))
         head = envelope_key(entry.tracking)
@@ -192,6 +196,22 @@ async def replay(server: Server, staged: list[tuple[bytes, bytes]]) -> None:
     await store.write(store_counts, replayed, minute)
     reporting.counted(replayed, minute)
     await deliver_batch(server, staged[0][0][:8].hex(), jobs, [key for key, _ in staged])
+
+
+def leftovers(store: ProfileStore, running: set[bytes]) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+    """What a stop or a crash left: the outbox's entries, and the keys of the executions that
+    did not end, but for the executions in ``running`` (run by this process)."""
+    with store.env.begin() as txn:
+        staged = [item for item in txn.cursor(db=store.db("outbox")) if item[0][:8] not in running]
+        pending = [key for key, _ in txn.cursor(db=store.db("executions")) if key not in running]
+    return staged, pending
+
+
+def executions(store: ProfileStore, keys: list[bytes]) -> list[ExecutionRecord]:
+    """The stored executions of ``keys`` that still exist."""
+    with store.env.begin() as txn:
+        stored = [txn.get(key, db=store.db("executions")) for key in keys]
+    return [_execution_decoder.decode(value) for value in stored if value is not None]
 
 
 def encode_entry(entry: OutboxEntry) -> bytes:

@@ -40,7 +40,11 @@ import trio
 
 from protocols import api
 
-from server.messages import content as messages
+from server.delivery.apps import get_app
+from server.messages.catalog import get_version
+from server.messages.content import (
+    Compiled, MessageRecord, context_for, decode_config, decode_message, exclusion, to_delivery,
+)
 from server.messages import outbox
 from server.messages.outbox import ExecutionRecord, OutboxEntry, deliver_batch, end_execution, stage_batch
 from server.profiles.records import ProfileRecord
@@ -82,7 +86,7 @@ class Pipeline:
         test: only test profiles.
     """
 
-    def __init__(self, server: Server, record: messages.MessageRecord, compiled: messages.Compiled,
+    def __init__(self, server: Server, record: MessageRecord, compiled: Compiled,
                  config: api.ChannelConfig, *, event: dict[str, Any], test: bool,
                  identities: list[str] | None = None, audience: str | None = None,
                  resume: ExecutionRecord | None = None) -> None:
@@ -97,7 +101,7 @@ class Pipeline:
         self.tracking: dict[str, Any] = {"m": self.spec.id, "v": record.version, "x": self.execution}
         if test:
             self.tracking["t"] = 1  # not counted in reports
-        self.apps: dict[str, AppRecord | None] = {app: server.store.get_app(app) for app in config.apps}
+        self.apps: dict[str, AppRecord | None] = {app: get_app(server.store, app) for app in config.apps}
         self.platforms = {p for name in config.platforms for p in PLATFORMS[name]}
         hook = server.plugins.pm.hook.pigeon_exclude
         self._rules = hook if hook.get_hookimpls() else None  # the frequency-cap step
@@ -215,7 +219,7 @@ class Pipeline:
                 # templates may take up to 50 ms).
                 await trio.lowlevel.checkpoint()
                 yielded = time.perf_counter()
-            context = Scope(messages.context_for(attributes=profile.attributes, identities=profile.identities,
+            context = Scope(context_for(attributes=profile.attributes, identities=profile.identities,
                                                  event=self.event, message=self.spec, version=self.record.version))
             if self.test and profile.attributes.get("testProfile") is not True:
                 continue
@@ -298,10 +302,10 @@ class Pipeline:
         try:
             content = self.compiled.render(context)
         except InvalidArgument as exc:
-            reason = messages.exclusion(exc)
+            reason = exclusion(exc)
             self._explain(reason, profile, exc.message)
             return reason
-        rendered = messages.to_delivery(self.spec, content)
+        rendered = to_delivery(self.spec, content)
         for r in active:
             jobs.append(rendered.job(self.apps[r.app] or AppRecord(app=r.app), r.token, r.platform, self.tracking))
         return None
@@ -341,18 +345,18 @@ def _profiles_of(store: ProfileStore, identities: list[str]) -> tuple[list[Profi
 
 async def resume(server: Server, record: ExecutionRecord) -> api.SendResult:
     """Run a stored execution on from its cursor."""
-    value = server.store.get_version("messages", record.message, record.version)
+    value = get_version(server.store, "messages", record.message, record.version)
     config_value = None
     if value is not None:
-        message = messages.decode_message(value)
-        config_value = server.store.get_version("configs", message.message.channel)
+        message = decode_message(value)
+        config_value = get_version(server.store, "configs", message.message.channel)
     if value is None or config_value is None:
         log.error("cannot resume execution %s: message %s v%d or its configuration is gone", record.execution,
                   record.message, record.version)
         await server.store.write(end_execution, record.execution)
         return record.result
     audience = compile_condition("$.audience", record.audience) if record.audience is not None else None
-    run = Pipeline(server, message, messages.Compiled(message), messages.decode_config(config_value).config,
+    run = Pipeline(server, message, Compiled(message), decode_config(config_value).config,
                    event=record.event, test=record.test, resume=record)
     return await run.run(audience)
 
@@ -364,19 +368,14 @@ async def recover(server: Server) -> None:
     # What a pipeline of this process runs is not a leftover: clients may have started sends
     # before this runs (the listener is up).
     running = {bytes.fromhex(execution) for execution in server.running_executions}
-    with store.env.begin() as txn:
-        staged = [item for item in txn.cursor(db=store._dbs["outbox"]) if item[0][:8] not in running]
-        pending = [key for key, _ in txn.cursor(db=store._dbs["executions"]) if key not in running]
+    staged, pending = outbox.leftovers(store, running)
     if staged:
         log.warning("delivering %d notifications again that were staged when the server stopped "
                     "(some may reach the provider twice)", len(staged))
         # Keys are the execution, the batch and the index: a batch's entries are together.
         for _, batch in itertools.groupby(staged, key=lambda item: item[0][:12]):
             await outbox.replay(server, list(batch))
-    with store.env.begin() as txn:  # as the replays left them, with their outcomes
-        stored = [txn.get(key, db=store._dbs["executions"]) for key in pending]
-    executions = [outbox.decode_execution(value) for value in stored if value is not None]
-    for record in executions:
+    for record in outbox.executions(store, pending):  # as the replays left them, with their outcomes
         log.info("resuming execution %s of message %s v%d", record.execution, record.message, record.version)
         try:
             await resume(server, record)

@@ -54,7 +54,7 @@ class EventIndex:
         cursor = txn.cursor(db=log_db)
         seq_of = keys.seq_of
         for key, value in cursor:
-            pid = value[1:9]  # the log's value layout: version, profile id, ts, ... (_records)
+            pid = value[1:9]  # the log's value layout: version, profile id, ts, ... (`server.profiles.records`)
             pairs = by_pid.get(pid)
             if pairs is None:
                 pairs = by_pid[pid] = array("Q")

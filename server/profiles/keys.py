@@ -1,13 +1,15 @@
-"""Every LMDB key Pigeon writes is built here (schema version 1).
+"""The keys of the profile databases (schema version 1).
 
-Layout, one named database per record kind:
+Layout, one named database per record kind (the other domains' databases are described where
+their keys are built: ``apps`` in `server.delivery.apps`, ``configs`` and ``messages`` in
+`server.messages.catalog`, ``executions`` and ``outbox`` in `server.messages.outbox`,
+``reports``, ``live`` and ``uniques`` in `server.reports.reporting`):
 
     meta         ascii name              -> versioned value
     identities   utf-8 "namespace:value" -> profile id (8 bytes)
     profiles     profile id (u64 BE)     -> versioned ProfileRecord
     tokens       utf-8 app + NUL + token -> profile id (8 bytes)
     events       seq (u64 BE)            -> versioned event: profile id, ts, type, data
-    apps         utf-8 app id            -> versioned AppRecord (with provider credentials)
 
 Integers are fixed-width big-endian so byte order is numeric order. ``events`` is the log, in
 commit order: appending to it dirties a few sequential pages per commit, whatever profiles
@@ -28,7 +30,6 @@ __all__ = [
     "pid_key",
     "normalize_token",
     "token_key",
-    "app_key",
     "seq_key",
     "seq_of",
 
@@ -74,8 +75,6 @@ def token_key(app: str, token: str) -> bytes:
     return key
 
 
-def app_key(app: str) -> bytes:
-    return app.encode()
 
 
 def seq_key(seq: int) -> bytes:

@@ -17,7 +17,6 @@ from protocols import api
 
 from server.runtime.errors import SchemaError
 from server.runtime.values import from_us
-from server.channels import AppRecord
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -29,8 +28,7 @@ __all__ = [
     "decode_profile",
     "encode_event",
     "decode_event",
-    "encode_app",
-    "decode_app",
+    "unversioned",
     "profile_to_api",
     "registration_to_api",
 ]
@@ -73,11 +71,11 @@ class EventRecord(msgspec.Struct, array_like=True):
 
 _encoder = msgspec.msgpack.Encoder()
 _profile_decoder = msgspec.msgpack.Decoder(ProfileRecord)
-_app_decoder = msgspec.msgpack.Decoder(AppRecord)
 _event_decoder = msgspec.msgpack.Decoder(EventRecord)
 
 
-def _unversioned(value: bytes, what: str) -> SchemaError:
+def unversioned(value: bytes, what: str) -> SchemaError:
+    """The error for a stored value whose format byte this Pigeon does not know."""
     return SchemaError(f"{what} value has unknown format version {value[:1]!r}; written by a newer Pigeon?")
 
 
@@ -86,11 +84,12 @@ def encode_profile(record: ProfileRecord) -> bytes:
 
 
 def decode_profile(value: bytes | None) -> ProfileRecord:
-    """A stored profile (``None``: an index names a profile the store does not hold)."""
+    """A stored profile (``None``: an index names a profile the store does not hold, which is
+    a bug or a damaged store: not a refusal, an internal error the server logs)."""
     if value is None:
-        raise SchemaError("a profile named by an index is missing from the store")
+        raise LookupError("a profile named by an index is missing from the store")
     if value[:1] != _V1:
-        raise _unversioned(value, "profile")
+        raise unversioned(value, "profile")
     return _profile_decoder.decode(memoryview(value)[1:])
 
 
@@ -106,7 +105,7 @@ def encode_event(pid: bytes, ts: int, type_: str, data: msgspec.Raw) -> bytes:
 def event_head(value: bytes) -> tuple[int, int]:
     """The profile id and timestamp of a logged event."""
     if value[:1] != _V1:
-        raise _unversioned(value, "event")
+        raise unversioned(value, "event")
     return _EVENT_HEAD.unpack_from(value, 1)  # type: ignore[return-value]
 
 
@@ -114,16 +113,6 @@ def decode_event(value: bytes) -> tuple[int, int, EventRecord]:
     """Profile id, timestamp and record of a logged event."""
     pid, ts = event_head(value)
     return pid, ts, _event_decoder.decode(memoryview(value)[17:])
-
-
-def encode_app(record: AppRecord) -> bytes:
-    return _V1 + _encoder.encode(record)
-
-
-def decode_app(value: bytes) -> AppRecord:
-    if value[:1] != _V1:
-        raise _unversioned(value, "app")
-    return _app_decoder.decode(memoryview(value)[1:])
 
 
 def registration_to_api(r: RegistrationRecord) -> api.Registration:

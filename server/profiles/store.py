@@ -52,10 +52,8 @@ from server.profiles.records import (
     decode_event,
     decode_profile,
     encode_profile,
-    decode_app,
 )
 from server.profiles.index import Entry, EventIndex
-from server.channels import AppRecord
 
 __all__ = ["ProfileStore", "WriteOp", "InEvent", "MAX_PROFILE_BYTES", "MAX_REGISTRATIONS"]
 
@@ -70,6 +68,8 @@ MAX_PROFILE_BYTES = 256 * 1024
 #: more evicts the least recently seen.
 MAX_REGISTRATIONS = 50
 
+#: The environment's databases, every domain's (each reads and writes its own: see
+#: `server.profiles.keys` for where they are described).
 _DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports", "executions", "outbox", "live", "uniques")
 _meta_encoder = msgspec.msgpack.Encoder()
 
@@ -226,6 +226,10 @@ class ProfileStore(Actor):
             self._env = None
             self._dbs = {}
         self._unlock_folder()
+
+    def db(self, name: str) -> lmdb._Database:
+        """One of the environment's databases (its domain reads it in ``env.begin()``)."""
+        return self._dbs[name]
 
     @property
     def env(self) -> lmdb.Environment:
@@ -426,33 +430,6 @@ class ProfileStore(Actor):
                     return out, (ts, seq)
         return out, resume
 
-    def get_app(self, app: str) -> AppRecord | None:
-        with self.env.begin() as txn:
-            value = txn.get(keys.app_key(app), db=self._dbs["apps"])
-        return None if value is None else decode_app(value)
-
-    def get_version(self, db: str, name: str, version: int | None = None) -> bytes | None:
-        """A published version (``configs``, ``messages``): the given one, or the latest."""
-        prefix = name.encode() + b"\x00"
-        with self.env.begin() as txn:
-            if version is not None:
-                return txn.get(prefix + version.to_bytes(4, "big"), db=self._dbs[db])
-            cursor = txn.cursor(db=self._dbs[db])
-            key = _latest_key(cursor, prefix)
-            return None if key is None else cursor.get(key)
-
-    def list_latest(self, db: str) -> list[bytes]:
-        """The latest version of everything published in ``db``, by name."""
-        latest: dict[bytes, bytes] = {}
-        with self.env.begin() as txn:
-            for key, value in txn.cursor(db=self._dbs[db]):
-                latest[key[:-5]] = value  # keys sort by name, then version
-        return list(latest.values())
-
-    def list_apps(self) -> list[AppRecord]:
-        with self.env.begin() as txn:
-            return [decode_app(value) for _, value in txn.cursor(db=self._dbs["apps"])]
-
     def counts(self) -> dict[str, int]:
         env = self.env
         with env.begin() as txn:
@@ -562,27 +539,6 @@ class Writer:
 
 # ---------------------------------------------------------------------------------------------
 # write ops: each checks before it writes; a ServerError rolls back its nested transaction.
-
-
-def _latest_key(cursor: Any, prefix: bytes) -> bytes | None:
-    """The last key starting with ``prefix`` (a name and its NUL; names hold no NUL)."""
-    last = None
-    if cursor.set_range(prefix):
-        for key in cursor.iternext(keys=True, values=False):
-            if not key.startswith(prefix):
-                break
-            last = key
-    return last
-
-
-def publish_version(w: Writer, db: str, name: str, encode: Callable[[int], bytes]) -> int:
-    """Store the next version of ``name`` in ``db`` (``encode(version)`` gives its value);
-    versions start at 1 and are never replaced."""
-    prefix = name.encode() + b"\x00"
-    last = _latest_key(w.txn.cursor(db=w.dbs[db]), prefix)
-    version = 1 if last is None else int.from_bytes(last[-4:], "big") + 1
-    w.txn.put(prefix + version.to_bytes(4, "big"), encode(version), db=w.dbs[db])
-    return version
 
 
 def _sweep_events(w: Writer, expired: list[Entry]) -> int:

@@ -28,6 +28,10 @@ one group commit. Metrics, per notification (a profile with two devices counts t
 
 Test sends (to test profiles) are not counted: their envelope carries ``t``. Which profiles
 opened what is kept in ``uniques``.
+
+Databases: ``reports``, the encoded report key (message, version, journey, node, app,
+platform, metric, reason) -> count (u64 BE); ``live``, epoch minute (u32 BE) + report key ->
+count; ``uniques``, the key's message, version, journey and node + profile id -> empty.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ import trio
 
 from protocols import api
 
+from server.channels import DeliveryJob, DeliveryResult
 from server.runtime.actor import Actor
 from server.runtime.errors import ServerError
 from server.runtime.values import from_us
@@ -52,7 +57,7 @@ if TYPE_CHECKING:
     from server.profiles.store import ProfileStore, Writer
 
 __all__ = ["Reporting", "ReportEvent", "ReportKey", "add_counts", "store_counts", "METRICS", "counted",
-           "envelope_key"]
+           "envelope_key", "count_targeted", "count_outcomes"]
 
 log = logging.getLogger("pigeon.reporting")
 
@@ -148,6 +153,36 @@ def store_counts(w: Writer, counts: Mapping[ReportKey, int], minute: int) -> Non
     them in the live view once committed (`Reporting.counted`)."""
     if counts:
         add_counts(w, counts, minute, [], minute - Reporting.LIVE_MINUTES + 1)
+
+
+def count_targeted(counts: Counter[ReportKey], jobs: list[DeliveryJob]) -> None:
+    """Add to ``counts`` a ``targeted`` count for each job (none for a test send's)."""
+    for job in jobs:
+        head = envelope_key(job.tracking)
+        if head is not None:
+            counts[(*head, job.app.app, job.platform, "targeted", "")] += 1
+
+
+def count_outcomes(counts: Counter[ReportKey], jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
+    """Add to ``counts`` the report counts of delivered jobs: ``sent``, then ``delivered`` or
+    ``failed`` (and ``bounced`` for a dead token), with the message and journey of each job's
+    tracking envelope (none for a test send's)."""
+    last: Any = ()
+    head = None
+    for job, result in zip(jobs, results):
+        if job.tracking is not last:  # a send's jobs share their envelope
+            last = job.tracking
+            head = envelope_key(last)
+        if head is None:
+            continue
+        where = (*head, job.app.app, job.platform)
+        counts[(*where, "sent", "")] += 1
+        if result.status == "sent":
+            counts[(*where, "delivered", "")] += 1
+        else:
+            counts[(*where, "failed", result.reason or "")] += 1
+            if result.status == "invalid":
+                counts[(*where, "bounced", result.reason or "")] += 1
 
 
 class Reporting(Actor):
