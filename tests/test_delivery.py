@@ -8,6 +8,8 @@ import pytest
 import trio
 
 from protocols import api
+from protocols.errors import CallError, Status
+from protocols.trio_client import open_client
 from server import ConfigError, Server
 from server.reports.reporting import count_outcomes
 from server.runtime.plugins import Plugins
@@ -120,3 +122,40 @@ def test_a_disabled_builtin_plugin_provides_no_channel(tmp_path):
     assert [c.name for c in srv.channels] == ["fcm"]
     srv = Server(make_config(tmp_path / "data2"), plugins=Plugins(env={"PIGEON_DISABLED_PLUGINS": "apns,fcm"}, entry_points=False))
     assert srv.channels == []
+
+
+async def test_a_plugin_channel_that_does_not_subclass_channel_still_lets_apps_be_refused_clearly(tmp_path):
+    """Plugins hand any object with Channel's methods; apps.register-ios asks each channel for
+    its app_platform, and one without the attribute is a channel that handles no apps (the move
+    of issue 12 read the attribute directly for a while: INTERNAL)."""
+
+    class DuckChannel:
+        name = "duck"
+        platforms = frozenset({"duck"})
+
+        async def run(self, *, task_status=trio.TASK_STATUS_IGNORED):
+            task_status.started()
+            await trio.sleep_forever()
+
+        async def send(self, jobs):
+            return [DeliveryResult(status="sent") for _ in jobs]
+
+        def forget_app(self, app, version=None):
+            pass
+
+    class Plugin:
+        @hookimpl
+        def pigeon_channels(self, config):
+            return [DuckChannel()]
+
+    plugins = Plugins(env={"PIGEON_DISABLED_PLUGINS": "apns"}, entry_points=False, extra={"hooks": Plugin()})
+    srv = Server(make_config(tmp_path / "data"), plugins=plugins)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0]) as client:
+            with pytest.raises(CallError) as info:
+                auth = api.ApnsTokenAuth(key_pem="-----BEGIN PRIVATE KEY-----\n", key_id="ABC123DEFG", team_id="ABCDE12345")
+                await client.call(api.RegisterIosApp(app="com.acme.app", auth=auth))
+        srv.request_stop()
+    assert info.value.status == Status.FAILED_PRECONDITION
+    assert "no channel plugin handles ios apps" in info.value.message

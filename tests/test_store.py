@@ -568,3 +568,20 @@ async def test_a_refused_write_leaves_nothing_for_the_garbage_collector(tmp_path
         finally:
             gc.enable()
         store.request_stop()
+
+
+async def test_a_profile_missing_behind_its_index_is_an_internal_error_in_the_log(server, client, caplog):
+    """A damaged store (an identity naming a profile record that is gone) is not a refusal the
+    caller could fix: the call fails as INTERNAL and the server logs it (the move of issue 12
+    turned it into a silent SchemaError for a while)."""
+    await client.call(api.UpsertProfile(identity="crm:7", attributes={"a": 1}))
+    store = server.store
+    with store.env.begin(write=True) as txn:
+        pid = txn.get(b"crm:7", db=store.db("identities"))
+        assert pid is not None and txn.delete(pid, db=store.db("profiles"))
+    for request in (api.GetProfile(identity="crm:7"), api.PatchProfile(identity="crm:7", patch={"b": 2})):
+        caplog.clear()
+        with pytest.raises(CallError) as info:
+            await client.call(request)
+        assert info.value.status == Status.INTERNAL
+        assert "missing from the store" in caplog.text
