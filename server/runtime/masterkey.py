@@ -1,0 +1,150 @@
+"""The master key: what seals Pigeon's secrets at rest (AES-256-GCM).
+
+Secrets Pigeon keeps in LMDB (provider credentials, the pepper of API-key hashes) are sealed
+under a 32-byte master key that lives outside the data folder, so that a copy of the folder or
+a backup of it is not a copy of the company's push credentials. The key comes from
+``PIGEON_MASTER_KEY`` (base64url or hex of 32 bytes) or from a file; `Keyring.load` creates
+the file (mode 0600, beside the data folder: ``pigeon-data.master-key`` for ``pigeon-data``)
+on the first start.
+
+The file holds one key per line, newest first: a rotation writes the new key in front of the
+old ones, re-seals everything, then drops the old lines. `Keyring.seal` uses the newest key;
+`Keyring.open` any key of the ring (a sealed value names its key by a 4-byte id). A sealed
+value is::
+
+    0x01 | key id (4 bytes: SHA-256 of the key) | nonce (12 bytes) | ciphertext and tag
+
+and its associated data is what the caller binds it to (the record's LMDB key), so that a
+sealed value moved to another record does not open.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from server.runtime.errors import ConfigError, StorageError
+
+__all__ = ["Keyring", "SEALED", "default_path", "new_key", "encode_key"]
+
+log = logging.getLogger("pigeon.secrets")
+
+#: The first byte of a sealed value (its format).
+SEALED = b"\x01"
+_KEY_BYTES = 32
+_ID_BYTES = 4
+_NONCE_BYTES = 12
+_HEAD = 1 + _ID_BYTES + _NONCE_BYTES
+ENV = "PIGEON_MASTER_KEY"
+
+
+def new_key() -> bytes:
+    return os.urandom(_KEY_BYTES)
+
+
+def encode_key(key: bytes) -> str:
+    return base64.urlsafe_b64encode(key).decode().rstrip("=")
+
+
+def _decode_key(text: str, where: str) -> bytes:
+    text = text.strip()
+    try:
+        key = bytes.fromhex(text) if len(text) == 2 * _KEY_BYTES else base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, binascii.Error):
+        key = b""
+    if len(key) != _KEY_BYTES:
+        raise ConfigError(f"{where}: a master key is 32 bytes in base64url or hex (pigeon makes one when none exists)")
+    return key
+
+
+def _key_id(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()[:_ID_BYTES]
+
+
+def default_path(data: str | Path) -> Path:
+    """The master key file of a data folder: beside it, never inside it."""
+    folder = Path(data).resolve()
+    return folder.with_name(folder.name + ".master-key")
+
+
+class Keyring:
+    """The master keys, newest first (see the module docstring).
+
+    Args:
+        keys: 32-byte keys, newest first.
+        path: the file they came from (None: from the environment, which a rotation cannot
+            write).
+    """
+
+    def __init__(self, keys: list[bytes], path: Path | None = None) -> None:
+        if not keys:
+            raise ValueError("a keyring needs a key")
+        self.keys = keys
+        self.path = path
+        self._ciphers = {_key_id(key): AESGCM(key) for key in keys}
+        self._current = _key_id(keys[0])
+
+    @classmethod
+    def load(cls, path: Path, env: Mapping[str, str] = os.environ) -> Keyring:
+        """The keyring of ``PIGEON_MASTER_KEY``, else of the file at ``path`` (made with a new
+        key, mode 0600, when there is none)."""
+        if env.get(ENV):
+            return cls([_decode_key(env[ENV], ENV)])
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            key = new_key()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another process made it meanwhile: use theirs
+                return cls.load(path, env)
+            except OSError as exc:
+                raise ConfigError(f"cannot create the master key file {str(path)!r}: {exc}") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(encode_key(key) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            log.warning("master key created in %s: keep a copy apart from backups of the data folder "
+                        "(without it the stored credentials cannot be read)", path)
+            return cls([key], path)
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read the master key file {str(path)!r}: {exc}") from None
+        if path.stat().st_mode & 0o077:
+            try:
+                path.chmod(0o600)
+                log.info("permissions of %s set to 600", path)
+            except OSError as exc:
+                log.warning("cannot make %s private to its owner: %s", path, exc)
+        lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        if not lines:
+            raise ConfigError(f"the master key file {str(path)!r} holds no key")
+        return cls([_decode_key(line, str(path)) for line in lines], path)
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes:
+        nonce = os.urandom(_NONCE_BYTES)
+        return SEALED + self._current + nonce + self._ciphers[self._current].encrypt(nonce, plaintext, aad)
+
+    def open(self, sealed: bytes, aad: bytes) -> bytes:
+        """The plaintext of a sealed value; `StorageError` when no key of the ring opens it."""
+        if sealed[:1] != SEALED or len(sealed) < _HEAD + 16:
+            raise StorageError("a sealed value is damaged (it does not start like one)")
+        cipher = self._ciphers.get(sealed[1:1 + _ID_BYTES])
+        if cipher is None:
+            raise StorageError("a value is sealed under a master key this server does not have "
+                               f"(is {ENV} or the master key file the one of this data folder?)")
+        try:
+            return cipher.decrypt(sealed[1 + _ID_BYTES:_HEAD], sealed[_HEAD:], aad)
+        except InvalidTag:
+            raise StorageError("a sealed value does not open: it was damaged or moved to another record") from None
+
+    def is_current(self, sealed: bytes) -> bool:
+        """Whether ``sealed`` is sealed under the newest key (a rotation re-seals the others)."""
+        return sealed[1:1 + _ID_BYTES] == self._current
