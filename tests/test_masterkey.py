@@ -97,3 +97,18 @@ def test_any_key_file_text_gives_a_keyring_or_a_configuration_error(tmp_path_fac
     except ConfigError:
         return
     assert all(len(key) == 32 for key in ring.keys)
+
+
+async def test_the_store_reads_or_makes_the_master_key_when_it_opens(tmp_path):
+    import trio
+
+    from server.profiles.store import ProfileStore
+
+    store = ProfileStore(tmp_path / "data", clock=lambda: 1)
+    assert not (tmp_path / "data.master-key").exists()  # nothing is made before the store opens
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        assert store.keyring is not None
+        assert stat.S_IMODE((tmp_path / "data.master-key").stat().st_mode) == 0o600
+        store.request_stop()
+    assert not list((tmp_path / "data").glob("*master-key*"))  # beside the data folder, not inside

@@ -36,6 +36,7 @@ import trio
 
 from server.profiles import folder, keys
 from server.runtime.actor import Actor, Future
+from server.runtime.masterkey import Keyring, default_path
 from server.runtime.errors import (
     InvalidArgument,
     NotFound,
@@ -108,6 +109,8 @@ class ProfileStore(Actor):
         sweep_interval: seconds between retention sweeps.
         clock: returns the current time in µs since the epoch.
         sync: fsync on commit (turn off only for throwaway data).
+        master_key_file: the master key (`server.runtime.masterkey`); default beside ``path``.
+            It is read, or made, when the store opens.
     """
 
     def __init__(
@@ -123,9 +126,13 @@ class ProfileStore(Actor):
         clock: Callable[[], int],
         sync: bool = True,
         mailbox_size: int = 1024,
+        master_key_file: Path | None = None,
     ) -> None:
         super().__init__("store", mailbox_size)
         self.path = Path(path)
+        self.master_key_file = master_key_file if master_key_file is not None else default_path(self.path)
+        #: Seals the secrets kept here (set when the store opens).
+        self.keyring: Keyring | None = None
         self.map_size = map_size
         self.max_batch = max_batch
         self.max_commit_events = max_commit_events
@@ -171,6 +178,7 @@ class ProfileStore(Actor):
     def _open(self) -> None:
         self._lock = folder.open_folder(self.path)
         try:
+            self.keyring = Keyring.load(self.master_key_file)
             self._open_environment()
         except BaseException:
             self._unlock_folder()

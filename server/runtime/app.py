@@ -36,6 +36,7 @@ from server.reports.reporting import Reporting
 from server.runtime import methods as runtime_methods
 from server.runtime.config import Config
 from server.runtime.errors import ActorError, ConfigError, ServerError
+from server.runtime.masterkey import default_path
 from server.runtime.plugins import Plugins
 from server.runtime.supervisor import ChildSpec, Supervisor, SupervisorOptions
 
@@ -100,6 +101,7 @@ class Server:
             sweep_interval=config.store.sweep_interval_s,
             clock=clock,
             sync=config.store.sync,
+            master_key_file=Path(config.master_key_file) if config.master_key_file else default_path(config.data),
         )
         self.catalog = Catalog(self.store)
         self.reporting = Reporting(self.store)

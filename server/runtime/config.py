@@ -102,6 +102,9 @@ class FcmSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     data: str = DEFAULT_DATA
+    #: The master key file (`server.runtime.masterkey`): default beside the data folder,
+    #: ``<data>.master-key``; ``PIGEON_MASTER_KEY`` holds the key itself instead.
+    master_key_file: str | None = None
     listen: Annotated[list[str], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=lambda: [DEFAULT_LISTEN])
     #: Serve TLS on TCP addresses with this certificate chain and key (PEM files).
     tls_cert: str | None = None
@@ -145,11 +148,15 @@ def _is_setting(path: list[str]) -> bool:
     return True
 
 
+#: ``PIGEON_*`` variables that are not configuration keys: read where they are used.
+_NOT_SETTINGS = frozenset(("PIGEON_CONFIG", "PIGEON_SERVER", "PIGEON_MASTER_KEY"))
+
+
 def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     for name, raw in env.items():
-        if not name.startswith("PIGEON_") or name in ("PIGEON_CONFIG", "PIGEON_SERVER"):
+        if not name.startswith("PIGEON_") or name in _NOT_SETTINGS:
             continue
         path = name[len("PIGEON_") :].lower().split("__")
         if not _is_setting(path):
