@@ -1,0 +1,322 @@
+"""Chaos: SIGKILL a Pigeon server at random moments of a mixed load, many times; then the books.
+
+    python -m bench.chaos                       # 20 kills; writes bench/results/chaos.json
+    python -m bench.chaos --kills 5 --seed 7    # a shorter run, another schedule
+
+A real ``pigeon serve`` process on a real data folder, the mock FCM in its own process (with
+a delay on each answer, so that sends are in flight when the kills come). Each round starts
+the server (it recovers what the last kill left: the outbox delivered again, sends resumed),
+runs a mixed load — event writers ingesting batches, and a campaign (a new message each round,
+sent to every profile) — and kills the server with SIGKILL after a random delay. After the
+last round the server starts once more and runs until nothing moves, then stops, and the books
+are checked:
+
+- every event whose batch was acknowledged is stored (``events.list``);
+- every message whose send was started durably reached each token at least once, and its
+  report counts each targeted notification once with one outcome (``targeted`` = ``excluded``
+  + ``sent``; ``sent`` = ``delivered`` + ``failed`` = the tokens);
+- what the provider received twice is at most what was counted ``replayed``, and each restart
+  delivered again at most what four batches of each send running at the kill hold (the
+  in-flight bound);
+- the data folder is consistent (`check_folder`): every identity and token names a stored
+  profile that holds it, the outbox and the executions are empty once everything settled.
+
+``tests/test_chaos.py`` runs a short schedule of this in the suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import signal
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import msgspec
+import trio
+
+from plugins.fcm.mock import MockFcmProcess, ServiceAccount
+from protocols import api
+from protocols.errors import PigeonProtocolError
+from protocols.trio_client import open_client
+from server.messages.pipeline import BATCH, IN_FLIGHT
+from server.profiles import keys
+from server.profiles.records import decode_profile
+from server.testing import ServerProcess
+
+__all__ = ["chaos", "check_folder", "main"]
+
+APP = "com.acme.shop"
+ACCOUNT = ServiceAccount.generate("acme-chaos")
+_REPLAYING = re.compile(r"delivering (\d+) notifications again")
+#: Events per acknowledged batch, and writers ingesting at once.
+_BATCH_EVENTS = 50
+_WRITERS = 4
+
+
+async def _setup(address: str, mock: MockFcmProcess, profiles: int) -> None:
+    async with open_client(address) as client:
+        await client.call(api.RegisterAndroidApp(app=APP, service_account=ACCOUNT.info(mock.token_uri)))
+        await client.call(api.PublishConfig(config=api.ChannelConfig(name="all", apps=[APP], platforms=["android"])))
+
+        async def register(start: int) -> None:
+            for i in range(start, profiles, 20):
+                await client.call(api.RegisterToken(identity=f"crm:{i}", app=APP, platform="fcm", token=f"tok-{i}"))
+
+        async with trio.open_nursery() as nursery:
+            for start in range(20):
+                nursery.start_soon(register, start)
+
+
+class _Books:
+    """What the load was told was durable, and what it started."""
+
+    def __init__(self) -> None:
+        #: identity -> the "k" values of its events whose batch was acknowledged.
+        self.events: dict[str, set[str]] = {}
+        #: Messages whose messages.send call was made (it may have been killed first).
+        self.sends: list[str] = []
+        self.batches = 0
+
+
+async def _writer(address: str, books: _Books, rng: random.Random, writer: int, profiles: int) -> None:
+    """Ingest batches until the server is killed; remember each acknowledged one."""
+    n = 0
+    async with open_client(address) as client:
+        while True:
+            batch = []
+            for _ in range(_BATCH_EVENTS):
+                identity, k = f"crm:{rng.randrange(profiles)}", f"{writer}-{n}"
+                n += 1
+                batch.append((identity, k))
+            result = await client.call(api.IngestEvents(events=[
+                api.Event(identity=identity, type="chaos", data={"k": k}) for identity, k in batch]))
+            assert result.accepted == len(batch), result.rejected
+            for identity, k in batch:
+                books.events.setdefault(identity, set()).add(k)
+            books.batches += 1
+
+
+async def _campaign(address: str, books: _Books, message: str) -> None:
+    async with open_client(address) as client:
+        await client.call(api.PublishMessage(message=api.MessageSpec(
+            id=message, channel="all", content=api.MessageContent(title="Hi {{ profile.identities[0] }}"))))
+        books.sends.append(message)
+        await client.call(api.SendMessage(id=message, audience="true"))
+
+
+async def _round(server: ServerProcess, books: _Books, rng: random.Random, round_: int, profiles: int,
+                 max_delay: float, delivering: Callable[[], int] | None) -> float:
+    """Load the server, kill it after a random delay (with ``delivering``, the provider's count
+    of accepted notifications: a random delay once the round's first notification arrived, so
+    that the kill falls in a delivery); the delay."""
+    delay = rng.uniform(0.2, max_delay) if delivering is None else rng.uniform(0.0, 0.3)
+
+    async def quietly(fn: Callable[..., Any], *args: Any) -> None:
+        try:
+            await fn(*args)
+        except* (PigeonProtocolError, OSError):
+            pass  # killed under it
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(quietly, _campaign, server.address, books, f"m-{round_}")
+        for w in range(_WRITERS):
+            nursery.start_soon(quietly, _writer, server.address, books, random.Random(rng.random()), round_ * 100 + w,
+                               profiles)
+        if delivering is not None:
+            before = await trio.to_thread.run_sync(delivering)
+            with trio.move_on_after(30):
+                while await trio.to_thread.run_sync(delivering) == before:
+                    await trio.sleep(0.01)
+        await trio.sleep(delay)
+        server.signal(signal.SIGKILL)
+        await trio.to_thread.run_sync(server.wait)
+        nursery.cancel_scope.cancel()
+    return delay
+
+
+async def _settle(address: str, mock: MockFcmProcess, messages: list[str], profiles: int,
+                  timeout: float = 180.0) -> None:
+    """Wait until every send is whole (none targeted, or every profile targeted and each
+    notification sent) and nothing moved for two seconds (the provider's count, the reports)."""
+    last = None
+    with trio.fail_after(timeout):
+        while True:
+            await trio.sleep(1.0)
+            reports = await _reports(address, messages)
+            whole = all(t.get("targeted", 0) in (0, profiles) and t.get("sent", 0) + t.get("excluded", 0)
+                        == t.get("targeted", 0) for t in reports.values())
+            now = (await trio.to_thread.run_sync(lambda: mock.admin.stats()["successes"]), reports)
+            if whole and now == last:
+                return
+            last = now if whole else None
+
+
+async def _stored_events(address: str, identities: list[str]) -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    async with open_client(address) as client:
+        for identity in identities:
+            async with client.stream(api.ListEvents(identity=identity, type="chaos", limit=1_000_000)) as items:
+                found[identity] = {str(event.data.get("k")) async for event in items}
+    return found
+
+
+async def _reports(address: str, messages: list[str]) -> dict[str, dict[str, int]]:
+    async with open_client(address) as client:
+        return {m: dict((await client.call(api.GetReport(message=m))).totals) for m in messages}
+
+
+def _accepted_by_message(mock: MockFcmProcess) -> dict[str, Counter[str]]:
+    out: dict[str, Counter[str]] = {}
+    for item in mock.admin.accepted():
+        message = item["message"]
+        tracking = json.loads(message.get("data", {}).get("_p", "{}"))
+        out.setdefault(tracking.get("m", ""), Counter())[message["token"]] += 1
+    return out
+
+
+def _replayed(log: list[str]) -> int:
+    return sum(int(m.group(1)) for line in log if (m := _REPLAYING.search(line)))
+
+
+def check_folder(folder: Path) -> list[str]:
+    """What is inconsistent in a stopped server's data folder (nothing, normally)."""
+    problems: list[str] = []
+    env = lmdb.open(str(folder), readonly=True, lock=False, max_dbs=32)
+    try:
+        with env.begin() as txn:
+            dbs = {name: env.open_db(name.encode(), txn=txn, create=False)
+                   for name in ("identities", "profiles", "tokens", "outbox", "executions")}
+            for key, pid in txn.cursor(db=dbs["identities"]):
+                value = txn.get(pid, db=dbs["profiles"])
+                if value is None or key.decode() not in decode_profile(value).identities:
+                    problems.append(f"identity {key.decode()!r} names a profile that does not hold it")
+            for key, pid in txn.cursor(db=dbs["tokens"]):
+                value = txn.get(pid, db=dbs["profiles"])
+                app, _, token = key.decode().partition("\x00")
+                if value is None or not any(r.app == app and r.token == token for r in decode_profile(value).registrations):
+                    problems.append(f"token {token!r} of {app} names a profile that does not hold it")
+            for name in ("outbox", "executions"):
+                left = txn.stat(dbs[name])["entries"]
+                if left:
+                    problems.append(f"{left} entries left in {name} after everything settled")
+            for pid, value in txn.cursor(db=dbs["profiles"]):
+                record = decode_profile(value)
+                for identity in record.identities:
+                    if txn.get(keys.identity_key(identity), db=dbs["identities"]) != pid:
+                        problems.append(f"profile {pid.hex()} holds {identity!r}, which names another profile")
+    finally:
+        env.close()
+    return problems
+
+
+async def chaos(folder: Path, *, kills: int, profiles: int, seed: int, max_delay: float = 2.5,
+                latency_ms: int = 20, in_delivery: int = 0) -> dict[str, Any]:
+    """Run the schedule (see the module docstring); the books, with ``ok`` and ``problems``.
+
+    The first ``in_delivery`` rounds are killed during a delivery (once the round's send has
+    reached the provider), the others at a random moment."""
+    rng = random.Random(seed)
+    books = _Books()
+    #: At each start: the notifications it delivered again, and the sends started before it.
+    replays: list[tuple[int, int]] = []
+    delays = []
+    started = time.monotonic()
+    config = {"projects": {"acme-chaos": {"service_accounts": [ACCOUNT.spec()]}}}
+    with MockFcmProcess(folder / "fcm", config=config) as mock:
+        mock.admin.set_faults(accept_any_token=True, latency_ms=latency_ms)
+        env = {"PIGEON_FCM__URL": mock.url, "PIGEON_FCM__TOKEN_URI": mock.token_uri,
+               "PIGEON_FCM__CA_FILE": str(mock.ca_file)}
+        server = ServerProcess(folder / "data", env=env)
+        server.start()
+        try:
+            await _setup(server.address, mock, profiles)
+            for round_ in range(kills):
+                if round_:
+                    server.start()
+                delivering = (lambda: mock.admin.stats()["successes"]) if round_ < in_delivery else None
+                delays.append(await _round(server, books, rng, round_, profiles, max_delay, delivering))
+                replays.append((_replayed(server.log), len(books.sends)))  # what this start replayed; sends so far
+            server.start()
+            await _settle(server.address, mock, books.sends, profiles)
+            found = await _stored_events(server.address, sorted(books.events))
+            reports = await _reports(server.address, books.sends)
+            replays.append((_replayed(server.log), len(books.sends)))
+            server.stop()
+        finally:
+            server.kill()
+        accepted = _accepted_by_message(mock)
+    return _judge(books, found, reports, accepted, replays, check_folder(folder / "data"), profiles, {
+        "kills": kills, "killed_in_delivery": min(in_delivery, kills), "profiles": profiles, "seed": seed,
+        "provider_latency_ms": latency_ms, "kill_delays_s": [round(d, 2) for d in delays],
+        "seconds": round(time.monotonic() - started, 1)})
+
+
+def _judge(books: _Books, found: dict[str, set[str]], reports: dict[str, dict[str, int]],
+           accepted: dict[str, Counter[str]], replays: list[tuple[int, int]], folder_problems: list[str], profiles: int,
+           run: dict[str, Any]) -> dict[str, Any]:
+    problems = list(folder_problems)
+    acknowledged = sum(len(ks) for ks in books.events.values())
+    missing = sum(len(ks - found.get(identity, set())) for identity, ks in books.events.items())
+    if missing:
+        problems.append(f"{missing} acknowledged events are missing")
+    tokens = {f"tok-{i}" for i in range(profiles)}
+    sends = {}
+    for message, totals in reports.items():
+        got = accepted.get(message, Counter())
+        targeted, replayed = totals.get("targeted", 0), totals.get("replayed", 0)
+        duplicates = sum(got.values()) - len(got)
+        sends[message] = {"targeted": targeted, "sent": totals.get("sent", 0), "delivered": totals.get("delivered", 0),
+                          "replayed": replayed, "provider_received": sum(got.values()), "duplicates": duplicates}
+        if targeted == 0:  # killed before the send was stored: nothing may have gone out
+            if got:
+                problems.append(f"{message}: not started, yet the provider received {sum(got.values())}")
+            continue
+        if not (targeted == profiles == totals.get("excluded", 0) + totals.get("sent", 0)
+                and totals.get("sent", 0) == totals.get("delivered", 0) + totals.get("failed", 0) == len(tokens)):
+            problems.append(f"{message}: the counts do not add up: {totals}")
+        if set(got) != tokens:
+            problems.append(f"{message}: {len(tokens - set(got))} tokens never reached")
+        if not 0 <= duplicates <= replayed:
+            problems.append(f"{message}: {duplicates} duplicates but {replayed} counted as replayed")
+    # Each execution running at a kill has at most IN_FLIGHT batches staged and not settled;
+    # the executions running are at most the sends started so far (earlier ones resume).
+    for n, (replayed, started) in enumerate(replays):
+        if replayed > BATCH * IN_FLIGHT * started:
+            problems.append(f"start {n} delivered again {replayed}, more than {IN_FLIGHT} batches of the {started} sends")
+    return {**run, "ok": not problems, "problems": problems, "events_acknowledged": acknowledged,
+            "events_missing": missing, "event_batches": books.batches, "sends": sends,
+            "replays_at_restarts": [replayed for replayed, _ in replays],
+            "duplicates": sum(s["duplicates"] for s in sends.values()),
+            "replayed": sum(s["replayed"] for s in sends.values())}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.chaos", description=__doc__.split("\n")[0])
+    parser.add_argument("--kills", type=int, default=20, help="rounds, each ended by a SIGKILL (default 20)")
+    parser.add_argument("--profiles", type=int, default=2_000, help="profiles with a token (default 2,000)")
+    parser.add_argument("--seed", type=int, default=1, help="the schedule's random seed (default 1)")
+    parser.add_argument("--in-delivery", type=int, default=5,
+                        help="rounds (the first ones) killed during a delivery, not at a random moment (default 5)")
+    parser.add_argument("--out", default="bench/results/chaos.json", help="results file")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="pigeon-chaos-") as tmp:
+        result = trio.run(lambda: chaos(Path(tmp), kills=args.kills, profiles=args.profiles, seed=args.seed,
+                                        in_delivery=args.in_delivery))
+    Path(args.out).write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
+    print(f"{result['kills']} kills in {result['seconds']} s: {result['events_acknowledged']:,} events acknowledged, "
+          f"{result['events_missing']} missing; {len(result['sends'])} campaigns, {result['duplicates']} duplicates "
+          f"<= {result['replayed']} replayed; replays at restarts {result['replays_at_restarts']}; "
+          + ("books OK" if result["ok"] else "PROBLEMS: " + "; ".join(result["problems"])) + f" -> {args.out}")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
