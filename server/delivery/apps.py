@@ -1,11 +1,21 @@
 """Apps and their credentials: their records in LMDB, and what the methods share.
 
-Database ``apps``: utf-8 app id -> versioned `AppRecord` (with the provider credentials).
+Database ``apps``: utf-8 app id -> versioned app record (with the provider credentials,
+sealed).
 
 An app record holds the credentials of each platform (``ios``, ``android``), checked by the
 channel that handles the platform (`server.channels.Channel.check_app`) before they are stored.
 Each store of credentials gets a new version, so channels retire what they built from the old
 ones (`Channel.forget_app`).
+
+Stored, the credentials are sealed (`server.runtime.masterkey`): the value is ``0x02`` and the
+MessagePack of ``[app, version, ios, android]``, where ``ios`` and ``android`` are each the
+sealed MessagePack of the platform's whole record (`IosRecord`, `AndroidRecord`: the .p8 key,
+the certificate and its private key, the service account's private key, and what goes with
+them), with ``apps\0<app id>\0ios`` (or ``android``) as associated data: a sealed part moved
+to another app, or to the other platform, does not open. Format ``0x01`` (schema version 1)
+held them in plain text: the store's migration (`reseal_app`) seals them when it opens such a
+folder, and nothing else reads it.
 """
 
 from __future__ import annotations
@@ -15,47 +25,135 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import msgspec.structs
 
-from server.channels import AppRecord, Channel
+from server.channels import AndroidRecord, AppRecord, Channel, IosRecord
 from server.profiles.records import unversioned
 from server.profiles.store import ProfileStore, Writer
-from server.runtime.errors import FailedPrecondition, NotFound
+from server.runtime.errors import ActorError, FailedPrecondition, NotFound, SchemaError, StorageError
+from server.runtime.masterkey import Keyring
 
 if TYPE_CHECKING:
     from server.runtime.app import Server
 
 __all__ = [
     "encode_app", "decode_app", "get_app", "list_apps", "put_app", "delete_app", "require_app", "channel_for_apps",
-    "store_credentials",
+    "store_credentials", "reseal_app",
 ]
 
-_V1 = b"\x01"
+_V1 = b"\x01"  # plain text (schema version 1): read by the migration alone
+_V2 = b"\x02"
+_PARTS = ("ios", "android")
+
+
+class _StoredApp(msgspec.Struct, array_like=True):
+    """An app as stored: its platforms' records sealed."""
+
+    app: str
+    version: int
+    ios: bytes | None = None
+    android: bytes | None = None
+
+
 _encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(AppRecord)
+_v1_decoder = msgspec.msgpack.Decoder(AppRecord)
+_stored_decoder = msgspec.msgpack.Decoder(_StoredApp)
+_part_decoders: dict[str, msgspec.msgpack.Decoder[Any]] = {
+    "ios": msgspec.msgpack.Decoder(IosRecord), "android": msgspec.msgpack.Decoder(AndroidRecord),
+}
 
 
 def _key(app: str) -> bytes:
     return app.encode()
 
 
-def encode_app(record: AppRecord) -> bytes:
-    return _V1 + _encoder.encode(record)
+def _aad(key: bytes, part: str) -> bytes:
+    return b"apps\x00" + key + b"\x00" + part.encode()
 
 
-def decode_app(value: bytes) -> AppRecord:
-    if value[:1] != _V1:
+def _keyring(store: ProfileStore) -> Keyring:
+    if store.keyring is None:
+        raise ActorError("the profile store is not open (starting or restarting); retry shortly")
+    return store.keyring
+
+
+def encode_app(record: AppRecord, keyring: Keyring) -> bytes:
+    """The stored value of ``record``, its credentials sealed with ``keyring``'s newest key."""
+    key = _key(record.app)
+    parts = {
+        part: None if value is None else keyring.seal(_encoder.encode(value), _aad(key, part))
+        for part in _PARTS
+        for value in [getattr(record, part)]
+    }
+    return _V2 + _encoder.encode(_StoredApp(app=record.app, version=record.version, **parts))
+
+
+def _decode_stored(value: bytes, key: bytes) -> _StoredApp:
+    if value[:1] == _V1:
+        raise SchemaError(f"app {_name(key)} is stored in plain text (schema version 1): the data folder "
+                          "was not migrated (only the server's store migrates it when it opens)")
+    if value[:1] != _V2:
         raise unversioned(value, "app")
-    return _decoder.decode(memoryview(value)[1:])
+    try:
+        stored = _stored_decoder.decode(memoryview(value)[1:])
+    except msgspec.DecodeError as exc:
+        raise StorageError(f"the stored record of app {_name(key)} is damaged ({exc})") from None
+    if _key(stored.app) != key:
+        raise StorageError(f"the stored record of app {_name(key)} names another app: it was moved or damaged")
+    return stored
+
+
+def _name(key: bytes) -> str:
+    return repr(key.decode(errors="replace")[:200])
+
+
+def decode_app(value: bytes, keyring: Keyring, key: bytes) -> AppRecord:
+    """The app stored at ``key`` (its id, utf-8) as ``value``, its credentials opened;
+    `StorageError` (`SchemaError` for an unknown format) for anything else."""
+    stored = _decode_stored(value, key)
+    record = AppRecord(app=stored.app, version=stored.version)
+    for part in _PARTS:
+        sealed = getattr(stored, part)
+        if sealed is not None:
+            plain = keyring.open(sealed, _aad(key, part))
+            try:
+                setattr(record, part, _part_decoders[part].decode(plain))
+            except msgspec.DecodeError as exc:  # sealed by this server: a bug, not damage
+                raise StorageError(f"the {part} credentials of app {_name(key)} do not decode ({exc})") from None
+    return record
+
+
+def reseal_app(keyring: Keyring, key: bytes, value: bytes) -> bytes | None:
+    """``value`` with every part sealed under ``keyring``'s newest key (a plain-text value of
+    schema version 1 sealed), or None when it is already (a master key rotation, the
+    migration: `server.profiles.sealing`)."""
+    if value[:1] == _V1:
+        try:
+            record = _v1_decoder.decode(memoryview(value)[1:])
+        except msgspec.DecodeError as exc:
+            raise StorageError(f"the stored record of app {_name(key)} (schema version 1) is damaged ({exc})") from None
+        if _key(record.app) != key:
+            raise StorageError(f"the stored record of app {_name(key)} names another app: it was moved or damaged")
+        return encode_app(record, keyring)
+    stored = _decode_stored(value, key)
+    changed = False
+    for part in _PARTS:
+        sealed = getattr(stored, part)
+        if sealed is not None and not keyring.is_current(sealed):
+            setattr(stored, part, keyring.seal(keyring.open(sealed, _aad(key, part)), _aad(key, part)))
+            changed = True
+    return _V2 + _encoder.encode(stored) if changed else None
 
 
 def get_app(store: ProfileStore, app: str) -> AppRecord | None:
+    key = _key(app)
     with store.env.begin() as txn:
-        value = txn.get(_key(app), db=store.db("apps"))
-    return None if value is None else decode_app(value)
+        value = txn.get(key, db=store.db("apps"))
+    return None if value is None else decode_app(value, _keyring(store), key)
 
 
 def list_apps(store: ProfileStore) -> list[AppRecord]:
+    keyring = _keyring(store)
     with store.env.begin() as txn:
-        return [decode_app(value) for _, value in txn.cursor(db=store.db("apps"))]
+        return [decode_app(value, keyring, key) for key, value in txn.cursor(db=store.db("apps"))]
 
 
 def put_app(w: Writer, record: AppRecord) -> AppRecord:
@@ -65,14 +163,13 @@ def put_app(w: Writer, record: AppRecord) -> AppRecord:
     last = w.txn.get(b"last_app_version", db=meta)
     record.version = (msgspec.msgpack.decode(last) if last is not None else 0) + 1
     w.txn.put(b"last_app_version", _encoder.encode(record.version), db=meta)
-    w.txn.put(_key(record.app), encode_app(record), db=w.dbs["apps"])
+    w.txn.put(_key(record.app), encode_app(record, _keyring(w.store)), db=w.dbs["apps"])
     return record
 
 
 def delete_app(w: Writer, app: str) -> None:
     if not w.txn.delete(_key(app), db=w.dbs["apps"]):
         raise NotFound(f"no app {app!r} is registered", field="$.app")
-
 
 
 def require_app(server: Server, app: str) -> AppRecord:

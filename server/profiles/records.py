@@ -34,7 +34,9 @@ __all__ = [
 ]
 
 #: Layout of keys and databases (see `server.profiles.keys`); recorded in ``meta`` when the store is created.
-SCHEMA_VERSION = 1
+#: 2: the apps' credentials are sealed with the master key (1 held them in plain text; the
+#: store migrates a folder of version 1 when it opens it: `server.profiles.sealing`).
+SCHEMA_VERSION = 2
 _V1 = b"\x01"
 
 

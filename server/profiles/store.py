@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar, TypeVarTuple
 
@@ -34,7 +34,7 @@ import lmdb
 import msgspec
 import trio
 
-from server.profiles import folder, keys
+from server.profiles import folder, keys, sealing
 from server.runtime.actor import Actor, Future
 from server.runtime.masterkey import Keyring, default_path
 from server.runtime.errors import (
@@ -111,6 +111,9 @@ class ProfileStore(Actor):
         sync: fsync on commit (turn off only for throwaway data).
         master_key_file: the master key (`server.runtime.masterkey`); default beside ``path``.
             It is read, or made, when the store opens.
+        sealed: the databases holding values sealed with the master key, and how to re-seal
+            one (`server.profiles.sealing`): the server gives every domain's; a store without
+            them does not migrate a folder of schema version 1.
     """
 
     def __init__(
@@ -127,12 +130,16 @@ class ProfileStore(Actor):
         sync: bool = True,
         mailbox_size: int = 1024,
         master_key_file: Path | None = None,
+        sealed: Mapping[str, sealing.Reseal] | None = None,
     ) -> None:
         super().__init__("store", mailbox_size)
         self.path = Path(path)
         self.master_key_file = master_key_file if master_key_file is not None else default_path(self.path)
         #: Seals the secrets kept here (set when the store opens).
         self.keyring: Keyring | None = None
+        self.sealed: Mapping[str, sealing.Reseal] = sealed or {}
+        #: A master key rotation is under way (`sealing.rotate`).
+        self.rotating = False
         self.map_size = map_size
         self.max_batch = max_batch
         self.max_commit_events = max_commit_events
@@ -190,33 +197,11 @@ class ProfileStore(Actor):
             self._lock = None
 
     def _open_environment(self) -> None:
+        env = self._open_lmdb()
         try:
-            env = lmdb.open(
-                str(self.path),
-                map_size=self.map_size,
-                max_dbs=len(_DATABASES) + 4,
-                sync=self.sync,
-                readahead=False,
-                writemap=False,  # nested transactions need it off
-                mode=folder.FILE_MODE,
-            )
-        except (OSError, lmdb.Error) as exc:
-            raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
-        try:
-            with env.begin(write=True) as txn:
-                dbs = {name: env.open_db(name.encode(), txn=txn) for name in _DATABASES}
-                meta = dbs["meta"]
-                version = txn.get(b"schema", db=meta)
-                if version is None:
-                    txn.put(b"schema", _meta_encoder.encode(SCHEMA_VERSION), db=meta)
-                    txn.put(b"created_us", _meta_encoder.encode(self.clock()), db=meta)
-                elif (found := msgspec.msgpack.decode(version)) != SCHEMA_VERSION:
-                    raise SchemaError(
-                        f"the data folder {str(self.path)!r} has schema version {found}; "
-                        f"this Pigeon reads version {SCHEMA_VERSION} and has no migration from it"
-                    )
-                self._next_pid = msgspec.msgpack.decode(txn.get(b"next_pid", db=meta) or b"\x01")
-                self._next_seq = msgspec.msgpack.decode(txn.get(b"next_seq", db=meta) or b"\x01")
+            dbs, compact = self._check_schema(env)
+            if compact:
+                env, dbs = sealing.compact(env, self.path, self._open_lmdb, _DATABASES)
             started = time.perf_counter()
             with env.begin() as txn:
                 indexed = self.index.rebuild(txn, dbs["events"])
@@ -227,6 +212,47 @@ class ProfileStore(Actor):
             log.info("event index: %d events indexed in %.1fs", indexed, time.perf_counter() - started)
         self._env, self._dbs = env, dbs
         log.info("store open at %s (map %d MiB)", self.path, env.info()["map_size"] >> 20)
+
+    def _open_lmdb(self) -> lmdb.Environment:
+        try:
+            return lmdb.open(
+                str(self.path),
+                map_size=self.map_size,
+                max_dbs=len(_DATABASES) + 4,
+                sync=self.sync,
+                readahead=False,
+                writemap=False,  # nested transactions need it off
+                mode=folder.FILE_MODE,
+            )
+        except (OSError, lmdb.Error) as exc:
+            raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
+
+    def _check_schema(self, env: lmdb.Environment) -> tuple[dict[str, lmdb._Database], bool]:
+        """Open the databases, record or check (and migrate) the schema, bring the sealed
+        values under the newest master key (`server.profiles.sealing`); whether a migration
+        left the environment to compact."""
+        keyring = self.keyring
+        assert keyring is not None
+        with env.begin(write=True) as txn:
+            dbs = {name: env.open_db(name.encode(), txn=txn) for name in _DATABASES}
+            meta = dbs["meta"]
+            version = txn.get(b"schema", db=meta)
+            if version is None:
+                txn.put(b"schema", _meta_encoder.encode(SCHEMA_VERSION), db=meta)
+                txn.put(b"created_us", _meta_encoder.encode(self.clock()), db=meta)
+            elif (found := msgspec.msgpack.decode(version)) not in (1, SCHEMA_VERSION):
+                raise SchemaError(
+                    f"the data folder {str(self.path)!r} has schema version {found}; "
+                    f"this Pigeon reads version {SCHEMA_VERSION} and has no migration from it"
+                )
+            else:
+                sealing.open_sealed(txn, dbs, found, keyring, self.sealed, str(self.path))
+            self._next_pid = msgspec.msgpack.decode(txn.get(b"next_pid", db=meta) or b"\x01")
+            self._next_seq = msgspec.msgpack.decode(txn.get(b"next_seq", db=meta) or b"\x01")
+            compact = sealing.compact_pending(txn, meta)
+        if len(keyring.keys) > 1 and self.sealed:
+            self.keyring = sealing.drop_old_keys(keyring)
+        return dbs, compact
 
     def _close(self) -> None:
         if self._env is not None:

@@ -23,6 +23,7 @@ import trio
 from server.api.listener import Listener, parse_address
 from server.api.registry import Methods, Router
 from server.delivery import methods as delivery_methods
+from server.delivery.apps import reseal_app
 from server.delivery.service import Delivery
 from server.journeys.engine import Journeys
 from server.messages import methods as message_methods
@@ -102,6 +103,7 @@ class Server:
             clock=clock,
             sync=config.store.sync,
             master_key_file=Path(config.master_key_file) if config.master_key_file else default_path(config.data),
+            sealed={"apps": reseal_app},
         )
         self.catalog = Catalog(self.store)
         self.reporting = Reporting(self.store)

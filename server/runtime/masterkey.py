@@ -3,14 +3,15 @@
 Secrets Pigeon keeps in LMDB (provider credentials, the pepper of API-key hashes) are sealed
 under a 32-byte master key that lives outside the data folder, so that a copy of the folder or
 a backup of it is not a copy of the company's push credentials. The key comes from
-``PIGEON_MASTER_KEY`` (base64url or hex of 32 bytes) or from a file; `Keyring.load` creates
-the file (mode 0600, beside the data folder: ``pigeon-data.master-key`` for ``pigeon-data``)
-on the first start.
+``PIGEON_MASTER_KEY`` (base64url or hex of 32 bytes; several, comma-separated, newest first,
+while a rotation is under way) or from a file; `Keyring.load` creates the file (mode 0600,
+beside the data folder: ``pigeon-data.master-key`` for ``pigeon-data``) on the first start.
 
 The file holds one key per line, newest first: a rotation writes the new key in front of the
-old ones, re-seals everything, then drops the old lines. `Keyring.seal` uses the newest key;
-`Keyring.open` any key of the ring (a sealed value names its key by a 4-byte id). A sealed
-value is::
+old ones (`Keyring.save`: a temporary file renamed over it), re-seals everything, then drops
+the old lines (`server.profiles.sealing`). `Keyring.seal` uses the newest key; `Keyring.open`
+any key of the ring (a sealed value names its key by a 4-byte id, `Keyring.fingerprint`
+shows it). A sealed value is::
 
     0x01 | key id (4 bytes: SHA-256 of the key) | nonce (12 bytes) | ciphertext and tag
 
@@ -33,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from server.runtime.errors import ConfigError, StorageError
 
-__all__ = ["Keyring", "SEALED", "default_path", "new_key", "encode_key"]
+__all__ = ["Keyring", "SEALED", "ENV", "default_path", "new_key", "encode_key"]
 
 log = logging.getLogger("pigeon.secrets")
 
@@ -61,7 +62,8 @@ def _decode_key(text: str, where: str) -> bytes:
     except (ValueError, binascii.Error):
         key = b""
     if len(key) != _KEY_BYTES:
-        raise ConfigError(f"{where}: a master key is 32 bytes in base64url or hex (pigeon makes one when none exists)")
+        raise ConfigError(f"{where}: a master key is 32 bytes in base64url or hex (pigeon makes one when none exists; "
+                          "`openssl rand -hex 32` makes one too)")
     return key
 
 
@@ -97,7 +99,10 @@ class Keyring:
         """The keyring of ``PIGEON_MASTER_KEY``, else of the file at ``path`` (made with a new
         key, mode 0600, when there is none)."""
         if env.get(ENV):
-            return cls([_decode_key(env[ENV], ENV)])
+            parts = [part for part in env[ENV].split(",") if part.strip()]
+            if not parts:
+                raise ConfigError(f"{ENV}: a master key is 32 bytes in base64url or hex (several: comma-separated, newest first)")
+            return cls([_decode_key(part, ENV) for part in parts])
         try:
             text = path.read_text()
         except FileNotFoundError:
@@ -148,3 +153,43 @@ class Keyring:
     def is_current(self, sealed: bytes) -> bool:
         """Whether ``sealed`` is sealed under the newest key (a rotation re-seals the others)."""
         return sealed[1:1 + _ID_BYTES] == self._current
+
+    @property
+    def fingerprint(self) -> str:
+        """The current key's id in hex (4 bytes of its SHA-256: tells keys apart, reveals nothing)."""
+        return self._current.hex()
+
+    def knows(self, sealed: bytes) -> bool:
+        """Whether a key of this ring sealed ``sealed`` (without opening it)."""
+        return sealed[1:1 + _ID_BYTES] in self._ciphers
+
+    def rotated(self) -> Keyring:
+        """This ring with a new key in front: it seals from now on, the old ones still open."""
+        return Keyring([new_key(), *self.keys], self.path)
+
+    def newest(self) -> Keyring:
+        """This ring with its newest key alone (once nothing is sealed under the others)."""
+        return Keyring(self.keys[:1], self.path)
+
+    def save(self) -> None:
+        """Write the keys to the ring's file, newest first, at once: a temporary file (0600)
+        beside it, synced, renamed over it. A crash leaves the old file or the new one."""
+        if self.path is None:
+            raise ConfigError(f"the master key comes from {ENV}: there is no file to write it to")
+        path = self.path
+        temp = path.with_name(path.name + ".tmp")
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                os.fchmod(f.fileno(), 0o600)  # a leftover temporary file may have had another mode
+                f.write("".join(encode_key(key) + "\n" for key in self.keys))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, path)
+            folder = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
+        except OSError as exc:
+            raise StorageError(f"cannot write the master key file {str(path)!r}: {exc}") from None
