@@ -28,7 +28,7 @@ from server.channels import AndroidRecord, AppRecord, IosRecord
 from server.delivery import apps
 from server.profiles import sealing
 from server.profiles.store import ProfileStore
-from server.runtime.errors import FailedPrecondition, SchemaError, StorageError
+from server.runtime.errors import ConfigError, FailedPrecondition, SchemaError, StorageError
 from server.runtime.masterkey import Keyring, encode_key, new_key
 
 KEY = SigningKey.generate(key_id="ABC123DEFG", team_id="TEAM123456")
@@ -370,3 +370,40 @@ def test_the_bare_resealer_reseals_only_its_keys(keys, values):
         assert reseal(new, key, out) is None
     for value in values:
         assert reseal(new, b"\xff" * 41, value) is None
+
+
+# -- the key file during a rotation (server/runtime/masterkey.py) ----------------------------
+
+
+def test_a_keyring_is_saved_newest_first_at_once_and_private(tmp_path):
+    path = tmp_path / "data.master-key"
+    ring = Keyring.load(path, env={})
+    rotated = ring.rotated()
+    assert rotated.keys[1:] == ring.keys and rotated.fingerprint != ring.fingerprint
+    (tmp_path / "data.master-key.tmp").write_text("left by a crash")
+    (tmp_path / "data.master-key.tmp").chmod(0o644)
+    rotated.save()
+    assert path.read_text() == "".join(encode_key(key) + "\n" for key in rotated.keys)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and not (tmp_path / "data.master-key.tmp").exists()
+    assert Keyring.load(path, env={}).keys == rotated.keys
+    sealed = ring.seal(b"x", b"k")
+    assert rotated.knows(sealed) and not rotated.is_current(sealed) and not rotated.newest().knows(sealed)
+    assert len(ring.fingerprint) == 8 and bytes.fromhex(ring.fingerprint) == sealed[1:5]
+
+
+def test_a_keyring_from_the_environment_takes_several_keys_and_cannot_be_saved(tmp_path):
+    new, old = new_key(), new_key()
+    ring = Keyring.load(tmp_path / "k", env={"PIGEON_MASTER_KEY": f" {encode_key(new)} , {old.hex()},"})
+    assert ring.keys == [new, old] and ring.path is None
+    with pytest.raises(ConfigError, match="PIGEON_MASTER_KEY"):
+        ring.save()
+    for text in (",", " , ", f"{encode_key(new)},nope"):
+        with pytest.raises(ConfigError, match="PIGEON_MASTER_KEY"):
+            Keyring.load(tmp_path / "k", env={"PIGEON_MASTER_KEY": text})
+    assert not (tmp_path / "k").exists()
+
+
+def test_a_key_file_that_cannot_be_written_is_a_storage_error_naming_it(tmp_path):
+    ring = Keyring([new_key()], tmp_path / "missing" / "data.master-key")
+    with pytest.raises(StorageError, match="cannot write the master key file .*missing"):
+        ring.save()
