@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -50,7 +51,17 @@ __all__ = [
     "BatchBook",
     "BatcherResults",
     "ClientBase",
+    "API_KEY_ENV",
+    "api_key_or_env",
 ]
+
+#: Where the clients take their API key from when they are given none.
+API_KEY_ENV = "PIGEON_API_KEY"
+
+
+def api_key_or_env(api_key: str | None) -> str | None:
+    """``api_key``, or else the key in the environment variable ``PIGEON_API_KEY``."""
+    return api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
 
 log = logging.getLogger("pigeon.client")
 

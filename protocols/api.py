@@ -131,6 +131,19 @@ __all__ = [
     "Report",
     "GetReport",
     "WatchReport",
+    # keys
+    "KEY_PATTERN",
+    "KEY_ID_PATTERN",
+    "SCOPES",
+    "Scope",
+    "KeyId",
+    "KeyInfo",
+    "CreatedKey",
+    "CreateKey",
+    "KeyList",
+    "ListKeys",
+    "KeyRevoked",
+    "RevokeKey",
 ]
 
 #: A request's answer type. Covariant: it is only ever produced (decoded from the answer), so a
@@ -253,6 +266,9 @@ class Health(Response):
     version: str
     protocol: int
     uptime_s: float
+    #: On a loopback or unix connection to a server with API keys: the file holding its first
+    #: admin key (the ``pigeon`` command of the same user reads it). Nil otherwise.
+    admin_key_file: str | None = None
 
 
 class GetHealth(Request[Health], frozen=True):
@@ -1087,6 +1103,63 @@ class WatchReport(StreamRequest[Report], frozen=True):
 
 
 # ---------------------------------------------------------------------------------------------
+# API keys
+
+#: An API key: ``pgn_`` and 43 base64url characters (256 random bits).
+KEY_PATTERN = r"^pgn_[A-Za-z0-9_-]{43}\Z"
+#: A key's id, which lists show and revocation takes: its first 12 characters.
+KEY_ID_PATTERN = r"^pgn_[A-Za-z0-9_-]{8}\Z"
+KeyId = Annotated[str, msgspec.Meta(pattern=KEY_ID_PATTERN)]
+#: What a key may do (PROTOCOL.md, section 5.1): ``admin`` implies every scope, ``operator``
+#: implies ``ingest`` and ``read``.
+Scope = Literal["admin", "operator", "ingest", "read"]
+SCOPES: tuple[Scope, ...] = ("admin", "operator", "ingest", "read")
+
+
+class KeyInfo(Response):
+    """An API key as lists show it: never the key itself."""
+
+    id: str
+    scopes: list[str]
+    sandbox: str
+    created: Timestamp
+    name: str = ""
+    last_used: Timestamp | None = None
+
+
+class CreatedKey(Response):
+    #: The whole key: shown in this answer only (the server keeps a keyed hash of it).
+    key: str
+    info: KeyInfo
+
+
+class CreateKey(Request[CreatedKey], frozen=True):
+    method: ClassVar[str] = "keys.create"
+    scopes: Annotated[list[Scope], msgspec.Meta(min_length=1, max_length=4)]
+    #: A label for the lists (``ios-app``, ``crm-sync``).
+    name: Annotated[str, msgspec.Meta(max_length=100, pattern=r"^[^\x00-\x1f\x7f]*\Z")] = ""
+
+
+class KeyList(Response):
+    keys: list[KeyInfo]
+
+
+class ListKeys(Request[KeyList], frozen=True):
+    method: ClassVar[str] = "keys.list"
+
+
+class KeyRevoked(Response):
+    id: str
+    #: Open connections that used the key, closed by the revocation.
+    connections_closed: int = 0
+
+
+class RevokeKey(Request[KeyRevoked], frozen=True):
+    method: ClassVar[str] = "keys.revoke"
+    id: KeyId
+
+
+# ---------------------------------------------------------------------------------------------
 # registry
 
 
@@ -1141,6 +1214,9 @@ METHODS: dict[str, MethodSpec] = {
             SendMessage,
             GetReport,
             WatchReport,
+            CreateKey,
+            ListKeys,
+            RevokeKey,
         ],
     )
 }

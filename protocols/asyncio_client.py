@@ -41,6 +41,7 @@ from ._client_core import (
     BatchBook,
     BatcherResults,
     CallSink,
+    api_key_or_env,
     ClientBase,
     StreamSink,
     closed_error,
@@ -338,7 +339,9 @@ async def open_client(
         ssl_context: speak TLS (``ssl.create_default_context(cafile=...)``); TCP targets only,
             as the server serves unix sockets in the clear.
         server_hostname: the name to verify in the server's certificate (default: the host).
-        api_key: sent in the hello (reserved; not enforced yet).
+        api_key: the API key sent in the hello (PROTOCOL.md, section 5.1); default: the
+            environment variable ``PIGEON_API_KEY``, else none (``server.health`` only, on a
+            server with keys).
         client_name: announced in the hello.
         max_frame: the largest answer this client accepts (announced in the hello); the
             server fails a call whose answer is larger with RESOURCE_EXHAUSTED.
@@ -357,7 +360,7 @@ async def open_client(
         )
     else:
         reader, writer = await asyncio.open_connection(host, port, limit=_READ_SIZE)
-    conn = ClientConnection(client=client_name, api_key=api_key, max_frame=max_frame)
+    conn = ClientConnection(client=client_name, api_key=api_key_or_env(api_key), max_frame=max_frame)
     client = Client(reader, writer, conn)
     crashed: BaseException | None = None
     try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -202,10 +203,20 @@ class ServerConnection(_Base):
         max_frame: largest frame accepted (announced in the welcome).
         max_calls: calls a client may keep in flight (announced in the welcome); a call beyond
             it is answered with RESOURCE_EXHAUSTED.
+        check_hello: called with the hello before it is welcomed; a ``(code, message)`` it
+            returns refuses the connection (a goaway, then `Terminated`), None accepts it.
     """
 
-    def __init__(self, *, server: str, max_frame: int = DEFAULT_MAX_FRAME, max_calls: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        server: str,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        max_calls: int = 256,
+        check_hello: Callable[[Hello], tuple[Status, str] | None] | None = None,
+    ) -> None:
         super().__init__(max_frame)
+        self.check_hello = check_hello
         self.server = server
         self.max_frame = max_frame
         self.max_calls = max_calls
@@ -294,6 +305,10 @@ class ServerConnection(_Base):
                 Status.FAILED_PRECONDITION,
                 f"unsupported protocol version {frame.version}; this server speaks version {PROTOCOL_VERSION}",
             )
+        if self.check_hello is not None:
+            refusal = self.check_hello(frame)
+            if refusal is not None:
+                return self._terminate(*refusal)
         self.hello = frame
         self.peer_max_frame = frame.max_frame
         self.state = State.OPEN

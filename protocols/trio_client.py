@@ -30,6 +30,7 @@ from ._client_core import (
     BatchBook,
     BatcherResults,
     CallSink,
+    api_key_or_env,
     ClientBase,
     StreamSink,
     closed_error,
@@ -247,7 +248,9 @@ async def open_client(
         target: ``HOST:PORT`` or ``unix:PATH``.
         ssl_context: speak TLS (``ssl.create_default_context(cafile=...)``).
         server_hostname: the name to verify in the server's certificate (default: the host).
-        api_key: sent in the hello (reserved; not enforced yet).
+        api_key: the API key sent in the hello (PROTOCOL.md, section 5.1); default: the
+            environment variable ``PIGEON_API_KEY``, else none (``server.health`` only, on a
+            server with keys).
         max_frame: the largest answer this client accepts (announced in the hello); the
             server fails a call whose answer is larger with RESOURCE_EXHAUSTED.
     """
@@ -258,7 +261,7 @@ async def open_client(
         stream = await trio.open_tcp_stream(host, int(port))
         if ssl_context is not None:
             stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
-    conn = ClientConnection(client=client_name, api_key=api_key, max_frame=max_frame)
+    conn = ClientConnection(client=client_name, api_key=api_key_or_env(api_key), max_frame=max_frame)
     try:
         async with _unwrapped(), trio.open_nursery() as nursery:
             client = Client(stream, conn, nursery)

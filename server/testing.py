@@ -32,16 +32,19 @@ class ServerProcess:
         data: the data folder.
         extra: more command-line arguments.
         env: environment variables to add (``PIGEON_*`` settings).
+        auth: the ``auth`` setting (``PIGEON_AUTH``) unless ``env`` sets it: ``none`` by default
+            (on loopback any client may call anything); ``keys`` to test with API keys (the
+            first admin key is then in `admin_key`).
 
     Attributes:
         address: ``HOST:PORT`` once started.
         log: the server's log lines so far.
     """
 
-    def __init__(self, data: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data: Path, *extra: str, env: dict[str, str] | None = None, auth: str = "none") -> None:
         self.data = data
         self.extra = extra
-        self.env = {**os.environ, **(env or {})}
+        self.env = {**os.environ, "PIGEON_AUTH": auth, **(env or {})}
         self.log: list[str] = []
         self.proc: subprocess.Popen[str] | None = None
         self.address = ""
@@ -79,6 +82,13 @@ class ServerProcess:
             time.sleep(0.01)
         self.address = ready.read_text().split()[0]
         return self
+
+    @property
+    def admin_key(self) -> str:
+        """The admin key the server wrote beside its data folder at its first start (``auth =
+        "keys"``)."""
+        folder = Path(self.data).resolve()
+        return folder.with_name(folder.name + ".admin-key").read_text().strip()
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None

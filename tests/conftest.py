@@ -16,7 +16,9 @@ from server.testing import ServerProcess
 
 
 def make_config(data: Path, **overrides):
-    values = {"data": str(data), "listen": ["127.0.0.1:0"], **overrides}
+    """A configuration on 127.0.0.1, port 0, without API keys (``auth = "none"``) unless
+    ``auth="keys"`` is passed."""
+    values = {"data": str(data), "listen": ["127.0.0.1:0"], "auth": "none", **overrides}
     return load_config(env={}, overrides=values)
 
 
@@ -51,8 +53,9 @@ def spawn_server(tmp_path: Path) -> Iterator:
     """Factory for child-process servers with custom flags; all are killed at the end."""
     procs: list[ServerProcess] = []
 
-    def spawn(*extra: str, data: Path | None = None, env: dict[str, str] | None = None, start: bool = True) -> ServerProcess:
-        proc = ServerProcess(data or tmp_path / "data", *extra, env=env)
+    def spawn(*extra: str, data: Path | None = None, env: dict[str, str] | None = None, start: bool = True,
+              auth: str = "none") -> ServerProcess:
+        proc = ServerProcess(data or tmp_path / "data", *extra, env=env, auth=auth)
         procs.append(proc)
         return proc.start() if start else proc
 

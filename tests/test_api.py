@@ -47,6 +47,9 @@ EXPECTED_METHODS = {
     "apps.list": (api.ListApps, api.AppList, False),
     "apps.delete": (api.DeleteApp, api.AppDeleted, False),
     "push.send": (api.SendPush, api.PushSent, False),
+    "keys.create": (api.CreateKey, api.CreatedKey, False),
+    "keys.list": (api.ListKeys, api.KeyList, False),
+    "keys.revoke": (api.RevokeKey, api.KeyRevoked, False),
 }
 
 
@@ -143,6 +146,9 @@ SAMPLES: dict[str, api.Request[Any]] = {
     "messages.send": api.SendMessage(id="cart", audience="profile.tier == 'gold'", test=True, event={"sku": "S1"}),
     "reports.get": api.GetReport(message="cart", platform="fcm", window="live"),
     "reports.watch": api.WatchReport(message="cart", journey="welcome", node="push-1", interval_s=0.5),
+    "keys.create": api.CreateKey(scopes=["ingest", "read"], name="ios-app"),
+    "keys.list": api.ListKeys(),
+    "keys.revoke": api.RevokeKey(id="pgn_Xq3vT0aB"),
 }
 
 
@@ -516,6 +522,10 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
                              journey=st.none() | _names, window=st.sampled_from(["live", "all_time"])),
     "reports.watch": st.builds(api.WatchReport, message=st.none() | _names, node=st.none() | _names,
                                window=st.sampled_from(["live", "all_time"]), interval_s=st.floats(0.1, 3600)),
+    "keys.create": st.builds(api.CreateKey, scopes=st.lists(st.sampled_from(api.SCOPES), min_size=1, max_size=4),
+                             name=st.text(st.characters(min_codepoint=32, max_codepoint=0x7e), max_size=100)),
+    "keys.list": st.builds(api.ListKeys),
+    "keys.revoke": st.builds(api.RevokeKey, id=st.from_regex(api.KEY_ID_PATTERN, fullmatch=True)),
     "apps.get": st.builds(api.GetApp, app=_apps),
     "apps.list": st.builds(api.ListApps),
     "apps.delete": st.builds(api.DeleteApp, app=_apps),

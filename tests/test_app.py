@@ -116,7 +116,7 @@ async def test_stats_show_actors_and_method_latency(client, server):
     await client.call(api.GetProfile(identity="crm:1"))
     stats = await client.call(api.GetStats())
     names = [a.name for a in stats.actors]
-    assert names == ["store", "reporting", "delivery", "journeys", "ingestion", "listener"]
+    assert names == ["store", "access", "reporting", "delivery", "journeys", "ingestion", "listener"]
     assert all(a.state == "running" and a.restarts == 0 for a in stats.actors)
     store = next(a for a in stats.actors if a.name == "store")
     assert store.mailbox_size == 1024 and store.details["commits"] >= 1

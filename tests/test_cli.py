@@ -500,3 +500,62 @@ def test_any_nesting_depth_is_parsed_or_refused_as_bad_input(tmp_path_factory, d
             _load_document(str(path), api.ChannelConfig)
     except UsageError as exc:
         assert "nested too deeply" in str(exc) or "description" in str(exc)
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys
+
+
+def _pigeon_in(folder, address: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``pigeon`` run from ``folder`` (no pigeon.toml, no PIGEON_* of the test run's own)."""
+    import os
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PIGEON_")}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args, "--server", address], capture_output=True,
+                          text=True, timeout=60, cwd=folder, env={**environment, **(env or {})})
+
+
+def test_keys_from_the_cli_on_a_server_with_keys(spawn_server, tmp_path):
+    """The CLI on the server's machine finds the admin key by itself (the server names its file
+    to a loopback client); a key made with it is shown once, listed, refused a scope it lacks,
+    and revoked."""
+    server = spawn_server(auth="keys")
+    addr, cwd = server.address, tmp_path
+    r = _pigeon_in(cwd, addr, "keys", "create", "ingest", "--name", "ios-app")
+    assert r.returncode == 0, r.stderr
+    key = r.stdout.splitlines()[0]
+    assert key.startswith("pgn_") and "shown this once" in r.stdout
+    r = _pigeon_in(cwd, addr, "keys", "list")
+    assert r.returncode == 0 and "first admin key" in r.stdout and "ios-app" in r.stdout and key[:12] in r.stdout
+    assert key not in r.stdout and server.admin_key not in r.stdout
+
+    r = _pigeon_in(cwd, addr, "tokens", "register", "crm:1", "--app", "com.acme", "--platform", "fcm", "--token", "t1",
+                   env={"PIGEON_API_KEY": key})
+    assert r.returncode == 0, r.stderr
+    r = _pigeon_in(cwd, addr, "profiles", "get", "crm:1", "--api-key", key)
+    assert r.returncode == 1
+    assert "PERMISSION_DENIED: profiles.get needs the operator scope" in r.stderr
+
+    r = _pigeon_in(cwd, addr, "keys", "revoke", key[:12])
+    assert r.returncode == 0 and f"revoked API key {key[:12]}" in r.stdout
+    r = _pigeon_in(cwd, addr, "health", "--api-key", key)
+    assert r.returncode == 1
+    assert f"{addr} refused the API key from --api-key: UNAUTHENTICATED: the API key is not valid" in r.stderr
+
+
+def test_the_cli_reads_the_admin_key_of_the_configured_data_folder(tmp_path, monkeypatch):
+    """As `pigeon serve` finds its data folder (PIGEON_CONFIG, ./pigeon.toml, PIGEON_DATA), the
+    client commands find the admin key file beside it."""
+    from server.cli.connect import api_key
+
+    (tmp_path / "data.admin-key").write_text("pgn_" + "c" * 43 + "\n")
+    (tmp_path / "pigeon.toml").write_text(f'data = "{tmp_path / "data"}"\n')
+    args = _build_parser().parse_args(["health"])
+    for name in ("PIGEON_API_KEY", "PIGEON_CONFIG", "PIGEON_DATA"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert api_key(args) == ("pgn_" + "c" * 43, f"the admin key file {(tmp_path / 'data.admin-key').resolve()}")
+    monkeypatch.setenv("PIGEON_API_KEY", "pgn_" + "e" * 43)
+    assert api_key(args) == ("pgn_" + "e" * 43, "PIGEON_API_KEY")
+    args = _build_parser().parse_args(["health", "--api-key", "pgn_" + "f" * 43])
+    assert api_key(args) == ("pgn_" + "f" * 43, "--api-key")

@@ -66,7 +66,9 @@ SURFACE = {
         'PushToken', 'RegisterAndroidApp', 'RegisterIosApp', 'RegisterToken', 'Registration', 'Rejection',
         'Report', 'Request', 'SendMessage', 'SendPush', 'SendResult', 'SetConsent', 'Stats', 'StoreStats',
         'StoredEvent', 'StreamRequest', 'Timestamp', 'TokenRegistered', 'TokenUnregistered', 'UnlinkIdentity',
-        'UnregisterToken', 'UpsertProfile', 'WatchReport', 'describe_validation_error'
+        'UnregisterToken', 'UpsertProfile', 'WatchReport', 'describe_validation_error',
+        'KEY_PATTERN', 'KEY_ID_PATTERN', 'SCOPES', 'Scope', 'KeyId', 'KeyInfo', 'CreatedKey', 'CreateKey',
+        'KeyList', 'ListKeys', 'KeyRevoked', 'RevokeKey',
     },
     'protocols.connection': {
         'CallCancelled', 'CallReceived', 'ClientConnection', 'Closed', 'CreditGranted', 'EndReceived',
@@ -105,9 +107,23 @@ def test_public_surface_is_pinned(module: str) -> None:
 def test_every_method_is_served_by_exactly_one_domain() -> None:
     from server.runtime.app import METHODS
 
-    served = [request_type.method for methods in METHODS for request_type, _, _ in methods.entries]
+    served = [request_type.method for methods in METHODS for request_type, _, _, _ in methods.entries]
     assert sorted(served) == sorted(set(served)), "a method registered twice"
     assert set(served) == set(api.METHODS)
+
+
+def test_every_method_declares_the_scope_a_key_needs() -> None:
+    """Each method says, where its domain registers it, which scope an API key needs to call it
+    (PROTOCOL.md 5.1): one of the scopes, or ``public`` (``server.health`` alone)."""
+    from server.api.registry import IMPLIED
+    from server.runtime.app import METHODS
+
+    scopes = {request_type.method: scope for methods in METHODS for request_type, _, scope, _ in methods.entries}
+    assert set(scopes) == set(api.METHODS)
+    for method, scope in scopes.items():
+        assert scope in IMPLIED or scope == "public", f"{method} declares no known scope: {scope!r}"
+    assert [m for m, scope in scopes.items() if scope == "public"] == ["server.health"]
+    assert set(api.SCOPES) == set(IMPLIED)
 
 
 def test_each_handler_takes_the_request_and_gives_the_answer_of_its_method() -> None:
@@ -118,7 +134,7 @@ def test_each_handler_takes_the_request_and_gives_the_answer_of_its_method() -> 
     from server.runtime.app import METHODS, Server
 
     for methods in METHODS:
-        for request_type, handler, raw in methods.entries:
+        for request_type, handler, _, raw in methods.entries:
             spec = api.METHODS[request_type.method]
             hints = typing.get_type_hints(handler, localns={"Server": Server})  # imported for type checkers only
             assert hints["server"] is Server, spec.name
@@ -138,10 +154,10 @@ def test_each_domain_registers_only_its_own_methods() -> None:
         "server": "server.runtime", "profiles": "server.profiles", "tokens": "server.profiles",
         "consent": "server.profiles", "events": "server.profiles", "apps": "server.delivery",
         "push": "server.delivery", "configs": "server.messages", "messages": "server.messages",
-        "reports": "server.reports",
+        "reports": "server.reports", "keys": "server.access",
     }
     for methods in METHODS:
-        for request_type, handler, _ in methods.entries:
+        for request_type, handler, _, _ in methods.entries:
             family = request_type.method.split(".")[0]
             assert handler.__module__ == home[family] + ".methods", request_type.method
 

@@ -6,6 +6,11 @@ breaks it: a field's value replaced by a value of another type, a very long stri
 an integer at the edges of MessagePack, a float that is not a number, bytes, an extension,
 an invalid timestamp, MessagePack nested hundreds or thousands of levels; or a key added.
 Bounded in time: a fixed number of examples per method, on one connection.
+
+The server runs with API keys (the connection uses its admin key, which may call every
+method), and the hello's ``api_key`` is fuzzed too: a hello is welcomed (no key, or the admin
+key) or refused with one goaway that repeats nothing of the key. Refusals are not slowed down
+here (``refusal_delay_max_s`` is tiny); tests/test_access.py measures that.
 """
 
 from __future__ import annotations
@@ -38,13 +43,13 @@ _decoder = msgspec.msgpack.Decoder(AnyFrame)
 class _Connection:
     """A blocking connection that sends a call and reads until its terminal frame."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, api_key: str | None = None) -> None:
         host, port = address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=20)
         self.frames = FrameDecoder(64 * 1024 * 1024)
         self.pending: list[Any] = []
         self.ids = iter(range(1, 2**62))
-        self.sock.sendall(_encoder.frame(Hello(version=PROTOCOL_VERSION, client="fuzz")))
+        self.sock.sendall(_encoder.frame(Hello(version=PROTOCOL_VERSION, client="fuzz", api_key=api_key)))
         assert isinstance(self._next(), Welcome)
 
     def _next(self) -> Any:
@@ -102,8 +107,9 @@ _TOKEN_URI = "https://127.0.0.1:9/token"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     env = {"PIGEON_FCM__URL": "https://127.0.0.1:9", "PIGEON_FCM__TOKEN_URI": _TOKEN_URI,
-           "PIGEON_APNS__PRODUCTION__ADDRESS": "127.0.0.1:9", "PIGEON_APNS__SANDBOX__ADDRESS": "127.0.0.1:9"}
-    proc = ServerProcess(tmp_path_factory.mktemp("fuzz") / "data", env=env).start()
+           "PIGEON_APNS__PRODUCTION__ADDRESS": "127.0.0.1:9", "PIGEON_APNS__SANDBOX__ADDRESS": "127.0.0.1:9",
+           "PIGEON_REFUSAL_DELAY_MAX_S": "0.001"}
+    proc = ServerProcess(tmp_path_factory.mktemp("fuzz") / "data", env=env, auth="keys").start()
     try:
         yield proc
     finally:
@@ -112,7 +118,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 @pytest.fixture(scope="module")
 def connection(server: ServerProcess) -> Iterator[_Connection]:
-    connection = _Connection(server.address)
+    connection = _Connection(server.address, api_key=server.admin_key)
     try:
         _seed(connection)
         yield connection
@@ -228,6 +234,46 @@ def test_a_broken_request_is_answered_and_costs_only_itself(method: str, data: s
         assert answer.code not in (Status.INTERNAL, Status.UNKNOWN), answer
     health = connection.call("server.health", msgspec.msgpack.encode({}))
     assert isinstance(health, Reply)
+
+
+_keys = st.one_of(
+    st.none(),
+    st.text(max_size=60),
+    st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_", min_size=43, max_size=43).map(
+        lambda s: "pgn_" + s),
+    st.sampled_from(["", "pgn_", "\x00", "a" * 70_000, "é" * 40_000]),
+    st.binary(max_size=40), st.integers(-(2**63), 2**64 - 1), st.lists(st.text(max_size=4), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(key=_keys)
+def test_a_hello_s_api_key_is_welcomed_or_refused_and_costs_only_its_connection(
+    key: Any, server: ServerProcess, connection: _Connection
+) -> None:
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        hello = {"t": "hello", "version": PROTOCOL_VERSION, "client": "fuzz", "api_key": key}
+        payload = msgspec.msgpack.encode(hello)
+        sock.sendall(len(payload).to_bytes(4, "big") + payload)
+        frames = FrameDecoder(1 << 20)
+        first: list[bytes] = []
+        while not first:
+            data = sock.recv(1 << 16)
+            assert data, "closed without a goaway"
+            first = frames.feed(data)
+    frame = _decoder.decode(first[0])
+    if key is None or key == "":
+        assert isinstance(frame, Welcome)
+    elif isinstance(key, str):
+        assert isinstance(frame, GoAway) and frame.code == Status.UNAUTHENTICATED, frame
+        # The same words whatever the key: nothing of it comes back.
+        assert frame.message == ("the API key is not valid: it was revoked, mistyped, or made by another server; "
+                                 "ask an admin for a key (pigeon keys create)")
+    else:
+        assert isinstance(frame, GoAway) and frame.code == Status.INVALID_ARGUMENT, frame
+    assert isinstance(connection.call("server.health", msgspec.msgpack.encode({})), Reply)
 
 
 def test_the_server_survived_the_fuzzing_without_a_restart(server: ServerProcess, connection: _Connection) -> None:

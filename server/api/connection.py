@@ -5,6 +5,7 @@ The limits a connection lives under are described in `server.api.listener`.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import ssl
 import time
@@ -23,8 +24,9 @@ from protocols.connection import (
     Terminated,
 )
 from protocols.errors import Status
-from protocols.frames import Call
+from protocols.frames import Call, Hello
 from protocols.framing import DECODE_ERRORS, decode_error_text
+from server.access.service import Grant
 from server.api.registry import CallContext, Route
 from server.runtime.values import check_depth
 from server.runtime.errors import ServerError
@@ -32,7 +34,7 @@ from server.runtime.errors import ServerError
 if TYPE_CHECKING:
     from server.api.listener import Listener
 
-__all__ = ["Connection"]
+__all__ = ["Connection", "is_loopback"]
 
 log = logging.getLogger("pigeon.rpc")
 
@@ -43,6 +45,14 @@ _WRITE_CHUNK = 64 * 1024
 _HIGH_WATER = 1024 * 1024
 #: Bytes of requests read and not yet decoded that a connection may hold before its reader stops.
 _REQUEST_HIGH_WATER = 4 * 1024 * 1024
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address, or ``localhost``) is this machine's loopback."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _peer_name(stream: trio.abc.Stream) -> tuple[str, str]:
@@ -78,9 +88,17 @@ class Connection:
         self.listener = listener
         self.stream = stream
         self.host, self.peer = _peer_name(stream)
+        self.local = self.host == "unix" or is_loopback(self.host)
         self.conn = ServerConnection(
-            server=listener.server_name, max_frame=listener.max_frame, max_calls=listener.max_calls
+            server=listener.server_name, max_frame=listener.max_frame, max_calls=listener.max_calls,
+            check_hello=self._check_hello,
         )
+        #: What the hello's API key may call (set when the hello is accepted).
+        self.grant: Grant | None = None
+        #: Why the connection's calls end, once its key was revoked: (code, message).
+        self.revoked: tuple[Status, str] | None = None
+        #: True while the refusal of a key that is not valid waits (the handshake timer is off).
+        self.refusing_key = False
         self.calls: dict[int, trio.CancelScope] = {}
         #: Flow-control windows of streamed calls that asked for one (``Call.window``).
         self.windows: dict[int, _Window] = {}
@@ -250,7 +268,7 @@ class Connection:
     async def _handshake_deadline(self) -> None:
         with self.handshake:
             await trio.sleep_forever()
-        if self.conn.hello is None:
+        if self.conn.hello is None and not self.refusing_key:
             log.warning("no hello from %s within %gs; closing", self.peer, trio.current_time() - self.started)
             self.scope.cancel()
 
@@ -295,8 +313,11 @@ class Connection:
                 elif isinstance(event, Terminated):
                     # The stream cannot be trusted any more: read nothing else, but answer the
                     # calls already received (the goaway's last_id promises it).
-                    self.listener.protocol_errors += 1
-                    log.warning("closing connection from %s: %s: %s", self.peer, event.code, event.message)
+                    if event.code is Status.UNAUTHENTICATED:
+                        await self._refuse_key()
+                    else:
+                        self.listener.protocol_errors += 1
+                        log.warning("closing connection from %s: %s: %s", self.peer, event.code, event.message)
                     self._reader_gone()
                     self.kick()
                     return
@@ -313,6 +334,54 @@ class Connection:
             self.kick()
             if self.closing and not conn.open_calls:
                 return
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _check_hello(self, hello: Hello) -> tuple[Status, str] | None:
+        grant = self.listener.authenticate(hello.api_key)
+        if grant is None:
+            return Status.UNAUTHENTICATED, (
+                "the API key is not valid: it was revoked, mistyped, or made by another server; "
+                "ask an admin for a key (pigeon keys create)"
+            )
+        self.grant = grant
+        return None
+
+    async def _refuse_key(self) -> None:
+        """A hello with a key that is not valid: its refusal waits longer the more this host
+        failed lately (`server.access.service.Throttle`); only its own connections wait."""
+        self.refusing_key = True
+        self.handshake.cancel()
+        delay = self.listener.throttle.failed(self.host)
+        log.warning("connection from %s refused: its API key is not valid%s", self.peer,
+                    f" (refusal delayed {delay:.2f}s)" if delay else "")
+        if delay:
+            await trio.sleep(delay)
+
+    def revoke(self, code: Status, message: str) -> None:
+        """The connection's key was revoked: a goaway, its calls ended, closed within a second."""
+        self.revoked = (code, message)
+        self.go_away(code, message)
+        for scope in list(self.calls.values()):
+            scope.cancel()
+        self.read_scope.cancel()
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + 1)
+
+    def _refusal(self, route: Route) -> tuple[Status, str] | None:
+        """Why this connection may not call ``route``, or None if it may."""
+        grant = self.grant
+        if grant is not None and route.scope in grant.scopes:
+            return None
+        name, scope = route.spec.name, route.scope
+        if grant is None or grant.key_id is None:
+            return Status.UNAUTHENTICATED, (
+                f"{name} needs an API key with the {scope} scope, and this connection's hello carried no key "
+                "(pass api_key=, --api-key or PIGEON_API_KEY)"
+            )
+        return Status.PERMISSION_DENIED, (
+            f"{name} needs the {scope} scope, which the API key of this connection does not have "
+            f"(it has {', '.join(s for s in ('admin', 'operator', 'ingest', 'read') if s in grant.scopes)})"
+        )
 
     def _reader_gone(self) -> None:
         """No frame will be read any more, so no credit can come: lift the streams' windows."""
@@ -352,6 +421,10 @@ class Connection:
         if route is None:
             conn.send_error(call.id, Status.UNIMPLEMENTED, f"unknown method {call.method!r}", field="$.method")
             return False
+        refusal = self._refusal(route)
+        if refusal is not None:
+            conn.send_error(call.id, *refusal)
+            return False
         # What its answer, or each item of a stream, may take: a stream holds one at a time.
         reservation = self.listener.reservation(call.method)
         try:
@@ -376,7 +449,9 @@ class Connection:
         finally:
             # Only reached without an answer when the scope swallowed a cancellation.
             if call.id in conn.open_calls:
-                if call.id in self.cancelled_by_client:
+                if self.revoked is not None:
+                    conn.send_error(call.id, *self.revoked)
+                elif call.id in self.cancelled_by_client:
                     conn.send_error(call.id, Status.CANCELLED, "cancelled by the client")
                 else:
                     conn.send_error(call.id, Status.DEADLINE_EXCEEDED, f"deadline of {call.timeout_ms} ms exceeded")
@@ -395,7 +470,8 @@ class Connection:
             value = getattr(request, name)
             if value:
                 check_depth(value, f"$.{name}", name)
-        ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body)
+        ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body,
+                          local=self.local)
         if route.spec.streaming:
             await route.handler(ctx, request, lambda item: self._send_item(call, item))
             conn.send_end(call.id)

@@ -30,12 +30,12 @@ Whatever a peer does costs only its own connection, and bounded memory:
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 import os
 import socket as _stdlib_socket
 import ssl
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -43,12 +43,13 @@ from hdrh.histogram import HdrHistogram
 
 from protocols import api
 from protocols.errors import Status
-from server.api.connection import Connection
+from server.access.service import ANYONE, Grant, Throttle
+from server.api.connection import Connection, is_loopback
 from server.api.registry import Router
 from server.runtime.actor import Actor
 from server.runtime.errors import ServerError
 
-__all__ = ["Listener", "parse_address"]
+__all__ = ["Listener", "parse_address", "is_loopback"]
 
 log = logging.getLogger("pigeon.rpc")
 
@@ -108,6 +109,8 @@ class Listener(Actor):
         handshake_timeout: seconds a new connection has to send its hello.
         busy_handshake_timeout: the same, while more than half of ``max_handshakes`` are taken.
         reply_buffer: bytes of answers queued or reserved for all connections together.
+        authenticate: what a hello's API key may call (None: refuse the key); default: anything.
+        throttle: how long refusals of a key wait, by host.
     """
 
     def __init__(
@@ -126,6 +129,8 @@ class Listener(Actor):
         handshake_timeout: float = 10.0,
         busy_handshake_timeout: float = 1.0,
         reply_buffer: int = 64 * 1024 * 1024,
+        authenticate: Callable[[str | None], Grant | None] = lambda key: ANYONE,
+        throttle: Throttle | None = None,
     ) -> None:
         super().__init__("listener", 1)
         self.router = router
@@ -141,6 +146,8 @@ class Listener(Actor):
         self.handshake_timeout = handshake_timeout
         self.busy_handshake_timeout = min(busy_handshake_timeout, handshake_timeout)
         self.reply_buffer = reply_buffer
+        self.authenticate = authenticate
+        self.throttle = throttle if throttle is not None else Throttle()
         #: The bound addresses, once listening (a port of 0 is replaced by the real one).
         self.addresses: list[str] = []
         self.connections: set[Connection] = set()
@@ -227,11 +234,6 @@ class Listener(Actor):
             addresses.append(f"unix:{port}")
             return [trio.SocketListener(sock)]
         listeners: list[trio.abc.Listener[Any]] = []
-        if not _is_loopback(host):
-            log.warning(
-                "listening on %s: anyone who can reach it can call every method (API keys are not enforced yet)",
-                address,
-            )
         for tcp in await trio.open_tcp_listeners(int(port), host=host):
             name = tcp.socket.getsockname()
             addresses.append(f"[{name[0]}]:{name[1]}" if ":" in name[0] else f"{name[0]}:{name[1]}")
@@ -327,6 +329,13 @@ class Listener(Actor):
             if not self.peers[connection.host]:
                 del self.peers[connection.host]
 
+    def close_key(self, key_id: str, code: Status, message: str) -> int:
+        """Close every connection that said hello with the key ``key_id``; how many."""
+        closing = [c for c in self.connections if c.grant is not None and c.grant.key_id == key_id]
+        for connection in closing:
+            connection.revoke(code, message)
+        return len(closing)
+
     def buffered_changed(self, delta: int) -> None:
         self.buffered += delta
         if delta < 0:
@@ -367,13 +376,6 @@ class Listener(Actor):
 
     def details(self) -> dict[str, Any]:
         return {"addresses": self.addresses, "connections": len(self.connections)}
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def _unix_socket_in_use(path: str) -> bool:

@@ -4,21 +4,32 @@
 the command's action, and turns a failure to connect into `Unreachable`, whose message says
 what is at that address instead (nothing, a TLS port, an HTTP server, a silent one) and what
 to do about it.
+
+The API key is ``--api-key``, else ``PIGEON_API_KEY``, else the admin key of the server this
+machine is configured for (the file beside the data folder the configuration names, as
+``pigeon serve`` reads it: ``PIGEON_CONFIG``, ``./pigeon.toml``, ``PIGEON_DATA``), else the
+admin key file a server on this machine names in ``server.health`` (to loopback and unix
+connections only; only its owner can read it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import ssl
+from pathlib import Path
 
 import trio
 
 from protocols._client_core import parse_target
+from protocols import api
 from protocols.errors import ConnectionClosed, NotPigeonServer, PigeonProtocolError, Status
-from protocols.trio_client import open_client
+from protocols.trio_client import Client, open_client
 
 from server.cli.inputs import UsageError
+from server.runtime.errors import ConfigError
 
 __all__ = ["PROBE_S", "Unreachable", "run_client"]
 
@@ -38,11 +49,19 @@ async def run_client(args: argparse.Namespace) -> None:
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"--ca {args.ca}: cannot load it as a CA certificate: {getattr(exc, 'strerror', None) or exc}") from None
     connected = False
+    source = "nowhere"
     try:
         # --timeout bounds connecting, and then each call (in the commands), not the whole command:
         # a long import or listing may take as long as it needs while the server keeps answering.
         with trio.CancelScope(deadline=trio.current_time() + args.timeout) as connecting:
-            async with open_client(args.server, ssl_context=context, client_name="pigeon-cli") as client:
+            async with contextlib.AsyncExitStack() as stack:
+                key, source = api_key(args)
+                client = await stack.enter_async_context(
+                    open_client(args.server, ssl_context=context, client_name="pigeon-cli", api_key=key or ""))
+                if key is None and (named := await _named_admin_key(client)) is not None:
+                    key, source = named
+                    client = await stack.enter_async_context(
+                        open_client(args.server, ssl_context=context, client_name="pigeon-cli", api_key=key))
                 connected = True
                 connecting.deadline = math.inf
                 await args.action(client, args)
@@ -51,7 +70,39 @@ async def run_client(args: argparse.Namespace) -> None:
     except (OSError, PigeonProtocolError, trio.TooSlowError) as exc:
         if connected:
             raise
+        if isinstance(exc, ConnectionClosed) and exc.status is Status.UNAUTHENTICATED:
+            raise Unreachable(f"{args.server} refused the API key from {source}: {exc}") from None
         raise Unreachable(await _unreachable(args, exc)) from None
+
+
+def api_key(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The key and where it came from: ``--api-key``, ``PIGEON_API_KEY``, or the admin key
+    file of the server configured on this machine (None when there is none)."""
+    if getattr(args, "api_key", None):
+        return args.api_key.strip(), "--api-key"
+    if os.environ.get("PIGEON_API_KEY"):
+        return os.environ["PIGEON_API_KEY"].strip(), "PIGEON_API_KEY"
+    from server.access.keys import admin_key_path, read_key_file
+    from server.runtime.config import load_config
+
+    try:
+        config = load_config(env=os.environ)
+        path = Path(config.admin_key_file) if config.admin_key_file else admin_key_path(config.data)
+        return read_key_file(path), f"the admin key file {path}"
+    except ConfigError:
+        return None, "nowhere"
+
+
+async def _named_admin_key(client: Client) -> tuple[str, str] | None:
+    """The admin key in the file a server on this machine names, if this user can read it."""
+    health = await client.call(api.GetHealth())
+    if health.admin_key_file is None:
+        return None
+    try:
+        key = Path(health.admin_key_file).read_text().strip()
+    except OSError:
+        return None
+    return (key, f"the admin key file {health.admin_key_file} (named by the server)") if key else None
 
 
 async def _unreachable(args: argparse.Namespace, exc: BaseException) -> str:

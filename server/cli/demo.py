@@ -140,7 +140,7 @@ def _server_config(folder: Path, apns: MockApnsProcess, fcm: MockFcmProcess) -> 
     """A server on a free port, with its data in ``folder``, that sends to the mocks."""
     endpoint = {"address": apns.address, "ca_file": str(apns.ca_file)}
     return load_config(env={}, overrides={
-        "data": str(folder / "data"), "listen": ["127.0.0.1:0"],
+        "data": str(folder / "data"), "listen": ["127.0.0.1:0"], "auth": "none",
         "apns": {"sandbox": endpoint, "production": endpoint},
         "fcm": {"url": fcm.url, "ca_file": str(fcm.ca_file), "token_uri": fcm.token_uri},
     })

@@ -300,3 +300,22 @@ def show_report(r: api.Report) -> str:
         last = r.minutes[-1]
         out.append(f"last minute with activity: {when(last.start)} " + ", ".join(f"{k} {v}" for k, v in sorted(last.counts.items())))
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# API keys
+
+
+def show_created_key(c: api.CreatedKey) -> str:
+    i = c.info
+    return (f"{c.key}\n\nAPI key {i.id} ({', '.join(i.scopes)}{', ' + repr(i.name) if i.name else ''}): "
+            "shown this once; keep it where its users read it (PIGEON_API_KEY, --api-key)")
+
+
+def show_keys(r: api.KeyList) -> str:
+    rows = [[k.id, ",".join(k.scopes), k.sandbox, k.name or "-", when(k.created), when(k.last_used)] for k in r.keys]
+    return table(rows, ["ID", "SCOPES", "SANDBOX", "NAME", "CREATED", "LAST USED"]) if rows else "(no keys)"
+
+
+def show_key_revoked(r: api.KeyRevoked) -> str:
+    return f"revoked API key {r.id} ({r.connections_closed} open connections closed)"

@@ -20,7 +20,7 @@ from server.cli.inputs import parse_json_object
 from server.cli.output import (
     show_app, show_app_deleted, show_apps, show_config, show_configs, show_consent, show_health, show_message,
     show_message_document, show_messages, show_preview, show_profile, show_profile_deleted, show_send, show_stats,
-    show_token_registered, show_token_unregistered,
+    show_token_registered, show_token_unregistered, show_created_key, show_keys, show_key_revoked,
 )
 from server.runtime.config import DEFAULT_LISTEN
 
@@ -56,6 +56,9 @@ COMMANDS: dict[str, str] = {
     "messages.preview": "messages preview",
     "messages.send": "messages send",
     "reports.get": "reports",
+    "keys.create": "keys create",
+    "keys.list": "keys list",
+    "keys.revoke": "keys revoke",
     "reports.watch": "reports --watch",
 }
 
@@ -80,6 +83,9 @@ def client_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     parser.add_argument("--ca", metavar="FILE", default=default(None), help="CA certificate to trust for TLS (implies --tls)")
     parser.add_argument("--timeout", type=float, default=default(30.0), metavar="SECONDS",
                         help="deadline for connecting and for each call (default 30)")
+    parser.add_argument("--api-key", metavar="KEY", default=default(None),
+                        help="API key (env PIGEON_API_KEY; default: the admin key of the server configured "
+                             "on this machine, or named by a server on this machine)")
 
 
 class _Tree:
@@ -113,14 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="pigeon", description="Pigeon, a self-hosted push journey server.",
-        epilog="Options of the client commands (--server, --json, --tls, --ca, --timeout) may also come after "
+        epilog="Options of the client commands (--server, --json, --tls, --ca, --timeout, --api-key) may also come after "
                "the command. `pigeon COMMAND --help` shows a command's own options.")
     parser.add_argument("--version", action="version", version=f"pigeon {VERSION} (protocol {PROTOCOL_VERSION})")
     client_options(parser, defaults=True)
     parser.set_defaults(action=None, group=parser)
     tree = _Tree(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
     for add_commands in (_serve, _server, _profiles, _tokens, _consent, _apps, _push, _configs, _messages, _reports,
-                         _demo, _mocks, _events):
+                         _keys, _demo, _mocks, _events):
         add_commands(tree)
     return parser
 
@@ -321,6 +327,21 @@ def _reports(tree: _Tree) -> None:
     p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                    help="stay connected: the server sends the report again whenever its counts change, at most "
                         "every SECONDS (default 2); refreshed in place (with --json: one report per line) until interrupted")
+
+
+def _keys(tree: _Tree) -> None:
+    keys = tree.group("keys", "API keys and their scopes (admin)")
+    p = tree.command(keys, "create", "make an API key (shown once)", call_action(
+        lambda a: api.CreateKey(scopes=a.scopes, name=a.name), show_created_key))
+    p.add_argument("scopes", nargs="+", choices=list(api.SCOPES),
+                   help="admin (everything), operator (profiles, sends, reports; implies ingest and read), "
+                        "ingest (tokens, consent, events: the key an app embeds), read (reports, stats)")
+    p.add_argument("--name", default="", help="a label for the list, e.g. ios-app")
+    tree.command(keys, "list", "list the API keys (never the keys themselves)",
+                 call_action(lambda a: api.ListKeys(), show_keys))
+    p = tree.command(keys, "revoke", "revoke an API key and close its connections",
+                     call_action(lambda a: api.RevokeKey(id=a.id), show_key_revoked))
+    p.add_argument("id", help="the key's id (its first 12 characters, as listed)")
 
 
 def _demo(tree: _Tree) -> None:

@@ -22,7 +22,7 @@ log = logging.getLogger("pigeon")
 methods = Methods()
 
 
-@methods(api.RegisterIosApp)
+@methods(api.RegisterIosApp, scope="admin")
 async def register_ios(server: Server, ctx: CallContext, req: api.RegisterIosApp) -> api.AppInfo:
     ios = apps.channel_for_apps(server, "ios").check_app(req)
     stored = await apps.store_credentials(server, req.app, ios=ios)
@@ -30,7 +30,7 @@ async def register_ios(server: Server, ctx: CallContext, req: api.RegisterIosApp
     return stored.info()
 
 
-@methods(api.RegisterAndroidApp)
+@methods(api.RegisterAndroidApp, scope="admin")
 async def register_android(server: Server, ctx: CallContext, req: api.RegisterAndroidApp) -> api.AppInfo:
     android = apps.channel_for_apps(server, "android").check_app(req)
     stored = await apps.store_credentials(server, req.app, android=android)
@@ -38,17 +38,17 @@ async def register_android(server: Server, ctx: CallContext, req: api.RegisterAn
     return stored.info()
 
 
-@methods(api.GetApp)
+@methods(api.GetApp, scope="admin")
 async def get_app(server: Server, ctx: CallContext, req: api.GetApp) -> api.AppInfo:
     return apps.require_app(server, req.app).info()
 
 
-@methods(api.ListApps)
+@methods(api.ListApps, scope="admin")
 async def list_apps(server: Server, ctx: CallContext, req: api.ListApps) -> api.AppList:
     return api.AppList(apps=[record.info() for record in apps.list_apps(server.store)])
 
 
-@methods(api.DeleteApp)
+@methods(api.DeleteApp, scope="admin")
 async def delete_app(server: Server, ctx: CallContext, req: api.DeleteApp) -> api.AppDeleted:
     await server.store.write(apps.delete_app, req.app)
     for channel in server.channels:
@@ -56,7 +56,7 @@ async def delete_app(server: Server, ctx: CallContext, req: api.DeleteApp) -> ap
     return api.AppDeleted(app=req.app)
 
 
-@methods(api.SendPush)
+@methods(api.SendPush, scope="operator")
 async def push_send(server: Server, ctx: CallContext, req: api.SendPush) -> api.PushSent:
     _check_push(req)
     app = apps.require_app(server, req.app)

@@ -25,7 +25,7 @@ log = logging.getLogger("pigeon")
 methods = Methods()
 
 
-@methods(api.PublishConfig)
+@methods(api.PublishConfig, scope="admin")
 async def publish_config(server: Server, ctx: CallContext, req: api.PublishConfig) -> api.ConfigInfo:
     store = server.store
     config = req.config
@@ -43,17 +43,17 @@ async def publish_config(server: Server, ctx: CallContext, req: api.PublishConfi
     return content.ConfigRecord(config=config, version=version, published_us=published).info()
 
 
-@methods(api.GetConfig)
+@methods(api.GetConfig, scope="admin")
 async def get_config(server: Server, ctx: CallContext, req: api.GetConfig) -> api.ConfigInfo:
     return server.catalog.config(req.name, req.version).info()
 
 
-@methods(api.ListConfigs)
+@methods(api.ListConfigs, scope="admin")
 async def list_configs(server: Server, ctx: CallContext, req: api.ListConfigs) -> api.ConfigList:
     return api.ConfigList(configs=[content.decode_config(v).info() for v in list_latest(server.store, "configs")])
 
 
-@methods(api.PublishMessage)
+@methods(api.PublishMessage, scope="admin")
 async def publish_message(server: Server, ctx: CallContext, req: api.PublishMessage) -> api.MessageInfo:
     store = server.store
     spec = req.message
@@ -71,17 +71,17 @@ async def publish_message(server: Server, ctx: CallContext, req: api.PublishMess
     return draft.info()
 
 
-@methods(api.GetMessage)
+@methods(api.GetMessage, scope="admin")
 async def get_message(server: Server, ctx: CallContext, req: api.GetMessage) -> api.MessageInfo:
     return server.catalog.message(req.id, req.version).info()
 
 
-@methods(api.ListMessages)
+@methods(api.ListMessages, scope="admin")
 async def list_messages(server: Server, ctx: CallContext, req: api.ListMessages) -> api.MessageList:
     return api.MessageList(messages=[content.decode_message(v).info() for v in list_latest(server.store, "messages")])
 
 
-@methods(api.PreviewMessage)
+@methods(api.PreviewMessage, scope="admin")
 async def preview(server: Server, ctx: CallContext, req: api.PreviewMessage) -> api.Preview:
     if (req.identity is None) == (req.profile is None):
         raise InvalidArgument("give either an identity or a sample profile", field="$.identity")
@@ -126,7 +126,7 @@ def _who(server: Server, req: api.PreviewMessage) -> dict[str, Any]:
     return {"attributes": sample, "identities": identities, "audiences": audiences}
 
 
-@methods(api.SendMessage)
+@methods(api.SendMessage, scope="operator")
 async def send_message(server: Server, ctx: CallContext, req: api.SendMessage) -> api.SendResult:
     if bool(req.identities) == (req.audience is not None):
         raise InvalidArgument("give either identities or an audience", field="$.identities")

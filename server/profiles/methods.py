@@ -25,38 +25,38 @@ _PAGE = 256
 _PAGE_BYTES = 16 * 1024
 
 
-@methods(api.GetProfile)
+@methods(api.GetProfile, scope="operator")
 async def get_profile(server: Server, ctx: CallContext, req: api.GetProfile) -> api.Profile:
     return profile_to_api(server.store.get_profile(req.identity))
 
 
-@methods(api.UpsertProfile)
+@methods(api.UpsertProfile, scope="operator")
 async def upsert_profile(server: Server, ctx: CallContext, req: api.UpsertProfile) -> api.Profile:
     return profile_to_api(await server.store.write(writes.upsert_profile, req.identity, req.attributes))
 
 
-@methods(api.PatchProfile)
+@methods(api.PatchProfile, scope="operator")
 async def patch_profile(server: Server, ctx: CallContext, req: api.PatchProfile) -> api.Profile:
     return profile_to_api(await server.store.write(writes.patch_profile, req.identity, req.patch, req.create))
 
 
-@methods(api.DeleteProfile)
+@methods(api.DeleteProfile, scope="operator")
 async def delete_profile(server: Server, ctx: CallContext, req: api.DeleteProfile) -> api.ProfileDeleted:
     identities, registrations, events = await server.store.write(writes.delete_profile, req.identity)
     return api.ProfileDeleted(identities=identities, registrations=registrations, events=events)
 
 
-@methods(api.LinkIdentity)
+@methods(api.LinkIdentity, scope="operator")
 async def link_identity(server: Server, ctx: CallContext, req: api.LinkIdentity) -> api.Profile:
     return profile_to_api(await server.store.write(writes.link_identity, req.identity, req.link))
 
 
-@methods(api.UnlinkIdentity)
+@methods(api.UnlinkIdentity, scope="operator")
 async def unlink_identity(server: Server, ctx: CallContext, req: api.UnlinkIdentity) -> api.Profile:
     return profile_to_api(await server.store.write(writes.unlink_identity, req.identity))
 
 
-@methods(api.RegisterToken)
+@methods(api.RegisterToken, scope="ingest")
 async def register_token(server: Server, ctx: CallContext, req: api.RegisterToken) -> api.TokenRegistered:
     token = normalize_token(req.platform, req.token)
     registration, created, moved_from, evicted = await server.store.write(
@@ -76,24 +76,24 @@ async def register_token(server: Server, ctx: CallContext, req: api.RegisterToke
     )
 
 
-@methods(api.UnregisterToken)
+@methods(api.UnregisterToken, scope="ingest")
 async def unregister_token(server: Server, ctx: CallContext, req: api.UnregisterToken) -> api.TokenUnregistered:
     identity = await server.store.write(writes.unregister_token, req.app, req.token)
     return api.TokenUnregistered(identity=identity)
 
 
-@methods(api.SetConsent)
+@methods(api.SetConsent, scope="ingest")
 async def set_consent(server: Server, ctx: CallContext, req: api.SetConsent) -> api.ConsentEntry:
     entry = await server.store.write(writes.set_consent, req.identity, req.app, req.push)
     return api.ConsentEntry(push=entry.push, updated=from_us(entry.updated))  # type: ignore[arg-type]  # stored as text
 
 
-@methods(api.IngestEvents, raw=True)
+@methods(api.IngestEvents, scope="ingest", raw=True)
 async def ingest(server: Server, ctx: CallContext, req: None) -> api.IngestResult:
     return await server.ingestion.ingest(ctx.body)
 
 
-@methods(api.ListEvents)
+@methods(api.ListEvents, scope="operator")
 async def list_events(
     server: Server, ctx: CallContext, req: api.ListEvents, send: Callable[[api.StoredEvent], Awaitable[None]]
 ) -> None:

@@ -71,7 +71,7 @@ MAX_REGISTRATIONS = 50
 
 #: The environment's databases, every domain's (each reads and writes its own: see
 #: `server.profiles.keys` for where they are described).
-_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports", "executions", "outbox", "live", "uniques")
+_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports", "executions", "outbox", "live", "uniques", "keys")
 _meta_encoder = msgspec.msgpack.Encoder()
 
 

@@ -18,12 +18,12 @@ __all__ = ["methods"]
 methods = Methods()
 
 
-@methods(api.GetReport)
+@methods(api.GetReport, scope="read")
 async def report(server: Server, ctx: CallContext, req: api.GetReport) -> api.Report:
     return server.reporting.report(req)
 
 
-@methods(api.WatchReport)
+@methods(api.WatchReport, scope="read")
 async def watch_report(
     server: Server, ctx: CallContext, req: api.WatchReport, send: Callable[[api.Report], Awaitable[None]]
 ) -> None:

@@ -1,7 +1,7 @@
 """The server: builds the actors, supervises them, and shuts them down gracefully.
 
-Start order (stop order is the reverse): store, reporting, delivery, journeys, ingestion,
-listener. The listener starts last, so a client is only accepted once everything it may call
+Start order (stop order is the reverse): store, access, reporting, delivery, journeys,
+ingestion, listener. The listener starts last, so a client is only accepted once everything it may call
 is ready, and it stops first, so nothing new arrives while the rest drains and commits.
 """
 
@@ -20,7 +20,10 @@ from typing import Any, NoReturn, TypeVar
 
 import trio
 
-from server.api.listener import Listener, parse_address
+from server.access import methods as access_methods
+from server.access.keys import PEPPER_KEY, admin_key_path
+from server.access.service import Access
+from server.api.listener import Listener, is_loopback, parse_address
 from server.api.registry import Methods, Router
 from server.delivery import methods as delivery_methods
 from server.delivery.apps import reseal_app
@@ -31,6 +34,7 @@ from server.messages.catalog import Catalog
 from server.messages.pipeline import recover
 from server.profiles import methods as profile_methods
 from server.profiles.ingest import Ingestion
+from server.profiles.sealing import bare
 from server.profiles.store import ProfileStore
 from server.reports import methods as report_methods
 from server.reports.reporting import Reporting
@@ -60,6 +64,7 @@ METHODS: tuple[Methods, ...] = (
     delivery_methods.methods,
     message_methods.methods,
     report_methods.methods,
+    access_methods.methods,
 )
 
 
@@ -103,7 +108,12 @@ class Server:
             clock=clock,
             sync=config.store.sync,
             master_key_file=Path(config.master_key_file) if config.master_key_file else default_path(config.data),
-            sealed={"apps": reseal_app},
+            sealed={"apps": reseal_app, "keys": bare(PEPPER_KEY)},
+        )
+        self.access = Access(
+            self.store, enabled=config.auth == "keys",
+            admin_key_file=Path(config.admin_key_file) if config.admin_key_file else admin_key_path(config.data),
+            refusal_delay_max_s=config.refusal_delay_max_s,
         )
         self.catalog = Catalog(self.store)
         self.reporting = Reporting(self.store)
@@ -129,12 +139,15 @@ class Server:
             handshake_timeout=config.handshake_timeout_s,
             busy_handshake_timeout=config.busy_handshake_timeout_s,
             reply_buffer=config.reply_buffer_mb * 1024 * 1024,
+            authenticate=self.access.authenticate,
+            throttle=self.access.throttle,
         )
         s = config.supervisor
         self.supervisor = Supervisor(
             "root",
             [
                 ChildSpec(self.store),
+                ChildSpec(self.access),
                 ChildSpec(self.reporting),
                 ChildSpec(self.delivery),
                 ChildSpec(self.journeys),
@@ -232,11 +245,32 @@ def _check_config(config: Config) -> None:
             parse_address(address)
         except ValueError as exc:
             raise ConfigError(f"configuration key 'listen': {exc}") from None
+    _check_listen_rule(config)
     files = {"apns.production.ca_file": config.apns.production.ca_file, "apns.sandbox.ca_file": config.apns.sandbox.ca_file,
              "fcm.ca_file": config.fcm.ca_file}
     for key, path in files.items():
         if path is not None and not os.access(path, os.R_OK):
             raise ConfigError(f"configuration key {key!r}: cannot read the file {path!r}")
+
+
+def _check_listen_rule(config: Config) -> None:
+    """Beyond loopback, keys and TLS: refuse a TCP address that is not loopback without them,
+    unless ``insecure_plaintext_network`` says the network is private (then warn)."""
+    for address in config.listen:
+        host, _ = parse_address(address)
+        if host == "unix" or is_loopback(host):
+            continue
+        if config.auth == "none":
+            raise ConfigError(f"configuration key 'listen': {address} is not a loopback address, and auth = \"none\" "
+                              "lets anyone who reaches it call every method: it is allowed on loopback and unix "
+                              "addresses only (set auth = \"keys\")")
+        if config.tls_cert is None or config.tls_key is None:
+            if not config.insecure_plaintext_network:
+                raise ConfigError(f"configuration key 'listen': {address} is not a loopback address and TLS is off: "
+                                  "API keys would cross the network in the clear. Set tls_cert and tls_key, or "
+                                  "insecure_plaintext_network = true for a private network")
+            log.warning("insecure_plaintext_network = true: listening on %s without TLS; API keys and data cross "
+                        "the network in the clear", address)
 
 
 #: Allocations between young-generation collections (CPython's default is 700).

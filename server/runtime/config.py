@@ -109,6 +109,17 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Serve TLS on TCP addresses with this certificate chain and key (PEM files).
     tls_cert: str | None = None
     tls_key: str | None = None
+    #: ``keys``: every connection needs an API key (PROTOCOL.md, section 5.1); ``none``: any
+    #: connection may call anything, allowed only on loopback and unix addresses.
+    auth: Literal["keys", "none"] = "keys"
+    #: The first admin key is written there at the first start: default beside the data
+    #: folder, ``<data>.admin-key``; ``PIGEON_ADMIN_KEY`` gives the key itself instead.
+    admin_key_file: str | None = None
+    #: Listen beyond loopback without TLS (a private network): keys then cross the network in
+    #: the clear. Logged as a warning at each start.
+    insecure_plaintext_network: bool = False
+    #: The longest a refused API key's goaway waits, after repeated failures from its host.
+    refusal_delay_max_s: Annotated[float, msgspec.Meta(ge=0)] = 4.0
     max_frame: Annotated[int, msgspec.Meta(ge=1024)] = DEFAULT_MAX_FRAME
     max_calls: Positive = 256
     max_connections: Positive = 1024
@@ -149,7 +160,7 @@ def _is_setting(path: list[str]) -> bool:
 
 
 #: ``PIGEON_*`` variables that are not configuration keys: read where they are used.
-_NOT_SETTINGS = frozenset(("PIGEON_CONFIG", "PIGEON_SERVER", "PIGEON_MASTER_KEY"))
+_NOT_SETTINGS = frozenset(("PIGEON_CONFIG", "PIGEON_SERVER", "PIGEON_MASTER_KEY", "PIGEON_ADMIN_KEY", "PIGEON_API_KEY"))
 
 
 def _from_env(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:

@@ -21,17 +21,18 @@ __all__ = ["methods"]
 methods = Methods()
 
 
-@methods(api.GetHealth)
+@methods(api.GetHealth, scope="public")
 async def health(server: Server, ctx: CallContext, req: api.GetHealth) -> api.Health:
     return api.Health(
         status="stopping" if server.stopping else "serving",
         version=server.version,
         protocol=PROTOCOL_VERSION,
         uptime_s=time.monotonic() - server.started_at,
+        admin_key_file=server.access.admin_key_file_for(ctx.local),
     )
 
 
-@methods(api.GetStats)
+@methods(api.GetStats, scope="read")
 async def stats(server: Server, ctx: CallContext, req: api.GetStats) -> api.Stats:
     return api.Stats(
         version=server.version,

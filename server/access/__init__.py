@@ -1,0 +1,1 @@
+"""Access: API keys, their scopes, the handshake's check of them (issue 13)."""

@@ -1,0 +1,226 @@
+"""The access actor: which key a hello carries, what it may call, and slowing down guessers.
+
+It loads the keys when the server starts (the pepper of their hashes first, made at the first
+start), makes the first admin key when there is none (or takes ``PIGEON_ADMIN_KEY``), and keeps
+the keys in memory by their hash, so the handshake checks a key without touching LMDB. When a
+key was last used is kept in memory and written every `TOUCH_INTERVAL_S`, and at the stop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import msgspec
+import msgspec.structs
+import trio
+
+from server.access import keys
+from server.access.keys import KeyRecord
+from server.api.registry import granted
+from server.profiles.store import ProfileStore
+from server.runtime.actor import Actor
+from server.runtime.errors import AlreadyExists, ConfigError
+
+__all__ = ["Access", "Grant", "Throttle", "ADMIN_KEY_ENV", "TOUCH_INTERVAL_S"]
+
+log = logging.getLogger("pigeon.access")
+
+ADMIN_KEY_ENV = "PIGEON_ADMIN_KEY"
+#: Seconds between writes of the keys' last use.
+TOUCH_INTERVAL_S = 60.0
+_EVERY_SCOPE = granted(("admin",))
+
+
+class Grant(msgspec.Struct, frozen=True):
+    """What a connection may call: its key's id (None: no key) and every scope it has."""
+
+    key_id: str | None
+    scopes: frozenset[str]
+
+
+#: A connection without a key: public methods only (``server.health``).
+NO_KEY = Grant(None, granted(()))
+#: Every connection when keys are off (``auth = "none"``).
+ANYONE = Grant(None, _EVERY_SCOPE)
+
+
+class Throttle:
+    """Delays the refusals of hosts that failed before, with a bounded memory.
+
+    Each failure adds 1 to its host's score, which halves every ``half_life`` seconds; a
+    refusal waits ``base * 2 ** (score - 1)`` seconds (no wait before the first failure), at
+    most ``max_delay``. At most ``max_hosts`` hosts are remembered (the least recently failed
+    is forgotten first). Only the failing host's connections wait.
+    """
+
+    def __init__(
+        self, *, base: float = 0.05, max_delay: float = 4.0, half_life: float = 30.0, max_hosts: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.base, self.max_delay, self.half_life, self.max_hosts = base, max_delay, half_life, max_hosts
+        self.clock = clock
+        self._hosts: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._hosts)
+
+    def score(self, host: str) -> float:
+        seen = self._hosts.get(host)
+        if seen is None:
+            return 0.0
+        score, when = seen
+        return score * 0.5 ** ((self.clock() - when) / self.half_life)
+
+    def failed(self, host: str) -> float:
+        """Record a failure of ``host``; the seconds its refusal should wait."""
+        score = self.score(host)
+        delay = 0.0 if score < 1 else min(self.max_delay, self.base * 2 ** min(64.0, score - 1))
+        self._hosts[host] = (score + 1, self.clock())
+        self._hosts.move_to_end(host)
+        while len(self._hosts) > self.max_hosts:
+            self._hosts.popitem(last=False)
+        return delay
+
+
+class Access(Actor):
+    """The API keys of the server.
+
+    Args:
+        store: where they are kept.
+        enabled: False with ``auth = "none"``: every connection may call every method.
+        admin_key_file: where the first admin key is written.
+        env: where ``PIGEON_ADMIN_KEY`` is read.
+        refusal_delay_max_s: the longest a refusal waits (`Throttle`).
+    """
+
+    def __init__(
+        self, store: ProfileStore, *, enabled: bool, admin_key_file: Path, env: Mapping[str, str] = os.environ,
+        refusal_delay_max_s: float = 4.0,
+    ) -> None:
+        super().__init__("access", 16)
+        self.store = store
+        self.enabled = enabled
+        self.admin_key_file = admin_key_file
+        self.env = env
+        self.pepper = b""
+        self._by_digest: dict[bytes, KeyRecord] = {}
+        self._used: dict[str, int] = {}
+        self.throttle = Throttle(max_delay=refusal_delay_max_s)
+        self.refused = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.pepper = await self.store.write(keys.ensure_pepper)
+        self._by_digest = {record.digest: record for record in keys.list_keys(self.store)}
+        if self.enabled:
+            await self._first_admin_key()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._toucher)
+                task_status.started()
+                while await self.receive_batch():
+                    pass
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._touch()
+
+    async def _first_admin_key(self) -> None:
+        given = self.env.get(ADMIN_KEY_ENV)
+        if given:
+            given = given.strip()
+            if not keys.is_key(given):
+                raise ConfigError(f"{ADMIN_KEY_ENV} is not an API key: a key is pgn_ and 43 base64url characters "
+                                  "(make one with: python3 -c \"import secrets; print('pgn_' + secrets.token_urlsafe(32))\")")
+            if keys.hash_key(self.pepper, given) not in self._by_digest:
+                await self._store(given, ["admin"], f"from {ADMIN_KEY_ENV}")
+                log.info("admin key %s… from %s stored", keys.key_id(given), ADMIN_KEY_ENV)
+            return
+        if self._by_digest:
+            return
+        key = keys.new_key()
+        keys.write_admin_key(self.admin_key_file, key)
+        await self._store(key, ["admin"], "first admin key")
+        log.warning("first start: admin API key written to %s (readable by its owner only); the pigeon command "
+                    "on this machine uses it", self.admin_key_file)
+
+    async def _store(self, key: str, scopes: list[str], name: str) -> KeyRecord:
+        record = KeyRecord(id=keys.key_id(key), digest=keys.hash_key(self.pepper, key), scopes=scopes, name=name,
+                           created_us=0)
+        record = await self.store.write(keys.put_key, record)
+        self._by_digest[record.digest] = record
+        return record
+
+    # -- the methods' side ----------------------------------------------------------------
+
+    async def create(self, scopes: list[str], name: str) -> tuple[str, KeyRecord]:
+        """A new key (the whole key is returned here only)."""
+        for _ in range(8):
+            key = keys.new_key()
+            try:
+                return key, await self._store(key, sorted(set(scopes), key=_SCOPE_ORDER.index), name)
+            except AlreadyExists:  # two keys with the same first 12 characters: draw again
+                continue
+        raise AlreadyExists("could not draw a key with an unused id")  # pragma: no cover
+
+    async def revoke(self, id: str) -> KeyRecord:
+        record = await self.store.write(keys.delete_key, id)
+        self._by_digest.pop(record.digest, None)
+        self._used.pop(id, None)
+        return record
+
+    def list(self) -> list[KeyRecord]:
+        records = sorted(self._by_digest.values(), key=lambda r: (r.created_us, r.id))
+        return [msgspec.structs.replace(r, last_used_us=max(r.last_used_us, self._used.get(r.id, 0))) for r in records]
+
+    def admin_key_file_for(self, local: bool) -> str | None:
+        """The admin key file's path for ``server.health``: to local peers of a server with
+        keys, when the file exists (only its owner can read it)."""
+        if not (local and self.enabled and self.admin_key_file.exists()):
+            return None
+        return str(self.admin_key_file)
+
+    # -- the handshake's side -------------------------------------------------------------
+
+    def authenticate(self, api_key: str | None) -> Grant | None:
+        """What a hello with ``api_key`` may call; None when the key is not valid."""
+        if not self.enabled:
+            return ANYONE
+        if api_key is None or api_key == "":
+            return NO_KEY
+        record = self._by_digest.get(keys.hash_key(self.pepper, api_key))
+        if record is None:
+            self.refused += 1
+            return None
+        self._used[record.id] = time.time_ns() // 1000
+        return Grant(record.id, granted(record.scopes))
+
+    async def _toucher(self) -> None:
+        while True:
+            await trio.sleep(TOUCH_INTERVAL_S)
+            await self._touch()
+
+    async def _touch(self) -> None:
+        used, self._used = self._used, {}
+        if not used:
+            return
+        try:
+            await self.store.write(keys.touch_keys, used)
+        except Exception as exc:  # the store is stopping or restarting: next time
+            log.debug("could not record when keys were last used: %r", exc)
+            for id, when in used.items():
+                self._used[id] = max(when, self._used.get(id, 0))
+            return
+        for record in self._by_digest.values():
+            if record.id in used:
+                record.last_used_us = max(record.last_used_us, used[record.id])
+
+    def details(self) -> dict[str, object]:
+        return {"keys": len(self._by_digest), "refused": self.refused, "throttled_hosts": len(self.throttle)}
+
+
+_SCOPE_ORDER = ["admin", "operator", "ingest", "read"]
