@@ -58,7 +58,8 @@ class Hello(Frame, tag="hello", frozen=True):
 
     version: int
     client: str = ""
-    #: Reserved for API keys; accepted and ignored until keys are enforced.
+    #: The client's API key (PROTOCOL.md, section 5.1); None or "": no key (``server.health``
+    #: only, on a server with keys). A key that is not valid is refused with a goaway.
     api_key: str | None = None
     #: Largest frame the client accepts; a larger answer becomes a RESOURCE_EXHAUSTED error.
     max_frame: Annotated[int, msgspec.Meta(ge=1024)] = DEFAULT_MAX_FRAME

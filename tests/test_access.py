@@ -305,6 +305,25 @@ def test_loopback_unix_and_tls_addresses_are_allowed(tmp_path: Path) -> None:
     Server(make_config(tmp_path / "c", listen=["0.0.0.0:0"], auth="keys", insecure_plaintext_network=True))
 
 
+async def test_beyond_loopback_with_tls_a_key_opens_a_connection(tmp_path: Path) -> None:
+    import ssl
+
+    cert, key_file = self_signed_certificate(tmp_path)
+    srv = Server(make_config(tmp_path / "data", listen=["0.0.0.0:0"], auth="keys", tls_cert=str(cert),
+                             tls_key=str(key_file)))
+    context = ssl.create_default_context(cafile=str(cert))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        port = srv.addresses[0].rsplit(":", 1)[1]
+        async with open_client(f"127.0.0.1:{port}", ssl_context=context, api_key=admin_key(srv)) as client:
+            assert (await client.call(api.ListKeys())).keys
+        with pytest.raises(ConnectionClosed) as refused:
+            async with open_client(f"127.0.0.1:{port}", ssl_context=context, api_key="pgn_" + "q" * 43):
+                pass
+        assert refused.value.status is Status.UNAUTHENTICATED
+        srv.request_stop()
+
+
 # ---------------------------------------------------------------------------------------------
 # slowing down repeated failures
 
@@ -350,3 +369,54 @@ async def test_repeated_refusals_from_one_host_are_slowed_down_and_honest_handsh
     assert first < 0.5 and honest < 0.5
     assert later >= 1.0, (first, later)
     assert keyed.access.refused == 10
+
+
+# ---------------------------------------------------------------------------------------------
+# keys kept across restarts and master key rotations; the asyncio client
+
+
+async def test_last_use_survives_a_restart_and_keys_survive_a_master_key_rotation(tmp_path: Path) -> None:
+    from server.profiles import sealing
+
+    config = make_config(tmp_path / "data", auth="keys")
+    srv = Server(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        key = await make_key(srv, "read", name="dashboard")
+        async with open_client(srv.addresses[0], api_key=key) as client:
+            await client.call(api.GetStats())
+        await sealing.rotate(srv.store)  # the pepper is re-sealed under the new master key
+        srv.request_stop()
+    srv = Server(config)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0], api_key=key) as client:
+            await client.call(api.GetStats())
+        listed = {record.name: record for record in srv.access.list()}
+        assert listed["dashboard"].last_used_us > 0  # written at the stop, read back at the start
+        srv.request_stop()
+
+
+def test_the_asyncio_client_takes_a_key_from_its_argument_or_pigeon_api_key(
+    spawn_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import asyncio
+
+    from protocols import asyncio_client
+
+    server = spawn_server(auth="keys")
+
+    async def stats(**kwargs: Any) -> api.Stats:
+        async with asyncio_client.open_client(server.address, **kwargs) as client:
+            return await client.call(api.GetStats())
+
+    assert asyncio.run(stats(api_key=server.admin_key)).version
+    monkeypatch.setenv("PIGEON_API_KEY", server.admin_key)
+    assert asyncio.run(stats()).version
+    monkeypatch.setenv("PIGEON_API_KEY", "pgn_" + "z" * 43)
+    with pytest.raises(ConnectionClosed) as refused:
+        asyncio.run(stats())
+    assert refused.value.status is Status.UNAUTHENTICATED
+    with pytest.raises(CallError) as no_key:
+        asyncio.run(stats(api_key=""))  # an explicit empty key: none, whatever the environment says
+    assert no_key.value.status is Status.UNAUTHENTICATED

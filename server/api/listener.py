@@ -22,6 +22,9 @@ Whatever a peer does costs only its own connection, and bounded memory:
   and reads nothing holds about ``_HIGH_WATER`` bytes of them (plus one answer larger than its
   method's reservation), and all such clients together about ``reply_buffer`` (plus one answer
   each); a client that reads nothing for ``write_timeout`` seconds is disconnected.
+- Keys: a hello's API key is checked before the welcome (``authenticate``); a key that is not
+  valid gets a goaway UNAUTHENTICATED, later the more its host failed lately (``throttle``),
+  and each call is checked against the scope its method needs (`server.api.registry`).
 - Failures: a frame that cannot be decoded costs its call or its connection (see
   `protocols.connection`); anything unexpected while serving a connection closes that
   connection only, never the listener.
