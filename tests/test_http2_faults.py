@@ -235,6 +235,7 @@ async def test_jobs_carrying_older_credentials_do_not_bring_them_back(monkeypatc
         endpoint = types.SimpleNamespace(address="fake:443", ca_file=None)
         channel = ApnsChannel(types.SimpleNamespace(
             production=endpoint, sandbox=endpoint, max_connections=1, streams_per_connection=10, max_queue=100,
+            request_timeout_s=30.0, breaker=False,
         ))
         await nursery.start(channel.run)
         v1, v2 = app_record(version=1), app_record(version=2)

@@ -18,7 +18,8 @@ import trio
 
 from protocols import api
 from server.channels import AppRecord, AppVersions, Channel, DeliveryJob, DeliveryResult, IosRecord, Rendered
-from server.delivery.sender import Senders
+from server.delivery.breaker import CircuitBreaker
+from server.delivery.sender import Collected, Mapped, Progress, Senders
 from server.hookspecs import hookimpl
 from server.runtime.config import Config, ApnsSettings
 
@@ -56,54 +57,57 @@ class ApnsChannel(Channel):
         return check_ios(request)
 
     async def send(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
-        results: list[DeliveryResult | None] = [None] * len(jobs)
+        collected = Collected(len(jobs))
+        await self.send_each(jobs, collected)
+        return collected.results()
+
+    async def send_each(self, jobs: list[DeliveryJob], progress: Progress) -> None:
+        """`send`, telling ``progress`` each result as soon as it is known, and how many wait
+        for a retry (`server.delivery.sender.Progress`)."""
         groups: dict[tuple[str, int, str], list[tuple[int, ApnsRequest, str]]] = {}
         apps: dict[tuple[str, int, str], AppRecord] = {}
         for index, job in enumerate(jobs):
             ios = job.app.ios
             if self._versions.stale(job.app):
-                results[index] = self._versions.result(job.app)
+                progress.result(index, self._versions.result(job.app))
                 continue
             if ios is None:
-                results[index] = DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
-                                                detail=f"app {job.app.app} has no iOS credentials")
+                progress.result(index, DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
+                                                detail=f"app {job.app.app} has no iOS credentials"))
                 continue
             environment = "production" if job.platform == "apns" else "sandbox"
             if ios.environment not in (environment, "both"):
-                results[index] = DeliveryResult(status="failed", reason="EnvironmentNotEnabled", attempts=0,
-                                                detail=f"app {job.app.app} is registered for {ios.environment} only")
+                progress.result(index, DeliveryResult(status="failed", reason="EnvironmentNotEnabled", attempts=0,
+                                                detail=f"app {job.app.app} is registered for {ios.environment} only"))
                 continue
             if job.content is None and job.raw is None:
-                results[index] = DeliveryResult(status="failed", reason="NoPayloadForPlatform", attempts=0,
-                                                detail="the request has an FCM message (fcm_raw) but no content or raw APNs payload")
+                progress.result(index, DeliveryResult(status="failed", reason="NoPayloadForPlatform", attempts=0,
+                                                detail="the request has an FCM message (fcm_raw) but no content or raw APNs payload"))
                 continue
             try:
                 request = build_request(
                     bundle_id=ios.bundle_id, options=job.apns, content=job.content, raw=job.raw, tracking=job.tracking
                 )
             except PayloadError as exc:
-                results[index] = DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=exc.message)
+                progress.result(index, DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=exc.message))
                 continue
             key = (job.app.app, job.app.version, environment)
             groups.setdefault(key, []).append((index, request, job.token))
             apps[key] = job.app
         async with trio.open_nursery() as nursery:
             for key, items in groups.items():
-                nursery.start_soon(self._send_group, key, apps[key], items, results)
-        return cast(list[DeliveryResult], results)  # every slot is filled: above, or by its group's task
+                nursery.start_soon(self._send_group, key, apps[key], items, progress)
 
     async def _send_group(
-        self, key: tuple[str, int, str], app: AppRecord, items: list[tuple[int, ApnsRequest, str]], results: list[Any]
+        self, key: tuple[str, int, str], app: AppRecord, items: list[tuple[int, ApnsRequest, str]], progress: Progress
     ) -> None:
         try:
             sender = await self._sender(key, app)
         except CredentialsError as exc:
             for index, _, _ in items:
-                results[index] = DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc))
+                progress.result(index, DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc)))
             return
-        outcomes = await sender.send([(request, token) for _, request, token in items])
-        for (index, _, _), outcome in zip(items, outcomes):
-            results[index] = outcome
+        await sender.send([(request, token) for _, request, token in items], Mapped(progress, [i for i, _, _ in items]))
 
     async def _sender(self, key: tuple[str, int, str], app: AppRecord) -> ApnsSender:
         def make() -> ApnsSender:
@@ -121,6 +125,8 @@ class ApnsChannel(Channel):
                 max_connections=settings.max_connections,
                 streams_per_connection=settings.streams_per_connection,
                 max_queue=settings.max_queue,
+                request_timeout=settings.request_timeout_s,
+                breaker=CircuitBreaker.from_settings(settings),
             )
             # Credentials of an earlier version of this app are retired.
             self._senders.retire(k for k in self._senders.running if k[0] == key[0] and k[2] == key[2] and k[1] < key[1])

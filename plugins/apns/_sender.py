@@ -36,8 +36,9 @@ from typing import Any
 import msgspec
 from hpack import NeverIndexedHeaderTuple
 
+from server.delivery.breaker import CircuitBreaker
 from server.delivery.http2 import H2Pool, H2Response
-from server.delivery.sender import Job, PooledSender
+from server.delivery.sender import Job, PooledSender, Progress
 from server.channels import AppRecord, DeliveryResult
 
 from ._credentials import ProviderToken, client_ssl_context
@@ -78,6 +79,8 @@ class ApnsSender(PooledSender):
         max_queue: notifications queued or in flight at most; `send` waits beyond it.
         retry_window: seconds a notification without expiration is retried at most.
         max_attempts: attempts per notification at most.
+        request_timeout: a request unanswered this long fails (and is retried).
+        breaker: the circuit breaker (`server.delivery.breaker`; None: none).
     """
 
     def __init__(
@@ -96,6 +99,8 @@ class ApnsSender(PooledSender):
         backoff_min: float = 0.2,
         backoff_max: float = 30.0,
         clock: Callable[[], float] = time.time,
+        request_timeout: float = 30.0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         assert app.ios is not None
         self.app = app
@@ -108,11 +113,12 @@ class ApnsSender(PooledSender):
             ssl_context=client_ssl_context(self.record, ca_file=ca_file),
             max_connections=max_connections,
             streams_per_connection=streams_per_connection,
+            request_timeout=request_timeout,
             # Every request repeats the authority, topic, push type and provider token.
         )
         super().__init__(
             pool, f"the APNs sender of {app.app}", max_queue=max_queue, retry_window=retry_window,
-            max_attempts=max_attempts, backoff_min=backoff_min, backoff_max=backoff_max, clock=clock,
+            max_attempts=max_attempts, backoff_min=backoff_min, backoff_max=backoff_max, clock=clock, breaker=breaker,
         )
         self.token = ProviderToken(self.record, clock=clock) if self.record.auth == "token" else None
         self._authority = f"{host}:{port}".encode() if port != 443 else host.encode()
@@ -122,14 +128,15 @@ class ApnsSender(PooledSender):
         expires = self.record.certificate_expires
         self._certificate_expires = expires.timestamp() if expires is not None else None
 
-    async def send(self, jobs: list[tuple[ApnsRequest, str]]) -> list[DeliveryResult]:
-        """Send ``(request, device token)`` pairs; return their results in order."""
+    async def send(self, jobs: list[tuple[ApnsRequest, str]], progress: Progress | None = None) -> list[DeliveryResult]:
+        """Send ``(request, device token)`` pairs; return their results in order (told to
+        ``progress`` as they come, too)."""
         now = self.clock()
         deadlines = [
             now if request.expiration == 0 else float(request.expiration) if request.expiration is not None else now + self.retry_window
             for request, _ in jobs
         ]
-        return await self._send(jobs, deadlines)
+        return await self._send(jobs, deadlines, progress)
 
     def _refusal(self, now: float) -> DeliveryResult | None:
         if self._certificate_expires is not None and now >= self._certificate_expires:

@@ -22,7 +22,8 @@ import trio
 
 from protocols import api
 from server.channels import AndroidRecord, AppVersions, Channel, CredentialsError, DeliveryJob, DeliveryResult, Rendered
-from server.delivery.sender import Senders
+from server.delivery.breaker import CircuitBreaker
+from server.delivery.sender import Collected, Mapped, Progress, Senders
 from server.hookspecs import hookimpl
 from server.runtime.config import Config, FcmSettings
 
@@ -76,25 +77,31 @@ class FcmChannel(Channel):
         return check_android(request, token_uri_setting=self.settings.token_uri)
 
     async def send(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
-        results: list[DeliveryResult | None] = [None] * len(jobs)
+        collected = Collected(len(jobs))
+        await self.send_each(jobs, collected)
+        return collected.results()
+
+    async def send_each(self, jobs: list[DeliveryJob], progress: Progress) -> None:
+        """`send`, telling ``progress`` each result as soon as it is known, and how many wait
+        for a retry (`server.delivery.sender.Progress`)."""
         groups: dict[SenderKey, tuple[AndroidRecord, list[int], list[bytes], list[int | None]]] = {}
         for index, job in enumerate(jobs):
             android = job.app.android
             if self._versions.stale(job.app):
-                results[index] = self._versions.result(job.app)
+                progress.result(index, self._versions.result(job.app))
                 continue
             if android is None:
-                results[index] = DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
-                                                detail=f"app {job.app.app} has no Android credentials")
+                progress.result(index, DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
+                                                detail=f"app {job.app.app} has no Android credentials"))
                 continue
             if job.content is None and job.fcm_raw is None:
-                results[index] = DeliveryResult(status="failed", reason="NoPayloadForPlatform", attempts=0,
-                                                detail="the request has a raw APNs payload but no content or fcm_raw")
+                progress.result(index, DeliveryResult(status="failed", reason="NoPayloadForPlatform", attempts=0,
+                                                detail="the request has a raw APNs payload but no content or fcm_raw"))
                 continue
             try:
                 message = build_message(content=job.content, raw=job.fcm_raw, options=job.fcm, tracking=job.tracking)
             except PayloadError as exc:
-                results[index] = DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc))
+                progress.result(index, DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc)))
                 continue
             key = sender_key(android)
             self._users.setdefault(key, set()).add(job.app.app)
@@ -104,22 +111,19 @@ class FcmChannel(Channel):
             group[3].append(job.fcm.ttl_s if job.fcm_raw is None else raw_ttl(job.fcm_raw))
         async with trio.open_nursery() as nursery:
             for key, group in groups.items():
-                nursery.start_soon(self._send_group, key, group, results)
-        return cast(list[DeliveryResult], results)  # every slot is filled: above, or by its group's task
+                nursery.start_soon(self._send_group, key, group, progress)
 
     async def _send_group(
-        self, key: SenderKey, group: tuple[AndroidRecord, list[int], list[bytes], list[int | None]], results: list[Any]
+        self, key: SenderKey, group: tuple[AndroidRecord, list[int], list[bytes], list[int | None]], progress: Progress
     ) -> None:
         record, indexes, bodies, ttls = group
         try:
             sender = await self._sender(key, record)
         except CredentialsError as exc:
             for index in indexes:
-                results[index] = DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc))
+                progress.result(index, DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc)))
             return
-        outcomes = await sender.send(bodies, ttls)
-        for index, outcome in zip(indexes, outcomes):
-            results[index] = outcome
+        await sender.send(bodies, ttls, Mapped(progress, indexes))
 
     async def _sender(self, key: SenderKey, record: AndroidRecord) -> FcmSender:
         def make() -> FcmSender:
@@ -138,6 +142,8 @@ class FcmChannel(Channel):
                 max_queue=settings.max_queue,
                 rate_per_minute=settings.rate_per_minute,
                 backoff_min=settings.retry_min_s,
+                request_timeout=settings.request_timeout_s,
+                breaker=CircuitBreaker.from_settings(settings),
             )
 
         return await self._senders.get(key, make)

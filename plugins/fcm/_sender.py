@@ -38,8 +38,9 @@ import msgspec
 import trio
 from hpack import NeverIndexedHeaderTuple
 
+from server.delivery.breaker import CircuitBreaker
 from server.delivery.http2 import H2Pool, H2Response
-from server.delivery.sender import Job, PooledSender
+from server.delivery.sender import Job, PooledSender, Progress
 from server.channels import AndroidRecord, CredentialsError, DeliveryResult
 
 from ._credentials import AccessToken, ssl_context
@@ -156,6 +157,8 @@ class FcmSender(PooledSender):
         max_attempts: attempts per message at most.
         backoff_min, backoff_max: retry delays (Google asks for at least 10 s: the jitter
             only lengthens them).
+        request_timeout: a request unanswered this long fails (and is retried).
+        breaker: the circuit breaker (`server.delivery.breaker`; None: none).
     """
 
     REFUSAL_MIN = 30.0
@@ -184,6 +187,8 @@ class FcmSender(PooledSender):
         backoff_min: float = 10.0,
         backoff_max: float = 300.0,
         clock: Callable[[], float] = time.time,
+        request_timeout: float = 30.0,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.record = record
         self.project = record.project_id
@@ -193,11 +198,13 @@ class FcmSender(PooledSender):
             ssl_context=ssl_context(ca_file),
             max_connections=max_connections,
             streams_per_connection=streams_per_connection,
+            request_timeout=request_timeout,
             # Every request repeats the authority, the path and the access token.
         )
         super().__init__(
             pool, f"the FCM sender of {self.project}", max_queue=max_queue, retry_window=retry_window,
             max_attempts=max_attempts, backoff_min=backoff_min, backoff_max=backoff_max, jitter=(1.0, 1.5), clock=clock,
+            breaker=breaker,
         )
         self.token = AccessToken(record, http=http, token_uri=token_uri, clock=clock)
         authority = f"{host}:{port}" if port != 443 else host
@@ -229,12 +236,14 @@ class FcmSender(PooledSender):
         self._bucket_at = trio.current_time()
         await super().run(task_status=task_status)
 
-    async def send(self, bodies: list[bytes], ttls: list[int | None] | None = None) -> list[DeliveryResult]:
+    async def send(self, bodies: list[bytes], ttls: list[int | None] | None = None,
+                   progress: Progress | None = None) -> list[DeliveryResult]:
         """Send ``messages:send`` request bodies; return their results in order.
 
         Args:
             bodies: request bodies (`plugins.fcm._message.encode_send`).
             ttls: each message's TTL in seconds, if it has one: no retry after it.
+            progress: told each result as it comes, and the messages waiting for a retry.
         """
         now = self.clock()
         never = now + self.retry_window
@@ -242,7 +251,7 @@ class FcmSender(PooledSender):
             deadlines = [never] * len(bodies)
         else:
             deadlines = [never if (ttl := ttls[i]) is None else now + ttl for i in range(len(bodies))]
-        return await self._send(bodies, deadlines)
+        return await self._send(bodies, deadlines, progress)
 
     def _refusal(self, now: float) -> DeliveryResult | None:
         if self.refused is None:

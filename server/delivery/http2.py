@@ -463,11 +463,15 @@ class H2Pool:
 
     async def connect(self) -> trio.abc.Stream:
         stream = await trio.open_tcp_stream(self.host, self.port)
-        tls = trio.SSLStream(stream, self.ssl_context, server_hostname=self.server_hostname, https_compatible=True)
-        await tls.do_handshake()
-        protocol = tls.selected_alpn_protocol()
-        if protocol not in (None, "h2"):
-            raise ConnectionLost(f"{self.origin} offered {protocol!r}, not HTTP/2")
+        try:
+            tls = trio.SSLStream(stream, self.ssl_context, server_hostname=self.server_hostname, https_compatible=True)
+            await tls.do_handshake()
+            protocol = tls.selected_alpn_protocol()
+            if protocol not in (None, "h2"):
+                raise ConnectionLost(f"{self.origin} offered {protocol!r}, not HTTP/2")
+        except BaseException:  # a refused certificate, a timeout: the socket is not left to the GC
+            await trio.aclose_forcefully(stream)
+            raise
         return tls
 
     # -- submitting ---------------------------------------------------------------------------

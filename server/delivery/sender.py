@@ -16,7 +16,14 @@ answer means (`_response`). The base class guarantees the rest:
   request timeout (a server allowing no stream), fails with ``NotSent``;
 - ``retire`` lets what was handed over finish (``send`` calls in progress included), then
   stops; however the sender stops, what it still holds fails with ``SenderStopped``, and so
-  does any later ``send``: no caller waits forever.
+  does any later ``send``: no caller waits forever;
+- with a `CircuitBreaker` (`server.delivery.breaker`), a provider that keeps failing (5xx,
+  429, lost connections, connections that cannot be opened) is left alone for a cool-down:
+  what the sender holds and what it is handed fail at once with ``CircuitOpen``; then one
+  notification probes it;
+- a caller may follow its notifications as they settle (`Progress`): each result as soon as
+  it is known, and how many of them wait for a retry, so that what succeeds is not held
+  back by what is retried.
 """
 
 from __future__ import annotations
@@ -32,10 +39,11 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
+from server.delivery.breaker import HALF_OPEN, CircuitBreaker
 from server.delivery.http2 import ConnectionLost, H2Failure, H2Pool, H2Response, StreamRefused
 from server.channels import CredentialsError, DeliveryResult
 
-__all__ = ["PooledSender", "Senders", "Job", "FREE_REFUSALS"]
+__all__ = ["PooledSender", "Senders", "Job", "FREE_REFUSALS", "Progress", "Mapped", "Collected"]
 
 log = logging.getLogger("pigeon.delivery")
 
@@ -43,15 +51,62 @@ log = logging.getLogger("pigeon.delivery")
 FREE_REFUSALS = 3
 
 
+class Progress:
+    """What a caller of `PooledSender._send` (through a channel's ``send_each``) is told as its
+    notifications go: each one's result once it is settled, and how many of them begin
+    (``+n``) or end (``-n``) waiting for a retry. Called from the sender's tasks: do no I/O."""
+
+    def result(self, index: int, result: DeliveryResult) -> None:
+        """Notification ``index`` is settled with ``result`` (once per notification)."""
+
+    def waiting(self, delta: int) -> None:
+        """``delta`` more (or fewer) notifications wait for a retry."""
+
+
+class Mapped(Progress):
+    """``progress`` for a part of the caller's notifications: index ``i`` here is
+    ``indexes[i]`` there."""
+
+    __slots__ = ("progress", "indexes")
+
+    def __init__(self, progress: Progress, indexes: list[int]) -> None:
+        self.progress = progress
+        self.indexes = indexes
+
+    def result(self, index: int, result: DeliveryResult) -> None:
+        self.progress.result(self.indexes[index], result)
+
+    def waiting(self, delta: int) -> None:
+        self.progress.waiting(delta)
+
+
+class Collected(Progress):
+    """The results of ``size`` notifications, collected (a channel's ``send`` over its
+    ``send_each``)."""
+
+    __slots__ = ("_results",)
+
+    def __init__(self, size: int) -> None:
+        self._results: list[DeliveryResult | None] = [None] * size
+
+    def result(self, index: int, result: DeliveryResult) -> None:
+        self._results[index] = result
+
+    def results(self) -> list[DeliveryResult]:
+        assert all(r is not None for r in self._results), "a notification has no result"
+        return self._results  # type: ignore[return-value]
+
+
 class _Batch:
     """The results of one `PooledSender.send` call, filled in as answers come."""
 
-    __slots__ = ("results", "remaining", "done")
+    __slots__ = ("results", "remaining", "done", "progress")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, progress: Progress | None = None) -> None:
         self.results: list[DeliveryResult | None] = [None] * size
         self.remaining = size
         self.done = trio.Event()
+        self.progress = progress
 
 
 class Job:
@@ -62,7 +117,8 @@ class Job:
         header: what the subclass wants to remember of the last request (an auth header).
     """
 
-    __slots__ = ("payload", "batch", "index", "attempts", "deadline", "refusals", "retried", "header", "queued_at")
+    __slots__ = ("payload", "batch", "index", "attempts", "deadline", "refusals", "retried", "header", "queued_at",
+                 "parked")
 
     def __init__(self, payload: Any, deadline: float, batch: _Batch, index: int, queued_at: float) -> None:
         self.payload = payload
@@ -75,6 +131,8 @@ class Job:
         self.refusals = 0
         self.retried = False
         self.header = b""
+        #: Waiting for a retry (told to the batch's `Progress`).
+        self.parked = False
 
 
 class PooledSender:
@@ -89,6 +147,7 @@ class PooledSender:
         backoff_min, backoff_max: retry delays, doubling per attempt.
         jitter: the delay is multiplied by a random factor in this range.
         clock: seconds since the epoch (deadlines are on this clock).
+        breaker: the circuit breaker (None: none).
     """
 
     def __init__(
@@ -103,8 +162,10 @@ class PooledSender:
         backoff_max: float,
         jitter: tuple[float, float] = (0.5, 1.0),
         clock: Callable[[], float] = time.time,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.pool = pool
+        self.breaker = breaker
         self.name = name
         self.max_queue = max_queue
         self.retry_window = retry_window
@@ -129,6 +190,10 @@ class PooledSender:
         self._sending = 0
         self._retired = trio.Event()
         self._nursery: trio.Nursery | None = None
+        #: The last lost connection's error (`_answer`).
+        self._last_lost: object = None
+        #: The pool's failed connections the breaker was told of.
+        self._connects_seen = 0
         #: When a job last started (clock seconds).
         self._last_start = clock()
 
@@ -198,18 +263,25 @@ class PooledSender:
             self._finish(job, self._stopped_result(job))
         self._room.set()
 
-    async def _send(self, payloads: list[Any], deadlines: list[float]) -> list[DeliveryResult]:
-        """Hand ``payloads`` over (each retried until its deadline at most); their results."""
+    async def _send(self, payloads: list[Any], deadlines: list[float], progress: Progress | None = None
+                    ) -> list[DeliveryResult]:
+        """Hand ``payloads`` over (each retried until its deadline at most); their results,
+        each told to ``progress`` too as soon as it is known."""
         now = self.clock()
-        batch = _Batch(len(payloads))
+        batch = _Batch(len(payloads), progress)
         results = batch.results
         self._sending += 1
         try:
             for index, payload in enumerate(payloads):
                 refused = self._refusal(now)
+                if refused is None and self.breaker is not None and not self.breaker.closed(now):
+                    refused = self._open_result(0)
                 if refused is not None:
+                    self._count(f"failed:{refused.reason}")
                     results[index] = refused
                     batch.remaining -= 1
+                    if progress is not None:
+                        progress.result(index, refused)
                     continue
                 while self.held >= self.max_queue and not self.stopped:  # backpressure: wait for answers
                     if self._room.is_set():
@@ -237,6 +309,12 @@ class PooledSender:
         if not queue:
             return
         allowed = self._startable()
+        breaker = self.breaker
+        if breaker is not None and queue:
+            if not breaker.closed(self.clock()):
+                self._fail_held(lambda job: self._open_result(job.attempts))
+                return
+            allowed = min(allowed, breaker.startable(self.clock(), len(queue)))
         started = 0
         while queue and started < allowed:
             job = queue[0]
@@ -248,6 +326,8 @@ class PooledSender:
         if started:
             self._last_start = self.clock()
             self._started(started)
+            if breaker is not None:
+                breaker.started(self._last_start)
 
     def _callback(self, job: Job) -> Callable[[Any], None]:
         return lambda outcome: self._answer(job, outcome)
@@ -260,6 +340,10 @@ class PooledSender:
                 self._queued = trio.Event()
                 continue
             if await self._hold():
+                continue
+            breaker = self.breaker
+            if breaker is not None and breaker.state == HALF_OPEN and not breaker.startable(self.clock(), 1):
+                await self._sleep_or_wake(0.05)  # the others wait for the probe's verdict
                 continue
             try:
                 await self.pool.wait_capacity()
@@ -301,11 +385,26 @@ class PooledSender:
         self._queued = trio.Event()
 
     def _defer_queued(self, reason: str, detail: str) -> None:
-        """Count an attempt for every queued job and send it to the retries."""
+        """Count an attempt for every queued job and send it to the retries (one failure for
+        the breaker: the connection, or the token endpoint, failed once)."""
+        breaker, pool = self.breaker, self.pool
+        # A pool backing off after a failed connection tells nothing new: one failure a connection.
+        if breaker is not None and (reason != "ConnectionFailed" or pool.connect_failures != self._connects_seen):
+            self._connects_seen = pool.connect_failures
+            if breaker.failure(self.clock(), reason, connects_failed=pool.failed_in_a_row):
+                self._fail_held(lambda job: self._open_result(job.attempts))
+                return
         queued, self._queue = self._queue, deque()
         for job in queued:
             job.attempts += 1
-            self._retry_or_fail(job, reason, None, detail)
+            self._retry_or_fail(job, reason, None, detail, unhealthy=False)
+
+    def _open_result(self, attempts: int) -> DeliveryResult:
+        """The result of a notification the open circuit fails."""
+        assert self.breaker is not None
+        self.breaker.refused += 1
+        return DeliveryResult(status="failed", reason="CircuitOpen", attempts=attempts,
+                              detail=f"{self.name}: {self.breaker.detail(self.clock())}")
 
     def _fail_held(self, result: Callable[[Job], DeliveryResult]) -> None:
         """Fail every queued and retrying job (the credentials are refused)."""
@@ -318,6 +417,8 @@ class PooledSender:
 
     def _answer(self, job: Job, outcome: H2Response | H2Failure) -> None:
         if type(outcome) is H2Response:
+            if self.breaker is not None and outcome.status != 429 and outcome.status < 500:
+                self.breaker.success()  # the provider reads and answers: it is well
             try:
                 self._response(job, outcome)
             except Exception as exc:  # a bug reading an answer must not strand the job
@@ -330,11 +431,16 @@ class PooledSender:
             job.refusals += 1
             if job.refusals <= FREE_REFUSALS:
                 self._requeue(job)  # not processed by the provider: again at once
-            else:  # refused again and again: back off like any failure
-                self._retry_or_fail(job, "StreamRefused", None, str(outcome))
+            else:  # refused again and again: back off like any failure (GOAWAY says nothing of the
+                # provider's health: the connection's answers do)
+                self._retry_or_fail(job, "StreamRefused", None, str(outcome), unhealthy=False)
         else:
             self._count("connection_lost")
-            self._retry_or_fail(job, "ConnectionLost", None, str(outcome))
+            # A connection lost with its streams in flight is one failure for the breaker, not
+            # one per stream (they share the error); a request timed out is one of its own.
+            unhealthy = outcome is not self._last_lost
+            self._last_lost = outcome
+            self._retry_or_fail(job, "ConnectionLost", None, str(outcome), unhealthy=unhealthy)
 
     def _requeue(self, job: Job, *, free: bool = True) -> None:
         """Send ``job`` again at once (``free``: the attempt does not count)."""
@@ -344,9 +450,16 @@ class PooledSender:
         self._queue.appendleft(job)
         self._queued.set()
 
-    def _retry_or_fail(self, job: Job, reason: str, status: int | None, detail: str | None, after: float | None = None) -> None:
+    def _retry_or_fail(self, job: Job, reason: str, status: int | None, detail: str | None, after: float | None = None,
+                       *, unhealthy: bool = True) -> None:
         """Retry ``job`` after a backoff (at least ``after`` seconds), or fail it with ``reason``
-        if that would pass its deadline or its attempts."""
+        if that would pass its deadline or its attempts (``unhealthy``: the failure tells the
+        breaker the provider is unwell; if that opens it, every held job fails)."""
+        breaker = self.breaker
+        if unhealthy and breaker is not None and breaker.failure(self.clock(), reason):
+            self._fail_held(lambda held: self._open_result(held.attempts))
+            self._finish(job, self._open_result(job.attempts))
+            return
         low, high = self.jitter
         delay = min(self.backoff_max, self.backoff_min * 2 ** (max(job.attempts, 1) - 1)) * self._random.uniform(low, high)
         if after is not None:
@@ -357,7 +470,16 @@ class PooledSender:
             return
         self._count("retries")
         heapq.heappush(self._retries, (when, next(self._order), job))
+        self._park(job, True)
         self._retry_added.set()
+
+    def _park(self, job: Job, parked: bool) -> None:
+        """``job`` begins or ends waiting for a retry."""
+        if job.parked != parked:
+            job.parked = parked
+            progress = job.batch.progress
+            if progress is not None:
+                progress.waiting(1 if parked else -1)
 
     async def _retrier(self) -> None:
         while True:
@@ -373,6 +495,7 @@ class PooledSender:
                     await self._retry_added.wait()
                 continue
             _, _, job = heapq.heappop(self._retries)
+            self._park(job, False)
             job.queued_at = self.clock()
             self._queue.append(job)
             self._queued.set()
@@ -380,7 +503,11 @@ class PooledSender:
     def _finish(self, job: Job, result: DeliveryResult) -> None:
         self._count(result.status if result.status != "failed" else f"failed:{result.reason}")
         batch = job.batch
+        if job.parked:
+            self._park(job, False)
         batch.results[job.index] = result
+        if batch.progress is not None:
+            batch.progress.result(job.index, result)
         batch.remaining -= 1
         if not batch.remaining:
             batch.done.set()
@@ -398,6 +525,7 @@ class PooledSender:
             "queued": len(self._queue),
             "retrying": len(self._retries),
             "outcomes": dict(self.counts),
+            "breaker": None if self.breaker is None else self.breaker.statistics(self.clock()),
         }
 
 

@@ -9,13 +9,19 @@ and outcome, whether or not the caller still waits (``count=True``). A token the
 says is dead is marked invalid on its profile (the store keeps a registration renewed after
 the provider's timestamp valid). A job whose platform no channel serves fails with
 ``NoChannel``: nothing is dropped silently.
+
+Results are passed on as they come, not once a whole batch is settled: a channel that offers
+``send_each(jobs, progress)`` (the APNs and FCM channels do; `server.delivery.sender.Progress`)
+tells each result as soon as it is known, and `Delivery.deliver_each` hands it on (after its
+dead token, if any, is marked) while the rest of the batch is still being retried; so a
+batch's successes are not held back by its slowest member.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import msgspec.structs
 import trio
@@ -26,19 +32,54 @@ from server.runtime.actor import Actor, Future
 from server.runtime.errors import ActorCrashed, ServerError
 from server.reports.reporting import ReportKey, Reporting, count_outcomes, count_targeted
 from server.channels import Channel, DeliveryJob, DeliveryResult
+from server.delivery.sender import Mapped, Progress
 
-__all__ = ["Delivery", "DeliveryRequest"]
+__all__ = ["Delivery", "DeliveryRequest", "StreamingChannel"]
 
 log = logging.getLogger("pigeon.delivery")
 
 
-class DeliveryRequest:
-    __slots__ = ("jobs", "count", "future")
+@runtime_checkable
+class StreamingChannel(Protocol):
+    """A channel that tells each result as soon as it is known (see the module docstring)."""
 
-    def __init__(self, jobs: list[DeliveryJob], count: bool) -> None:
+    async def send_each(self, jobs: list[DeliveryJob], progress: Progress) -> None: ...
+
+
+class DeliveryRequest:
+    __slots__ = ("jobs", "count", "future", "progress")
+
+    def __init__(self, jobs: list[DeliveryJob], count: bool, progress: Progress | None = None) -> None:
         self.jobs = jobs
         self.count = count
+        self.progress = progress
         self.future: Future[list[DeliveryResult]] = Future()
+
+
+class _Arrivals(Progress):
+    """A batch's results as the channels tell them: the ones not yet handed on, and a wake-up."""
+
+    __slots__ = ("results", "pending", "remaining", "wake", "progress")
+
+    def __init__(self, size: int, progress: Progress | None) -> None:
+        self.results: list[DeliveryResult | None] = [None] * size
+        self.pending: list[int] = []
+        self.remaining = size
+        self.wake = trio.Event()
+        self.progress = progress
+
+    def result(self, index: int, result: DeliveryResult) -> None:
+        if self.results[index] is not None:
+            log.error("a channel settled notification %d twice: the second result is ignored", index)
+            return
+        self.results[index] = result
+        self.pending.append(index)
+        self.remaining -= 1
+        self.wake.set()
+
+    def waiting(self, delta: int) -> None:
+        if self.progress is not None:
+            self.progress.waiting(delta)
 
 
 class Delivery(Actor):
@@ -81,6 +122,13 @@ class Delivery(Actor):
         await self.send(request)
         return await request.future.wait()
 
+    async def deliver_each(self, jobs: list[DeliveryJob], progress: Progress) -> None:
+        """Deliver ``jobs``, telling ``progress`` each result (its dead token marked) as soon as
+        it is known, and how many wait for a retry; return once every one is told."""
+        request = DeliveryRequest(jobs, False, progress)
+        await self.send(request)
+        await request.future.wait()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as channels:
             for channel in self.channels:
@@ -97,7 +145,7 @@ class Delivery(Actor):
 
     async def _handle(self, request: DeliveryRequest, limiter: trio.Semaphore) -> None:
         try:
-            results = await self._deliver(request.jobs)
+            results = await self._deliver(request.jobs, request.progress)
             if request.count:
                 counts: Counter[ReportKey] = Counter()
                 count_targeted(counts, request.jobs)
@@ -109,39 +157,62 @@ class Delivery(Actor):
             if not request.future.done:
                 request.future.fail(ActorCrashed("delivery stopped before the notifications were settled"))
 
-    async def _deliver(self, jobs: list[DeliveryJob]) -> list[DeliveryResult]:
+    async def _deliver(self, jobs: list[DeliveryJob], progress: Progress | None) -> list[DeliveryResult]:
         self.batches += 1
         self.jobs += len(jobs)
-        results: list[DeliveryResult | None] = [None] * len(jobs)
+        arrivals = _Arrivals(len(jobs), progress)
         routed: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
             channel = self.by_platform.get(job.platform)
             if channel is None:
-                results[index] = DeliveryResult(
+                arrivals.result(index, DeliveryResult(
                     status="failed", reason="NoChannel", attempts=0, detail=f"no channel delivers to {job.platform!r}"
-                )
+                ))
             else:
                 routed.setdefault(channel.name, []).append(index)
-        channels = {c.name: c for c in self.channels}
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._hand_on, jobs, arrivals)
+            for name, indexes in routed.items():
+                nursery.start_soon(self._through, name, jobs, indexes, arrivals)
+        return arrivals.results  # type: ignore[return-value]  # every one is set: _hand_on waited for them
 
-        async def through(name: str, indexes: list[int]) -> None:
-            try:
-                outcomes = await channels[name].send([jobs[i] for i in indexes])
+    async def _through(self, name: str, jobs: list[DeliveryJob], indexes: list[int], arrivals: _Arrivals) -> None:
+        """Deliver ``jobs[indexes]`` through channel ``name``; a channel's bug fails its own
+        notifications (those it did not settle), not the others'."""
+        channel = next(c for c in self.channels if c.name == name)
+        mine = [jobs[i] for i in indexes]
+        try:
+            if isinstance(channel, StreamingChannel):
+                await channel.send_each(mine, Mapped(arrivals, indexes))
+            else:
+                outcomes = await channel.send(mine)
                 if len(outcomes) != len(indexes):
                     raise RuntimeError(f"returned {len(outcomes)} results for {len(indexes)} notifications")
-            except Exception as exc:  # a channel's bug fails its own notifications, not the others'
-                log.exception("channel %s failed", name)
-                failed = DeliveryResult(status="failed", reason="ChannelError", attempts=0, detail=f"channel {name}: {exc!r}")
-                outcomes = [msgspec.structs.replace(failed) for _ in indexes]
-            for i, outcome in zip(indexes, outcomes):
-                results[i] = outcome
+                for i, outcome in zip(indexes, outcomes):
+                    arrivals.result(i, outcome)
+            missing = [i for i in indexes if arrivals.results[i] is None]
+            if missing:
+                raise RuntimeError(f"settled {len(indexes) - len(missing)} of {len(indexes)} notifications")
+        except Exception as exc:
+            log.exception("channel %s failed", name)
+            failed = DeliveryResult(status="failed", reason="ChannelError", attempts=0, detail=f"channel {name}: {exc!r}")
+            for i in indexes:
+                if arrivals.results[i] is None:
+                    arrivals.result(i, msgspec.structs.replace(failed))
 
-        async with trio.open_nursery() as nursery:
-            for name, indexes in routed.items():
-                nursery.start_soon(through, name, indexes)
-        final: list[DeliveryResult] = results  # type: ignore[assignment]
-        await self._after(jobs, final)
-        return final
+    async def _hand_on(self, jobs: list[DeliveryJob], arrivals: _Arrivals) -> None:
+        """Mark the dead tokens of the results that came, then tell them on; until all came."""
+        while arrivals.pending or arrivals.remaining:
+            if not arrivals.pending:
+                await arrivals.wake.wait()
+                arrivals.wake = trio.Event()
+                continue
+            chunk, arrivals.pending = arrivals.pending, []
+            results = [arrivals.results[i] for i in chunk]
+            await self._after([jobs[i] for i in chunk], results)  # type: ignore[arg-type]
+            if arrivals.progress is not None:
+                for i, result in zip(chunk, results):
+                    arrivals.progress.result(i, result)  # type: ignore[arg-type]
 
     async def _after(self, jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
         """Mark dead tokens invalid on their profiles."""

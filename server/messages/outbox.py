@@ -3,10 +3,13 @@
 Durability: an execution is stored when it starts (``executions``). Each batch of profiles
 (50 at first, doubling up to 500) is staged in one commit: its notifications go into the
 outbox (``outbox``), the execution's cursor moves past the batch, and its ``targeted`` and
-``excluded`` counts go into the reports. They are then delivered, and settled in a second
-commit: out of the outbox, their outcomes added to the execution's counts and to the
-reports. Four batches at most are being prepared or delivered at once (three delivered while
-the next is personalized). After a crash (or a stop) the server, when it starts, delivers
+``excluded`` counts go into the reports. They are then delivered, and settled as their results come,
+in commits of their own (each takes the notifications whose results came meanwhile): out of
+the outbox, their outcomes added to the execution's counts and to the reports. So a batch's
+successes are settled at once while its failures are being retried (a 503 storm does not make
+a batch wait for its slowest member), and a notification's outcome is stored in the same
+commit that takes it out of the outbox: exactly one outcome each. The pipeline
+(`server.messages.pipeline`) bounds what is staged and not settled. After a crash (or a stop) the server, when it starts, delivers
 again what the outbox still holds, batch by batch, each settled as above (these may reach
 the provider twice: each is counted as ``replayed``, in a commit before it goes out), then
 resumes the executions from their cursors. So, whenever crashes happen, every targeted
@@ -26,10 +29,12 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import trio
 
 from protocols import api
 from server.channels import AppRecord, DeliveryJob, DeliveryResult
 from server.delivery.apps import get_app
+from server.delivery.sender import Progress
 from server.profiles.store import ProfileStore, Writer
 from server.reports.reporting import ReportKey, count_outcomes, envelope_key, store_counts
 
@@ -38,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ExecutionRecord", "OutboxEntry", "Outcomes", "outbox_key", "encode_entry", "decode_execution", "stage_batch",
-    "settle_batch", "end_execution", "deliver_batch", "replay", "leftovers", "executions",
+    "settle_batch", "end_execution", "deliver_batch", "replay", "leftovers", "executions", "Watcher",
 ]
 
 log = logging.getLogger("pigeon.pipeline")
@@ -136,20 +141,80 @@ def end_execution(w: Writer, execution: str) -> None:
     w.txn.delete(bytes.fromhex(execution), db=w.dbs["executions"])
 
 
-async def deliver_batch(server: Server, execution: str, jobs: list[DeliveryJob], keys: list[bytes]) -> Outcomes:
-    """Deliver a staged batch, then settle it (`settle_batch`) and show its counts; its
-    outcomes."""
+class Watcher:
+    """Who follows a batch's delivery (the pipeline, to bound what is staged and not settled)."""
+
+    def settled(self, outcomes: Outcomes, count: int) -> None:
+        """``count`` more of the batch's notifications were settled (committed), with ``outcomes``."""
+
+    def waiting(self, delta: int) -> None:
+        """``delta`` more (or fewer) of them wait for a retry."""
+
+
+class _Settling(Progress):
+    """The results the delivery told, not settled yet."""
+
+    __slots__ = ("ready", "wake", "watcher", "delivered")
+
+    def __init__(self, watcher: Watcher | None) -> None:
+        self.ready: list[tuple[int, DeliveryResult]] = []
+        self.wake = trio.Event()
+        self.watcher = watcher
+        self.delivered = False
+
+    def result(self, index: int, result: DeliveryResult) -> None:
+        self.ready.append((index, result))
+        self.wake.set()
+
+    def waiting(self, delta: int) -> None:
+        if self.watcher is not None:
+            self.watcher.waiting(delta)
+
+
+async def deliver_batch(server: Server, execution: str, jobs: list[DeliveryJob], keys: list[bytes],
+                        watcher: Watcher | None = None) -> Outcomes:
+    """Deliver a staged batch, settling its notifications (`settle_batch`) as their results
+    come, in a commit for those that came meanwhile, and showing their counts; its outcomes.
+    ``watcher`` is told each part settled."""
     outcomes = Outcomes()
-    counts: Counter[ReportKey] = Counter()
-    if jobs:
-        results = await server.delivery.deliver(jobs)
-        for result in results:
-            outcomes.count(result)
-        count_outcomes(counts, jobs, results)
-    minute = server.reporting.minute()
-    await server.store.write(settle_batch, outcomes, execution, keys, counts, minute)
-    server.reporting.counted(counts, minute)
+    if not jobs:
+        await _settle(server, execution, jobs, keys, [], outcomes, watcher)
+        return outcomes
+    settling = _Settling(watcher)
+
+    async def deliver() -> None:
+        try:
+            await server.delivery.deliver_each(jobs, settling)
+        finally:
+            settling.delivered = True
+            settling.wake.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(deliver)
+        while settling.ready or not settling.delivered:
+            if not settling.ready:
+                await settling.wake.wait()
+                settling.wake = trio.Event()
+                continue
+            chunk, settling.ready = settling.ready, []
+            await _settle(server, execution, jobs, keys, chunk, outcomes, watcher)
     return outcomes
+
+
+async def _settle(server: Server, execution: str, jobs: list[DeliveryJob], keys: list[bytes],
+                  chunk: list[tuple[int, DeliveryResult]], outcomes: Outcomes, watcher: Watcher | None) -> None:
+    """Settle ``chunk``, results of ``jobs`` by index (one commit), add them to ``outcomes``."""
+    part = Outcomes()
+    counts: Counter[ReportKey] = Counter()
+    for _, result in chunk:
+        part.count(result)
+    count_outcomes(counts, [jobs[i] for i, _ in chunk], [result for _, result in chunk])
+    minute = server.reporting.minute()
+    await server.store.write(settle_batch, part, execution, [keys[i] for i, _ in chunk], counts, minute)
+    server.reporting.counted(counts, minute)
+    part.add_to_outcomes(outcomes)
+    if watcher is not None:
+        watcher.settled(part, len(chunk))
 
 
 class Outcomes:
@@ -169,6 +234,12 @@ class Outcomes:
             self.failed[result.reason or "Unknown"] += 1
             if result.status == "invalid":
                 self.bounced += 1
+
+    def add_to_outcomes(self, other: Outcomes) -> None:
+        other.sent += self.sent
+        other.delivered += self.delivered
+        other.bounced += self.bounced
+        other.failed.update(self.failed)
 
     def add_to(self, result: api.SendResult) -> None:
         result.sent += self.sent

@@ -23,6 +23,16 @@ carries ``t``); their counts are in the `SendResult` only.
 
 Durability: each batch is staged in the outbox and settled in its own commits, and the
 sends a crash interrupted resume when the server starts (`server.messages.outbox`).
+
+What is staged and not settled is bounded, in notifications rather than batches, so that a
+batch whose members are being retried (a provider answering 503 to half the requests) does
+not hold back the batches after it: the next batch is prepared once fewer than `ACTIVE`
+notifications are staged, unsettled and not waiting for a retry, fewer than `UNSETTLED` are
+staged and unsettled in all, and fewer than `MAX_BATCHES` batches are in delivery. With a
+healthy provider that is what the bound of four batches was (three delivered while the next
+is personalized); after a crash, at most ``ACTIVE`` + a batch of notifications had been in
+flight at the provider (they may arrive twice), and at most ``UNSETTLED`` + a batch are
+delivered again (the others were waiting for a retry: the provider had refused them).
 """
 
 from __future__ import annotations
@@ -46,7 +56,7 @@ from server.messages.content import (
     Compiled, MessageRecord, context_for, decode_config, decode_message, exclusion, to_delivery,
 )
 from server.messages import outbox
-from server.messages.outbox import ExecutionRecord, OutboxEntry, deliver_batch, end_execution, stage_batch
+from server.messages.outbox import ExecutionRecord, OutboxEntry, Outcomes, Watcher, deliver_batch, end_execution, stage_batch
 from server.profiles.records import ProfileRecord
 from server.profiles.store import ProfileStore
 from server.runtime.errors import InvalidArgument, NotFound
@@ -63,15 +73,59 @@ log = logging.getLogger("pigeon.pipeline")
 
 #: Registration platforms of each configuration platform.
 PLATFORMS = {"ios": ("apns", "apns-sandbox"), "android": ("fcm",)}
-#: Profiles per batch (staged in one commit), and batches being delivered at once: after a
-#: crash, at most BATCH * IN_FLIGHT profiles' notifications are delivered again.
+#: Profiles per batch (staged in one commit), and batches being delivered at once with a
+#: healthy provider (see the module docstring for the bounds).
 BATCH = 500
 IN_FLIGHT = 4
+#: The next batch is prepared once fewer notifications than this are staged, unsettled and not
+#: waiting for a retry ...
+ACTIVE = (IN_FLIGHT - 1) * BATCH
+#: ... fewer than this are staged and unsettled ...
+UNSETTLED = 10_000
+#: ... and fewer batches than this are in delivery.
+MAX_BATCHES = 20
 #: Seconds a batch is prepared before it lets the event loop run other tasks.
 _SLICE_S = 0.005
 #: The first batch is smaller (the sizes double up to BATCH), so that the first notifications
 #: leave sooner.
 FIRST_BATCH = 50
+
+
+class _Room(Watcher):
+    """What the pipeline has staged and not settled (see the module docstring)."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+        self.unsettled = 0
+        self.waiting_retry = 0
+        self.batches = 0
+        self._changed = trio.Event()
+
+    def full(self) -> bool:
+        return (self.batches >= MAX_BATCHES or self.unsettled >= UNSETTLED
+                or self.unsettled - self.waiting_retry >= ACTIVE)
+
+    async def wait(self) -> None:
+        while self.full():
+            self._changed = trio.Event()
+            await self._changed.wait()
+
+    def staged(self, count: int) -> None:
+        self.unsettled += count
+        self.batches += 1
+
+    def delivered(self) -> None:
+        self.batches -= 1
+        self._changed.set()
+
+    def settled(self, outcomes: Outcomes, count: int) -> None:
+        outcomes.add_to(self.pipeline.result)
+        self.unsettled -= count
+        self._changed.set()
+
+    def waiting(self, delta: int) -> None:
+        self.waiting_retry += delta
+        self._changed.set()
 
 
 class Pipeline:
@@ -120,13 +174,12 @@ class Pipeline:
     async def run(self, audience: Condition | None = None) -> api.SendResult:
         """Send to the execution's profiles from its cursor on; return the counts.
 
-        Batches are prepared and staged one after the other; `IN_FLIGHT` of them at most are
-        being prepared or delivered at once (personalizing the next overlaps with delivering
-        the last ones). A batch that cannot be staged ends the run once the batches in
+        Batches are prepared and staged one after the other, while earlier ones are delivered
+        (within the bounds of the module docstring). A batch that cannot be staged ends the run once the batches in
         delivery are settled (its error is raised; the execution resumes at the next start).
         """
         store = self.server.store
-        limiter = trio.Semaphore(IN_FLIGHT)
+        room = _Room(self)
         failure: BaseException | None = None
         running = self.server.running_executions
         if self.execution in running:
@@ -135,17 +188,17 @@ class Pipeline:
         try:
             async with trio.open_nursery() as nursery:
                 while failure is None:
-                    # A slot first, then the profiles: what they hold is read just before use.
-                    await limiter.acquire()
+                    # Room first, then the profiles: what they hold is read just before use.
+                    await room.wait()
                     try:
                         staged = await self._next_batch(audience)
                     except Exception as exc:  # deliver what is in flight before failing
                         failure = exc
                         staged = None
                     if staged is None:
-                        limiter.release()
                         break
-                    nursery.start_soon(self._deliver, *staged, limiter)
+                    room.staged(len(staged[0]))
+                    nursery.start_soon(self._deliver, *staged, room)
         except BaseExceptionGroup as group:  # a delivery failed: its error, not trio's group
             _, rest = group.split(trio.Cancelled)
             if rest is None:
@@ -260,13 +313,13 @@ class Pipeline:
         reporting.counted(counts, minute)
         return jobs, keys
 
-    async def _deliver(self, jobs: list[DeliveryJob], keys: list[bytes], limiter: trio.Semaphore) -> None:
-        """Deliver a staged batch and settle it; its outcomes counted in the result once stored."""
+    async def _deliver(self, jobs: list[DeliveryJob], keys: list[bytes], room: _Room) -> None:
+        """Deliver a staged batch and settle it as results come; each part's outcomes counted
+        in the result once stored (`_Room.settled`)."""
         try:
-            outcomes = await deliver_batch(self.server, self.execution, jobs, keys)
-            outcomes.add_to(self.result)
+            await deliver_batch(self.server, self.execution, jobs, keys, room)
         finally:
-            limiter.release()
+            room.delivered()
 
     def _profile(self, profile: ProfileRecord, context: Scope, jobs: list[DeliveryJob]) -> str | None:
         """Add the profile's jobs; or return why it is excluded."""

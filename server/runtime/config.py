@@ -23,7 +23,7 @@ from protocols.framing import DEFAULT_MAX_FRAME
 
 from server.runtime.errors import ConfigError
 
-__all__ = ["Config", "StoreSettings", "SupervisorSettings", "ApnsSettings", "ApnsEndpoint", "FcmSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
+__all__ = ["Config", "StoreSettings", "SupervisorSettings", "SenderSettings", "ApnsSettings", "ApnsEndpoint", "FcmSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
 
 log = logging.getLogger("pigeon.config")
 
@@ -67,7 +67,26 @@ class ApnsEndpoint(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ca_file: str | None = None
 
 
-class ApnsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class SenderSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """What the APNs and FCM senders share: the request timeout and the circuit breaker of
+    each sender (`server.delivery.breaker`)."""
+
+    #: A request not answered within this fails (and is retried).
+    request_timeout_s: PositiveFloat = 30.0
+    #: The breaker opens after this many failures in a row that say the provider is unwell
+    #: (5xx, 429, lost connections, no answer), or this many connections in a row that could
+    #: not be opened (nothing listening, TLS refused) ...
+    breaker_failures: Positive = 20
+    breaker_connect_failures: Positive = 3
+    #: ... then fails notifications at once (``CircuitOpen``) for this long, lets one probe
+    #: through, and doubles the period each time the probe fails, up to the maximum.
+    breaker_cooldown_s: PositiveFloat = 10.0
+    breaker_cooldown_max_s: PositiveFloat = 300.0
+    #: False: no breaker (retries alone).
+    breaker: bool = True
+
+
+class ApnsSettings(SenderSettings, kw_only=True, forbid_unknown_fields=True):
     production: ApnsEndpoint = msgspec.field(default_factory=lambda: ApnsEndpoint(address="api.push.apple.com:443"))
     sandbox: ApnsEndpoint = msgspec.field(default_factory=lambda: ApnsEndpoint(address="api.sandbox.push.apple.com:443"))
     #: Connections per app and environment, and streams in flight on each.
@@ -77,7 +96,7 @@ class ApnsSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_queue: Positive = 10_000
 
 
-class FcmSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+class FcmSettings(SenderSettings, kw_only=True, forbid_unknown_fields=True):
     #: FCM's base URL: messages go to ``{url}/v1/projects/{project}/messages:send``
     #: (point it at the mock for tests and benchmarks).
     url: Annotated[str, msgspec.Meta(pattern=r"^https://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?/?\Z")] = (
