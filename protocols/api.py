@@ -144,6 +144,9 @@ __all__ = [
     "ListKeys",
     "KeyRevoked",
     "RevokeKey",
+    # secrets
+    "SecretsRotated",
+    "RotateSecrets",
 ]
 
 #: A request's answer type. Covariant: it is only ever produced (decoded from the answer), so a
@@ -1160,6 +1163,25 @@ class RevokeKey(Request[KeyRevoked], frozen=True):
 
 
 # ---------------------------------------------------------------------------------------------
+# secrets
+
+
+class SecretsRotated(Response):
+    #: Sealed values re-encrypted under the new master key.
+    resealed: int
+    #: The new key's fingerprint: 4 bytes of its SHA-256, in hex (tells keys apart, reveals nothing).
+    fingerprint: str
+    #: The master key file, which now holds the new key alone.
+    key_file: str
+
+
+class RotateSecrets(Request[SecretsRotated], frozen=True):
+    """Re-encrypt every secret the server stores under a new master key, without stopping."""
+
+    method: ClassVar[str] = "secrets.rotate"
+
+
+# ---------------------------------------------------------------------------------------------
 # registry
 
 
@@ -1217,6 +1239,7 @@ METHODS: dict[str, MethodSpec] = {
             CreateKey,
             ListKeys,
             RevokeKey,
+            RotateSecrets,
         ],
     )
 }

@@ -32,7 +32,8 @@ NEEDS = {
                                "profiles.unlink", "events.list", "push.send", "messages.send")},
     **{m: "admin" for m in ("apps.register_ios", "apps.register_android", "apps.get", "apps.list", "apps.delete",
                             "configs.publish", "configs.get", "configs.list", "messages.publish", "messages.get",
-                            "messages.list", "messages.preview", "keys.create", "keys.list", "keys.revoke")},
+                            "messages.list", "messages.preview", "keys.create", "keys.list", "keys.revoke",
+                            "secrets.rotate")},
 }
 #: The scopes each key's scope grants.
 GRANTS = {"admin": {"admin", "operator", "ingest", "read"}, "operator": {"operator", "ingest", "read"},

@@ -50,6 +50,7 @@ EXPECTED_METHODS = {
     "keys.create": (api.CreateKey, api.CreatedKey, False),
     "keys.list": (api.ListKeys, api.KeyList, False),
     "keys.revoke": (api.RevokeKey, api.KeyRevoked, False),
+    "secrets.rotate": (api.RotateSecrets, api.SecretsRotated, False),
 }
 
 
@@ -149,6 +150,7 @@ SAMPLES: dict[str, api.Request[Any]] = {
     "keys.create": api.CreateKey(scopes=["ingest", "read"], name="ios-app"),
     "keys.list": api.ListKeys(),
     "keys.revoke": api.RevokeKey(id="pgn_Xq3vT0aB"),
+    "secrets.rotate": api.RotateSecrets(),
 }
 
 
@@ -526,6 +528,7 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
                              name=st.text(st.characters(min_codepoint=32, max_codepoint=0x7e), max_size=100)),
     "keys.list": st.builds(api.ListKeys),
     "keys.revoke": st.builds(api.RevokeKey, id=st.from_regex(api.KEY_ID_PATTERN, fullmatch=True)),
+    "secrets.rotate": st.builds(api.RotateSecrets),
     "apps.get": st.builds(api.GetApp, app=_apps),
     "apps.list": st.builds(api.ListApps),
     "apps.delete": st.builds(api.DeleteApp, app=_apps),

@@ -68,7 +68,7 @@ SURFACE = {
         'StoredEvent', 'StreamRequest', 'Timestamp', 'TokenRegistered', 'TokenUnregistered', 'UnlinkIdentity',
         'UnregisterToken', 'UpsertProfile', 'WatchReport', 'describe_validation_error',
         'KEY_PATTERN', 'KEY_ID_PATTERN', 'SCOPES', 'Scope', 'KeyId', 'KeyInfo', 'CreatedKey', 'CreateKey',
-        'KeyList', 'ListKeys', 'KeyRevoked', 'RevokeKey',
+        'KeyList', 'ListKeys', 'KeyRevoked', 'RevokeKey', 'SecretsRotated', 'RotateSecrets',
     },
     'protocols.connection': {
         'CallCancelled', 'CallReceived', 'ClientConnection', 'Closed', 'CreditGranted', 'EndReceived',
@@ -154,7 +154,7 @@ def test_each_domain_registers_only_its_own_methods() -> None:
         "server": "server.runtime", "profiles": "server.profiles", "tokens": "server.profiles",
         "consent": "server.profiles", "events": "server.profiles", "apps": "server.delivery",
         "push": "server.delivery", "configs": "server.messages", "messages": "server.messages",
-        "reports": "server.reports", "keys": "server.access",
+        "reports": "server.reports", "keys": "server.access", "secrets": "server.runtime",
     }
     for methods in METHODS:
         for request_type, handler, _, _ in methods.entries:

@@ -14,6 +14,8 @@ import base64
 import secrets
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from plugins.apns.mock import MockApnsProcess, SigningKey, issue_client_certificate
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
-from protocols.errors import CallError, PigeonProtocolError
+from protocols.errors import CallError, PigeonProtocolError, Status
 from protocols.trio_client import open_client
 from server.channels import AndroidRecord, AppRecord, IosRecord
 from server.testing import ServerProcess
@@ -244,3 +246,71 @@ async def test_a_version_1_folder_is_migrated_when_the_server_starts_and_its_cre
     assert leaks((tmp_path / "data" / "data.mdb").read_bytes(), forms) == []
     assert {name: leaks(data, forms) for name, data in folder_files(tmp_path / "data").items()} == {
         name: [] for name in folder_files(tmp_path / "data")}
+
+
+# -- pigeon secrets rotate --------------------------------------------------------------------
+
+
+def pigeon(address: str, *args: str, key: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server.cli", *args, "--server", address, "--api-key", key],
+                          capture_output=True, text=True, timeout=60)
+
+
+async def test_secrets_rotate_reencrypts_under_a_new_key_while_sends_go_on(tmp_path, mocks):
+    """With API keys on (their pepper is sealed too): sends through APNs and FCM before, during
+    and after two rotations (the protocol method, then the CLI) all succeed; the key file ends
+    with a new key alone; a restart on it opens the credentials and the admin key still works."""
+    apns, fcm = mocks
+    fcm.admin.set_faults(accept_any_token=True)
+    key_file = tmp_path / "data.master-key"
+    outcomes: list[str] = []
+    with ServerProcess(tmp_path / "data", env=server_env(apns, fcm), auth="keys") as server:
+        admin = server.admin_key
+        first = key_file.read_text()
+        async with open_client(server.address, api_key=admin) as client:
+            await client.call(api.RegisterIosApp(app=APP, environment="sandbox", auth=api.ApnsTokenAuth(
+                key_pem=KEY.private_key_pem, key_id=KEY.key_id, team_id=KEY.team_id)))
+            await client.call(api.RegisterAndroidApp(app=APP, service_account=ACCOUNT.info(fcm.token_uri)))
+
+            async def keep_sending() -> None:
+                async with open_client(server.address, api_key=admin) as sender:
+                    while True:
+                        for platform, token in (("apns-sandbox", APNS_TOKEN), ("fcm", "tok-1")):
+                            sent = await sender.call(api.SendPush(app=APP, token=token, platform=platform,
+                                                                  content=api.PushContent(title="Hi")))
+                            outcomes.extend(o.status for o in sent.outcomes)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(keep_sending)
+                while len(outcomes) < 10:
+                    await trio.sleep(0.01)
+                rotated = await client.call(api.RotateSecrets())
+                during = len(outcomes)
+                cli = await trio.to_thread.run_sync(lambda: pigeon(server.address, "secrets", "rotate", key=admin))
+                while len(outcomes) < during + 10:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        assert server.stop() == 0
+    assert rotated.resealed == 2 and rotated.key_file == str(key_file.resolve())  # the app, the pepper
+    assert cli.returncode == 0 and "master key rotated: 2 sealed values" in cli.stdout, cli
+    assert set(outcomes) == {"sent"}, outcomes
+    last = key_file.read_text()
+    assert len(last.split()) == 1 and last not in (first, "") and rotated.fingerprint not in cli.stdout
+    assert "master key rotation done" in "".join(server.log)
+    with ServerProcess(tmp_path / "data", env=server_env(apns, fcm), auth="keys") as server:
+        async with open_client(server.address, api_key=admin) as client:
+            sent = await client.call(api.SendPush(app=APP, token="tok-1", platform="fcm",
+                                                  content=api.PushContent(title="Hi")))
+            assert [o.status for o in sent.outcomes] == ["sent"]
+    assert key_file.read_text() == last
+
+
+async def test_secrets_rotate_with_the_key_in_the_environment_says_how_to_rotate_it(tmp_path):
+    env = {"PIGEON_MASTER_KEY": secrets.token_hex(32)}
+    with ServerProcess(tmp_path / "data", env=env) as server:
+        async with open_client(server.address) as client:
+            with pytest.raises(CallError) as refused:
+                await client.call(api.RotateSecrets())
+    assert refused.value.status == Status.FAILED_PRECONDITION
+    assert "PIGEON_MASTER_KEY" in refused.value.message and "new,old" in refused.value.message
+    assert not (tmp_path / "data.master-key").exists()

@@ -28,6 +28,7 @@ from protocols.trio_client import Client, open_client
 from server.cli.inputs import UsageError
 from server.cli.output import show_preview, show_report, show_send
 from server.runtime.config import Config, load_config
+from server.runtime.masterkey import Keyring, default_path, new_key
 
 if TYPE_CHECKING:
     from plugins.apns.mock import MockApnsProcess, SigningKey
@@ -84,6 +85,10 @@ async def run_demo(data: str | None, profiles: int, out: Out = print) -> int:
     account = ServiceAccount.generate("pigeon-demo")
     people, devices = _people(profiles)
     out(f"data folder {folder}; starting the mock APNs and the mock FCM ...")
+    # The demo's data is throwaway: its master key is made here, without the warning a server
+    # gives when it makes one (keep it apart from backups).
+    folder.mkdir(parents=True, exist_ok=True)
+    Keyring([new_key()], default_path(folder / "data")).save()
     with MockApnsProcess(folder / "mock-apns", config={"keys": [key.spec()], "tokens": devices.apns}) as apns, \
             MockFcmProcess(folder / "mock-fcm", config={"projects": {"pigeon-demo": {
                 "service_accounts": [account.spec()], "tokens": devices.fcm}}}) as fcm:

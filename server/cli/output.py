@@ -21,6 +21,7 @@ __all__ = [
     "show_consent", "show_event", "show_health", "show_ingest", "show_message", "show_message_document",
     "show_messages", "show_preview", "show_profile", "show_profile_deleted", "show_push", "show_report",
     "show_send", "show_stats", "show_token_registered", "show_token_unregistered", "table", "to_json", "when",
+    "show_secrets_rotated",
 ]
 
 
@@ -319,3 +320,8 @@ def show_keys(r: api.KeyList) -> str:
 
 def show_key_revoked(r: api.KeyRevoked) -> str:
     return f"revoked API key {r.id} ({r.connections_closed} open connections closed)"
+
+
+def show_secrets_rotated(r: api.SecretsRotated) -> str:
+    return (f"master key rotated: {r.resealed} sealed values re-encrypted under the new key {r.fingerprint}; "
+            f"{r.key_file} holds it alone (keep a copy apart from backups of the data folder)")

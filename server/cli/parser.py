@@ -21,6 +21,7 @@ from server.cli.output import (
     show_app, show_app_deleted, show_apps, show_config, show_configs, show_consent, show_health, show_message,
     show_message_document, show_messages, show_preview, show_profile, show_profile_deleted, show_send, show_stats,
     show_token_registered, show_token_unregistered, show_created_key, show_keys, show_key_revoked,
+    show_secrets_rotated,
 )
 from server.runtime.config import DEFAULT_LISTEN
 
@@ -59,6 +60,7 @@ COMMANDS: dict[str, str] = {
     "keys.create": "keys create",
     "keys.list": "keys list",
     "keys.revoke": "keys revoke",
+    "secrets.rotate": "secrets rotate",
     "reports.watch": "reports --watch",
 }
 
@@ -126,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(action=None, group=parser)
     tree = _Tree(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
     for add_commands in (_serve, _server, _profiles, _tokens, _consent, _apps, _push, _configs, _messages, _reports,
-                         _keys, _demo, _mocks, _events):
+                         _keys, _secrets, _demo, _mocks, _events):
         add_commands(tree)
     return parser
 
@@ -342,6 +344,12 @@ def _keys(tree: _Tree) -> None:
     p = tree.command(keys, "revoke", "revoke an API key and close its connections",
                      call_action(lambda a: api.RevokeKey(id=a.id), show_key_revoked))
     p.add_argument("id", help="the key's id (its first 12 characters, as listed)")
+
+
+def _secrets(tree: _Tree) -> None:
+    secrets = tree.group("secrets", "the master key that seals the stored credentials (admin)")
+    tree.command(secrets, "rotate", "re-encrypt every stored secret under a new master key, without stopping",
+                 call_action(lambda a: api.RotateSecrets(), show_secrets_rotated))
 
 
 def _demo(tree: _Tree) -> None:

@@ -1,4 +1,4 @@
-"""The server's own methods: ``server.health`` and ``server.stats``."""
+"""The server's own methods: ``server.health``, ``server.stats`` and ``secrets.rotate``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from protocols import api
 from protocols.frames import PROTOCOL_VERSION
 from server.api.registry import CallContext, Methods
+from server.profiles import sealing
 from server.profiles.records import SCHEMA_VERSION
 from server.runtime.errors import ActorError
 
@@ -30,6 +31,14 @@ async def health(server: Server, ctx: CallContext, req: api.GetHealth) -> api.He
         uptime_s=time.monotonic() - server.started_at,
         admin_key_file=server.access.admin_key_file_for(ctx.local),
     )
+
+
+@methods(api.RotateSecrets, scope="admin")
+async def rotate_secrets(server: Server, ctx: CallContext, req: api.RotateSecrets) -> api.SecretsRotated:
+    # In the server's nursery: a caller that goes away does not stop it half-way (which would
+    # be safe, but leave the old key in the file until the next start).
+    done = await server.run_in_background(sealing.rotate, server.store)
+    return api.SecretsRotated(resealed=done.resealed, fingerprint=done.fingerprint, key_file=done.key_file)
 
 
 @methods(api.GetStats, scope="read")
