@@ -23,6 +23,8 @@ import lmdb
 import msgspec
 import pytest
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
@@ -31,6 +33,7 @@ from plugins.apns.mock import MockApnsProcess, SigningKey, issue_client_certific
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.errors import CallError, PigeonProtocolError, Status
+from protocols.frames import Error, Reply
 from protocols.trio_client import open_client
 from server.channels import AndroidRecord, AppRecord, IosRecord
 from server.testing import ServerProcess
@@ -314,3 +317,48 @@ async def test_secrets_rotate_with_the_key_in_the_environment_says_how_to_rotate
     assert refused.value.status == Status.FAILED_PRECONDITION
     assert "PIGEON_MASTER_KEY" in refused.value.message and "new,old" in refused.value.message
     assert not (tmp_path / "data.master-key").exists()
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def rotating(tmp_path_factory: pytest.TempPathFactory, mocks):
+    """A server with an app, for fuzzing secrets.rotate, and a raw connection to it."""
+    from .test_rpc_fuzz import _Connection
+
+    apns, fcm = mocks
+    folder = tmp_path_factory.mktemp("rotate")
+    with ServerProcess(folder / "data", env=server_env(apns, fcm)) as server:
+        connection = _Connection(server.address)
+        register = api.RegisterIosApp(app=APP, environment="sandbox", auth=api.ApnsTokenAuth(
+            key_pem=KEY.private_key_pem, key_id=KEY.key_id, team_id=KEY.team_id))
+        assert isinstance(connection.call(register.method, msgspec.msgpack.encode(register)), Reply)
+        try:
+            yield server, connection, folder / "data.master-key"
+        finally:
+            connection.sock.close()
+
+
+@settings(max_examples=30, deadline=None)
+@given(body=st.one_of(st.binary(max_size=40), _values.map(msgspec.msgpack.encode),
+                      st.dictionaries(st.text(max_size=8), _values, max_size=3).map(msgspec.msgpack.encode)))
+def test_any_rotate_request_rotates_or_is_refused_clearly_and_the_credentials_stay_readable(rotating, body):
+    server, connection, key_file = rotating
+    before = key_file.read_text()
+    answer = connection.call("secrets.rotate", body)
+    if isinstance(answer, Reply):
+        done = msgspec.msgpack.decode(answer.body, type=api.SecretsRotated)
+        assert done.resealed == 2 and key_file.read_text() != before  # the app, the API keys' pepper
+    else:
+        assert isinstance(answer, Error) and answer.code == Status.INVALID_ARGUMENT, answer
+        assert key_file.read_text() == before
+    assert len(key_file.read_text().split()) == 1
+    get = api.GetApp(app=APP)
+    info = connection.call(get.method, msgspec.msgpack.encode(get))
+    assert isinstance(info, Reply), info
+    assert msgspec.msgpack.decode(info.body, type=api.AppInfo).ios is not None
