@@ -407,3 +407,11 @@ def test_a_key_file_that_cannot_be_written_is_a_storage_error_naming_it(tmp_path
     ring = Keyring([new_key()], tmp_path / "missing" / "data.master-key")
     with pytest.raises(StorageError, match="cannot write the master key file .*missing"):
         ring.save()
+
+
+async def test_a_rotation_before_the_store_opens_is_unavailable_not_an_internal_error(tmp_path):
+    from server.runtime.errors import ActorError
+
+    with pytest.raises(ActorError, match="not open"):
+        await sealing.rotate(_store(tmp_path / "data"))
+    assert not (tmp_path / "data.master-key").exists()

@@ -35,7 +35,7 @@ import lmdb
 import msgspec
 import trio
 
-from server.runtime.errors import FailedPrecondition, SchemaError, StorageError
+from server.runtime.errors import ActorError, FailedPrecondition, SchemaError, StorageError
 from server.runtime.masterkey import ENV, Keyring
 
 if TYPE_CHECKING:
@@ -228,7 +228,7 @@ async def rotate(store: ProfileStore) -> Rotation:
     """A new master key for ``store``, without stopping (see the module docstring)."""
     keyring = store.keyring
     if keyring is None:
-        raise FailedPrecondition("the store is not open (starting or restarting); retry shortly")
+        raise ActorError("the profile store is not open (starting or restarting); retry shortly")
     if keyring.path is None:
         raise FailedPrecondition(
             f"the master key comes from {ENV}, which the server cannot rewrite: to rotate it, put a new key in "
