@@ -271,7 +271,6 @@ class Health(Response):
     uptime_s: float
     #: On a loopback or unix connection to a server with API keys: the file holding its first
     #: admin key (the ``pigeon`` command of the same user reads it). Nil otherwise.
-    admin_key_file: str | None = None
 
 
 class GetHealth(Request[Health], frozen=True):

@@ -271,14 +271,47 @@ async def test_a_malformed_pigeon_admin_key_stops_the_start(tmp_path: Path, monk
             await nursery.start(srv.run)
 
 
-async def test_health_names_the_admin_key_file_to_local_clients_only(keyed: Server, tmp_path: Path) -> None:
+async def test_no_server_names_a_file_and_the_cli_sends_only_what_is_a_key(keyed: Server, tmp_path: Path) -> None:
+    """An attack review found the CLI reading whatever path a server named in server.health
+    and sending it as its key (an SSH key, say, to a process on the CLI's port), and any file
+    a configuration named: health names no file now, and a key file must hold a key."""
+    from server.access.keys import read_key_file
+
     async with open_client(keyed.addresses[0], api_key="") as client:
-        assert (await client.call(api.GetHealth())).admin_key_file == str((tmp_path / "data.admin-key").resolve())
+        health = await client.call(api.GetHealth())
+    assert "admin_key_file" not in msgspec.structs.asdict(health)
+    secret = tmp_path / "id_ed25519"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk\n")
+    with pytest.raises(ConfigError, match="does not hold a Pigeon API key"):
+        read_key_file(secret)
+    assert read_key_file(admin_key_path(keyed.config.data)) == admin_key(keyed)
 
 
-async def test_without_keys_health_names_no_file_and_every_method_is_open(server: Server, client: Client) -> None:
-    assert (await client.call(api.GetHealth())).admin_key_file is None
+async def test_without_keys_every_method_is_open(server: Server, client: Client) -> None:
     await client.call(api.ListKeys())
+
+
+async def test_an_ingest_key_learns_nothing_about_other_profiles_from_tokens(keyed: Server) -> None:
+    """The attack review: with an ingest key (the key an app embeds), tokens.unregister named
+    the identity owning a token (and NOT_FOUND told which tokens exist), tokens.register named
+    the profile a token moved from, whether the profile existed, and the tokens it evicted."""
+    operator = await make_key(keyed, "operator")
+    ingest = await make_key(keyed, "ingest")
+    async with open_client(keyed.addresses[0], api_key=operator) as op:
+        await op.call(api.RegisterToken(identity="email:victim@corp.com", app="com.acme.app", platform="fcm", token="VICTIM"))
+    async with open_client(keyed.addresses[0], api_key=ingest) as app:
+        moved = await app.call(api.RegisterToken(identity="crm:attacker", app="com.acme.app", platform="fcm", token="VICTIM"))
+        assert (moved.moved_from, moved.created_profile, moved.evicted) == (None, False, [])
+        assert (await app.call(api.UnregisterToken(app="com.acme.app", token="VICTIM"))).identity == ""
+        assert (await app.call(api.UnregisterToken(app="com.acme.app", token="NEVER-SEEN"))).identity == ""
+    async with open_client(keyed.addresses[0], api_key=operator) as op:  # an operator still learns it all
+        await op.call(api.RegisterToken(identity="email:victim@corp.com", app="com.acme.app", platform="fcm", token="T2"))
+        moved = await op.call(api.RegisterToken(identity="crm:other", app="com.acme.app", platform="fcm", token="T2"))
+        assert moved.moved_from == "email:victim@corp.com" and moved.created_profile
+        assert (await op.call(api.UnregisterToken(app="com.acme.app", token="T2"))).identity == "crm:other"
+        with pytest.raises(CallError) as info:
+            await op.call(api.UnregisterToken(app="com.acme.app", token="NEVER-SEEN"))
+        assert info.value.status == Status.NOT_FOUND
 
 
 # ---------------------------------------------------------------------------------------------

@@ -516,16 +516,17 @@ def _pigeon_in(folder, address: str, *args: str, env: dict[str, str] | None = No
 
 
 def test_keys_from_the_cli_on_a_server_with_keys(spawn_server, tmp_path):
-    """The CLI on the server's machine finds the admin key by itself (the server names its file
-    to a loopback client); a key made with it is shown once, listed, refused a scope it lacks,
-    and revoked."""
+    """The CLI on the server's machine finds the admin key by itself (through the configuration
+    that names the data folder); a key made with it is shown once, listed, refused a scope it
+    lacks, and revoked."""
     server = spawn_server(auth="keys")
     addr, cwd = server.address, tmp_path
-    r = _pigeon_in(cwd, addr, "keys", "create", "ingest", "--name", "ios-app")
+    here = {"PIGEON_DATA": str(server.data)}
+    r = _pigeon_in(cwd, addr, "keys", "create", "ingest", "--name", "ios-app", env=here)
     assert r.returncode == 0, r.stderr
     key = r.stdout.splitlines()[0]
     assert key.startswith("pgn_") and "shown this once" in r.stdout
-    r = _pigeon_in(cwd, addr, "keys", "list")
+    r = _pigeon_in(cwd, addr, "keys", "list", env=here)
     assert r.returncode == 0 and "first admin key" in r.stdout and "ios-app" in r.stdout and key[:12] in r.stdout
     assert key not in r.stdout and server.admin_key not in r.stdout
 
@@ -536,7 +537,7 @@ def test_keys_from_the_cli_on_a_server_with_keys(spawn_server, tmp_path):
     assert r.returncode == 1
     assert "PERMISSION_DENIED: profiles.get needs the operator scope" in r.stderr
 
-    r = _pigeon_in(cwd, addr, "keys", "revoke", key[:12])
+    r = _pigeon_in(cwd, addr, "keys", "revoke", key[:12], env=here)
     assert r.returncode == 0 and f"revoked API key {key[:12]}" in r.stdout
     r = _pigeon_in(cwd, addr, "health", "--api-key", key)
     assert r.returncode == 1

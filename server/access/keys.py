@@ -202,4 +202,7 @@ def read_key_file(path: Path) -> str | None:
         return None
     except OSError as exc:
         raise ConfigError(f"cannot read the admin key file {str(path)!r}: {exc}") from None
-    return text.strip() or None
+    key = text.strip()
+    if not is_key(key):  # never send a file's contents that are not a key (a configuration may name any file)
+        raise ConfigError(f"the admin key file {str(path)!r} does not hold a Pigeon API key (pgn_...)")
+    return key

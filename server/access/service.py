@@ -177,12 +177,6 @@ class Access(Actor):
         records = sorted(self._by_digest.values(), key=lambda r: (r.created_us, r.id))
         return [msgspec.structs.replace(r, last_used_us=max(r.last_used_us, self._used.get(r.id, 0))) for r in records]
 
-    def admin_key_file_for(self, local: bool) -> str | None:
-        """The admin key file's path for ``server.health``: to local peers of a server with
-        keys, when the file exists (only its owner can read it)."""
-        if not (local and self.enabled and self.admin_key_file.exists()):
-            return None
-        return str(self.admin_key_file)
 
     # -- the handshake's side -------------------------------------------------------------
 

@@ -471,7 +471,7 @@ class Connection:
             if value:
                 check_depth(value, f"$.{name}", name)
         ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body,
-                          local=self.local)
+                          local=self.local, scopes=self.grant.scopes if self.grant is not None else frozenset())
         if route.spec.streaming:
             await route.handler(ctx, request, lambda item: self._send_item(call, item))
             conn.send_end(call.id)

@@ -69,6 +69,8 @@ class CallContext(msgspec.Struct):
     body: msgspec.Raw
     #: Whether the peer is on this machine (a loopback or unix connection).
     local: bool = False
+    #: The scopes the connection's key grants (every scope when the server asks for no key).
+    scopes: frozenset[str] = frozenset(("admin", "operator", "ingest", "read"))
 
 
 class Route(msgspec.Struct, frozen=True):

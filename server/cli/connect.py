@@ -24,9 +24,8 @@ from pathlib import Path
 import trio
 
 from protocols._client_core import parse_target
-from protocols import api
 from protocols.errors import ConnectionClosed, NotPigeonServer, PigeonProtocolError, Status
-from protocols.trio_client import Client, open_client
+from protocols.trio_client import open_client
 
 from server.cli.inputs import UsageError
 from server.runtime.errors import ConfigError
@@ -58,10 +57,6 @@ async def run_client(args: argparse.Namespace) -> None:
                 key, source = api_key(args)
                 client = await stack.enter_async_context(
                     open_client(args.server, ssl_context=context, client_name="pigeon-cli", api_key=key or ""))
-                if key is None and (named := await _named_admin_key(client)) is not None:
-                    key, source = named
-                    client = await stack.enter_async_context(
-                        open_client(args.server, ssl_context=context, client_name="pigeon-cli", api_key=key))
                 connected = True
                 connecting.deadline = math.inf
                 await args.action(client, args)
@@ -91,18 +86,6 @@ def api_key(args: argparse.Namespace) -> tuple[str | None, str]:
         return read_key_file(path), f"the admin key file {path}"
     except ConfigError:
         return None, "nowhere"
-
-
-async def _named_admin_key(client: Client) -> tuple[str, str] | None:
-    """The admin key in the file a server on this machine names, if this user can read it."""
-    health = await client.call(api.GetHealth())
-    if health.admin_key_file is None:
-        return None
-    try:
-        key = Path(health.admin_key_file).read_text().strip()
-    except OSError:
-        return None
-    return (key, f"the admin key file {health.admin_key_file} (named by the server)") if key else None
 
 
 async def _unreachable(args: argparse.Namespace, exc: BaseException) -> str:

@@ -10,6 +10,7 @@ from server.api.registry import CallContext, Methods
 from server.profiles import writes
 from server.profiles.keys import normalize_token
 from server.profiles.records import profile_to_api, registration_to_api
+from server.runtime.errors import NotFound
 from server.runtime.values import from_us, to_us
 
 if TYPE_CHECKING:
@@ -62,6 +63,13 @@ async def register_token(server: Server, ctx: CallContext, req: api.RegisterToke
     registration, created, moved_from, evicted = await server.store.write(
         writes.register_token, req.identity, req.app, req.platform, token
     )
+    if "operator" not in ctx.scopes:
+        # An ingest key (the key an app embeds) reads nothing: not whose the token was, nor
+        # whether the profile existed, nor the tokens this one pushed out.
+        return api.TokenRegistered(registration=api.Registration(
+            app=registration.app, platform=registration.platform,  # type: ignore[arg-type]  # stored as text
+            token=registration.token, first_seen=from_us(registration.last_seen),
+            last_seen=from_us(registration.last_seen)))
     return api.TokenRegistered(
         registration=api.Registration(
             app=registration.app,
@@ -78,6 +86,13 @@ async def register_token(server: Server, ctx: CallContext, req: api.RegisterToke
 
 @methods(api.UnregisterToken, scope="ingest")
 async def unregister_token(server: Server, ctx: CallContext, req: api.UnregisterToken) -> api.TokenUnregistered:
+    if "operator" not in ctx.scopes:
+        # An ingest key learns neither whose the token was nor whether anyone had it.
+        try:
+            await server.store.write(writes.unregister_token, req.app, req.token)
+        except NotFound:
+            pass
+        return api.TokenUnregistered(identity="")
     identity = await server.store.write(writes.unregister_token, req.app, req.token)
     return api.TokenUnregistered(identity=identity)
 

@@ -29,7 +29,6 @@ async def health(server: Server, ctx: CallContext, req: api.GetHealth) -> api.He
         version=server.version,
         protocol=PROTOCOL_VERSION,
         uptime_s=time.monotonic() - server.started_at,
-        admin_key_file=server.access.admin_key_file_for(ctx.local),
     )
 
 
