@@ -262,6 +262,31 @@ async def test_pigeon_admin_key_gives_the_admin_key(tmp_path: Path, monkeypatch:
     assert not (tmp_path / "data.admin-key").exists()
 
 
+async def test_the_key_of_pigeon_admin_key_is_not_revoked_while_it_would_come_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack review: revoking the PIGEON_ADMIN_KEY key worked until the next start stored
+    it again (a leaked key "revoked" came back). It is refused while the variable names it."""
+    key = "pgn_" + "k" * 43
+    monkeypatch.setenv("PIGEON_ADMIN_KEY", key)
+    srv = Server(make_config(tmp_path / "data", auth="keys"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0], api_key=key) as admin:
+            other = (await admin.call(api.CreateKey(scopes=["admin"], name="second"))).key
+        async with open_client(srv.addresses[0], api_key=other) as admin:
+            with pytest.raises(CallError) as info:
+                await admin.call(api.RevokeKey(id=key[:12]))
+            assert info.value.status == Status.FAILED_PRECONDITION and "PIGEON_ADMIN_KEY" in info.value.message
+        srv.request_stop()
+    monkeypatch.delenv("PIGEON_ADMIN_KEY")
+    srv = Server(make_config(tmp_path / "data", auth="keys"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(srv.run)
+        async with open_client(srv.addresses[0], api_key=other) as admin:
+            await admin.call(api.RevokeKey(id=key[:12]))
+        srv.request_stop()
+
+
 async def test_a_malformed_pigeon_admin_key_stops_the_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIGEON_ADMIN_KEY", "hunter2")
     srv = Server(make_config(tmp_path / "data", auth="keys"))

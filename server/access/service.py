@@ -24,7 +24,7 @@ from server.access.keys import KeyRecord
 from server.api.registry import granted
 from server.profiles.store import ProfileStore
 from server.runtime.actor import Actor
-from server.runtime.errors import AlreadyExists, ConfigError
+from server.runtime.errors import AlreadyExists, ConfigError, FailedPrecondition
 
 __all__ = ["Access", "Grant", "Throttle", "ADMIN_KEY_ENV", "TOUCH_INTERVAL_S"]
 
@@ -168,6 +168,12 @@ class Access(Actor):
         raise AlreadyExists("could not draw a key with an unused id")  # pragma: no cover
 
     async def revoke(self, id: str) -> KeyRecord:
+        given = (self.env.get(ADMIN_KEY_ENV) or "").strip()
+        if given and keys.key_id(given) == id:
+            # Revoked now, it would be stored again at the next start: it must leave the
+            # environment first.
+            raise FailedPrecondition(f"this key comes from {ADMIN_KEY_ENV}, which would bring it back at the next "
+                                     f"start: remove it from {ADMIN_KEY_ENV}, restart, then revoke it", field="$.id")
         record = await self.store.write(keys.delete_key, id)
         self._by_digest.pop(record.digest, None)
         self._used.pop(id, None)
