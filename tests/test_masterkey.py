@@ -112,3 +112,44 @@ async def test_the_store_reads_or_makes_the_master_key_when_it_opens(tmp_path):
         assert stat.S_IMODE((tmp_path / "data.master-key").stat().st_mode) == 0o600
         store.request_stop()
     assert not list((tmp_path / "data").glob("*master-key*"))  # beside the data folder, not inside
+
+
+def test_private_files_are_written_through_a_fresh_temporary_file_never_a_planted_one(tmp_path):
+    """The attack review: the admin key file was written through `.<name>.<pid>`, opened
+    without O_EXCL: a planted link there sent the key where it pointed, a planted 0644 file
+    kept its mode. The master key file's `.tmp` had the same flaw."""
+    import os
+
+    from server.access.keys import write_admin_key
+
+    target = tmp_path / "data.admin-key"
+    stolen = tmp_path / "stolen.txt"
+    for name in (f".{target.name}.{os.getpid()}", f"{target.name}.tmp"):
+        (tmp_path / name).symlink_to(stolen)
+    loose = tmp_path / f".{target.name}.{os.getpid() + 1}"
+    loose.write_text("")
+    loose.chmod(0o644)
+    write_admin_key(target, "pgn_" + "k" * 43)
+    assert not stolen.exists()
+    assert not target.is_symlink() and stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert target.read_text() == "pgn_" + "k" * 43 + "\n"
+    ring = Keyring([new_key()], tmp_path / "master-key")
+    (tmp_path / "master-key.tmp").symlink_to(stolen) if not (tmp_path / "master-key.tmp").exists() else None
+    ring.save()
+    assert not stolen.exists() and stat.S_IMODE((tmp_path / "master-key").stat().st_mode) == 0o600
+
+
+def test_a_master_key_file_that_is_a_link_is_read_but_not_changed(tmp_path):
+    from server.runtime.errors import FailedPrecondition
+
+    mounted = tmp_path / "mount" / "key"
+    mounted.parent.mkdir()
+    mounted.write_text(encode_key(new_key()) + "\n")
+    mounted.chmod(0o640)
+    link = tmp_path / "data.master-key"
+    link.symlink_to(mounted)
+    ring = Keyring.load(link, env={})
+    assert stat.S_IMODE(mounted.stat().st_mode) == 0o640  # not ours to change
+    with pytest.raises(FailedPrecondition, match="is a link"):
+        Keyring([new_key(), *ring.keys], link).save()
+    assert link.is_symlink()

@@ -29,6 +29,7 @@ from protocols import api
 from server.profiles.records import unversioned
 from server.profiles.store import ProfileStore, Writer
 from server.runtime.errors import AlreadyExists, ConfigError, FailedPrecondition, NotFound, StorageError
+from server.runtime.masterkey import write_private
 
 __all__ = [
     "PEPPER_KEY", "KeyRecord", "new_key", "key_id", "hash_key", "is_key", "ensure_pepper", "list_keys", "put_key", "delete_key",
@@ -181,16 +182,9 @@ def admin_key_path(data: str | Path) -> Path:
 
 def write_admin_key(path: Path, key: str) -> None:
     """Write ``key`` to ``path``, readable by its owner only, replacing a stale file whole."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(key + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        partial.replace(path)
+        write_private(path, key + "\n")
     except OSError as exc:
-        partial.unlink(missing_ok=True)
         raise ConfigError(f"cannot write the admin key file {str(path)!r}: {exc}") from None
 
 

@@ -26,13 +26,14 @@ import binascii
 import hashlib
 import logging
 import os
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from server.runtime.errors import ConfigError, StorageError
+from server.runtime.errors import ConfigError, FailedPrecondition, StorageError
 
 __all__ = ["Keyring", "SEALED", "ENV", "default_path", "new_key", "encode_key"]
 
@@ -69,6 +70,30 @@ def _decode_key(text: str, where: str) -> bytes:
 
 def _key_id(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()[:_ID_BYTES]
+
+
+def write_private(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` at once, readable by its owner only: a new temporary file
+    beside it (made with O_EXCL, so never a file or link someone left there), synced, renamed
+    over it, and the folder synced. A crash leaves the old file or the new one, and a
+    temporary file that the next write removes (with those of earlier versions)."""
+    for leftover in (*path.parent.glob(f".{path.name}.*"), path.with_name(path.name + ".tmp")):
+        leftover.unlink(missing_ok=True)  # a link goes, not what it points to
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def default_path(data: str | Path) -> Path:
@@ -122,7 +147,10 @@ class Keyring:
             return cls([key], path)
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read the master key file {str(path)!r}: {exc}") from None
-        if path.stat().st_mode & 0o077:
+        if path.is_symlink():  # a mounted secret, say: its owner's to keep private, not ours to change
+            if path.stat().st_mode & 0o077:
+                log.warning("the master key file %s is a link to a file others may read", path)
+        elif path.stat().st_mode & 0o077:
             try:
                 path.chmod(0o600)
                 log.info("permissions of %s set to 600", path)
@@ -176,20 +204,11 @@ class Keyring:
         beside it, synced, renamed over it. A crash leaves the old file or the new one."""
         if self.path is None:
             raise ConfigError(f"the master key comes from {ENV}: there is no file to write it to")
-        path = self.path
-        temp = path.with_name(path.name + ".tmp")
+        if self.path.is_symlink():
+            raise FailedPrecondition(f"the master key file {str(self.path)!r} is a link (a mounted secret?): replacing it "
+                                     "would leave its target with the old key; write the new key in front of the old "
+                                     "one there yourself, restart, then remove the old one")
         try:
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                os.fchmod(f.fileno(), 0o600)  # a leftover temporary file may have had another mode
-                f.write("".join(encode_key(key) + "\n" for key in self.keys))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temp, path)
-            folder = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(folder)
-            finally:
-                os.close(folder)
+            write_private(self.path, "".join(encode_key(key) + "\n" for key in self.keys))
         except OSError as exc:
-            raise StorageError(f"cannot write the master key file {str(path)!r}: {exc}") from None
+            raise StorageError(f"cannot write the master key file {str(self.path)!r}: {exc}") from None
