@@ -87,12 +87,23 @@ async def _readers(address: str, rng: random.Random, profiles: int, until: float
         await trio.sleep(0.05)
 
 
+def _rss_kinds(pid: int) -> dict[str, float]:
+    """Resident memory by kind (MB): anonymous (the heap), and file-backed (LMDB's mapped pages)."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            out[name.lower().replace("rss", "rss_") + "_mb"] = round(int(value.split()[0]) / 1024, 1)
+    return out
+
+
 async def _sample(client: Client, server: ServerProcess, data: Path) -> dict[str, Any]:
     stats = await client.call(api.GetStats())
     assert server.proc is not None and stats.store is not None
     return {
         "t_s": round(time.monotonic(), 1),
         "rss_mb": round(stats.process.rss_bytes / 2**20, 1),
+        **_rss_kinds(server.proc.pid),
         "fds": len(os.listdir(f"/proc/{server.proc.pid}/fd")),
         "lmdb_file_mb": round((data / "data.mdb").stat().st_size / 2**20, 1),
         "lmdb_used_mb": round(stats.store.used_bytes / 2**20, 1),
@@ -103,7 +114,8 @@ async def _sample(client: Client, server: ServerProcess, data: Path) -> dict[str
 
 def _fifths(samples: list[dict[str, Any]], key: str) -> tuple[float, float]:
     n = max(1, len(samples) // 5)
-    return statistics.median(s[key] for s in samples[:n]), statistics.median(s[key] for s in samples[-n:])
+    return (round(statistics.median(s[key] for s in samples[:n]), 1),
+            round(statistics.median(s[key] for s in samples[-n:]), 1))
 
 
 async def soak(folder: Path, *, minutes: float, profiles: int, campaign_every: float, seed: int) -> dict[str, Any]:
@@ -130,16 +142,18 @@ async def soak(folder: Path, *, minutes: float, profiles: int, campaign_every: f
 
 
 def _summary(samples: list[dict[str, Any]], counts: dict[str, int], minutes: float, profiles: int) -> dict[str, Any]:
-    rss, fds, used, events = (_fifths(samples, k) for k in ("rss_mb", "fds", "lmdb_used_mb", "events"))
+    rss, anon, fds, used, events = (_fifths(samples, k) for k in ("rss_mb", "rss_anon_mb", "fds", "lmdb_used_mb", "events"))
     added = samples[-1]["events"] - samples[0]["events"]
     grown_mb = samples[-1]["lmdb_used_mb"] - samples[0]["lmdb_used_mb"]
     return {
         "machine": machine(), "minutes": minutes, "profiles": profiles, "load": counts,
-        "rss_mb_first_last_fifth": rss, "fds_first_last_fifth": fds, "fds_max": max(s["fds"] for s in samples),
+        "rss_mb_first_last_fifth": rss, "rss_anon_mb_first_last_fifth": anon, "fds_first_last_fifth": fds, "fds_max": max(s["fds"] for s in samples),
         "lmdb_used_mb_first_last_fifth": used, "events_first_last_fifth": events,
         "events_added": added, "lmdb_grown_mb": round(grown_mb, 1),
         "lmdb_bytes_per_event_added": round(grown_mb * 2**20 / added, 1) if added else None,
         "rss_bytes_per_event_added": round((rss[1] - rss[0]) * 2**20 / (events[1] - events[0]), 1)
+        if events[1] > events[0] else None,
+        "rss_anon_bytes_per_event_added": round((anon[1] - anon[0]) * 2**20 / (events[1] - events[0]), 1)
         if events[1] > events[0] else None,
         "samples": samples,
     }
@@ -164,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{result['fds_first_last_fifth'][0]} -> {result['fds_first_last_fifth'][1]} (max {result['fds_max']}), "
           f"LMDB used +{result['lmdb_grown_mb']} MB for {result['events_added']:,} events "
           f"({result['lmdb_bytes_per_event_added']} B an event; RSS {result['rss_bytes_per_event_added']} B an event "
-          f"between the fifths) -> {args.out}")
+          f"between the fifths, of which the heap {result['rss_anon_bytes_per_event_added']} B) -> {args.out}")
     return 0
 
 
