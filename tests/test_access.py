@@ -401,6 +401,28 @@ def test_the_throttle_grows_caps_decays_and_forgets() -> None:
     assert len(throttle) == 3 and throttle.score("10.0.0.1") == 0
 
 
+def test_an_ipv6_host_counts_as_its_64() -> None:
+    """The attack review: a host with a /64 walked around the throttle, an address a try."""
+    throttle = Throttle(base=0.05, max_delay=4.0, half_life=30.0, clock=lambda: 0.0)
+    assert [throttle.failed("2001:db8::1") for _ in range(2)] == [0, pytest.approx(0.05)]
+    assert throttle.failed("2001:db8::ffff:1") == pytest.approx(0.1)  # the same /64
+    assert throttle.failed("2001:db8:0:1::1") == 0  # the next /64: another host
+    assert throttle.failed("::ffff:10.0.0.1") == 0 and throttle.failed("::ffff:10.0.0.2") == 0  # IPv4, mapped
+
+
+async def test_a_flood_of_bad_keys_from_one_host_is_not_a_flood_in_the_log(keyed: Server,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The attack review: each bad hello wrote a WARNING (3,950 lines in 4 s from one host).
+    A host's refusals are logged until it is slowed down (the first two), then only counted."""
+    with trio.fail_after(30):
+        for _ in range(5):
+            with pytest.raises(ConnectionClosed):
+                async with open_client(keyed.addresses[0], api_key="pgn_" + "B" * 43):
+                    pass
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "its API key is not valid" in r.getMessage()]
+    assert len(warnings) == 2 and keyed.access.refused == 5
+
+
 async def test_repeated_refusals_from_one_host_are_slowed_down_and_honest_handshakes_are_not(keyed: Server) -> None:
     key = await make_key(keyed, "read")
 

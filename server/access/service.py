@@ -9,6 +9,7 @@ key was last used is kept in memory and written every `TOUCH_INTERVAL_S`, and at
 from __future__ import annotations
 
 import collections
+import ipaddress
 import logging
 import os
 import time
@@ -49,13 +50,26 @@ NO_KEY = Grant(None, granted(()))
 ANYONE = Grant(None, _EVERY_SCOPE)
 
 
+def _network(host: str) -> str:
+    """What the throttle counts for ``host``: itself, or its /64 for an IPv6 address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host  # unix, or a name
+    if address.version == 6 and address.ipv4_mapped is None:
+        return str(ipaddress.ip_network(f"{address}/64", strict=False))
+    return host
+
+
 class Throttle:
     """Delays the refusals of hosts that failed before, with a bounded memory.
 
     Each failure adds 1 to its host's score, which halves every ``half_life`` seconds; a
     refusal waits ``base * 2 ** (score - 1)`` seconds (no wait before the first failure), at
     most ``max_delay``. At most ``max_hosts`` hosts are remembered (the least recently failed
-    is forgotten first). Only the failing host's connections wait.
+    is forgotten first). Only the failing host's connections wait. An IPv6 host counts as its
+    /64 (one machine, or one customer of a provider, holds a whole /64 and could walk through
+    it).
     """
 
     def __init__(
@@ -70,16 +84,18 @@ class Throttle:
         return len(self._hosts)
 
     def score(self, host: str) -> float:
-        seen = self._hosts.get(host)
+        seen = self._hosts.get(_network(host))
         if seen is None:
             return 0.0
         score, when = seen
         return score * 0.5 ** ((self.clock() - when) / self.half_life)
 
     def failed(self, host: str) -> float:
-        """Record a failure of ``host``; the seconds its refusal should wait."""
+        """Record a failure of ``host``; the seconds its refusal should wait (0: the host was
+        not being slowed down, which is when a refusal is worth a line in the log)."""
         score = self.score(host)
         delay = 0.0 if score < 1 else min(self.max_delay, self.base * 2 ** min(64.0, score - 1))
+        host = _network(host)
         self._hosts[host] = (score + 1, self.clock())
         self._hosts.move_to_end(host)
         while len(self._hosts) > self.max_hosts:

@@ -353,8 +353,10 @@ class Connection:
         self.refusing_key = True
         self.handshake.cancel()
         delay = self.listener.throttle.failed(self.host)
-        log.warning("connection from %s refused: its API key is not valid%s", self.peer,
-                    f" (refusal delayed {delay:.2f}s)" if delay else "")
+        # Once a host is being slowed down its refusals are counted (stats), not each logged:
+        # a flood of bad keys must not flood the log.
+        log.log(logging.DEBUG if delay else logging.WARNING, "connection from %s refused: its API key is not valid%s",
+                self.peer, f" (refusal delayed {delay:.2f}s)" if delay else "")
         if delay:
             await trio.sleep(delay)
 
