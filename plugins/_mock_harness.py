@@ -14,7 +14,7 @@ import tempfile
 import threading
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import msgspec
 
@@ -135,7 +135,11 @@ class AsyncMockAdminBase:
         await self._client.aclose()
 
 
-class MockProcess:
+A = TypeVar("A", bound="MockAdminBase")
+AA = TypeVar("AA", bound="AsyncMockAdminBase")
+
+
+class MockProcess(Generic[A, AA]):
     """A mock server in a child process, on 127.0.0.1 and a free port by default.
 
     Subclasses set `name`, `ready_prefix`, `script` and the admin client classes, and may add
@@ -164,8 +168,9 @@ class MockProcess:
     ready_prefix: ClassVar[str] = "mock ready on "
     #: The mock's module file, run as a script.
     script: ClassVar[str] = ""
-    admin_class: ClassVar[type[MockAdminBase]] = MockAdminBase
-    async_admin_class: ClassVar[type[AsyncMockAdminBase]] = AsyncMockAdminBase
+    #: The mock's admin clients (`admin`, `async_admin`).
+    admin_class: type[A]
+    async_admin_class: type[AA]
 
     def __init__(
         self,
@@ -192,7 +197,7 @@ class MockProcess:
         self.returncode: int | None = None
         self._proc: subprocess.Popen[str] | None = None
         self._threads: list[threading.Thread] = []
-        self._admin: Any = None
+        self._admin: A | None = None
 
     @property
     def ca_file(self) -> Path:
@@ -284,13 +289,13 @@ class MockProcess:
         return self
 
     @property
-    def admin(self) -> Any:
+    def admin(self) -> A:
         """A blocking admin client (created on first use, closed by stop())."""
         if self._admin is None:
             self._admin = self.admin_class(self.url, self.ca_file)
         return self._admin
 
-    def async_admin(self) -> Any:
+    def async_admin(self) -> AA:
         """A new async admin client; close it (``async with``) before the loop ends."""
         return self.async_admin_class(self.url, self.ca_file)
 

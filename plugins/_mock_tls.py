@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["client_ssl_context", "ensure_certificates", "issue", "key_pem", "load_or_create_ca", "locked", "public_key_from_pem", "server_ssl_context", "write_atomic"]
+__all__ = ["client_ssl_context", "ensure_certificates", "issue", "key_pem", "load_or_create_ca", "locked", "public_key_from_pem", "public_key_pem", "server_ssl_context", "write_atomic"]
 
 
 @contextlib.contextmanager
@@ -56,6 +56,11 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
 def key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
     """``key`` as unencrypted PKCS#8 PEM."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def public_key_pem(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    """The public half of ``key`` as SubjectPublicKeyInfo PEM."""
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def public_key_from_pem(pem: str) -> PublicKeyTypes:

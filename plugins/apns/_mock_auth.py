@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
-from plugins._mock_tls import issue, key_pem, load_or_create_ca, locked, public_key_from_pem
+from plugins._mock_tls import issue, key_pem, load_or_create_ca, locked, public_key_from_pem, public_key_pem
 
 __all__ = [
     "CertInfo",
@@ -315,11 +315,7 @@ class SigningKey:
 
     @property
     def public_key_pem(self) -> str:
-        return (
-            self.private_key.public_key()
-            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-            .decode()
-        )
+        return public_key_pem(self.private_key).decode()
 
     def spec(self, topics: Iterable[str] | None = None, environment: str | None = None) -> dict[str, Any]:
         """This key as an entry of the mock's ``keys`` (``topics=None``: team-scoped)."""

@@ -219,7 +219,7 @@ class AsyncMockAdmin(AsyncMockAdminBase):
         return await self.request("DELETE", "/_mock/tokens")
 
 
-class MockApnsProcess(MockProcess):
+class MockApnsProcess(MockProcess[MockAdmin, AsyncMockAdmin]):
     """The mock APNs server in a child process, on 127.0.0.1 and a free port by default.
 
     ::
@@ -276,15 +276,6 @@ class MockApnsProcess(MockProcess):
 
     def arguments(self) -> list[str]:
         return ["--environment", self.environment, "--client-certs", self.client_certs]
-
-    @property
-    def admin(self) -> MockAdmin:
-        """A blocking admin client (created on first use, closed by stop())."""
-        return super().admin
-
-    def async_admin(self) -> AsyncMockAdmin:
-        """A new async admin client; close it (``async with``) before the loop ends."""
-        return super().async_admin()
 
 
 if __name__ == "__main__":

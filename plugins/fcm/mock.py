@@ -144,13 +144,13 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from plugins._mock_app import serve
 from plugins._mock_harness import AsyncMockAdminBase, MockAdminBase, MockAdminError, MockProcess
 from plugins._mock_process import parse_arguments, process_arguments, run_main, split_listen, state_arguments
-from plugins._mock_tls import key_pem
+from plugins._mock_tls import key_pem, public_key_pem
 from plugins.fcm._mock_api import CLOUD_PLATFORM_SCOPE, FCM_SCOPE, GOOGLE_TOKEN_URI, JWT_BEARER, b64url
 from plugins.fcm._mock_http import Connection
 from plugins.fcm._mock_state import DEFAULT_FAULTS, App, token_secret
@@ -256,11 +256,7 @@ class ServiceAccount:
 
     @property
     def public_key_pem(self) -> str:
-        return (
-            self.private_key.public_key()
-            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-            .decode()
-        )
+        return public_key_pem(self.private_key).decode()
 
     def info(self, token_uri: str = GOOGLE_TOKEN_URI) -> dict[str, Any]:
         """The service-account JSON key file, pointing at ``token_uri``."""
@@ -358,7 +354,7 @@ class AsyncMockAdmin(AsyncMockAdminBase):
         return await self.request("DELETE", "/_mock/tokens", None if project is None else {"project": project})
 
 
-class MockFcmProcess(MockProcess):
+class MockFcmProcess(MockProcess[MockAdmin, AsyncMockAdmin]):
     """The mock FCM in a child process, on 127.0.0.1 and a free port by default.
 
     ::
@@ -414,15 +410,6 @@ class MockFcmProcess(MockProcess):
     @property
     def token_uri(self) -> str:
         return f"{self.url}/token"
-
-    @property
-    def admin(self) -> MockAdmin:
-        """A blocking admin client (created on first use, closed by stop())."""
-        return super().admin
-
-    def async_admin(self) -> AsyncMockAdmin:
-        """A new async admin client; close it (``async with``) before the loop ends."""
-        return super().async_admin()
 
 
 if __name__ == "__main__":
