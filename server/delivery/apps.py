@@ -172,10 +172,10 @@ def delete_app(w: Writer, app: str) -> None:
         raise NotFound(f"no app {app!r} is registered", field="$.app")
 
 
-def require_app(server: Server, app: str) -> AppRecord:
+def require_app(server: Server, app: str, field: str = "$.app") -> AppRecord:
     record = get_app(server.store, app)
     if record is None:
-        raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios or register-android ...)", field="$.app")
+        raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios or register-android ...)", field=field)
     return record
 
 

@@ -10,10 +10,10 @@ from server import templates
 from server.api.registry import CallContext, Methods
 from server.channels import AppRecord
 from server.messages import content
-from server.delivery.apps import get_app
+from server.delivery.apps import get_app, require_app
 from server.messages.catalog import list_latest, publish_version
 from server.messages.pipeline import Pipeline
-from server.runtime.errors import InvalidArgument, NotFound
+from server.runtime.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from server.runtime.app import Server
@@ -30,9 +30,7 @@ async def publish_config(server: Server, ctx: CallContext, req: api.PublishConfi
     store = server.store
     config = req.config
     for i, app in enumerate(config.apps):
-        if get_app(store, app) is None:
-            raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios or register-android ...)",
-                           field=f"$.config.apps[{i}]")
+        require_app(server, app, field=f"$.config.apps[{i}]")
     published = store.clock()
 
     def encode(version: int) -> bytes:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import msgspec.structs
+
 from protocols import api
 from server.api.registry import CallContext, Methods
 from server.profiles import writes
@@ -63,21 +65,19 @@ async def register_token(server: Server, ctx: CallContext, req: api.RegisterToke
     registration, created, moved_from, evicted = await server.store.write(
         writes.register_token, req.identity, req.app, req.platform, token
     )
+    registered = api.Registration(
+        app=registration.app,
+        platform=registration.platform,  # type: ignore[arg-type]  # stored as text, checked when registered
+        token=registration.token,
+        first_seen=from_us(registration.first_seen),
+        last_seen=from_us(registration.last_seen),
+    )
     if "operator" not in ctx.scopes:
-        # An ingest key (the key an app embeds) reads nothing: not whose the token was, nor
-        # whether the profile existed, nor the tokens this one pushed out.
-        return api.TokenRegistered(registration=api.Registration(
-            app=registration.app, platform=registration.platform,  # type: ignore[arg-type]  # stored as text
-            token=registration.token, first_seen=from_us(registration.last_seen),
-            last_seen=from_us(registration.last_seen)))
+        # An ingest key (the key an app embeds) reads nothing: not whose the token was (nor
+        # since when), whether the profile existed, or the tokens this one pushed out.
+        return api.TokenRegistered(registration=msgspec.structs.replace(registered, first_seen=registered.last_seen))
     return api.TokenRegistered(
-        registration=api.Registration(
-            app=registration.app,
-            platform=registration.platform,  # type: ignore[arg-type]  # stored as text, checked when registered
-            token=registration.token,
-            first_seen=from_us(registration.first_seen),
-            last_seen=from_us(registration.last_seen),
-        ),
+        registration=registered,
         created_profile=created,
         moved_from=moved_from,
         evicted=[registration_to_api(r) for r in evicted],
