@@ -52,11 +52,20 @@ __all__ = [
     "BatcherResults",
     "ClientBase",
     "API_KEY_ENV",
+    "SANDBOX_ENV",
     "api_key_or_env",
+    "sandbox_or_env",
 ]
 
 #: Where the clients take their API key from when they are given none.
 API_KEY_ENV = "PIGEON_API_KEY"
+#: Where the clients find the sandbox when none is given.
+SANDBOX_ENV = "PIGEON_SANDBOX"
+
+
+def sandbox_or_env(sandbox: str | None) -> str | None:
+    """``sandbox``, or else the one in the environment variable ``PIGEON_SANDBOX``."""
+    return sandbox if sandbox is not None else os.environ.get(SANDBOX_ENV) or None
 
 
 def api_key_or_env(api_key: str | None) -> str | None:

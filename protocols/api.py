@@ -144,6 +144,13 @@ __all__ = [
     "ListKeys",
     "KeyRevoked",
     "RevokeKey",
+    # sandboxes
+    "SANDBOX_PATTERN",
+    "SandboxName",
+    "SandboxInfo",
+    "SandboxList",
+    "CreateSandbox",
+    "ListSandboxes",
     # secrets
     "SecretsRotated",
     "RotateSecrets",
@@ -1118,6 +1125,11 @@ Scope = Literal["admin", "operator", "ingest", "read"]
 SCOPES: tuple[Scope, ...] = ("admin", "operator", "ingest", "read")
 
 
+#: A sandbox's name (PROTOCOL.md, section 5.2): lower case letters, digits and dashes.
+SANDBOX_PATTERN = r"^[a-z][a-z0-9-]{0,31}\Z"
+SandboxName = Annotated[str, msgspec.Meta(pattern=SANDBOX_PATTERN)]
+
+
 class KeyInfo(Response):
     """An API key as lists show it: never the key itself."""
 
@@ -1140,6 +1152,9 @@ class CreateKey(Request[CreatedKey], frozen=True):
     scopes: Annotated[list[Scope], msgspec.Meta(min_length=1, max_length=4)]
     #: A label for the lists (``ios-app``, ``crm-sync``).
     name: Annotated[str, msgspec.Meta(max_length=100, pattern=r"^[^\x00-\x1f\x7f]*\Z")] = ""
+    #: The sandbox the key belongs to (None: the caller's). Another sandbox's needs an admin
+    #: key of sandbox ``default``.
+    sandbox: SandboxName | None = None
 
 
 class KeyList(Response):
@@ -1148,6 +1163,31 @@ class KeyList(Response):
 
 class ListKeys(Request[KeyList], frozen=True):
     method: ClassVar[str] = "keys.list"
+    #: The sandbox whose keys to list (None: the caller's). Another sandbox's needs an admin
+    #: key of sandbox ``default``.
+    sandbox: SandboxName | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# sandboxes
+
+
+class SandboxInfo(Response):
+    name: str
+    created: Timestamp
+
+
+class SandboxList(Response):
+    sandboxes: list[SandboxInfo]
+
+
+class CreateSandbox(Request[SandboxInfo], frozen=True):
+    method: ClassVar[str] = "sandboxes.create"
+    name: SandboxName
+
+
+class ListSandboxes(Request[SandboxList], frozen=True):
+    method: ClassVar[str] = "sandboxes.list"
 
 
 class KeyRevoked(Response):
@@ -1238,6 +1278,8 @@ METHODS: dict[str, MethodSpec] = {
             CreateKey,
             ListKeys,
             RevokeKey,
+            CreateSandbox,
+            ListSandboxes,
             RotateSecrets,
         ],
     )

@@ -42,6 +42,7 @@ from ._client_core import (
     BatcherResults,
     CallSink,
     api_key_or_env,
+    sandbox_or_env,
     ClientBase,
     StreamSink,
     closed_error,
@@ -327,6 +328,7 @@ async def open_client(
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     api_key: str | None = None,
+    sandbox: str | None = None,
     client_name: str = "pigeon-asyncio",
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> AsyncIterator[Client]:
@@ -342,6 +344,8 @@ async def open_client(
         api_key: the API key sent in the hello (PROTOCOL.md, section 5.1); default: the
             environment variable ``PIGEON_API_KEY``, else none (``server.health`` only, on a
             server with keys).
+        sandbox: the sandbox to work in (PROTOCOL.md, section 5.2); default: the environment
+            variable ``PIGEON_SANDBOX``, else the key's (``default`` on a server without keys).
         client_name: announced in the hello.
         max_frame: the largest answer this client accepts (announced in the hello); the
             server fails a call whose answer is larger with RESOURCE_EXHAUSTED.
@@ -360,7 +364,8 @@ async def open_client(
         )
     else:
         reader, writer = await asyncio.open_connection(host, port, limit=_READ_SIZE)
-    conn = ClientConnection(client=client_name, api_key=api_key_or_env(api_key), max_frame=max_frame)
+    conn = ClientConnection(client=client_name, api_key=api_key_or_env(api_key), max_frame=max_frame,
+                            sandbox=sandbox_or_env(sandbox))
     client = Client(reader, writer, conn)
     crashed: BaseException | None = None
     try:

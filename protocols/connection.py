@@ -428,10 +428,12 @@ class ClientConnection(_Base):
     Call `hello` first and send its bytes; calls may be queued before the welcome arrives.
     """
 
-    def __init__(self, *, client: str = "pigeon-client", api_key: str | None = None, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, *, client: str = "pigeon-client", api_key: str | None = None, max_frame: int = DEFAULT_MAX_FRAME,
+                 sandbox: str | None = None) -> None:
         super().__init__(max_frame)
         self.client = client
         self.api_key = api_key
+        self.sandbox = sandbox
         self.welcome: Welcome | None = None
         self.goaway: GoAway | None = None
         self._ids = itertools.count(1)
@@ -440,7 +442,8 @@ class ClientConnection(_Base):
 
     def hello(self) -> None:
         self._queue(
-            Hello(version=PROTOCOL_VERSION, client=self.client, api_key=self.api_key, max_frame=self._decoder.max_frame)
+            Hello(version=PROTOCOL_VERSION, client=self.client, api_key=self.api_key, max_frame=self._decoder.max_frame,
+                  sandbox=self.sandbox)
         )
 
     def start_call(self, method: str, body: Any, *, timeout_ms: int | None = None, window: int | None = None) -> int:

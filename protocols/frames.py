@@ -63,6 +63,9 @@ class Hello(Frame, tag="hello", frozen=True):
     api_key: str | None = None
     #: Largest frame the client accepts; a larger answer becomes a RESOURCE_EXHAUSTED error.
     max_frame: Annotated[int, msgspec.Meta(ge=1024)] = DEFAULT_MAX_FRAME
+    #: The sandbox the connection works in (PROTOCOL.md, section 5.2): None, that of its key
+    #: (``default`` without keys); with a key, only the key's own may be named.
+    sandbox: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{0,31}\Z")] | None = None
 
 
 class Welcome(Frame, tag="welcome", frozen=True):

@@ -31,6 +31,7 @@ from ._client_core import (
     BatcherResults,
     CallSink,
     api_key_or_env,
+    sandbox_or_env,
     ClientBase,
     StreamSink,
     closed_error,
@@ -239,6 +240,7 @@ async def open_client(
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
     api_key: str | None = None,
+    sandbox: str | None = None,
     client_name: str = "pigeon-trio",
     max_frame: int = DEFAULT_MAX_FRAME,
 ) -> AsyncIterator[Client]:
@@ -251,6 +253,8 @@ async def open_client(
         api_key: the API key sent in the hello (PROTOCOL.md, section 5.1); default: the
             environment variable ``PIGEON_API_KEY``, else none (``server.health`` only, on a
             server with keys).
+        sandbox: the sandbox to work in (PROTOCOL.md, section 5.2); default: the environment
+            variable ``PIGEON_SANDBOX``, else the key's (``default`` on a server without keys).
         max_frame: the largest answer this client accepts (announced in the hello); the
             server fails a call whose answer is larger with RESOURCE_EXHAUSTED.
     """
@@ -261,7 +265,8 @@ async def open_client(
         stream = await trio.open_tcp_stream(host, int(port))
         if ssl_context is not None:
             stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
-    conn = ClientConnection(client=client_name, api_key=api_key_or_env(api_key), max_frame=max_frame)
+    conn = ClientConnection(client=client_name, api_key=api_key_or_env(api_key), max_frame=max_frame,
+                            sandbox=sandbox_or_env(sandbox))
     try:
         async with _unwrapped(), trio.open_nursery() as nursery:
             client = Client(stream, conn, nursery)

@@ -117,6 +117,14 @@ class AppRecord(msgspec.Struct, kw_only=True):
     android: AndroidRecord | None = None
     #: Bumped whenever credentials change, so channels can drop what they built from them.
     version: int = 1
+    #: The sandbox the app belongs to (not stored: the store's place of the record says it).
+    sandbox: str = "default"
+
+    @property
+    def handle(self) -> str:
+        """The app's name across sandboxes, for what a channel keeps per app and for logs:
+        its id in sandbox ``default``, ``<sandbox>/<id>`` elsewhere (ids hold no ``/``)."""
+        return self.app if self.sandbox == "default" else f"{self.sandbox}/{self.app}"
 
     def info(self) -> api.AppInfo:
         return api.AppInfo(
@@ -189,13 +197,13 @@ class AppVersions:
         self._oldest[app] = float("inf") if version is None else version
 
     def stale(self, record: AppRecord) -> bool:
-        return record.version < self._oldest.get(record.app, 0)
+        return record.version < self._oldest.get(record.handle, 0)
 
     @staticmethod
     def result(record: AppRecord) -> DeliveryResult:
         return DeliveryResult(
             status="failed", reason="CredentialsReplaced", attempts=0,
-            detail=f"the credentials of {record.app} were replaced or deleted while this notification waited",
+            detail=f"the credentials of {record.handle} were replaced or deleted while this notification waited",
         )
 
 
@@ -243,7 +251,8 @@ class Channel:
         raise NotImplementedError
 
     def forget_app(self, app: str, version: int | None = None) -> None:
-        """The app's credentials changed (its record is now ``version``) or it was deleted
+        """The credentials of the app ``app`` (its `AppRecord.handle`, which tells apps of the
+        same id in two sandboxes apart) changed (its record is now ``version``) or it was deleted
         (``None``): retire what was built from older versions (connection pools), once what
         was already handed over is settled, and refuse jobs that still carry an older
         version (`AppVersions`)."""

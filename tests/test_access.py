@@ -32,7 +32,7 @@ NEEDS = {
                                "profiles.unlink", "events.list", "push.send", "messages.send")},
     **{m: "admin" for m in ("apps.register_ios", "apps.register_android", "apps.get", "apps.list", "apps.delete",
                             "configs.publish", "configs.get", "configs.list", "messages.publish", "messages.get",
-                            "messages.list", "messages.preview", "keys.create", "keys.list", "keys.revoke",
+                            "messages.list", "messages.preview", "keys.create", "keys.list", "keys.revoke", "sandboxes.create", "sandboxes.list",
                             "secrets.rotate")},
 }
 #: The scopes each key's scope grants.
@@ -229,7 +229,7 @@ async def _run_once(config: Any) -> list[api.KeyInfo]:
     srv = Server(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(srv.run)
-        infos = [record.info() for record in srv.access.list()]
+        infos = [record.info() for record in srv.access.list("default")]
         srv.request_stop()
     return infos
 
@@ -473,7 +473,7 @@ async def test_last_use_survives_a_restart_and_keys_survive_a_master_key_rotatio
         await nursery.start(srv.run)
         async with open_client(srv.addresses[0], api_key=key) as client:
             await client.call(api.GetStats())
-        listed = {record.name: record for record in srv.access.list()}
+        listed = {record.name: record for record in srv.access.list("default")}
         assert listed["dashboard"].last_used_us > 0  # written at the stop, read back at the start
         srv.request_stop()
 

@@ -50,6 +50,8 @@ EXPECTED_METHODS = {
     "keys.create": (api.CreateKey, api.CreatedKey, False),
     "keys.list": (api.ListKeys, api.KeyList, False),
     "keys.revoke": (api.RevokeKey, api.KeyRevoked, False),
+    "sandboxes.create": (api.CreateSandbox, api.SandboxInfo, False),
+    "sandboxes.list": (api.ListSandboxes, api.SandboxList, False),
     "secrets.rotate": (api.RotateSecrets, api.SecretsRotated, False),
 }
 
@@ -150,6 +152,8 @@ SAMPLES: dict[str, api.Request[Any]] = {
     "keys.create": api.CreateKey(scopes=["ingest", "read"], name="ios-app"),
     "keys.list": api.ListKeys(),
     "keys.revoke": api.RevokeKey(id="pgn_Xq3vT0aB"),
+    "sandboxes.create": api.CreateSandbox(name="dev"),
+    "sandboxes.list": api.ListSandboxes(),
     "secrets.rotate": api.RotateSecrets(),
 }
 
@@ -526,7 +530,9 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
                                window=st.sampled_from(["live", "all_time"]), interval_s=st.floats(0.1, 3600)),
     "keys.create": st.builds(api.CreateKey, scopes=st.lists(st.sampled_from(api.SCOPES), min_size=1, max_size=4),
                              name=st.text(st.characters(min_codepoint=32, max_codepoint=0x7e), max_size=100)),
-    "keys.list": st.builds(api.ListKeys),
+    "keys.list": st.builds(api.ListKeys, sandbox=st.none() | st.from_regex(api.SANDBOX_PATTERN, fullmatch=True)),
+    "sandboxes.create": st.builds(api.CreateSandbox, name=st.from_regex(api.SANDBOX_PATTERN, fullmatch=True)),
+    "sandboxes.list": st.builds(api.ListSandboxes),
     "keys.revoke": st.builds(api.RevokeKey, id=st.from_regex(api.KEY_ID_PATTERN, fullmatch=True)),
     "secrets.rotate": st.builds(api.RotateSecrets),
     "apps.get": st.builds(api.GetApp, app=_apps),

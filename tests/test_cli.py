@@ -544,6 +544,33 @@ def test_keys_from_the_cli_on_a_server_with_keys(spawn_server, tmp_path):
     assert f"{addr} refused the API key from --api-key: UNAUTHENTICATED: the API key is not valid" in r.stderr
 
 
+def test_sandboxes_from_the_cli(spawn_server, tmp_path):
+    """An admin of default makes sandbox dev and a key in it; with that key the CLI works in
+    dev only; --sandbox names the key's own sandbox or is refused."""
+    server = spawn_server(auth="keys")
+    addr, cwd = server.address, tmp_path
+    here = {"PIGEON_DATA": str(server.data)}
+    r = _pigeon_in(cwd, addr, "sandboxes", "create", "dev", env=here)
+    assert r.returncode == 0 and "sandbox dev created" in r.stdout, r.stderr
+    r = _pigeon_in(cwd, addr, "keys", "create", "admin", "--in", "dev", "--name", "dev-team", env=here)
+    assert r.returncode == 0, r.stderr
+    dev = r.stdout.splitlines()[0]
+    r = _pigeon_in(cwd, addr, "sandboxes", "list", env=here)
+    assert [line.split()[0] for line in r.stdout.splitlines()[1:]] == ["default", "dev"]
+    r = _pigeon_in(cwd, addr, "keys", "list", "--in", "dev", env=here)
+    assert "dev-team" in r.stdout and "first admin key" not in r.stdout
+
+    r = _pigeon_in(cwd, addr, "profiles", "upsert", "crm:1", '{"in": "dev"}', "--api-key", dev,
+                   "--sandbox", "dev")
+    assert r.returncode == 0, r.stderr
+    r = _pigeon_in(cwd, addr, "profiles", "get", "crm:1", env=here)
+    assert r.returncode == 1 and "NOT_FOUND" in r.stderr  # default has no crm:1
+    r = _pigeon_in(cwd, addr, "sandboxes", "list", env={"PIGEON_API_KEY": dev})
+    assert r.returncode == 1 and "PERMISSION_DENIED: sandboxes are managed with an admin key of sandbox default" in r.stderr
+    r = _pigeon_in(cwd, addr, "health", "--api-key", dev, env={"PIGEON_SANDBOX": "default"})
+    assert r.returncode == 1 and "UNAUTHENTICATED: this API key does not belong to sandbox 'default'" in r.stderr
+
+
 def test_the_cli_reads_the_admin_key_of_the_configured_data_folder(tmp_path, monkeypatch):
     """As `pigeon serve` finds its data folder (PIGEON_CONFIG, ./pigeon.toml, PIGEON_DATA), the
     client commands find the admin key file beside it."""

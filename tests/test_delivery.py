@@ -34,8 +34,8 @@ async def test_a_platform_without_a_channel_fails_with_NoChannel_and_is_counted_
     assert actors["reporting"].details == {"outcomes": {}, "reasons": {}}
     counts = Counter()
     count_outcomes(counts, jobs, results)
-    assert counts == {("", 0, "", "", "com.acme.app", "webpush", "sent", ""): 3,
-                      ("", 0, "", "", "com.acme.app", "webpush", "failed", "NoChannel"): 3}
+    assert counts == {("default", "", 0, "", "", "com.acme.app", "webpush", "sent", ""): 3,
+                      ("default", "", 0, "", "", "com.acme.app", "webpush", "failed", "NoChannel"): 3}
     tested = [DeliveryJob(app=app, token="tok", platform="fcm", tracking={"m": "cart", "v": 1, "x": "0", "t": 1})]
     counts = Counter()
     count_outcomes(counts, tested, results[:1])

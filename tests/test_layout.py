@@ -69,6 +69,7 @@ SURFACE = {
         'UnregisterToken', 'UpsertProfile', 'WatchReport', 'describe_validation_error',
         'KEY_PATTERN', 'KEY_ID_PATTERN', 'SCOPES', 'Scope', 'KeyId', 'KeyInfo', 'CreatedKey', 'CreateKey',
         'KeyList', 'ListKeys', 'KeyRevoked', 'RevokeKey', 'SecretsRotated', 'RotateSecrets',
+        'SANDBOX_PATTERN', 'SandboxName', 'SandboxInfo', 'SandboxList', 'CreateSandbox', 'ListSandboxes',
     },
     'protocols.connection': {
         'CallCancelled', 'CallReceived', 'ClientConnection', 'Closed', 'CreditGranted', 'EndReceived',
@@ -154,7 +155,8 @@ def test_each_domain_registers_only_its_own_methods() -> None:
         "server": "server.runtime", "profiles": "server.profiles", "tokens": "server.profiles",
         "consent": "server.profiles", "events": "server.profiles", "apps": "server.delivery",
         "push": "server.delivery", "configs": "server.messages", "messages": "server.messages",
-        "reports": "server.reports", "keys": "server.access", "secrets": "server.runtime",
+        "reports": "server.reports", "keys": "server.access", "sandboxes": "server.access",
+        "secrets": "server.runtime",
     }
     for methods in METHODS:
         for request_type, handler, _, _ in methods.entries:

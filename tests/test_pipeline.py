@@ -24,15 +24,15 @@ MINUTE = 29_000_000
 
 
 def _key(outcome: str, reason: str = "", platform: str = "fcm") -> tuple:
-    return ("cart", 1, "", "", "com.acme.app" if platform else "", platform, outcome, reason)
+    return ("default", "cart", 1, "", "", "com.acme.app" if platform else "", platform, outcome, reason)
 
 
 def _stored(store: ProfileStore) -> tuple[ExecutionRecord | None, list[bytes], Counter]:
     """The execution, the outbox's keys and the all-time report counts, as stored."""
     with store.env.begin() as txn:
-        value = txn.get(bytes.fromhex(EXECUTION), db=store._dbs["executions"])
-        left = [key for key, _ in txn.cursor(db=store._dbs["outbox"])]
-    return None if value is None else _decoder.decode(value), left, Reporting(store).all_time()
+        value = txn.get(bytes.fromhex(EXECUTION), db=store.default.db("executions"))
+        left = [key for key, _ in txn.cursor(db=store.default.db("outbox"))]
+    return None if value is None else _decoder.decode(value), left, Reporting(store).all_time("default")
 
 
 def _state(**result: int) -> ExecutionRecord:
@@ -63,7 +63,7 @@ async def test_staging_and_settling_commit_the_batch_with_its_report_counts(tmp_
         assert record.result.failed == {"BadDeviceToken": 1}
         assert left == keys[2:] and counts == staged + settled
         with store.env.begin() as txn:  # and the live window's minute has them too
-            assert sum(1 for _ in txn.cursor(db=store._dbs["live"])) == len(staged + settled)
+            assert sum(1 for _ in txn.cursor(db=store.default.db("live"))) == len(staged + settled)
 
         # The next batch is staged with the pipeline's counts, which know nothing of that
         # settle yet (its commit was not seen): the stored outcomes stay.

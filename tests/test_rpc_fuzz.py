@@ -15,6 +15,7 @@ here (``refusal_delay_max_s`` is tiny); tests/test_access.py measures that.
 
 from __future__ import annotations
 
+import re
 import socket
 from collections.abc import Iterator
 from typing import Any
@@ -271,6 +272,38 @@ def test_a_hello_s_api_key_is_welcomed_or_refused_and_costs_only_its_connection(
         # The same words whatever the key: nothing of it comes back.
         assert frame.message == ("the API key is not valid: it was revoked, mistyped, or made by another server; "
                                  "ask an admin for a key (pigeon keys create)")
+    else:
+        assert isinstance(frame, GoAway) and frame.code == Status.INVALID_ARGUMENT, frame
+    assert isinstance(connection.call("server.health", msgspec.msgpack.encode({})), Reply)
+
+
+_sandboxes = st.one_of(
+    st.none(), st.from_regex(api.SANDBOX_PATTERN, fullmatch=True), st.text(max_size=40), _hostile,
+    st.sampled_from(["default", "Default", "dev/../default", "a" * 33, "\x00", "a" * 70_000]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(sandbox=_sandboxes)
+def test_a_hello_s_sandbox_is_welcomed_or_refused_and_costs_only_its_connection(
+    sandbox: Any, server: ServerProcess, connection: _Connection
+) -> None:
+    """Without a key (keys on: health only) a well-formed sandbox is welcomed, whatever it
+    names (nothing is told of which exist); anything else is a malformed hello."""
+    host, port = server.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        hello = {"t": "hello", "version": PROTOCOL_VERSION, "client": "fuzz", "sandbox": sandbox}
+        payload = msgspec.msgpack.encode(hello)
+        sock.sendall(len(payload).to_bytes(4, "big") + payload)
+        frames = FrameDecoder(1 << 20)
+        first: list[bytes] = []
+        while not first:
+            data = sock.recv(1 << 16)
+            assert data, "closed without a goaway"
+            first = frames.feed(data)
+    frame = _decoder.decode(first[0])
+    if sandbox is None or isinstance(sandbox, str) and re.fullmatch(api.SANDBOX_PATTERN, sandbox):
+        assert isinstance(frame, Welcome), frame
     else:
         assert isinstance(frame, GoAway) and frame.code == Status.INVALID_ARGUMENT, frame
     assert isinstance(connection.call("server.health", msgspec.msgpack.encode({})), Reply)

@@ -102,7 +102,7 @@ def folder_bytes(folder: Path) -> bytes:
 def test_a_stored_app_holds_its_credentials_sealed_and_bound_to_its_record():
     ring = Keyring([new_key()])
     record = app_record()
-    value = apps.encode_app(record, ring)
+    value = apps.encode_app(record, ring, b"com.acme.shop")
     assert leaks(value, ALL_FORMS) == []
     assert apps.decode_app(value, ring, b"com.acme.shop") == record
     with pytest.raises(StorageError, match="names another app"):
@@ -111,7 +111,7 @@ def test_a_stored_app_holds_its_credentials_sealed_and_bound_to_its_record():
         apps.decode_app(value, Keyring([new_key()]), b"com.acme.shop")
     # A sealed part moved to another app (whose own record is otherwise intact) does not open.
     stored = msgspec.msgpack.decode(value[1:])
-    other = msgspec.msgpack.decode(apps.encode_app(app_record("com.other.app"), ring)[1:])
+    other = msgspec.msgpack.decode(apps.encode_app(app_record("com.other.app"), ring, b"com.other.app")[1:])
     other[2] = stored[2]
     with pytest.raises(StorageError, match="moved to another record"):
         apps.decode_app(b"\x02" + msgspec.msgpack.encode(other), ring, b"com.other.app")
@@ -128,7 +128,7 @@ def test_a_plain_text_app_of_schema_version_1_is_refused_by_the_reader():
 
 
 RING = Keyring([new_key()])
-_SEALED = apps.encode_app(app_record(), RING)
+_SEALED = apps.encode_app(app_record(), RING, b"com.acme.shop")
 
 
 @settings(max_examples=500, deadline=None)
@@ -166,7 +166,7 @@ def _store(path: Path, **options) -> ProfileStore:
 
 def _sealed_parts(store: ProfileStore) -> list[bytes]:
     with store.env.begin() as txn:
-        values = [value for _, value in txn.cursor(db=store.db("apps"))]
+        values = [value for _, value in txn.cursor(db=store.default.db("apps"))]
     return [part for value in values for part in msgspec.msgpack.decode(value[1:])[2:] if part is not None]
 
 
@@ -199,13 +199,13 @@ async def test_a_rotation_reseals_everything_under_a_new_key_while_writes_go_on(
         assert stat.S_IMODE((tmp_path / "data.master-key").stat().st_mode) == 0o600
         parts = _sealed_parts(store)
         assert len(parts) == 80 * 2 and all(new.is_current(part) for part in parts)
-        assert [a.app for a in apps.list_apps(store)] == [f"app{i:02}" for i in range(80)]
+        assert [a.app for a in apps.list_apps(store.default)] == [f"app{i:02}" for i in range(80)]
         store.request_stop()
     # And it opens with the new key file alone.
     store = _store(tmp_path / "data")
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        assert credentials(apps.get_app(store, "app00")) == credentials(app_record("app00")) and store.keyring.keys == new.keys
+        assert credentials(apps.get_app(store.default, "app00")) == credentials(app_record("app00")) and store.keyring.keys == new.keys
         store.request_stop()
 
 
@@ -235,7 +235,7 @@ async def test_a_rotation_interrupted_by_a_crash_is_finished_when_the_store_open
         await nursery.start(store.run)
         assert store.keyring.keys == ring.keys[:1]
         assert all(store.keyring.is_current(part) for part in _sealed_parts(store))
-        assert credentials(apps.get_app(store, "com.acme.shop")) == credentials(app_record())
+        assert credentials(apps.get_app(store.default, "com.acme.shop")) == credentials(app_record())
         store.request_stop()
     assert (tmp_path / "data.master-key").read_text() == encode_key(ring.keys[0]) + "\n"
     assert any("re-sealed under" in r.message for r in caplog.records)
@@ -275,7 +275,7 @@ async def test_the_environment_may_name_a_new_key_and_the_old_one_to_rotate_at_a
     store = _store(tmp_path / "data")
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        assert credentials(apps.get_app(store, "com.acme.shop")) == credentials(app_record())
+        assert credentials(apps.get_app(store.default, "com.acme.shop")) == credentials(app_record())
         store.request_stop()
 
 
@@ -314,8 +314,8 @@ async def test_a_version_1_folder_is_sealed_and_compacted_when_the_store_opens(t
     store = _store(tmp_path / "data")
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        assert credentials(apps.get_app(store, "com.acme.shop")) == credentials(app_record())
-        assert credentials(apps.get_app(store, "com.other.app")) == credentials(app_record("com.other.app"))
+        assert credentials(apps.get_app(store.default, "com.acme.shop")) == credentials(app_record())
+        assert credentials(apps.get_app(store.default, "com.other.app")) == credentials(app_record("com.other.app"))
         with store.env.begin() as txn:
             assert msgspec.msgpack.decode(txn.get(b"schema", db=store.db("meta"))) == 2
             assert txn.get(sealing.COMPACT_PENDING, db=store.db("meta")) is None
@@ -336,14 +336,14 @@ async def test_a_compaction_a_crash_interrupted_is_done_at_the_next_start(tmp_pa
     ring = Keyring.load(tmp_path / "data.master-key", env={})
     with env.begin(write=True) as txn:
         dbs = {name: env.open_db(name.encode(), txn=txn) for name in ("meta", "apps")}
-        sealing.open_sealed(txn, dbs, 1, ring, {"apps": apps.reseal_app}, "data")
+        sealing.open_sealed(txn, [(0, dbs)], 1, ring, {"apps": apps.reseal_app}, "data")
     env.close()
     assert leaks((tmp_path / "data" / "data.mdb").read_bytes(), ALL_FORMS)  # the old pages
     (tmp_path / "data" / "data.mdb.compact").write_bytes(b"half a copy")
     store = _store(tmp_path / "data")
     async with trio.open_nursery() as nursery:
         await nursery.start(store.run)
-        assert credentials(apps.get_app(store, "com.acme.shop")) == credentials(app_record())
+        assert credentials(apps.get_app(store.default, "com.acme.shop")) == credentials(app_record())
         store.request_stop()
     assert leaks(folder_bytes(tmp_path / "data"), ALL_FORMS) == []
 

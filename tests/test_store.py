@@ -115,8 +115,8 @@ async def test_registrations_are_capped_evicting_the_least_recently_seen(client,
         replies.append(await client.call(api.RegisterToken(identity="crm:1", app=APP, platform="fcm", token=f"t{i}")))
     tokens = [r.token for r in (await client.call(api.GetProfile(identity="crm:1"))).registrations]
     assert len(tokens) == MAX_REGISTRATIONS and "t0" not in tokens and "t1" not in tokens
-    assert server.store.find_token(APP, "t0") is None  # the index forgot evicted tokens
-    assert server.store.find_token(APP, "t2") is not None
+    assert server.store.default.find_token(APP, "t0") is None  # the index forgot evicted tokens
+    assert server.store.default.find_token(APP, "t2") is not None
     # the reply that evicts says which registration went
     assert all(r.evicted == [] for r in replies[:MAX_REGISTRATIONS])
     assert [[(e.app, e.platform, e.token) for e in r.evicted] for r in replies[MAX_REGISTRATIONS:]] == [
@@ -138,7 +138,7 @@ async def test_the_registration_cap_is_a_setting(tmp_path):
                 assert all(e.app == APP and e.state == "active" for e in reply.evicted)
                 profile = await client.call(api.GetProfile(identity="crm:1"))
                 assert len(profile.registrations) == cap
-                assert all(srv.store.find_token(APP, token) is None for token in evicted)
+                assert all(srv.store.default.find_token(APP, token) is None for token in evicted)
             srv.request_stop()
 
 
@@ -166,8 +166,8 @@ async def test_delete_removes_every_trace(client, server):
     for identity in ("crm:1", "email:a@example.com"):
         with pytest.raises(CallError):
             await client.call(api.GetProfile(identity=identity))
-    assert server.store.find_token(APP, "tok") is None
-    counts = server.store.counts()
+    assert server.store.default.find_token(APP, "tok") is None
+    counts = server.store.default.counts()
     assert (counts["profiles"], counts["identities"], counts["tokens"], counts["events"]) == (1, 1, 0, 1)
     # the identity can start afresh
     fresh = await client.call(api.UpsertProfile(identity="crm:1"))
@@ -211,7 +211,7 @@ async def test_map_grows_on_demand(tmp_path):
             ingested = await srv.ingestion.ingest(msgspec.msgpack.encode(api.IngestEvents(events=events)))
             assert ingested.accepted == 50
         assert srv.store.map_resizes >= 2
-        assert srv.store.counts()["events"] == 1500
+        assert srv.store.default.counts()["events"] == 1500
         srv.request_stop()
 
 
@@ -242,9 +242,9 @@ async def test_retention_sweep_deletes_only_old_events(tmp_path):
         await store.write(store_ops.ingest_events, [events])
         now[0] += 2 * day  # crm:1's old event is now 11 days old, crm:2 10.5 days: both expire, crm:2 kept is 9 days old
         assert await store.sweep(budget=1) == 2
-        records, _ = store.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=10)
+        records, _ = store.default.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=10)
         assert [r.type for _, _, r in records] == ["new"]
-        assert store.counts()["events"] == 2
+        assert store.default.counts()["events"] == 2
         store.request_stop()
 
 
@@ -264,8 +264,8 @@ async def test_a_failing_op_does_not_fail_its_batch_neighbours(tmp_path):
             batch.start_soon(write, "ok1", store_ops.upsert_profile, "crm:1", {"a": 1})
             batch.start_soon(write, "bad", store_ops.unlink_identity, "crm:missing")
             batch.start_soon(write, "ok2", store_ops.upsert_profile, "crm:2", {"b": 2})
-        assert store.get_profile("crm:1").attributes == {"a": 1}
-        assert store.get_profile("crm:2").attributes == {"b": 2}
+        assert store.default.get_profile("crm:1").attributes == {"a": 1}
+        assert store.default.get_profile("crm:2").attributes == {"b": 2}
         assert type(results["bad"]).__name__ == "NotFound"
         store.request_stop()
 
@@ -360,7 +360,7 @@ async def test_events_are_logged_in_commit_order_and_indexed_by_profile_and_time
             store_ops.ingest_events, [[("crm:2", "b", 20, data), ("crm:1", "a", 30, data)], [("crm:1", "c", 10, data)]]
         )
         assert lasts == [2, 3]  # logged in commit order, indexed right after the commit
-        page, _ = store.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=10)
+        page, _ = store.default.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=10)
         assert [(seq, ts, r.type) for seq, ts, r in page] == [(3, 10, "c"), (2, 30, "a")]  # by time
         store.request_stop()
 
@@ -373,14 +373,14 @@ async def test_the_index_is_rebuilt_from_the_log_when_the_store_opens(tmp_path):
         # out of time order on purpose, across two commits and two profiles
         await store.write(store_ops.ingest_events, [[("crm:1", "t", ts, data) for ts in (50, 10, 30)]])
         await store.write(store_ops.ingest_events, [[("crm:2", "t", 5, data), ("crm:1", "t", 20, data)]])
-        before = store.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=100)[0]
+        before = store.default.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=100)[0]
         await store.write(store_ops.delete_profile, "crm:2")
         store.request_stop()
     assert [ts for _, ts, _ in before] == [10, 20, 30, 50]
     reopened = ProfileStore(tmp_path / "d", clock=lambda: 0)
     reopened._open()
     try:
-        after = reopened.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=100)[0]
+        after = reopened.default.read_events("crm:1", after=None, since_us=0, until_us=2**62, reverse=False, limit=100)[0]
         assert after == before
         assert reopened.index.statistics()["events"] == 4 and reopened.index.statistics()["profiles"] == 1
     finally:
@@ -522,7 +522,7 @@ async def test_invalidating_a_token_follows_the_providers_timestamp(tmp_path):
                  (app, "ef" * 32, "BadDeviceToken", None), (app, "x" * 600, "BadDeviceToken", None)]
         assert await store.write(store_ops.invalidate_tokens, items) == ["marked", "kept", "unknown", "unknown"]
         assert await store.write(store_ops.invalidate_tokens, items[:1]) == ["already"]
-        regs = {r.token: r for r in store.get_profile("crm:1").registrations}
+        regs = {r.token: r for r in store.default.get_profile("crm:1").registrations}
         assert (regs[dead].state, regs[dead].invalid_reason, regs[dead].invalid_at) == ("invalid", "Unregistered", now[0])
         assert regs[renewed].state == "active"
         store.request_stop()
@@ -539,8 +539,8 @@ async def test_app_versions_are_never_reused(tmp_path):
         await store.write(app_ops.delete_app, "com.acme.app")
         again = await store.write(app_ops.put_app, AppRecord(app="com.acme.app"))
         assert (first.version, again.version) == (1, 3)
-        assert app_ops.get_app(store, "com.acme.app").version == 3
-        assert [a.app for a in app_ops.list_apps(store)] == ["com.acme.app", "com.other.app"]
+        assert app_ops.get_app(store.default, "com.acme.app").version == 3
+        assert [a.app for a in app_ops.list_apps(store.default)] == ["com.acme.app", "com.other.app"]
         with pytest.raises(Exception, match="no app 'com.gone.app'"):
             await store.write(app_ops.delete_app, "com.gone.app")
         store.request_stop()
@@ -577,8 +577,8 @@ async def test_a_profile_missing_behind_its_index_is_an_internal_error_in_the_lo
     await client.call(api.UpsertProfile(identity="crm:7", attributes={"a": 1}))
     store = server.store
     with store.env.begin(write=True) as txn:
-        pid = txn.get(b"crm:7", db=store.db("identities"))
-        assert pid is not None and txn.delete(pid, db=store.db("profiles"))
+        pid = txn.get(b"crm:7", db=store.default.db("identities"))
+        assert pid is not None and txn.delete(pid, db=store.default.db("profiles"))
     for request in (api.GetProfile(identity="crm:7"), api.PatchProfile(identity="crm:7", patch={"b": 2})):
         caplog.clear()
         with pytest.raises(CallError) as info:

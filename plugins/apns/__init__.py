@@ -73,12 +73,12 @@ class ApnsChannel(Channel):
                 continue
             if ios is None:
                 progress.result(index, DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
-                                                detail=f"app {job.app.app} has no iOS credentials"))
+                                                detail=f"app {job.app.handle} has no iOS credentials"))
                 continue
             environment = "production" if job.platform == "apns" else "sandbox"
             if ios.environment not in (environment, "both"):
                 progress.result(index, DeliveryResult(status="failed", reason="EnvironmentNotEnabled", attempts=0,
-                                                detail=f"app {job.app.app} is registered for {ios.environment} only"))
+                                                detail=f"app {job.app.handle} is registered for {ios.environment} only"))
                 continue
             if job.content is None and job.raw is None:
                 progress.result(index, DeliveryResult(status="failed", reason="NoPayloadForPlatform", attempts=0,
@@ -91,7 +91,7 @@ class ApnsChannel(Channel):
             except PayloadError as exc:
                 progress.result(index, DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=exc.message))
                 continue
-            key = (job.app.app, job.app.version, environment)
+            key = (job.app.handle, job.app.version, environment)
             groups.setdefault(key, []).append((index, request, job.token))
             apps[key] = job.app
         async with trio.open_nursery() as nursery:
@@ -137,7 +137,7 @@ class ApnsChannel(Channel):
     def render(self, job: DeliveryJob) -> Rendered:
         ios = job.app.ios
         if ios is None:
-            return Rendered(error="NoCredentials", detail=f"app {job.app.app} has no iOS credentials")
+            return Rendered(error="NoCredentials", detail=f"app {job.app.handle} has no iOS credentials")
         try:
             request = build_request(bundle_id=ios.bundle_id, options=job.apns, content=job.content, raw=job.raw,
                                     tracking=job.tracking)

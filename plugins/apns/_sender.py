@@ -117,7 +117,7 @@ class ApnsSender(PooledSender):
             # Every request repeats the authority, topic, push type and provider token.
         )
         super().__init__(
-            pool, f"the APNs sender of {app.app}", max_queue=max_queue, retry_window=retry_window,
+            pool, f"the APNs sender of {app.handle}", max_queue=max_queue, retry_window=retry_window,
             max_attempts=max_attempts, backoff_min=backoff_min, backoff_max=backoff_max, clock=clock, breaker=breaker,
         )
         self.token = ProviderToken(self.record, clock=clock) if self.record.auth == "token" else None
@@ -142,7 +142,7 @@ class ApnsSender(PooledSender):
         if self._certificate_expires is not None and now >= self._certificate_expires:
             return DeliveryResult(
                 status="failed", reason="CertificateExpired", attempts=0,
-                detail=f"the certificate of {self.app.app} expired; register the app again with a new one",
+                detail=f"the certificate of {self.app.handle} expired; register the app again with a new one",
             )
         if self.refused is None:
             return None
@@ -215,7 +215,7 @@ class ApnsSender(PooledSender):
             job.retried = True
             if job.header == self.token.header():  # not renewed since it was sent
                 if self.token.renew_now():
-                    log.info("%s: APNs says the provider token expired; renewed it", self.app.app)
+                    log.info("%s: APNs says the provider token expired; renewed it", self.app.handle)
                     self.pool.drop_connections()  # the connections that carry the old token
             self._requeue(job)
         elif reason == "TooManyProviderTokenUpdates" and not job.retried:
@@ -235,7 +235,7 @@ class ApnsSender(PooledSender):
         if self.refused is None:
             log.error(
                 "APNs refuses the credentials of %s (%s): its notifications fail until they are registered again",
-                self.app.app, reason,
+                self.app.handle, reason,
             )
         self.refused = reason
         if reason == "TooManyProviderTokenUpdates":

@@ -92,7 +92,7 @@ class FcmChannel(Channel):
                 continue
             if android is None:
                 progress.result(index, DeliveryResult(status="failed", reason="NoCredentials", attempts=0,
-                                                detail=f"app {job.app.app} has no Android credentials"))
+                                                detail=f"app {job.app.handle} has no Android credentials"))
                 continue
             if job.content is None and job.fcm_raw is None:
                 progress.result(index, DeliveryResult(status="failed", reason="NoPayloadForPlatform", attempts=0,
@@ -104,7 +104,7 @@ class FcmChannel(Channel):
                 progress.result(index, DeliveryResult(status="failed", reason=exc.reason, attempts=0, detail=str(exc)))
                 continue
             key = sender_key(android)
-            self._users.setdefault(key, set()).add(job.app.app)
+            self._users.setdefault(key, set()).add(job.app.handle)
             group = groups.setdefault(key, (android, [], [], []))
             group[1].append(index)
             group[2].append(encode_send(message, job.token))
@@ -150,7 +150,7 @@ class FcmChannel(Channel):
 
     def render(self, job: DeliveryJob) -> Rendered:
         if job.app.android is None:
-            return Rendered(error="NoCredentials", detail=f"app {job.app.app} has no Android credentials")
+            return Rendered(error="NoCredentials", detail=f"app {job.app.handle} has no Android credentials")
         try:
             message = build_message(content=job.content, raw=job.fcm_raw, options=job.fcm, tracking=job.tracking)
         except PayloadError as exc:

@@ -33,14 +33,16 @@ from server.runtime.masterkey import write_private
 
 __all__ = [
     "PEPPER_KEY", "KeyRecord", "new_key", "key_id", "hash_key", "is_key", "ensure_pepper", "list_keys", "put_key", "delete_key",
-    "touch_keys", "admin_key_path", "write_admin_key", "read_key_file", "DEFAULT_SANDBOX",
+    "touch_keys", "admin_key_path", "write_admin_key", "read_key_file", "DEFAULT_SANDBOX", "MAX_KEYS",
 ]
 
 PEPPER_KEY = b"\x00pepper"
 _RECORD_PREFIX = b"k:"
 _V1 = b"\x01"
-#: Sandboxes come later (issue 13): every key belongs to this one for now.
+#: The sandbox of keys stored before sandboxes, and of the first admin key.
 DEFAULT_SANDBOX = "default"
+#: Most keys a server keeps (a list of them fits in one frame).
+MAX_KEYS = 1000
 _KEY = re.compile(api.KEY_PATTERN)
 
 
@@ -118,23 +120,26 @@ def ensure_pepper(w: Writer) -> bytes:
 def put_key(w: Writer, record: KeyRecord) -> KeyRecord:
     """Store a new key; `AlreadyExists` if its id is taken (the caller draws another key)."""
     record.created_us = record.created_us or w.now
+    if w.txn.stat(w.dbs["keys"])["entries"] > MAX_KEYS:  # the pepper, and the keys
+        raise FailedPrecondition(f"this server already has {MAX_KEYS} API keys, the most it keeps: revoke unused ones")
     if not w.txn.put(_record_key(record.id), _encode(record), db=w.dbs["keys"], overwrite=False):
         raise AlreadyExists(f"key id {record.id} is taken")
     return record
 
 
-def delete_key(w: Writer, id: str) -> KeyRecord:
-    """Delete a key; the last admin key cannot go (nobody could make keys any more)."""
+def delete_key(w: Writer, id: str, sandbox: str | None) -> KeyRecord:
+    """Delete a key of ``sandbox`` (None: of any); the last admin key of sandbox ``default``
+    cannot go (nobody could make keys any more)."""
     db = w.dbs["keys"]
     value = w.txn.get(_record_key(id), db=db)
-    if value is None:
+    record = None if value is None else _decode(bytes(value))
+    if record is None or sandbox is not None and record.sandbox != sandbox:
         raise NotFound(f"no API key has the id {id!r}", field="$.id")
-    record = _decode(bytes(value))
-    if "admin" in record.scopes:
-        admins = sum(1 for other in _records(w.txn, db) if "admin" in other.scopes)
+    if "admin" in record.scopes and record.sandbox == DEFAULT_SANDBOX:
+        admins = sum(1 for other in _records(w.txn, db) if "admin" in other.scopes and other.sandbox == DEFAULT_SANDBOX)
         if admins <= 1:
-            raise FailedPrecondition("this is the last key with the admin scope: create another admin key "
-                                     "before revoking it", field="$.id")
+            raise FailedPrecondition("this is the last key with the admin scope in sandbox default: create "
+                                     "another admin key before revoking it", field="$.id")
     w.txn.delete(_record_key(id), db=db)
     return record
 

@@ -21,11 +21,11 @@ import msgspec.structs
 import trio
 
 from server.access import keys
-from server.access.keys import KeyRecord
+from server.access.keys import DEFAULT_SANDBOX, KeyRecord
 from server.api.registry import granted
 from server.profiles.store import ProfileStore
 from server.runtime.actor import Actor
-from server.runtime.errors import AlreadyExists, ConfigError, FailedPrecondition
+from server.runtime.errors import AlreadyExists, ConfigError, FailedPrecondition, NotFound, Unauthenticated
 
 __all__ = ["Access", "Grant", "Throttle", "ADMIN_KEY_ENV", "TOUCH_INTERVAL_S"]
 
@@ -38,15 +38,17 @@ _EVERY_SCOPE = granted(("admin",))
 
 
 class Grant(msgspec.Struct, frozen=True):
-    """What a connection may call: its key's id (None: no key) and every scope it has."""
+    """What a connection may call: its key's id (None: no key), every scope it has, and the
+    sandbox it works in."""
 
     key_id: str | None
     scopes: frozenset[str]
+    sandbox: str = DEFAULT_SANDBOX
 
 
 #: A connection without a key: public methods only (``server.health``).
 NO_KEY = Grant(None, granted(()))
-#: Every connection when keys are off (``auth = "none"``).
+#: Every connection when keys are off (``auth = "none"``), in sandbox ``default``.
 ANYONE = Grant(None, _EVERY_SCOPE)
 
 
@@ -164,56 +166,70 @@ class Access(Actor):
         log.warning("first start: admin API key written to %s (readable by its owner only); the pigeon command "
                     "on this machine uses it", self.admin_key_file)
 
-    async def _store(self, key: str, scopes: list[str], name: str) -> KeyRecord:
+    async def _store(self, key: str, scopes: list[str], name: str, sandbox: str = DEFAULT_SANDBOX) -> KeyRecord:
         record = KeyRecord(id=keys.key_id(key), digest=keys.hash_key(self.pepper, key), scopes=scopes, name=name,
-                           created_us=0)
+                           sandbox=sandbox, created_us=0)
         record = await self.store.write(keys.put_key, record)
         self._by_digest[record.digest] = record
         return record
 
     # -- the methods' side ----------------------------------------------------------------
 
-    async def create(self, scopes: list[str], name: str) -> tuple[str, KeyRecord]:
-        """A new key (the whole key is returned here only)."""
+    async def create(self, scopes: list[str], name: str, sandbox: str = DEFAULT_SANDBOX) -> tuple[str, KeyRecord]:
+        """A new key of ``sandbox`` (the whole key is returned here only)."""
+        self.store.space(sandbox)  # NOT_FOUND
         for _ in range(8):
             key = keys.new_key()
             try:
-                return key, await self._store(key, sorted(set(scopes), key=_SCOPE_ORDER.index), name)
+                return key, await self._store(key, sorted(set(scopes), key=_SCOPE_ORDER.index), name, sandbox)
             except AlreadyExists:  # two keys with the same first 12 characters: draw again
                 continue
         raise AlreadyExists("could not draw a key with an unused id")  # pragma: no cover
 
-    async def revoke(self, id: str) -> KeyRecord:
+    async def revoke(self, id: str, sandbox: str | None) -> KeyRecord:
+        """Revoke key ``id`` of ``sandbox`` (None: of any sandbox)."""
+        if sandbox is not None and not any(r.id == id and r.sandbox == sandbox for r in self._by_digest.values()):
+            raise NotFound(f"no API key has the id {id!r}", field="$.id")  # as the store says it
         given = (self.env.get(ADMIN_KEY_ENV) or "").strip()
         if given and keys.key_id(given) == id:
             # Revoked now, it would be stored again at the next start: it must leave the
             # environment first.
             raise FailedPrecondition(f"this key comes from {ADMIN_KEY_ENV}, which would bring it back at the next "
                                      f"start: remove it from {ADMIN_KEY_ENV}, restart, then revoke it", field="$.id")
-        record = await self.store.write(keys.delete_key, id)
+        record = await self.store.write(keys.delete_key, id, sandbox)
         self._by_digest.pop(record.digest, None)
         self._used.pop(id, None)
         return record
 
-    def list(self) -> list[KeyRecord]:
-        records = sorted(self._by_digest.values(), key=lambda r: (r.created_us, r.id))
+    def list(self, sandbox: str) -> list[KeyRecord]:
+        """The keys of ``sandbox``, oldest first."""
+        records = sorted((r for r in self._by_digest.values() if r.sandbox == sandbox), key=lambda r: (r.created_us, r.id))
         return [msgspec.structs.replace(r, last_used_us=max(r.last_used_us, self._used.get(r.id, 0))) for r in records]
 
 
     # -- the handshake's side -------------------------------------------------------------
 
-    def authenticate(self, api_key: str | None) -> Grant | None:
-        """What a hello with ``api_key`` may call; None when the key is not valid."""
+    def authenticate(self, api_key: str | None, sandbox: str | None = None) -> Grant | None:
+        """What a hello with ``api_key``, naming ``sandbox``, may call; None when the key is not
+        valid. Raises `Unauthenticated` for a key of another sandbox than the one named, and
+        `NotFound` for a sandbox that does not exist (without keys: a key names its own)."""
         if not self.enabled:
-            return ANYONE
+            if sandbox is None or sandbox == DEFAULT_SANDBOX:
+                return ANYONE
+            self.store.space(sandbox)
+            return Grant(None, _EVERY_SCOPE, sandbox)
         if api_key is None or api_key == "":
             return NO_KEY
         record = self._by_digest.get(keys.hash_key(self.pepper, api_key))
         if record is None:
             self.refused += 1
             return None
+        if sandbox is not None and sandbox != record.sandbox:
+            # The same answer whether that sandbox exists or not.
+            raise Unauthenticated(f"this API key does not belong to sandbox {sandbox!r}: a key works in its own "
+                                  "sandbox only (leave the hello's sandbox out to use the key's)")
         self._used[record.id] = time.time_ns() // 1000
-        return Grant(record.id, granted(record.scopes))
+        return Grant(record.id, granted(record.scopes), record.sandbox)
 
     async def _toucher(self) -> None:
         while True:

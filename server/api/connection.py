@@ -338,7 +338,10 @@ class Connection:
     # -- keys ---------------------------------------------------------------------------------
 
     def _check_hello(self, hello: Hello) -> tuple[Status, str] | None:
-        grant = self.listener.authenticate(hello.api_key)
+        try:
+            grant = self.listener.authenticate(hello.api_key, hello.sandbox)
+        except ServerError as exc:  # a key of another sandbox, a sandbox that does not exist
+            return exc.status, exc.message
         if grant is None:
             return Status.UNAUTHENTICATED, (
                 "the API key is not valid: it was revoked, mistyped, or made by another server; "
@@ -473,7 +476,8 @@ class Connection:
             if value:
                 check_depth(value, f"$.{name}", name)
         ctx = CallContext(call.method, self.peer, conn.hello.client if conn.hello else "", call.body,
-                          local=self.local, scopes=self.grant.scopes if self.grant is not None else frozenset())
+                          local=self.local, scopes=self.grant.scopes if self.grant is not None else frozenset(),
+                          sandbox=self.grant.sandbox if self.grant is not None else "default")
         if route.spec.streaming:
             await route.handler(ctx, request, lambda item: self._send_item(call, item))
             conn.send_end(call.id)

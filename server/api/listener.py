@@ -112,7 +112,8 @@ class Listener(Actor):
         handshake_timeout: seconds a new connection has to send its hello.
         busy_handshake_timeout: the same, while more than half of ``max_handshakes`` are taken.
         reply_buffer: bytes of answers queued or reserved for all connections together.
-        authenticate: what a hello's API key may call (None: refuse the key); default: anything.
+        authenticate: what a hello's API key may call, in the sandbox the hello names (None:
+            refuse the key; a `ServerError`: refuse the hello with it); default: anything.
         throttle: how long refusals of a key wait, by host.
     """
 
@@ -132,7 +133,7 @@ class Listener(Actor):
         handshake_timeout: float = 10.0,
         busy_handshake_timeout: float = 1.0,
         reply_buffer: int = 64 * 1024 * 1024,
-        authenticate: Callable[[str | None], Grant | None] = lambda key: ANYONE,
+        authenticate: Callable[[str | None, str | None], Grant | None] = lambda key, sandbox: ANYONE,
         throttle: Throttle | None = None,
     ) -> None:
         super().__init__("listener", 1)

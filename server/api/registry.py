@@ -71,6 +71,8 @@ class CallContext(msgspec.Struct):
     local: bool = False
     #: The scopes the connection's key grants (every scope when the server asks for no key).
     scopes: frozenset[str] = frozenset(("admin", "operator", "ingest", "read"))
+    #: The sandbox the connection works in (its key's, or the one its hello names without keys).
+    sandbox: str = "default"
 
 
 class Route(msgspec.Struct, frozen=True):

@@ -56,7 +56,8 @@ async def run_client(args: argparse.Namespace) -> None:
             async with contextlib.AsyncExitStack() as stack:
                 key, source = api_key(args)
                 client = await stack.enter_async_context(
-                    open_client(args.server, ssl_context=context, client_name="pigeon-cli", api_key=key or ""))
+                    open_client(args.server, ssl_context=context, client_name="pigeon-cli", api_key=key or "",
+                                sandbox=getattr(args, "sandbox", None)))
                 connected = True
                 connecting.deadline = math.inf
                 await args.action(client, args)

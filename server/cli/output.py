@@ -322,6 +322,14 @@ def show_key_revoked(r: api.KeyRevoked) -> str:
     return f"revoked API key {r.id} ({r.connections_closed} open connections closed)"
 
 
+def show_sandbox(r: api.SandboxInfo) -> str:
+    return f"sandbox {r.name} created; its first key: pigeon keys create admin --in {r.name}"
+
+
+def show_sandboxes(r: api.SandboxList) -> str:
+    return table([[s.name, when(s.created)] for s in r.sandboxes], ["SANDBOX", "CREATED"])
+
+
 def show_secrets_rotated(r: api.SecretsRotated) -> str:
     return (f"master key rotated: {r.resealed} sealed values re-encrypted under the new key {r.fingerprint}; "
             f"{r.key_file} holds it alone (keep a copy apart from backups of the data folder)")

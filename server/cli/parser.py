@@ -21,7 +21,7 @@ from server.cli.output import (
     show_app, show_app_deleted, show_apps, show_config, show_configs, show_consent, show_health, show_message,
     show_message_document, show_messages, show_preview, show_profile, show_profile_deleted, show_send, show_stats,
     show_token_registered, show_token_unregistered, show_created_key, show_keys, show_key_revoked,
-    show_secrets_rotated,
+    show_secrets_rotated, show_sandbox, show_sandboxes,
 )
 from server.runtime.config import DEFAULT_LISTEN
 
@@ -60,6 +60,8 @@ COMMANDS: dict[str, str] = {
     "keys.create": "keys create",
     "keys.list": "keys list",
     "keys.revoke": "keys revoke",
+    "sandboxes.create": "sandboxes create",
+    "sandboxes.list": "sandboxes list",
     "secrets.rotate": "secrets rotate",
     "reports.watch": "reports --watch",
 }
@@ -88,6 +90,9 @@ def client_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     parser.add_argument("--api-key", metavar="KEY", default=default(None),
                         help="API key (env PIGEON_API_KEY; default: the admin key of the server configured "
                              "on this machine, or named by a server on this machine)")
+    parser.add_argument("--sandbox", metavar="NAME", default=default(None),
+                        help="the sandbox to work in (env PIGEON_SANDBOX; default: the API key's, which is the "
+                             "only one it may name; without keys: default)")
 
 
 class _Tree:
@@ -121,14 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="pigeon", description="Pigeon, a self-hosted push journey server.",
-        epilog="Options of the client commands (--server, --json, --tls, --ca, --timeout, --api-key) may also come after "
+        epilog="Options of the client commands (--server, --json, --tls, --ca, --timeout, --api-key, --sandbox) may also come after "
                "the command. `pigeon COMMAND --help` shows a command's own options.")
     parser.add_argument("--version", action="version", version=f"pigeon {VERSION} (protocol {PROTOCOL_VERSION})")
     client_options(parser, defaults=True)
     parser.set_defaults(action=None, group=parser)
     tree = _Tree(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
     for add_commands in (_serve, _server, _profiles, _tokens, _consent, _apps, _push, _configs, _messages, _reports,
-                         _keys, _secrets, _demo, _mocks, _events):
+                         _keys, _sandboxes, _secrets, _demo, _mocks, _events):
         add_commands(tree)
     return parser
 
@@ -334,16 +339,28 @@ def _reports(tree: _Tree) -> None:
 def _keys(tree: _Tree) -> None:
     keys = tree.group("keys", "API keys and their scopes (admin)")
     p = tree.command(keys, "create", "make an API key (shown once)", call_action(
-        lambda a: api.CreateKey(scopes=a.scopes, name=a.name), show_created_key))
+        lambda a: api.CreateKey(scopes=a.scopes, name=a.name, sandbox=a.into), show_created_key))
     p.add_argument("scopes", nargs="+", choices=list(api.SCOPES),
                    help="admin (everything), operator (profiles, sends, reports; implies ingest and read), "
                         "ingest (tokens, consent, events: the key an app embeds), read (reports, stats)")
     p.add_argument("--name", default="", help="a label for the list, e.g. ios-app")
-    tree.command(keys, "list", "list the API keys (never the keys themselves)",
-                 call_action(lambda a: api.ListKeys(), show_keys))
+    p.add_argument("--in", dest="into", metavar="SANDBOX",
+                   help="make the key in this sandbox (default: the caller's; another needs an admin key of default)")
+    p = tree.command(keys, "list", "list the API keys of a sandbox (never the keys themselves)",
+                     call_action(lambda a: api.ListKeys(sandbox=a.into), show_keys))
+    p.add_argument("--in", dest="into", metavar="SANDBOX",
+                   help="list this sandbox's keys (default: the caller's; another needs an admin key of default)")
     p = tree.command(keys, "revoke", "revoke an API key and close its connections",
                      call_action(lambda a: api.RevokeKey(id=a.id), show_key_revoked))
     p.add_argument("id", help="the key's id (its first 12 characters, as listed)")
+
+
+def _sandboxes(tree: _Tree) -> None:
+    sandboxes = tree.group("sandboxes", "separate worlds of apps, profiles, messages and reports (admin of default)")
+    p = tree.command(sandboxes, "create", "make a sandbox (then: pigeon keys create admin --in NAME)",
+                     call_action(lambda a: api.CreateSandbox(name=a.name), show_sandbox))
+    p.add_argument("name", help="lower case letters, digits and dashes, e.g. dev")
+    tree.command(sandboxes, "list", "list the sandboxes", call_action(lambda a: api.ListSandboxes(), show_sandboxes))
 
 
 def _secrets(tree: _Tree) -> None:

@@ -27,6 +27,7 @@ import msgspec.structs
 
 from server.channels import AndroidRecord, AppRecord, Channel, IosRecord
 from server.profiles.records import unversioned
+from server.profiles.sandboxes import Space, sealed_key
 from server.profiles.store import ProfileStore, Writer
 from server.runtime.errors import ActorError, FailedPrecondition, NotFound, SchemaError, StorageError
 from server.runtime.masterkey import Keyring
@@ -65,19 +66,24 @@ def _key(app: str) -> bytes:
     return app.encode()
 
 
+def _bare(key: bytes) -> bytes:
+    """The app id in a sealed key (`sandboxes.sealed_key`: app ids hold no ``/``)."""
+    return key.rpartition(b"/")[2]
+
+
 def _aad(key: bytes, part: str) -> bytes:
     return b"apps\x00" + key + b"\x00" + part.encode()
 
 
-def _keyring(store: ProfileStore) -> Keyring:
+def _keyring(store: ProfileStore | Space) -> Keyring:
     if store.keyring is None:
         raise ActorError("the profile store is not open (starting or restarting); retry shortly")
     return store.keyring
 
 
-def encode_app(record: AppRecord, keyring: Keyring) -> bytes:
-    """The stored value of ``record``, its credentials sealed with ``keyring``'s newest key."""
-    key = _key(record.app)
+def encode_app(record: AppRecord, keyring: Keyring, key: bytes) -> bytes:
+    """The stored value of ``record``, its credentials sealed with ``keyring``'s newest key
+    (``key``: its sealed key, `sandboxes.sealed_key`)."""
     parts = {
         part: None if value is None else keyring.seal(_encoder.encode(value), _aad(key, part))
         for part in _PARTS
@@ -96,7 +102,7 @@ def _decode_stored(value: bytes, key: bytes) -> _StoredApp:
         stored = _stored_decoder.decode(memoryview(value)[1:])
     except msgspec.DecodeError as exc:
         raise StorageError(f"the stored record of app {_name(key)} is damaged ({exc})") from None
-    if _key(stored.app) != key:
+    if _key(stored.app) != _bare(key):
         raise StorageError(f"the stored record of app {_name(key)} names another app: it was moved or damaged")
     return stored
 
@@ -106,7 +112,8 @@ def _name(key: bytes) -> str:
 
 
 def decode_app(value: bytes, keyring: Keyring, key: bytes) -> AppRecord:
-    """The app stored at ``key`` (its id, utf-8) as ``value``, its credentials opened;
+    """The app stored at ``key`` (its id, utf-8, as sealed: `sandboxes.sealed_key`) as
+    ``value``, its credentials opened;
     `StorageError` (`SchemaError` for an unknown format) for anything else."""
     stored = _decode_stored(value, key)
     record = AppRecord(app=stored.app, version=stored.version)
@@ -130,9 +137,9 @@ def reseal_app(keyring: Keyring, key: bytes, value: bytes) -> bytes | None:
             record = _v1_decoder.decode(memoryview(value)[1:])
         except msgspec.DecodeError as exc:
             raise StorageError(f"the stored record of app {_name(key)} (schema version 1) is damaged ({exc})") from None
-        if _key(record.app) != key:
+        if _key(record.app) != _bare(key):
             raise StorageError(f"the stored record of app {_name(key)} names another app: it was moved or damaged")
-        return encode_app(record, keyring)
+        return encode_app(record, keyring, key)
     stored = _decode_stored(value, key)
     changed = False
     for part in _PARTS:
@@ -143,17 +150,25 @@ def reseal_app(keyring: Keyring, key: bytes, value: bytes) -> bytes | None:
     return _V2 + _encoder.encode(stored) if changed else None
 
 
-def get_app(store: ProfileStore, app: str) -> AppRecord | None:
+def get_app(space: Space, app: str) -> AppRecord | None:
     key = _key(app)
-    with store.env.begin() as txn:
-        value = txn.get(key, db=store.db("apps"))
-    return None if value is None else decode_app(value, _keyring(store), key)
+    with space.env.begin() as txn:
+        value = txn.get(key, db=space.db("apps"))
+    if value is None:
+        return None
+    record = decode_app(value, _keyring(space), sealed_key(space.number, key))
+    record.sandbox = space.name
+    return record
 
 
-def list_apps(store: ProfileStore) -> list[AppRecord]:
-    keyring = _keyring(store)
-    with store.env.begin() as txn:
-        return [decode_app(value, keyring, key) for key, value in txn.cursor(db=store.db("apps"))]
+def list_apps(space: Space) -> list[AppRecord]:
+    keyring = _keyring(space)
+    with space.env.begin() as txn:
+        records = [decode_app(value, keyring, sealed_key(space.number, key))
+                   for key, value in txn.cursor(db=space.db("apps"))]
+    for record in records:
+        record.sandbox = space.name
+    return records
 
 
 def put_app(w: Writer, record: AppRecord) -> AppRecord:
@@ -163,7 +178,9 @@ def put_app(w: Writer, record: AppRecord) -> AppRecord:
     last = w.txn.get(b"last_app_version", db=meta)
     record.version = (msgspec.msgpack.decode(last) if last is not None else 0) + 1
     w.txn.put(b"last_app_version", _encoder.encode(record.version), db=meta)
-    w.txn.put(_key(record.app), encode_app(record, _keyring(w.store)), db=w.dbs["apps"])
+    key = _key(record.app)
+    number = w.space.number if w.space is not None else 0
+    w.txn.put(key, encode_app(record, _keyring(w.store), sealed_key(number, key)), db=w.dbs["apps"])
     return record
 
 
@@ -172,8 +189,8 @@ def delete_app(w: Writer, app: str) -> None:
         raise NotFound(f"no app {app!r} is registered", field="$.app")
 
 
-def require_app(server: Server, app: str, field: str = "$.app") -> AppRecord:
-    record = get_app(server.store, app)
+def require_app(space: Space, app: str, field: str = "$.app") -> AppRecord:
+    record = get_app(space, app)
     if record is None:
         raise NotFound(f"no app {app!r} is registered (pigeon apps register-ios or register-android ...)", field=field)
     return record
@@ -187,12 +204,13 @@ def channel_for_apps(server: Server, platform: str) -> Channel:
     raise FailedPrecondition(f"no channel plugin handles {platform} apps (is it disabled?)")
 
 
-async def store_credentials(server: Server, app: str, **credentials: Any) -> AppRecord:
+async def store_credentials(server: Server, space: Space, app: str, **credentials: Any) -> AppRecord:
     """Store an app's credentials for one platform (``ios=`` or ``android=``), keeping the
     other's, and let the channels retire what they built from the old ones."""
-    existing = get_app(server.store, app)
-    record = AppRecord(app=app, **credentials) if existing is None else msgspec.structs.replace(existing, **credentials)
-    stored: AppRecord = await server.store.write(put_app, record)
+    existing = get_app(space, app)
+    record = (AppRecord(app=app, sandbox=space.name, **credentials) if existing is None
+              else msgspec.structs.replace(existing, **credentials))
+    stored: AppRecord = await space.write(put_app, record)
     for channel in server.channels:
-        channel.forget_app(app, stored.version)
+        channel.forget_app(stored.handle, stored.version)
     return stored

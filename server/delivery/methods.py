@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from protocols import api
 from server.api.registry import CallContext, Methods
-from server.channels import DeliveryJob, DeliveryResult
+from server.channels import AppRecord, DeliveryJob, DeliveryResult
 from server.delivery import apps
 from server.profiles import keys
 from server.runtime.errors import InvalidArgument
@@ -25,41 +25,43 @@ methods = Methods()
 @methods(api.RegisterIosApp, scope="admin")
 async def register_ios(server: Server, ctx: CallContext, req: api.RegisterIosApp) -> api.AppInfo:
     ios = apps.channel_for_apps(server, "ios").check_app(req)
-    stored = await apps.store_credentials(server, req.app, ios=ios)
-    log.info("app %s: iOS credentials registered (%s auth, %s)", req.app, ios.auth, ios.environment)
+    stored = await apps.store_credentials(server, server.space(ctx), req.app, ios=ios)
+    log.info("app %s: iOS credentials registered (%s auth, %s)", stored.handle, ios.auth, ios.environment)
     return stored.info()
 
 
 @methods(api.RegisterAndroidApp, scope="admin")
 async def register_android(server: Server, ctx: CallContext, req: api.RegisterAndroidApp) -> api.AppInfo:
     android = apps.channel_for_apps(server, "android").check_app(req)
-    stored = await apps.store_credentials(server, req.app, android=android)
-    log.info("app %s: Android credentials registered (project %s)", req.app, android.project_id)
+    stored = await apps.store_credentials(server, server.space(ctx), req.app, android=android)
+    log.info("app %s: Android credentials registered (project %s)", stored.handle, android.project_id)
     return stored.info()
 
 
 @methods(api.GetApp, scope="admin")
 async def get_app(server: Server, ctx: CallContext, req: api.GetApp) -> api.AppInfo:
-    return apps.require_app(server, req.app).info()
+    return apps.require_app(server.space(ctx), req.app).info()
 
 
 @methods(api.ListApps, scope="admin")
 async def list_apps(server: Server, ctx: CallContext, req: api.ListApps) -> api.AppList:
-    return api.AppList(apps=[record.info() for record in apps.list_apps(server.store)])
+    return api.AppList(apps=[record.info() for record in apps.list_apps(server.space(ctx))])
 
 
 @methods(api.DeleteApp, scope="admin")
 async def delete_app(server: Server, ctx: CallContext, req: api.DeleteApp) -> api.AppDeleted:
-    await server.store.write(apps.delete_app, req.app)
+    space = server.space(ctx)
+    await space.write(apps.delete_app, req.app)
     for channel in server.channels:
-        channel.forget_app(req.app, None)
+        channel.forget_app(AppRecord(app=req.app, sandbox=space.name).handle, None)
     return api.AppDeleted(app=req.app)
 
 
 @methods(api.SendPush, scope="operator")
 async def push_send(server: Server, ctx: CallContext, req: api.SendPush) -> api.PushSent:
     _check_push(req)
-    app = apps.require_app(server, req.app)
+    space = server.space(ctx)
+    app = apps.require_app(space, req.app)
     if req.token is not None:
         if req.platform is None:
             raise InvalidArgument("a token needs its platform (apns, apns-sandbox or fcm)", field="$.platform")
@@ -69,13 +71,13 @@ async def push_send(server: Server, ctx: CallContext, req: api.SendPush) -> api.
     else:
         assert req.identity is not None
         registrations = [
-            r for r in server.store.get_profile(req.identity).registrations
+            r for r in space.get_profile(req.identity).registrations
             if r.app == req.app and (req.platform is None or r.platform == req.platform)
         ]
         targets = [(r.token, r.platform) for r in registrations if r.state == "active"]
         if not targets:
             excluded = "OnlyInvalidTokens" if registrations else "NoTokenForApp"
-            where = ("", 0, "", "", req.app, req.platform or "")
+            where = (space.name, "", 0, "", "", req.app, req.platform or "")
             await server.reporting.record_counts({(*where, "targeted", ""): 1, (*where, "excluded", excluded): 1})
             return api.PushSent(outcomes=[], excluded=excluded)
     jobs = [

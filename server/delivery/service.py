@@ -216,17 +216,20 @@ class Delivery(Actor):
 
     async def _after(self, jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
         """Mark dead tokens invalid on their profiles."""
-        dead = [(i, jobs[i], r) for i, r in enumerate(results) if r.status == "invalid"]
-        if dead:
+        by_sandbox: dict[str, list[tuple[DeliveryJob, DeliveryResult]]] = {}
+        for job, result in zip(jobs, results):
+            if result.status == "invalid":
+                by_sandbox.setdefault(job.app.sandbox, []).append((job, result))
+        for sandbox, dead in by_sandbox.items():
             try:
-                marked = await self.store.write(
+                marked = await self.store.space(sandbox).write(
                     writes.invalidate_tokens,
-                    [(job.app.app, job.token, result.reason or "Invalid", result.invalid_since_us) for _, job, result in dead],
+                    [(job.app.app, job.token, result.reason or "Invalid", result.invalid_since_us) for job, result in dead],
                 )
             except ServerError as exc:  # the results stand; only the profiles could not be updated
                 log.error("could not mark %d dead tokens invalid: %s", len(dead), exc)
                 marked = ["unknown"] * len(dead)
-            for (_, _, result), what in zip(dead, marked):
+            for (_, result), what in zip(dead, marked):
                 if what == "kept":
                     result.status = "failed"
                     result.detail = "the token was registered again after the provider's timestamp: it stays valid"

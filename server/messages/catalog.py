@@ -12,7 +12,8 @@ from collections.abc import Callable
 from typing import Any
 
 from server.messages.content import Compiled, ConfigRecord, MessageRecord, decode_config, decode_message
-from server.profiles.store import ProfileStore, Writer
+from server.profiles.sandboxes import Space
+from server.profiles.store import Writer
 from server.runtime.errors import NotFound
 
 __all__ = ["Catalog", "get_version", "list_latest", "publish_version"]
@@ -25,26 +26,26 @@ class Catalog:
     """Reads published versions from the store, and keeps each message version's compiled
     templates (versions never change, so neither do they)."""
 
-    def __init__(self, store: ProfileStore) -> None:
-        self.store = store
-        self._compiled: dict[tuple[str, int], Compiled] = {}
+    def __init__(self) -> None:
+        self._compiled: dict[tuple[str, str, int], Compiled] = {}
 
-    def config(self, name: str, version: int | None = None, field: str = "$.name") -> ConfigRecord:
-        value = get_version(self.store, "configs", name, version)
+    def config(self, space: Space, name: str, version: int | None = None, field: str = "$.name") -> ConfigRecord:
+        value = get_version(space, "configs", name, version)
         if value is None:
             what = f"version {version} of " if version is not None else ""
             raise NotFound(f"no {what}channel configuration {name!r} is published (pigeon configs publish FILE)", field=field)
         return decode_config(value)
 
-    def message(self, name: str, version: int | None = None) -> MessageRecord:
-        value = get_version(self.store, "messages", name, version)
+    def message(self, space: Space, name: str, version: int | None = None) -> MessageRecord:
+        value = get_version(space, "messages", name, version)
         if value is None:
             what = f"version {version} of " if version is not None else ""
             raise NotFound(f"no {what}message {name!r} is published (pigeon messages publish FILE)", field="$.id")
         return decode_message(value)
 
-    def compiled(self, record: MessageRecord) -> Compiled:
-        key = (record.message.id, record.version)
+    def compiled(self, space: Space, record: MessageRecord) -> Compiled:
+        """``record`` (a version of ``space`` 's) compiled."""
+        key = (space.name, record.message.id, record.version)
         found = self._compiled.get(key)
         if found is None:
             if len(self._compiled) >= _COMPILED:
@@ -53,7 +54,7 @@ class Catalog:
         return found
 
 
-def get_version(store: ProfileStore, db: str, name: str, version: int | None = None) -> bytes | None:
+def get_version(store: Space, db: str, name: str, version: int | None = None) -> bytes | None:
     """A published version (``configs``, ``messages``): the given one, or the latest."""
     prefix = name.encode() + b"\x00"
     with store.env.begin() as txn:
@@ -64,7 +65,7 @@ def get_version(store: ProfileStore, db: str, name: str, version: int | None = N
         return None if key is None else cursor.get(key)
 
 
-def list_latest(store: ProfileStore, db: str) -> list[bytes]:
+def list_latest(store: Space, db: str) -> list[bytes]:
     """The latest version of everything published in ``db``, by name."""
     latest: dict[bytes, bytes] = {}
     with store.env.begin() as txn:

@@ -35,7 +35,8 @@ from protocols import api
 from server.channels import AppRecord, DeliveryJob, DeliveryResult
 from server.delivery.apps import get_app
 from server.delivery.sender import Progress
-from server.profiles.store import ProfileStore, Writer
+from server.profiles.sandboxes import Space
+from server.profiles.store import Writer
 from server.reports.reporting import ReportKey, count_outcomes, envelope_key, store_counts
 
 if TYPE_CHECKING:
@@ -178,14 +179,14 @@ class _Settling(Progress):
             self.watcher.waiting(delta)
 
 
-async def deliver_batch(server: Server, execution: str, jobs: list[DeliveryJob], keys: list[bytes],
+async def deliver_batch(server: Server, space: Space, execution: str, jobs: list[DeliveryJob], keys: list[bytes],
                         watcher: Watcher | None = None) -> Outcomes:
     """Deliver a staged batch, settling its notifications (`settle_batch`) as their results
     come, in a commit for those that came meanwhile, and showing their counts; its outcomes.
     ``watcher`` is told each part settled."""
     outcomes = Outcomes()
     if not jobs:
-        await _settle(server, execution, jobs, keys, [], outcomes, watcher)
+        await _settle(server, space, execution, jobs, keys, [], outcomes, watcher)
         return outcomes
     settling = _Settling(watcher)
 
@@ -209,11 +210,11 @@ async def deliver_batch(server: Server, execution: str, jobs: list[DeliveryJob],
                     settling.wake = trio.Event()
                     await settling.wake.wait()
             chunk, settling.ready = settling.ready, []
-            await _settle(server, execution, jobs, keys, chunk, outcomes, watcher)
+            await _settle(server, space, execution, jobs, keys, chunk, outcomes, watcher)
     return outcomes
 
 
-async def _settle(server: Server, execution: str, jobs: list[DeliveryJob], keys: list[bytes],
+async def _settle(server: Server, space: Space, execution: str, jobs: list[DeliveryJob], keys: list[bytes],
                   chunk: list[tuple[int, DeliveryResult]], outcomes: Outcomes, watcher: Watcher | None) -> None:
     """Settle ``chunk``, results of ``jobs`` by index (one commit), add them to ``outcomes``."""
     part = Outcomes()
@@ -222,7 +223,7 @@ async def _settle(server: Server, execution: str, jobs: list[DeliveryJob], keys:
         part.count(result)
     count_outcomes(counts, [jobs[i] for i, _ in chunk], [result for _, result in chunk])
     minute = server.reporting.minute()
-    await server.store.write(settle_batch, part, execution, [keys[i] for i, _ in chunk], counts, minute)
+    await space.write(settle_batch, part, execution, [keys[i] for i, _ in chunk], counts, minute)
     server.reporting.counted(counts, minute)
     part.add_to_outcomes(outcomes)
     if watcher is not None:
@@ -260,28 +261,28 @@ class Outcomes:
         result.failed = dict(Counter(result.failed) + self.failed)
 
 
-async def replay(server: Server, staged: list[tuple[bytes, bytes]]) -> None:
+async def replay(server: Server, space: Space, staged: list[tuple[bytes, bytes]]) -> None:
     """Deliver a batch the outbox held again, and settle it. Its notifications are counted as
     ``replayed`` in a commit before they go out: a crash during this delivery leaves them in
     the outbox, to be delivered, and counted as replayed, again at the next start."""
-    store, reporting = server.store, server.reporting
+    reporting = server.reporting
     jobs = []
     replayed: Counter[ReportKey] = Counter()
     for _, value in staged:
         entry = _entry_decoder.decode(value)
-        app = get_app(store, entry.app) or AppRecord(app=entry.app)
+        app = get_app(space, entry.app) or AppRecord(app=entry.app, sandbox=space.name)
         jobs.append(DeliveryJob(app=app, token=entry.token, platform=entry.platform, content=entry.content,
                                 apns=entry.apns, fcm=entry.fcm, tracking=entry.tracking))
         head = envelope_key(entry.tracking)
         if head is not None:
-            replayed[(*head, entry.app, entry.platform, "replayed", "")] += 1
+            replayed[(space.name, *head, entry.app, entry.platform, "replayed", "")] += 1
     minute = reporting.minute()
-    await store.write(store_counts, replayed, minute)
+    await space.write(store_counts, replayed, minute)
     reporting.counted(replayed, minute)
-    await deliver_batch(server, staged[0][0][:8].hex(), jobs, [key for key, _ in staged])
+    await deliver_batch(server, space, staged[0][0][:8].hex(), jobs, [key for key, _ in staged])
 
 
-def leftovers(store: ProfileStore, running: set[bytes]) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
+def leftovers(store: Space, running: set[bytes]) -> tuple[list[tuple[bytes, bytes]], list[bytes]]:
     """What a stop or a crash left: the outbox's entries, and the keys of the executions that
     did not end, but for the executions in ``running`` (run by this process)."""
     with store.env.begin() as txn:
@@ -290,7 +291,7 @@ def leftovers(store: ProfileStore, running: set[bytes]) -> tuple[list[tuple[byte
     return staged, pending
 
 
-def executions(store: ProfileStore, keys: list[bytes]) -> list[ExecutionRecord]:
+def executions(store: Space, keys: list[bytes]) -> list[ExecutionRecord]:
     """The stored executions of ``keys`` that still exist."""
     with store.env.begin() as txn:
         stored = [txn.get(key, db=store.db("executions")) for key in keys]

@@ -58,7 +58,7 @@ from server.messages.content import (
 from server.messages import outbox
 from server.messages.outbox import ExecutionRecord, OutboxEntry, Outcomes, Watcher, deliver_batch, end_execution, stage_batch
 from server.profiles.records import ProfileRecord
-from server.profiles.store import ProfileStore
+from server.profiles.sandboxes import Space
 from server.runtime.errors import InvalidArgument, NotFound
 from server.reports.reporting import ReportKey, envelope_key
 from server.channels import AppRecord, DeliveryJob
@@ -133,6 +133,7 @@ class Pipeline:
 
     Args:
         server: the running server (store, delivery, reporting).
+        space: the sandbox it runs in (its profiles, apps and outbox).
         record: the message version.
         compiled: its compiled templates.
         config: its channel configuration.
@@ -140,11 +141,12 @@ class Pipeline:
         test: only test profiles.
     """
 
-    def __init__(self, server: Server, record: MessageRecord, compiled: Compiled,
+    def __init__(self, server: Server, space: Space, record: MessageRecord, compiled: Compiled,
                  config: api.ChannelConfig, *, event: dict[str, Any], test: bool,
                  identities: list[str] | None = None, audience: str | None = None,
                  resume: ExecutionRecord | None = None) -> None:
         self.server = server
+        self.space = space
         self.record = record
         self.spec = record.message
         self.compiled = compiled
@@ -155,7 +157,7 @@ class Pipeline:
         self.tracking: dict[str, Any] = {"m": self.spec.id, "v": record.version, "x": self.execution}
         if test:
             self.tracking["t"] = 1  # not counted in reports
-        self.apps: dict[str, AppRecord | None] = {app: get_app(server.store, app) for app in config.apps}
+        self.apps: dict[str, AppRecord | None] = {app: get_app(space, app) for app in config.apps}
         self.platforms = {p for name in config.platforms for p in PLATFORMS[name]}
         hook = server.plugins.pm.hook.pigeon_exclude
         self._rules = hook if hook.get_hookimpls() else None  # the frequency-cap step
@@ -169,7 +171,8 @@ class Pipeline:
         self._excluded: Counter[str] = Counter(self.result.excluded)
         #: The report key of this execution's notifications, but for app, platform, outcome
         #: and reason (None: a test send, not counted).
-        self._head = envelope_key(self.tracking)
+        head = envelope_key(self.tracking)
+        self._head = None if head is None else (space.name, *head)
 
     async def run(self, audience: Condition | None = None) -> api.SendResult:
         """Send to the execution's profiles from its cursor on; return the counts.
@@ -178,7 +181,7 @@ class Pipeline:
         (within the bounds of the module docstring). A batch that cannot be staged ends the run once the batches in
         delivery are settled (its error is raised; the execution resumes at the next start).
         """
-        store = self.server.store
+        store = self.space
         room = _Room(self)
         failure: BaseException | None = None
         running = self.server.running_executions
@@ -214,7 +217,7 @@ class Pipeline:
 
     async def _next_batch(self, audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]] | None:
         """Read, personalize and stage the next batch; None when there is none."""
-        store = self.server.store
+        store = self.space
         state = self.state
         if state.audience is None:
             size = min(BATCH, FIRST_BATCH << state.batches)
@@ -309,7 +312,7 @@ class Pipeline:
         ]
         reporting = self.server.reporting
         minute = reporting.minute()
-        await self.server.store.write(stage_batch, self._snapshot(), entries, counts, minute)
+        await self.space.write(stage_batch, self._snapshot(), entries, counts, minute)
         reporting.counted(counts, minute)
         return jobs, keys
 
@@ -317,7 +320,7 @@ class Pipeline:
         """Deliver a staged batch and settle it as results come; each part's outcomes counted
         in the result once stored (`_Room.settled`)."""
         try:
-            await deliver_batch(self.server, self.execution, jobs, keys, room)
+            await deliver_batch(self.server, self.space, self.execution, jobs, keys, room)
         finally:
             room.delivered()
 
@@ -360,7 +363,7 @@ class Pipeline:
             return reason
         rendered = to_delivery(self.spec, content)
         for r in active:
-            jobs.append(rendered.job(self.apps[r.app] or AppRecord(app=r.app), r.token, r.platform, self.tracking))
+            jobs.append(rendered.job(self.apps[r.app] or AppRecord(app=r.app, sandbox=self.space.name), r.token, r.platform, self.tracking))
         return None
 
 
@@ -376,7 +379,7 @@ _REASON = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_DETAIL = 500
 
 
-def _profiles_of(store: ProfileStore, identities: list[str]) -> tuple[list[ProfileRecord], list[str]]:
+def _profiles_of(store: Space, identities: list[str]) -> tuple[list[ProfileRecord], list[str]]:
     """The profiles of ``identities`` (a profile named twice in one batch once), and the
     identities no profile has."""
 
@@ -396,20 +399,20 @@ def _profiles_of(store: ProfileStore, identities: list[str]) -> tuple[list[Profi
     return out, unknown
 
 
-async def resume(server: Server, record: ExecutionRecord) -> api.SendResult:
-    """Run a stored execution on from its cursor."""
-    value = get_version(server.store, "messages", record.message, record.version)
+async def resume(server: Server, space: Space, record: ExecutionRecord) -> api.SendResult:
+    """Run a stored execution of ``space`` on from its cursor."""
+    value = get_version(space, "messages", record.message, record.version)
     config_value = None
     if value is not None:
         message = decode_message(value)
-        config_value = get_version(server.store, "configs", message.message.channel)
+        config_value = get_version(space, "configs", message.message.channel)
     if value is None or config_value is None:
         log.error("cannot resume execution %s: message %s v%d or its configuration is gone", record.execution,
                   record.message, record.version)
-        await server.store.write(end_execution, record.execution)
+        await space.write(end_execution, record.execution)
         return record.result
     audience = compile_condition("$.audience", record.audience) if record.audience is not None else None
-    run = Pipeline(server, message, Compiled(message), decode_config(config_value).config,
+    run = Pipeline(server, space, message, Compiled(message), decode_config(config_value).config,
                    event=record.event, test=record.test, resume=record)
     return await run.run(audience)
 
@@ -421,16 +424,23 @@ async def recover(server: Server) -> None:
     # What a pipeline of this process runs is not a leftover: clients may have started sends
     # before this runs (the listener is up).
     running = {bytes.fromhex(execution) for execution in server.running_executions}
-    staged, pending = outbox.leftovers(store, running)
-    if staged:
-        log.warning("delivering %d notifications again that were staged when the server stopped "
-                    "(some may reach the provider twice)", len(staged))
-        # Keys are the execution, the batch and the index: a batch's entries are together.
-        for _, batch in itertools.groupby(staged, key=lambda item: item[0][:12]):
-            await outbox.replay(server, list(batch))
-    for record in outbox.executions(store, pending):  # as the replays left them, with their outcomes
-        log.info("resuming execution %s of message %s v%d", record.execution, record.message, record.version)
-        try:
-            await resume(server, record)
-        except Exception:  # the others still resume; this one again at the next start
-            log.exception("execution %s failed again; it stays stored", record.execution)
+    for space in store.spaces():
+        staged, pending = outbox.leftovers(space, running)
+        if staged:
+            log.warning("delivering %d notifications again that were staged when the server stopped "
+                        "(some may reach the provider twice)%s", len(staged), _in(space))
+            # Keys are the execution, the batch and the index: a batch's entries are together.
+            for _, batch in itertools.groupby(staged, key=lambda item: item[0][:12]):
+                await outbox.replay(server, space, list(batch))
+        for record in outbox.executions(space, pending):  # as the replays left them, with their outcomes
+            log.info("resuming execution %s of message %s v%d%s", record.execution, record.message, record.version,
+                     _in(space))
+            try:
+                await resume(server, space, record)
+            except Exception:  # the others still resume; this one again at the next start
+                log.exception("execution %s failed again; it stays stored", record.execution)
+
+
+def _in(space: Space) -> str:
+    """Where a log line happens, beyond sandbox ``default``."""
+    return "" if space.number == 0 else f" in sandbox {space.name}"

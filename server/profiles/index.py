@@ -151,6 +151,11 @@ class EventIndex:
     def count(self) -> int:
         return sum(len(p) for p in self._by_pid.values()) // 2
 
+    def events_of(self, sandbox: int) -> int:
+        """The events of the profiles of sandbox number ``sandbox`` (the top 16 bits of their ids)."""
+        prefix = sandbox.to_bytes(2, "big")
+        return sum(len(p) for pid, p in self._by_pid.items() if pid[:2] == prefix) // 2
+
     def statistics(self) -> dict[str, int]:
         memory = sys.getsizeof(self._by_pid) + sum(sys.getsizeof(p) + 41 for p in self._by_pid.values())
         return {"profiles": len(self._by_pid), "events": self.count(), "memory_bytes": memory}

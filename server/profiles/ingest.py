@@ -25,6 +25,7 @@ from server.profiles.keys import MAX_KEY_BYTES
 from server.runtime.values import MAX_VALUE_DEPTH, check_depth, to_us
 from server.reports.interactions import push_interactions
 from server.reports.reporting import ReportEvent
+from server.profiles.sandboxes import DEFAULT, Space
 from server.profiles.store import InEvent, ProfileStore, WriteOp
 from server.profiles.writes import ingest_events
 
@@ -187,20 +188,22 @@ def decode_batch(
 
 
 class _Job:
-    __slots__ = ("events", "rejected", "future")
+    __slots__ = ("events", "rejected", "future", "space")
 
-    def __init__(self, events: list[InEvent], rejected: list[api.Rejection]) -> None:
+    def __init__(self, events: list[InEvent], rejected: list[api.Rejection], space: Space | None = None) -> None:
         self.events = events
         self.rejected = rejected
+        self.space = space
         self.future: Future[api.IngestResult] = Future()
 
 
 def _groups(jobs: list[_Job], limit: int) -> list[list[_Job]]:
-    """Consecutive jobs, grouped so that a group holds at most ``limit`` events (or one job)."""
+    """Consecutive jobs, grouped so that a group holds at most ``limit`` events (or one job),
+    all of one sandbox."""
     groups: list[list[_Job]] = [[]]
     size = 0
     for job in jobs:
-        if groups[-1] and size + len(job.events) > limit:
+        if groups[-1] and (size + len(job.events) > limit or job.space is not groups[-1][0].space):
             groups.append([])
             size = 0
         groups[-1].append(job)
@@ -245,17 +248,18 @@ class Ingestion(Actor):
         self.batches = 0
         self.store_ops = 0
 
-    async def ingest(self, body: bytes | msgspec.Raw) -> api.IngestResult:
-        """Validate a raw ``events.ingest`` body, store what is valid, return once durable."""
+    async def ingest(self, body: bytes | msgspec.Raw, space: Space | None = None) -> api.IngestResult:
+        """Validate a raw ``events.ingest`` body, store what is valid in ``space`` (None:
+        sandbox ``default``), return once durable."""
         events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
         self.rejected += len(rejected)
         if not events:
             return api.IngestResult(accepted=0, rejected=rejected)
-        job = _Job(events, rejected)
+        job = _Job(events, rejected, space)
         await self.send(job)
         result = await job.future.wait()
         if self.on_interactions is not None:
-            interactions = push_interactions(events)
+            interactions = push_interactions(events, space.name if space is not None else DEFAULT)
             if interactions:
                 try:
                     await self.on_interactions(interactions)
@@ -268,7 +272,8 @@ class Ingestion(Actor):
         task_status.started()
         while jobs := await self.receive_batch(self.max_coalesce):
             for group in _groups(jobs, self.store.max_commit_events):
-                op = WriteOp(ingest_events, [job.events for job in group], weight=sum(len(j.events) for j in group))
+                op = WriteOp(ingest_events, [job.events for job in group], weight=sum(len(j.events) for j in group),
+                             space=group[0].space)
                 op.future.on_done(functools.partial(self._committed, group))
                 await self.store.send(op)
                 # The store now holds the op; its outcome resolves the jobs.

@@ -30,39 +30,39 @@ _PAGE_BYTES = 16 * 1024
 
 @methods(api.GetProfile, scope="operator")
 async def get_profile(server: Server, ctx: CallContext, req: api.GetProfile) -> api.Profile:
-    return profile_to_api(server.store.get_profile(req.identity))
+    return profile_to_api(server.space(ctx).get_profile(req.identity))
 
 
 @methods(api.UpsertProfile, scope="operator")
 async def upsert_profile(server: Server, ctx: CallContext, req: api.UpsertProfile) -> api.Profile:
-    return profile_to_api(await server.store.write(writes.upsert_profile, req.identity, req.attributes))
+    return profile_to_api(await server.space(ctx).write(writes.upsert_profile, req.identity, req.attributes))
 
 
 @methods(api.PatchProfile, scope="operator")
 async def patch_profile(server: Server, ctx: CallContext, req: api.PatchProfile) -> api.Profile:
-    return profile_to_api(await server.store.write(writes.patch_profile, req.identity, req.patch, req.create))
+    return profile_to_api(await server.space(ctx).write(writes.patch_profile, req.identity, req.patch, req.create))
 
 
 @methods(api.DeleteProfile, scope="operator")
 async def delete_profile(server: Server, ctx: CallContext, req: api.DeleteProfile) -> api.ProfileDeleted:
-    identities, registrations, events = await server.store.write(writes.delete_profile, req.identity)
+    identities, registrations, events = await server.space(ctx).write(writes.delete_profile, req.identity)
     return api.ProfileDeleted(identities=identities, registrations=registrations, events=events)
 
 
 @methods(api.LinkIdentity, scope="operator")
 async def link_identity(server: Server, ctx: CallContext, req: api.LinkIdentity) -> api.Profile:
-    return profile_to_api(await server.store.write(writes.link_identity, req.identity, req.link))
+    return profile_to_api(await server.space(ctx).write(writes.link_identity, req.identity, req.link))
 
 
 @methods(api.UnlinkIdentity, scope="operator")
 async def unlink_identity(server: Server, ctx: CallContext, req: api.UnlinkIdentity) -> api.Profile:
-    return profile_to_api(await server.store.write(writes.unlink_identity, req.identity))
+    return profile_to_api(await server.space(ctx).write(writes.unlink_identity, req.identity))
 
 
 @methods(api.RegisterToken, scope="ingest")
 async def register_token(server: Server, ctx: CallContext, req: api.RegisterToken) -> api.TokenRegistered:
     token = normalize_token(req.platform, req.token)
-    registration, created, moved_from, evicted = await server.store.write(
+    registration, created, moved_from, evicted = await server.space(ctx).write(
         writes.register_token, req.identity, req.app, req.platform, token
     )
     registered = api.Registration(
@@ -89,32 +89,32 @@ async def unregister_token(server: Server, ctx: CallContext, req: api.Unregister
     if "operator" not in ctx.scopes:
         # An ingest key learns neither whose the token was nor whether anyone had it.
         try:
-            await server.store.write(writes.unregister_token, req.app, req.token)
+            await server.space(ctx).write(writes.unregister_token, req.app, req.token)
         except NotFound:
             pass
         return api.TokenUnregistered(identity="")
-    identity = await server.store.write(writes.unregister_token, req.app, req.token)
+    identity = await server.space(ctx).write(writes.unregister_token, req.app, req.token)
     return api.TokenUnregistered(identity=identity)
 
 
 @methods(api.SetConsent, scope="ingest")
 async def set_consent(server: Server, ctx: CallContext, req: api.SetConsent) -> api.ConsentEntry:
-    entry = await server.store.write(writes.set_consent, req.identity, req.app, req.push)
+    entry = await server.space(ctx).write(writes.set_consent, req.identity, req.app, req.push)
     return api.ConsentEntry(push=entry.push, updated=from_us(entry.updated))  # type: ignore[arg-type]  # stored as text
 
 
 @methods(api.IngestEvents, scope="ingest", raw=True)
 async def ingest(server: Server, ctx: CallContext, req: None) -> api.IngestResult:
-    return await server.ingestion.ingest(ctx.body)
+    return await server.ingestion.ingest(ctx.body, server.space(ctx))
 
 
 @methods(api.ListEvents, scope="operator")
 async def list_events(
     server: Server, ctx: CallContext, req: api.ListEvents, send: Callable[[api.StoredEvent], Awaitable[None]]
 ) -> None:
-    store = server.store
+    store = server.space(ctx)
     # events past the retention window are not listed, swept or not yet
-    oldest = store.clock() - store.retention_us
+    oldest = store.clock() - server.store.retention_us
     since = max(oldest, 0 if req.since is None else to_us(req.since))
     until = _END_OF_TIME_US - 1 if req.until is None else to_us(req.until)
     if until < since:

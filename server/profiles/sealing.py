@@ -27,14 +27,15 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import lmdb
 import msgspec
 import trio
 
+from server.profiles import sandboxes
 from server.runtime.errors import ActorError, FailedPrecondition, SchemaError, StorageError
 from server.runtime.masterkey import ENV, Keyring
 
@@ -46,8 +47,12 @@ __all__ = ["Reseal", "Rotation", "bare", "open_sealed", "compact_pending", "comp
 
 log = logging.getLogger("pigeon.secrets")
 
+S = TypeVar("S")
+
 #: ``reseal(keyring, key, value)``: ``value`` (stored at ``key``) sealed under the ring's
-#: newest key, or None when it is already; `StorageError` when it does not open.
+#: newest key, or None when it is already; `StorageError` when it does not open. In a
+#: sandbox's database ``key`` is qualified by its sandbox (`sandboxes.sealed_key`), so that a
+#: value moved to another sandbox does not open.
 Reseal = Callable[[Keyring, bytes, bytes], "bytes | None"]
 #: Values re-sealed per write transaction by a rotation.
 RESEAL_BATCH = 200
@@ -79,21 +84,28 @@ class Rotation(msgspec.Struct, frozen=True):
 # -- when the store opens -------------------------------------------------------------------
 
 
-def open_sealed(txn: lmdb.Transaction[bytes], dbs: Mapping[str, lmdb._Database], found: int, keyring: Keyring,
+#: A sandbox's number and its databases (with the shared ones).
+Databases = tuple[int, Mapping[str, lmdb._Database]]
+
+
+def open_sealed(txn: lmdb.Transaction[bytes], spaces: Sequence[Databases], found: int, keyring: Keyring,
                 sealed: Mapping[str, Reseal], where: str) -> int:
     """In the store's first write transaction: bring a folder of schema version ``found``
     (1 or 2) to 2 with every sealed value under the ring's newest key; the values re-sealed.
-    A migration from 1 leaves ``compact_pending`` in ``meta`` (see `compact`)."""
+    ``spaces`` are the sandboxes' databases, ``default`` 's (number 0) first. A migration
+    from 1 leaves ``compact_pending`` in ``meta`` (see `compact`)."""
     if found == 1 and not sealed:
         raise SchemaError(f"the data folder {where!r} has schema version 1 (credentials in plain text): "
                           "only the server's store migrates it (it knows which databases to seal)")
     try:
-        count = sum(_reseal_database(txn, dbs[name], fn, keyring) for name, fn in sealed.items())
+        count = sum(_reseal_database(txn, number, dbs[name], name, fn, keyring)
+                    for (number, dbs), name, fn in _sealed(spaces, sealed))
     except StorageError as exc:
         raise StorageError(f"the data folder {where!r}: {exc.message}") from None
     if found == 1:
-        txn.put(b"schema", _meta.encode(2), db=dbs["meta"])
-        txn.put(COMPACT_PENDING, _meta.encode(True), db=dbs["meta"])
+        meta = spaces[0][1]["meta"]
+        txn.put(b"schema", _meta.encode(2), db=meta)
+        txn.put(COMPACT_PENDING, _meta.encode(True), db=meta)
         log.warning("data folder %s: schema version 1 migrated to 2: %d values sealed under the master key %s "
                     "(the credentials were stored in plain text)", where, count, keyring.fingerprint)
     elif count:
@@ -102,10 +114,19 @@ def open_sealed(txn: lmdb.Transaction[bytes], dbs: Mapping[str, lmdb._Database],
     return count
 
 
-def _reseal_database(txn: lmdb.Transaction[bytes], db: lmdb._Database, fn: Reseal, keyring: Keyring) -> int:
+def _sealed(spaces: Sequence[S], sealed: Mapping[str, Reseal]) -> list[tuple[S, str, Reseal]]:
+    """Each database holding sealed values, with the sandbox it is seen through (the first of
+    ``spaces`` is ``default``): a shared one once, a sandbox's one in every sandbox."""
+    return [(space, name, fn) for name, fn in sealed.items()
+            for space in (spaces if name in sandboxes.SANDBOX_DATABASES else spaces[:1])]
+
+
+def _reseal_database(txn: lmdb.Transaction[bytes], number: int, db: lmdb._Database, name: str, fn: Reseal,
+                     keyring: Keyring) -> int:
     changed = []
+    qualify = name in sandboxes.SANDBOX_DATABASES
     for key, value in txn.cursor(db=db):
-        new = fn(keyring, key, value)
+        new = fn(keyring, sandboxes.sealed_key(number, key) if qualify else key, value)
         if new is not None:
             changed.append((key, new))
     for key, new in changed:
@@ -117,12 +138,11 @@ def compact_pending(txn: lmdb.Transaction[bytes], meta: lmdb._Database) -> bool:
     return txn.get(COMPACT_PENDING, db=meta) is not None
 
 
-def compact(env: lmdb.Environment, folder: Path, reopen: Callable[[], lmdb.Environment],
-            databases: tuple[str, ...]) -> tuple[lmdb.Environment, dict[str, lmdb._Database]]:
+def compact(env: lmdb.Environment, folder: Path, reopen: Callable[[], lmdb.Environment]) -> lmdb.Environment:
     """Replace ``folder``'s ``data.mdb`` with a compacted copy of ``env`` (no free pages: none
     of the plain text that freed pages may hold), overwrite the old file with zeros before it
-    goes, and reopen the environment (``reopen``) with its ``databases``. Nothing else may
-    hold the environment open (the store holds the folder's lock and has not served yet)."""
+    goes, and reopen the environment (``reopen``). Nothing else may hold the environment open
+    (the store holds the folder's lock and has not served yet)."""
     started = time.perf_counter()
     try:
         old, new = _replace_compacted(env, folder)
@@ -131,15 +151,14 @@ def compact(env: lmdb.Environment, folder: Path, reopen: Callable[[], lmdb.Envir
     env = reopen()
     try:
         with env.begin(write=True) as txn:
-            dbs = {name: env.open_db(name.encode(), txn=txn) for name in databases}
-            txn.delete(COMPACT_PENDING, db=dbs["meta"])
+            txn.delete(COMPACT_PENDING, db=env.open_db(b"meta", txn=txn))
     except BaseException:
         env.close()
         raise
     log.warning("data folder %s compacted in %.1fs (%d KiB to %d KiB): the freed pages that held plain-text "
                 "credentials are gone, and the old data.mdb was overwritten with zeros",
                 folder, time.perf_counter() - started, old >> 10, new >> 10)
-    return env, dbs
+    return env
 
 
 def _replace_compacted(env: lmdb.Environment, folder: Path) -> tuple[int, int]:
@@ -209,6 +228,7 @@ def _reseal_batch(w: Writer, name: str, fn: Reseal, after: bytes | None, limit: 
     keyring = w.store.keyring
     assert keyring is not None
     db = w.dbs[name]
+    number = w.space.number if w.space is not None and name in sandboxes.SANDBOX_DATABASES else 0
     items: list[tuple[bytes, bytes]] = []
     with w.txn.cursor(db=db) as cursor:
         found = cursor.set_range(after + b"\x00") if after is not None else cursor.first()
@@ -217,7 +237,7 @@ def _reseal_batch(w: Writer, name: str, fn: Reseal, after: bytes | None, limit: 
             found = cursor.next()
     count = 0
     for key, value in items:
-        new = fn(keyring, key, value)
+        new = fn(keyring, sandboxes.sealed_key(number, key), value)
         if new is not None:
             w.txn.put(key, new, db=db)
             count += 1
@@ -252,10 +272,10 @@ async def _rotate(store: ProfileStore, keyring: Keyring) -> Rotation:
     log.warning("master key rotation: new key %s written to %s in front of %s; re-sealing",
                 ring.fingerprint, ring.path, keyring.fingerprint)
     resealed = 0
-    for name, fn in store.sealed.items():
+    for space, name, fn in _sealed(store.spaces(), store.sealed):
         after: bytes | None = None
         while True:
-            count, after = await store.write(_reseal_batch, name, fn, after, RESEAL_BATCH)
+            count, after = await space.write(_reseal_batch, name, fn, after, RESEAL_BATCH)
             resealed += count
             if after is None:
                 break

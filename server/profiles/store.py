@@ -34,7 +34,8 @@ import lmdb
 import msgspec
 import trio
 
-from server.profiles import folder, keys, sealing
+from server.profiles import folder, keys, sandboxes, sealing
+from server.profiles.sandboxes import Space
 from server.runtime.actor import Actor, Future
 from server.runtime.masterkey import Keyring, default_path
 from server.runtime.errors import (
@@ -48,15 +49,13 @@ from server.runtime.errors import (
 )
 from server.profiles.records import (
     SCHEMA_VERSION,
-    EventRecord,
     ProfileRecord,
-    decode_event,
     decode_profile,
     encode_profile,
 )
 from server.profiles.index import Entry, EventIndex
 
-__all__ = ["ProfileStore", "WriteOp", "InEvent", "MAX_PROFILE_BYTES", "MAX_REGISTRATIONS"]
+__all__ = ["ProfileStore", "Writer", "WriteOp", "InEvent", "MAX_PROFILE_BYTES", "MAX_REGISTRATIONS"]
 
 log = logging.getLogger("pigeon.store")
 
@@ -69,9 +68,10 @@ MAX_PROFILE_BYTES = 256 * 1024
 #: more evicts the least recently seen.
 MAX_REGISTRATIONS = 50
 
-#: The environment's databases, every domain's (each reads and writes its own: see
+#: Named databases the environment may hold: the shared ones and each sandbox's
+#: (`server.profiles.sandboxes`; each domain reads and writes its own: see
 #: `server.profiles.keys` for where they are described).
-_DATABASES = ("meta", "identities", "profiles", "tokens", "events", "apps", "configs", "messages", "reports", "executions", "outbox", "live", "uniques", "keys")
+_MAX_DBS = len(sandboxes.SHARED_DATABASES) + sandboxes.MAX_SANDBOXES * len(sandboxes.SANDBOX_DATABASES) + 4
 _meta_encoder = msgspec.msgpack.Encoder()
 
 
@@ -80,14 +80,16 @@ class WriteOp(Generic[T]):
 
     ``weight`` is its size in events (1 for a profile write): a group commit holds at most
     ``max_commit_events`` of them, so a backlog is cleared in commits of bounded duration.
+    ``space`` is the sandbox whose databases the op sees as ``writer.dbs`` (None: ``default``).
     """
 
-    __slots__ = ("fn", "args", "future", "weight")
+    __slots__ = ("fn", "args", "future", "weight", "space")
 
-    def __init__(self, fn: Callable[[Writer, *Ts], T], *args: *Ts, weight: int = 1) -> None:
+    def __init__(self, fn: Callable[[Writer, *Ts], T], *args: *Ts, weight: int = 1, space: Space | None = None) -> None:
         self.fn: Callable[..., T] = fn
         self.args: tuple[Any, ...] = args
         self.weight = weight
+        self.space = space
         self.future: Future[T] = Future()
 
 
@@ -150,6 +152,7 @@ class ProfileStore(Actor):
         self.sync = sync
         self._env: lmdb.Environment | None = None
         self._dbs: dict[str, lmdb._Database] = {}
+        self._spaces: dict[str, Space] = {}
         self._lock: IO[str] | None = None
         self._next_pid = 1
         self._next_seq = 1
@@ -199,18 +202,19 @@ class ProfileStore(Actor):
     def _open_environment(self) -> None:
         env = self._open_lmdb()
         try:
-            dbs, compact = self._check_schema(env)
+            compact = self._check_schema(env)
             if compact:
-                env, dbs = sealing.compact(env, self.path, self._open_lmdb, _DATABASES)
+                env = sealing.compact(env, self.path, self._open_lmdb)
+                self._open_databases(env)
             started = time.perf_counter()
             with env.begin() as txn:
-                indexed = self.index.rebuild(txn, dbs["events"])
+                indexed = self.index.rebuild(txn, self._dbs["events"])
         except BaseException:
             env.close()
             raise
         if indexed:
             log.info("event index: %d events indexed in %.1fs", indexed, time.perf_counter() - started)
-        self._env, self._dbs = env, dbs
+        self._env = env
         log.info("store open at %s (map %d MiB)", self.path, env.info()["map_size"] >> 20)
 
     def _open_lmdb(self) -> lmdb.Environment:
@@ -218,7 +222,7 @@ class ProfileStore(Actor):
             return lmdb.open(
                 str(self.path),
                 map_size=self.map_size,
-                max_dbs=len(_DATABASES) + 4,
+                max_dbs=_MAX_DBS,
                 sync=self.sync,
                 readahead=False,
                 writemap=False,  # nested transactions need it off
@@ -227,15 +231,32 @@ class ProfileStore(Actor):
         except (OSError, lmdb.Error) as exc:
             raise StorageError(f"cannot open the data folder {str(self.path)!r}: {exc}") from exc
 
-    def _check_schema(self, env: lmdb.Environment) -> tuple[dict[str, lmdb._Database], bool]:
+    def _open_databases(self, env: lmdb.Environment) -> None:
+        """Open the shared databases and every sandbox's (`sandboxes.Space`)."""
+        with env.begin(write=True) as txn:
+            shared = {name: env.open_db(name.encode(), txn=txn) for name in sandboxes.SHARED_DATABASES}
+            sandboxes.ensure_default(txn, shared["sandboxes"], self.clock())
+            spaces = {
+                record.name: (record, sandboxes.open_databases(env, txn, record.number))
+                for record in sandboxes.read_sandboxes(txn, shared["sandboxes"])
+            }
+        self._dbs = shared
+        self._spaces = {}
+        for record, dbs in spaces.values():
+            self._add_space(record, dbs)
+
+    def _add_space(self, record: sandboxes.SandboxRecord, dbs: dict[str, lmdb._Database]) -> None:
+        self._spaces[record.name] = Space(self, record, {**self._dbs, **dbs})
+
+    def _check_schema(self, env: lmdb.Environment) -> bool:
         """Open the databases, record or check (and migrate) the schema, bring the sealed
         values under the newest master key (`server.profiles.sealing`); whether a migration
         left the environment to compact."""
         keyring = self.keyring
         assert keyring is not None
+        self._open_databases(env)
         with env.begin(write=True) as txn:
-            dbs = {name: env.open_db(name.encode(), txn=txn) for name in _DATABASES}
-            meta = dbs["meta"]
+            meta = self._dbs["meta"]
             version = txn.get(b"schema", db=meta)
             if version is None:
                 txn.put(b"schema", _meta_encoder.encode(SCHEMA_VERSION), db=meta)
@@ -246,24 +267,48 @@ class ProfileStore(Actor):
                     f"this Pigeon reads version {SCHEMA_VERSION} and has no migration from it"
                 )
             else:
-                sealing.open_sealed(txn, dbs, found, keyring, self.sealed, str(self.path))
+                sealing.open_sealed(txn, [(sp.number, sp.dbs) for sp in self.spaces()], found, keyring, self.sealed,
+                                    str(self.path))
             self._next_pid = msgspec.msgpack.decode(txn.get(b"next_pid", db=meta) or b"\x01")
             self._next_seq = msgspec.msgpack.decode(txn.get(b"next_seq", db=meta) or b"\x01")
             compact = sealing.compact_pending(txn, meta)
         if len(keyring.keys) > 1 and self.sealed:
             self.keyring = sealing.drop_old_keys(keyring)
-        return dbs, compact
+        return compact
 
     def _close(self) -> None:
         if self._env is not None:
             self._env.close()
             self._env = None
             self._dbs = {}
+            self._spaces = {}
         self._unlock_folder()
 
     def db(self, name: str) -> lmdb._Database:
-        """One of the environment's databases (its domain reads it in ``env.begin()``)."""
+        """One of the shared databases (its domain reads it in ``env.begin()``)."""
         return self._dbs[name]
+
+    def space(self, name: str) -> Space:
+        """Sandbox ``name`` 's view of the store; raises `NotFound`."""
+        try:
+            return self._spaces[name]
+        except KeyError:
+            if self._env is None:
+                raise ActorError("the profile store is not open (starting or restarting); retry shortly") from None
+            raise NotFound(f"no sandbox is named {name!r}", field="$.sandbox") from None
+
+    @property
+    def default(self) -> Space:
+        """Sandbox ``default`` 's view of the store."""
+        return self.space(sandboxes.DEFAULT)
+
+    def spaces(self) -> list[Space]:
+        """Every sandbox's view, ``default`` first, then by number."""
+        return sorted(self._spaces.values(), key=lambda space: space.number)
+
+    def space_of(self, number: int) -> Space | None:
+        """The sandbox numbered ``number`` (a profile id's top bits), if it exists."""
+        return next((space for space in self._spaces.values() if space.number == number), None)
 
     @property
     def env(self) -> lmdb.Environment:
@@ -273,9 +318,10 @@ class ProfileStore(Actor):
 
     # -- writing -----------------------------------------------------------------------------
 
-    async def write(self, fn: Callable[[Writer, *Ts], T], *args: *Ts) -> T:
-        """Apply ``fn(writer, *args)`` in the next group commit; return its result once durable."""
-        return await self.write_op(WriteOp(fn, *args))
+    async def write(self, fn: Callable[[Writer, *Ts], T], *args: *Ts, space: Space | None = None) -> T:
+        """Apply ``fn(writer, *args)`` in the next group commit, ``writer.dbs`` those of
+        ``space`` (default: sandbox ``default``); return its result once durable."""
+        return await self.write_op(WriteOp(fn, *args, space=space))
 
     async def write_op(self, op: WriteOp[T]) -> T:
         await self.send(op)
@@ -303,6 +349,8 @@ class ProfileStore(Actor):
                 ops[0].future.fail(ServerError(f"internal error while writing: {exc!r}"))
                 return
         results, writer = outcome
+        for record, dbs in writer.opened:  # sandboxes created: their handles are valid now
+            self._add_space(record, dbs)
         # The commit is durable: index what it logged (only this thread changes the index).
         self.index.add(writer.index_adds)
         self.index.remove(writer.index_removes)
@@ -335,9 +383,12 @@ class ProfileStore(Actor):
         txn = env.begin(write=True)
         try:
             writer = Writer(self, txn)
+            default = self._spaces[sandboxes.DEFAULT]
             for op in ops:
                 child = env.begin(write=True, parent=txn)
                 writer.txn = child
+                writer.space = space = op.space or default
+                writer.dbs = space.dbs
                 mark = writer.mark()
                 try:
                     value = op.fn(writer, *op.args)
@@ -402,72 +453,10 @@ class ProfileStore(Actor):
 
     # -- reading -----------------------------------------------------------------------------
 
-    def get_profile(self, identity: str) -> ProfileRecord:
-        """The profile with ``identity``; raises `NotFound`."""
-        key = keys.identity_key(identity)
-        dbs = self._dbs
-        with self.env.begin() as txn:
-            pid = txn.get(key, db=dbs["identities"])
-            if pid is None:
-                raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
-            return decode_profile(txn.get(pid, db=dbs["profiles"]))
-
-    def scan_profiles(self, after: bytes | None = None, limit: int = 500) -> list[tuple[bytes, ProfileRecord]]:
-        """Up to ``limit`` profiles in profile-id order, after the id ``after`` (audiences)."""
-        out: list[tuple[bytes, ProfileRecord]] = []
-        with self.env.begin() as txn:
-            cursor = txn.cursor(db=self._dbs["profiles"])
-            found = cursor.set_range(after + b"\x00") if after is not None else cursor.first()
-            while found and len(out) < limit:
-                out.append((bytes(cursor.key()), decode_profile(cursor.value())))
-                found = cursor.next()
-        return out
-
-    def find_token(self, app: str, token: str) -> ProfileRecord | None:
-        with self.env.begin() as txn:
-            pid = txn.get(keys.token_key(app, token), db=self._dbs["tokens"])
-            return None if pid is None else decode_profile(txn.get(pid, db=self._dbs["profiles"]))
-
-    def read_events(
-        self,
-        identity: str,
-        *,
-        after: tuple[int, int] | None,
-        since_us: int,
-        until_us: int,
-        reverse: bool,
-        limit: int,
-        max_bytes: int | None = None,
-    ) -> tuple[list[tuple[int, int, EventRecord]], tuple[int, int] | None]:
-        """One page of a profile's events in time order, after the cursor ``after`` (None: from
-        the range's edge): ``limit`` events at most, and no more once ``max_bytes`` of them
-        are read (a streamed call holds its page while its client is slow).
-
-        Returns ``[(seq, ts, record)]`` and the cursor to resume from, or None at the end.
-        """
-        dbs = self._dbs
-        with self.env.begin() as txn:
-            pid = txn.get(keys.identity_key(identity), db=dbs["identities"])
-            if pid is None:
-                raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
-            page, resume = self.index.page(
-                pid, after=after, since_us=since_us, until_us=until_us, reverse=reverse, limit=limit
-            )
-            out = []
-            size = 0
-            for n, (seq, ts) in enumerate(page):
-                value = txn.get(keys.seq_key(seq), db=dbs["events"])
-                if value is not None:
-                    out.append((seq, ts, decode_event(value)[2]))
-                    size += len(value)
-                if max_bytes is not None and size >= max_bytes and n + 1 < len(page):
-                    return out, (ts, seq)
-        return out, resume
-
     def counts(self) -> dict[str, int]:
+        """The map's size and how much of it is used."""
         env = self.env
-        with env.begin() as txn:
-            counts = {name: txn.stat(db)["entries"] for name, db in self._dbs.items() if name not in ("meta", "apps")}
+        counts = {}
         info, stat = env.info(), env.stat()
         counts["map_size"] = info["map_size"]
         counts["used_bytes"] = (info["last_pgno"] + 1) * stat["psize"]
@@ -507,19 +496,24 @@ class Writer:
     def __init__(self, store: ProfileStore, txn: lmdb.Transaction[bytes]) -> None:
         self.store = store
         self.txn = txn
-        self.dbs = store._dbs
+        #: The sandbox of the op being applied, and its databases (and the shared ones).
+        self.space = store._spaces.get(sandboxes.DEFAULT)
+        self.dbs = store._dbs if self.space is None else self.space.dbs
         self.now = store.clock()
+        #: Sandboxes created in this commit, with their databases.
+        self.opened: list[tuple[sandboxes.SandboxRecord, dict[str, lmdb._Database]]] = []
         #: Index work for after the commit: events logged, events deleted, profiles deleted.
         self.index_adds: list[Entry] = []
         self.index_removes: list[Entry] = []
         self.index_drops: list[bytes] = []
 
-    def mark(self) -> tuple[int, int, int]:
-        return len(self.index_adds), len(self.index_removes), len(self.index_drops)
+    def mark(self) -> tuple[int, int, int, int]:
+        return len(self.index_adds), len(self.index_removes), len(self.index_drops), len(self.opened)
 
-    def rollback(self, mark: tuple[int, int, int]) -> None:
+    def rollback(self, mark: tuple[int, int, int, int]) -> None:
         """Forget the index work of an op whose nested transaction was aborted."""
-        adds, removes, drops = mark
+        adds, removes, drops, opened = mark
+        del self.opened[opened:]
         del self.index_adds[adds:]
         del self.index_removes[removes:]
         del self.index_drops[drops:]
@@ -546,7 +540,7 @@ class Writer:
     def create(self, identity: str) -> tuple[bytes, ProfileRecord]:
         """A new, empty profile known by ``identity`` (which must be free)."""
         store = self.store
-        pid = keys.pid_key(store._next_pid)
+        pid = sandboxes.pid_of(self.space.number if self.space is not None else 0, store._next_pid)
         store._next_pid += 1
         record = ProfileRecord([identity], {}, [], {}, self.now, self.now)
         self.txn.put(keys.identity_key(identity), pid, db=self.dbs["identities"])

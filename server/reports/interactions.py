@@ -39,7 +39,7 @@ def _names_ok(tracking: dict[str, Any]) -> bool:
         isinstance(tracking.get(k, ""), str) and (k not in tracking or _NAME.fullmatch(tracking[k])) for k in ("m", "j", "n"))
 
 
-def push_interactions(events: list[InEvent]) -> list[ReportEvent]:
+def push_interactions(events: list[InEvent], sandbox: str = "default") -> list[ReportEvent]:
     """The report events of the push interactions among ``events``: their data carries the
     notification's tracking envelope under ``_p`` (a map, or its JSON text as FCM data
     holds it), and for an action its ``actionId``; ``app`` and ``platform`` when the app
@@ -63,6 +63,7 @@ def push_interactions(events: list[InEvent]) -> list[ReportEvent]:
         version = tracking.get("v")
         out.append(ReportEvent(
             outcome=metric,
+            sandbox=sandbox,
             message=tracking["m"],
             version=version if isinstance(version, int) else 0,
             journey=str(tracking.get("j", "")),

@@ -20,7 +20,7 @@ methods = Methods()
 
 @methods(api.GetReport, scope="read")
 async def report(server: Server, ctx: CallContext, req: api.GetReport) -> api.Report:
-    return server.reporting.report(req)
+    return server.reporting.report(req, ctx.sandbox)
 
 
 @methods(api.WatchReport, scope="read")
@@ -32,7 +32,7 @@ async def watch_report(
     last = None
     while not server.stopping:
         seen = reporting.changes
-        report = reporting.report(req)
+        report = reporting.report(req, ctx.sandbox)
         if report != last:  # counts of other messages changed: nothing to send
             await send(report)
             last = report

@@ -84,6 +84,8 @@ def envelope_key(tracking: dict[str, Any] | None) -> tuple[str, int, str, str] |
 class ReportEvent(msgspec.Struct, frozen=True, kw_only=True):
     #: One of `METRICS` (``unique_opened`` is counted here, from ``opened``).
     outcome: str
+    #: The sandbox it happened in.
+    sandbox: str = "default"
     app: str = ""
     platform: str = ""
     reason: str = ""
@@ -95,8 +97,9 @@ class ReportEvent(msgspec.Struct, frozen=True, kw_only=True):
     profile: str = ""
 
 
-#: (message, version, journey, node, app, platform, outcome, reason)
-ReportKey = tuple[str, int, str, str, str, str, str, str]
+#: (sandbox, message, version, journey, node, app, platform, outcome, reason); stored in the
+#: sandbox's own databases without its first element.
+ReportKey = tuple[str, str, int, str, str, str, str, str, str]
 #: An ``opened`` that may be the profile's first for its message: (the ``unique_opened`` key,
 #: the identity).
 Candidate = tuple[ReportKey, str]
@@ -106,19 +109,28 @@ _key_decoder = msgspec.msgpack.Decoder(tuple[str, int, str, str, str, str, str, 
 
 
 def _key(event: ReportEvent) -> ReportKey:
-    return (event.message, event.version, event.journey, event.node, event.app, event.platform, event.outcome, event.reason)
+    return (event.sandbox, event.message, event.version, event.journey, event.node, event.app, event.platform,
+            event.outcome, event.reason)
 
 
 def _unique_key(key: ReportKey, pid: bytes) -> bytes:
     """Who opened what: the message, version, journey and node, and the profile."""
-    return _key_encoder.encode(key[:4]) + pid
+    return _key_encoder.encode(key[1:5]) + pid
+
+
+def _by_sandbox(counts: Mapping[ReportKey, int]) -> dict[str, dict[ReportKey, int]]:
+    out: dict[str, dict[ReportKey, int]] = {}
+    for key, n in counts.items():
+        out.setdefault(key[0], {})[key] = n
+    return out
 
 
 def add_counts(w: Writer, counts: Mapping[ReportKey, int], minute: int, candidates: list[Candidate],
                keep_after: int) -> Counter[ReportKey]:
     """Store op: count the ``candidates`` that are first opens (returned, as ``unique_opened``
     counts), then add everything to the all-time counters and to ``minute`` 's live counts;
-    live counts of minutes before ``keep_after`` are deleted."""
+    live counts of minutes before ``keep_after`` are deleted. Every key is of the sandbox
+    the op runs in (`sandboxes.Space.write`)."""
     uniques: Counter[ReportKey] = Counter()
     seen = w.dbs["uniques"]
     for key, identity in candidates:
@@ -137,7 +149,7 @@ def add_counts(w: Writer, counts: Mapping[ReportKey, int], minute: int, candidat
         w.txn.put(key, (n + (int.from_bytes(old, "big") if old else 0)).to_bytes(8, "big"), db=db)
 
     for key, n in itertools.chain(counts.items(), uniques.items()):
-        raw = _key_encoder.encode(key)
+        raw = _key_encoder.encode(key[1:])
         add(raw, n, db)
         add(prefix + raw, n, live)
     cursor = w.txn.cursor(db=live)
@@ -160,7 +172,7 @@ def count_targeted(counts: Counter[ReportKey], jobs: list[DeliveryJob]) -> None:
     for job in jobs:
         head = envelope_key(job.tracking)
         if head is not None:
-            counts[(*head, job.app.app, job.platform, "targeted", "")] += 1
+            counts[(job.app.sandbox, *head, job.app.app, job.platform, "targeted", "")] += 1
 
 
 def count_outcomes(counts: Counter[ReportKey], jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
@@ -175,7 +187,7 @@ def count_outcomes(counts: Counter[ReportKey], jobs: list[DeliveryJob], results:
             head = envelope_key(last)
         if head is None:
             continue
-        where = (*head, job.app.app, job.platform)
+        where = (job.app.sandbox, *head, job.app.app, job.platform)
         counts[(*where, "sent", "")] += 1
         if result.status == "sent":
             counts[(*where, "delivered", "")] += 1
@@ -225,7 +237,7 @@ class Reporting(Actor):
                     key = _key(event)
                     batch[key] += 1
                     if event.outcome == "opened" and event.profile:
-                        candidates.append((key[:6] + ("unique_opened", ""), event.profile))
+                        candidates.append((key[:7] + ("unique_opened", ""), event.profile))
             minute = self.minute()
             uniques = await self._store(batch, minute, candidates)
             batch.update(uniques)
@@ -240,7 +252,7 @@ class Reporting(Actor):
         if not counts:
             return
         for key, n in counts.items():
-            self.counts[(key[6], key[7])] += n
+            self.counts[(key[7], key[8])] += n
         bucket = self.live.get(minute)
         if bucket is None:
             bucket = self.live[minute] = Counter()
@@ -258,11 +270,12 @@ class Reporting(Actor):
             return
         minute = self.minute()
         if self.store is not None:
-            try:
-                await self.store.write(store_counts, counts, minute)
-            except ServerError as exc:
-                self.store_failures += 1
-                log.error("could not store %d report counts: %s", len(counts), exc)
+            for sandbox, part in _by_sandbox(counts).items():
+                try:
+                    await self.store.space(sandbox).write(store_counts, part, minute)
+                except ServerError as exc:
+                    self.store_failures += 1
+                    log.error("could not store %d report counts: %s", len(part), exc)
         self.counted(counts, minute)
 
     def wake(self) -> None:
@@ -280,13 +293,17 @@ class Reporting(Actor):
                     self._opened.add(marker)
                     uniques[key] += 1
             return uniques
-        try:
-            return await self.store.write(add_counts, dict(batch), minute, candidates, minute - self.LIVE_MINUTES + 1)
-        except ServerError as exc:  # the live view still has them
-            self.store_failures += 1
-            log.error("could not store %d report counts (%d possible first opens not counted): %s", len(batch),
-                      len(candidates), exc)
-            return Counter()
+        uniques = Counter()
+        for sandbox, part in _by_sandbox(batch).items():
+            mine = [c for c in candidates if c[0][0] == sandbox]
+            try:
+                uniques.update(await self.store.space(sandbox).write(
+                    add_counts, part, minute, mine, minute - self.LIVE_MINUTES + 1))
+            except ServerError as exc:  # the live view still has them
+                self.store_failures += 1
+                log.error("could not store %d report counts (%d possible first opens not counted): %s", len(part),
+                          len(mine), exc)
+        return uniques
 
     def _load_live(self) -> None:
         """The live counts of the last 24 hours, as stored (they survive restarts)."""
@@ -295,10 +312,12 @@ class Reporting(Actor):
         since = int(self.clock() // 60) - self.LIVE_MINUTES
         live: dict[int, Counter[ReportKey]] = {}
         with self.store.env.begin() as txn:
-            for raw, value in txn.cursor(db=self.store._dbs["live"]):
-                minute = int.from_bytes(raw[:4], "big")
-                if minute > since:
-                    live.setdefault(minute, Counter())[_key_decoder.decode(raw[4:])] = int.from_bytes(value, "big")
+            for space in self.store.spaces():
+                for raw, value in txn.cursor(db=space.db("live")):
+                    minute = int.from_bytes(raw[:4], "big")
+                    if minute > since:
+                        key = (space.name, *_key_decoder.decode(raw[4:]))
+                        live.setdefault(minute, Counter())[key] = int.from_bytes(value, "big")  # type: ignore[index]
         self.live = live
 
     # -- queries ----------------------------------------------------------------------------
@@ -308,28 +327,30 @@ class Reporting(Actor):
         since = int(self.clock() // 60) - minutes
         return sorted((m, c) for m, c in self.live.items() if m > since)
 
-    def all_time(self) -> Counter[ReportKey]:
+    def all_time(self, sandbox: str) -> Counter[ReportKey]:
+        """The all-time counts of ``sandbox``."""
         if self.store is None:
             total: Counter[ReportKey] = Counter()
             for _, bucket in self.live_counts():
-                total.update(bucket)
+                total.update({key: n for key, n in bucket.items() if key[0] == sandbox})
             return total
         out: Counter[ReportKey] = Counter()
-        with self.store.env.begin() as txn:
-            for raw, value in txn.cursor(db=self.store._dbs["reports"]):
-                out[_key_decoder.decode(raw)] = int.from_bytes(value, "big")
+        space = self.store.space(sandbox)
+        with space.env.begin() as txn:
+            for raw, value in txn.cursor(db=space.db("reports")):
+                out[(sandbox, *_key_decoder.decode(raw))] = int.from_bytes(value, "big")  # type: ignore[index]
         return out
 
-    def report(self, query: api.GetReport | api.WatchReport) -> api.Report:
-        """The counts that match the query's filters, totalled and grouped."""
-        filters = [(i, value) for i, value in enumerate((query.message, query.version, query.journey, query.node,
-                                                          query.app, query.platform)) if value is not None]
+    def report(self, query: api.GetReport | api.WatchReport, sandbox: str = "default") -> api.Report:
+        """The counts of ``sandbox`` that match the query's filters, totalled and grouped."""
+        filters = [(i, value) for i, value in enumerate((sandbox, query.message, query.version, query.journey,
+                                                          query.node, query.app, query.platform)) if value is not None]
 
         def add(counts: Counter[ReportKey]) -> None:
             for key, n in counts.items():
                 if any(key[i] != value for i, value in filters):
                     continue
-                _, _, journey, _, app, platform, outcome, reason = key
+                _, _, _, journey, _, app, platform, outcome, reason = key
                 out.totals[outcome] = out.totals.get(outcome, 0) + n
                 if reason:
                     per = out.reasons.setdefault(outcome, {})
@@ -349,7 +370,7 @@ class Reporting(Actor):
                 if delta:
                     out.minutes.append(api.MinuteCounts(start=from_us(minute * 60_000_000), counts=delta))
         else:
-            add(self.all_time())
+            add(self.all_time(sandbox))
         delivered = out.totals.get("delivered", 0)
         if delivered:
             out.open_rate = round(out.totals.get("unique_opened", 0) / delivered, 4)

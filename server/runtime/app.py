@@ -24,7 +24,7 @@ from server.access import methods as access_methods
 from server.access.keys import PEPPER_KEY, admin_key_path
 from server.access.service import Access
 from server.api.listener import Listener, is_loopback, parse_address
-from server.api.registry import Methods, Router
+from server.api.registry import CallContext, Methods, Router
 from server.delivery import methods as delivery_methods
 from server.delivery.apps import reseal_app
 from server.delivery.service import Delivery
@@ -35,6 +35,7 @@ from server.messages.pipeline import recover
 from server.profiles import methods as profile_methods
 from server.profiles.ingest import Ingestion
 from server.profiles.sealing import bare
+from server.profiles.sandboxes import Space
 from server.profiles.store import ProfileStore
 from server.reports import methods as report_methods
 from server.reports.reporting import Reporting
@@ -115,7 +116,7 @@ class Server:
             admin_key_file=Path(config.admin_key_file) if config.admin_key_file else admin_key_path(config.data),
             refusal_delay_max_s=config.refusal_delay_max_s,
         )
-        self.catalog = Catalog(self.store)
+        self.catalog = Catalog()
         self.reporting = Reporting(self.store)
         self.plugins = plugins if plugins is not None else Plugins()
         self.channels = self.plugins.channels(config)
@@ -171,6 +172,10 @@ class Server:
         except (OSError, ssl.SSLError) as exc:
             raise ConfigError(f"cannot load the TLS certificate {cert!r} and key {key!r}: {exc}") from None
         return context
+
+    def space(self, ctx: CallContext) -> Space:
+        """The sandbox a call works in (its connection's)."""
+        return self.store.space(ctx.sandbox)
 
     @property
     def addresses(self) -> list[str]:

@@ -6,6 +6,8 @@
     ├── AlreadyExists                    ALREADY_EXISTS
     ├── FailedPrecondition               FAILED_PRECONDITION
     ├── ResourceExhausted                RESOURCE_EXHAUSTED
+    ├── Unauthenticated                  UNAUTHENTICATED   no key, or not a key for this
+    ├── PermissionDenied                 PERMISSION_DENIED the key may not do this
     ├── ConfigError                      a configuration value is wrong (names key and source)
     ├── StorageError                     LMDB failed or the data folder is unusable
     │   └── SchemaError                  the data was written by an incompatible version
@@ -30,6 +32,8 @@ __all__ = [
     "AlreadyExists",
     "FailedPrecondition",
     "ResourceExhausted",
+    "Unauthenticated",
+    "PermissionDenied",
     "ConfigError",
     "StorageError",
     "SchemaError",
@@ -87,6 +91,18 @@ class ResourceExhausted(ServerError):
     """
 
     status = Status.RESOURCE_EXHAUSTED
+
+
+class Unauthenticated(ServerError):
+    """The connection has no key, or its key is not valid for what it asks (another sandbox)."""
+
+    status = Status.UNAUTHENTICATED
+
+
+class PermissionDenied(ServerError):
+    """The connection's key may not do this (a scope it lacks, another sandbox's keys)."""
+
+    status = Status.PERMISSION_DENIED
 
 
 class ConfigError(ServerError):

@@ -12,7 +12,8 @@ from protocols.frames import PROTOCOL_VERSION
 from server.api.registry import CallContext, Methods
 from server.profiles import sealing
 from server.profiles.records import SCHEMA_VERSION
-from server.runtime.errors import ActorError
+from server.profiles.sandboxes import DEFAULT
+from server.runtime.errors import ActorError, PermissionDenied
 
 if TYPE_CHECKING:
     from server.runtime.app import Server
@@ -34,6 +35,8 @@ async def health(server: Server, ctx: CallContext, req: api.GetHealth) -> api.He
 
 @methods(api.RotateSecrets, scope="admin")
 async def rotate_secrets(server: Server, ctx: CallContext, req: api.RotateSecrets) -> api.SecretsRotated:
+    if ctx.sandbox != DEFAULT:  # the master key seals every sandbox's secrets
+        raise PermissionDenied("the master key is rotated with an admin key of sandbox default")
     # In the server's nursery: a caller that goes away does not stop it half-way (which would
     # be safe, but leave the old key in the file until the next start).
     done = await server.run_in_background(sealing.rotate, server.store)
@@ -46,14 +49,16 @@ async def stats(server: Server, ctx: CallContext, req: api.GetStats) -> api.Stat
         version=server.version,
         uptime_s=time.monotonic() - server.started_at,
         process=_process_stats(),
-        actors=_actor_stats(server),
+        actors=_actor_stats(server, details=ctx.sandbox == DEFAULT),
         connections=server.listener.connection_stats(),
         methods={name: m.snapshot() for name, m in sorted(server.listener.method_stats.items())},
-        store=_store_stats(server),
+        store=_store_stats(server, ctx.sandbox),
     )
 
 
-def _actor_stats(server: Server) -> list[api.ActorStats]:
+def _actor_stats(server: Server, *, details: bool) -> list[api.ActorStats]:
+    """Each actor's state, and its details (which name apps and counts of every sandbox) for
+    callers of sandbox ``default``."""
     supervised = {c.name: c for c in server.supervisor.statistics()}
     actors = []
     for actor in server.supervisor.actors():
@@ -68,16 +73,17 @@ def _actor_stats(server: Server) -> list[api.ActorStats]:
                 last_error=child.last_error,
                 mailbox_used=s.mailbox_used,
                 mailbox_size=s.mailbox_size,
-                details=s.details,
+                details=s.details if details else {},
             )
         )
     return actors
 
 
-def _store_stats(server: Server) -> api.StoreStats | None:
+def _store_stats(server: Server, sandbox: str) -> api.StoreStats | None:
+    """The store's figures: the map's, and the counts of ``sandbox`` 's records."""
     store = server.store
     try:
-        counts = store.counts()
+        counts = store.counts() | store.space(sandbox).counts()
     except ActorError:
         return None  # the store is restarting: the actors' states matter most now
     return api.StoreStats(
