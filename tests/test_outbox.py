@@ -26,10 +26,15 @@ ACCOUNT = ServiceAccount.generate("acme-push")
 PROFILES = 10_000
 
 
-async def _setup(address: str, mock: MockFcmProcess, profiles: int = PROFILES, no_token: int = 0) -> None:
+async def _setup(address: str, mock: MockFcmProcess, profiles: int = PROFILES, no_token: int = 0,
+                 sandbox: str | None = None) -> None:
     """The app, its configuration, the message ``sale`` and ``profiles`` profiles ``crm:<i>``
-    with the token ``tok-<i>`` (none for every ``no_token`` th one, from the first)."""
-    async with open_client(address) as client:
+    with the token ``tok-<i>`` (none for every ``no_token`` th one, from the first), in
+    ``sandbox`` (made if need be)."""
+    if sandbox is not None:
+        async with open_client(address) as client:
+            await client.call(api.CreateSandbox(name=sandbox))
+    async with open_client(address, sandbox=sandbox) as client:
         await client.call(api.RegisterAndroidApp(app=APP, service_account=ACCOUNT.info(mock.token_uri)))
         await client.call(api.PublishConfig(config=api.ChannelConfig(name="all", apps=[APP], platforms=["android"])))
         await client.call(api.PublishMessage(message=api.MessageSpec(
@@ -46,9 +51,9 @@ async def _setup(address: str, mock: MockFcmProcess, profiles: int = PROFILES, n
                 nursery.start_soon(register, start)
 
 
-async def _send(address: str, audience: str | None = None) -> None:
+async def _send(address: str, audience: str | None = None, sandbox: str | None = None) -> None:
     try:
-        async with open_client(address) as client:
+        async with open_client(address, sandbox=sandbox) as client:
             if audience is None:
                 await client.call(api.SendMessage(id="sale", identities=[f"crm:{i}" for i in range(PROFILES)]))
             else:
@@ -57,8 +62,8 @@ async def _send(address: str, audience: str | None = None) -> None:
         pass  # the server is killed under it
 
 
-async def _report(address: str) -> api.Report:
-    async with open_client(address) as client:
+async def _report(address: str, sandbox: str | None = None) -> api.Report:
+    async with open_client(address, sandbox=sandbox) as client:
         return await client.call(api.GetReport(message="sale"))
 
 
@@ -67,15 +72,16 @@ def _successes(mock: MockFcmProcess) -> int:
 
 
 async def test_a_send_killed_midway_resumes_after_the_restart_with_bounded_duplicates(tmp_path):
+    """In sandbox dev: the restart replays and resumes every sandbox's sends in their own."""
     with MockFcmProcess(tmp_path / "fcm", config={"projects": {"acme-push": {"service_accounts": [ACCOUNT.spec()]}}}) as mock:
         mock.admin.set_faults(accept_any_token=True, latency_ms=40)
         env = {"PIGEON_FCM__URL": mock.url, "PIGEON_FCM__TOKEN_URI": mock.token_uri, "PIGEON_FCM__CA_FILE": str(mock.ca_file)}
         server = ServerProcess(tmp_path / "data", env=env)
         server.start()
         try:
-            await _setup(server.address, mock)
+            await _setup(server.address, mock, sandbox="dev")
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_send, server.address)
+                nursery.start_soon(_send, server.address, None, "dev")
                 with trio.fail_after(60):
                     while await trio.to_thread.run_sync(_successes, mock) < 2_000:
                         await trio.sleep(0.05)
@@ -89,7 +95,8 @@ async def test_a_send_killed_midway_resumes_after_the_restart_with_bounded_dupli
                 assert time.monotonic() < deadline, f"only {_successes(mock)} sent after the restart"
                 await trio.sleep(0.2)
             # The replayed notifications were counted before they went out again.
-            report = await _report(server.address)
+            report = await _report(server.address, "dev")
+            assert (await _report(server.address)).totals == {}  # nothing of it in sandbox default
         finally:
             server.kill()
         accepted = [a["token"] for a in mock.admin.accepted()]
