@@ -151,6 +151,12 @@ __all__ = [
     "SandboxList",
     "CreateSandbox",
     "ListSandboxes",
+    # journeys
+    "DURATION_PATTERN", "Duration", "TIME_OF_DAY_PATTERN", "TimeOfDay", "Weekday", "Expression", "JourneyEntry",
+    "Branch", "SplitPath", "PushNode", "ConditionNode", "SplitNode", "WaitNode", "ReactionNode", "UpdateNode",
+    "EndNode", "JourneyNode", "Criterion", "QuietHours", "FrequencyCap", "Reentrance", "JourneySpec", "JourneyState",
+    "JourneyInfo", "JourneyList", "PublishJourney", "GetJourney", "ListJourneys", "CloseJourney",
+    "StopJourney", "PauseJourney", "ResumeJourney",
     # secrets
     "SecretsRotated",
     "RotateSecrets",
@@ -1202,6 +1208,260 @@ class RevokeKey(Request[KeyRevoked], frozen=True):
 
 
 # ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# journeys
+
+#: A duration: whole numbers of ``s``, ``m``, ``h``, ``d`` or ``w``, one or more in a row
+#: (``30s``, ``15m``, ``1d12h``, ``2w``).
+DURATION_PATTERN = r"^(?:[0-9]{1,7}[smhdw]){1,5}\Z"
+Duration = Annotated[str, msgspec.Meta(pattern=DURATION_PATTERN)]
+#: A local time of day, ``HH:MM`` on 24 hours.
+TIME_OF_DAY_PATTERN = r"^(?:[01][0-9]|2[0-3]):[0-5][0-9]\Z"
+TimeOfDay = Annotated[str, msgspec.Meta(pattern=TIME_OF_DAY_PATTERN)]
+Weekday = Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+#: A condition or a value in the templates' expression language (section 14.7).
+Expression = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+
+
+class _Spec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of what a journey file holds: unknown keys are refused, defaults left out."""
+
+
+class JourneyEntry(_Spec, kw_only=True):
+    """How profiles enter a journey: exactly one of ``event``, ``audience`` and ``read``."""
+
+    #: A unitary event: each event of this type that ``condition`` accepts enters its profile.
+    event: EventType | None = None
+    #: Over ``event`` and ``profile`` (with ``event``), or ``profile`` (with ``read``).
+    condition: Expression | None = None
+    #: Audience qualification: a profile enters when it starts (``on: enter``) or stops
+    #: (``on: exit``) matching this condition, evaluated as its events and attributes change.
+    audience: Expression | None = None
+    on: Literal["enter", "exit"] = "enter"
+    #: A read audience: every profile matching ``condition`` (all when omitted), once at
+    #: ``at`` (default: when published) and then every ``every`` if given.
+    read: bool = False
+    at: Timestamp | None = None
+    every: Duration | None = None
+    #: Read audience: profiles entered per second at most.
+    rate: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 1_000
+
+
+class Branch(_Spec, kw_only=True):
+    #: The first branch whose condition holds is taken.
+    when: Expression
+    next: Name
+
+
+class SplitPath(_Spec, kw_only=True):
+    percent: Annotated[int, msgspec.Meta(ge=1, le=100)]
+    next: Name
+
+
+class _Node(_Spec, kw_only=True, tag_field="type"):
+    id: Name
+    description: Text = ""
+
+
+class PushNode(_Node, kw_only=True, tag="push"):
+    """Send a published message (personalized for the profile, checked against its
+    exclusions, quiet hours and caps)."""
+
+    message: Name
+    #: The message's version; default: its latest when the journey is published (pinned then).
+    version: Version | None = None
+    next: Name | None = None
+    #: Where a profile goes when the push is excluded or fails (default: ``next``).
+    on_error: Name | None = None
+
+
+class ConditionNode(_Node, kw_only=True, tag="condition"):
+    """Ordered branches over ``profile``, ``event``, ``journey``, ``audiences`` and ``now``
+    (in the profile's time zone); the first that holds is taken."""
+
+    branches: Annotated[list[Branch], msgspec.Meta(min_length=1, max_length=20)]
+    #: Where the others go (default: they end, with the reason ``no_branch``).
+    otherwise: Name | None = None
+
+
+class SplitNode(_Node, kw_only=True, tag="split"):
+    """Percentages (adding up to 100), deterministic per profile and journey."""
+
+    paths: Annotated[list[SplitPath], msgspec.Meta(min_length=2, max_length=10)]
+
+
+class WaitNode(_Node, kw_only=True, tag="wait"):
+    """Wait ``duration``, ``until`` a date-time expression, or until the next local ``time``
+    of day on ``days`` (all days when empty): exactly one of the three."""
+
+    duration: Duration | None = None
+    until: Expression | None = None
+    time: TimeOfDay | None = None
+    days: Annotated[list[Weekday], msgspec.Meta(max_length=7)] = []
+    next: Name | None = None
+
+
+class ReactionNode(_Node, kw_only=True, tag="reaction"):
+    """Wait for an open or a button action on an earlier push of the journey (``push``, its
+    node id), or for an event of type ``event`` that ``condition`` accepts; ``timeout_next``
+    after ``timeout`` without it."""
+
+    push: Name | None = None
+    on: Literal["opened", "action"] = "opened"
+    #: With ``on: action``: the button's id (any button when omitted).
+    action: Name | None = None
+    event: EventType | None = None
+    condition: Expression | None = None
+    timeout: Duration
+    next: Name | None = None
+    timeout_next: Name | None = None
+
+
+class UpdateNode(_Node, kw_only=True, tag="update"):
+    """Merge ``patch`` into the profile's attributes (RFC 7386); string values are templates."""
+
+    patch: dict[str, Any]
+    next: Name | None = None
+
+
+class EndNode(_Node, kw_only=True, tag="end"):
+    """The instance ends here (so does one whose node has no ``next``)."""
+
+
+JourneyNode = PushNode | ConditionNode | SplitNode | WaitNode | ReactionNode | UpdateNode | EndNode
+
+
+class Criterion(_Spec, kw_only=True):
+    """An event of type ``event`` (that ``condition`` accepts), or a ``condition`` over the
+    profile that becomes true."""
+
+    event: EventType | None = None
+    condition: Expression | None = None
+
+
+class QuietHours(_Spec, kw_only=True):
+    """No push between ``start`` and ``end``, local time (``end`` may be the next day)."""
+
+    start: TimeOfDay
+    end: TimeOfDay
+    #: ``queue``: the push waits for the end of the window; ``discard``: the instance exits.
+    action: Literal["queue", "discard"] = "queue"
+
+
+class FrequencyCap(_Spec, kw_only=True):
+    """At most ``max`` pushes delivered to a profile per ``per`` (rolling), counting every
+    journey's and ``messages.send`` 's."""
+
+    max: Annotated[int, msgspec.Meta(ge=1, le=10_000)]
+    per: Literal["hour", "day", "week", "month"]
+
+
+class Reentrance(_Spec, kw_only=True):
+    #: Whether a profile whose instance ended may enter again.
+    allowed: bool = False
+    #: Only once this long has passed since it last entered.
+    after: Duration | None = None
+
+
+class JourneySpec(_Spec, kw_only=True):
+    """A journey as authored (a YAML or JSON file, or ``journeys.publish``)."""
+
+    id: Name
+    description: Text = ""
+    entry: JourneyEntry
+    #: The activities; profiles start at the first.
+    nodes: Annotated[list[JourneyNode], msgspec.Meta(min_length=1, max_length=200)]
+    #: The journey's time zone (an IANA name), for profiles without one of their own.
+    timezone: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "UTC"
+    #: The profile attribute holding a profile's own time zone (``""``: the journey's always).
+    profile_timezone: Annotated[str, msgspec.Meta(max_length=100)] = "timezone"
+    reentrance: Reentrance | None = None
+    #: Entries are taken from ``start`` until ``end``.
+    start: Timestamp | None = None
+    end: Timestamp | None = None
+    #: Profiles entered per second at most, whatever the entry (default: no cap).
+    entry_rate: Annotated[int, msgspec.Meta(ge=1, le=100_000)] | None = None
+    #: An instance still running after this long exits (reason ``timeout``).
+    timeout: Duration = "91d"
+    #: What takes a profile out at once, even mid-wait.
+    exit: Annotated[list[Criterion], msgspec.Meta(max_length=20)] = []
+    #: A conversion: counted per journey, version and node where the profile was.
+    goal: Criterion | None = None
+    quiet_hours: QuietHours | None = None
+    caps: Annotated[list[FrequencyCap], msgspec.Meta(max_length=4)] = []
+    #: While paused: entries refused, or held until it resumes.
+    paused_entries: Literal["refuse", "queue"] = "refuse"
+    #: Test mode: only test profiles (attribute ``testProfile`` true) enter, waits last 10 s
+    #: at most, and each instance's steps are kept.
+    test: bool = False
+
+
+#: draft: published, not running; live: entering and running; paused: timers held; closed:
+#: no new entries, instances finish; finished: closed and none left; stopped: everyone out.
+JourneyState = Literal["draft", "live", "paused", "closed", "finished", "stopped"]
+
+
+class JourneyInfo(Response):
+    journey: JourneySpec
+    version: int
+    published: Timestamp
+    state: JourneyState
+    #: The version profiles enter (the latest that is not a draft), if any.
+    live_version: int | None = None
+
+
+class JourneyList(Response):
+    journeys: list[JourneyInfo]
+
+
+class PublishJourney(Request[JourneyInfo], frozen=True):
+    """Publish a journey: checked whole (the graph, its expressions, its messages), it becomes
+    a new version, live unless ``draft``."""
+
+    method: ClassVar[str] = "journeys.publish"
+    journey: JourneySpec
+    draft: bool = False
+    #: Move instances waiting in the live version to this one, at the nodes with the same id.
+    move_waiting: bool = False
+
+
+class GetJourney(Request[JourneyInfo], frozen=True):
+    method: ClassVar[str] = "journeys.get"
+    id: Name
+    version: Version | None = None
+
+
+class ListJourneys(Request[JourneyList], frozen=True):
+    method: ClassVar[str] = "journeys.list"
+
+
+class CloseJourney(Request[JourneyInfo], frozen=True):
+    """No new entries; instances run to their end."""
+
+    method: ClassVar[str] = "journeys.close"
+    id: Name
+
+
+class StopJourney(Request[JourneyInfo], frozen=True):
+    """Every instance exits now (reason ``stopped``); no new entries."""
+
+    method: ClassVar[str] = "journeys.stop"
+    id: Name
+
+
+class PauseJourney(Request[JourneyInfo], frozen=True):
+    """Timers are held and entries refused or queued (``paused_entries``) until resumed."""
+
+    method: ClassVar[str] = "journeys.pause"
+    id: Name
+
+
+class ResumeJourney(Request[JourneyInfo], frozen=True):
+    method: ClassVar[str] = "journeys.resume"
+    id: Name
+
+
+# ---------------------------------------------------------------------------------------------
 # secrets
 
 
@@ -1280,6 +1540,13 @@ METHODS: dict[str, MethodSpec] = {
             RevokeKey,
             CreateSandbox,
             ListSandboxes,
+            PublishJourney,
+            GetJourney,
+            ListJourneys,
+            CloseJourney,
+            StopJourney,
+            PauseJourney,
+            ResumeJourney,
             RotateSecrets,
         ],
     )

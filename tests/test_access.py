@@ -33,6 +33,8 @@ NEEDS = {
     **{m: "admin" for m in ("apps.register_ios", "apps.register_android", "apps.get", "apps.list", "apps.delete",
                             "configs.publish", "configs.get", "configs.list", "messages.publish", "messages.get",
                             "messages.list", "messages.preview", "keys.create", "keys.list", "keys.revoke", "sandboxes.create", "sandboxes.list",
+                            "journeys.publish", "journeys.get", "journeys.list", "journeys.close", "journeys.stop",
+                            "journeys.pause", "journeys.resume",
                             "secrets.rotate")},
 }
 #: The scopes each key's scope grants.

@@ -52,6 +52,13 @@ EXPECTED_METHODS = {
     "keys.revoke": (api.RevokeKey, api.KeyRevoked, False),
     "sandboxes.create": (api.CreateSandbox, api.SandboxInfo, False),
     "sandboxes.list": (api.ListSandboxes, api.SandboxList, False),
+    "journeys.publish": (api.PublishJourney, api.JourneyInfo, False),
+    "journeys.get": (api.GetJourney, api.JourneyInfo, False),
+    "journeys.list": (api.ListJourneys, api.JourneyList, False),
+    "journeys.close": (api.CloseJourney, api.JourneyInfo, False),
+    "journeys.stop": (api.StopJourney, api.JourneyInfo, False),
+    "journeys.pause": (api.PauseJourney, api.JourneyInfo, False),
+    "journeys.resume": (api.ResumeJourney, api.JourneyInfo, False),
     "secrets.rotate": (api.RotateSecrets, api.SecretsRotated, False),
 }
 
@@ -154,6 +161,15 @@ SAMPLES: dict[str, api.Request[Any]] = {
     "keys.revoke": api.RevokeKey(id="pgn_Xq3vT0aB"),
     "sandboxes.create": api.CreateSandbox(name="dev"),
     "sandboxes.list": api.ListSandboxes(),
+    "journeys.publish": api.PublishJourney(journey=api.JourneySpec(
+        id="welcome", entry=api.JourneyEntry(event="app.installed"),
+        nodes=[api.PushNode(id="hello", message="hello", next="wait"), api.WaitNode(id="wait", duration="1d")])),
+    "journeys.get": api.GetJourney(id="welcome"),
+    "journeys.list": api.ListJourneys(),
+    "journeys.close": api.CloseJourney(id="welcome"),
+    "journeys.stop": api.StopJourney(id="welcome"),
+    "journeys.pause": api.PauseJourney(id="welcome"),
+    "journeys.resume": api.ResumeJourney(id="welcome"),
     "secrets.rotate": api.RotateSecrets(),
 }
 
@@ -435,6 +451,19 @@ _identities = st.from_regex(api.IDENTITY_PATTERN).filter(lambda s: len(s) <= 400
 _apps = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,40}\Z")
 _tokens = st.from_regex(r"\A[\x21-\x7e]{1,200}\Z")
 _names = st.from_regex(r"\A[A-Za-z][A-Za-z0-9_.-]{0,40}\Z")
+_durations = st.from_regex(r"\A[0-9]{1,3}[smhdw]\Z")
+_journey_nodes = st.one_of(
+    st.builds(api.PushNode, id=_names, message=_names, next=st.none() | _names),
+    st.builds(api.WaitNode, id=_names, duration=_durations, next=st.none() | _names),
+    st.builds(api.ConditionNode, id=_names, branches=st.lists(st.builds(api.Branch, when=st.text(min_size=1, max_size=20),
+                                                                         next=_names), min_size=1, max_size=3)),
+    st.builds(api.ReactionNode, id=_names, push=st.none() | _names, timeout=_durations, next=st.none() | _names),
+    st.builds(api.EndNode, id=_names),
+)
+_journeys = st.builds(
+    api.JourneySpec, id=_names, entry=st.builds(api.JourneyEntry, event=st.none() | _names, read=st.booleans()),
+    nodes=st.lists(_journey_nodes, min_size=1, max_size=5), timezone=st.sampled_from(["UTC", "Europe/Paris", "Nowhere"]),
+)
 _event_types = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,40}\Z")
 _timestamps = st.datetimes(
     min_value=dt.datetime(1900, 1, 1),
@@ -533,6 +562,13 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "keys.list": st.builds(api.ListKeys, sandbox=st.none() | st.from_regex(api.SANDBOX_PATTERN, fullmatch=True)),
     "sandboxes.create": st.builds(api.CreateSandbox, name=st.from_regex(api.SANDBOX_PATTERN, fullmatch=True)),
     "sandboxes.list": st.builds(api.ListSandboxes),
+    "journeys.publish": st.builds(api.PublishJourney, journey=_journeys, draft=st.booleans()),
+    "journeys.get": st.builds(api.GetJourney, id=_names, version=st.none() | st.integers(1, 10)),
+    "journeys.list": st.builds(api.ListJourneys),
+    "journeys.close": st.builds(api.CloseJourney, id=_names),
+    "journeys.stop": st.builds(api.StopJourney, id=_names),
+    "journeys.pause": st.builds(api.PauseJourney, id=_names),
+    "journeys.resume": st.builds(api.ResumeJourney, id=_names),
     "keys.revoke": st.builds(api.RevokeKey, id=st.from_regex(api.KEY_ID_PATTERN, fullmatch=True)),
     "secrets.rotate": st.builds(api.RotateSecrets),
     "apps.get": st.builds(api.GetApp, app=_apps),

@@ -70,6 +70,11 @@ SURFACE = {
         'KEY_PATTERN', 'KEY_ID_PATTERN', 'SCOPES', 'Scope', 'KeyId', 'KeyInfo', 'CreatedKey', 'CreateKey',
         'KeyList', 'ListKeys', 'KeyRevoked', 'RevokeKey', 'SecretsRotated', 'RotateSecrets',
         'SANDBOX_PATTERN', 'SandboxName', 'SandboxInfo', 'SandboxList', 'CreateSandbox', 'ListSandboxes',
+        'DURATION_PATTERN', 'Duration', 'TIME_OF_DAY_PATTERN', 'TimeOfDay', 'Weekday', 'Expression', 'JourneyEntry',
+        'Branch', 'SplitPath', 'PushNode', 'ConditionNode', 'SplitNode', 'WaitNode', 'ReactionNode', 'UpdateNode',
+        'EndNode', 'JourneyNode', 'Criterion', 'QuietHours', 'FrequencyCap', 'Reentrance', 'JourneySpec',
+        'JourneyState', 'JourneyInfo', 'JourneyList', 'PublishJourney', 'GetJourney', 'ListJourneys', 'CloseJourney',
+        'StopJourney', 'PauseJourney', 'ResumeJourney',
     },
     'protocols.connection': {
         'CallCancelled', 'CallReceived', 'ClientConnection', 'Closed', 'CreditGranted', 'EndReceived',
@@ -155,7 +160,7 @@ def test_each_domain_registers_only_its_own_methods() -> None:
         "server": "server.runtime", "profiles": "server.profiles", "tokens": "server.profiles",
         "consent": "server.profiles", "events": "server.profiles", "apps": "server.delivery",
         "push": "server.delivery", "configs": "server.messages", "messages": "server.messages",
-        "reports": "server.reports", "keys": "server.access", "sandboxes": "server.access",
+        "reports": "server.reports", "keys": "server.access", "sandboxes": "server.access", "journeys": "server.journeys",
         "secrets": "server.runtime",
     }
     for methods in METHODS:

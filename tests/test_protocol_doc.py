@@ -120,13 +120,16 @@ def _only_known_keys(value: Any, info: Any, path: str = "$") -> None:
         _only_known_keys(value, info.type, path)
     elif isinstance(info, mi.StructType):
         names = {f.encode_name: f for f in info.fields}
-        unknown = set(value) - set(names)
+        unknown = set(value) - set(names) - {info.tag_field}
         assert not unknown, f"{path}: the example uses keys {unknown} that {info.cls.__name__} does not have"
         for key, item in value.items():
-            _only_known_keys(item, names[key].type, f"{path}.{key}")
+            if key in names:  # not the tag
+                _only_known_keys(item, names[key].type, f"{path}.{key}")
     elif isinstance(info, mi.UnionType):
         for member in info.types:
             if isinstance(member, mi.StructType) and isinstance(value, dict):
+                if member.tag_field is not None and value.get(member.tag_field) != member.tag:
+                    continue  # a tagged union's other member
                 _only_known_keys(value, member, path)
     elif isinstance(info, mi.DictType) and isinstance(value, dict):
         for key, item in value.items():

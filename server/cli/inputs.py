@@ -7,6 +7,7 @@ it without a traceback and exits with status 2.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +79,17 @@ def read_file(path: str, what: str, *, binary: bool = False) -> str | bytes:
         raise UsageError(f"cannot read {what} {path!r}: {exc.strerror}") from None
 
 
+def _node_named(doc: Any, field: str | None) -> str:
+    """`` (node 'wait')`` when ``field`` is within a node of a journey that has an id."""
+    match = re.match(r"\$\.nodes\[(\d+)\]", field or "")
+    if match and isinstance(doc, dict) and isinstance(doc.get("nodes"), list):
+        nodes = doc["nodes"]
+        i = int(match.group(1))
+        if i < len(nodes) and isinstance(nodes[i], dict) and isinstance(nodes[i].get("id"), str):
+            return f" (node {nodes[i]['id'][:100]!r})"
+    return ""
+
+
 def load_document(path: str, kind: type[T]) -> T:
     """A YAML or JSON file as ``kind``; errors name the file and the field."""
     import yaml
@@ -94,6 +106,7 @@ def load_document(path: str, kind: type[T]) -> T:
     try:
         return msgspec.convert(doc, kind)
     except msgspec.ValidationError as exc:
-        raise UsageError(f"{path}: {api.describe_validation_error(exc, kind)[0]}") from None
+        message, field = api.describe_validation_error(exc, kind)
+        raise UsageError(f"{path}: {message}{_node_named(doc, field)}") from None
     except RecursionError:
         raise UsageError(f"{path}: {TOO_DEEP}") from None

@@ -247,6 +247,25 @@ def show_messages(r: api.MessageList) -> str:
     return "\n".join(show_message(m) for m in r.messages) or "(no messages)"
 
 
+def show_journey(j: api.JourneyInfo) -> str:
+    spec = j.journey
+    live = f", live version {j.live_version}" if j.live_version not in (None, j.version) else ""
+    entry = spec.entry
+    way = (f"on event {entry.event}" if entry.event else f"on audience {entry.audience!r}" if entry.audience
+           else "from a read audience")
+    return (f"journey {spec.id} v{j.version} ({when(j.published)}): {j.state}{live}; entered {way}; "
+            f"{len(spec.nodes)} nodes")
+
+
+def show_journey_document(j: api.JourneyInfo) -> str:
+    """The journey's summary line, then the journey itself as JSON (message versions pinned)."""
+    return show_journey(j) + "\n" + to_json(j.journey)
+
+
+def show_journeys(r: api.JourneyList) -> str:
+    return "\n".join(show_journey(j) for j in r.journeys) or "(no journeys)"
+
+
 def show_preview(p: api.Preview) -> str:
     if p.excluded:
         return f"message {p.id} v{p.version}: this profile would be excluded: {p.excluded}: {p.detail}"

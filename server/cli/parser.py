@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 from protocols import api
@@ -21,7 +22,7 @@ from server.cli.output import (
     show_app, show_app_deleted, show_apps, show_config, show_configs, show_consent, show_health, show_message,
     show_message_document, show_messages, show_preview, show_profile, show_profile_deleted, show_send, show_stats,
     show_token_registered, show_token_unregistered, show_created_key, show_keys, show_key_revoked,
-    show_secrets_rotated, show_sandbox, show_sandboxes,
+    show_secrets_rotated, show_sandbox, show_sandboxes, show_journey, show_journey_document, show_journeys,
 )
 from server.runtime.config import DEFAULT_LISTEN
 
@@ -62,6 +63,13 @@ COMMANDS: dict[str, str] = {
     "keys.revoke": "keys revoke",
     "sandboxes.create": "sandboxes create",
     "sandboxes.list": "sandboxes list",
+    "journeys.publish": "journeys publish",
+    "journeys.get": "journeys get",
+    "journeys.list": "journeys list",
+    "journeys.close": "journeys close",
+    "journeys.stop": "journeys stop",
+    "journeys.pause": "journeys pause",
+    "journeys.resume": "journeys resume",
     "secrets.rotate": "secrets rotate",
     "reports.watch": "reports --watch",
 }
@@ -133,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(action=None, group=parser)
     tree = _Tree(parser.add_subparsers(dest="command", metavar="COMMAND"), common)
     for add_commands in (_serve, _server, _profiles, _tokens, _consent, _apps, _push, _configs, _messages, _reports,
-                         _keys, _sandboxes, _secrets, _demo, _mocks, _events):
+                         _journeys, _keys, _sandboxes, _secrets, _demo, _mocks, _events):
         add_commands(tree)
     return parser
 
@@ -353,6 +361,32 @@ def _keys(tree: _Tree) -> None:
     p = tree.command(keys, "revoke", "revoke an API key and close its connections",
                      call_action(lambda a: api.RevokeKey(id=a.id), show_key_revoked))
     p.add_argument("id", help="the key's id (its first 12 characters, as listed)")
+
+
+def _journeys(tree: _Tree) -> None:
+    journeys = tree.group("journeys", "journeys: entries, waits, conditions, pushes, reactions (admin)")
+    p = tree.command(journeys, "publish", "publish journeys from YAML or JSON files (checked whole; a new version each)",
+                     publish_action(api.JourneySpec, lambda j: api.PublishJourney(journey=j), show_journey))
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p = tree.command(journeys, "get", "show a journey (its message versions pinned)",
+                     call_action(lambda a: api.GetJourney(id=a.id, version=a.version), show_journey_document))
+    p.add_argument("id")
+    p.add_argument("--version", type=int)
+    tree.command(journeys, "list", "list journeys (latest versions) and their states",
+                 call_action(lambda a: api.ListJourneys(), show_journeys))
+    for verb, request, help in (
+        ("close", api.CloseJourney, "take no new entries; instances run to their end"),
+        ("stop", api.StopJourney, "every instance exits now; no new entries"),
+        ("pause", api.PauseJourney, "hold timers and entries until resumed"),
+        ("resume", api.ResumeJourney, "run a paused journey again"),
+    ):
+        p = tree.command(journeys, verb, help, call_action(_naming(request), show_journey))
+        p.add_argument("id")
+
+
+def _naming(request: Callable[..., api.Request[api.JourneyInfo]]) -> Callable[[argparse.Namespace], api.Request[api.JourneyInfo]]:
+    """The request of a lifecycle command: its journey id."""
+    return lambda a: request(id=a.id)
 
 
 def _sandboxes(tree: _Tree) -> None:

@@ -28,6 +28,7 @@ from server.api.registry import CallContext, Methods, Router
 from server.delivery import methods as delivery_methods
 from server.delivery.apps import reseal_app
 from server.delivery.service import Delivery
+from server.journeys import methods as journey_methods
 from server.journeys.engine import Journeys
 from server.messages import methods as message_methods
 from server.messages.catalog import Catalog
@@ -65,6 +66,7 @@ METHODS: tuple[Methods, ...] = (
     delivery_methods.methods,
     message_methods.methods,
     report_methods.methods,
+    journey_methods.methods,
     access_methods.methods,
 )
 
