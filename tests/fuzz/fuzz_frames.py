@@ -22,7 +22,7 @@ from typing import Any
 
 import atheris
 
-with atheris.instrument_imports():
+with atheris.instrument_imports(include=["protocols", "server"]):
     import msgspec
 
     from protocols.connection import ClientConnection, ServerConnection, State, Terminated
