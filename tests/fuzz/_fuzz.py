@@ -3,8 +3,9 @@
 A harness calls `main(test_one_input, seeds, tokens)` under ``if __name__ == "__main__"``.
 Without a corpus folder on the command line it fuzzes ``tests/fuzz/corpus/<harness>/`` (made
 and seeded on first use, ignored by git), so that what one run found is where the next run
-starts; with one, it uses that (tests/test_atheris.py gives each run a fresh one). Without
-``-dict=``, the harness's ``tokens`` are written as a libFuzzer dictionary and used.
+starts; with one, it uses that (tests/test_atheris.py gives each run a fresh one); with files,
+it replays them (a crash: ``python tests/fuzz/fuzz_frames.py crash-...``). Without ``-dict=``,
+the harness's ``tokens`` are written beside the corpus folder as a libFuzzer dictionary and used.
 """
 
 from __future__ import annotations
@@ -48,21 +49,22 @@ def _quoted(token: bytes) -> str:
 def main(test_one_input: Callable[[bytes], None], seeds: Iterable[bytes], tokens: Iterable[bytes] = ()) -> None:
     name = Path(sys.argv[0]).stem
     argv = list(sys.argv)
-    if not any(not arg.startswith("-") for arg in argv[1:]):
+    inputs = [arg for arg in argv[1:] if not arg.startswith("-")]
+    if not inputs:
         corpus = HERE / "corpus" / name
         corpus.mkdir(parents=True, exist_ok=True)
         argv.append(str(corpus))
     else:
-        corpus = Path(next(arg for arg in argv[1:] if not arg.startswith("-")))
-    for seed in seeds:
-        path = corpus / ("seed-" + hashlib.sha1(seed).hexdigest()[:16])
-        if not path.exists():
-            path.write_bytes(seed)
-    tokens = list(tokens)
-    if tokens and not any(arg.startswith("-dict=") for arg in argv):
-        dictionary = HERE / "corpus" / f"{name}.dict"
-        dictionary.parent.mkdir(exist_ok=True)
-        dictionary.write_text("".join(f"{_quoted(t)}\n" for t in tokens))
-        argv.append(f"-dict={dictionary}")
+        corpus = Path(inputs[0])
+    if corpus.is_dir():  # else the inputs are files to replay (a crash)
+        for seed in seeds:
+            path = corpus / ("seed-" + hashlib.sha1(seed).hexdigest()[:16])
+            if not path.exists():
+                path.write_bytes(seed)
+        tokens = list(tokens)
+        if tokens and not any(arg.startswith("-dict=") for arg in argv):
+            dictionary = corpus.parent / f"{name}.dict"
+            dictionary.write_text("".join(f"{_quoted(t)}\n" for t in tokens))
+            argv.append(f"-dict={dictionary}")
     atheris.Setup(argv, test_one_input)
     atheris.Fuzz()
