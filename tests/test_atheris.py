@@ -1,7 +1,8 @@
 """The atheris harnesses of tests/fuzz/, each run for a bounded number of inputs.
 
 Each harness is coverage-guided fuzzing of one untrusted input of the server (the socket
-protocol's frames, a call's body, an event batch, a template) and asserts its invariants (see
+protocol's frames, a call's body, an event batch, a template, a push provider's HTTP/2
+answers) and asserts its invariants (see
 each harness's docstring). Here each runs in its own process from its seeds, with a fixed
 libFuzzer seed (``PIGEON_FUZZ_SEED`` changes it) for ``runs`` inputs, at most 30 s (a few
 seconds on a quiet machine; ``PIGEON_FUZZ_SCALE`` multiplies the runs), and fails on any
@@ -27,7 +28,8 @@ pytest.importorskip("atheris", reason="atheris is not installed (it has wheels f
 
 FUZZ = Path(__file__).resolve().parent / "fuzz"
 #: Inputs each harness runs here: a few seconds each.
-RUNS = {"fuzz_frames": 30_000, "fuzz_rpc": 60_000, "fuzz_ingest": 60_000, "fuzz_templates": 4_000}
+RUNS = {"fuzz_frames": 30_000, "fuzz_rpc": 60_000, "fuzz_ingest": 60_000, "fuzz_templates": 4_000,
+        "fuzz_h2client": 6_000}
 
 
 def fuzz(harness: Path, tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
