@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.faults                   # writes bench/results/faults.json
     .venv/bin/python -m bench.faults --storm fcm       # the failing provider is the mock FCM
     .venv/bin/python -m bench.faults --phases storm    # one of: calm, storm, breaker (comma-separated)
+    .venv/bin/python -m bench.faults --storm fcm --storm-fault goaway_after_streams=7   # another storm
 
 The server under test runs as its own process (``pigeon serve`` on a fresh data folder). Two
 apps: ``storm`` (APNs sandbox, or FCM with ``--storm fcm``) whose provider misbehaves, and
@@ -11,7 +12,9 @@ in its own process over TLS and HTTP/2 and accepts every token. Phases:
 
 - ``calm``: the calm app's campaign alone (``--calm`` profiles): its sends/s;
 - ``storm``: the storm app's campaign (``--notifications`` profiles) with ``ratio_503`` 0.5
-  (half the requests answered 503), and at the same time the calm app's campaign: the storm
+  (half the requests answered 503; or the faults given with ``--storm-fault NAME=VALUE``, which
+  both mocks name alike: ``goaway_after_streams``, ``reset_after_streams``, ``latency_ms``...),
+  and at the same time the calm app's campaign: the storm
   campaign's wall time, its deliveries over time (from the mock's acceptance timestamps:
   when 50%, 90%, 99% and all of the delivered were accepted), its outcomes, the requests the
   mock got; the calm campaign's sends/s during the storm;
@@ -105,7 +108,7 @@ async def phases(args: argparse.Namespace, client: Client, storm: Any, calm: Moc
         out["calm_alone"] = outcome(result, wall)
         print(f"calm alone: {out['calm_alone']}", file=sys.stderr)
     if "storm" in args.phases:
-        storm.admin.set_faults(ratio_503=0.5, record_accepted=True)
+        storm.admin.set_faults(**args.storm_faults, record_accepted=True)
         storm.admin.clear_accepted(), storm.admin.clear_stats(), calm.admin.clear_accepted()
         calm_task = asyncio.create_task(campaign(client, "calm-push-msg", calm_ids))
         result, wall, t0 = await campaign(client, "storm-push-msg", storm_ids)
@@ -121,7 +124,8 @@ async def phases(args: argparse.Namespace, client: Client, storm: Any, calm: Moc
         print(f"storm: {out['storm']}", file=sys.stderr)
     if "breaker" in args.phases:
         ids = storm_ids[: args.breaker_notifications]
-        storm.admin.set_faults(ratio_503=1.0)
+        storm.admin.reset_faults()
+        storm.admin.set_faults(accept_any_token=True, ratio_503=1.0)
         storm.admin.clear_stats()
         result, wall, _ = await campaign(client, "storm-push-msg", ids)
         hammered = storm.admin.stats()["requests"]
@@ -179,8 +183,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 out = await phases(args, client, storm, calm, storm_ids, calm_ids)
                 stats = await client.call(api.GetStats())
                 out["delivery_stats"] = [msgspec.to_builtins(a) for a in stats.actors if a.name == "delivery"]
-    return {"machine": machine(), "storm_provider": args.storm, "notifications": args.notifications, "calm": args.calm,
-            "env": args.env, **out}
+    return {"machine": machine(), "storm_provider": args.storm, "storm_faults": args.storm_faults,
+            "notifications": args.notifications, "calm": args.calm, "env": args.env, **out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,11 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--breaker-notifications", type=int, default=500)
     parser.add_argument("--recover-limit-s", type=float, default=120.0)
     parser.add_argument("--phases", default="calm,storm,breaker")
+    parser.add_argument("--storm-fault", action="append", default=[],
+                        help="NAME=VALUE (a JSON value) set on the storm provider in the storm phase; "
+                             "default ratio_503=0.5")
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server (settings)")
     parser.add_argument("--address", help="a server already running there")
     parser.add_argument("--out", help="results file (default bench/results/faults[-fcm].json)")
     args = parser.parse_args(argv)
     args.phases = set(args.phases.split(","))
+    args.storm_faults = {name: msgspec.json.decode(value) for name, value in
+                         (kv.split("=", 1) for kv in args.storm_fault)} or {"ratio_503": 0.5}
     results = run(bench(args))
     path = write_results("faults" if args.storm == "apns" else "faults-fcm", results, args.out)
     print(f"wrote {path}", file=sys.stderr)

@@ -385,10 +385,19 @@ class ClientBase:
             ProtocolError: the server broke the protocol.
         """
         conn = self._conn
-        if conn.welcome is None and conn.goaway is None:
-            events = self._receive_first(data)
-        else:
-            events = conn.receive_data(data)
+        try:
+            if conn.welcome is None and conn.goaway is None:
+                events = self._receive_first(data)
+            else:
+                events = conn.receive_data(data)
+        except ProtocolError as exc:
+            self._route(exc.events)  # the answers that came before the violation
+            raise
+        self._route(events)
+        if self._conn.pending_bytes:  # pongs
+            self._kick()
+
+    def _route(self, events: list[Any]) -> None:
         route_events(
             events,
             self._pending,
@@ -396,8 +405,6 @@ class ClientBase:
             on_pong=self._pong,
             on_connection_error=self._connection_error,
         )
-        if self._conn.pending_bytes:  # pongs
-            self._kick()
 
     def _receive_first(self, data: bytes | bytearray) -> list[Any]:
         """Bytes before the welcome: a server that answers in another protocol (an HTTP server,
@@ -407,6 +414,8 @@ class ClientBase:
         try:
             events = self._conn.receive_data(data)
         except (FrameTooLarge, MalformedFrame) as exc:
+            if self._conn.welcome is not None:
+                raise  # it welcomed us in the same bytes: a Pigeon server that broke the protocol
             raise not_pigeon(self._head) from exc
         if not data and self._head and self._conn.goaway is None:
             raise not_pigeon(self._head)  # it closed after bytes that made no frame

@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 import msgspec.structs
 
-from .errors import FrameTooLarge, HandshakeError, MalformedFrame, Status
+from .errors import FrameTooLarge, HandshakeError, MalformedFrame, ProtocolError, Status
 from .frames import (
     DEFAULT_MAX_FRAME,
     PROTOCOL_VERSION,
@@ -482,47 +482,63 @@ class ClientConnection(_Base):
         """Feed bytes from the server; ``b""`` means the server closed.
 
         Raises:
-            ProtocolError: the server sent something this client cannot accept.
+            ProtocolError: the server sent something this client cannot accept; its
+                ``events`` are those of the frames before it in ``data`` (deliver them).
         """
         if not data:
             truncated = self._decoder.buffered
             self.state = State.CLOSED
             return [Closed(truncated)]
+        too_large: FrameTooLarge | None = None
+        try:
+            payloads = self._decoder.feed(data)
+        except FrameTooLarge as exc:
+            payloads, too_large = exc.frames, exc
         events: list[Any] = []
-        for payload in self._decoder.feed(data):
-            self.frames_in += 1
-            try:
-                frame = _frame_decoder.decode(payload)
-            except DECODE_ERRORS as exc:
-                raise MalformedFrame(f"malformed frame from server: {decode_error_text(exc)}") from exc
-            match frame:
-                case Reply(id=i, body=b):
-                    events.append(ReplyReceived(i, b))
-                case Item(id=i, body=b):
-                    events.append(ItemReceived(i, b))
-                case End(id=i):
-                    events.append(EndReceived(i))
-                case Error(id=i, code=c, message=m, field=f):
-                    events.append(ErrorReceived(i, _status(c), m, f))
-                case Welcome():
-                    if self.welcome is not None:
-                        raise HandshakeError("the server sent a second welcome")
-                    if frame.version != PROTOCOL_VERSION:
-                        raise HandshakeError(f"server speaks protocol version {frame.version}, not {PROTOCOL_VERSION}")
-                    self.welcome = frame
-                    self.server_max_frame = frame.max_frame
-                    if self.state is State.HANDSHAKE:
-                        self.state = State.OPEN
-                    events.append(Welcomed(frame))
-                case GoAway():
-                    frame = msgspec.structs.replace(frame, code=_status(frame.code))
-                    self.goaway = frame
-                    self.state = State.DRAINING
-                    events.append(GoAwayReceived(frame))
-                case Ping(nonce=n):
-                    self._queue(Pong(nonce=n))
-                case Pong(nonce=n):
-                    events.append(PongReceived(n))
-                case _:
-                    raise MalformedFrame(f"a server may not send a {frame.__struct_config__.tag!r} frame")
+        try:
+            for payload in payloads:
+                self.frames_in += 1
+                self._receive_frame(payload, events)
+            if too_large is not None:
+                raise too_large
+        except ProtocolError as exc:
+            exc.events = events
+            raise
         return events
+
+    def _receive_frame(self, payload: bytes, events: list[Any]) -> None:
+        """Decode one frame from the server and add its event (if any) to ``events``."""
+        try:
+            frame = _frame_decoder.decode(payload)
+        except DECODE_ERRORS as exc:
+            raise MalformedFrame(f"malformed frame from server: {decode_error_text(exc)}") from exc
+        match frame:
+            case Reply(id=i, body=b):
+                events.append(ReplyReceived(i, b))
+            case Item(id=i, body=b):
+                events.append(ItemReceived(i, b))
+            case End(id=i):
+                events.append(EndReceived(i))
+            case Error(id=i, code=c, message=m, field=f):
+                events.append(ErrorReceived(i, _status(c), m, f))
+            case Welcome():
+                if self.welcome is not None:
+                    raise HandshakeError("the server sent a second welcome")
+                if frame.version != PROTOCOL_VERSION:
+                    raise HandshakeError(f"server speaks protocol version {frame.version}, not {PROTOCOL_VERSION}")
+                self.welcome = frame
+                self.server_max_frame = frame.max_frame
+                if self.state is State.HANDSHAKE:
+                    self.state = State.OPEN
+                events.append(Welcomed(frame))
+            case GoAway():
+                frame = msgspec.structs.replace(frame, code=_status(frame.code))
+                self.goaway = frame
+                self.state = State.DRAINING
+                events.append(GoAwayReceived(frame))
+            case Ping(nonce=n):
+                self._queue(Pong(nonce=n))
+            case Pong(nonce=n):
+                events.append(PongReceived(n))
+            case _:
+                raise MalformedFrame(f"a server may not send a {frame.__struct_config__.tag!r} frame")

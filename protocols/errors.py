@@ -76,7 +76,16 @@ class PigeonProtocolError(Exception):
 
 
 class ProtocolError(PigeonProtocolError):
-    """The byte stream violated the protocol; the connection cannot be trusted any more."""
+    """The byte stream violated the protocol; the connection cannot be trusted any more.
+
+    Attributes:
+        events: what the same bytes completed before the violation (a client delivers them,
+            so that what it receives does not depend on how the bytes were split into reads).
+    """
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.events: list[Any] = []
 
 
 class FrameTooLarge(ProtocolError):
@@ -194,7 +203,6 @@ class H2ProtocolError(ProtocolError):
     def __init__(self, message: str, error_code: int = ErrorCode.PROTOCOL_ERROR) -> None:
         super().__init__(message)
         self.error_code = error_code
-        self.events: list[Any] = []
 
 
 class HpackError(H2ProtocolError):

@@ -603,6 +603,23 @@ def test_a_server_that_ignores_the_stream_window_is_a_protocol_error():
     go(main)
 
 
+def test_an_answer_read_with_a_protocol_violation_still_reaches_its_caller():
+    """BUG (found by tests/fuzz/fuzz_frames.py): a reply and a malformed frame in one read
+    failed the replied call with the violation; read apart, the reply was delivered."""
+    async def main():
+        async with FakeServer() as fake, open_client(fake.address) as client:
+            answered = asyncio.create_task(client.call(api.GetProfile(identity="crm:1")))
+            other = asyncio.create_task(client.call(api.GetProfile(identity="crm:2")))
+            (first, request), _ = await fake.next_call(), await fake.next_call()
+            fake.conn.send_reply(first.id, _profile(request.identity))
+            fake._writers[-1].write(fake.conn.data_to_send() + b"\x00\x00\x00\x01\xc1")  # one write, one read
+            assert (await answered).identities == ["crm:1"]
+            with pytest.raises(ProtocolError, match="malformed frame from server"):
+                await other
+
+    go(main)
+
+
 def test_a_slow_stream_consumer_does_not_hold_up_other_calls(server_process):
     async def main():
         async with open_client(server_process.address) as client:

@@ -816,6 +816,40 @@ def test_client_oversized_server_frame_raises() -> None:
         client.receive_data((17).to_bytes(4, "big"))
 
 
+@pytest.mark.parametrize(
+    "violation, error",
+    [((65).to_bytes(4, "big"), FrameTooLarge), (prefixed(b"\xc1"), MalformedFrame), (wire(HELLO), MalformedFrame)],
+    ids=["oversized", "garbage", "client-frame"],
+)
+def test_client_frames_before_a_violation_in_the_same_chunk_are_delivered(violation: bytes, error: type) -> None:
+    """Events must not depend on how the server's bytes were split into reads.
+
+    BUG (found by tests/fuzz/fuzz_frames.py): a reply and an oversized header in one read
+    raised FrameTooLarge and dropped the reply, which arrived when read alone; and a malformed
+    frame before an oversized header was reported as the oversized one.
+    """
+    answers = wire(Reply(id=1, body=EMPTY_BODY), Error(id=2, code="NOT_FOUND", message="no"))
+    delivered = [ReplyReceived(1, EMPTY_BODY), ErrorReceived(2, Status.NOT_FOUND, "no", None)]
+
+    split = ClientConnection(max_frame=64)
+    assert split.receive_data(answers) == delivered
+    with pytest.raises(error) as split_error:
+        split.receive_data(violation)
+    assert split_error.value.events == []
+
+    joined = ClientConnection(max_frame=64)
+    with pytest.raises(error) as joined_error:
+        joined.receive_data(answers + violation)
+    assert joined_error.value.events == delivered
+    assert str(joined_error.value) == str(split_error.value)
+
+
+def test_client_a_malformed_frame_before_an_oversized_header_is_what_is_reported() -> None:
+    client = ClientConnection(max_frame=64)
+    with pytest.raises(MalformedFrame):
+        client.receive_data(prefixed(b"\xc1") + (65).to_bytes(4, "big"))
+
+
 def test_client_goaway_before_welcome() -> None:
     client = ClientConnection()
     client.hello()

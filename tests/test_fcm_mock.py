@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, SettingsFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 
 from plugins.fcm.mock import (
     CLOUD_PLATFORM_SCOPE,
@@ -48,6 +49,7 @@ UNKNOWN = "dQw4w9WgXcQ:APA91bUnknown_4"
 TIMEOUT = 10.0
 NAME_RE = re.compile(r"projects/proj-a/messages/0:\d+%[0-9a-f]{16}")
 MAX_CONCURRENT_STREAMS = 0x3
+REFUSED_STREAM = 0x7
 
 
 def project_tokens() -> dict[str, dict[str, Any]]:
@@ -874,6 +876,157 @@ def test_max_concurrent_streams(mock: MockFcmProcess, access: str) -> None:
         assert goaway.last_stream_id == 3
 
 
+class H2Wire(RawConn):
+    """HTTP/2 over TLS to the mock, frame by frame: opens send streams and records what comes
+    back (each stream's status or reset, the GOAWAY, the end of the connection)."""
+
+    def __init__(self, mock: MockFcmProcess, access: str) -> None:
+        super().__init__(mock, alpn=["h2"])
+        assert self.sock.selected_alpn_protocol() == "h2"
+        self.path = f"/v1/projects/{PROJECT}/messages:send"
+        self.access = access
+        self.encoder, self.decoder = hpack.Encoder(), hpack.Decoder()
+        self.next_sid = 1
+        self.status: dict[int, int] = {}
+        self.resets: dict[int, int] = {}
+        self.goaway: GoAwayFrame | None = None
+        #: What arrived, in order: ("goaway", last id), ("status", sid), ("reset", sid).
+        self.seen: list[tuple[str, int]] = []
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
+
+    def request(self, path: str | None = None) -> bytes:
+        """HEADERS and DATA (END_STREAM) of a send, or of a POST to ``path``; returns the bytes."""
+        sid, self.next_sid = self.next_sid, self.next_sid + 2
+        headers = HeadersFrame(sid)
+        headers.data = self.encoder.encode([
+            (":method", "POST"), (":scheme", "https"), (":authority", "127.0.0.1"), (":path", path or self.path),
+            ("authorization", f"Bearer {self.access}"), ("content-type", "application/json")])
+        headers.flags.add("END_HEADERS")
+        data = DataFrame(sid, json.dumps(msg()).encode())
+        data.flags.add("END_STREAM")
+        return headers.serialize() + data.serialize()
+
+    def send(self, count: int = 1) -> list[int]:
+        """Open ``count`` send streams in one write; their ids."""
+        first = self.next_sid
+        self.sock.sendall(b"".join(self.request() for _ in range(count)))
+        return list(range(first, self.next_sid, 2))
+
+    def _take(self, frame: Frame) -> None:
+        if isinstance(frame, HeadersFrame):
+            headers = dict(self.decoder.decode(frame.data))
+            self.status[frame.stream_id] = int(headers[":status"])
+            self.seen.append(("status", frame.stream_id))
+        elif isinstance(frame, RstStreamFrame):
+            self.resets[frame.stream_id] = frame.error_code
+            self.seen.append(("reset", frame.stream_id))
+        elif isinstance(frame, GoAwayFrame):
+            self.goaway = frame
+            self.seen.append(("goaway", frame.last_stream_id))
+
+    def until(self, done: Any, timeout: float = TIMEOUT) -> bool:
+        """Read frames until ``done()``; False if the time is up or the connection ended first."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            while len(self.buffer) >= 9:
+                frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
+                if len(self.buffer) < 9 + length:
+                    break
+                frame.parse_body(memoryview(self.buffer[9 : 9 + length]))
+                self.buffer = self.buffer[9 + length :]
+                self._take(frame)
+            if done():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            try:
+                if not self._recv(deadline):
+                    return done()
+            except TimeoutError:
+                return done()
+        return True
+
+    def answered(self, *sids: int, timeout: float = TIMEOUT) -> bool:
+        return self.until(lambda: all(sid in self.status or sid in self.resets for sid in sids), timeout)
+
+    def closed(self, timeout: float = TIMEOUT) -> bool:
+        """True once the server closed the connection (EOF) or reset it."""
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if not self._recv(deadline):
+                    return True
+        except (ConnectionResetError, ssl.SSLError, OSError):
+            return True
+        return False
+
+
+def test_goaway_after_n_streams_answers_up_to_last_stream_id_and_refuses_the_rest(
+        mock: MockFcmProcess, access: str) -> None:
+    mock.admin.set_faults(goaway_after_streams=3, goaway_reason="max_age", latency_ms=200)
+    with H2Wire(mock, access) as c:
+        sids = c.send(5)  # one write: the GOAWAY goes out at the third stream, before any answer
+        assert c.answered(*sids)
+        assert c.goaway is not None
+        assert (c.goaway.last_stream_id, c.goaway.error_code, c.goaway.additional_data) == (sids[2], 0, b"max_age")
+        assert c.seen[0] == ("goaway", sids[2])
+        assert [c.status.get(sid) for sid in sids[:3]] == [200, 200, 200]
+        assert [c.resets.get(sid) for sid in sids[3:]] == [REFUSED_STREAM, REFUSED_STREAM]
+        assert c.closed()  # then the server closes the connection
+    assert len(mock.admin.accepted()) == 3
+    stats = mock.admin.stats()
+    assert (stats["goaways_sent"], stats["refused_streams"], stats["successes"]) == (1, 2, 3)
+
+
+def test_goaway_counts_sends_only_not_token_or_admin_requests(mock: MockFcmProcess, access: str) -> None:
+    mock.admin.set_faults(goaway_after_streams=1)
+    with H2Wire(mock, access) as c:
+        c.sock.sendall(c.request("/token") + c.request("/_mock/stats"))
+        assert c.answered(1, 3) and c.goaway is None
+        [sid] = c.send()
+        assert c.answered(sid) and c.status[sid] == 200
+        assert c.goaway is not None and c.goaway.last_stream_id == sid and c.goaway.additional_data == b""
+        assert c.closed()
+    assert mock.admin.stats()["goaways_sent"] == 1
+
+
+def test_reset_after_n_streams_aborts_the_connection_unanswered(mock: MockFcmProcess, access: str) -> None:
+    mock.admin.set_faults(reset_after_streams=2)
+    with H2Wire(mock, access) as c:
+        for _ in range(2):
+            [sid] = c.send()
+            assert c.answered(sid) and c.status[sid] == 200
+        [third] = c.send()
+        assert c.closed()  # a TCP RST (or its EOF), and no answer
+        assert third not in c.status and third not in c.resets and c.goaway is None
+    stats = mock.admin.stats()
+    assert stats["resets"] == 1 and stats["successes"] == 2 and len(mock.admin.accepted()) == 2
+
+
+def test_stall_holds_sends_until_released_over_http2(mock: MockFcmProcess, access: str, sa: ServiceAccount) -> None:
+    mock.admin.set_faults(stall=True)
+    with H2Wire(mock, access) as c:
+        sids = c.send(2)
+        assert not c.answered(*sids, timeout=0.5)
+        assert mock.admin.stats()["stalled"] == 2
+        access_token(mock, sa)  # the token endpoint still answers
+        mock.admin.set_faults(stall=False)
+        assert c.answered(*sids) and [c.status[sid] for sid in sids] == [200, 200]
+    assert mock.admin.stats()["stalled"] == 0 and len(mock.admin.accepted()) == 2
+
+
+def test_stall_holds_sends_until_released_over_http11(mock: MockFcmProcess, h1c: httpx.Client, access: str) -> None:
+    mock.admin.set_faults(stall=True)
+    answers: list[int] = []
+    sender = threading.Thread(target=lambda: answers.append(send(h1c, mock, msg(), access).status_code))
+    sender.start()
+    sender.join(0.5)
+    assert sender.is_alive() and mock.admin.stats()["stalled"] == 1
+    mock.admin.set_faults(stall=False)
+    sender.join(TIMEOUT)
+    assert answers == [200] and mock.admin.stats()["stalled"] == 0
+
+
 # --------------------------------------------------------------------------------------------
 # Admin API
 
@@ -917,6 +1070,10 @@ def test_admin_rejects_bad_input(mock: MockFcmProcess, sa: ServiceAccount, other
         ("PUT", "/_mock/faults", {"ratio_503": 0.6, "ratio_502_html": 0.6}),
         ("PUT", "/_mock/faults", {"quota_per_minute": -1}),
         ("PUT", "/_mock/faults", {"max_concurrent_streams": 0}),
+        ("PUT", "/_mock/faults", {"goaway_after_streams": -1}),
+        ("PUT", "/_mock/faults", {"reset_after_streams": "2"}),
+        ("PUT", "/_mock/faults", {"goaway_reason": 5}),
+        ("PUT", "/_mock/faults", {"stall": 1}),
         ("PUT", "/_mock/faults", "nope"),
         ("PUT", "/_mock/projects", {PROJECT: {"service_accounts": [{"client_email": "x@y"}]}}),
         ("PUT", "/_mock/projects", {PROJECT: {"service_accounts": [{**sa.spec(), "public_key_pem": "nope"}]}}),

@@ -326,6 +326,88 @@ async def test_fcm_5xx_waves_open_the_breaker_without_waiting_for_the_retry_dela
     assert fcm_process.admin.stats()["requests"] <= 60
 
 
+@pytest.fixture
+def fcm(fcm_process: MockFcmProcess) -> MockFcmProcess:
+    admin = fcm_process.admin
+    admin.reset_faults()
+    admin.set_faults(accept_any_token=True)
+    admin.clear_accepted()
+    admin.clear_stats()
+    return fcm_process
+
+
+@asynccontextmanager
+async def fcm_sender(mock: MockFcmProcess, *, breaker: CircuitBreaker | None = None,
+                     **options: Any) -> AsyncIterator[FcmSender]:
+    """The FCM sender of ``fault-project`` against ``mock``, with short retry delays (as `apns_sender`)."""
+    options.setdefault("backoff_min", 0.05)
+    options.setdefault("backoff_max", 0.4)
+    record = check_android(api.RegisterAndroidApp(app="com.acme.android", service_account=ACCOUNT.info(mock.token_uri)),
+                           token_uri_setting=mock.token_uri)
+    async with httpx.AsyncClient(verify=fcm_ssl_context(str(mock.ca_file))) as http:
+        sender = FcmSender(record, host=mock.host, port=mock.port, http=http, token_uri=mock.token_uri,
+                           ca_file=str(mock.ca_file), breaker=breaker, max_attempts=MAX_ATTEMPTS, **options)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(sender.run)
+            yield sender
+            nursery.cancel_scope.cancel()
+
+
+async def send_fcm(sender: FcmSender, count: int) -> list[DeliveryResult]:
+    told = Told()
+    with trio.fail_after(60):
+        results = await sender.send([b'{"message": {"token": "t-%d", "data": {"n": "%d"}}}' % (i, i)
+                                     for i in range(count)], None, told)
+    # Exactly one result a message, told once, and the same as the one returned.
+    assert sorted(i for i, _ in told.told) == list(range(count))
+    assert all(results[i] is r for i, r in told.told)
+    assert told.waiting_now == 0
+    return results
+
+
+async def test_fcm_goaway_every_few_streams_every_message_is_sent(fcm):
+    await admin(fcm, "set_faults", goaway_after_streams=7)
+    async with fcm_sender(fcm, breaker=CircuitBreaker()) as sender:
+        results = await send_fcm(sender, 200)
+        pool = sender.pool.statistics()
+    assert all(r.status == "sent" for r in results), {(r.reason, r.detail) for r in results if r.status != "sent"}
+    assert all(1 <= r.attempts <= MAX_ATTEMPTS for r in results)
+    stats = await admin(fcm, "stats")
+    assert pool.goaways >= 200 // 7 - 1 and stats["goaways_sent"] >= 200 // 7 - 1
+    # A stream beyond a GOAWAY's last stream id is refused unprocessed and tried again: every
+    # message reached FCM once, and no more.
+    assert stats["requests"] == 200 and stats["refused_streams"] >= 1
+    # Each message delivered once: the mock accepted each of them exactly once.
+    accepted = sorted(int(a["message"]["data"]["n"]) for a in await admin(fcm, "accepted"))
+    assert accepted == list(range(200))
+    assert sender.breaker is not None and sender.breaker.opened == 0
+
+
+async def test_fcm_connections_reset_mid_stream_every_message_settles_once(fcm):
+    await admin(fcm, "set_faults", reset_after_streams=20)
+    async with fcm_sender(fcm, breaker=CircuitBreaker(), streams_per_connection=10) as sender:
+        results = await send_fcm(sender, 200)
+    assert all(1 <= r.attempts <= MAX_ATTEMPTS for r in results), {(r.reason, r.attempts) for r in results}
+    assert sum(r.status == "sent" for r in results) >= 180
+    assert {r.reason for r in results if r.status != "sent"} <= {"ConnectionLost", "CircuitOpen"}
+    stats = await admin(fcm, "stats")
+    assert stats["resets"] >= 1
+    assert len(await admin(fcm, "accepted")) == stats["successes"] <= sum(r.attempts for r in results)
+
+
+async def test_fcm_a_stall_fails_requests_after_the_timeout_then_the_breaker_opens_and_recovers(fcm):
+    await admin(fcm, "set_faults", stall=True)
+    breaker = CircuitBreaker(failures=5, cooldown=0.5, probe_timeout=2)
+    async with fcm_sender(fcm, breaker=breaker, request_timeout=0.5) as sender:
+        stalled = await send_fcm(sender, 20)
+        await admin(fcm, "set_faults", stall=False)
+        await trio.sleep(0.6)
+        healed = await send_fcm(sender, 20)
+    assert {r.reason for r in stalled} <= {"ConnectionLost", "CircuitOpen"} and "CircuitOpen" in {r.reason for r in stalled}
+    assert breaker.opened >= 1 and sender.pool.timeouts >= 5
+    assert all(r.status == "sent" for r in healed) and breaker.state == CLOSED
+
+
 # -- end to end: a campaign, and a healthy app beside a failing one ---------------------------
 
 

@@ -1,6 +1,8 @@
 """The mock FCM's connections (`plugins.fcm.mock`): HTTP/2 over the mocks' server connection
 (`plugins._mock_h2`), or HTTP/1.1 with keep-alive (h11), chosen by ALPN or, without ALPN, by
 the first bytes (the HTTP/2 preface or not). Both hand each request to `plugins.fcm._mock_api`.
+Here are the injected connection faults too: GOAWAY and TCP reset after a number of HTTP/2
+send streams, and stall (answers held), as the mock APNs has them (`plugins.apns._mock_server`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ from plugins.fcm._mock_state import App
 __all__ = ["Connection"]
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def _is_send(headers: Headers) -> bool:
+    """Whether a request is for FCM's API (not the token endpoint's, nor the admin API's)."""
+    for name, value in headers:
+        if name == b":path":
+            return not value.startswith((b"/_mock/", b"/token"))
+    return True
 
 
 class _H2Connection(ServerH2Connection):
@@ -64,6 +74,10 @@ class Connection(H2ServerConnection):
         self.pending = b""
         self.h1_request: Stream | None = None
         self.h1_busy = False
+        #: HTTP/2 send streams opened (the stream faults count them).
+        self.nstreams = 0
+        #: The last stream id of the GOAWAY sent (``goaway_after_streams``), once sent.
+        self.goaway_last: int | None = None
 
     # -- both protocols
 
@@ -114,10 +128,18 @@ class Connection(H2ServerConnection):
             return
         app = self.app
         reply = handle(app, self.protocol, self.id, method, path, auth, body, stream.size)
-        if reply.late and app.f.latency_ms:
+        if reply.late and app.f.stall:
+            app.stalled.append((self, ref, reply))
+        elif reply.late and app.f.latency_ms:
             self.later(app.f.latency_ms / 1000.0, self._send, ref, reply)
         else:
             self._send(ref, reply)
+
+    def answer_late(self, ref: int | None, reply: Reply) -> None:
+        """Answer a request held back (``stall``), outside a read."""
+        self._send(ref, reply)
+        if ref is not None:
+            self.settle()
 
     def _send(self, ref: int | None, reply: Reply) -> None:
         if ref is None:
@@ -148,6 +170,30 @@ class Connection(H2ServerConnection):
         self.protocol = "h2"
         self.app.protocols["h2"]["connections"] += 1
         self.start_h2()
+
+    def request_started(self, sid: int, headers: Headers) -> None:
+        if self.goaway_last is not None and sid > self.goaway_last:
+            # After our GOAWAY (in the same read, or a client that did not heed it): refused.
+            self.app.n_refused += 1
+            self.refuse(sid)
+            return
+        self.streams[sid] = Stream(headers)
+        if _is_send(headers):
+            self._stream_faults(sid)
+
+    def _stream_faults(self, sid: int) -> None:
+        """``reset_after_streams`` and ``goaway_after_streams`` at a new send stream."""
+        self.nstreams += 1
+        f = self.app.f
+        if f.reset_after_streams is not None and self.nstreams > f.reset_after_streams:
+            self.app.n_resets += 1
+            self.flush()
+            self.abort()
+            return
+        if f.goaway_after_streams is not None and self.goaway_last is None and self.nstreams >= f.goaway_after_streams:
+            self.goaway_last = sid
+            self.app.n_goaways += 1
+            self.send_goaway(sid, f.goaway_reason.encode())
 
     def request_complete(self, sid: int, stream: Stream) -> None:
         self._complete(sid, stream)

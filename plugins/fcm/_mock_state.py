@@ -22,7 +22,8 @@ from plugins._mock_tls import locked, public_key_from_pem, write_atomic
 from plugins.fcm._mock_schema import TARGETS
 
 if TYPE_CHECKING:
-    from plugins.fcm._mock_http import Connection  # noqa: F401 - in MockApp["Connection"] below
+    from plugins.fcm._mock_api import Reply
+    from plugins.fcm._mock_http import Connection
 
 __all__ = ["DEFAULT_FAULTS", "Accepted", "Account", "App", "Project", "TokenInfo", "is_number", "token_secret"]
 
@@ -40,6 +41,10 @@ DEFAULT_FAULTS: dict[str, Any] = {
     "revoke_tokens_before": None,
     "record_accepted": True,
     "max_concurrent_streams": 100,
+    "goaway_after_streams": None,
+    "goaway_reason": "",
+    "reset_after_streams": None,
+    "stall": False,
 }
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
@@ -60,6 +65,10 @@ class _Faults(MockFaults):
     ratio_502_html: float
     token_lifetime_s: int
     revoke_tokens_before: float | None
+    goaway_after_streams: int | None
+    goaway_reason: str
+    reset_after_streams: int | None
+    stall: bool
 
 
 def is_number(value: Any) -> bool:
@@ -80,6 +89,10 @@ _FAULT_CHECKS: dict[str, Any] = {
     "revoke_tokens_before": lambda v: v is None or is_number(v),
     "record_accepted": lambda v: isinstance(v, bool),
     "max_concurrent_streams": lambda v: type(v) is int and v >= 1,
+    "goaway_after_streams": lambda v: v is None or (type(v) is int and v >= 0),
+    "goaway_reason": lambda v: isinstance(v, str) and v.isascii() and len(v) <= 256,
+    "reset_after_streams": lambda v: v is None or (type(v) is int and v >= 0),
+    "stall": lambda v: isinstance(v, bool),
 }
 
 
@@ -228,6 +241,8 @@ class App(MockApp["Connection"]):
         self.token_cache: dict[bytes, TokenInfo | None] = {}
         self.id_base = f"0:{time.time_ns() // 1000}{worker:02d}"
         self.seq = 0
+        #: Answers held while ``stall`` is on: (connection, its HTTP/2 stream or None, reply).
+        self.stalled: list[tuple[Connection, int | None, Reply]] = []
 
     # -- counters
 
@@ -240,6 +255,9 @@ class App(MockApp["Connection"]):
         self.n_grants = 0
         self.token_errors: dict[str, int] = {}
         self.protocols = {"h2": {"connections": 0, "requests": 0}, "http/1.1": {"connections": 0, "requests": 0}}
+        self.n_goaways = 0
+        self.n_resets = 0
+        self.n_refused = 0
 
     def stats_local(self) -> dict[str, Any]:
         return {
@@ -252,6 +270,10 @@ class App(MockApp["Connection"]):
             "connections_opened": self.n_conns_opened,
             "connections_open": len(self.conns),
             "protocols": {name: dict(counts) for name, counts in self.protocols.items()},
+            "goaways_sent": self.n_goaways,
+            "resets": self.n_resets,
+            "refused_streams": self.n_refused,
+            "stalled": len(self.stalled),
         }
 
     # -- state
@@ -330,11 +352,21 @@ class App(MockApp["Connection"]):
             super().apply_state(op, body)
 
     def set_faults(self, update: dict[str, Any]) -> None:
-        """A new ``quota_per_minute`` also restarts every project's quota window."""
+        """A new ``quota_per_minute`` also restarts every project's quota window; ``stall``
+        back to false answers the requests held."""
+        was_stalled = self.f.stall
         super().set_faults(update)
         if "quota_per_minute" in update:
             for project in self.projects.values():
                 project.quota = [0.0, 0]
+        if was_stalled and not self.f.stall:
+            self.release_stalled()
+
+    def release_stalled(self) -> None:
+        held, self.stalled = self.stalled, []
+        for conn, ref, reply in held:
+            if not conn.closed:
+                conn.answer_late(ref, reply)
 
     @staticmethod
     def _merge_tokens(project: Project, tokens: dict[str, bool | None]) -> None:

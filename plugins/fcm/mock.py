@@ -95,7 +95,14 @@ Faults and switches (``DEFAULT_FAULTS``): ``accept_any_token`` (unknown tokens s
 get 401, to test renewal); ``record_accepted`` (keep the accepted list; off for long
 benchmarks); ``max_concurrent_streams`` (HTTP/2 SETTINGS, 100 like FCM; pushed to open
 connections when changed; a client opening more gets GOAWAY PROTOCOL_ERROR
-``exceeded_max_concurrent_streams``).
+``exceeded_max_concurrent_streams``). Connection faults, as the mock APNs has them (same names),
+counted on HTTP/2 send streams (not the token endpoint's or the admin API's):
+``goaway_after_streams`` N (at the Nth send stream of a connection send GOAWAY NO_ERROR,
+last_stream_id = that stream, debug data ``goaway_reason``, none by default; answer the
+streams up to it, refuse later ones with RST_STREAM REFUSED_STREAM, then close);
+``reset_after_streams`` N (the (N+1)th send stream aborts the TCP connection with RST,
+unanswered streams are lost); ``stall`` (answer no send, over HTTP/2 or HTTP/1.1, until set
+back to false, then answer everything held; the token endpoint still answers).
 
 Admin API: on the same port (HTTP/2 or HTTP/1.1), paths under ``/_mock/``, JSON in and out, no
 auth; 400 ``{"error": ...}`` for bad input, and nothing half-applied:
@@ -113,7 +120,8 @@ auth; 400 ``{"error": ...}`` for bad input, and nothing half-applied:
   case), name, client_email, protocol, connection, worker, received_at_ns. ``DELETE`` clears it.
 - ``GET /_mock/stats``: requests (sends), successes, validate_only, errors (by FcmError code,
   else status), token_grants, token_errors (by OAuth error), connections_opened,
-  connections_open, protocols (``h2``/``http/1.1``: connections, requests). ``DELETE`` zeroes it.
+  connections_open, protocols (``h2``/``http/1.1``: connections, requests), goaways_sent,
+  resets, refused_streams, stalled (answers held now). ``DELETE`` zeroes it.
 
 With ``--workers`` admin changes reach every worker, and accepted and stats merge all of them.
 Admin requests are not counted. Not modelled: IAM and API-disabled errors, per-device and
