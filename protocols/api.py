@@ -156,7 +156,8 @@ __all__ = [
     "Branch", "SplitPath", "PushNode", "ConditionNode", "SplitNode", "WaitNode", "ReactionNode", "UpdateNode",
     "EndNode", "JourneyNode", "Criterion", "QuietHours", "FrequencyCap", "Reentrance", "JourneySpec", "JourneyState",
     "JourneyInfo", "JourneyList", "PublishJourney", "GetJourney", "ListJourneys", "CloseJourney",
-    "StopJourney", "PauseJourney", "ResumeJourney",
+    "StopJourney", "PauseJourney", "ResumeJourney", "SimulatedEvent", "SimulatedPush", "TraceStep", "Simulation",
+    "SimulateJourney",
     # secrets
     "SecretsRotated",
     "RotateSecrets",
@@ -1461,6 +1462,76 @@ class ResumeJourney(Request[JourneyInfo], frozen=True):
     id: Name
 
 
+class SimulatedEvent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """An event of the simulated profile, at a virtual time."""
+
+    at: Timestamp
+    type: EventType
+    data: dict[str, Any] = {}
+
+
+class SimulatedPush(Response):
+    """What the provider would get for one of the profile's registrations."""
+
+    app: str
+    #: The registration's platform (``apns``, ``apns-sandbox``, ``fcm``).
+    platform: str
+    token: str
+    payload: dict[str, Any] = {}
+    headers: dict[str, str] = {}
+    size: int = 0
+    error: str | None = None
+    detail: str | None = None
+
+
+class TraceStep(Response):
+    """One step of an instance, at its virtual time (`Step`)."""
+
+    at: Timestamp
+    node: str
+    #: enter, branch, split, wait, push, excluded, update, reaction, timeout, exit, goal, end.
+    kind: str
+    #: Why: the branch taken and its condition, what it waits until, the exclusion, ...
+    detail: str = ""
+    #: For ``excluded``: the reason code (``NoConsent``, ``QuietHours``, ``FrequencyCapped``, ...).
+    excluded: str | None = None
+    #: For ``push``: exactly what each registration's provider would get.
+    pushes: list[SimulatedPush] = []
+
+
+class Simulation(Response):
+    journey: str
+    #: The published version simulated (0: the journey given in the request).
+    version: int
+    #: ``ended``, ``waiting`` (at ``node`` until ``wake``, or for an event), ``not_entered``.
+    outcome: Literal["ended", "waiting", "not_entered"]
+    node: str = ""
+    #: Why it ended, or why it did not enter.
+    reason: str = ""
+    wake: Timestamp | None = None
+    steps: list[TraceStep] = []
+
+
+class SimulateJourney(Request[Simulation], frozen=True):
+    """Run a journey for one profile on a virtual clock, without sending or writing anything."""
+
+    method: ClassVar[str] = "journeys.simulate"
+    #: A journey to try (checked as ``journeys.publish`` checks it), or ``id`` (and ``version``) of a published one.
+    journey: JourneySpec | None = None
+    id: Name | None = None
+    version: Version | None = None
+    #: A stored profile, or a sample: attributes, with ``identities``, ``registrations``
+    #: (``[{app, platform, token}]``) and ``consent`` (``{app: "in" | "out"}``) if wanted.
+    identity: Identity | None = None
+    profile: dict[str, Any] | None = None
+    #: The profile's events, in time order (an event entry enters on the first that matches).
+    events: Annotated[list[SimulatedEvent], msgspec.Meta(max_length=1000)] = []
+    #: When the virtual clock starts (default: now, or the first event's time).
+    start: Timestamp | None = None
+    #: When it stops (default: 120 days after the start).
+    until: Timestamp | None = None
+
+
 # ---------------------------------------------------------------------------------------------
 # secrets
 
@@ -1547,6 +1618,7 @@ METHODS: dict[str, MethodSpec] = {
             StopJourney,
             PauseJourney,
             ResumeJourney,
+            SimulateJourney,
             RotateSecrets,
         ],
     )

@@ -960,6 +960,14 @@ class Condition:
         Raises:
             TemplateLimit, TemplateError: as `Field.render`.
         """
+        return bool(self.value(context))
+
+    def value(self, context: dict[str, Any] | Scope) -> Any:
+        """The expression's value in the context (None when it uses a missing value).
+
+        Raises:
+            TemplateLimit, TemplateError: as `Field.render`.
+        """
         scope = context if type(context) is Scope else Scope(context)  # type: ignore[arg-type]
         global _budget
         _budget = scope.budget
@@ -969,9 +977,9 @@ class Condition:
             for _ in self._template.root_render_func(jinja_context):
                 pass
             result = jinja_context.vars["result"]
-            return False if isinstance(result, jinja2.Undefined) else bool(result)
+            return None if isinstance(result, jinja2.Undefined) else result
         except jinja2.UndefinedError:
-            return False  # compared or computed with a missing value
+            return None  # compared or computed with a missing value
         except _RENDER_ERRORS as exc:
             raise _error(self.name, "condition", exc) from None
 

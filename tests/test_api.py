@@ -59,6 +59,7 @@ EXPECTED_METHODS = {
     "journeys.stop": (api.StopJourney, api.JourneyInfo, False),
     "journeys.pause": (api.PauseJourney, api.JourneyInfo, False),
     "journeys.resume": (api.ResumeJourney, api.JourneyInfo, False),
+    "journeys.simulate": (api.SimulateJourney, api.Simulation, False),
     "secrets.rotate": (api.RotateSecrets, api.SecretsRotated, False),
 }
 
@@ -170,6 +171,8 @@ SAMPLES: dict[str, api.Request[Any]] = {
     "journeys.stop": api.StopJourney(id="welcome"),
     "journeys.pause": api.PauseJourney(id="welcome"),
     "journeys.resume": api.ResumeJourney(id="welcome"),
+    "journeys.simulate": api.SimulateJourney(id="welcome", profile={"name": "Ana"}, events=[
+        api.SimulatedEvent(at=dt.datetime(2026, 12, 8, tzinfo=dt.UTC), type="app.installed")]),
     "secrets.rotate": api.RotateSecrets(),
 }
 
@@ -569,6 +572,10 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "journeys.stop": st.builds(api.StopJourney, id=_names),
     "journeys.pause": st.builds(api.PauseJourney, id=_names),
     "journeys.resume": st.builds(api.ResumeJourney, id=_names),
+    "journeys.simulate": st.builds(api.SimulateJourney, journey=st.none() | _journeys, id=st.none() | _names,
+                                   identity=st.none() | _identities,
+                                   profile=st.none() | st.dictionaries(st.sampled_from(["name", "timezone"]),
+                                                                       st.text(max_size=10), max_size=2)),
     "keys.revoke": st.builds(api.RevokeKey, id=st.from_regex(api.KEY_ID_PATTERN, fullmatch=True)),
     "secrets.rotate": st.builds(api.RotateSecrets),
     "apps.get": st.builds(api.GetApp, app=_apps),

@@ -74,7 +74,8 @@ SURFACE = {
         'Branch', 'SplitPath', 'PushNode', 'ConditionNode', 'SplitNode', 'WaitNode', 'ReactionNode', 'UpdateNode',
         'EndNode', 'JourneyNode', 'Criterion', 'QuietHours', 'FrequencyCap', 'Reentrance', 'JourneySpec',
         'JourneyState', 'JourneyInfo', 'JourneyList', 'PublishJourney', 'GetJourney', 'ListJourneys', 'CloseJourney',
-        'StopJourney', 'PauseJourney', 'ResumeJourney',
+        'StopJourney', 'PauseJourney', 'ResumeJourney', 'SimulatedEvent', 'SimulatedPush', 'TraceStep', 'Simulation',
+        'SimulateJourney',
     },
     'protocols.connection': {
         'CallCancelled', 'CallReceived', 'ClientConnection', 'Closed', 'CreditGranted', 'EndReceived',

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -274,6 +275,28 @@ def preview_request(args: argparse.Namespace) -> api.PreviewMessage:
         id=args.id, version=args.version, identity=args.identity,
         profile=parse_json_object(args.profile, "--profile") if args.profile else None,
         event=parse_json_object(args.event, "--event") if args.event else {},
+    )
+
+
+def simulate_request(args: argparse.Namespace) -> api.SimulateJourney:
+    """``journeys simulate``: a journey file (or a published journey's id), a profile, events."""
+    if (args.identity is None) == (args.profile is None):
+        raise UsageError("give --identity or --profile")
+    where = Path(args.journey)
+    spec = load_document(args.journey, api.JourneySpec) if where.suffix in (".yaml", ".yml", ".json") else None
+    events = []
+    if args.events:
+        decoder = msgspec.json.Decoder(api.SimulatedEvent)
+        for n, line in enumerate(read_file(args.events, "--events").splitlines(), 1):
+            if line.strip():
+                try:
+                    events.append(decoder.decode(line))
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    raise UsageError(f"{args.events}, line {n}: {exc}") from None
+    return api.SimulateJourney(
+        journey=spec, id=None if spec is not None else args.journey, version=args.version, identity=args.identity,
+        profile=parse_json_object(args.profile, "--profile") if args.profile else None,
+        events=events, start=parse_time(args.start, "--start"), until=parse_time(args.until, "--until"),
     )
 
 

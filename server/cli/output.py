@@ -266,6 +266,23 @@ def show_journeys(r: api.JourneyList) -> str:
     return "\n".join(show_journey(j) for j in r.journeys) or "(no journeys)"
 
 
+def show_simulation(s: api.Simulation) -> str:
+    """The trace of a simulated instance, a line a step, then where it ended up."""
+    lines = [f"journey {s.journey}" + (f" v{s.version}" if s.version else " (as given)")]
+    for step in s.steps:
+        lines.append(f"{when(step.at)}  {step.node:<16} {step.kind:<9} {step.detail}")
+        for push in step.pushes:
+            lines.append(f"{'':>22}-> {push.platform} {short_token(push.token)} ({push.app}): "
+                         + (f"{push.error}: {push.detail}" if push.error else json.dumps(push.payload, separators=(",", ":"))))
+    if s.outcome == "not_entered":
+        lines.append(f"not entered: {s.reason}")
+    elif s.outcome == "ended":
+        lines.append(f"ended at {s.node}: {s.reason}")
+    else:
+        lines.append(f"waiting at {s.node}" + (f" until {when(s.wake)}" if s.wake else ""))
+    return "\n".join(lines)
+
+
 def show_preview(p: api.Preview) -> str:
     if p.excluded:
         return f"message {p.id} v{p.version}: this profile would be excluded: {p.excluded}: {p.detail}"

@@ -23,6 +23,7 @@ from server.cli.output import (
     show_message_document, show_messages, show_preview, show_profile, show_profile_deleted, show_send, show_stats,
     show_token_registered, show_token_unregistered, show_created_key, show_keys, show_key_revoked,
     show_secrets_rotated, show_sandbox, show_sandboxes, show_journey, show_journey_document, show_journeys,
+    show_simulation,
 )
 from server.runtime.config import DEFAULT_LISTEN
 
@@ -70,6 +71,7 @@ COMMANDS: dict[str, str] = {
     "journeys.stop": "journeys stop",
     "journeys.pause": "journeys pause",
     "journeys.resume": "journeys resume",
+    "journeys.simulate": "journeys simulate",
     "secrets.rotate": "secrets rotate",
     "reports.watch": "reports --watch",
 }
@@ -374,6 +376,18 @@ def _journeys(tree: _Tree) -> None:
     p.add_argument("--version", type=int)
     tree.command(journeys, "list", "list journeys (latest versions) and their states",
                  call_action(lambda a: api.ListJourneys(), show_journeys))
+    p = tree.command(journeys, "simulate", "run a journey for one profile on a virtual clock: each step, each "
+                     "rendered push, each exclusion, where it ends (nothing sent or written)",
+                     call_action(commands.simulate_request, show_simulation))
+    p.add_argument("journey", metavar="FILE|ID", help="a journey file (.yaml, .yml, .json), or a published journey's id")
+    p.add_argument("--version", type=int, help="with an id: that version (default: the latest)")
+    p.add_argument("--identity", help="a stored profile")
+    p.add_argument("--profile", help="a sample profile: a JSON object (attributes, and identities, registrations "
+                                     "[{app, platform, token}], consent {app: in|out}), or @FILE")
+    p.add_argument("--events", metavar="FILE.jsonl", help="the profile's events, one JSON object a line: "
+                                                          '{"at": "2026-12-08T09:00:00Z", "type": "app.installed", "data": {}}')
+    p.add_argument("--start", help="when the virtual clock starts (RFC 3339; default: the first event, or now)")
+    p.add_argument("--until", help="when it stops (default: 120 days after the start)")
     for verb, request, help in (
         ("close", api.CloseJourney, "take no new entries; instances run to their end"),
         ("stop", api.StopJourney, "every instance exits now; no new entries"),

@@ -1,16 +1,26 @@
-"""The journey methods: ``journeys.publish``, ``get``, ``list`` and the lifecycle changes
-(``close``, ``stop``, ``pause``, ``resume``); admin scope, in the caller's sandbox."""
+"""The journey methods: ``journeys.publish``, ``get``, ``list``, the lifecycle changes
+(``close``, ``stop``, ``pause``, ``resume``) and ``simulate``; admin scope, in the caller's
+sandbox."""
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
+
+import msgspec
+import msgspec.structs
 
 from protocols import api
 from server.api.registry import CallContext, Methods
-from server.journeys import catalog, definition
+from server.channels import AppRecord
+from server.delivery.apps import get_app
+from server.journeys import catalog, definition, simulator
+from server.journeys.machine import Journey
 from server.messages.catalog import get_version
 from server.messages.content import decode_message
+from server.profiles.keys import normalize_token
+from server.profiles.records import ConsentRecord, ProfileRecord, RegistrationRecord
+from server.runtime.errors import InvalidArgument
 
 if TYPE_CHECKING:
     from server.profiles.sandboxes import Space
@@ -75,3 +85,69 @@ async def pause_journey(server: Server, ctx: CallContext, req: api.PauseJourney)
 @methods(api.ResumeJourney, scope="admin")
 async def resume_journey(server: Server, ctx: CallContext, req: api.ResumeJourney) -> api.JourneyInfo:
     return await _change(server, ctx, req.id, "resume")
+
+
+@methods(api.SimulateJourney, scope="admin")
+async def simulate_journey(server: Server, ctx: CallContext, req: api.SimulateJourney) -> api.Simulation:
+    space = server.space(ctx)
+    journey = _simulated(space, req)
+    profile = _profile(space, req)
+    start = req.start or (req.events[0].at if req.events else None)
+    start_us = int(start.timestamp() * 1_000_000) if start is not None else space.clock()
+    until_us = int(req.until.timestamp() * 1_000_000) if req.until is not None else start_us + _SIMULATED_US
+    if until_us <= start_us:
+        raise InvalidArgument("until must come after the start", field="$.until")
+    catalog = server.catalog
+    world = simulator.Catalog(
+        message=lambda name, version: catalog.message(space, name, version),
+        config=lambda name: catalog.config(space, name, field="$.journey"),
+        app=lambda app: get_app(space, app) or AppRecord(app=app, sandbox=space.name),
+        channel=server.delivery.by_platform.get,
+        compiled=lambda record: catalog.compiled(space, record),
+    )
+    return simulator.simulate(journey, profile, req.events, world, start_us=start_us, until_us=until_us)
+
+
+#: How long a simulation runs by default.
+_SIMULATED_US = 120 * 86_400_000_000
+
+
+def _simulated(space: Space, req: api.SimulateJourney) -> Journey:
+    if (req.journey is None) == (req.id is None):
+        raise InvalidArgument("give either a journey to try or the id of a published one", field="$.journey")
+    if req.journey is not None:
+        return Journey(definition.check(req.journey, _messages(space), now_us=space.clock()), 0)
+    assert req.id is not None
+    info = catalog.get_journey(space, req.id, req.version)
+    return Journey(info.journey, info.version)
+
+
+def _profile(space: Space, req: api.SimulateJourney) -> ProfileRecord:
+    """The stored profile, or the sample (its attributes, ``identities``, ``registrations``
+    and ``consent``), as a record the simulation may change."""
+    if (req.identity is None) == (req.profile is None):
+        raise InvalidArgument("give either an identity or a sample profile", field="$.identity")
+    if req.identity is not None:
+        return msgspec.structs.replace(space.get_profile(req.identity))
+    try:
+        return _sample(dict(req.profile or {}))
+    except (msgspec.ValidationError, InvalidArgument) as exc:
+        raise InvalidArgument(f"$.profile: {exc}", field="$.profile") from None
+
+
+class _SampleRegistration(msgspec.Struct, forbid_unknown_fields=True):
+    app: api.AppId
+    platform: api.Platform
+    token: api.PushToken
+
+
+def _sample(sample: dict[str, Any]) -> ProfileRecord:
+    identities = msgspec.convert(sample.pop("identities", ["sample:1"]), list[str])
+    registrations = msgspec.convert(sample.pop("registrations", []), list[_SampleRegistration])
+    consent = msgspec.convert(sample.pop("consent", {}), dict[str, Literal["in", "out"]])
+    return ProfileRecord(
+        identities=identities, attributes=sample,
+        registrations=[RegistrationRecord(r.app, r.platform, normalize_token(r.platform, r.token), 0, 0)
+                       for r in registrations],
+        consent={app: ConsentRecord(push, 0) for app, push in consent.items()}, created=0, updated=0,
+    )

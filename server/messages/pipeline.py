@@ -43,6 +43,7 @@ import re
 import secrets
 import time
 from collections import Counter
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -57,7 +58,7 @@ from server.messages.content import (
 )
 from server.messages import outbox
 from server.messages.outbox import ExecutionRecord, OutboxEntry, Outcomes, Watcher, deliver_batch, end_execution, stage_batch
-from server.profiles.records import ProfileRecord
+from server.profiles.records import ProfileRecord, RegistrationRecord
 from server.profiles.sandboxes import Space
 from server.runtime.errors import InvalidArgument, NotFound
 from server.reports.reporting import ReportKey, envelope_key
@@ -67,7 +68,7 @@ from server.templates import Condition, Scope, TemplateError, compile_condition
 if TYPE_CHECKING:
     from server.runtime.app import Server
 
-__all__ = ["Pipeline", "PLATFORMS", "resume", "recover"]
+__all__ = ["Pipeline", "PLATFORMS", "reachable", "resume", "recover"]
 
 log = logging.getLogger("pigeon.pipeline")
 
@@ -326,23 +327,9 @@ class Pipeline:
 
     def _profile(self, profile: ProfileRecord, context: Scope, jobs: list[DeliveryJob]) -> str | None:
         """Add the profile's jobs; or return why it is excluded."""
-        registrations = [r for r in profile.registrations if r.app in self.apps and r.platform in self.platforms]
-        if not registrations:
-            return "NoTokenForApp"
-        active = [r for r in registrations if r.state == "active"]
-        if not active:
-            return "OnlyInvalidTokens"
-        consent_rule = self.config.consent
-        if consent_rule != "none":
-            allowed = []
-            for r in active:
-                entry = profile.consent.get(r.app)
-                choice = entry.push if entry is not None else None
-                if (consent_rule == "opt_in" and choice == "in") or (consent_rule == "not_opted_out" and choice != "out"):
-                    allowed.append(r)
-            if not allowed:
-                return "NoConsent"
-            active = allowed
+        active, reason = reachable(profile, self.config, self.apps, self.platforms)
+        if reason is not None:
+            return reason
         if self._rules is not None:
             try:
                 reason = self._rules(identity=profile.identities[0] if profile.identities else "",
@@ -365,6 +352,30 @@ class Pipeline:
         for r in active:
             jobs.append(rendered.job(self.apps[r.app] or AppRecord(app=r.app, sandbox=self.space.name), r.token, r.platform, self.tracking))
         return None
+
+
+def reachable(profile: ProfileRecord, config: api.ChannelConfig, apps: Collection[str],
+              platforms: Collection[str]) -> tuple[list[RegistrationRecord], str | None]:
+    """The registrations a message of ``config`` goes to (of ``apps`` on ``platforms``, active,
+    with the consent the configuration asks for); or why the profile is excluded."""
+    registrations = [r for r in profile.registrations if r.app in apps and r.platform in platforms]
+    if not registrations:
+        return [], "NoTokenForApp"
+    active = [r for r in registrations if r.state == "active"]
+    if not active:
+        return [], "OnlyInvalidTokens"
+    rule = config.consent
+    if rule != "none":
+        allowed = []
+        for r in active:
+            entry = profile.consent.get(r.app)
+            choice = entry.push if entry is not None else None
+            if (rule == "opt_in" and choice == "in") or (rule == "not_opted_out" and choice != "out"):
+                allowed.append(r)
+        if not allowed:
+            return [], "NoConsent"
+        active = allowed
+    return active, None
 
 
 def _first(exc: BaseException) -> BaseException:
