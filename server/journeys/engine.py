@@ -1,22 +1,65 @@
-"""The journey engine.
+"""The journey engine: live journeys, run on the state machine (`server.journeys.machine`).
 
-No journeys exist yet, so the engine evaluates nothing. It already follows the committed event
-log by sequence number: ingestion tells it how far the log reaches after each commit, and when
-journeys arrive, event-triggered entries will read the log from the engine's position, so a
-notification lost to a full mailbox delays an entry but never drops it.
+It follows the committed event log from its position and the timers of every sandbox. Each
+cycle takes the events after its position (ingestion's hint wakes it at once) and the timers
+due (it sleeps until the next one, a second at most), works out on the Trio thread what each
+does to the instances of its profile (and which journeys it enters), and commits it all in
+one store op: the instances, their timers, the pushes' outbox entries and report counts,
+profile updates, and the position past those events. So a crash never sends a push whose
+step was not recorded nor records a step whose push was lost (the outbox is replayed at the
+next start, `server.messages.pipeline.recover`), and each event and each timer moves its
+instance once. Then the pushes are delivered, in the background, as ``messages.send`` 's are.
+
+Entries: an event entry indexed by event type per sandbox (no scan of all journeys per
+event); reactions, exits and goals: the event's profile's own instances (one key range).
+What is not here yet: audience and read-audience entries, ``move_waiting``, per-node journey
+metrics beyond the pushes' counts, caps counted on delivery (they count pushes staged).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import trio
 
+from protocols import api
+from server.channels import AppRecord, DeliveryJob
+from server.delivery.apps import get_app
+from server.journeys import catalog, instances
+from server.journeys.definition import duration_us
+from server.journeys.machine import Happened, Instance, Journey, advance, enter
+from server.messages import outbox
+from server.messages.content import context_for, exclusion, to_delivery
+from server.messages.pipeline import PLATFORMS, reachable
+from server.profiles import keys
+from server.profiles.records import ProfileRecord, decode_event, decode_profile
+from server.profiles.sandboxes import Space, sandbox_of
+from server.profiles.store import Writer
+from server.profiles.writes import merge_patch
+from server.reports.reporting import ReportKey, count_targeted, envelope_key, store_counts
 from server.runtime.actor import Actor
-from server.runtime.errors import ActorError, ResourceExhausted
+from server.runtime.errors import ActorError, InvalidArgument, ResourceExhausted, ServerError
+from server.templates import Scope, TemplateError, compile_condition
+
+if TYPE_CHECKING:
+    from server.runtime.app import Server
 
 __all__ = ["Journeys", "EventsCommitted"]
+
+log = logging.getLogger("pigeon.journeys")
+
+#: Events and timers a cycle takes at most.
+BATCH = 500
+#: Cycles whose pushes may be in delivery at once.
+IN_DELIVERY = 8
+_POSITION = b"journeys_position"
+_CAP_US = {"hour": 3_600_000_000, "day": 86_400_000_000, "week": 7 * 86_400_000_000, "month": 30 * 86_400_000_000}
+_data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 
 
 class EventsCommitted(msgspec.Struct, frozen=True):
@@ -26,40 +69,405 @@ class EventsCommitted(msgspec.Struct, frozen=True):
     count: int
 
 
+@dataclass
+class _Plan:
+    """What a cycle commits in one sandbox."""
+
+    space: Space
+    saves: list[tuple[bytes, Instance, int]] = field(default_factory=list)
+    patches: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
+    pushes: list[tuple[bytes, int, str]] = field(default_factory=list)
+    jobs: list[DeliveryJob] = field(default_factory=list)
+    counts: Counter[ReportKey] = field(default_factory=Counter)
+
+
 class Journeys(Actor):
-    def __init__(self, *, mailbox_size: int = 1024) -> None:
+    def __init__(self, server: Server | None = None, *, mailbox_size: int = 1024) -> None:
         super().__init__("journeys", mailbox_size)
+        self.server = server
         #: Highest event sequence number known to be committed.
         self.log_end = 0
-        #: Highest sequence number the engine has evaluated (all of them, with no journeys).
+        #: Highest sequence number the engine has evaluated.
         self.position = 0
         self.events_seen = 0
         self.hints_dropped = 0
-        self.live_journeys = 0
+        self.steps = 0
+        self.entered = 0
+        self.timers_fired = 0
+        self._wake = trio.Event()
+        self._live: dict[str, dict[str, Journey]] = {}  # sandbox -> id -> live version
+        self._states: dict[str, dict[str, str]] = {}  # sandbox -> id -> lifecycle state
+        self._to_stop: set[tuple[str, str]] = set()  # stopped journeys whose instances must end
+        self._by_event: dict[str, dict[str, list[str]]] = {}  # sandbox -> event type -> ids
+        self._compiled: dict[tuple[str, str, int], Journey] = {}
+        self._stale: set[str] = set()  # sandboxes whose journeys changed
+
+    @property
+    def live_journeys(self) -> int:
+        return sum(len(j) for j in self._live.values())
 
     def events_committed(self, last_seq: int, count: int) -> None:
         """Called by ingestion after a commit; never blocks the caller."""
         try:
             self.send_nowait(EventsCommitted(last_seq, count))
         except (ResourceExhausted, ActorError):
-            # Only a hint: the log itself is in LMDB and the next hint carries a higher seq.
-            # (ActorError: the engine is stopping or restarting.)
-            self.hints_dropped += 1
+            self.hints_dropped += 1  # only a hint: the log is in LMDB
         self.log_end = max(self.log_end, last_seq)
+        self._wake.set()
+
+    def changed(self, space: Space) -> None:
+        """A journey of ``space`` was published or changed state: read them again."""
+        self._stale.add(space.name)
+        self._wake.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        task_status.started()
+        if self.server is None:  # a bare engine (tests of other actors): follow the hints only
+            task_status.started()
+            while hints := await self.receive_batch(1024):
+                for hint in hints:
+                    self.events_seen += hint.count
+                    self.position = max(self.position, hint.last_seq)
+            return
+        await self._start()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._hints)
+            self._deliveries = trio.CapacityLimiter(IN_DELIVERY)
+            self._nursery = nursery
+            task_status.started()
+            while not self.stopping:
+                next_due = await self._cycle()
+                if next_due is None:
+                    with trio.move_on_after(self._sleep()):
+                        await self._wake.wait()
+                    self._wake = trio.Event()
+            nursery.cancel_scope.cancel()
+
+    async def _hints(self) -> None:
         while hints := await self.receive_batch(1024):
             for hint in hints:
                 self.events_seen += hint.count
-                # With no live journey there is nothing to evaluate: the position moves on.
-                self.position = max(self.position, hint.last_seq)
+            self._wake.set()
+
+    def _sleep(self) -> float:
+        """Seconds until the next timer is due, a second at most."""
+        assert self.server is not None
+        now = self.server.store.clock()
+        soonest = min((wake for wake in self._next_timers.values() if wake is not None), default=None)
+        return 1.0 if soonest is None else max(0.0, min(1.0, (soonest - now) / 1e6))
+
+    async def _start(self) -> None:
+        assert self.server is not None
+        store = self.server.store
+        self._next_timers: dict[str, int | None] = {}
+        with store.env.begin() as txn:
+            stored = txn.get(_POSITION, db=store.db("meta"))
+            last = txn.cursor(db=store.db("events"))
+            end = keys.seq_of(last.key()) if last.last() else 0
+        # The first start follows the log from its end: earlier events were never for journeys.
+        self.position = msgspec.msgpack.decode(stored) if stored is not None else end
+        self.log_end = max(self.log_end, end)
+        for space in store.spaces():
+            self._index(space)
+
+    def _index(self, space: Space) -> None:
+        live: dict[str, Journey] = {}
+        states: dict[str, str] = {}
+        by_event: dict[str, list[str]] = {}
+        before = self._states.get(space.name, {})
+        for info in catalog.list_journeys(space):
+            states[info.journey.id] = info.state
+            if info.state == "stopped" and before.get(info.journey.id, "stopped") != "stopped":
+                self._to_stop.add((space.name, info.journey.id))
+            if info.state != "live" or info.live_version is None:
+                continue
+            journey = self._journey(space, info.journey.id, info.live_version)
+            if journey is not None:
+                live[journey.id] = journey
+                if journey.spec.entry.event is not None:
+                    by_event.setdefault(journey.spec.entry.event, []).append(journey.id)
+        self._live[space.name], self._states[space.name], self._by_event[space.name] = live, states, by_event
+
+    def _journey(self, space: Space, id: str, version: int) -> Journey | None:
+        key = (space.name, id, version)
+        found = self._compiled.get(key)
+        if found is None:
+            try:
+                info = catalog.get_journey(space, id, version)
+            except ServerError:
+                return None
+            found = self._compiled[key] = Journey(info.journey, version)
+        return found
+
+    # -- a cycle ----------------------------------------------------------------------------
+
+    async def _cycle(self) -> int | None:
+        """Take the events after the position and the timers due; commit what they do.
+        Returns the position when there was work (call again), None when idle."""
+        assert self.server is not None
+        store = self.server.store
+        for name in list(self._stale):
+            self._stale.discard(name)
+            self._index(store.space(name))
+        now = store.clock()
+        plans: dict[str, _Plan] = {}
+        events, position = self._read_events()
+        for pid, type_, data in events:
+            space = store.space_of(sandbox_of(pid))
+            if space is not None:
+                self._on_event(self._plan(plans, space), pid, type_, data, now)
+        fired = self._stop_instances(plans, now)
+        for space in store.spaces():
+            due, self._next_timers[space.name] = instances.due(space, now, BATCH)
+            for wake, pid, journey in due:
+                self._on_timer(self._plan(plans, space), pid, journey, wake, now)
+                fired += 1
+        if not events and not fired and position == self.position:
+            return None
+        execution = secrets.token_hex(8)
+        staged = self._stage(plans, execution)
+        minute = self.server.reporting.minute()
+        await store.write(_commit, list(plans.values()), staged, position, minute)
+        self.position = position
+        self.timers_fired += fired
+        for plan in plans.values():
+            self.server.reporting.counted(plan.counts, minute)
+            jobs, keys_ = staged[plan.space.name]
+            if jobs:
+                await self._deliveries.acquire()
+                self._nursery.start_soon(self._deliver, plan.space, execution, jobs, keys_)
+        return position
+
+    def _stop_instances(self, plans: dict[str, _Plan], now: int) -> int:
+        """End the instances of the journeys stopped since the last cycle (`BATCH` at most;
+        the rest next cycle)."""
+        assert self.server is not None
+        ended = 0
+        for name, id in list(self._to_stop):
+            space = self.server.store.space(name)
+            found = instances.of_journey(space, id, BATCH - ended)
+            for pid, instance in found:
+                stopped = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
+                self._plan(plans, space).saves.append((pid, stopped, instance.wake_us))
+            ended += len(found)
+            if len(found) < BATCH:
+                self._to_stop.discard((name, id))
+            if ended >= BATCH:
+                break
+        return ended
+
+    def _plan(self, plans: dict[str, _Plan], space: Space) -> _Plan:
+        plan = plans.get(space.name)
+        if plan is None:
+            plan = plans[space.name] = _Plan(space)
+        return plan
+
+    async def _deliver(self, space: Space, execution: str, jobs: list[DeliveryJob], keys_: list[bytes]) -> None:
+        assert self.server is not None
+        try:
+            await outbox.deliver_batch(self.server, space, execution, jobs, keys_)
+        except ServerError as exc:  # left in the outbox: delivered again at the next start
+            log.error("journey pushes of %s not settled: %s", execution, exc)
+        finally:
+            self._deliveries.release()
+
+    def _read_events(self) -> tuple[list[tuple[bytes, str, dict[str, Any]]], int]:
+        """Up to `BATCH` events after the position: (profile id, type, data); the new position."""
+        assert self.server is not None
+        store = self.server.store
+        out: list[tuple[bytes, str, dict[str, Any]]] = []
+        position = self.position
+        with store.env.begin() as txn:
+            cursor = txn.cursor(db=store.db("events"))
+            found = cursor.set_range(keys.seq_key(position + 1))
+            while found and len(out) < BATCH:
+                value = cursor.value()
+                _, _, record = decode_event(value)
+                try:
+                    data = _data_decoder.decode(record.data)
+                except msgspec.DecodeError:
+                    data = {}
+                out.append((bytes(value[1:9]), record.type, data))
+                position = keys.seq_of(cursor.key())
+                found = cursor.next()
+        return out, position
+
+    # -- what an event and a timer do -------------------------------------------------------
+
+    def _on_event(self, plan: _Plan, pid: bytes, type_: str, data: dict[str, Any], now: int) -> None:
+        space = plan.space
+        profile = _profile(space, pid)
+        if profile is None:
+            return
+        running = instances.instances_of(space, pid)
+        happened = Happened("event", type=type_, data=data)
+        for id, instance in running.items():
+            journey = self._journey(space, id, instance.version)
+            if journey is not None and not instance.ended:
+                self._advance(plan, pid, profile, journey, instance, happened, now)
+        for id in self._by_event.get(space.name, {}).get(type_, []):
+            journey = self._live[space.name][id]
+            if self._enters(journey, running.get(id), profile, data, now):
+                self.entered += 1
+                self._advance(plan, pid, profile, journey, enter(journey, happened, now),
+                              Happened("enter", type=type_), now)
+
+    def _enters(self, journey: Journey, previous: Instance | None, profile: ProfileRecord, data: dict[str, Any],
+                now: int) -> bool:
+        spec = journey.spec
+        if previous is not None:
+            again = spec.reentrance
+            if not previous.ended or again is None or not again.allowed:
+                return False
+            if again.after is not None and now - previous.entered_us < duration_us(again.after):
+                return False
+        if journey.test and profile.attributes.get("testProfile") is not True:
+            return False
+        if spec.start is not None and now < int(spec.start.timestamp() * 1e6):
+            return False
+        if spec.end is not None and now >= int(spec.end.timestamp() * 1e6):
+            return False
+        if spec.entry.condition is None:
+            return True
+        condition = compile_condition("$.journey.entry.condition", spec.entry.condition)
+        try:
+            return condition.test({"profile": _attributes(profile), "event": data})
+        except TemplateError:
+            return False
+
+    def _on_timer(self, plan: _Plan, pid: bytes, id: str, wake: int, now: int) -> None:
+        space = plan.space
+        instance = instances.instances_of(space, pid).get(id)
+        profile = _profile(space, pid)
+        if instance is None or instance.ended or instance.wake_us != wake or profile is None:
+            if instance is not None and instance.wake_us != wake:
+                plan.saves.append((pid, instance, wake))  # a stale timer: its key goes
+            return
+        state = self._states.get(space.name, {}).get(id, "live")
+        if state == "paused":
+            held = msgspec.structs.replace(instance, wake_us=now + 60_000_000)
+            plan.saves.append((pid, held, wake))
+            return
+        journey = self._journey(space, id, instance.version)
+        if journey is None:
+            return
+        if state == "stopped":
+            ended = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
+            plan.saves.append((pid, ended, wake))
+            return
+        self._advance(plan, pid, profile, journey, instance, Happened("timer"), now)
+
+    def _advance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
+                 happened: Happened, now: int) -> None:
+        world = _World(self, plan, pid, profile, journey)
+        old_wake = instance.wake_us
+        moved, steps = advance(journey, instance, happened, now, _attributes(profile), world)
+        self.steps += len(steps)
+        plan.saves.append((pid, moved, old_wake))
+
+    def _stage(self, plans: dict[str, _Plan], execution: str) -> dict[str, tuple[list[DeliveryJob], list[bytes]]]:
+        """Each sandbox's jobs with their outbox keys (all under ``execution``, batch per sandbox)."""
+        out = {}
+        for batch, plan in enumerate(plans.values()):
+            keys_ = [outbox.outbox_key(execution, batch, i) for i in range(len(plan.jobs))]
+            for job in plan.jobs:
+                assert job.tracking is not None
+                job.tracking["x"] = execution
+            count_targeted(plan.counts, plan.jobs)
+            out[plan.space.name] = (plan.jobs, keys_)
+        return out
 
     def details(self) -> dict[str, Any]:
         return {
-            "live_journeys": self.live_journeys,
-            "log_end": self.log_end,
-            "position": self.position,
-            "events_seen": self.events_seen,
-            "hints_dropped": self.hints_dropped,
+            "live_journeys": self.live_journeys, "log_end": self.log_end, "position": self.position,
+            "events_seen": self.events_seen, "hints_dropped": self.hints_dropped, "entered": self.entered,
+            "steps": self.steps, "timers_fired": self.timers_fired,
         }
+
+
+class _World:
+    """The machine's world, live: pushes rendered and staged in the cycle's plan."""
+
+    def __init__(self, engine: Journeys, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey) -> None:
+        self.engine, self.plan, self.pid, self.profile, self.journey = engine, plan, pid, profile, journey
+
+    def push(self, instance: Instance, node: api.PushNode, at_us: int) -> tuple[Any, str | None]:
+        server = self.engine.server
+        assert server is not None and node.version is not None
+        space = self.plan.space
+        try:
+            record = server.catalog.message(space, node.message, node.version)
+            config = server.catalog.config(space, record.message.channel).config
+        except ServerError as exc:  # deleted since: this push is excluded, the journey goes on
+            return exc.message, "MessageGone"
+        platforms = {p for name in config.platforms for p in PLATFORMS[name]}
+        active, reason = reachable(self.profile, config, set(config.apps), platforms)
+        tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "n": node.id}
+        head = envelope_key(tracking)
+        if reason is None:
+            context = Scope(context_for(attributes=self.profile.attributes, identities=self.profile.identities,
+                                        event=instance.event, message=record.message, version=record.version,
+                                        journey={"id": self.journey.id, "version": self.journey.version, "node": node.id}))
+            try:
+                rendered = to_delivery(record.message, server.catalog.compiled(space, record).render(context))
+            except InvalidArgument as exc:
+                reason = exclusion(exc)
+        if reason is not None:
+            if head is not None:
+                self.plan.counts[(space.name, *head, "", "", "targeted", "")] += 1
+                self.plan.counts[(space.name, *head, "", "", "excluded", reason)] += 1
+            return f"no push ({reason})", reason
+        instance.pushes[node.id] = "pending"  # the cycle's execution id, set when staged
+        for registration in active:
+            app = get_app(space, registration.app) or AppRecord(app=registration.app, sandbox=space.name)
+            job = rendered.job(app, registration.token, registration.platform, dict(tracking))
+            self.plan.jobs.append(job)
+        self.plan.pushes.append((self.pid, at_us, self.journey.id))
+        return len(active), None
+
+    def capped(self, caps: list[api.FrequencyCap], at_us: int) -> bool:
+        space = self.plan.space
+        mine = [t for pid, t, _ in self.plan.pushes if pid == self.pid]
+        return any(instances.pushes_since(space, self.pid, at_us - _CAP_US[cap.per])
+                   + sum(1 for t in mine if t > at_us - _CAP_US[cap.per]) >= cap.max for cap in caps)
+
+    def update(self, patch: dict[str, Any]) -> None:
+        self.profile.attributes = merge_patch(self.profile.attributes, patch)
+        self.plan.patches.append((self.pid, patch))
+
+
+def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[DeliveryJob], list[bytes]]], position: int,
+            minute: int) -> None:
+    """Store op: every sandbox's plan of the cycle, and the position past its events."""
+    for plan in plans:
+        w.space, w.dbs = plan.space, plan.space.dbs  # this op spans the cycle's sandboxes
+        jobs, keys_ = staged[plan.space.name]
+        execution = keys_[0][:8].hex() if keys_ else ""
+        for pid, instance, old_wake in plan.saves:
+            if "pending" in instance.pushes.values():
+                instance.pushes = {n: (execution if x == "pending" else x) for n, x in instance.pushes.items()}
+            instances.save(w, pid, instance, old_wake)
+        for pid, patch in plan.patches:
+            value = w.txn.get(pid, db=w.dbs["profiles"])
+            if value is not None:
+                record = decode_profile(value)
+                record.attributes = merge_patch(record.attributes, patch)
+                w.save(pid, record)
+        for pid, at_us, journey in plan.pushes:
+            instances.log_push(w, pid, at_us, journey)
+        for key, job in zip(keys_, jobs):
+            entry = outbox.OutboxEntry(job.app.app, job.token, job.platform, job.content, job.apns, job.fcm,
+                                       job.tracking or {})
+            w.txn.put(key, outbox.encode_entry(entry), db=w.dbs["outbox"])
+        store_counts(w, plan.counts, minute)
+    w.txn.put(_POSITION, msgspec.msgpack.encode(position), db=w.dbs["meta"])
+
+
+def _profile(space: Space, pid: bytes) -> ProfileRecord | None:
+    with space.env.begin() as txn:
+        value = txn.get(pid, db=space.db("profiles"))
+    return None if value is None else decode_profile(value)
+
+
+def _attributes(profile: ProfileRecord) -> dict[str, Any]:
+    return {**profile.attributes, "identities": profile.identities}
+

@@ -252,6 +252,8 @@ def _reacts(journey: Journey, node: api.ReactionNode, inst: Instance, happened: 
         execution = inst.pushes.get(node.push or "")
         if happened.type != wanted or execution is None or envelope.get("x") != execution:
             return False
+        if envelope.get("n", node.push) != node.push:  # another push of the same execution
+            return False
         if node.action is not None and happened.data.get("actionId") != node.action:
             return False
     condition = journey.conditions.get(f"{node.id}.condition")

@@ -46,6 +46,7 @@ async def publish_journey(server: Server, ctx: CallContext, req: api.PublishJour
     space = server.space(ctx)
     spec = definition.check(req.journey, _messages(space), now_us=space.clock())
     info = await space.write(catalog.publish, spec, req.draft, req.move_waiting)
+    server.journeys.changed(space)
     log.info("journey %s: version %d published (%s)", spec.id, info.version, "draft" if req.draft else info.state)
     return info
 
@@ -63,6 +64,7 @@ async def list_journeys(server: Server, ctx: CallContext, req: api.ListJourneys)
 async def _change(server: Server, ctx: CallContext, id: str, verb: str) -> api.JourneyInfo:
     space = server.space(ctx)
     state = await space.write(catalog.change_state, id, verb)
+    server.journeys.changed(space)
     log.info("journey %s: %s", id, state.state)
     return catalog.get_journey(space, id)
 

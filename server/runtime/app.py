@@ -123,7 +123,7 @@ class Server:
         self.plugins = plugins if plugins is not None else Plugins()
         self.channels = self.plugins.channels(config)
         self.delivery = Delivery(self.reporting, self.store, self.channels)
-        self.journeys = Journeys()
+        self.journeys = Journeys(self)
         self.ingestion = Ingestion(
             self.store, on_committed=self.journeys.events_committed, clock=clock, retention_us=retention_us,
             on_interactions=self.reporting.record_many,

@@ -1,0 +1,123 @@
+"""Journey instances and their timers in LMDB (each sandbox's own databases).
+
+    instances  profile id (8) + utf-8 journey id  -> versioned `machine.Instance`
+    timers     wake µs (u64 BE) + profile id (8) + utf-8 journey id -> b""
+    push_log   profile id (8) + µs (u64 BE) + journey id -> b""  (pushes staged, for caps)
+
+An instance's key starts with its profile's id, so a profile's instances are together (one
+cursor range per event of that profile) and move with it if profiles are ever partitioned.
+``timers`` is ordered by time: the due ones are the first keys. An instance that ended keeps
+its record (re-entrance is decided on it) and has no timer.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from server.journeys.machine import Instance
+from server.profiles.records import unversioned
+from server.profiles.sandboxes import Space
+from server.profiles.store import Writer
+
+__all__ = ["instance_key", "timer_key", "save", "instances_of", "of_journey", "due", "pushes_since", "log_push", "MONTH_US"]
+
+_V1 = b"\x01"
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Instance)
+#: The longest a cap looks back (a month), and so what the push log keeps.
+MONTH_US = 30 * 86_400_000_000
+
+
+def instance_key(pid: bytes, journey: str) -> bytes:
+    return pid + journey.encode()
+
+
+def timer_key(wake_us: int, pid: bytes, journey: str) -> bytes:
+    return wake_us.to_bytes(8, "big") + pid + journey.encode()
+
+
+def _decode(value: bytes) -> Instance:
+    if value[:1] != _V1:
+        raise unversioned(value, "journey instance")
+    return _decoder.decode(memoryview(value)[1:])
+
+
+def save(w: Writer, pid: bytes, instance: Instance, old_wake_us: int) -> None:
+    """Store op step: the instance as it is now, its timer moved from ``old_wake_us``."""
+    if old_wake_us and old_wake_us != instance.wake_us:
+        w.txn.delete(timer_key(old_wake_us, pid, instance.journey), db=w.dbs["timers"])
+    if instance.wake_us and instance.wake_us != old_wake_us:
+        w.txn.put(timer_key(instance.wake_us, pid, instance.journey), b"", db=w.dbs["timers"])
+    w.txn.put(instance_key(pid, instance.journey), _V1 + _encoder.encode(instance), db=w.dbs["instances"])
+
+
+def instances_of(space: Space, pid: bytes) -> dict[str, Instance]:
+    """The profile's instances (running or ended), by journey."""
+    out: dict[str, Instance] = {}
+    with space.env.begin() as txn:
+        cursor = txn.cursor(db=space.db("instances"))
+        if cursor.set_range(pid):
+            for key, value in cursor:
+                if key[:8] != pid:
+                    break
+                out[bytes(key[8:]).decode()] = _decode(value)
+    return out
+
+
+def of_journey(space: Space, journey: str, limit: int) -> list[tuple[bytes, Instance]]:
+    """Up to ``limit`` running instances of ``journey`` (a scan of the sandbox's instances:
+    for a stop, which is rare)."""
+    out: list[tuple[bytes, Instance]] = []
+    tail = journey.encode()
+    with space.env.begin() as txn:
+        for key, value in txn.cursor(db=space.db("instances")):
+            if bytes(key[8:]) == tail:
+                instance = _decode(value)
+                if not instance.ended:
+                    out.append((bytes(key[:8]), instance))
+                    if len(out) >= limit:
+                        break
+    return out
+
+
+def due(space: Space, now_us: int, limit: int) -> tuple[list[tuple[int, bytes, str]], int | None]:
+    """Up to ``limit`` timers due by ``now_us``: (wake µs, profile id, journey); and the time of
+    the first timer not due yet (None: none)."""
+    out: list[tuple[int, bytes, str]] = []
+    with space.env.begin() as txn:
+        cursor = txn.cursor(db=space.db("timers"))
+        found = cursor.first()
+        while found:
+            key = cursor.key()
+            wake = int.from_bytes(key[:8], "big")
+            if wake > now_us or len(out) >= limit:
+                return out, wake
+            out.append((wake, bytes(key[8:16]), bytes(key[16:]).decode()))
+            found = cursor.next()
+    return out, None
+
+
+def pushes_since(space: Space, pid: bytes, since_us: int) -> int:
+    """Pushes staged for the profile since ``since_us`` (every journey's)."""
+    count = 0
+    with space.env.begin() as txn:
+        cursor = txn.cursor(db=space.db("push_log"))
+        if cursor.set_range(pid + since_us.to_bytes(8, "big")):
+            for key in cursor.iternext(keys=True, values=False):
+                if key[:8] != pid:
+                    break
+                count += 1
+    return count
+
+
+def log_push(w: Writer, pid: bytes, at_us: int, journey: str) -> None:
+    """Store op step: a push staged for the profile (caps count it); entries older than a
+    month go."""
+    db = w.dbs["push_log"]
+    w.txn.put(pid + at_us.to_bytes(8, "big") + journey.encode(), b"", db=db)
+    cursor = w.txn.cursor(db=db)
+    if cursor.set_range(pid):
+        limit = pid + max(0, at_us - MONTH_US).to_bytes(8, "big")
+        while cursor.key()[:8] == pid and cursor.key()[:16] < limit:
+            if not cursor.delete():
+                break
