@@ -113,6 +113,8 @@ async def test_an_install_gets_hello_then_the_offer_and_an_open_of_it_moves_the_
             await trio.sleep(0.05)
     report = await client.call(api.GetReport(journey="welcome"))
     assert report.totals.get("delivered") == 2 and report.totals.get("opened") == 1
+    assert (report.totals["entered"], report.totals["exited"], report.reasons["exited"]) == (1, 1, {"end": 1})
+    assert (await client.call(api.GetReport(journey="welcome", node="hello"))).totals["entered"] == 1
     assert (await client.call(api.GetReport(journey="welcome", node="offer"))).totals.get("delivered") == 1
 
 
@@ -123,6 +125,7 @@ async def test_an_exit_event_interrupts_the_wait_and_no_offer_is_sent(shop: Any,
     await pushed(fcm, 1, timeout=5)
     await ingest(client, "crm:bo", "purchase")
     await trio.sleep(3.5)  # past the wait
+    assert (await client.call(api.GetReport(journey="welcome", node="wait"))).reasons["exited"] == {"exit": 1}
     assert [t for t, _, _ in await pushed(fcm, 1)] == ["tok-bo"]
     # one instance per profile and journey: installing again does not enter again
     await ingest(client, "crm:bo", "app.installed")
@@ -138,6 +141,8 @@ async def test_a_stop_ends_every_instance(shop: Any, fcm: Any) -> None:
     await pushed(fcm, 5, timeout=5)
     await client.call(api.StopJourney(id="welcome"))
     await trio.sleep(3.5)
+    report = await client.call(api.GetReport(journey="welcome", node="wait"))
+    assert report.reasons["exited"] == {"stopped": 5}
     assert len(await pushed(fcm, 5)) == 5  # no offer: they were all stopped in their wait
     await ingest(client, "crm:p0", "app.installed")  # a stopped journey takes no one
     await trio.sleep(0.5)

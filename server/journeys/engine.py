@@ -128,12 +128,15 @@ class Journeys(Actor):
                     self.events_seen += hint.count
                     self.position = max(self.position, hint.last_seq)
             return
-        await self._start()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._hints)
-            self._deliveries = trio.CapacityLimiter(IN_DELIVERY)
+            self._deliveries = trio.Semaphore(IN_DELIVERY)
             self._nursery = nursery
             task_status.started()
+            # The start's recovery takes the outbox's leftovers first (the server starts it once
+            # its actors are up): what this engine stages must not look like one.
+            await self.server.outbox_read.wait()
+            await self._start()
             while not self.stopping:
                 next_due = await self._cycle()
                 if next_due is None:
@@ -247,7 +250,9 @@ class Journeys(Actor):
             found = instances.of_journey(space, id, BATCH - ended)
             for pid, instance in found:
                 stopped = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
-                self._plan(plans, space).saves.append((pid, stopped, instance.wake_us))
+                plan = self._plan(plans, space)
+                plan.saves.append((pid, stopped, instance.wake_us))
+                plan.counts[(name, "", 0, id, instance.node, "", "", "exited", "stopped")] += 1
             ended += len(found)
             if len(found) < BATCH:
                 self._to_stop.discard((name, id))
@@ -363,6 +368,14 @@ class Journeys(Actor):
         moved, steps = advance(journey, instance, happened, now, _attributes(profile), world)
         self.steps += len(steps)
         plan.saves.append((pid, moved, old_wake))
+        where = (plan.space.name, "", 0, journey.id)
+        for step in steps:
+            if step.kind == "enter":
+                plan.counts[(*where, step.node, "", "", "entered", "")] += 1
+            elif step.kind == "goal":
+                plan.counts[(*where, step.node, "", "", "goal", "")] += 1
+        if moved.ended:
+            plan.counts[(*where, moved.node, "", "", "exited", moved.reason)] += 1
 
     def _stage(self, plans: dict[str, _Plan], execution: str) -> dict[str, tuple[list[DeliveryJob], list[bytes]]]:
         """Each sandbox's jobs with their outbox keys (all under ``execution``, batch per sandbox)."""

@@ -435,8 +435,11 @@ async def recover(server: Server) -> None:
     # What a pipeline of this process runs is not a leftover: clients may have started sends
     # before this runs (the listener is up).
     running = {bytes.fromhex(execution) for execution in server.running_executions}
-    for space in store.spaces():
-        staged, pending = outbox.leftovers(space, running)
+    # Every sandbox's leftovers at once, before anything awaits: what is staged later (a send
+    # started meanwhile, the journey engine, which waits for this) is not a leftover.
+    found = [(space, *outbox.leftovers(space, running)) for space in store.spaces()]
+    server.outbox_read.set()
+    for space, staged, pending in found:
         if staged:
             log.warning("delivering %d notifications again that were staged when the server stopped "
                         "(some may reach the provider twice)%s", len(staged), _in(space))

@@ -100,6 +100,9 @@ class Server:
         self._stop = trio.Event()
         #: Executions (sends) a pipeline of this process is running: recovery leaves them alone.
         self.running_executions: set[str] = set()
+        #: Set once the start's recovery has read the outbox's leftovers (the journey engine
+        #: stages nothing before: its entries would look like leftovers).
+        self.outbox_read = trio.Event()
         retention_us = int(config.store.retention_days * 86_400 * 1_000_000)
         self.store = ProfileStore(
             config.data,
@@ -204,6 +207,8 @@ class Server:
             await recover(self)
         except ServerError as exc:
             log.error("could not resume the sends in progress: %s", exc)
+        finally:
+            self.outbox_read.set()
 
     async def run_in_background(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run ``fn(*args)`` in the server's own nursery and return its result: it goes on if
