@@ -2,6 +2,7 @@
 
     python -m bench.overload                # about two minutes: 60 s of overload
     python -m bench.overload --quick        # about half a minute: 10 s of overload
+    python -m bench.overload --baseline DIR # the server of another checkout (git archive REV | tar -x -C DIR)
 
 Against a fresh ``pigeon serve`` in a child process (fsync on every commit), on loopback:
 
@@ -213,8 +214,8 @@ def resident_mb(pid: int) -> float:
 
 class Probe:
     """``server.health`` and ``profiles.get`` every ``period`` each, on one connection, latency
-    measured from each call's scheduled time. A call late behind a stall is still made, and
-    counts in the phase its schedule falls in (`summary`)."""
+    measured from each call's scheduled time, and counted in the phase its schedule falls in
+    (`summary`)."""
 
     def __init__(self, client: TrioClient, period: float = 0.01) -> None:
         self.client = client
@@ -224,16 +225,22 @@ class Probe:
         self.failures: dict[str, int] = {}
 
     async def run(self, kind: str, request: Any, offset: float) -> None:
-        next_at = trio.current_time() + offset
-        while True:
-            await trio.sleep_until(next_at)
-            try:
-                with trio.fail_after(30):
-                    await self.client.call(request)
-            except (PigeonProtocolError, trio.TooSlowError):
-                self.failures[kind] = self.failures.get(kind, 0) + 1
-            self.calls.append((kind, next_at, trio.current_time() - next_at))
-            next_at += self.period
+        """A call every ``period`` from ``offset``, each in its own task (open loop: a slow
+        answer does not delay the calls after it)."""
+        async with trio.open_nursery() as calls:
+            next_at = trio.current_time() + offset
+            while True:
+                await trio.sleep_until(next_at)
+                calls.start_soon(self._one, kind, request, next_at)
+                next_at += self.period
+
+    async def _one(self, kind: str, request: Any, scheduled: float) -> None:
+        try:
+            with trio.fail_after(30):
+                await self.client.call(request)
+        except (PigeonProtocolError, trio.TooSlowError):
+            self.failures[kind] = self.failures.get(kind, 0) + 1
+        self.calls.append((kind, scheduled, trio.current_time() - scheduled))
 
     def summary(self, phases: dict[str, tuple[float, float]]) -> dict[str, Any]:
         """Latencies of the calls scheduled in each phase (``name: (start, end)``)."""
@@ -256,7 +263,7 @@ async def _memory(pid: int, samples: list[tuple[float, float]], started: float) 
 async def _recovery(address: str, stopped: float) -> dict[str, Any]:
     """From ``stopped``: an ordinary ingest and a health call every 50 ms until the ingest is
     accepted and health answered within 100 ms."""
-    attempts = unknown = 0
+    attempts = unknown = acknowledged = 0
     events = api.IngestEvents(events=[api.Event(identity="recovery:1", type="app.launch") for _ in range(10)])
     async with open_trio_client(address) as client:
         while True:
@@ -277,9 +284,10 @@ async def _recovery(address: str, stopped: float) -> dict[str, Any]:
             except trio.TooSlowError:
                 unknown += 10  # given up on: it may yet be stored
             else:
+                acknowledged += result.accepted
                 if healthy and result.accepted == 10:
-                    return {"seconds": round(trio.current_time() - stopped, 3), "attempts": attempts, "events": 10,
-                            "events_of_unknown_outcome": unknown}
+                    return {"seconds": round(trio.current_time() - stopped, 3), "attempts": attempts,
+                            "events": acknowledged, "events_of_unknown_outcome": unknown}
             await trio.sleep(0.05)
 
 
@@ -357,7 +365,8 @@ async def main(address: str, args: argparse.Namespace) -> dict[str, Any]:
         results["recovery"] = recovery
         results["server"] = {
             "ingestion": next(a for a in after.actors if a.name == "ingestion").details,
-            "events.ingest": msgspec_to_dict(after.methods.get("events.ingest")),
+            "server_side": {name: msgspec_to_dict(after.methods.get(name))
+                            for name in ("events.ingest", "server.health", "profiles.get")},
             "max_rss_mb": round(after.process.max_rss_bytes / 2**20, 1),
         }
         results["books"] = await _books(client, acknowledged, recovery["events_of_unknown_outcome"], flood["accepted_batches_per_connection"])
@@ -391,6 +400,9 @@ def cli(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="10 s of overload after 4 s of closed loop")
     parser.add_argument("--out", help="JSON output path (default bench/results/overload.json)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="server settings (PIGEON_*)")
+    parser.add_argument("--baseline", metavar="DIR", help="run the server of the checkout in DIR instead (the load and "
+                        "the probe are this checkout's)")
+    parser.add_argument("--server", metavar="ADDRESS", help="use a server already running there (under a profiler)")
     parser.add_argument("--load", metavar="ADDRESS", help=argparse.SUPPRESS)  # the load's own process
     parser.add_argument("--closed", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -401,7 +413,9 @@ def cli(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seconds, args.closed_seconds = 10.0, 4.0
     env = dict(item.split("=", 1) for item in args.env)
-    with ServerUnderTest(env=env) as server:
+    if args.baseline:  # that checkout's server modules before this one's
+        env.update(PYTHONSAFEPATH="1", PYTHONPATH=str(Path(args.baseline).resolve()))
+    with ServerUnderTest(env=env, address=args.server) as server:
         results = trio.run(main, server.address, args)
     show(results)
     path = write_results("overload", results, args.out)

@@ -461,7 +461,7 @@ class EventBatcher(BatcherResults):
 
     async def _call(self, batch: list[api.Event]) -> None:
         try:
-            self._book.record(batch, await self.client.call(api.IngestEvents(events=batch), timeout=self._call_timeout))
+            self._book.record(batch, await self._ingest(batch))
         except PigeonProtocolError as exc:
             self._book.record(batch, exc)
         except TimeoutError:
@@ -471,6 +471,25 @@ class EventBatcher(BatcherResults):
         finally:
             self._slots.release()
             self._call_done()
+
+    async def _ingest(self, batch: list[api.Event]) -> api.IngestResult:
+        """The batch's call, sent again after the server's retry hint while it sheds load,
+        all within ``call_timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self._call_timeout is None else loop.time() + self._call_timeout
+        attempt = 0
+        while True:
+            timeout = None if deadline is None else deadline - loop.time()
+            try:
+                return await self.client.call(api.IngestEvents(events=batch), timeout=timeout)
+            except CallError as exc:
+                delay = self._book.retry_delay(exc, attempt)
+                if delay is None:
+                    raise
+            attempt += 1
+            if deadline is not None and loop.time() + delay >= deadline:
+                raise TimeoutError
+            await asyncio.sleep(delay)
 
     def _call_done(self) -> None:
         self._in_flight -= 1

@@ -442,7 +442,7 @@ class Connection:
                 finally:
                     self.reserved -= reservation
         except ServerError as exc:
-            conn.send_error(call.id, exc.status, exc.message, field=exc.field)
+            conn.send_error(call.id, exc.status, exc.message, field=exc.field, retry_after_ms=exc.retry_after_ms)
             return False
         except Exception:
             log.exception("%s failed", call.method)
