@@ -253,6 +253,14 @@ class Probe:
             out[phase] = {kind: lat.summary() for kind, lat in kinds.items()}
         return out
 
+    def worst_by_second(self, start: float) -> dict[str, float]:
+        """The slowest call scheduled in each second from ``start``, ms."""
+        worst: dict[int, float] = {}
+        for _, scheduled, latency in self.calls:
+            second = int(scheduled - start)
+            worst[second] = max(worst.get(second, 0.0), round(latency * 1000, 1))
+        return {str(k): v for k, v in sorted(worst.items())}
+
 
 async def _memory(pid: int, samples: list[tuple[float, float]], started: float) -> None:
     while True:
@@ -358,7 +366,8 @@ async def main(address: str, args: argparse.Namespace) -> dict[str, Any]:
         results["overload"] = flood
         phases = {"idle": (started, started + flood_started), "overload": (started + flood_started, stopped),
                   "after": (stopped, math.inf)}
-        results["probe"] = {"every_ms": 10, "latency": probe.summary(phases), "failures": probe.failures}
+        results["probe"] = {"every_ms": 10, "latency": probe.summary(phases), "failures": probe.failures,
+                            "worst_ms_by_second_from_overload": probe.worst_by_second(started + flood_started)}
         during = [mb for t, mb in rss if flood_started <= t <= flood_stopped]
         results["rss_mb"] = {"before": round(rss_before, 1), "peak_during": max(during, default=0.0),
                              "end": rss[-1][1], "samples": rss}

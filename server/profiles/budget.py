@@ -8,6 +8,12 @@ finds the budget spent is refused at once with RESOURCE_EXHAUSTED and a retry hi
 stored nothing, instead of queueing: when clients offer more than the store commits, the
 excess is shed, and what is admitted is committed as fast as it would be without the flood.
 
+While it sheds (or more than half of it is taken), the admitted batches are decoded one at a time, each followed by a pause as
+long as its decoding took (`DecodeLane`): decoding, the costliest part of an ingest call on the
+Trio thread, then takes at most half of it, and the calls of other clients (a health check, a
+profile read) find the event loop free half of the time instead of behind a burst of decodes
+each time a commit makes room in the budget.
+
 The hint is the time the store needs to commit half of what is admitted, at the rate it
 committed lately (between `MIN_RETRY_MS` and `MAX_RETRY_MS`): a client that comes back then,
 with some jitter, finds room. While nothing is admitted any call is, whatever its size, so a
@@ -16,14 +22,18 @@ batch larger than the budget is never refused for good.
 
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import msgspec
+import trio
 
 from server.runtime.errors import ResourceExhausted
 
-__all__ = ["IngestBudget", "Ticket", "BudgetStatistics", "MIN_RETRY_MS", "MAX_RETRY_MS"]
+__all__ = ["IngestBudget", "Ticket", "BudgetStatistics", "DecodeLane", "MIN_RETRY_MS", "MAX_RETRY_MS", "SHEDDING_S",
+           "DECODE_SHARE"]
 
 #: The retry hint's bounds, in milliseconds.
 MIN_RETRY_MS = 10
@@ -32,6 +42,10 @@ MAX_RETRY_MS = 5_000
 _FIRST_RETRY_MS = 100
 #: Seconds over which the commit rate is measured (each window then counts half as much).
 _RATE_WINDOW_S = 0.5
+#: The budget counts as shedding this long after it last refused a call.
+SHEDDING_S = 1.0
+#: While the budget sheds, decoding takes at most this share of the event loop's time.
+DECODE_SHARE = 0.3
 
 
 class BudgetStatistics(msgspec.Struct, frozen=True):
@@ -96,6 +110,7 @@ class IngestBudget:
         self._rate = 0.0
         self._window_start = clock()
         self._window_events = 0
+        self._last_shed = -math.inf
 
     def admit(self, events: int, size: int) -> Ticket:
         """Take ``events`` and ``size`` bytes, or raise `ResourceExhausted` with a retry hint.
@@ -105,6 +120,7 @@ class IngestBudget:
         if self.calls and (self.events + events > self.max_events or self.bytes + size > self.max_bytes):
             self.shed_calls += 1
             self.shed_events += events
+            self._last_shed = self.clock()
             raise ResourceExhausted(
                 f"the server is taking in more events than it can store: {self.events} events "
                 f"({self.bytes} bytes) are waiting to be committed (ingest.backlog_events "
@@ -117,6 +133,13 @@ class IngestBudget:
         self.events += events
         self.bytes += size
         return Ticket(self, events, size)
+
+    def pressed(self) -> bool:
+        """Whether more than half the budget is taken, or a call was refused within the last
+        `SHEDDING_S` seconds."""
+        if self.events * 2 > self.max_events or self.bytes * 2 > self.max_bytes:
+            return True
+        return self.clock() - self._last_shed < SHEDDING_S
 
     def _release(self, ticket: Ticket, committed: bool) -> None:
         self.calls -= 1
@@ -154,3 +177,33 @@ class IngestBudget:
             shed_events=self.shed_events,
             drain_events_per_s=round(self._rate, 1),
         )
+
+
+class DecodeLane:
+    """Where admitted batches are decoded: one at a time, in arrival order (a batch waits for
+    the next pass of the event loop when another one was decoded in this one), and while the
+    budget is under pressure (`IngestBudget.pressed`) each followed by a pause of ``(1 -
+    DECODE_SHARE) / DECODE_SHARE`` times its own duration.
+    """
+
+    def __init__(self, budget: IngestBudget) -> None:
+        self.budget = budget
+        self._lock = trio.Lock()
+        self._free_at = -math.inf
+        #: Decodes that waited for their turn.
+        self.paced = 0
+
+    @asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Decode in the block (synchronously: it must not wait)."""
+        async with self._lock:
+            if self._free_at > trio.current_time():
+                self.paced += 1
+                await trio.sleep_until(self._free_at)
+            started = time.perf_counter()
+            try:
+                yield
+            finally:
+                if self.budget.pressed():
+                    took = time.perf_counter() - started
+                    self._free_at = trio.current_time() + took * (1 - DECODE_SHARE) / DECODE_SHARE

@@ -22,7 +22,7 @@ import trio
 
 from protocols import api
 
-from server.profiles.budget import IngestBudget, Ticket
+from server.profiles.budget import DecodeLane, IngestBudget, Ticket
 from server.runtime.actor import Actor, Future
 from server.runtime.errors import InvalidArgument, ServerError
 from server.profiles.keys import MAX_KEY_BYTES
@@ -279,6 +279,7 @@ class Ingestion(Actor):
     ) -> None:
         super().__init__("ingestion", mailbox_size)
         self.budget = budget if budget is not None else IngestBudget(max_events=50_000, max_bytes=32 << 20)
+        self.lane = DecodeLane(self.budget)
         self.store = store
         self.on_committed = on_committed
         self.clock = clock
@@ -317,7 +318,8 @@ class Ingestion(Actor):
         return result
 
     async def _ingest(self, body: bytes | msgspec.Raw, ticket: Ticket) -> tuple[api.IngestResult, list[InEvent]]:
-        events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
+        async with self.lane.turn():
+            events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
         self.rejected += len(rejected)
         if not events:
             return api.IngestResult(accepted=0, rejected=rejected), events
@@ -360,4 +362,5 @@ class Ingestion(Actor):
             "batches": self.batches,
             "store_ops": self.store_ops,
             "budget": msgspec.structs.asdict(self.budget.statistics()),
+            "decodes_paced": self.lane.paced,
         }
