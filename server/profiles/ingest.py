@@ -106,7 +106,7 @@ def peek_event_count(body: bytes | msgspec.Raw) -> int:
     its size, at most `api.MAX_EVENTS_PER_BATCH`; decoding tells the rest.
     """
     view = memoryview(body)
-    head = bytes(view[:16])
+    head = bytes(view[:24])
     bound = min(api.MAX_EVENTS_PER_BATCH, max(1, len(view) // _MIN_EVENT_BYTES))
     if head[:1] == b"\x81":
         at = 1
