@@ -394,6 +394,10 @@ class EventBatcher(BatcherResults):
         rejected: ``(event, rejection)`` for each event the server refused.
         failed: `BatchFailed` errors for batches whose call failed (leaving the block raises
             the first of them).
+        retried: batches sent again because the server shed them: a RESOURCE_EXHAUSTED with
+            a retry hint stored nothing, so the batch waits for the hint (doubled at each
+            refusal up to 8 times, with jitter, at most 30 s; within ``call_timeout``) and is
+            sent again, holding its place in ``max_in_flight`` meanwhile.
     """
 
     def __init__(
