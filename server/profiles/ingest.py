@@ -4,7 +4,8 @@
 its neighbours are still accepted. Before a batch is decoded it takes its share of the
 admission budget (`server.profiles.budget`), its event count read from the body's first
 bytes (`peek_event_count`): when the store is behind, the call is refused at once with a retry
-hint, at the cost of a few bytes read, and gives its share back once the store has committed it. The actor takes every validated batch waiting in its
+hint, at the cost of a few bytes read; an admitted batch gives its share back once the store
+has committed it. The actor takes every validated batch waiting in its
 mailbox and hands them to the store as one write op (many small ingest calls, one nested
 transaction); when the store has committed, each caller gets its own result and the journeys
 engine is told how far the committed event log now reaches.
@@ -22,7 +23,7 @@ import trio
 
 from protocols import api
 
-from server.profiles.budget import DecodeLane, IngestBudget, Ticket
+from server.profiles.budget import DecodeLane, IngestBudget
 from server.runtime.actor import Actor, Future
 from server.runtime.errors import InvalidArgument, ServerError
 from server.profiles.keys import MAX_KEY_BYTES
@@ -301,12 +302,24 @@ class Ingestion(Actor):
                 stored.
         """
         # Taken before decoding, given back when the store has answered: a caller that leaves
-        # (a deadline) does not take its events out of the store's queue.
+        # (a deadline) after handing its batch over does not take its events out of the
+        # store's queue, so they still count.
         ticket = self.budget.admit(peek_event_count(body), memoryview(body).nbytes)
         try:
-            result, events = await self._ingest(body, ticket)
-        finally:
-            ticket.release()  # a no-op once the store has answered
+            async with self.lane.turn():
+                events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
+            self.rejected += len(rejected)
+            if not events:
+                ticket.release()
+                return api.IngestResult(accepted=0, rejected=rejected)
+            ticket.resize(len(events))
+            job = _Job(events, rejected)
+            job.future.on_done(lambda done: ticket.release(committed=not done.failed))
+            await self.send(job)
+        except BaseException:
+            ticket.release()  # the batch was not handed over (a send cancelled sends nothing)
+            raise
+        result = await job.future.wait()
         if self.on_interactions is not None:
             interactions = push_interactions(events)
             if interactions:
@@ -316,18 +329,6 @@ class Ingestion(Actor):
                     self.interactions_lost += len(interactions)
                     log.warning("%d push interactions not counted: %s", len(interactions), exc)
         return result
-
-    async def _ingest(self, body: bytes | msgspec.Raw, ticket: Ticket) -> tuple[api.IngestResult, list[InEvent]]:
-        async with self.lane.turn():
-            events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
-        self.rejected += len(rejected)
-        if not events:
-            return api.IngestResult(accepted=0, rejected=rejected), events
-        ticket.resize(len(events))
-        job = _Job(events, rejected)
-        job.future.on_done(lambda done: ticket.release(committed=not done.failed))
-        await self.send(job)
-        return await job.future.wait(), events
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
