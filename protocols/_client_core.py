@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,7 @@ __all__ = [
     "describe",
     "BatchBook",
     "BatcherResults",
+    "MAX_RETRY_DELAY_S",
     "ClientBase",
     "API_KEY_ENV",
     "SANDBOX_ENV",
@@ -245,7 +247,8 @@ def route_events(
             sink = pending.pop(event.id, None)
             if sink is None:
                 continue
-            outcome = None if isinstance(event, EndReceived) else CallError(event.code, event.message, event.field)
+            outcome = None if isinstance(event, EndReceived) else CallError(
+                event.code, event.message, event.field, event.retry_after_ms)
             if outcome is None and not isinstance(sink, (StreamSink, Abandoned)):
                 outcome = CallError(Status.INTERNAL, "the server ended a unary call like a stream")
             sink.finish(outcome)
@@ -263,6 +266,8 @@ class BatchBook:
         accepted: events acknowledged as durable.
         rejected: ``(event, rejection)`` for each event the server refused.
         failed: `BatchFailed` errors for batches whose call failed.
+        retried: batches sent again because the server shed them (RESOURCE_EXHAUSTED with a
+            retry hint: nothing of them was stored).
     """
 
     def __init__(self, *, batch_size: int, max_in_flight: int, linger: float) -> None:
@@ -275,6 +280,7 @@ class BatchBook:
         self.accepted = 0
         self.rejected: list[tuple[api.Event, api.Rejection]] = []
         self.failed: list[BatchFailed] = []
+        self.retried = 0
         self.pending: list[api.Event] = []
         self._started = 0.0
 
@@ -297,6 +303,20 @@ class BatchBook:
         """A batch that was not sent goes back in front of the next one."""
         self.pending[:0] = batch
 
+    def retry_delay(self, error: PigeonProtocolError, attempt: int) -> float | None:
+        """Seconds to wait before sending a batch again that failed with ``error`` at its
+        ``attempt``-th retry (0 first), or None if it must not be: only a batch the server shed
+        (RESOURCE_EXHAUSTED with a retry hint, nothing stored) is. The server's hint, doubled
+        at each retry up to 8 times, with up to half as much again of jitter, at most
+        `MAX_RETRY_DELAY_S`."""
+        if not isinstance(error, CallError) or error.retry_after_ms is None:
+            return None
+        if error.status is not Status.RESOURCE_EXHAUSTED:
+            return None
+        self.retried += 1
+        delay = error.retry_after_ms / 1000 * min(2**attempt, 8)
+        return min(MAX_RETRY_DELAY_S, delay * (1 + random.random() / 2))
+
     def record(self, batch: list[api.Event], outcome: api.IngestResult | PigeonProtocolError) -> None:
         if isinstance(outcome, PigeonProtocolError):
             self.failed.append(BatchFailed(outcome, batch))
@@ -305,10 +325,18 @@ class BatchBook:
             self.rejected.extend((batch[r.index], r) for r in outcome.rejected)
 
 
+#: The longest an event batcher waits before sending a shed batch again.
+MAX_RETRY_DELAY_S = 30.0
+
+
 class BatcherResults:
     """The results of an event batcher, from its `BatchBook`."""
 
     _book: BatchBook
+
+    @property
+    def retried(self) -> int:
+        return self._book.retried
 
     @property
     def accepted(self) -> int:

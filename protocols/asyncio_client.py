@@ -399,6 +399,10 @@ class EventBatcher(BatcherResults):
         rejected: ``(event, rejection)`` for each event the server refused.
         failed: `BatchFailed` errors for batches whose call failed (leaving the block raises
             the first of them).
+        retried: batches sent again because the server shed them: a RESOURCE_EXHAUSTED with
+            a retry hint stored nothing, so the batch waits for the hint (doubled at each
+            refusal up to 8 times, with jitter, at most 30 s; within ``call_timeout``) and is
+            sent again, holding its place in ``max_in_flight`` meanwhile.
     """
 
     def __init__(
@@ -466,7 +470,7 @@ class EventBatcher(BatcherResults):
 
     async def _call(self, batch: list[api.Event]) -> None:
         try:
-            self._book.record(batch, await self.client.call(api.IngestEvents(events=batch), timeout=self._call_timeout))
+            self._book.record(batch, await self._ingest(batch))
         except PigeonProtocolError as exc:
             self._book.record(batch, exc)
         except TimeoutError:
@@ -476,6 +480,25 @@ class EventBatcher(BatcherResults):
         finally:
             self._slots.release()
             self._call_done()
+
+    async def _ingest(self, batch: list[api.Event]) -> api.IngestResult:
+        """The batch's call, sent again after the server's retry hint while it sheds load,
+        all within ``call_timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = None if self._call_timeout is None else loop.time() + self._call_timeout
+        attempt = 0
+        while True:
+            timeout = None if deadline is None else deadline - loop.time()
+            try:
+                return await self.client.call(api.IngestEvents(events=batch), timeout=timeout)
+            except CallError as exc:
+                delay = self._book.retry_delay(exc, attempt)
+                if delay is None:
+                    raise
+            attempt += 1
+            if deadline is not None and loop.time() + delay >= deadline:
+                raise TimeoutError
+            await asyncio.sleep(delay)
 
     def _call_done(self) -> None:
         self._in_flight -= 1

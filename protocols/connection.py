@@ -128,6 +128,7 @@ class ErrorReceived(msgspec.Struct, frozen=True):
     code: Status
     message: str
     field: str | None = None
+    retry_after_ms: int | None = None
 
 
 class GoAwayReceived(msgspec.Struct, frozen=True):
@@ -408,11 +409,13 @@ class ServerConnection(_Base):
         self._queue(End(id=call_id))
         return True
 
-    def send_error(self, call_id: int, code: Status, message: str, field: str | None = None) -> bool:
+    def send_error(
+        self, call_id: int, code: Status, message: str, field: str | None = None, retry_after_ms: int | None = None
+    ) -> bool:
         if call_id not in self.open_calls:
             return False
         self.open_calls.discard(call_id)
-        self._queue(Error(id=call_id, code=code, message=message, field=field))
+        self._queue(Error(id=call_id, code=code, message=message, field=field, retry_after_ms=retry_after_ms))
         return True
 
     def send_goaway(self, code: Status, message: str) -> None:
@@ -519,8 +522,8 @@ class ClientConnection(_Base):
                 events.append(ItemReceived(i, b))
             case End(id=i):
                 events.append(EndReceived(i))
-            case Error(id=i, code=c, message=m, field=f):
-                events.append(ErrorReceived(i, _status(c), m, f))
+            case Error(id=i, code=c, message=m, field=f, retry_after_ms=r):
+                events.append(ErrorReceived(i, _status(c), m, f, r))
             case Welcome():
                 if self.welcome is not None:
                     raise HandshakeError("the server sent a second welcome")

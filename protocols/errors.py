@@ -129,13 +129,17 @@ class CallError(PigeonProtocolError):
         status: the canonical status code.
         message: the server's explanation; it names the offending field when there is one.
         field: the path of the offending field (``$.events[3].type``) when known.
+        retry_after_ms: with RESOURCE_EXHAUSTED from a server shedding load, the call did
+            nothing and may be retried after this many milliseconds (the event batchers do);
+            else None.
     """
 
-    def __init__(self, status: Status, message: str, field: str | None = None) -> None:
+    def __init__(self, status: Status, message: str, field: str | None = None, retry_after_ms: int | None = None) -> None:
         super().__init__(f"{status}: {message}")
         self.status = Status(status)
         self.message = message
         self.field = field
+        self.retry_after_ms = retry_after_ms
 
 
 class ConnectionClosed(PigeonProtocolError):

@@ -121,6 +121,9 @@ class Error(Frame, tag="error", frozen=True):
     code: str
     message: str
     field: str | None = None
+    #: With RESOURCE_EXHAUSTED when the server sheds load: the call did nothing, and may be
+    #: sent again after this many milliseconds.
+    retry_after_ms: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
 
 class Cancel(Frame, tag="cancel", frozen=True):

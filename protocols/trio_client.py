@@ -311,6 +311,10 @@ class EventBatcher(BatcherResults):
         rejected: ``(event, rejection)`` for each event the server refused.
         failed: `BatchFailed` errors for batches whose call failed (leaving the block raises
             the first of them).
+        retried: batches sent again because the server shed them: a RESOURCE_EXHAUSTED with
+            a retry hint stored nothing, so the batch waits for the hint (doubled at each
+            refusal up to 8 times, with jitter, at most 30 s; within ``call_timeout``) and is
+            sent again, holding its place in ``max_in_flight`` meanwhile.
     """
 
     def __init__(
@@ -379,7 +383,7 @@ class EventBatcher(BatcherResults):
     async def _call(self, batch: list[api.Event]) -> None:
         try:
             with trio.fail_after(self._call_timeout):
-                self._book.record(batch, await self.client.call(api.IngestEvents(events=batch)))
+                self._book.record(batch, await self._ingest(batch))
         except PigeonProtocolError as exc:
             self._book.record(batch, exc)
         except trio.TooSlowError:
@@ -387,6 +391,19 @@ class EventBatcher(BatcherResults):
         finally:
             self._slots.release()
             self._done_one()
+
+    async def _ingest(self, batch: list[api.Event]) -> api.IngestResult:
+        """The batch's call, sent again after the server's retry hint while it sheds load."""
+        attempt = 0
+        while True:
+            try:
+                return await self.client.call(api.IngestEvents(events=batch))
+            except CallError as exc:
+                delay = self._book.retry_delay(exc, attempt)
+                if delay is None:
+                    raise
+            attempt += 1
+            await trio.sleep(delay)
 
     async def _linger_loop(self) -> None:
         while True:

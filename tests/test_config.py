@@ -83,3 +83,12 @@ def test_limits_that_cannot_work_are_refused():
         load_config(env={"PIGEON_LISTEN": ""})
     with pytest.raises(ConfigError, match="'max_frame'.*>= 1024"):
         load_config(env={"PIGEON_MAX_FRAME": "64"})
+
+
+def test_the_ingest_budget_has_defaults_and_keys():
+    config = load_config(env={})
+    assert (config.ingest.backlog_events, config.ingest.backlog_mb) == (50_000, 32)
+    config = load_config(env={"PIGEON_INGEST__BACKLOG_EVENTS": "7", "PIGEON_INGEST__BACKLOG_MB": "1"})
+    assert (config.ingest.backlog_events, config.ingest.backlog_mb) == (7, 1)
+    with pytest.raises(ConfigError, match=r"'ingest.backlog_events'"):
+        load_config(env={"PIGEON_INGEST__BACKLOG_EVENTS": "0"})

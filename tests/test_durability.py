@@ -26,7 +26,7 @@ def _batch_events(batch: int) -> list[api.Event]:
         api.Event(
             identity=IDENTITIES[(batch + i) % len(IDENTITIES)],
             type="test.durable",
-            data={"batch": batch, "i": i, "check": _checksum(batch, i), "pad": "p" * 50},
+            data={"batch": batch, "i": i, "check": _checksum(batch, i), "pad": "p" * 150},
         )
         for i in range(BATCH)
     ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import msgspec
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocols.errors import FrameTooLarge, ProtocolError, Status
@@ -54,7 +54,8 @@ frames = st.one_of(
     st.builds(Reply, id=u63, body=bodies),
     st.builds(Item, id=u63, body=bodies),
     st.builds(End, id=u63),
-    st.builds(Error, id=u63, code=statuses, message=texts, field=st.none() | texts),
+    st.builds(Error, id=u63, code=statuses, message=texts, field=st.none() | texts,
+              retry_after_ms=st.none() | st.integers(0, 2**63 - 1)),
     st.builds(Cancel, id=call_ids),
     st.builds(Ping, nonce=u63),
     st.builds(Pong, nonce=u63),
@@ -239,3 +240,71 @@ def test_oversized_header_after_good_frames_in_the_same_chunk() -> None:
     with pytest.raises(FrameTooLarge):
         decoder.feed(prefixed(b"ok") + (11).to_bytes(4, "big") + b"x" * 11)
     assert decoder.buffered == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# error.retry_after_ms (the load-shedding hint), as a client decodes it
+
+
+def _client_after_welcome():
+    from protocols.connection import ClientConnection
+
+    conn = ClientConnection()
+    conn.hello()
+    conn.data_to_send()
+    welcome = {"t": "welcome", "version": 1, "server": "pigeon/test", "max_frame": DEFAULT_MAX_FRAME, "max_calls": 8}
+    conn.receive_data(prefixed(msgspec.msgpack.encode(welcome)))
+    return conn
+
+
+hints = st.one_of(
+    st.none(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True), st.text(max_size=8), st.booleans(),
+    st.binary(max_size=8), st.lists(st.integers(-(2**63), 2**63 - 1), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(-(2**63), 2**63 - 1), max_size=2),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(hint=hints, present=st.booleans())
+def test_a_client_takes_a_retry_hint_that_is_a_whole_number_of_ms_and_no_other(hint, present) -> None:
+    from protocols.connection import ErrorReceived
+    from protocols.errors import MalformedFrame
+
+    conn = _client_after_welcome()
+    frame = {"t": "error", "id": 3, "code": "RESOURCE_EXHAUSTED", "message": "shed"}
+    if present:
+        frame["retry_after_ms"] = hint
+    valid = not present or hint is None or (type(hint) is int and 0 <= hint <= 2**64 - 1)
+    try:
+        events = conn.receive_data(prefixed(msgspec.msgpack.encode(frame)))
+    except MalformedFrame:
+        assert not valid
+        return
+    assert valid
+    assert events == [ErrorReceived(3, Status.RESOURCE_EXHAUSTED, "shed", None, hint if present else None)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(hint=st.none() | st.integers(0, 2**63 - 1), code=statuses, message=texts)
+def test_a_retry_hint_travels_from_the_server_to_the_call_error(hint, code, message) -> None:
+    from protocols._client_core import CallSink, route_events
+    from protocols.connection import ClientConnection, ServerConnection
+
+    server = ServerConnection(server="pigeon/test", max_frame=DEFAULT_MAX_FRAME, max_calls=8)
+    client = ClientConnection()
+    client.hello()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    call_id = client.start_call("events.ingest", {"events": []})
+    server.receive_data(client.data_to_send())
+    server.send_error(call_id, code, message, retry_after_ms=hint)
+    outcomes = []
+
+    class Sink(CallSink):
+        def resolve(self, outcome):
+            outcomes.append(outcome)
+
+    route_events(client.receive_data(server.data_to_send()), {call_id: Sink()},
+                 on_welcome=lambda: None, on_pong=lambda n: None, on_connection_error=lambda e: None)
+    [error] = outcomes
+    assert (error.status, error.message, error.retry_after_ms) == (code, message, hint)

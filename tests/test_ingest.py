@@ -15,7 +15,7 @@ from protocols import api
 from protocols.trio_client import open_client
 from protocols.errors import CallError, Status
 from server import InvalidArgument
-from server.profiles.ingest import MAX_EVENT_DATA_BYTES, decode_batch
+from server.profiles.ingest import MAX_EVENT_DATA_BYTES, decode_batch, peek_event_count
 
 NOW = 1_800_000_000_000_000
 DAY = 86_400_000_000
@@ -277,3 +277,39 @@ def test_fuzzed_event_data_is_refused_as_attributes_are_and_read_back_as_sent(se
 
 
 _fuzz_ids = itertools.count()
+
+
+# ---------------------------------------------------------------------------------------------
+# the count read before decoding (the admission budget's weight of a call)
+
+
+@settings(max_examples=100, deadline=None)
+@given(count=st.sampled_from([0, 1, 15, 16, 17, 500, 65_535, 65_536]) | st.integers(0, 2_000))
+def test_the_event_count_is_read_from_the_first_bytes(count: int) -> None:
+    body = msgspec.msgpack.encode(api.IngestEvents(events=[api.Event(identity="crm:1", type="app.launch")] * count))
+    assert peek_event_count(body) == min(count, api.MAX_EVENTS_PER_BATCH, max(1, len(body) // 16))
+    if count <= api.MAX_EVENTS_PER_BATCH:
+        assert peek_event_count(body) == count
+
+
+def test_the_count_of_unusual_but_valid_encodings_is_read_too() -> None:
+    event = msgspec.msgpack.encode({"identity": "crm:1", "type": "app.launch"})
+    for head in (b"\x81\xa6events", b"\xde\x00\x01\xd9\x06events", b"\xdf\x00\x00\x00\x01\xda\x00\x06events"):
+        for array in (b"\x93", b"\xdc\x00\x03", b"\xdd\x00\x00\x00\x03"):
+            body = head + array + event * 3
+            assert msgspec.msgpack.decode(body) == {"events": [{"identity": "crm:1", "type": "app.launch"}] * 3}
+            assert peek_event_count(body) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=st.binary(max_size=400) | st.builds(lambda obj: msgspec.msgpack.encode(obj), st.dictionaries(
+    st.sampled_from(["events", "event", "x"]), st.lists(st.integers(0, 9), max_size=30) | st.integers(0, 9) | st.text(), max_size=2)))
+def test_any_other_body_weighs_at_least_one_and_at_most_a_full_batch(body: bytes) -> None:
+    count = peek_event_count(body)
+    assert 1 <= count <= api.MAX_EVENTS_PER_BATCH or count == 0
+    try:
+        decoded = msgspec.msgpack.decode(body)
+    except msgspec.DecodeError:
+        return
+    if isinstance(decoded, dict) and isinstance(decoded.get("events"), list) and len(decoded) == 1:
+        assert count >= min(len(decoded["events"]), api.MAX_EVENTS_PER_BATCH)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
@@ -77,7 +78,9 @@ class Connection:
       call beyond ``max_calls`` is refused by the protocol layer), so credit, cancel and ping
       frames are always seen. It stops reading only while the connection holds too many bytes
       of requests or of answers (`_may_read`), which is how a client that does not read is
-      held back.
+      held back; and for the ``retry_after_ms`` of a refusal it was sent (the server sheds
+      load, `server.profiles.budget`): what the client sends meanwhile waits in its own socket
+      buffer, not in the server, and costs the server nothing.
     - A call runs once its answer has room (`_may_start`); a stream's item waits for room
       before it is queued.
     - Only the writer writes to the socket, so cancelling a call can never cut a frame in
@@ -124,6 +127,8 @@ class Connection:
         self.request_bytes = 0
         #: This connection's part of ``listener.buffered``.
         self._counted = 0
+        #: Nothing is read before this time (trio clock): a refusal with a retry hint was sent.
+        self.read_resumes = 0.0
 
     # -- memory -------------------------------------------------------------------------------
 
@@ -279,6 +284,9 @@ class Connection:
                 self.kick()
                 progress = self._progress
                 await progress.wait()
+            if self.read_resumes > trio.current_time():
+                self.kick()
+                await trio.sleep_until(self.read_resumes)
             try:
                 data = await self.stream.receive_some(65536)
             except (trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError, OSError) as exc:
@@ -445,7 +453,12 @@ class Connection:
                 finally:
                     self.reserved -= reservation
         except ServerError as exc:
-            conn.send_error(call.id, exc.status, exc.message, field=exc.field)
+            conn.send_error(call.id, exc.status, exc.message, field=exc.field, retry_after_ms=exc.retry_after_ms)
+            if exc.retry_after_ms is not None:
+                # The client was told to wait: what it sends before then waits in its socket.
+                # Jittered, so that connections refused together are not all read again together.
+                pause = exc.retry_after_ms / 1000 * (1 + random.random() / 2)
+                self.read_resumes = max(self.read_resumes, trio.current_time() + pause)
             return False
         except Exception:
             log.exception("%s failed", call.method)

@@ -1,7 +1,11 @@
 """Ingestion: validates experience-event batches and feeds them to the store.
 
 `decode_batch` checks every event on its own, so one bad event is reported by its index and
-its neighbours are still accepted. The actor takes every validated batch waiting in its
+its neighbours are still accepted. Before a batch is decoded it takes its share of the
+admission budget (`server.profiles.budget`), its event count read from the body's first
+bytes (`peek_event_count`): when the store is behind, the call is refused at once with a retry
+hint, at the cost of a few bytes read; an admitted batch gives its share back once the store
+has committed it. The actor takes every validated batch waiting in its
 mailbox and hands them to the store as one write op (many small ingest calls, one nested
 transaction); when the store has committed, each caller gets its own result and the journeys
 engine is told how far the committed event log now reaches.
@@ -19,6 +23,7 @@ import trio
 
 from protocols import api
 
+from server.profiles.budget import DecodeLane, IngestBudget
 from server.runtime.actor import Actor, Future
 from server.runtime.errors import InvalidArgument, ServerError
 from server.profiles.keys import MAX_KEY_BYTES
@@ -31,7 +36,7 @@ from server.profiles.writes import ingest_events
 
 log = logging.getLogger("pigeon.ingest")
 
-__all__ = ["Ingestion", "decode_batch", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US"]
+__all__ = ["Ingestion", "decode_batch", "peek_event_count", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US"]
 
 #: Largest encoded ``data`` map of one event.
 MAX_EVENT_DATA_BYTES = 64 * 1024
@@ -88,6 +93,45 @@ def _data_problem(raw: msgspec.Raw, index: int) -> tuple[str, str] | None:
         message, path = f"$: data nest deeper than {MAX_VALUE_DEPTH} levels", "$"
     field = f"$.events[{index}].data{path[1:]}"
     return field + message[len(path) :], field
+
+
+_EVENTS_KEYS = (b"\xa6events", b"\xd9\x06events", b"\xda\x00\x06events", b"\xdb\x00\x00\x00\x06events")
+#: Encoded bytes of the smallest event (``{"identity": "a:b", "type": "a.b"}``), nearly.
+_MIN_EVENT_BYTES = 16
+
+
+def peek_event_count(body: bytes | msgspec.Raw) -> int:
+    """The number of events in an ``events.ingest`` body, from its first bytes only.
+
+    A body is a map of one key, ``events``, holding an array: its count is read from the
+    array's header. For any other shape (invalid, or encoded unusually), an upper bound from
+    its size, at most `api.MAX_EVENTS_PER_BATCH`; decoding tells the rest.
+    """
+    view = memoryview(body)
+    head = bytes(view[:24])
+    bound = min(api.MAX_EVENTS_PER_BATCH, max(1, len(view) // _MIN_EVENT_BYTES))
+    if head[:1] == b"\x81":
+        at = 1
+    elif head[:3] == b"\xde\x00\x01":
+        at = 3
+    elif head[:5] == b"\xdf\x00\x00\x00\x01":
+        at = 5
+    else:
+        return bound
+    for key in _EVENTS_KEYS:
+        if head.startswith(key, at):
+            at += len(key)
+            break
+    else:
+        return bound
+    kind = head[at : at + 1]
+    if kind and 0x90 <= kind[0] <= 0x9F:
+        return kind[0] - 0x90
+    if kind == b"\xdc" and len(head) >= at + 3:
+        return min(bound, int.from_bytes(head[at + 1 : at + 3], "big"))
+    if kind == b"\xdd" and len(head) >= at + 5:
+        return min(bound, int.from_bytes(head[at + 1 : at + 5], "big"))
+    return bound
 
 
 def _is_map(raw: msgspec.Raw) -> bool:
@@ -221,6 +265,8 @@ class Ingestion(Actor):
         clock: current time in µs.
         retention_us: events older than this are refused.
         max_coalesce: most batches merged into one store op.
+        budget: the admission budget of batches waiting for the store (default: 50,000
+            events, 32 MiB).
     """
 
     def __init__(
@@ -233,8 +279,11 @@ class Ingestion(Actor):
         mailbox_size: int = 256,
         max_coalesce: int = 64,
         on_interactions: Callable[[list[ReportEvent]], Awaitable[None]] | None = None,
+        budget: IngestBudget | None = None,
     ) -> None:
         super().__init__("ingestion", mailbox_size)
+        self.budget = budget if budget is not None else IngestBudget(max_events=50_000, max_bytes=32 << 20)
+        self.lane = DecodeLane(self.budget)
         self.store = store
         self.on_committed = on_committed
         self.clock = clock
@@ -250,13 +299,30 @@ class Ingestion(Actor):
 
     async def ingest(self, body: bytes | msgspec.Raw, space: Space | None = None) -> api.IngestResult:
         """Validate a raw ``events.ingest`` body, store what is valid in ``space`` (None:
-        sandbox ``default``), return once durable."""
-        events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
-        self.rejected += len(rejected)
-        if not events:
-            return api.IngestResult(accepted=0, rejected=rejected)
-        job = _Job(events, rejected, space)
-        await self.send(job)
+        sandbox ``default``), return once durable.
+
+        Raises:
+            ResourceExhausted: the admission budget is spent (with a retry hint); nothing was
+                stored.
+        """
+        # Taken before decoding, given back when the store has answered: a caller that leaves
+        # (a deadline) after handing its batch over does not take its events out of the
+        # store's queue, so they still count.
+        ticket = self.budget.admit(peek_event_count(body), memoryview(body).nbytes)
+        try:
+            async with self.lane.turn():
+                events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
+            self.rejected += len(rejected)
+            if not events:
+                ticket.release()
+                return api.IngestResult(accepted=0, rejected=rejected)
+            ticket.resize(len(events))
+            job = _Job(events, rejected, space)
+            job.future.on_done(lambda done: ticket.release(committed=not done.failed))
+            await self.send(job)
+        except BaseException:
+            ticket.release()  # the batch was not handed over (a send cancelled sends nothing)
+            raise
         result = await job.future.wait()
         if self.on_interactions is not None:
             interactions = push_interactions(events, space.name if space is not None else DEFAULT)
@@ -301,4 +367,6 @@ class Ingestion(Actor):
             "events_rejected": self.rejected,
             "batches": self.batches,
             "store_ops": self.store_ops,
+            "budget": msgspec.structs.asdict(self.budget.statistics()),
+            "decodes_paced": self.lane.paced,
         }

@@ -46,6 +46,11 @@ class Future(Generic[T]):
     def done(self) -> bool:
         return self._event.is_set()
 
+    @property
+    def failed(self) -> bool:
+        """Whether the future was failed (without taking its error, which `result` does)."""
+        return self.done and self._error is not None
+
     def set(self, value: T) -> None:
         if not self.done:
             self._value = value

@@ -34,6 +34,7 @@ from server.messages import methods as message_methods
 from server.messages.catalog import Catalog
 from server.messages.pipeline import recover
 from server.profiles import methods as profile_methods
+from server.profiles.budget import IngestBudget
 from server.profiles.ingest import Ingestion
 from server.profiles.sealing import bare
 from server.profiles.sandboxes import Space
@@ -130,6 +131,7 @@ class Server:
         self.ingestion = Ingestion(
             self.store, on_committed=self.journeys.events_committed, clock=clock, retention_us=retention_us,
             on_interactions=self.reporting.record_many,
+            budget=IngestBudget(max_events=config.ingest.backlog_events, max_bytes=config.ingest.backlog_mb << 20),
         )
         self.listener = Listener(
             build_router(self),

@@ -23,7 +23,7 @@ from protocols.framing import DEFAULT_MAX_FRAME
 
 from server.runtime.errors import ConfigError
 
-__all__ = ["Config", "StoreSettings", "SupervisorSettings", "SenderSettings", "ApnsSettings", "ApnsEndpoint", "FcmSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
+__all__ = ["Config", "StoreSettings", "IngestSettings", "SupervisorSettings", "SenderSettings", "ApnsSettings", "ApnsEndpoint", "FcmSettings", "load_config", "DEFAULT_LISTEN", "DEFAULT_DATA"]
 
 log = logging.getLogger("pigeon.config")
 
@@ -48,6 +48,15 @@ class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     sweep_interval_s: PositiveFloat = 3600.0
     #: fsync every commit; turn off only for throwaway data.
     sync: bool = True
+
+
+class IngestSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The admission budget of ``events.ingest`` (`server.profiles.budget`): calls admitted and
+    not yet committed hold at most this many events and MiB of requests, all connections
+    together; past it a call is refused at once with RESOURCE_EXHAUSTED and a retry hint."""
+
+    backlog_events: Positive = 50_000
+    backlog_mb: Positive = 32
 
 
 class SupervisorSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -157,6 +166,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     shutdown_grace_s: PositiveFloat = 10.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    ingest: IngestSettings = msgspec.field(default_factory=IngestSettings)
     supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
     apns: ApnsSettings = msgspec.field(default_factory=ApnsSettings)
     fcm: FcmSettings = msgspec.field(default_factory=FcmSettings)

@@ -53,6 +53,8 @@ class ServerError(Exception):
     """
 
     status = Status.INTERNAL
+    #: Milliseconds after which the call may be retried (sent as ``error.retry_after_ms``).
+    retry_after_ms: int | None = None
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -87,10 +89,16 @@ class FailedPrecondition(ServerError):
 class ResourceExhausted(ServerError):
     """A limit on resources was hit (a mailbox is full, too many calls or connections).
 
-    A value that is too large is an `InvalidArgument`: the caller must change it.
+    A value that is too large is an `InvalidArgument`: the caller must change it. With
+    ``retry_after_ms``, the call did nothing and may be sent again after that long (the
+    server is shedding load, `server.profiles.budget`).
     """
 
     status = Status.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, *, field: str | None = None, retry_after_ms: int | None = None) -> None:
+        super().__init__(message, field=field)
+        self.retry_after_ms = retry_after_ms
 
 
 class Unauthenticated(ServerError):
