@@ -173,3 +173,23 @@ async def test_a_restart_resumes_the_waits_and_a_timer_due_meanwhile_fires_once(
             server.request_stop()
         if start == 0:
             await trio.sleep(2.5)  # the waits fall due while the server is down
+
+
+async def test_a_read_audience_enters_every_matching_profile_once_at_its_rate(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    for n in range(30):
+        await client.call(api.UpsertProfile(identity=f"crm:g{n}", attributes={"name": f"g{n}",
+                                                                              "tier": "gold" if n % 3 else "silver"}))
+        await client.call(api.RegisterToken(identity=f"crm:g{n}", app=APP, platform="fcm", token=f"tok-g{n}"))
+    read = {"id": "gold", "entry": {"read": True, "condition": "profile.tier == 'gold'", "rate": 10},
+            "nodes": [{"type": "push", "id": "hi", "message": "hello"}]}
+    started = trio.current_time()
+    await client.call(api.PublishJourney(journey=msgspec.convert(read, api.JourneySpec)))
+    accepted = await pushed(fcm, 20, timeout=20)
+    took = trio.current_time() - started
+    assert sorted(t for t, _, _ in accepted) == sorted(f"tok-g{n}" for n in range(30) if n % 3)
+    assert took >= 1.0, f"20 profiles at 10 a second entered in {took:.2f} s"  # the rate held (a second's burst)
+    await trio.sleep(1.5)
+    assert len(await pushed(fcm, 20)) == 20  # read once: nobody entered twice
+    report = await client.call(api.GetReport(journey="gold"))
+    assert (report.totals["entered"], report.totals["delivered"]) == (20, 20)

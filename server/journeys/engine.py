@@ -30,7 +30,7 @@ import trio
 from protocols import api
 from server.channels import AppRecord, DeliveryJob
 from server.delivery.apps import get_app
-from server.journeys import catalog, instances
+from server.journeys import catalog, instances, reads
 from server.journeys.definition import duration_us
 from server.journeys.machine import Happened, Instance, Journey, advance, enter
 from server.messages import outbox
@@ -79,6 +79,7 @@ class _Plan:
     pushes: list[tuple[bytes, int, str]] = field(default_factory=list)
     jobs: list[DeliveryJob] = field(default_factory=list)
     counts: Counter[ReportKey] = field(default_factory=Counter)
+    runs: list[tuple[str, reads.Run]] = field(default_factory=list)
 
 
 class Journeys(Actor):
@@ -99,6 +100,7 @@ class Journeys(Actor):
         self._states: dict[str, dict[str, str]] = {}  # sandbox -> id -> lifecycle state
         self._to_stop: set[tuple[str, str]] = set()  # stopped journeys whose instances must end
         self._by_event: dict[str, dict[str, list[str]]] = {}  # sandbox -> event type -> ids
+        self._reads: dict[str, list[str]] = {}  # sandbox -> ids of live read-audience journeys
         self._compiled: dict[tuple[str, str, int], Journey] = {}
         self._stale: set[str] = set()  # sandboxes whose journeys changed
 
@@ -189,6 +191,7 @@ class Journeys(Actor):
                 if journey.spec.entry.event is not None:
                     by_event.setdefault(journey.spec.entry.event, []).append(journey.id)
         self._live[space.name], self._states[space.name], self._by_event[space.name] = live, states, by_event
+        self._reads[space.name] = [id for id, journey in live.items() if journey.spec.entry.read]
 
     def _journey(self, space: Space, id: str, version: int) -> Journey | None:
         key = (space.name, id, version)
@@ -224,6 +227,7 @@ class Journeys(Actor):
             for wake, pid, journey in due:
                 self._on_timer(self._plan(plans, space), pid, journey, wake, now)
                 fired += 1
+        fired += self._read_audiences(plans, now)
         if not events and not fired and position == self.position:
             return None
         execution = secrets.token_hex(8)
@@ -259,6 +263,40 @@ class Journeys(Actor):
             if ended >= BATCH:
                 break
         return ended
+
+    def _read_audiences(self, plans: dict[str, _Plan], now: int) -> int:
+        """Enter the next profiles of each read under way, within its rate (`server.journeys.reads`);
+        the profiles read."""
+        assert self.server is not None
+        entered = read = 0
+        for name, ids in self._reads.items():
+            space = self.server.store.space(name)
+            for id in ids:
+                journey = self._live[name][id]
+                entry = journey.spec.entry
+                run = reads.get_run(space, id) or reads.Run(next_us=int(entry.at.timestamp() * 1e6) if entry.at else now)
+                if run.next_us == 0 or now < run.next_us:
+                    continue
+                run = msgspec.structs.replace(run, running=True)
+                limit = reads.allowance(run, entry.rate, now, BATCH - read)
+                page = reads.page(space, run, limit)
+                read += len(page)
+                plan = self._plan(plans, space)
+                for pid, profile in page:
+                    previous = instances.instances_of(space, pid).get(id)
+                    if self._enters(journey, previous, profile, {}, now):
+                        self.entered += 1
+                        entered += 1
+                        self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
+                                      Happened("enter", type="read"), now)
+                if page:
+                    run.after, run.last_us = page[-1][0], now
+                    run.entered += len(page)
+                if len(page) < limit:  # the read reached the last profile
+                    every = duration_us(entry.every) if entry.every else 0
+                    run = reads.Run(next_us=run.next_us + every if every else 0, last_us=now)
+                plan.runs.append((id, run))
+        return read
 
     def _plan(self, plans: dict[str, _Plan], space: Space) -> _Plan:
         plan = plans.get(space.name)
@@ -467,6 +505,8 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
                 w.save(pid, record)
         for pid, at_us, journey in plan.pushes:
             instances.log_push(w, pid, at_us, journey)
+        for id, run in plan.runs:
+            reads.put_run(w, id, run)
         for key, job in zip(keys_, jobs):
             entry = outbox.OutboxEntry(job.app.app, job.token, job.platform, job.content, job.apns, job.fcm,
                                        job.tracking or {})
