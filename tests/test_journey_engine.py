@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -115,6 +117,15 @@ async def test_an_install_gets_hello_then_the_offer_and_an_open_of_it_moves_the_
     assert report.totals.get("delivered") == 2 and report.totals.get("opened") == 1
     assert (report.totals["entered"], report.totals["exited"], report.reasons["exited"]) == (1, 1, {"end": 1})
     assert (await client.call(api.GetReport(journey="welcome", node="hello"))).totals["entered"] == 1
+    # and the CLI's table, node by node
+    r = await trio.to_thread.run_sync(functools.partial(
+        subprocess.run, [sys.executable, "-m", "server.cli", "journeys", "report", "welcome", "--server",
+                         server.addresses[0]], capture_output=True, text=True, timeout=60))
+    assert r.returncode == 0, r.stderr
+    lines = {line.split()[0]: line.split() for line in r.stdout.splitlines()[2:] if line.strip() and ":" not in line}
+    assert lines["hello"][1:4] == ["push", "1", "0"] and lines["done"][1:4] == ["end", "0", "1"]
+    assert lines["offer"][7] == "1" and lines["offer"][9] == "1"  # delivered, opened
+    assert "done: exited end 1" in r.stdout
     assert (await client.call(api.GetReport(journey="welcome", node="offer"))).totals.get("delivered") == 1
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import trio
@@ -24,7 +24,7 @@ from protocols.errors import CallError
 from protocols.trio_client import BatchFailed, Client, EventBatcher
 
 from server.cli.inputs import TOO_DEEP, UsageError, load_document, make_event, parse_json_object, parse_time, read_file
-from server.cli.output import json_line, show_event, show_ingest, show_push, show_report, to_json
+from server.cli.output import json_line, show_event, show_ingest, show_journey_report, show_push, show_report, to_json
 
 __all__ = [
     "Action", "call_action", "events_import", "events_list", "events_send", "preview_request", "publish_action",
@@ -298,6 +298,22 @@ def simulate_request(args: argparse.Namespace) -> api.SimulateJourney:
         profile=parse_json_object(args.profile, "--profile") if args.profile else None,
         events=events, start=parse_time(args.start, "--start"), until=parse_time(args.until, "--until"),
     )
+
+
+async def journey_report(client: Client, args: argparse.Namespace) -> None:
+    """``journeys report``: a journey's counts node by node, once or whenever they change."""
+    window: Literal["live", "all_time"] = "live" if args.live else "all_time"
+    with trio.fail_after(args.timeout):
+        info = await client.call(api.GetJourney(id=args.id))
+    while True:
+        with trio.fail_after(args.timeout):
+            rows = [(node, await client.call(api.GetReport(journey=args.id, node=node.id, window=window)))
+                    for node in info.journey.nodes]
+        print(to_json({n.id: r for n, r in rows}) if args.json else show_journey_report(info, rows), flush=True)
+        if args.watch is None:
+            return
+        await trio.sleep(args.watch)
+        print("\x1b[H\x1b[2J", end="")
 
 
 async def reports(client: Client, args: argparse.Namespace) -> None:

@@ -266,6 +266,23 @@ def show_journeys(r: api.JourneyList) -> str:
     return "\n".join(show_journey(j) for j in r.journeys) or "(no journeys)"
 
 
+_JOURNEY_COLUMNS = ("entered", "exited", "targeted", "excluded", "sent", "delivered", "failed", "opened", "action",
+                    "goal")
+
+
+def show_journey_report(info: api.JourneyInfo, rows: list[tuple[api.JourneyNode, api.Report]]) -> str:
+    """A journey's counts, a row per node, then why instances exited and pushes were excluded."""
+    table_rows = [[node.id, type(node).__name__.removesuffix("Node").lower(),
+                   *(str(report.totals.get(c, 0)) for c in _JOURNEY_COLUMNS)] for node, report in rows]
+    out = [show_journey(info), table(table_rows, ["NODE", "TYPE", *(c.upper() for c in _JOURNEY_COLUMNS)])]
+    for node, report in rows:
+        for metric in ("exited", "excluded", "failed"):
+            reasons = report.reasons.get(metric)
+            if reasons:
+                out.append(f"{node.id}: {metric} " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())))
+    return "\n".join(out)
+
+
 def show_simulation(s: api.Simulation) -> str:
     """The trace of a simulated instance, a line a step, then where it ended up."""
     lines = [f"journey {s.journey}" + (f" v{s.version}" if s.version else " (as given)")]

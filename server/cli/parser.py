@@ -376,6 +376,12 @@ def _journeys(tree: _Tree) -> None:
     p.add_argument("--version", type=int)
     tree.command(journeys, "list", "list journeys (latest versions) and their states",
                  call_action(lambda a: api.ListJourneys(), show_journeys))
+    p = tree.command(journeys, "report", "a journey's counts node by node: entered, exited (why), pushes and their "
+                     "outcomes, opens, goals", commands.journey_report)
+    p.add_argument("id")
+    p.add_argument("--live", action="store_true", help="the last 24 hours (default: all time)")
+    p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                   help="print it again every SECONDS (default 2) until interrupted")
     p = tree.command(journeys, "simulate", "run a journey for one profile on a virtual clock: each step, each "
                      "rendered push, each exclusion, where it ends (nothing sent or written)",
                      call_action(commands.simulate_request, show_simulation))
