@@ -157,7 +157,7 @@ __all__ = [
     "EndNode", "JourneyNode", "Criterion", "QuietHours", "FrequencyCap", "Reentrance", "JourneySpec", "JourneyState",
     "JourneyInfo", "JourneyList", "PublishJourney", "GetJourney", "ListJourneys", "CloseJourney",
     "StopJourney", "PauseJourney", "ResumeJourney", "SimulatedEvent", "SimulatedPush", "TraceStep", "Simulation",
-    "SimulateJourney",
+    "SimulateJourney", "TraceJourney",
     # secrets
     "SecretsRotated",
     "RotateSecrets",
@@ -1512,6 +1512,14 @@ class Simulation(Response):
     steps: list[TraceStep] = []
 
 
+class TraceJourney(Request[Simulation], frozen=True):
+    """A test-mode journey's instance for a profile: where it is and every step it took."""
+
+    method: ClassVar[str] = "journeys.trace"
+    id: Name
+    identity: Identity
+
+
 class SimulateJourney(Request[Simulation], frozen=True):
     """Run a journey for one profile on a virtual clock, without sending or writing anything."""
 
@@ -1619,6 +1627,7 @@ METHODS: dict[str, MethodSpec] = {
             PauseJourney,
             ResumeJourney,
             SimulateJourney,
+            TraceJourney,
             RotateSecrets,
         ],
     )

@@ -34,7 +34,7 @@ NEEDS = {
                             "configs.publish", "configs.get", "configs.list", "messages.publish", "messages.get",
                             "messages.list", "messages.preview", "keys.create", "keys.list", "keys.revoke", "sandboxes.create", "sandboxes.list",
                             "journeys.publish", "journeys.get", "journeys.list", "journeys.close", "journeys.stop",
-                            "journeys.pause", "journeys.resume", "journeys.simulate",
+                            "journeys.pause", "journeys.resume", "journeys.simulate", "journeys.trace",
                             "secrets.rotate")},
 }
 #: The scopes each key's scope grants.

@@ -60,6 +60,7 @@ EXPECTED_METHODS = {
     "journeys.pause": (api.PauseJourney, api.JourneyInfo, False),
     "journeys.resume": (api.ResumeJourney, api.JourneyInfo, False),
     "journeys.simulate": (api.SimulateJourney, api.Simulation, False),
+    "journeys.trace": (api.TraceJourney, api.Simulation, False),
     "secrets.rotate": (api.RotateSecrets, api.SecretsRotated, False),
 }
 
@@ -171,6 +172,7 @@ SAMPLES: dict[str, api.Request[Any]] = {
     "journeys.stop": api.StopJourney(id="welcome"),
     "journeys.pause": api.PauseJourney(id="welcome"),
     "journeys.resume": api.ResumeJourney(id="welcome"),
+    "journeys.trace": api.TraceJourney(id="welcome", identity="crm:42"),
     "journeys.simulate": api.SimulateJourney(id="welcome", profile={"name": "Ana"}, events=[
         api.SimulatedEvent(at=dt.datetime(2026, 12, 8, tzinfo=dt.UTC), type="app.installed")]),
     "secrets.rotate": api.RotateSecrets(),
@@ -572,6 +574,7 @@ REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {
     "journeys.stop": st.builds(api.StopJourney, id=_names),
     "journeys.pause": st.builds(api.PauseJourney, id=_names),
     "journeys.resume": st.builds(api.ResumeJourney, id=_names),
+    "journeys.trace": st.builds(api.TraceJourney, id=_names, identity=_identities),
     "journeys.simulate": st.builds(api.SimulateJourney, journey=st.none() | _journeys, id=st.none() | _names,
                                    identity=st.none() | _identities,
                                    profile=st.none() | st.dictionaries(st.sampled_from(["name", "timezone"]),

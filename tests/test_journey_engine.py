@@ -204,3 +204,31 @@ async def test_a_read_audience_enters_every_matching_profile_once_at_its_rate(sh
     assert len(await pushed(fcm, 20)) == 20  # read once: nobody entered twice
     report = await client.call(api.GetReport(journey="gold"))
     assert (report.totals["entered"], report.totals["delivered"]) == (20, 20)
+
+
+async def test_a_test_mode_instance_s_trace_is_the_simulator_s_for_the_same_inputs(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    flow = {**FLOW, "id": "trial", "test": True, "nodes": [
+        {"type": "push", "id": "hello", "message": "hello", "next": "wait"},
+        {"type": "wait", "id": "wait", "duration": "1h", "next": "late"},  # 10 s at most in test mode
+        {"type": "condition", "id": "late", "branches": [{"when": "profile.vip", "next": "done"}], "otherwise": "offer"},
+        {"type": "push", "id": "offer", "message": "offer", "next": "done"},
+        {"type": "end", "id": "done"}]}
+    spec = msgspec.convert(flow, api.JourneySpec)
+    await client.call(api.PublishJourney(journey=spec))
+    await client.call(api.UpsertProfile(identity="crm:t", attributes={"name": "t", "testProfile": True}))
+    await client.call(api.RegisterToken(identity="crm:t", app=APP, platform="fcm", token="tok-t"))
+    await person(client, "crm:x", "tok-x")  # not a test profile: it does not enter the test journey
+    await ingest(client, "crm:x", "app.installed")
+    await ingest(client, "crm:t", "app.installed")
+    with trio.fail_after(30):
+        while (live := await client.call(api.TraceJourney(id="trial", identity="crm:t"))).outcome != "ended":
+            await trio.sleep(0.2)
+    simulated = await client.call(api.SimulateJourney(id="trial", identity="crm:t", events=[
+        api.SimulatedEvent(at=live.steps[0].at, type="app.installed")]))
+    assert [(s.node, s.kind, s.detail.split(" until ")[0]) for s in live.steps] == [
+        (s.node, s.kind, s.detail.split(" until ")[0]) for s in simulated.steps]
+    assert (live.reason, simulated.reason) == ("end", "end")
+    assert (live.steps[3].at - live.steps[2].at).total_seconds() >= 10  # the wait, shortened, kept
+    with pytest.raises(Exception, match="has not entered journey 'trial'"):
+        await client.call(api.TraceJourney(id="trial", identity="crm:x"))

@@ -75,7 +75,7 @@ SURFACE = {
         'EndNode', 'JourneyNode', 'Criterion', 'QuietHours', 'FrequencyCap', 'Reentrance', 'JourneySpec',
         'JourneyState', 'JourneyInfo', 'JourneyList', 'PublishJourney', 'GetJourney', 'ListJourneys', 'CloseJourney',
         'StopJourney', 'PauseJourney', 'ResumeJourney', 'SimulatedEvent', 'SimulatedPush', 'TraceStep', 'Simulation',
-        'SimulateJourney',
+        'SimulateJourney', 'TraceJourney',
     },
     'protocols.connection': {
         'CallCancelled', 'CallReceived', 'ClientConnection', 'Closed', 'CreditGranted', 'EndReceived',

@@ -72,6 +72,7 @@ COMMANDS: dict[str, str] = {
     "journeys.pause": "journeys pause",
     "journeys.resume": "journeys resume",
     "journeys.simulate": "journeys simulate",
+    "journeys.trace": "journeys trace",
     "secrets.rotate": "secrets rotate",
     "reports.watch": "reports --watch",
 }
@@ -376,6 +377,10 @@ def _journeys(tree: _Tree) -> None:
     p.add_argument("--version", type=int)
     tree.command(journeys, "list", "list journeys (latest versions) and their states",
                  call_action(lambda a: api.ListJourneys(), show_journeys))
+    p = tree.command(journeys, "trace", "a test-mode journey's instance for a profile: where it is, every step",
+                     call_action(lambda a: api.TraceJourney(id=a.id, identity=a.identity), show_simulation))
+    p.add_argument("id")
+    p.add_argument("identity")
     p = tree.command(journeys, "report", "a journey's counts node by node: entered, exited (why), pushes and their "
                      "outcomes, opens, goals", commands.journey_report)
     p.add_argument("id")

@@ -32,7 +32,7 @@ from server.channels import AppRecord, DeliveryJob
 from server.delivery.apps import get_app
 from server.journeys import catalog, instances, reads
 from server.journeys.definition import duration_us
-from server.journeys.machine import Happened, Instance, Journey, advance, enter
+from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter
 from server.messages import outbox
 from server.messages.content import context_for, exclusion, to_delivery
 from server.messages.pipeline import PLATFORMS, reachable
@@ -80,6 +80,7 @@ class _Plan:
     jobs: list[DeliveryJob] = field(default_factory=list)
     counts: Counter[ReportKey] = field(default_factory=Counter)
     runs: list[tuple[str, reads.Run]] = field(default_factory=list)
+    traces: list[tuple[bytes, str, list[Step]]] = field(default_factory=list)
 
 
 class Journeys(Actor):
@@ -406,6 +407,8 @@ class Journeys(Actor):
         moved, steps = advance(journey, instance, happened, now, _attributes(profile), world)
         self.steps += len(steps)
         plan.saves.append((pid, moved, old_wake))
+        if journey.test and steps:
+            plan.traces.append((pid, journey.id, steps))
         where = (plan.space.name, "", 0, journey.id)
         for step in steps:
             if step.kind == "enter":
@@ -507,6 +510,8 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
             instances.log_push(w, pid, at_us, journey)
         for id, run in plan.runs:
             reads.put_run(w, id, run)
+        for pid, journey, steps in plan.traces:
+            instances.trace(w, pid, journey, steps)
         for key, job in zip(keys_, jobs):
             entry = outbox.OutboxEntry(job.app.app, job.token, job.platform, job.content, job.apns, job.fcm,
                                        job.tracking or {})

@@ -3,6 +3,8 @@
     instances  profile id (8) + utf-8 journey id  -> versioned `machine.Instance`
     timers     wake µs (u64 BE) + profile id (8) + utf-8 journey id -> b""
     push_log   profile id (8) + µs (u64 BE) + journey id -> b""  (pushes staged, for caps)
+    journey_traces  profile id (8) + journey id + NUL + step µs (u64 BE) + n (u16 BE)
+                    -> a step (test mode only; `MAX_TRACE` an instance, the oldest go)
 
 An instance's key starts with its profile's id, so a profile's instances are together (one
 cursor range per event of that profile) and move with it if profiles are ever partitioned.
@@ -13,13 +15,15 @@ its record (re-entrance is decided on it) and has no timer.
 from __future__ import annotations
 
 import msgspec
+import msgspec.structs
 
-from server.journeys.machine import Instance
+from server.journeys.machine import Instance, Step
 from server.profiles.records import unversioned
 from server.profiles.sandboxes import Space
 from server.profiles.store import Writer
 
-__all__ = ["instance_key", "timer_key", "save", "instances_of", "of_journey", "due", "pushes_since", "log_push", "MONTH_US"]
+__all__ = ["instance_key", "timer_key", "save", "instances_of", "of_journey", "due", "trace", "read_trace",
+           "MAX_TRACE", "pushes_since", "log_push", "MONTH_US"]
 
 _V1 = b"\x01"
 _encoder = msgspec.msgpack.Encoder()
@@ -49,6 +53,46 @@ def save(w: Writer, pid: bytes, instance: Instance, old_wake_us: int) -> None:
     if instance.wake_us and instance.wake_us != old_wake_us:
         w.txn.put(timer_key(instance.wake_us, pid, instance.journey), b"", db=w.dbs["timers"])
     w.txn.put(instance_key(pid, instance.journey), _V1 + _encoder.encode(instance), db=w.dbs["instances"])
+
+
+#: Steps kept per test-mode instance.
+MAX_TRACE = 500
+_step_encoder = msgspec.msgpack.Encoder()
+_step_decoder = msgspec.msgpack.Decoder(Step)
+
+
+def trace(w: Writer, pid: bytes, journey: str, steps: list[Step]) -> None:
+    """Store op step: a test-mode instance's steps, after its earlier ones."""
+    db = w.dbs["journey_traces"]
+    prefix = pid + journey.encode() + b"\x00"
+    cursor = w.txn.cursor(db=db)
+    count = 0
+    if cursor.set_range(prefix):
+        for key in cursor.iternext(keys=True, values=False):
+            if not key.startswith(prefix):
+                break
+            count += 1
+    for n, step in enumerate(steps, count):  # n orders steps of the same µs
+        kept = msgspec.structs.replace(step, push=step.push if isinstance(step.push, str) else None)
+        w.txn.put(prefix + step.at_us.to_bytes(8, "big") + (n & 0xFFFF).to_bytes(2, "big"), _step_encoder.encode(kept),
+                  db=db)
+    count += len(steps)
+    if count > MAX_TRACE and cursor.set_range(prefix):
+        for _ in range(count - MAX_TRACE):
+            cursor.delete()
+
+
+def read_trace(space: Space, pid: bytes, journey: str) -> list[Step]:
+    prefix = pid + journey.encode() + b"\x00"
+    out = []
+    with space.env.begin() as txn:
+        cursor = txn.cursor(db=space.db("journey_traces"))
+        if cursor.set_range(prefix):
+            for key, value in cursor:
+                if not bytes(key).startswith(prefix):
+                    break
+                out.append(_step_decoder.decode(value))
+    return out
 
 
 def instances_of(space: Space, pid: bytes) -> dict[str, Instance]:

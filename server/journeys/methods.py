@@ -5,6 +5,7 @@ sandbox."""
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import msgspec
@@ -14,13 +15,13 @@ from protocols import api
 from server.api.registry import CallContext, Methods
 from server.channels import AppRecord
 from server.delivery.apps import get_app
-from server.journeys import catalog, definition, simulator
+from server.journeys import catalog, definition, instances, simulator
 from server.journeys.machine import Journey
 from server.messages.catalog import get_version
 from server.messages.content import decode_message
-from server.profiles.keys import normalize_token
+from server.profiles.keys import identity_key as normalize_identity, normalize_token
 from server.profiles.records import ConsentRecord, ProfileRecord, RegistrationRecord
-from server.runtime.errors import InvalidArgument
+from server.runtime.errors import InvalidArgument, NotFound
 
 if TYPE_CHECKING:
     from server.profiles.sandboxes import Space
@@ -153,3 +154,26 @@ def _sample(sample: dict[str, Any]) -> ProfileRecord:
                        for r in registrations],
         consent={app: ConsentRecord(push, 0) for app, push in consent.items()}, created=0, updated=0,
     )
+
+
+@methods(api.TraceJourney, scope="admin")
+async def trace_journey(server: Server, ctx: CallContext, req: api.TraceJourney) -> api.Simulation:
+    space = server.space(ctx)
+    catalog.get_journey(space, req.id)  # NOT_FOUND for a journey that is not published
+    with space.env.begin() as txn:
+        pid = txn.get(normalize_identity(req.identity), db=space.db("identities"))
+    if pid is None:
+        raise NotFound(f"no profile has the identity {req.identity!r}", field="$.identity")
+    instance = instances.instances_of(space, bytes(pid)).get(req.id)
+    if instance is None:
+        raise NotFound(f"{req.identity!r} has not entered journey {req.id!r}", field="$.identity")
+    steps = instances.read_trace(space, bytes(pid), req.id)
+    return api.Simulation(
+        journey=req.id, version=instance.version, outcome="ended" if instance.ended else "waiting",
+        node=instance.node, reason=instance.reason, wake=_when(instance.wake_us) if instance.wake_us else None,
+        steps=[simulator.trace_step(step) for step in steps],
+    )
+
+
+def _when(us: int) -> datetime:
+    return datetime.fromtimestamp(us / 1e6, UTC)

@@ -25,7 +25,7 @@ from server.profiles.writes import merge_patch
 from server.runtime.errors import InvalidArgument
 from server.templates import Scope, TemplateError, compile_condition
 
-__all__ = ["Catalog", "simulate", "MAX_STEPS"]
+__all__ = ["Catalog", "simulate", "trace_step", "MAX_STEPS"]
 
 #: Steps a simulation takes at most (a journey that waits in a loop stops there).
 MAX_STEPS = 2_000
@@ -118,7 +118,7 @@ def simulate(journey: Journey, profile: ProfileRecord, events: list[api.Simulate
             at_us, happened = wake, Happened("timer")
         else:
             break
-    out.steps = [_step(step) for step in steps]
+    out.steps = [trace_step(step) for step in steps]
     out.outcome = "ended" if instance.ended else "waiting"
     out.node, out.reason = instance.node, instance.reason
     out.wake = _when(instance.wake_us) if instance.wake_us else None
@@ -153,11 +153,12 @@ def _holds(condition: Any, world: _World, event: dict[str, Any]) -> bool:
         return False
 
 
-def _step(step: Step) -> api.TraceStep:
+def trace_step(step: Step) -> api.TraceStep:
+    """A machine's step as a trace shows it (a live one keeps no payloads)."""
     out = api.TraceStep(at=_when(step.at_us), node=step.node, kind=step.kind, detail=step.detail)
     if step.kind == "excluded":
         out.excluded = step.push
-    elif step.kind == "push":
+    elif step.kind == "push" and isinstance(step.push, list):
         out.pushes = step.push
     return out
 
