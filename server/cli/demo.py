@@ -6,17 +6,20 @@ registers an app's iOS and Android credentials, publishes a channel configuratio
 personalized message, creates profiles with push tokens (some of them stale: the mocks do not
 know them or know them as unregistered; one profile in eleven opted out), sends the message,
 reports interactions for some of the notifications (opens and a button action, as the app's
-SDK would), and prints the report. The folder must be new or empty: a second demo in the same
+SDK would), and prints the report; then runs a journey (a sign-up event, a welcome push, a
+reaction to its open, a reminder to the others) and prints its report node by node. The folder must be new or empty: a second demo in the same
 folder would add its counts to the first one's report.
 """
 
 from __future__ import annotations
 
+import json
 import random
 import secrets
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +29,7 @@ from protocols import api
 from protocols.trio_client import Client, open_client
 
 from server.cli.inputs import UsageError
-from server.cli.output import show_preview, show_report, show_send
+from server.cli.output import show_journey_report, show_preview, show_report, show_send
 from server.runtime.config import Config, load_config
 from server.runtime.masterkey import Keyring, default_path, new_key
 
@@ -39,6 +42,7 @@ __all__ = ["run_demo"]
 APP = "com.example.pigeon-demo"
 NAMES = ["Ana", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu"]
 MESSAGE = "welcome-back"
+JOURNEY = "onboarding"
 
 #: Where the demo prints (``print``, or a test's collector).
 Out = Callable[[str], Any]
@@ -105,9 +109,47 @@ async def run_demo(data: str | None, profiles: int, out: Out = print) -> int:
                 await trio.sleep(0.3)  # reports are counted a moment after the events
                 report = await client.call(api.GetReport(message=MESSAGE))
                 out(f"\nreport for {MESSAGE}:\n" + show_report(report))
+                await _journey(client, people, apns, fcm, out)
             server.request_stop()
     out(f"\nthe data stays in {folder}; run `pigeon serve --data {folder / 'data'}` to look around")
     return 0
+
+
+async def _journey(client: Client, people: list[_Person], apns: MockApnsProcess, fcm: MockFcmProcess, out: Out) -> None:
+    """A journey: entered on a sign-up event, a push, a reaction to its open (3 s), a reminder
+    to those who did not open it, under quiet hours (set apart from now: the demo must not
+    wait for morning); then its report node by node."""
+    for name, title in (("onboarding-hello", "Hi {{ profile.person.firstName | default('there') }}, welcome aboard"),
+                        ("onboarding-reminder", "Still there, {{ profile.person.firstName | default('friend') }}?")):
+        await client.call(api.PublishMessage(message=api.MessageSpec(
+            id=name, channel="demo-push", content=api.MessageContent(title=title))))
+    now = datetime.now(UTC)
+    quiet = (now + timedelta(hours=2)).strftime("%H:%M"), (now + timedelta(hours=3)).strftime("%H:%M")
+    journey = api.JourneySpec(
+        id=JOURNEY, entry=api.JourneyEntry(event="demo.signup"), quiet_hours=api.QuietHours(start=quiet[0], end=quiet[1]),
+        nodes=[api.PushNode(id="hello", message="onboarding-hello", next="opened"),
+               api.ReactionNode(id="opened", push="hello", timeout="3s", next="done", timeout_next="reminder"),
+               api.PushNode(id="reminder", message="onboarding-reminder", next="done"),
+               api.EndNode(id="done")])
+    await client.call(api.PublishJourney(journey=journey))
+    apns.admin.clear_accepted()
+    fcm.admin.clear_accepted()
+    await client.call(api.IngestEvents(events=[api.Event(identity=p.identity, type="demo.signup") for p in people]))
+    out(f"\njourney {JOURNEY}: {len(people)} sign-ups; the app opens half of the welcome pushes; a reminder after 3 s "
+        f"to the others (quiet hours {quiet[0]}-{quiet[1]} UTC)")
+    await trio.sleep(1.5)
+    hello = [n for n in apns.admin.accepted() + fcm.admin.accepted() if _envelope(n).get("n") == "hello"]
+    await _report_interactions(client, hello[::2], people, out, opens_only=True)
+    await trio.sleep(4)  # the reactions time out, the reminders go
+    info = await client.call(api.GetJourney(id=JOURNEY))
+    rows = [(node, await client.call(api.GetReport(journey=JOURNEY, node=node.id))) for node in info.journey.nodes]
+    out(show_journey_report(info, rows))
+
+
+def _envelope(notification: dict[str, Any]) -> dict[str, Any]:
+    payload = notification.get("payload") or notification.get("message", {}).get("data", {})
+    envelope = payload.get("_p")
+    return json.loads(envelope) if isinstance(envelope, str) else envelope or {}
 
 
 def _folder(data: str | None, profiles: int) -> Path:
@@ -187,18 +229,20 @@ async def _send(client: Client, people: list[_Person], out: Out) -> None:
     out(show_send(result))
 
 
-async def _report_interactions(client: Client, accepted: list[dict[str, Any]], people: list[_Person], out: Out) -> None:
+async def _report_interactions(client: Client, accepted: list[dict[str, Any]], people: list[_Person], out: Out,
+                               opens_only: bool = False) -> None:
     """What the app reports for the notifications the mocks accepted, as its SDK would: two in
-    three are opened (some of them through the button: a custom action)."""
+    three are opened (some of them through the button: a custom action); with ``opens_only``,
+    each of them is opened."""
     owner = {person.token: person.identity for person in people}
     opens = []
     for i, notification in enumerate(accepted):
         payload = notification.get("payload") or notification.get("message", {}).get("data", {})
         envelope = payload.get("_p")
-        if envelope is None or i % 3 == 2:
+        if envelope is None or (i % 3 == 2 and not opens_only):
             continue  # not every notification is opened
         platform = "fcm" if "message" in notification else "apns-sandbox"
-        kind = "pushTracking.customAction" if i % 5 == 0 else "pushTracking.applicationOpened"
+        kind = "pushTracking.customAction" if i % 5 == 0 and not opens_only else "pushTracking.applicationOpened"
         data = {"_p": envelope, "platform": platform, "app": APP}
         if kind == "pushTracking.customAction":
             data["actionId"] = "redeem"
