@@ -232,3 +232,27 @@ async def test_a_test_mode_instance_s_trace_is_the_simulator_s_for_the_same_inpu
     assert (live.steps[3].at - live.steps[2].at).total_seconds() >= 10  # the wait, shortened, kept
     with pytest.raises(Exception, match="has not entered journey 'trial'"):
         await client.call(api.TraceJourney(id="trial", identity="crm:x"))
+
+
+async def test_a_new_version_published_with_move_waiting_takes_the_waiting_instances(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    await client.call(api.PublishMessage(message=api.MessageSpec(
+        id="better", channel="push", content=api.MessageContent(title="a better offer"))))
+    for id in ("moved", "stays"):
+        flow = {**FLOW, "id": id, "entry": {"event": f"{id}.start"}, "nodes": [
+            {"type": "wait", "id": "wait", "duration": "3s", "next": "offer"},
+            {"type": "push", "id": "offer", "message": "offer"}]}
+        await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec)))
+    await person(client, "crm:m", "tok-m")
+    await ingest(client, "crm:m", "moved.start")
+    await ingest(client, "crm:m", "stays.start")
+    await trio.sleep(0.5)  # both wait in version 1
+    for id, move in (("moved", True), ("stays", False)):
+        flow = {**FLOW, "id": id, "entry": {"event": f"{id}.start"}, "nodes": [
+            {"type": "wait", "id": "wait", "duration": "3s", "next": "offer"},
+            {"type": "push", "id": "offer", "message": "better"}]}
+        await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec), move_waiting=move))
+    titles = {envelope["j"]: title for _, title, envelope in await pushed(fcm, 2)}
+    assert titles == {"moved": "a better offer", "stays": "ana, 20% off".replace("ana", "m")}
+    moved = await client.call(api.GetReport(journey="moved", node="offer"))
+    assert moved.totals.get("delivered") == 1

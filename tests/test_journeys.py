@@ -82,6 +82,8 @@ async def test_a_journey_is_published_with_its_message_versions_pinned_then_vers
     assert [(j.journey.id, j.version, j.live_version) for j in listed] == [("welcome", 2, 1)]
     assert (await refused(client, api.GetJourney(id="welcome", version=9))).status is Status.NOT_FOUND
     assert (await refused(client, api.GetJourney(id="nope"))).status is Status.NOT_FOUND
+    mixed = await refused(client, api.PublishJourney(journey=journey(), draft=True, move_waiting=True))
+    assert (mixed.status, mixed.field) == (Status.INVALID_ARGUMENT, "$.move_waiting")
 
 
 async def test_the_lifecycle_moves_only_where_it_may(client: Client) -> None:

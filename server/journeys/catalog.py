@@ -31,7 +31,7 @@ from server.profiles.sandboxes import Space
 from server.profiles.store import Writer
 from server.runtime.errors import FailedPrecondition, NotFound
 
-__all__ = ["JourneyRecord", "StateRecord", "get_journey", "list_journeys", "publish", "change_state",
+__all__ = ["JourneyRecord", "StateRecord", "get_journey", "list_journeys", "moves_waiting", "publish", "change_state",
            "TRANSITIONS"]
 
 _V1 = b"\x01"
@@ -92,6 +92,13 @@ def get_journey(space: Space, id: str, version: int | None = None) -> api.Journe
         what = f"version {version} of " if version is not None and state is not None else ""
         raise NotFound(f"no {what}journey {id!r} is published (pigeon journeys publish FILE)", field="$.id")
     return _info(_decode(value, "journey", _journey_decoder), state)  # type: ignore[arg-type]
+
+
+def moves_waiting(space: Space, id: str, version: int) -> bool:
+    """Whether version ``version`` of journey ``id`` was published asking that the instances
+    waiting in the live version before it move to it."""
+    value = get_version(space, "journeys", id, version)
+    return value is not None and _decode(value, "journey", _journey_decoder).move_waiting  # type: ignore[attr-defined]
 
 
 def list_journeys(space: Space) -> list[api.JourneyInfo]:

@@ -100,6 +100,8 @@ class Journeys(Actor):
         self._live: dict[str, dict[str, Journey]] = {}  # sandbox -> id -> live version
         self._states: dict[str, dict[str, str]] = {}  # sandbox -> id -> lifecycle state
         self._to_stop: set[tuple[str, str]] = set()  # stopped journeys whose instances must end
+        #: Journeys whose waiting instances move to a new version, and where the scan is.
+        self._to_move: dict[tuple[str, str], tuple[Journey, bytes | None]] = {}
         self._by_event: dict[str, dict[str, list[str]]] = {}  # sandbox -> event type -> ids
         self._reads: dict[str, list[str]] = {}  # sandbox -> ids of live read-audience journeys
         self._compiled: dict[tuple[str, str, int], Journey] = {}
@@ -186,7 +188,11 @@ class Journeys(Actor):
                 self._to_stop.add((space.name, info.journey.id))
             if info.state != "live" or info.live_version is None:
                 continue
+            old = self._live.get(space.name, {}).get(info.journey.id)
             journey = self._journey(space, info.journey.id, info.live_version)
+            if (journey is not None and old is not None and old.version < journey.version
+                    and catalog.moves_waiting(space, journey.id, journey.version)):
+                self._to_move[(space.name, journey.id)] = (journey, None)
             if journey is not None:
                 live[journey.id] = journey
                 if journey.spec.entry.event is not None:
@@ -222,7 +228,7 @@ class Journeys(Actor):
             space = store.space_of(sandbox_of(pid))
             if space is not None:
                 self._on_event(self._plan(plans, space), pid, type_, data, now)
-        fired = self._stop_instances(plans, now)
+        fired = self._stop_instances(plans, now) + self._move_instances(plans)
         for space in store.spaces():
             due, self._next_timers[space.name] = instances.due(space, now, BATCH)
             for wake, pid, journey in due:
@@ -252,18 +258,42 @@ class Journeys(Actor):
         ended = 0
         for name, id in list(self._to_stop):
             space = self.server.store.space(name)
-            found = instances.of_journey(space, id, BATCH - ended)
+            found, rest = instances.of_journey(space, id, BATCH - ended)
             for pid, instance in found:
                 stopped = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
                 plan = self._plan(plans, space)
                 plan.saves.append((pid, stopped, instance.wake_us))
                 plan.counts[(name, "", 0, id, instance.node, "", "", "exited", "stopped")] += 1
             ended += len(found)
-            if len(found) < BATCH:
+            if rest is None:
                 self._to_stop.discard((name, id))
             if ended >= BATCH:
                 break
         return ended
+
+    def _move_instances(self, plans: dict[str, _Plan]) -> int:
+        """Move the instances waiting in an older version of a journey published with
+        ``move_waiting`` to its new version, where a node of the same id and type waits
+        (`BATCH` at most a cycle); the others stay on their version."""
+        assert self.server is not None
+        moved = 0
+        for (name, id), (journey, after) in list(self._to_move.items()):
+            space = self.server.store.space(name)
+            found, after = instances.of_journey(space, id, BATCH - moved, before=journey.version, after=after)
+            for pid, instance in found:
+                old = self._journey(space, id, instance.version)
+                node = journey.nodes.get(instance.node)
+                same = old is not None and type(node) is type(old.nodes.get(instance.node))
+                if instance.waiting and same:
+                    self._plan(plans, space).saves.append(
+                        (pid, msgspec.structs.replace(instance, version=journey.version), instance.wake_us))
+                    moved += 1
+            if after is None:
+                del self._to_move[(name, id)]
+            else:
+                self._to_move[(name, id)] = (journey, after)
+                break  # the rest next cycle
+        return moved
 
     def _read_audiences(self, plans: dict[str, _Plan], now: int) -> int:
         """Enter the next profiles of each read under way, within its rate (`server.journeys.reads`);

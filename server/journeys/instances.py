@@ -108,20 +108,26 @@ def instances_of(space: Space, pid: bytes) -> dict[str, Instance]:
     return out
 
 
-def of_journey(space: Space, journey: str, limit: int) -> list[tuple[bytes, Instance]]:
-    """Up to ``limit`` running instances of ``journey`` (a scan of the sandbox's instances:
-    for a stop, which is rare)."""
+def of_journey(space: Space, journey: str, limit: int, *, before: int | None = None,
+               after: bytes | None = None) -> tuple[list[tuple[bytes, Instance]], bytes | None]:
+    """Up to ``limit`` running instances of ``journey`` (of versions before ``before`` if
+    given), from the profile id after ``after``: a scan of the sandbox's instances, for a stop
+    or a move, which are rare. Returns them and where to go on from (None: the scan is done)."""
     out: list[tuple[bytes, Instance]] = []
     tail = journey.encode()
     with space.env.begin() as txn:
-        for key, value in txn.cursor(db=space.db("instances")):
-            if bytes(key[8:]) == tail:
-                instance = _decode(value)
-                if not instance.ended:
-                    out.append((bytes(key[:8]), instance))
+        cursor = txn.cursor(db=space.db("instances"))
+        found = cursor.set_range(after + b"\xff") if after is not None else cursor.first()
+        while found:
+            key = bytes(cursor.key())
+            if key[8:] == tail:
+                instance = _decode(cursor.value())
+                if not instance.ended and (before is None or instance.version < before):
+                    out.append((key[:8], instance))
                     if len(out) >= limit:
-                        break
-    return out
+                        return out, key[:8]
+            found = cursor.next()
+    return out, None
 
 
 def due(space: Space, now_us: int, limit: int) -> tuple[list[tuple[int, bytes, str]], int | None]:

@@ -45,6 +45,9 @@ def _messages(space: Space) -> definition.Messages:
 @methods(api.PublishJourney, scope="admin")
 async def publish_journey(server: Server, ctx: CallContext, req: api.PublishJourney) -> api.JourneyInfo:
     space = server.space(ctx)
+    if req.draft and req.move_waiting:
+        raise InvalidArgument("a draft takes no one: move_waiting goes with the version that is published live",
+                              field="$.move_waiting")
     spec = definition.check(req.journey, _messages(space), now_us=space.clock())
     info = await space.write(catalog.publish, spec, req.draft, req.move_waiting)
     server.journeys.changed(space)
