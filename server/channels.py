@@ -150,6 +150,8 @@ class DeliveryJob(msgspec.Struct, kw_only=True):
     fcm: api.FcmOptions = msgspec.field(default_factory=api.FcmOptions)
     #: The compact tracking envelope placed in the payload (filled by messages and journeys).
     tracking: dict[str, Any] | None = None
+    #: The id of the profile it goes to, when known (frequency caps count its deliveries).
+    profile: bytes = b""
 
 
 class DeliveryResult(msgspec.Struct, kw_only=True):

@@ -256,3 +256,21 @@ async def test_a_new_version_published_with_move_waiting_takes_the_waiting_insta
     assert titles == {"moved": "a better offer", "stays": "ana, 20% off".replace("ana", "m")}
     moved = await client.call(api.GetReport(journey="moved", node="offer"))
     assert moved.totals.get("delivered") == 1
+
+
+async def test_a_cap_counts_the_deliveries_of_messages_send_and_of_other_journeys(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    capped = {"id": "capped", "entry": {"event": "capped.start"}, "caps": [{"max": 2, "per": "day"}],
+              "nodes": [{"type": "push", "id": "offer", "message": "offer", "next": "done"}, {"type": "end", "id": "done"}]}
+    await client.call(api.PublishJourney(journey=msgspec.convert(capped, api.JourneySpec)))
+    await person(client, "crm:c", "tok-c")
+    await ingest(client, "crm:c", "app.installed")  # journey welcome: hello (1 delivered)
+    await pushed(fcm, 1)
+    sent = await client.call(api.SendMessage(id="hello", identities=["crm:c"]))  # messages.send: 2 delivered
+    assert sent.delivered == 1
+    await ingest(client, "crm:c", "capped.start")
+    with trio.fail_after(10):
+        while not (report := await client.call(api.GetReport(journey="capped", node="offer"))).totals.get("excluded"):
+            await trio.sleep(0.05)
+    assert report.reasons["excluded"] == {"FrequencyCapped": 1}
+    assert (await client.call(api.GetReport(journey="capped", node="done"))).reasons["exited"] == {"end": 1}

@@ -36,7 +36,7 @@ from server.journeys.machine import Happened, Instance, Journey, Step, advance, 
 from server.messages import outbox
 from server.messages.content import context_for, exclusion, to_delivery
 from server.messages.pipeline import PLATFORMS, reachable
-from server.profiles import keys
+from server.profiles import keys, pushlog
 from server.profiles.records import ProfileRecord, decode_event, decode_profile
 from server.profiles.sandboxes import Space, sandbox_of
 from server.profiles.store import Writer
@@ -60,6 +60,8 @@ IN_DELIVERY = 8
 _POSITION = b"journeys_position"
 _CAP_US = {"hour": 3_600_000_000, "day": 86_400_000_000, "week": 7 * 86_400_000_000, "month": 30 * 86_400_000_000}
 _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
+#: Exclusions the machine decides itself (the world counts those of its pushes).
+_MACHINE_EXCLUSIONS = ("FrequencyCapped", "QuietHours")
 
 
 class EventsCommitted(msgspec.Struct, frozen=True):
@@ -445,6 +447,12 @@ class Journeys(Actor):
                 plan.counts[(*where, step.node, "", "", "entered", "")] += 1
             elif step.kind == "goal":
                 plan.counts[(*where, step.node, "", "", "goal", "")] += 1
+            elif step.kind == "excluded" and step.push in _MACHINE_EXCLUSIONS:  # the world counted its own
+                node = journey.nodes[step.node]
+                assert isinstance(node, api.PushNode)
+                head = (plan.space.name, node.message, node.version or 0, journey.id, node.id)
+                plan.counts[(*head, "", "", "targeted", "")] += 1
+                plan.counts[(*head, "", "", "excluded", step.push)] += 1
         if moved.ended:
             plan.counts[(*where, moved.node, "", "", "exited", moved.reason)] += 1
 
@@ -504,14 +512,16 @@ class _World:
         for registration in active:
             app = get_app(space, registration.app) or AppRecord(app=registration.app, sandbox=space.name)
             job = rendered.job(app, registration.token, registration.platform, dict(tracking))
+            job.profile = self.pid
             self.plan.jobs.append(job)
         self.plan.pushes.append((self.pid, at_us, self.journey.id))
         return len(active), None
 
     def capped(self, caps: list[api.FrequencyCap], at_us: int) -> bool:
         space = self.plan.space
+        # the deliveries logged so far, and this cycle's pushes to the profile (not delivered yet)
         mine = [t for pid, t, _ in self.plan.pushes if pid == self.pid]
-        return any(instances.pushes_since(space, self.pid, at_us - _CAP_US[cap.per])
+        return any(pushlog.count_since(space, self.pid, at_us - _CAP_US[cap.per])
                    + sum(1 for t in mine if t > at_us - _CAP_US[cap.per]) >= cap.max for cap in caps)
 
     def update(self, patch: dict[str, Any]) -> None:
@@ -536,15 +546,13 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
                 record = decode_profile(value)
                 record.attributes = merge_patch(record.attributes, patch)
                 w.save(pid, record)
-        for pid, at_us, journey in plan.pushes:
-            instances.log_push(w, pid, at_us, journey)
         for id, run in plan.runs:
             reads.put_run(w, id, run)
         for pid, journey, steps in plan.traces:
             instances.trace(w, pid, journey, steps)
         for key, job in zip(keys_, jobs):
             entry = outbox.OutboxEntry(job.app.app, job.token, job.platform, job.content, job.apns, job.fcm,
-                                       job.tracking or {})
+                                       job.tracking or {}, job.profile)
             w.txn.put(key, outbox.encode_entry(entry), db=w.dbs["outbox"])
         store_counts(w, plan.counts, minute)
     w.txn.put(_POSITION, msgspec.msgpack.encode(position), db=w.dbs["meta"])

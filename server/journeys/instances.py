@@ -2,7 +2,6 @@
 
     instances  profile id (8) + utf-8 journey id  -> versioned `machine.Instance`
     timers     wake µs (u64 BE) + profile id (8) + utf-8 journey id -> b""
-    push_log   profile id (8) + µs (u64 BE) + journey id -> b""  (pushes staged, for caps)
     journey_traces  profile id (8) + journey id + NUL + step µs (u64 BE) + n (u16 BE)
                     -> a step (test mode only; `MAX_TRACE` an instance, the oldest go)
 
@@ -23,13 +22,11 @@ from server.profiles.sandboxes import Space
 from server.profiles.store import Writer
 
 __all__ = ["instance_key", "timer_key", "save", "instances_of", "of_journey", "due", "trace", "read_trace",
-           "MAX_TRACE", "pushes_since", "log_push", "MONTH_US"]
+           "MAX_TRACE"]
 
 _V1 = b"\x01"
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Instance)
-#: The longest a cap looks back (a month), and so what the push log keeps.
-MONTH_US = 30 * 86_400_000_000
 
 
 def instance_key(pid: bytes, journey: str) -> bytes:
@@ -147,27 +144,3 @@ def due(space: Space, now_us: int, limit: int) -> tuple[list[tuple[int, bytes, s
     return out, None
 
 
-def pushes_since(space: Space, pid: bytes, since_us: int) -> int:
-    """Pushes staged for the profile since ``since_us`` (every journey's)."""
-    count = 0
-    with space.env.begin() as txn:
-        cursor = txn.cursor(db=space.db("push_log"))
-        if cursor.set_range(pid + since_us.to_bytes(8, "big")):
-            for key in cursor.iternext(keys=True, values=False):
-                if key[:8] != pid:
-                    break
-                count += 1
-    return count
-
-
-def log_push(w: Writer, pid: bytes, at_us: int, journey: str) -> None:
-    """Store op step: a push staged for the profile (caps count it); entries older than a
-    month go."""
-    db = w.dbs["push_log"]
-    w.txn.put(pid + at_us.to_bytes(8, "big") + journey.encode(), b"", db=db)
-    cursor = w.txn.cursor(db=db)
-    if cursor.set_range(pid):
-        limit = pid + max(0, at_us - MONTH_US).to_bytes(8, "big")
-        while cursor.key()[:8] == pid and cursor.key()[:16] < limit:
-            if not cursor.delete():
-                break

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -36,6 +37,7 @@ from server.channels import AppRecord, DeliveryJob, DeliveryResult
 from server.delivery.apps import get_app
 from server.delivery.sender import Progress
 from server.profiles.sandboxes import Space
+from server.profiles import pushlog
 from server.profiles.store import Writer
 from server.reports.reporting import ReportKey, count_outcomes, envelope_key, store_counts
 
@@ -77,6 +79,8 @@ class OutboxEntry(msgspec.Struct, array_like=True):
     apns: api.ApnsOptions
     fcm: api.FcmOptions
     tracking: dict[str, Any]
+    #: The profile it goes to (empty: not known; `server.profiles.pushlog`).
+    profile: bytes = b""
 
 
 class _Settled(msgspec.Struct):
@@ -119,9 +123,10 @@ def stage_batch(w: Writer, state: ExecutionRecord, entries: list[tuple[bytes, by
 
 
 def settle_batch(w: Writer, outcomes: Outcomes, execution: str, keys: list[bytes], counts: Counter[ReportKey],
-                 minute: int) -> None:
+                 minute: int, delivered: Sequence[bytes] = ()) -> None:
     """Store op: the batch delivered: out of the outbox, its outcomes added to the execution's
-    counts, and its report counts (``sent``, ``delivered``, ...) into the reports.
+    counts, its report counts (``sent``, ``delivered``, ...) into the reports, and the profiles
+    ``delivered`` to (ids) into their push logs (frequency caps count them).
 
     Only the batch's own outcomes are added: the cursor, and the counts of the profiles
     staged, are the staging's alone (a batch settled while the next one is being prepared
@@ -135,6 +140,8 @@ def settle_batch(w: Writer, outcomes: Outcomes, execution: str, keys: list[bytes
         outcomes.add_to(record.result)
         w.txn.put(key, _encoder.encode(record), db=w.dbs["executions"])
     store_counts(w, counts, minute)
+    for pid in delivered:
+        pushlog.log(w, pid, w.now, execution)
 
 
 def end_execution(w: Writer, execution: str) -> None:
@@ -223,7 +230,8 @@ async def _settle(server: Server, space: Space, execution: str, jobs: list[Deliv
         part.count(result)
     count_outcomes(counts, [jobs[i] for i, _ in chunk], [result for _, result in chunk])
     minute = server.reporting.minute()
-    await space.write(settle_batch, part, execution, [keys[i] for i, _ in chunk], counts, minute)
+    delivered = [jobs[i].profile for i, result in chunk if result.status == "sent" and jobs[i].profile]
+    await space.write(settle_batch, part, execution, [keys[i] for i, _ in chunk], counts, minute, delivered)
     server.reporting.counted(counts, minute)
     part.add_to_outcomes(outcomes)
     if watcher is not None:
@@ -272,7 +280,7 @@ async def replay(server: Server, space: Space, staged: list[tuple[bytes, bytes]]
         entry = _entry_decoder.decode(value)
         app = get_app(space, entry.app) or AppRecord(app=entry.app, sandbox=space.name)
         jobs.append(DeliveryJob(app=app, token=entry.token, platform=entry.platform, content=entry.content,
-                                apns=entry.apns, fcm=entry.fcm, tracking=entry.tracking))
+                                apns=entry.apns, fcm=entry.fcm, tracking=entry.tracking, profile=entry.profile))
         head = envelope_key(entry.tracking)
         if head is not None:
             replayed[(space.name, *head, entry.app, entry.platform, "replayed", "")] += 1

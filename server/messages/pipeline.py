@@ -235,7 +235,7 @@ class Pipeline:
             page = store.scan_profiles(state.after, min(BATCH, FIRST_BATCH << state.batches))
             if not page:
                 return None
-            profiles = [profile for _, profile in page]
+            profiles = page
             state.after = page[-1][0]
         return await self._stage(profiles, audience)
 
@@ -263,14 +263,15 @@ class Pipeline:
                             " computes with it: give it a default(...))")
             self.result.details[reason] = f"{identity}: {problem}"[:_MAX_DETAIL]
 
-    async def _stage(self, profiles: list[ProfileRecord], audience: Condition | None) -> tuple[list[DeliveryJob], list[bytes]]:
+    async def _stage(self, profiles: list[tuple[bytes, ProfileRecord]], audience: Condition | None
+                     ) -> tuple[list[DeliveryJob], list[bytes]]:
         """Qualify, exclude and personalize a batch; stage its notifications in the outbox
         with the execution's cursor past it and its counts (one commit)."""
         counts: Counter[ReportKey] = Counter()
         head = self._head
         jobs: list[DeliveryJob] = []
         yielded = time.perf_counter()
-        for profile in profiles:
+        for pid, profile in profiles:
             if time.perf_counter() - yielded > _SLICE_S:
                 # Let the batches in delivery and other clients move meanwhile (a profile's
                 # templates may take up to 50 ms).
@@ -291,7 +292,7 @@ class Pipeline:
             self.result.profiles += 1
             jobs_before = len(jobs)
             if reason is None:
-                reason = self._profile(profile, context, jobs)
+                reason = self._profile(pid, profile, context, jobs)
             if reason is not None:
                 self.result.targeted += 1
                 self._excluded[reason] += 1
@@ -308,7 +309,7 @@ class Pipeline:
         keys = [outbox.outbox_key(self.execution, batch, i) for i in range(len(jobs))]
         entries = [
             (key, outbox.encode_entry(OutboxEntry(job.app.app, job.token, job.platform, job.content, job.apns, job.fcm,
-                                              job.tracking or {})))
+                                              job.tracking or {}, job.profile)))
             for key, job in zip(keys, jobs)
         ]
         reporting = self.server.reporting
@@ -325,7 +326,7 @@ class Pipeline:
         finally:
             room.delivered()
 
-    def _profile(self, profile: ProfileRecord, context: Scope, jobs: list[DeliveryJob]) -> str | None:
+    def _profile(self, pid: bytes, profile: ProfileRecord, context: Scope, jobs: list[DeliveryJob]) -> str | None:
         """Add the profile's jobs; or return why it is excluded."""
         active, reason = reachable(profile, self.config, self.apps, self.platforms)
         if reason is not None:
@@ -350,7 +351,10 @@ class Pipeline:
             return reason
         rendered = to_delivery(self.spec, content)
         for r in active:
-            jobs.append(rendered.job(self.apps[r.app] or AppRecord(app=r.app, sandbox=self.space.name), r.token, r.platform, self.tracking))
+            job = rendered.job(self.apps[r.app] or AppRecord(app=r.app, sandbox=self.space.name), r.token, r.platform,
+                               self.tracking)
+            job.profile = pid
+            jobs.append(job)
         return None
 
 
@@ -390,23 +394,22 @@ _REASON = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MAX_DETAIL = 500
 
 
-def _profiles_of(store: Space, identities: list[str]) -> tuple[list[ProfileRecord], list[str]]:
-    """The profiles of ``identities`` (a profile named twice in one batch once), and the
-    identities no profile has."""
+def _profiles_of(store: Space, identities: list[str]) -> tuple[list[tuple[bytes, ProfileRecord]], list[str]]:
+    """The profiles of ``identities`` with their ids (a profile named twice in one batch
+    once), and the identities no profile has."""
 
-    seen: set[str] = set()
+    seen: set[bytes] = set()
     out = []
     unknown = []
     for identity in identities:
         try:
-            profile = store.get_profile(identity)
+            pid, profile = store.find_profile(identity)
         except NotFound:
             unknown.append(identity)
             continue
-        key = profile.identities[0] if profile.identities else identity
-        if key not in seen:
-            seen.add(key)
-            out.append(profile)
+        if pid not in seen:
+            seen.add(pid)
+            out.append((pid, profile))
     return out, unknown
 
 

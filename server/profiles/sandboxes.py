@@ -180,13 +180,17 @@ class Space:
 
     def get_profile(self, identity: str) -> ProfileRecord:
         """The profile with ``identity``; raises `NotFound`."""
+        return self.find_profile(identity)[1]
+
+    def find_profile(self, identity: str) -> tuple[bytes, ProfileRecord]:
+        """The profile with ``identity`` and its id; raises `NotFound`."""
         key = keys.identity_key(identity)
         dbs = self.dbs
         with self.env.begin() as txn:
             pid = txn.get(key, db=dbs["identities"])
             if pid is None:
                 raise NotFound(f"no profile has the identity {identity!r}", field="$.identity")
-            return decode_profile(txn.get(pid, db=dbs["profiles"]))
+            return bytes(pid), decode_profile(txn.get(pid, db=dbs["profiles"]))
 
     def scan_profiles(self, after: bytes | None = None, limit: int = 500) -> list[tuple[bytes, ProfileRecord]]:
         """Up to ``limit`` profiles in profile-id order, after the id ``after`` (audiences)."""
