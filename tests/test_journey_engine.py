@@ -173,3 +173,16 @@ async def test_a_restart_resumes_the_waits_and_a_timer_due_meanwhile_fires_once(
             server.request_stop()
         if start == 0:
             await trio.sleep(2.5)  # the waits fall due while the server is down
+
+
+async def test_two_entry_events_of_a_profile_in_one_cycle_enter_it_once(shop: Any, fcm: Any) -> None:
+    """The engine takes the events of one cycle together: the second event of a profile must
+    see the instance the first one made (not the stored instances only)."""
+    server, client = shop
+    await person(client, "crm:cy", "tok-cy")
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:cy", type="app.installed")] * 3))
+    await pushed(fcm, 1, timeout=5)
+    await trio.sleep(0.5)
+    assert len(await pushed(fcm, 1)) == 1
+    report = await client.call(api.GetReport(journey="welcome", node="hello"))
+    assert (report.totals["entered"], report.totals["targeted"]) == (1, 1)

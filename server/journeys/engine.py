@@ -79,6 +79,18 @@ class _Plan:
     pushes: list[tuple[bytes, int, str]] = field(default_factory=list)
     jobs: list[DeliveryJob] = field(default_factory=list)
     counts: Counter[ReportKey] = field(default_factory=Counter)
+    #: The instances ``saves`` holds so far, by profile and journey (`instances_of`).
+    latest: dict[bytes, dict[str, Instance]] = field(default_factory=dict)
+    indexed: int = 0
+
+    def instances_of(self, pid: bytes) -> dict[str, Instance]:
+        """The profile's instances as this cycle leaves them so far: the stored ones, then the
+        cycle's own saves (a second event of the profile, or a timer, in the same cycle must
+        see what the first did: not enter it again, not move it from where it was)."""
+        for saved, instance, _ in self.saves[self.indexed:]:
+            self.latest.setdefault(saved, {})[instance.journey] = instance
+        self.indexed = len(self.saves)
+        return {**instances.instances_of(self.space, pid), **self.latest.get(pid, {})}
 
 
 class Journeys(Actor):
@@ -303,7 +315,7 @@ class Journeys(Actor):
         profile = _profile(space, pid)
         if profile is None:
             return
-        running = instances.instances_of(space, pid)
+        running = plan.instances_of(pid)
         happened = Happened("event", type=type_, data=data)
         for id, instance in running.items():
             journey = self._journey(space, id, instance.version)
@@ -341,7 +353,7 @@ class Journeys(Actor):
 
     def _on_timer(self, plan: _Plan, pid: bytes, id: str, wake: int, now: int) -> None:
         space = plan.space
-        instance = instances.instances_of(space, pid).get(id)
+        instance = plan.instances_of(pid).get(id)
         profile = _profile(space, pid)
         if instance is None or instance.ended or instance.wake_us != wake or profile is None:
             if instance is not None and instance.wake_us != wake:
