@@ -20,6 +20,7 @@ from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.trio_client import Client, open_client
 from server import Server
+from server.journeys.engine import Journeys
 
 from .conftest import make_config
 
@@ -186,3 +187,32 @@ async def test_two_entry_events_of_a_profile_in_one_cycle_enter_it_once(shop: An
     assert len(await pushed(fcm, 1)) == 1
     report = await client.call(api.GetReport(journey="welcome", node="hello"))
     assert (report.totals["entered"], report.totals["targeted"]) == (1, 1)
+
+
+async def test_events_acknowledged_before_the_engines_first_commit_are_taken_after_a_crash(
+        tmp_path: Path, fcm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first start follows the log from its end: that position must be durable at once,
+    or a crash before the engine's first commit makes the next start skip the events
+    acknowledged meanwhile (it would take the log's end then as where to start)."""
+    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
+    await admin(fcm, "clear_accepted")
+    await admin(fcm, "set_faults", accept_any_token=True)
+
+    async def stuck(self: Journeys) -> None:
+        return None  # the engine does not get to the events before the "crash"
+
+    monkeypatch.setattr(Journeys, "_cycle", stuck)
+    for start in range(2):
+        server = server_for(tmp_path / "data", fcm)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            async with open_client(server.addresses[0]) as client:
+                if start == 0:
+                    await setup(client, fcm)
+                    await person(client, "crm:early", "tok-early")
+                    await ingest(client, "crm:early", "app.installed")
+                else:
+                    [(token, title, _)] = await pushed(fcm, 1, timeout=5)
+                    assert (token, title) == ("tok-early", "Hello early")
+            server.request_stop()  # the engine commits nothing at a stop: as a kill
+        monkeypatch.undo()

@@ -181,6 +181,8 @@ class Journeys(Actor):
         # The first start follows the log from its end: earlier events were never for journeys.
         self.position = msgspec.msgpack.decode(stored) if stored is not None else end
         self.log_end = max(self.log_end, end)
+        if stored is None:  # durable now: a crash before the first cycle must not skip what comes after
+            await store.write(_commit, [], {}, self.position, 0)
         for space in store.spaces():
             self._index(space)
 
