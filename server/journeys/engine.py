@@ -44,7 +44,7 @@ from server.profiles.writes import merge_patch
 from server.reports.reporting import ReportKey, count_targeted, envelope_key, store_counts
 from server.runtime.actor import Actor
 from server.runtime.errors import ActorError, InvalidArgument, ResourceExhausted, ServerError
-from server.templates import Scope, TemplateError, compile_condition
+from server.templates import Scope, TemplateError
 
 if TYPE_CHECKING:
     from server.runtime.app import Server
@@ -345,9 +345,9 @@ class Journeys(Actor):
             return False
         if spec.end is not None and now >= int(spec.end.timestamp() * 1e6):
             return False
-        if spec.entry.condition is None:
+        condition = journey.conditions.get("entry")
+        if condition is None:
             return True
-        condition = compile_condition("$.journey.entry.condition", spec.entry.condition)
         try:
             return condition.test({"profile": _attributes(profile), "event": data})
         except TemplateError:
