@@ -249,3 +249,39 @@ async def test_the_entry_condition_is_compiled_once_not_per_event(tmp_path: Path
             assert server.journeys.entered == 0
         server.request_stop()
     assert compiled == []
+
+
+async def test_a_stop_the_engine_did_not_finish_before_a_crash_ends_and_counts_everyone_after(
+        tmp_path: Path, fcm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The instances a stop had not ended yet when the server died (the engine ends 500 a
+    cycle) are ended after the restart by their next event or timer, with reason stopped,
+    counted as exited, and send nothing more."""
+    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
+    await admin(fcm, "clear_accepted")
+    await admin(fcm, "set_faults", accept_any_token=True)
+    flow = {**FLOW, "nodes": [{**n, "duration": "4s"} if n["id"] == "wait" else n for n in FLOW["nodes"]]}
+    monkeypatch.setattr(Journeys, "_stop_instances", lambda self, plans, now: 0)  # killed before it ran
+    for start in range(2):
+        server = server_for(tmp_path / "data", fcm)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            async with open_client(server.addresses[0]) as client:
+                if start == 0:
+                    await setup(client, fcm, flow)
+                    for n in range(3):
+                        await person(client, f"crm:s{n}", f"tok-s{n}")
+                        await ingest(client, f"crm:s{n}", "app.installed")
+                    await pushed(fcm, 3, timeout=5)
+                    await client.call(api.StopJourney(id="welcome"))
+                    await trio.sleep(0.2)
+                else:
+                    await ingest(client, "crm:s0", "app.opened")  # its next event ends it
+                    with trio.fail_after(2):
+                        while not (await client.call(api.GetReport(journey="welcome"))).totals.get("exited"):
+                            await trio.sleep(0.05)
+                    await trio.sleep(4.5)  # the others' timers
+                    report = await client.call(api.GetReport(journey="welcome", node="wait"))
+                    assert report.reasons.get("exited") == {"stopped": 3}
+                    assert len(await pushed(fcm, 3)) == 3  # no offer
+            server.request_stop()
+        monkeypatch.undo()

@@ -263,8 +263,11 @@ class Journeys(Actor):
             space = self.server.store.space(name)
             found = instances.of_journey(space, id, BATCH - ended)
             for pid, instance in found:
-                stopped = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
                 plan = self._plan(plans, space)
+                instance = plan.instances_of(pid).get(id, instance)
+                if instance.ended:  # an event of this cycle ended it already
+                    continue
+                stopped = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
                 plan.saves.append((pid, stopped, instance.wake_us))
                 plan.counts[(name, "", 0, id, instance.node, "", "", "exited", "stopped")] += 1
             ended += len(found)
@@ -319,9 +322,14 @@ class Journeys(Actor):
             return
         running = plan.instances_of(pid)
         happened = Happened("event", type=type_, data=data)
+        states = self._states.get(space.name, {})
         for id, instance in running.items():
             journey = self._journey(space, id, instance.version)
-            if journey is not None and not instance.ended:
+            if journey is None or instance.ended:
+                continue
+            if states.get(id) == "stopped":  # a stop not carried out to it yet (a crash came first)
+                self._stopped(plan, pid, instance, instance.wake_us, now)
+            else:
                 self._advance(plan, pid, profile, journey, instance, happened, now)
         for id in self._by_event.get(space.name, {}).get(type_, []):
             journey = self._live[space.name][id]
@@ -370,10 +378,16 @@ class Journeys(Actor):
         if journey is None:
             return
         if state == "stopped":
-            ended = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
-            plan.saves.append((pid, ended, wake))
+            self._stopped(plan, pid, instance, wake, now)
             return
         self._advance(plan, pid, profile, journey, instance, Happened("timer"), now)
+
+    def _stopped(self, plan: _Plan, pid: bytes, instance: Instance, old_wake: int, now: int) -> None:
+        """End an instance of a stopped journey that `_stop_instances` did not reach (reason
+        stopped, counted as exited, as there)."""
+        ended = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
+        plan.saves.append((pid, ended, old_wake))
+        plan.counts[(plan.space.name, "", 0, instance.journey, instance.node, "", "", "exited", "stopped")] += 1
 
     def _advance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                  happened: Happened, now: int) -> None:
