@@ -53,7 +53,7 @@ def read_journey_folder(folder: Path, journey: str) -> dict[str, Any]:
                 if bytes(key[8:]).decode() != journey:
                     continue
                 profile = txn.get(bytes(key[:8]), db=dbs["profiles"])
-                identities = [] if profile is None else _identities(profile)
+                identities = [] if profile is None else list(decode_profile(profile).identities)
                 found.append((identities, _instance.decode(memoryview(value)[1:])))
             timers = [bytes(k) for k, _ in txn.cursor(db=dbs["timers"]) if bytes(k[16:]).decode() == journey]
             pushes = sum(1 for k, _ in txn.cursor(db=dbs["push_log"]) if bytes(k[16:]).decode() == journey)
@@ -61,10 +61,6 @@ def read_journey_folder(folder: Path, journey: str) -> dict[str, Any]:
                     "outbox": _count(env, txn, "outbox"), "executions": _count(env, txn, "executions")}
     finally:
         env.close()
-
-
-def _identities(value: bytes) -> list[str]:
-    return list(decode_profile(value).identities)
 
 
 def accepted_by_node(mock: MockFcmProcess, journey: str) -> dict[str, Counter[str]]:

@@ -121,9 +121,9 @@ async def _reports(address: str) -> dict[str, api.Report]:
 
 
 async def _settle(address: str, mock: MockFcmProcess, profiles: int, timeout: float) -> float | None:
-    """Wait until every instance exited, every push has its outcome and nothing moved for a
-    second (the provider's count, the report); the seconds until every instance exited (None:
-    not within ``timeout``, the books will say what is missing)."""
+    """Wait until every instance exited, every push has its outcome and nothing moved between
+    two looks half a second apart (the provider's count, the report); the seconds until every
+    instance exited (None: not within ``timeout``, the books will say what is missing)."""
     started = time.monotonic()
     ended: float | None = None
     last = None
