@@ -19,7 +19,14 @@ are checked:
   delivered again at most what four batches of each send running at the kill hold (the
   in-flight bound);
 - the data folder is consistent (`check_folder`): every identity and token names a stored
-  profile that holds it, the outbox and the executions are empty once everything settled.
+  profile that holds it, the outbox and the executions are empty once everything settled;
+- the journey ``greet`` (an event entry on the load's own ``chaos`` events, when their ``r``,
+  0-99 at random, is below `ENTER_BELOW`: a push, a wait of a second, an end) took every
+  profile with an acknowledged event that passed its condition, once: one instance per
+  profile, each ended with reason ``end`` or still in its wait with its timer, the push staged
+  once per instance (``entered`` = ``targeted`` = the push log = the instances) and reaching
+  the profile's token once or more, what reached it twice at most what was counted
+  ``replayed``.
 
 ``tests/test_chaos.py`` runs a short schedule of this in the suite.
 """
@@ -46,6 +53,8 @@ from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.errors import PigeonProtocolError
 from protocols.trio_client import open_client
+from bench._journey_books import read_journey_folder
+from server.journeys import engine
 from server.messages.pipeline import BATCH, IN_FLIGHT
 from server.profiles import keys
 from server.profiles.records import decode_profile
@@ -59,12 +68,27 @@ _REPLAYING = re.compile(r"delivering (\d+) notifications again")
 #: Events per acknowledged batch, and writers ingesting at once.
 _BATCH_EVENTS = 50
 _WRITERS = 4
+JOURNEY = "greet"
+#: An event enters its profile in the journey when its ``r`` (0-99) is below this.
+ENTER_BELOW = 2
+GREET: dict[str, Any] = {
+    "id": JOURNEY,
+    "entry": {"event": "chaos", "condition": f"event.r < {ENTER_BELOW}"},
+    "nodes": [
+        {"type": "push", "id": "hello", "message": "greeting", "next": "wait"},
+        {"type": "wait", "id": "wait", "duration": "1s", "next": "done"},
+        {"type": "end", "id": "done"},
+    ],
+}
 
 
 async def _setup(address: str, mock: MockFcmProcess, profiles: int) -> None:
     async with open_client(address) as client:
         await client.call(api.RegisterAndroidApp(app=APP, service_account=ACCOUNT.info(mock.token_uri)))
         await client.call(api.PublishConfig(config=api.ChannelConfig(name="all", apps=[APP], platforms=["android"])))
+        await client.call(api.PublishMessage(message=api.MessageSpec(
+            id="greeting", channel="all", content=api.MessageContent(title="Welcome {{ profile.identities[0] }}"))))
+        await client.call(api.PublishJourney(journey=msgspec.convert(GREET, api.JourneySpec)))
 
         async def register(start: int) -> None:
             for i in range(start, profiles, 20):
@@ -81,6 +105,8 @@ class _Books:
     def __init__(self) -> None:
         #: identity -> the "k" values of its events whose batch was acknowledged.
         self.events: dict[str, set[str]] = {}
+        #: Identities with an acknowledged event that enters the journey.
+        self.entering: set[str] = set()
         #: Messages whose messages.send call was made (it may have been killed first).
         self.sends: list[str] = []
         self.batches = 0
@@ -95,12 +121,14 @@ async def _writer(address: str, books: _Books, rng: random.Random, writer: int, 
             for _ in range(_BATCH_EVENTS):
                 identity, k = f"crm:{rng.randrange(profiles)}", f"{writer}-{n}"
                 n += 1
-                batch.append((identity, k))
+                batch.append((identity, k, rng.randrange(100)))
             result = await client.call(api.IngestEvents(events=[
-                api.Event(identity=identity, type="chaos", data={"k": k}) for identity, k in batch]))
+                api.Event(identity=identity, type="chaos", data={"k": k, "r": r}) for identity, k, r in batch]))
             assert result.accepted == len(batch), result.rejected
-            for identity, k in batch:
+            for identity, k, r in batch:
                 books.events.setdefault(identity, set()).add(k)
+                if r < ENTER_BELOW:
+                    books.entering.add(identity)
             books.batches += 1
 
 
@@ -151,9 +179,11 @@ async def _settle(address: str, mock: MockFcmProcess, messages: list[str], profi
         while True:
             await trio.sleep(1.0)
             reports = await _reports(address, messages)
+            journey = reports.pop(f"journey:{JOURNEY}")
             whole = all(t.get("targeted", 0) in (0, profiles) and t.get("sent", 0) + t.get("excluded", 0)
                         == t.get("targeted", 0) for t in reports.values())
-            now = (await trio.to_thread.run_sync(lambda: mock.admin.stats()["successes"]), reports)
+            whole = whole and journey.get("sent", 0) + journey.get("excluded", 0) == journey.get("targeted", 0)
+            now = (await trio.to_thread.run_sync(lambda: mock.admin.stats()["successes"]), reports, journey)
             if whole and now == last:
                 return
             last = now if whole else None
@@ -169,8 +199,13 @@ async def _stored_events(address: str, identities: list[str]) -> dict[str, set[s
 
 
 async def _reports(address: str, messages: list[str]) -> dict[str, dict[str, int]]:
+    """Each message's report totals, and the journey's (under ``journey:greet``)."""
     async with open_client(address) as client:
-        return {m: dict((await client.call(api.GetReport(message=m))).totals) for m in messages}
+        out = {m: dict((await client.call(api.GetReport(message=m))).totals) for m in messages}
+        report = await client.call(api.GetReport(journey=JOURNEY))
+        out[f"journey:{JOURNEY}"] = {**report.totals, **{f"exited:{k}": v for k, v in
+                                                         report.reasons.get("exited", {}).items()}}
+        return out
 
 
 def _accepted_by_message(mock: MockFcmProcess) -> dict[str, Counter[str]]:
@@ -253,10 +288,46 @@ async def chaos(folder: Path, *, kills: int, profiles: int, seed: int, max_delay
         finally:
             server.kill()
         accepted = _accepted_by_message(mock)
-    return _judge(books, found, reports, accepted, replays, check_folder(folder / "data"), profiles, {
+    journey_problems, journey = _judge_journey(books, reports.pop(f"journey:{JOURNEY}"),
+                                               read_journey_folder(folder / "data", JOURNEY),
+                                               accepted.get("greeting", Counter()))
+    return _judge(books, found, reports, accepted, replays, check_folder(folder / "data") + journey_problems, profiles, {
         "kills": kills, "killed_in_delivery": min(in_delivery, kills), "profiles": profiles, "seed": seed,
         "provider_latency_ms": latency_ms, "kill_delays_s": [round(d, 2) for d in delays],
-        "seconds": round(time.monotonic() - started, 1)})
+        "seconds": round(time.monotonic() - started, 1), "journey": journey})
+
+
+def _judge_journey(books: _Books, totals: dict[str, int], stored: dict[str, Any],
+                   got: Counter[str]) -> tuple[list[str], dict[str, Any]]:
+    """The journey's books (the module docstring): the problems, and its figures."""
+    problems = []
+    found = stored["instances"]
+    entered = {ids[0] for ids, _ in found if ids}
+    if len(entered) != len(found):
+        problems.append(f"journey: {len(found) - len(entered)} instances of profiles that are gone")
+    if missed := books.entering - entered:
+        problems.append(f"journey: {len(missed)} profiles with an acknowledged entering event have no instance")
+    ended = sum(1 for _, i in found if i.ended and (i.reason, i.node) == ("end", "done"))
+    waiting = sum(1 for _, i in found if not i.ended and (i.waiting, i.node) == ("wait", "wait") and i.wake_us)
+    if ended + waiting != len(found) or len(stored["timers"]) != waiting:
+        problems.append(f"journey: {len(found)} instances, {ended} ended, {waiting} waiting, "
+                        f"{len(stored['timers'])} timers")
+    if any(set(i.pushes) != {"hello"} for _, i in found):
+        problems.append("journey: instances whose push is not recorded")
+    if not totals.get("entered", 0) == totals.get("targeted", 0) == len(found):
+        problems.append(f"journey: entered {totals.get('entered', 0)}, targeted {totals.get('targeted', 0)}, "
+                        f"for {len(found)} instances")
+    if not totals.get("exited", 0) == totals.get("exited:end", 0) == ended:
+        problems.append(f"journey: {ended} ended but the report says {totals}")
+    tokens = {"tok-" + identity.split(":")[1] for identity in entered}
+    if tokens - set(got) or set(got) - tokens:
+        problems.append(f"journey: {len(tokens - set(got))} instances' pushes never reached the provider, "
+                        f"{len(set(got) - tokens)} reached profiles with no instance")
+    duplicates, replayed = sum(got.values()) - len(got), totals.get("replayed", 0)
+    if not 0 <= duplicates <= replayed:
+        problems.append(f"journey: {duplicates} duplicates but {replayed} counted as replayed")
+    return problems, {"instances": len(found), "ended": ended, "waiting": waiting, "entered": totals.get("entered", 0),
+                      "provider_received": sum(got.values()), "duplicates": duplicates, "replayed": replayed}
 
 
 def _judge(books: _Books, found: dict[str, set[str]], reports: dict[str, dict[str, int]],
@@ -287,10 +358,14 @@ def _judge(books: _Books, found: dict[str, set[str]], reports: dict[str, dict[st
         if not 0 <= duplicates <= replayed:
             problems.append(f"{message}: {duplicates} duplicates but {replayed} counted as replayed")
     # Each execution running at a kill has at most IN_FLIGHT batches staged and not settled;
-    # the executions running are at most the sends started so far (earlier ones resume).
+    # the executions running are at most the sends started so far (earlier ones resume). The
+    # journey engine has at most IN_DELIVERY cycles in delivery and one more staged, each of
+    # BATCH events and BATCH timers at most (a push to one token each, here).
+    journey_bound = (engine.IN_DELIVERY + 1) * 2 * engine.BATCH
     for n, (replayed, started) in enumerate(replays):
-        if replayed > BATCH * IN_FLIGHT * started:
-            problems.append(f"start {n} delivered again {replayed}, more than {IN_FLIGHT} batches of the {started} sends")
+        if replayed > BATCH * IN_FLIGHT * started + journey_bound:
+            problems.append(f"start {n} delivered again {replayed}, more than {IN_FLIGHT} batches of the {started} sends "
+                            f"and {engine.IN_DELIVERY + 1} journey cycles")
     return {**run, "ok": not problems, "problems": problems, "events_acknowledged": acknowledged,
             "events_missing": missing, "event_batches": books.batches, "sends": sends,
             "replays_at_restarts": [replayed for replayed, _ in replays],
@@ -313,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_bytes(msgspec.json.format(msgspec.json.encode(result)) + b"\n")
     print(f"{result['kills']} kills in {result['seconds']} s: {result['events_acknowledged']:,} events acknowledged, "
           f"{result['events_missing']} missing; {len(result['sends'])} campaigns, {result['duplicates']} duplicates "
-          f"<= {result['replayed']} replayed; replays at restarts {result['replays_at_restarts']}; "
+          f"<= {result['replayed']} replayed; replays at restarts {result['replays_at_restarts']}; journey {result['journey']}; "
           + ("books OK" if result["ok"] else "PROBLEMS: " + "; ".join(result["problems"])) + f" -> {args.out}")
     return 0 if result["ok"] else 1
 

@@ -44,7 +44,7 @@ from server.profiles.writes import merge_patch
 from server.reports.reporting import ReportKey, count_targeted, envelope_key, store_counts
 from server.runtime.actor import Actor
 from server.runtime.errors import ActorError, InvalidArgument, ResourceExhausted, ServerError
-from server.templates import Scope, TemplateError, compile_condition
+from server.templates import Scope, TemplateError
 
 if TYPE_CHECKING:
     from server.runtime.app import Server
@@ -83,6 +83,18 @@ class _Plan:
     counts: Counter[ReportKey] = field(default_factory=Counter)
     runs: list[tuple[str, reads.Run]] = field(default_factory=list)
     traces: list[tuple[bytes, str, list[Step]]] = field(default_factory=list)
+    #: The instances ``saves`` holds so far, by profile and journey (`instances_of`).
+    latest: dict[bytes, dict[str, Instance]] = field(default_factory=dict)
+    indexed: int = 0
+
+    def instances_of(self, pid: bytes) -> dict[str, Instance]:
+        """The profile's instances as this cycle leaves them so far: the stored ones, then the
+        cycle's own saves (a second event of the profile, or a timer, in the same cycle must
+        see what the first did: not enter it again, not move it from where it was)."""
+        for saved, instance, _ in self.saves[self.indexed:]:
+            self.latest.setdefault(saved, {})[instance.journey] = instance
+        self.indexed = len(self.saves)
+        return {**instances.instances_of(self.space, pid), **self.latest.get(pid, {})}
 
 
 class Journeys(Actor):
@@ -176,6 +188,8 @@ class Journeys(Actor):
         # The first start follows the log from its end: earlier events were never for journeys.
         self.position = msgspec.msgpack.decode(stored) if stored is not None else end
         self.log_end = max(self.log_end, end)
+        if stored is None:  # durable now: a crash before the first cycle must not skip what comes after
+            await store.write(_commit, [], {}, self.position, 0)
         for space in store.spaces():
             self._index(space)
 
@@ -262,8 +276,11 @@ class Journeys(Actor):
             space = self.server.store.space(name)
             found, rest = instances.of_journey(space, id, BATCH - ended)
             for pid, instance in found:
-                stopped = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
                 plan = self._plan(plans, space)
+                instance = plan.instances_of(pid).get(id, instance)
+                if instance.ended:  # an event of this cycle ended it already
+                    continue
+                stopped = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
                 plan.saves.append((pid, stopped, instance.wake_us))
                 plan.counts[(name, "", 0, id, instance.node, "", "", "exited", "stopped")] += 1
             ended += len(found)
@@ -282,12 +299,14 @@ class Journeys(Actor):
         for (name, id), (journey, after) in list(self._to_move.items()):
             space = self.server.store.space(name)
             found, after = instances.of_journey(space, id, BATCH - moved, before=journey.version, after=after)
+            plan = self._plan(plans, space)
             for pid, instance in found:
+                instance = plan.instances_of(pid).get(id, instance)  # as this cycle left it
                 old = self._journey(space, id, instance.version)
                 node = journey.nodes.get(instance.node)
                 same = old is not None and type(node) is type(old.nodes.get(instance.node))
-                if instance.waiting and same:
-                    self._plan(plans, space).saves.append(
+                if instance.waiting and not instance.ended and same:
+                    plan.saves.append(
                         (pid, msgspec.structs.replace(instance, version=journey.version), instance.wake_us))
                     moved += 1
             if after is None:
@@ -316,7 +335,7 @@ class Journeys(Actor):
                 read += len(page)
                 plan = self._plan(plans, space)
                 for pid, profile in page:
-                    previous = instances.instances_of(space, pid).get(id)
+                    previous = plan.instances_of(pid).get(id)
                     if self._enters(journey, previous, profile, {}, now):
                         self.entered += 1
                         entered += 1
@@ -374,11 +393,16 @@ class Journeys(Actor):
         profile = _profile(space, pid)
         if profile is None:
             return
-        running = instances.instances_of(space, pid)
+        running = plan.instances_of(pid)
         happened = Happened("event", type=type_, data=data)
+        states = self._states.get(space.name, {})
         for id, instance in running.items():
             journey = self._journey(space, id, instance.version)
-            if journey is not None and not instance.ended:
+            if journey is None or instance.ended:
+                continue
+            if states.get(id) == "stopped":  # a stop not carried out to it yet (a crash came first)
+                self._stopped(plan, pid, instance, instance.wake_us, now)
+            else:
                 self._advance(plan, pid, profile, journey, instance, happened, now)
         for id in self._by_event.get(space.name, {}).get(type_, []):
             journey = self._live[space.name][id]
@@ -402,9 +426,9 @@ class Journeys(Actor):
             return False
         if spec.end is not None and now >= int(spec.end.timestamp() * 1e6):
             return False
-        if spec.entry.condition is None:
+        condition = journey.conditions.get("entry")
+        if condition is None:
             return True
-        condition = compile_condition("$.journey.entry.condition", spec.entry.condition)
         try:
             return condition.test({"profile": _attributes(profile), "event": data})
         except TemplateError:
@@ -412,7 +436,7 @@ class Journeys(Actor):
 
     def _on_timer(self, plan: _Plan, pid: bytes, id: str, wake: int, now: int) -> None:
         space = plan.space
-        instance = instances.instances_of(space, pid).get(id)
+        instance = plan.instances_of(pid).get(id)
         profile = _profile(space, pid)
         if instance is None or instance.ended or instance.wake_us != wake or profile is None:
             if instance is not None and instance.wake_us != wake:
@@ -427,10 +451,16 @@ class Journeys(Actor):
         if journey is None:
             return
         if state == "stopped":
-            ended = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
-            plan.saves.append((pid, ended, wake))
+            self._stopped(plan, pid, instance, wake, now)
             return
         self._advance(plan, pid, profile, journey, instance, Happened("timer"), now)
+
+    def _stopped(self, plan: _Plan, pid: bytes, instance: Instance, old_wake: int, now: int) -> None:
+        """End an instance of a stopped journey that `_stop_instances` did not reach (reason
+        stopped, counted as exited, as there)."""
+        ended = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
+        plan.saves.append((pid, ended, old_wake))
+        plan.counts[(plan.space.name, "", 0, instance.journey, instance.node, "", "", "exited", "stopped")] += 1
 
     def _advance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                  happened: Happened, now: int) -> None:

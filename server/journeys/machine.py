@@ -119,6 +119,8 @@ class Journey:
                 self.conditions[f"exit[{i}]"] = compile_condition(f"$.journey.exit[{i}].condition", criterion.condition)
         if spec.goal is not None and spec.goal.condition is not None:
             self.conditions["goal"] = compile_condition("$.journey.goal.condition", spec.goal.condition)
+        if spec.entry.condition is not None:
+            self.conditions["entry"] = compile_condition("$.journey.entry.condition", spec.entry.condition)
 
     def wait_us(self, us: int) -> int:
         """A wait's length, shortened in test mode."""
