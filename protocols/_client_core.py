@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import random
@@ -50,6 +51,7 @@ __all__ = [
     "not_pigeon",
     "describe",
     "BatchBook",
+    "new_event_id",
     "BatcherResults",
     "MAX_RETRY_DELAY_S",
     "ClientBase",
@@ -268,9 +270,15 @@ class BatchBook:
         failed: `BatchFailed` errors for batches whose call failed.
         retried: batches sent again because the server shed them (RESOURCE_EXHAUSTED with a
             retry hint: nothing of them was stored).
+        duplicates: events the server did not store because it had stored one with the same id
+            (`api.IngestResult.duplicates`).
+
+    An event added without an ``id`` gets a random one (`new_event_id`; with ``ids=False``,
+    none), so that a batch sent again (after a shed, or by the caller after a `BatchFailed`)
+    is stored once within the server's window.
     """
 
-    def __init__(self, *, batch_size: int, max_in_flight: int, linger: float) -> None:
+    def __init__(self, *, batch_size: int, max_in_flight: int, linger: float, ids: bool = True) -> None:
         if not 1 <= batch_size <= api.MAX_EVENTS_PER_BATCH:
             raise ValueError(f"batch_size must be between 1 and {api.MAX_EVENTS_PER_BATCH}")
         if max_in_flight < 1:
@@ -281,6 +289,8 @@ class BatchBook:
         self.rejected: list[tuple[api.Event, api.Rejection]] = []
         self.failed: list[BatchFailed] = []
         self.retried = 0
+        self.duplicates = 0
+        self.ids = ids
         self.pending: list[api.Event] = []
         self._started = 0.0
 
@@ -288,6 +298,8 @@ class BatchBook:
         """Add an event; True when the batch is full and should be sent."""
         if not self.pending:
             self._started = now
+        if self.ids and event.id is None:
+            event = msgspec.structs.replace(event, id=new_event_id())
         self.pending.append(event)
         return len(self.pending) >= self.batch_size
 
@@ -322,7 +334,13 @@ class BatchBook:
             self.failed.append(BatchFailed(outcome, batch))
         else:
             self.accepted += outcome.accepted
+            self.duplicates += len(outcome.duplicates)
             self.rejected.extend((batch[r.index], r) for r in outcome.rejected)
+
+
+def new_event_id() -> str:
+    """A random event id: 16 random bytes in base64url, 22 characters."""
+    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
 
 
 #: The longest an event batcher waits before sending a shed batch again.
@@ -341,6 +359,10 @@ class BatcherResults:
     @property
     def accepted(self) -> int:
         return self._book.accepted
+
+    @property
+    def duplicates(self) -> int:
+        return self._book.duplicates
 
     @property
     def rejected(self) -> list[tuple[api.Event, api.Rejection]]:

@@ -10,10 +10,16 @@ their keys are built: ``apps`` in `server.delivery.apps`, ``configs`` and ``mess
     profiles     profile id (u64 BE)     -> versioned ProfileRecord
     tokens       utf-8 app + NUL + token -> profile id (8 bytes)
     events       seq (u64 BE)            -> versioned event: profile id, ts, type, data
+    event_ids    utf-8 client event id   -> seq (u64 BE) + stored at, µs (u64 BE)
+    event_id_log seq (u64 BE)            -> stored at, µs (u64 BE) + utf-8 client event id
 
 Integers are fixed-width big-endian so byte order is numeric order. ``events`` is the log, in
 commit order: appending to it dirties a few sequential pages per commit, whatever profiles
 the events belong to; each profile's time-ordered view of it is kept in memory (`server.profiles.index`).
+``event_ids`` remembers the client ids of the events stored within the deduplication window
+(`server.profiles.writes.ingest_events_once`); ``event_id_log`` is the same ids in the order
+they were stored (seq order is commit order, so nearly time order), so that the expired ones
+are found from its first key on, without a scan.
 The profile key is derived from the identity here and only here, so that partitioning
 profiles by identity (scale-out) has one place to change.
 """
