@@ -10,7 +10,7 @@ their keys are built: ``apps`` in `server.delivery.apps`, ``configs`` and ``mess
     profiles     profile id (u64 BE)     -> versioned ProfileRecord
     tokens       utf-8 app + NUL + token -> profile id (8 bytes)
     events       seq (u64 BE)            -> versioned event: profile id, ts, type, data
-    event_ids    utf-8 client event id   -> seq (u64 BE) + stored at, µs (u64 BE)
+    event_ids    utf-8 client event id   -> stored at, µs (u64 BE)
     event_id_log seq (u64 BE)            -> stored at, µs (u64 BE) + utf-8 client event id
 
 Integers are fixed-width big-endian so byte order is numeric order. ``events`` is the log, in

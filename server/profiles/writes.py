@@ -25,7 +25,6 @@ __all__ = [
 #: sweep keeps pace with ingestion, in bounded steps.
 MIN_ID_SWEEP = 64
 _U64 = struct.Struct(">Q")
-_TWO_U64 = struct.Struct(">QQ")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -252,58 +251,46 @@ def ingest_events_once(
     own transaction, so two copies of a batch store once however they interleave; then at
     most ``MIN_ID_SWEEP`` or twice as many expired ids as were stored are forgotten.
     """
-    known = w.dbs["event_ids"]
-    get = w.txn.get
-    cutoff = w.now - window_us
-    seen: set[str] = set()
+    txn, dbs, now = w.txn, w.dbs, w.now
+    known, put, get = dbs["event_ids"], txn.put, txn.get
+    stamp = _U64.pack(now)
+    cutoff = now - window_us
+    seq = w.store._next_seq  # `ingest_events` numbers the stored events in order from here
+    seq_key = keys.seq_key
+    log: list[tuple[bytes, bytes]] = []
     kept_segments: list[list[InEvent]] = []
-    kept_ids: list[str | None] = []
     duplicates: list[list[int]] = []
     for events, segment_ids in zip(segments, ids):
         if segment_ids is None or window_us <= 0:
             kept_segments.append(events)
-            kept_ids.extend([None] * len(events))
             duplicates.append([])
+            seq += len(events)
             continue
         kept: list[InEvent] = []
         dups: list[int] = []
         for position, (event, event_id) in enumerate(zip(events, segment_ids)):
             if event_id is not None:
-                if event_id in seen:
-                    dups.append(position)
-                    continue
-                value = get(event_id.encode(), db=known)
-                if value is not None and _TWO_U64.unpack(value)[1] >= cutoff:
-                    dups.append(position)
-                    continue
-                seen.add(event_id)
+                key = event_id.encode()
+                # one lookup for most ids, new ones: remember it unless it is remembered
+                if not put(key, stamp, db=known, overwrite=False):
+                    if _U64.unpack(get(key, db=known) or b"")[0] >= cutoff:  # this op's own are too
+                        dups.append(position)
+                        continue
+                    put(key, stamp, db=known)  # remembered, but longer ago than the window
+                log.append((seq_key(seq), stamp + key))
             kept.append(event)
-            kept_ids.append(event_id)
+            seq += 1
         kept_segments.append(kept)
         duplicates.append(dups)
-    first = w.store._next_seq
     lasts = ingest_events(w, kept_segments)
-    if seen:
-        _remember_ids(w, first, kept_ids)
-    forget_expired_ids(w, cutoff, max(MIN_ID_SWEEP, 2 * len(seen)))
+    if w.store._next_seq != seq:
+        raise StorageError(f"event ids numbered up to {seq}, events up to {w.store._next_seq}")
+    if log:  # sequence numbers only grow: appended in key order
+        added = txn.cursor(db=dbs["event_id_log"]).putmulti(log, append=True)[1]
+        if added != len(log):
+            raise StorageError(f"remembered {added} of {len(log)} event ids")
+    forget_expired_ids(w, cutoff, max(MIN_ID_SWEEP, 2 * len(log)))
     return [(last if kept else 0, dups) for last, kept, dups in zip(lasts, kept_segments, duplicates)]
-
-
-def _remember_ids(w: Writer, first: int, ids: list[str | None]) -> None:
-    """Remember the ids of the events just logged from sequence number ``first`` on."""
-    txn, dbs, now = w.txn, w.dbs, w.now
-    known = dbs["event_ids"]
-    log = []
-    stamp = _U64.pack(now)
-    for seq, event_id in enumerate(ids, first):
-        if event_id is not None:
-            key = event_id.encode()
-            txn.put(key, _TWO_U64.pack(seq, now), db=known)
-            log.append((keys.seq_key(seq), stamp + key))
-    # sequence numbers only grow: appended in key order
-    added = txn.cursor(db=dbs["event_id_log"]).putmulti(log, append=True)[1]
-    if added != len(log):
-        raise StorageError(f"remembered {added} of {len(log)} event ids")
 
 
 def forget_expired_ids(w: Writer, cutoff: int, limit: int) -> int:
@@ -315,12 +302,12 @@ def forget_expired_ids(w: Writer, cutoff: int, limit: int) -> int:
     found = cursor.first()
     while found and forgotten < limit:
         value = cursor.value()
-        if _U64.unpack_from(value)[0] >= cutoff:
+        stamp = value[:8]
+        if _U64.unpack(stamp)[0] >= cutoff:
             break
         key = value[8:]
-        current = txn.get(key, db=known)
-        # the id may have been stored again since (once expired): that is another entry's
-        if current is not None and current[:8] == cursor.key():
+        # unless the id was stored again since (once expired): that is a later entry's
+        if txn.get(key, db=known) == stamp:
             txn.delete(key, db=known)
         forgotten += 1
         found = cursor.delete() and bool(cursor.key())
