@@ -9,6 +9,11 @@ has committed it. The actor takes every validated batch waiting in its
 mailbox and hands them to the store as one write op (many small ingest calls, one nested
 transaction); when the store has committed, each caller gets its own result and the journeys
 engine is told how far the committed event log now reaches.
+
+An event may carry a client id: the store op (`server.profiles.writes.ingest_events_once`)
+leaves out each event whose id its sandbox stored within ``dedupe_window_us``, in the same
+transaction that logs the others, and the caller is told their indexes (``duplicates``). An
+event left out is not logged, so neither the journeys engine nor the reports see it again.
 """
 
 from __future__ import annotations
