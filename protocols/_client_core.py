@@ -6,6 +6,7 @@ import base64
 import logging
 import os
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -338,9 +339,22 @@ class BatchBook:
             self.rejected.extend((batch[r.index], r) for r in outcome.rejected)
 
 
+#: base64url's alphabet, and the same 64 characters in ASCII order.
+_IN_ORDER = bytes.maketrans(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_",
+    b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz",
+)
+
+
 def new_event_id() -> str:
-    """A random event id: 16 random bytes in base64url, 22 characters."""
-    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode()
+    """A new event id, 22 characters: the time in milliseconds (6 bytes) and 10 random bytes,
+    in base64 with an alphabet in ASCII order (letters, digits, ``-``, ``_``).
+
+    Ids made later sort later, so the server's index of remembered ids grows at one end:
+    random ids would dirty a page of it per event and commit, ids led by the time a few.
+    """
+    raw = (time.time_ns() // 1_000_000).to_bytes(6, "big") + os.urandom(10)
+    return base64.urlsafe_b64encode(raw).translate(_IN_ORDER).rstrip(b"=").decode()
 
 
 #: The longest an event batcher waits before sending a shed batch again.
