@@ -191,7 +191,7 @@ Platform = Literal["apns", "apns-sandbox", "fcm"]
 PushToken = Annotated[str, msgspec.Meta(pattern=_TOKEN_PATTERN)]
 EventType = Annotated[str, msgspec.Meta(pattern=_EVENT_TYPE_PATTERN)]
 #: A client's id for an event (`Event.id`): 1 to 64 letters, digits, ``_``, ``.``, ``:`` and
-#: ``-`` (16 random bytes in base64url are 22 of them).
+#: ``-`` (16 bytes in base64url are 22 of them).
 EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}\Z"
 EventId = Annotated[str, msgspec.Meta(pattern=EVENT_ID_PATTERN)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
@@ -510,7 +510,7 @@ class Event(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tru
     data: dict[str, Any] = {}
     #: The client's id of the event: an event whose id an event of this sandbox already
     #: stored within the server's window (``ingest.dedupe_window_s``) is not stored again
-    #: (`IngestResult.duplicates`). The event batchers give each event a random one.
+    #: (`IngestResult.duplicates`). The event batchers give each event a unique one.
     id: EventId | None = None
 
 

@@ -407,7 +407,7 @@ class EventBatcher(BatcherResults):
         duplicates: events the server did not store because it had stored an event with the
             same id within its window (``IngestResult.duplicates``).
 
-    Each event added without an ``id`` gets a random one (16 random bytes, base64url; an
+    Each event added without an ``id`` gets a unique one (the time and 10 random bytes; an
     event that has one keeps it; ``ids=False``: none), so that a batch sent again is stored
     once within the server's window (``ingest.dedupe_window_s``, 24 hours by default). The
     batcher does not reconnect: when a batch fails without an answer (a broken connection,

@@ -19,7 +19,9 @@ the events belong to; each profile's time-ordered view of it is kept in memory (
 ``event_ids`` remembers the client ids of the events stored within the deduplication window
 (`server.profiles.writes.ingest_events_once`); ``event_id_log`` is the same ids in the order
 they were stored (seq order is commit order, so nearly time order), so that the expired ones
-are found from its first key on, without a scan. With a 22-character id, an id costs about
+are found from its first key on, without a scan. ``event_ids`` is written in key order: ids led
+by the time (the batchers') are added at its end, random ones anywhere (a dirty page each).
+With a 22-character id, an id costs about
 58 bytes of ``event_ids`` (keys in random order: pages part full) and 49 of ``event_id_log``
 (appended: pages full), measured over 100,000 ids.
 The profile key is derived from the identity here and only here, so that partitioning
