@@ -397,7 +397,8 @@ class EventBatcher(BatcherResults):
 
     Attributes:
         accepted: events acknowledged as durable.
-        rejected: ``(event, rejection)`` for each event the server refused.
+        rejected: ``(event, rejection)`` for each event the server refused, the event as sent
+            (with its id).
         failed: `BatchFailed` errors for batches whose call failed (leaving the block raises
             the first of them).
         retried: batches sent again because the server shed them: a RESOURCE_EXHAUSTED with

@@ -54,7 +54,8 @@ async def short_window(tmp_path: Path) -> AsyncIterator[Server]:
 
 
 async def test_a_batch_sent_twice_is_stored_and_evaluated_once(client, server):
-    events = [*_batch("a", 2), api.Event(identity="crm:1", type="no.id"), api.Event(identity="crm:1", type="x", id="a-3")]
+    events = [*_batch("a", 2), api.Event(identity="crm:1", type="no.id"),
+              api.Event(identity="crm:1", type="x", id="a-3")]
     first = await client.call(api.IngestEvents(events=events))
     assert (first.accepted, first.duplicates, first.rejected) == (4, [], [])
     # sent again (its answer lost), with a bad event in front: indexes are the batch's

@@ -41,7 +41,9 @@ from server.profiles.writes import ingest_events_once
 
 log = logging.getLogger("pigeon.ingest")
 
-__all__ = ["Ingestion", "decode_batch", "decode_batch_ids", "peek_event_count", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US"]
+__all__ = [
+    "Ingestion", "decode_batch", "decode_batch_ids", "peek_event_count", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US",
+]
 
 #: Largest encoded ``data`` map of one event.
 MAX_EVENT_DATA_BYTES = 64 * 1024
