@@ -3,6 +3,7 @@
     python -m bench.ingest                 # the full run (about four minutes)
     python -m bench.ingest --quick         # a smoke run
     python -m bench.ingest --baseline DIR  # this version and the one in DIR, side by side
+    python -m bench.ingest --baseline DIR --ids  # ... and this version with event ids, beside them
 
 Phases, against a fresh server in a child process (LMDB with fsync on every commit):
 
@@ -26,6 +27,11 @@ the two), so that both versions see the same machine in the same minutes; the re
 them side by side (``bench/results/ingest-comparison.json``). A shared machine measures differently from one hour to the next:
 compare versions this way, not with figures from another run.
 
+With ``--ids`` every event of phase 1 carries a fresh random id (as the clients' batchers give
+them; made before the clock starts), so the server checks and remembers each; with
+``--baseline`` too, the comparison gets a third column: this version with ids, against the
+same server as its column without.
+
 Figures are printed and written as JSON (``bench/results/ingest.json`` by default).
 """
 
@@ -43,7 +49,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from protocols import api
+from protocols._client_core import new_event_id
 from protocols.asyncio_client import Client, open_client, run
 
 from ._harness import Latencies, ServerUnderTest, machine, server_cpu, write_results
@@ -76,10 +85,19 @@ def make_batches(count: int, size: int, seed: int) -> list[api.IngestEvents]:
     ]
 
 
-async def throughput(clients: list[Client], batches: list[api.IngestEvents], total_events: int, in_flight: int) -> dict[str, Any]:
+def with_ids(batch: api.IngestEvents) -> api.IngestEvents:
+    """``batch``, each event with a fresh random id."""
+    return api.IngestEvents(events=[msgspec.structs.replace(e, id=new_event_id()) for e in batch.events])
+
+
+async def throughput(
+    clients: list[Client], batches: list[api.IngestEvents], total_events: int, in_flight: int, ids: bool = False
+) -> dict[str, Any]:
     size = len(batches[0].events)
     n_batches = total_events // size
     counter = iter(range(n_batches))
+    if ids:  # every call its own ids, made before the clock starts
+        batches = [with_ids(batches[i % len(batches)]) for i in range(n_batches)]
     latencies = Latencies()
     accepted = 0
 
@@ -283,7 +301,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             results["throughput"] = []
             for size in args.batch_sizes:
                 batches = make_batches(16, size, seed=size)
-                runs = [await throughput(conns, batches, args.events, args.in_flight) for _ in range(args.repeat)]
+                runs = [await throughput(conns, batches, args.events, args.in_flight, args.ids) for _ in range(args.repeat)]
                 r = _median_run(runs, "events_per_s")
                 r["runs_events_per_s"] = [x["events_per_s"] for x in runs]
                 results["throughput"].append(r)
@@ -353,10 +371,10 @@ def baseline_server(folder: str) -> Any:
 
 async def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Phases 1 and 4 against this version and the one in ``args.baseline``, alternating."""
-    names = ("baseline", "this")
+    names: tuple[str, ...] = ("baseline", "this") + (("this_ids",) if args.ids else ())
     with baseline_server(args.baseline) as baseline, ServerUnderTest() as this:
         async with connections(baseline.address, args.connections) as old, connections(this.address, args.connections) as new:
-            servers = dict(zip(names, (old, new)))
+            servers = dict(zip(names, (old, new, new)))
             print(f"baseline {args.baseline} on {baseline.address}, this checkout on {this.address}; "
                   f"{args.connections} connections × {args.in_flight} calls in flight, runs alternating")
             for conns in servers.values():
@@ -367,7 +385,8 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
                 runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
                 for _ in range(args.repeat):
                     for name in names:
-                        runs[name].append(await throughput(servers[name], batches, args.events, args.in_flight))
+                        runs[name].append(await throughput(servers[name], batches, args.events, args.in_flight,
+                                                           ids=name == "this_ids"))
                 row = {"batch_size": size}
                 for name in names:
                     rates = [r["events_per_s"] for r in runs[name]]
@@ -379,7 +398,7 @@ async def compare(args: argparse.Namespace) -> dict[str, Any]:
                     f"{name} {row[name]['events_per_s']:>9,.0f} events/s (runs {', '.join(f'{x:,}' for x in row[name]['runs_events_per_s'])}), "
                     f"{row[name]['server_cpu_us_per_event']:.2f} µs CPU/event" for name in names))
             out["memory"] = {}
-            for name in names:
+            for name in names[:2]:
                 out["memory"][name] = await memory(servers[name][0], args.memory_events)
                 print(show_memory(out["memory"][name], f" ({name})"))
     return out
@@ -397,6 +416,7 @@ def cli(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-events", type=int, default=2_000_000, help="events ingested in phase 4")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the median is reported")
     parser.add_argument("--quick", action="store_true", help="a small run to check the harness")
+    parser.add_argument("--ids", action="store_true", help="phase 1 with a random id on every event (beside, with --baseline)")
     parser.add_argument("--out", help="JSON output path (default bench/results/ingest.json)")
     parser.add_argument("--server", help="use a server already running at HOST:PORT (e.g. under a profiler)")
     parser.add_argument("--baseline", metavar="DIR", help="also measure the version checked out in DIR, side by side")

@@ -35,6 +35,8 @@ __all__ = [
     "Platform",
     "PushToken",
     "EventType",
+    "EVENT_ID_PATTERN",
+    "EventId",
     "Timestamp",
     "Request",
     "StreamRequest",
@@ -188,6 +190,10 @@ AppId = Annotated[str, msgspec.Meta(pattern=_APP_PATTERN)]
 Platform = Literal["apns", "apns-sandbox", "fcm"]
 PushToken = Annotated[str, msgspec.Meta(pattern=_TOKEN_PATTERN)]
 EventType = Annotated[str, msgspec.Meta(pattern=_EVENT_TYPE_PATTERN)]
+#: A client's id for an event (`Event.id`): 1 to 64 letters, digits, ``_``, ``.``, ``:`` and
+#: ``-`` (16 bytes in base64url are 22 of them).
+EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}\Z"
+EventId = Annotated[str, msgspec.Meta(pattern=EVENT_ID_PATTERN)]
 Timestamp = Annotated[datetime, msgspec.Meta(tz=True)]
 MAX_EVENTS_PER_BATCH = 10_000
 
@@ -202,6 +208,7 @@ _PATTERN_MEANINGS = {
     _APP_PATTERN: "an app id like com.example.app (letters, digits, '.', '_', '-')",
     _TOKEN_PATTERN: "a push token (1 to 4096 printable characters, no spaces)",
     _EVENT_TYPE_PATTERN: "an event type like commerce.purchase (letters, digits, '.', '_', ':', '-'; at most 128)",
+    EVENT_ID_PATTERN: "an event id (1 to 64 letters, digits, '_', '.', ':', '-')",
 }
 
 
@@ -501,6 +508,10 @@ class Event(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=Tru
     #: When it happened; the server's clock when omitted.
     ts: Timestamp | None = None
     data: dict[str, Any] = {}
+    #: The client's id of the event: an event whose id an event of this sandbox already
+    #: stored within the server's window (``ingest.dedupe_window_s``) is not stored again
+    #: (`IngestResult.duplicates`). The event batchers give each event a unique one.
+    id: EventId | None = None
 
 
 class Rejection(Response):
@@ -515,6 +526,9 @@ class IngestResult(Response):
     rejected: list[Rejection] = []
     #: Sequence number of the last accepted event (events are numbered in commit order).
     last_seq: int = 0
+    #: The index of each event not stored because an event with its id was stored already
+    #: (within the window, or earlier in the same batch): neither accepted nor rejected.
+    duplicates: list[int] = []
 
 
 class IngestEvents(Request[IngestResult], frozen=True):

@@ -170,11 +170,12 @@ class Client(ClientBase):
         return trio.current_time() - started
 
     def event_batcher(
-        self, *, batch_size: int = 500, max_in_flight: int = 4, linger: float = 0.01, call_timeout: float | None = None
+        self, *, batch_size: int = 500, max_in_flight: int = 4, linger: float = 0.01, call_timeout: float | None = None,
+        ids: bool = True,
     ) -> EventBatcher:
         """A helper for high-rate ingestion; see `EventBatcher`."""
         return EventBatcher(
-            self, batch_size=batch_size, max_in_flight=max_in_flight, linger=linger, call_timeout=call_timeout
+            self, batch_size=batch_size, max_in_flight=max_in_flight, linger=linger, call_timeout=call_timeout, ids=ids
         )
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -308,20 +309,31 @@ class EventBatcher(BatcherResults):
 
     Attributes:
         accepted: events acknowledged as durable.
-        rejected: ``(event, rejection)`` for each event the server refused.
+        rejected: ``(event, rejection)`` for each event the server refused, the event as sent
+            (with its id).
         failed: `BatchFailed` errors for batches whose call failed (leaving the block raises
             the first of them).
         retried: batches sent again because the server shed them: a RESOURCE_EXHAUSTED with
             a retry hint stored nothing, so the batch waits for the hint (doubled at each
             refusal up to 8 times, with jitter, at most 30 s; within ``call_timeout``) and is
             sent again, holding its place in ``max_in_flight`` meanwhile.
+        duplicates: events the server did not store because it had stored an event with the
+            same id within its window (``IngestResult.duplicates``).
+
+    Each event added without an ``id`` gets a unique one (the time and 10 random bytes; an
+    event that has one keeps it; ``ids=False``: none), so that a batch sent again is stored
+    once within the server's window (``ingest.dedupe_window_s``, 24 hours by default). The
+    batcher does not reconnect: when a batch fails without an answer (a broken connection,
+    ``call_timeout``), its events may or may not be stored, and the caller may send
+    ``BatchFailed.events`` again, on a new connection, without storing any twice.
     """
 
     def __init__(
-        self, client: Client, *, batch_size: int, max_in_flight: int, linger: float, call_timeout: float | None = None
+        self, client: Client, *, batch_size: int, max_in_flight: int, linger: float, call_timeout: float | None = None,
+        ids: bool = True,
     ) -> None:
         self.client = client
-        self._book = BatchBook(batch_size=batch_size, max_in_flight=max_in_flight, linger=linger)
+        self._book = BatchBook(batch_size=batch_size, max_in_flight=max_in_flight, linger=linger, ids=ids)
         self._call_timeout = math.inf if call_timeout is None else call_timeout
         self._slots = trio.Semaphore(max_in_flight)
         self._in_flight = 0

@@ -508,6 +508,7 @@ _events = st.builds(
     type=_event_types,
     ts=st.none() | _timestamps,
     data=_attributes,
+    id=st.none() | st.from_regex(api.EVENT_ID_PATTERN),
 )
 
 REQUEST_STRATEGIES: dict[str, st.SearchStrategy[Any]] = {

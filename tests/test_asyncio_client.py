@@ -245,7 +245,8 @@ def test_event_batcher_ingests_and_reports_rejections(server_process):
             assert batcher.failed == []
             assert sorted(event.data["i"] for event, _ in batcher.rejected) == sorted(bad)
             for event, rejection in batcher.rejected:
-                assert event is sent[event.data["i"]]
+                # the event as sent: the one added, with the id the batcher gave it
+                assert event.id and event == msgspec.structs.replace(sent[event.data["i"]], id=event.id)
                 assert rejection.code == "INVALID_ARGUMENT"
                 assert rejection.field is not None
                 assert rejection.field.endswith(".identity" if bad[event.data["i"]] == "nope" else ".type")

@@ -9,6 +9,11 @@ has committed it. The actor takes every validated batch waiting in its
 mailbox and hands them to the store as one write op (many small ingest calls, one nested
 transaction); when the store has committed, each caller gets its own result and the journeys
 engine is told how far the committed event log now reaches.
+
+An event may carry a client id: the store op (`server.profiles.writes.ingest_events_once`)
+leaves out each event whose id its sandbox stored within ``dedupe_window_us``, in the same
+transaction that logs the others, and the caller is told their indexes (``duplicates``). An
+event left out is not logged, so neither the journeys engine nor the reports see it again.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ from server.reports.interactions import push_interactions
 from server.reports.reporting import ReportEvent
 from server.profiles.sandboxes import DEFAULT, Space
 from server.profiles.store import InEvent, ProfileStore, WriteOp
-from server.profiles.writes import ingest_events
+from server.profiles.writes import ingest_events_once
 
 log = logging.getLogger("pigeon.ingest")
 
-__all__ = ["Ingestion", "decode_batch", "peek_event_count", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US"]
+__all__ = [
+    "Ingestion", "decode_batch", "decode_batch_ids", "peek_event_count", "MAX_EVENT_DATA_BYTES", "MAX_FUTURE_SKEW_US",
+]
 
 #: Largest encoded ``data`` map of one event.
 MAX_EVENT_DATA_BYTES = 64 * 1024
@@ -51,6 +58,7 @@ class _InEvent(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     type: api.EventType
     ts: api.Timestamp | None = None
     data: msgspec.Raw = _EMPTY_MAP
+    id: api.EventId | None = None
 
 
 class _Batch(msgspec.Struct, forbid_unknown_fields=True):
@@ -182,6 +190,15 @@ def decode_batch(
     per bad event, by index. Raises `InvalidArgument` only when the body as a whole is not a
     batch (not a map with an ``events`` list).
     """
+    accepted, _, rejected = decode_batch_ids(body, now_us=now_us, retention_us=retention_us)
+    return accepted, rejected
+
+
+def decode_batch_ids(
+    body: bytes | msgspec.Raw, *, now_us: int, retention_us: int
+) -> tuple[list[InEvent], list[str | None] | None, list[api.Rejection]]:
+    """`decode_batch`, and the client id of each accepted event (None for an event without
+    one; None for all when none has one)."""
     try:
         events, rejected = _decode_events(body)
     except RecursionError:
@@ -191,6 +208,7 @@ def decode_batch(
             field="$.events",
         ) from None
     accepted: list[InEvent] = []
+    ids: list[str | None] | None = None
     oldest = max(0, now_us - retention_us)  # no event is older than 1970
     newest = now_us + MAX_FUTURE_SKEW_US
     for index, event in enumerate(events):
@@ -226,19 +244,37 @@ def decode_batch(
             message, field = bad
             rejected.append(api.Rejection(index=index, code="INVALID_ARGUMENT", message=message, field=field))
             continue
+        if event.id is not None and ids is None:
+            ids = [None] * len(accepted)
+        if ids is not None:
+            ids.append(event.id)
         accepted.append((event.identity, event.type, ts, event.data))
     rejected.sort(key=lambda r: r.index)
-    return accepted, rejected
+    return accepted, ids, rejected
 
 
 class _Job:
-    __slots__ = ("events", "rejected", "future", "space")
+    __slots__ = ("events", "ids", "rejected", "future", "space", "duplicates")
 
-    def __init__(self, events: list[InEvent], rejected: list[api.Rejection], space: Space | None = None) -> None:
+    def __init__(
+        self, events: list[InEvent], rejected: list[api.Rejection], space: Space | None = None,
+        ids: list[str | None] | None = None,
+    ) -> None:
         self.events = events
+        self.ids = ids
         self.rejected = rejected
         self.space = space
         self.future: Future[api.IngestResult] = Future()
+        #: The positions in ``events`` of those not stored (their ids were), once committed.
+        self.duplicates: list[int] = []
+
+    def batch_indexes(self, positions: list[int]) -> list[int]:
+        """The indexes in the batch of the accepted events at these ``positions``."""
+        if not self.rejected or not positions:
+            return positions
+        refused = {r.index for r in self.rejected}
+        indexes = [i for i in range(len(self.events) + len(refused)) if i not in refused]
+        return [indexes[p] for p in positions]
 
 
 def _groups(jobs: list[_Job], limit: int) -> list[list[_Job]]:
@@ -267,6 +303,8 @@ class Ingestion(Actor):
         max_coalesce: most batches merged into one store op.
         budget: the admission budget of batches waiting for the store (default: 50,000
             events, 32 MiB).
+        dedupe_window_us: an event whose client id an event of its sandbox stored less than
+            this long ago is not stored again (0: ids are not remembered).
     """
 
     def __init__(
@@ -280,6 +318,7 @@ class Ingestion(Actor):
         max_coalesce: int = 64,
         on_interactions: Callable[[list[ReportEvent]], Awaitable[None]] | None = None,
         budget: IngestBudget | None = None,
+        dedupe_window_us: int = 86_400 * 1_000_000,
     ) -> None:
         super().__init__("ingestion", mailbox_size)
         self.budget = budget if budget is not None else IngestBudget(max_events=50_000, max_bytes=32 << 20)
@@ -289,11 +328,13 @@ class Ingestion(Actor):
         self.clock = clock
         self.retention_us = retention_us
         self.max_coalesce = max_coalesce
+        self.dedupe_window_us = dedupe_window_us
         #: Called with the push interactions of each stored batch (reporting).
         self.on_interactions = on_interactions
         self.interactions_lost = 0
         self.accepted = 0
         self.rejected = 0
+        self.duplicates = 0
         self.batches = 0
         self.store_ops = 0
 
@@ -311,19 +352,22 @@ class Ingestion(Actor):
         ticket = self.budget.admit(peek_event_count(body), memoryview(body).nbytes)
         try:
             async with self.lane.turn():
-                events, rejected = decode_batch(body, now_us=self.clock(), retention_us=self.retention_us)
+                events, ids, rejected = decode_batch_ids(body, now_us=self.clock(), retention_us=self.retention_us)
             self.rejected += len(rejected)
             if not events:
                 ticket.release()
                 return api.IngestResult(accepted=0, rejected=rejected)
             ticket.resize(len(events))
-            job = _Job(events, rejected, space)
+            job = _Job(events, rejected, space, ids)
             job.future.on_done(lambda done: ticket.release(committed=not done.failed))
             await self.send(job)
         except BaseException:
             ticket.release()  # the batch was not handed over (a send cancelled sends nothing)
             raise
         result = await job.future.wait()
+        if job.duplicates:
+            skipped = set(job.duplicates)
+            events = [event for position, event in enumerate(events) if position not in skipped]
         if self.on_interactions is not None:
             interactions = push_interactions(events, space.name if space is not None else DEFAULT)
             if interactions:
@@ -338,8 +382,8 @@ class Ingestion(Actor):
         task_status.started()
         while jobs := await self.receive_batch(self.max_coalesce):
             for group in _groups(jobs, self.store.max_commit_events):
-                op = WriteOp(ingest_events, [job.events for job in group], weight=sum(len(j.events) for j in group),
-                             space=group[0].space)
+                op = WriteOp(ingest_events_once, [job.events for job in group], [job.ids for job in group],
+                             self.dedupe_window_us, weight=sum(len(j.events) for j in group), space=group[0].space)
                 op.future.on_done(functools.partial(self._committed, group))
                 await self.store.send(op)
                 # The store now holds the op; its outcome resolves the jobs.
@@ -347,24 +391,30 @@ class Ingestion(Actor):
                 self.batches += len(group)
                 self.store_ops += 1
 
-    def _committed(self, jobs: list[_Job], done: Future[list[int]]) -> None:
+    def _committed(self, jobs: list[_Job], done: Future[list[tuple[int, list[int]]]]) -> None:
         try:
-            lasts = done.result()
+            outcomes = done.result()
         except BaseException as exc:
             for job in jobs:
                 job.future.fail(exc)
             return
         count = 0
-        for job, last in zip(jobs, lasts):
-            count += len(job.events)
-            job.future.set(api.IngestResult(accepted=len(job.events), rejected=job.rejected, last_seq=last))
+        for job, (last, duplicates) in zip(jobs, outcomes):
+            stored = len(job.events) - len(duplicates)
+            count += stored
+            job.duplicates = duplicates
+            self.duplicates += len(duplicates)
+            job.future.set(api.IngestResult(accepted=stored, rejected=job.rejected, last_seq=last,
+                                            duplicates=job.batch_indexes(duplicates)))
         self.accepted += count
-        self.on_committed(max(lasts), count)
+        if count:  # a batch of duplicates only logs nothing
+            self.on_committed(max(last for last, _ in outcomes), count)
 
     def details(self) -> dict[str, Any]:
         return {
             "events_accepted": self.accepted,
             "events_rejected": self.rejected,
+            "events_duplicate": self.duplicates,
             "batches": self.batches,
             "store_ops": self.store_ops,
             "budget": msgspec.structs.asdict(self.budget.statistics()),

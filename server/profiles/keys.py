@@ -10,10 +10,20 @@ their keys are built: ``apps`` in `server.delivery.apps`, ``configs`` and ``mess
     profiles     profile id (u64 BE)     -> versioned ProfileRecord
     tokens       utf-8 app + NUL + token -> profile id (8 bytes)
     events       seq (u64 BE)            -> versioned event: profile id, ts, type, data
+    event_ids    utf-8 client event id   -> stored at, µs (u64 BE)
+    event_id_log seq (u64 BE)            -> stored at, µs (u64 BE) + utf-8 client event id
 
 Integers are fixed-width big-endian so byte order is numeric order. ``events`` is the log, in
 commit order: appending to it dirties a few sequential pages per commit, whatever profiles
 the events belong to; each profile's time-ordered view of it is kept in memory (`server.profiles.index`).
+``event_ids`` remembers the client ids of the events stored within the deduplication window
+(`server.profiles.writes.ingest_events_once`); ``event_id_log`` is the same ids in the order
+they were stored (seq order is commit order, so nearly time order), so that the expired ones
+are found from its first key on, without a scan. ``event_ids`` is written in key order: ids led
+by the time (the batchers') are added at its end, random ones anywhere (a dirty page each).
+With a 22-character id, an id costs about
+63 bytes of ``event_ids`` (pages split in half as it grows) and 48 of ``event_id_log``
+(appended: pages full), measured over 200,000 batcher ids.
 The profile key is derived from the identity here and only here, so that partitioning
 profiles by identity (scale-out) has one place to change.
 """

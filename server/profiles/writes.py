@@ -7,6 +7,7 @@ changes commit with its neighbours' or roll back alone.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from server.profiles import keys
@@ -17,8 +18,13 @@ from server.runtime.errors import AlreadyExists, FailedPrecondition, InvalidArgu
 __all__ = [
     "merge_patch", "upsert_profile", "patch_profile", "delete_profile", "link_identity", "unlink_identity",
     "register_token", "unregister_token", "set_consent", "invalidate_token", "invalidate_tokens",
-    "ingest_events",
+    "ingest_events", "ingest_events_once", "forget_expired_ids", "MIN_ID_SWEEP",
 ]
+
+#: Expired event ids forgotten per ingest op at least (and twice the ids it stores): the
+#: sweep keeps pace with ingestion, in bounded steps.
+MIN_ID_SWEEP = 64
+_U64 = struct.Struct(">Q")
 
 
 def merge_patch(target: Any, patch: Any) -> Any:
@@ -231,3 +237,78 @@ def ingest_events(w: Writer, segments: list[list[InEvent]]) -> list[int]:
         if added != len(puts):
             raise StorageError(f"stored {added} of {len(puts)} events")
     return lasts
+
+
+def ingest_events_once(
+    w: Writer, segments: list[list[InEvent]], ids: list[list[str | None] | None], window_us: int
+) -> list[tuple[int, list[int]]]:
+    """`ingest_events`, but an event whose client id (``ids``, beside each segment; None for a
+    segment without ids) an event of this sandbox stored less than ``window_us`` ago, or an
+    earlier event of this op, is not stored (with ``window_us`` 0, ids are not remembered).
+
+    Returns, for each segment, the sequence number of its last stored event (0 when none
+    was) and the positions of its duplicates. The ids are checked and remembered in the op's
+    own transaction, so two copies of a batch store once however they interleave; then at
+    most ``MIN_ID_SWEEP`` or twice as many expired ids as were stored are forgotten.
+    """
+    txn, dbs, now = w.txn, w.dbs, w.now
+    known, put, get = dbs["event_ids"], txn.put, txn.get
+    stamp = _U64.pack(now)
+    cutoff = now - window_us
+    seq = w.store._next_seq  # `ingest_events` numbers the stored events in order from here
+    seq_key = keys.seq_key
+    log: list[tuple[bytes, bytes]] = []
+    kept_segments: list[list[InEvent]] = []
+    duplicates: list[list[int]] = []
+    for events, segment_ids in zip(segments, ids):
+        if segment_ids is None or window_us <= 0:
+            kept_segments.append(events)
+            duplicates.append([])
+            seq += len(events)
+            continue
+        kept: list[InEvent] = []
+        dups: list[int] = []
+        for position, (event, event_id) in enumerate(zip(events, segment_ids)):
+            if event_id is not None:
+                key = event_id.encode()
+                # one lookup for most ids, new ones: remember it unless it is remembered
+                if not put(key, stamp, db=known, overwrite=False):
+                    if _U64.unpack(get(key, db=known) or b"")[0] >= cutoff:  # this op's own are too
+                        dups.append(position)
+                        continue
+                    put(key, stamp, db=known)  # remembered, but longer ago than the window
+                log.append((seq_key(seq), stamp + key))
+            kept.append(event)
+            seq += 1
+        kept_segments.append(kept)
+        duplicates.append(dups)
+    lasts = ingest_events(w, kept_segments)
+    if w.store._next_seq != seq:
+        raise StorageError(f"event ids numbered up to {seq}, events up to {w.store._next_seq}")
+    if log:  # sequence numbers only grow: appended in key order
+        added = txn.cursor(db=dbs["event_id_log"]).putmulti(log, append=True)[1]
+        if added != len(log):
+            raise StorageError(f"remembered {added} of {len(log)} event ids")
+    forget_expired_ids(w, cutoff, max(MIN_ID_SWEEP, 2 * len(log)))
+    return [(last if kept else 0, dups) for last, kept, dups in zip(lasts, kept_segments, duplicates)]
+
+
+def forget_expired_ids(w: Writer, cutoff: int, limit: int) -> int:
+    """Forget at most ``limit`` of this sandbox's event ids remembered before ``cutoff`` (µs),
+    oldest first; return how many."""
+    txn, known = w.txn, w.dbs["event_ids"]
+    cursor = txn.cursor(db=w.dbs["event_id_log"])
+    forgotten = 0
+    found = cursor.first()
+    while found and forgotten < limit:
+        value = cursor.value()
+        stamp = value[:8]
+        if _U64.unpack(stamp)[0] >= cutoff:
+            break
+        key = value[8:]
+        # unless the id was stored again since (once expired): that is a later entry's
+        if txn.get(key, db=known) == stamp:
+            txn.delete(key, db=known)
+        forgotten += 1
+        found = cursor.delete() and bool(cursor.key())
+    return forgotten

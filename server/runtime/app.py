@@ -132,6 +132,7 @@ class Server:
             self.store, on_committed=self.journeys.events_committed, clock=clock, retention_us=retention_us,
             on_interactions=self.reporting.record_many,
             budget=IngestBudget(max_events=config.ingest.backlog_events, max_bytes=config.ingest.backlog_mb << 20),
+            dedupe_window_us=round(config.ingest.dedupe_window_s * 1_000_000),
         )
         self.listener = Listener(
             build_router(self),

@@ -53,10 +53,15 @@ class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class IngestSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """The admission budget of ``events.ingest`` (`server.profiles.budget`): calls admitted and
     not yet committed hold at most this many events and MiB of requests, all connections
-    together; past it a call is refused at once with RESOURCE_EXHAUSTED and a retry hint."""
+    together; past it a call is refused at once with RESOURCE_EXHAUSTED and a retry hint.
+    And the window of event ids (`server.profiles.writes.ingest_events_once`)."""
 
     backlog_events: Positive = 50_000
     backlog_mb: Positive = 32
+    #: An event whose client id (``Event.id``) an event of its sandbox stored less than this
+    #: many seconds ago is not stored again (a batch sent again after a lost answer); 0 turns
+    #: it off (ids are then not remembered, and those remembered are forgotten).
+    dedupe_window_s: Annotated[float, msgspec.Meta(ge=0)] = 86_400.0
 
 
 class SupervisorSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
