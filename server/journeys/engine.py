@@ -28,23 +28,21 @@ import msgspec
 import trio
 
 from protocols import api
-from server.channels import AppRecord, DeliveryJob
-from server.delivery.apps import get_app
+from server.channels import DeliveryJob
 from server.journeys import catalog, instances, reads
 from server.journeys.definition import duration_us
 from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter
+from server.journeys.world import LiveWorld
 from server.messages import outbox
-from server.messages.content import context_for, exclusion, to_delivery
-from server.messages.pipeline import PLATFORMS, reachable
-from server.profiles import keys, pushlog
+from server.profiles import keys
 from server.profiles.records import ProfileRecord, decode_event, decode_profile
 from server.profiles.sandboxes import Space, sandbox_of
 from server.profiles.store import Writer
 from server.profiles.writes import merge_patch
-from server.reports.reporting import ReportKey, count_targeted, envelope_key, store_counts
+from server.reports.reporting import ReportKey, count_targeted, store_counts
 from server.runtime.actor import Actor
-from server.runtime.errors import ActorError, InvalidArgument, ResourceExhausted, ServerError
-from server.templates import Scope, TemplateError
+from server.runtime.errors import ActorError, ResourceExhausted, ServerError
+from server.templates import TemplateError
 
 if TYPE_CHECKING:
     from server.runtime.app import Server
@@ -58,7 +56,8 @@ BATCH = 500
 #: Cycles whose pushes may be in delivery at once.
 IN_DELIVERY = 8
 _POSITION = b"journeys_position"
-_CAP_US = {"hour": 3_600_000_000, "day": 86_400_000_000, "week": 7 * 86_400_000_000, "month": 30 * 86_400_000_000}
+#: How long the position may move in memory before it is stored, when nothing else is.
+_SAVE_POSITION_US = 1_000_000
 _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 #: Exclusions the machine decides itself (the world counts those of its pushes).
 _MACHINE_EXCLUSIONS = ("FrequencyCapped", "QuietHours")
@@ -82,6 +81,11 @@ class _Plan:
     jobs: list[DeliveryJob] = field(default_factory=list)
     counts: Counter[ReportKey] = field(default_factory=Counter)
     runs: list[tuple[str, reads.Run]] = field(default_factory=list)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the plan changes anything (more than the position)."""
+        return bool(self.saves or self.patches or self.jobs or self.counts or self.runs)
     traces: list[tuple[bytes, str, list[Step]]] = field(default_factory=list)
     #: The instances ``saves`` holds so far, by profile and journey (`instances_of`).
     latest: dict[bytes, dict[str, Instance]] = field(default_factory=dict)
@@ -110,6 +114,7 @@ class Journeys(Actor):
         self.steps = 0
         self.entered = 0
         self.timers_fired = 0
+        self._saved_us = 0
         self._wake = trio.Event()
         self._live: dict[str, dict[str, Journey]] = {}  # sandbox -> id -> live version
         self._states: dict[str, dict[str, str]] = {}  # sandbox -> id -> lifecycle state
@@ -253,11 +258,16 @@ class Journeys(Actor):
         fired += self._read_audiences(plans, now)
         if not events and not fired and position == self.position:
             return None
+        if not any(plan.busy for plan in plans.values()) and now - self._saved_us < _SAVE_POSITION_US:
+            # Only the position moved (events no journey wanted): kept in memory, stored at most
+            # once a second, so that ingestion's commits carry no engine write each.
+            self.position = position
+            return position
         execution = secrets.token_hex(8)
         staged = self._stage(plans, execution)
         minute = self.server.reporting.minute()
         await store.write(_commit, list(plans.values()), staged, position, minute)
-        self.position = position
+        self.position, self._saved_us = position, now
         self.timers_fired += fired
         for plan in plans.values():
             self.server.reporting.counted(plan.counts, minute)
@@ -365,35 +375,42 @@ class Journeys(Actor):
         finally:
             self._deliveries.release()
 
-    def _read_events(self) -> tuple[list[tuple[bytes, str, dict[str, Any]]], int]:
-        """Up to `BATCH` events after the position: (profile id, type, data); the new position."""
+    def _read_events(self) -> tuple[list[tuple[bytes, str, msgspec.Raw]], int]:
+        """Up to `BATCH` events after the position: (profile id, type, encoded data); the new
+        position. Only a sandbox with journeys has its events decoded."""
         assert self.server is not None
         store = self.server.store
-        out: list[tuple[bytes, str, dict[str, Any]]] = []
+        out: list[tuple[bytes, str, msgspec.Raw]] = []
         position = self.position
         with store.env.begin() as txn:
             cursor = txn.cursor(db=store.db("events"))
             found = cursor.set_range(keys.seq_key(position + 1))
             while found and len(out) < BATCH:
                 value = cursor.value()
-                _, _, record = decode_event(value)
-                try:
-                    data = _data_decoder.decode(record.data)
-                except msgspec.DecodeError:
-                    data = {}
-                out.append((bytes(value[1:9]), record.type, data))
                 position = keys.seq_of(cursor.key())
                 found = cursor.next()
+                space = store.space_of(sandbox_of(value[1:9]))
+                if space is None or not self._states.get(space.name):
+                    continue  # no journey in that sandbox: nothing to evaluate
+                _, _, record = decode_event(value)
+                out.append((bytes(value[1:9]), record.type, record.data))
         return out, position
 
     # -- what an event and a timer do -------------------------------------------------------
 
-    def _on_event(self, plan: _Plan, pid: bytes, type_: str, data: dict[str, Any], now: int) -> None:
+    def _on_event(self, plan: _Plan, pid: bytes, type_: str, raw: msgspec.Raw, now: int) -> None:
         space = plan.space
+        entries = self._by_event.get(space.name, {}).get(type_, [])
+        running = plan.instances_of(pid)
+        if not entries and all(instance.ended for instance in running.values()):
+            return  # nothing this event could enter or move: the profile is not read
         profile = _profile(space, pid)
         if profile is None:
             return
-        running = plan.instances_of(pid)
+        try:
+            data = _data_decoder.decode(raw)
+        except msgspec.DecodeError:
+            data = {}
         happened = Happened("event", type=type_, data=data)
         states = self._states.get(space.name, {})
         for id, instance in running.items():
@@ -404,7 +421,7 @@ class Journeys(Actor):
                 self._stopped(plan, pid, instance, instance.wake_us, now)
             else:
                 self._advance(plan, pid, profile, journey, instance, happened, now)
-        for id in self._by_event.get(space.name, {}).get(type_, []):
+        for id in entries:
             journey = self._live[space.name][id]
             if self._enters(journey, running.get(id), profile, data, now):
                 self.entered += 1
@@ -464,7 +481,8 @@ class Journeys(Actor):
 
     def _advance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                  happened: Happened, now: int) -> None:
-        world = _World(self, plan, pid, profile, journey)
+        assert self.server is not None
+        world = LiveWorld(self.server, plan, pid, profile, journey)
         old_wake = instance.wake_us
         moved, steps = advance(journey, instance, happened, now, _attributes(profile), world)
         self.steps += len(steps)
@@ -504,59 +522,6 @@ class Journeys(Actor):
             "events_seen": self.events_seen, "hints_dropped": self.hints_dropped, "entered": self.entered,
             "steps": self.steps, "timers_fired": self.timers_fired,
         }
-
-
-class _World:
-    """The machine's world, live: pushes rendered and staged in the cycle's plan."""
-
-    def __init__(self, engine: Journeys, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey) -> None:
-        self.engine, self.plan, self.pid, self.profile, self.journey = engine, plan, pid, profile, journey
-
-    def push(self, instance: Instance, node: api.PushNode, at_us: int) -> tuple[Any, str | None]:
-        server = self.engine.server
-        assert server is not None and node.version is not None
-        space = self.plan.space
-        try:
-            record = server.catalog.message(space, node.message, node.version)
-            config = server.catalog.config(space, record.message.channel).config
-        except ServerError as exc:  # deleted since: this push is excluded, the journey goes on
-            return exc.message, "MessageGone"
-        platforms = {p for name in config.platforms for p in PLATFORMS[name]}
-        active, reason = reachable(self.profile, config, set(config.apps), platforms)
-        tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "n": node.id}
-        head = envelope_key(tracking)
-        if reason is None:
-            context = Scope(context_for(attributes=self.profile.attributes, identities=self.profile.identities,
-                                        event=instance.event, message=record.message, version=record.version,
-                                        journey={"id": self.journey.id, "version": self.journey.version, "node": node.id}))
-            try:
-                rendered = to_delivery(record.message, server.catalog.compiled(space, record).render(context))
-            except InvalidArgument as exc:
-                reason = exclusion(exc)
-        if reason is not None:
-            if head is not None:
-                self.plan.counts[(space.name, *head, "", "", "targeted", "")] += 1
-                self.plan.counts[(space.name, *head, "", "", "excluded", reason)] += 1
-            return f"no push ({reason})", reason
-        instance.pushes[node.id] = "pending"  # the cycle's execution id, set when staged
-        for registration in active:
-            app = get_app(space, registration.app) or AppRecord(app=registration.app, sandbox=space.name)
-            job = rendered.job(app, registration.token, registration.platform, dict(tracking))
-            job.profile = self.pid
-            self.plan.jobs.append(job)
-        self.plan.pushes.append((self.pid, at_us, self.journey.id))
-        return len(active), None
-
-    def capped(self, caps: list[api.FrequencyCap], at_us: int) -> bool:
-        space = self.plan.space
-        # the deliveries logged so far, and this cycle's pushes to the profile (not delivered yet)
-        mine = [t for pid, t, _ in self.plan.pushes if pid == self.pid]
-        return any(pushlog.count_since(space, self.pid, at_us - _CAP_US[cap.per])
-                   + sum(1 for t in mine if t > at_us - _CAP_US[cap.per]) >= cap.max for cap in caps)
-
-    def update(self, patch: dict[str, Any]) -> None:
-        self.profile.attributes = merge_patch(self.profile.attributes, patch)
-        self.plan.patches.append((self.pid, patch))
 
 
 def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[DeliveryJob], list[bytes]]], position: int,
