@@ -137,13 +137,28 @@ async def _journey(client: Client, people: list[_Person], apns: MockApnsProcess,
     await client.call(api.IngestEvents(events=[api.Event(identity=p.identity, type="demo.signup") for p in people]))
     out(f"\njourney {JOURNEY}: {len(people)} sign-ups; the app opens half of the welcome pushes; a reminder after 3 s "
         f"to the others (quiet hours {quiet[0]}-{quiet[1]} UTC)")
-    await trio.sleep(1.5)
-    hello = [n for n in apns.admin.accepted() + fcm.admin.accepted() if _envelope(n).get("n") == "hello"]
+    hello = await _settled(lambda: [n for n in apns.admin.accepted() + fcm.admin.accepted()
+                                     if _envelope(n).get("n") == "hello"])
     await _report_interactions(client, hello[::2], people, out, opens_only=True)
-    await trio.sleep(4)  # the reactions time out, the reminders go
+    with trio.move_on_after(15):  # the reactions time out, the reminders go, everyone ends
+        while (await client.call(api.GetReport(journey=JOURNEY))).totals.get("exited", 0) < len(people):
+            await trio.sleep(0.1)
     info = await client.call(api.GetJourney(id=JOURNEY))
     rows = [(node, await client.call(api.GetReport(journey=JOURNEY, node=node.id))) for node in info.journey.nodes]
     out(show_journey_report(info, rows))
+
+
+async def _settled(read: Callable[[], list[Any]]) -> list[Any]:
+    """What ``read`` gives once it has stopped growing for a moment (5 s at most)."""
+    last: list[Any] = []
+    with trio.move_on_after(5):
+        while True:
+            await trio.sleep(0.3)
+            now = read()
+            if now and len(now) == len(last):
+                break
+            last = now
+    return read()
 
 
 def _envelope(notification: dict[str, Any]) -> dict[str, Any]:

@@ -174,6 +174,7 @@ class Journeys(Actor):
             for hint in hints:
                 self.events_seen += hint.count
             self._wake.set()
+        self._wake.set()  # the mailbox is closed: the engine stops now, not at its next second
 
     def _sleep(self) -> float:
         """Seconds until the next timer is due, a second at most."""
