@@ -248,14 +248,11 @@ _keys = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(key=_keys)
-def test_a_hello_s_api_key_is_welcomed_or_refused_and_costs_only_its_connection(
-    key: Any, server: ServerProcess, connection: _Connection
-) -> None:
+def _answer_to_hello(server: ServerProcess, **fields: Any) -> Any:
+    """The server's first frame to a hello with ``fields`` (sent raw, so anything goes)."""
     host, port = server.address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=20) as sock:
-        hello = {"t": "hello", "version": PROTOCOL_VERSION, "client": "fuzz", "api_key": key}
+        hello = {"t": "hello", "version": PROTOCOL_VERSION, "client": "fuzz", **fields}
         payload = msgspec.msgpack.encode(hello)
         sock.sendall(len(payload).to_bytes(4, "big") + payload)
         frames = FrameDecoder(1 << 20)
@@ -264,7 +261,15 @@ def test_a_hello_s_api_key_is_welcomed_or_refused_and_costs_only_its_connection(
             data = sock.recv(1 << 16)
             assert data, "closed without a goaway"
             first = frames.feed(data)
-    frame = _decoder.decode(first[0])
+    return _decoder.decode(first[0])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(key=_keys)
+def test_a_hello_s_api_key_is_welcomed_or_refused_and_costs_only_its_connection(
+    key: Any, server: ServerProcess, connection: _Connection
+) -> None:
+    frame = _answer_to_hello(server, api_key=key)
     if key is None or key == "":
         assert isinstance(frame, Welcome)
     elif isinstance(key, str):
@@ -290,18 +295,7 @@ def test_a_hello_s_sandbox_is_welcomed_or_refused_and_costs_only_its_connection(
 ) -> None:
     """Without a key (keys on: health only) a well-formed sandbox is welcomed, whatever it
     names (nothing is told of which exist); anything else is a malformed hello."""
-    host, port = server.address.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=20) as sock:
-        hello = {"t": "hello", "version": PROTOCOL_VERSION, "client": "fuzz", "sandbox": sandbox}
-        payload = msgspec.msgpack.encode(hello)
-        sock.sendall(len(payload).to_bytes(4, "big") + payload)
-        frames = FrameDecoder(1 << 20)
-        first: list[bytes] = []
-        while not first:
-            data = sock.recv(1 << 16)
-            assert data, "closed without a goaway"
-            first = frames.feed(data)
-    frame = _decoder.decode(first[0])
+    frame = _answer_to_hello(server, sandbox=sandbox)
     if sandbox is None or isinstance(sandbox, str) and re.fullmatch(api.SANDBOX_PATTERN, sandbox):
         assert isinstance(frame, Welcome), frame
     else:
