@@ -43,7 +43,7 @@ AdminRoutes = dict[bytes, dict[bytes, AdminHandler]]
 
 class MockFaults:
     """The fault/switch values, as attributes for the request path. A mock's subclass lists
-    them all in `defaults` and ``__slots__`` and declares their types; these five both mocks have."""
+    them all in `defaults` and ``__slots__`` and declares their types; these both mocks have."""
 
     __slots__ = ()
     defaults: ClassVar[dict[str, Any]] = {}
@@ -53,6 +53,10 @@ class MockFaults:
     seed: int
     latency_ms: float
     record_accepted: bool
+    #: The connection faults (`server` side: ``H2ServerConnection._stream_faults``).
+    goaway_after_streams: int | None
+    goaway_reason: str
+    reset_after_streams: int | None
 
     def __init__(self) -> None:
         for name, value in self.defaults.items():
@@ -84,6 +88,10 @@ class MockApp(Generic[ConnT]):
     """
 
     faults_class: ClassVar[type[MockFaults]] = MockFaults
+
+    #: GOAWAYs sent and connections reset by the stream faults (each mock counts them).
+    n_goaways: int
+    n_resets: int
 
     def __init__(self, *, worker: int = 0, workers: int = 1) -> None:
         self.worker = worker

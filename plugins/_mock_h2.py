@@ -231,6 +231,10 @@ class H2ServerConnection(asyncio.Protocol):
     max_kept_body: ClassVar[int] = 64 * 1024
 
     transport: asyncio.Transport
+    #: Provider streams opened, and the last stream id of the GOAWAY sent by
+    #: ``goaway_after_streams`` (set by each mock's connection).
+    nstreams: int
+    goaway_last: int | None
 
     def __init__(self, app: MockApp[Any]) -> None:
         self.app = app
@@ -431,6 +435,24 @@ class H2ServerConnection(asyncio.Protocol):
             conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limit})
             if not self.in_batch:
                 self.flush()
+
+    def _stream_faults(self, sid: int) -> None:
+        """``reset_after_streams`` and ``goaway_after_streams`` at a new provider stream (not
+        an admin request): each mock says how it sends its GOAWAY (``goaway``), and keeps
+        ``nstreams`` and ``goaway_last``."""
+        self.nstreams += 1
+        f = self.app.f
+        if f.reset_after_streams is not None and self.nstreams > f.reset_after_streams:
+            self.app.n_resets += 1
+            self.flush()
+            self.abort()
+            return
+        if f.goaway_after_streams is not None and self.goaway_last is None and self.nstreams >= f.goaway_after_streams:
+            self.goaway(sid, f.goaway_reason)
+
+    def goaway(self, last_stream_id: int, reason: str) -> None:
+        """The mock's GOAWAY for ``reason`` (each provider words it its own way)."""
+        raise NotImplementedError
 
     def send_goaway(self, last_stream_id: int, debug: bytes = b"") -> None:
         """GOAWAY NO_ERROR, written by hand (h2 would refuse to answer after it): streams up

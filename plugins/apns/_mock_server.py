@@ -190,17 +190,6 @@ class Connection(H2ServerConnection):
         if not admin:
             self._stream_faults(sid)
 
-    def _stream_faults(self, sid: int) -> None:
-        """``reset_after_streams`` and ``goaway_after_streams`` at a new (non-admin) stream."""
-        self.nstreams += 1
-        f = self.app.f
-        if f.reset_after_streams is not None and self.nstreams > f.reset_after_streams:
-            self.app.n_resets += 1
-            self.flush()
-            self.abort()
-            return
-        if f.goaway_after_streams is not None and self.goaway_last is None and self.nstreams >= f.goaway_after_streams:
-            self.goaway(sid, f.goaway_reason)
 
     def request_complete(self, sid: int, stream: Stream) -> None:
         if stream.keep_body:  # an admin request: only those keep their whole body

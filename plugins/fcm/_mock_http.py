@@ -181,19 +181,11 @@ class Connection(H2ServerConnection):
         if _is_send(headers):
             self._stream_faults(sid)
 
-    def _stream_faults(self, sid: int) -> None:
-        """``reset_after_streams`` and ``goaway_after_streams`` at a new send stream."""
-        self.nstreams += 1
-        f = self.app.f
-        if f.reset_after_streams is not None and self.nstreams > f.reset_after_streams:
-            self.app.n_resets += 1
-            self.flush()
-            self.abort()
-            return
-        if f.goaway_after_streams is not None and self.goaway_last is None and self.nstreams >= f.goaway_after_streams:
-            self.goaway_last = sid
-            self.app.n_goaways += 1
-            self.send_goaway(sid, f.goaway_reason.encode())
+    def goaway(self, last_stream_id: int, reason: str) -> None:
+        """GOAWAY with ``reason`` as its debug data; later streams are refused."""
+        self.goaway_last = last_stream_id
+        self.app.n_goaways += 1
+        self.send_goaway(last_stream_id, reason.encode())
 
     def request_complete(self, sid: int, stream: Stream) -> None:
         self._complete(sid, stream)
