@@ -1250,7 +1250,8 @@ class JourneyEntry(_Spec, kw_only=True):
     #: Over ``event`` and ``profile`` (with ``event``), or ``profile`` (with ``read``).
     condition: Expression | None = None
     #: Audience qualification: a profile enters when it starts (``on: enter``) or stops
-    #: (``on: exit``) matching this condition, evaluated as its events and attributes change.
+    #: (``on: exit``) matching this condition (over ``profile``, ``events``, its event history
+    #: by type, and ``now``), evaluated as its events and attributes change.
     audience: Expression | None = None
     on: Literal["enter", "exit"] = "enter"
     #: A read audience: every profile matching ``condition`` (all when omitted), once at

@@ -216,3 +216,16 @@ def test_simulate_from_the_cli(server_process: Any, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "hello            push      hello v1" in r.stdout and '"title":"Hi Ana"' in r.stdout
     assert r.stdout.rstrip().endswith("ended at done: end")
+
+
+async def test_an_audience_entry_is_simulated_as_the_profile_qualifying_at_the_start(shop: Client) -> None:
+    loyal = journey(id="loyal", entry={"audience": "events.purchase.count >= 2 and profile.name"})
+    bought = [event("2026-12-08T10:00:00Z", "purchase"), event("2026-12-08T11:00:00Z", "purchase")]
+    sim = await simulate(shop, loyal, {"name": "Ana", "registrations": TOKEN}, *bought, start="2026-12-08T12:00:00Z")
+    assert trace(sim)[:2] == [("2026-12-08T12:00", "hello", "enter", ""), ("2026-12-08T12:00", "hello", "push", "")]
+    once = await simulate(shop, loyal, {"name": "Ana"}, *bought[:1], start="2026-12-08T12:00:00Z")
+    assert (once.outcome, once.reason) == ("not_entered", "the profile does not match the audience")
+    lapsed = journey(id="lapsed", entry={"audience": "profile.tier == 'gold'", "on": "exit"})
+    gold = await simulate(shop, lapsed, {"name": "Ana", "tier": "gold"})
+    assert (gold.outcome, gold.reason) == ("not_entered", "the profile matches the audience")
+    assert (await simulate(shop, lapsed, {"name": "Ana"})).outcome != "not_entered"

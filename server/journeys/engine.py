@@ -12,8 +12,9 @@ instance once. Then the pushes are delivered, in the background, as ``messages.s
 
 Entries: an event entry indexed by event type per sandbox (no scan of all journeys per
 event); reactions, exits and goals: the event's profile's own instances (one key range).
-What is not here yet: audience and read-audience entries, ``move_waiting``, per-node journey
-metrics beyond the pushes' counts, caps counted on delivery (they count pushes staged).
+Audience entries: the profiles that an event or the store's change feed says changed are
+evaluated against the sandbox's audience journeys (`server.journeys.audiences`); read
+audiences: pages of profiles at their rate (`server.journeys.reads`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import trio
 
 from protocols import api
 from server.channels import DeliveryJob
-from server.journeys import catalog, instances, reads
+from server.journeys import audiences, catalog, instances, reads
 from server.journeys.definition import duration_us
 from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter
 from server.journeys.world import LiveWorld
@@ -53,9 +54,12 @@ log = logging.getLogger("pigeon.journeys")
 
 #: Events and timers a cycle takes at most.
 BATCH = 500
+#: Profiles an audience journey's first read of who matches reads a cycle at most.
+BACKFILL = 2_000
 #: Cycles whose pushes may be in delivery at once.
 IN_DELIVERY = 8
 _POSITION = b"journeys_position"
+_CHANGES = b"journeys_changes"
 #: How long the position may move in memory before it is stored, when nothing else is.
 _SAVE_POSITION_US = 1_000_000
 _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
@@ -81,11 +85,21 @@ class _Plan:
     jobs: list[DeliveryJob] = field(default_factory=list)
     counts: Counter[ReportKey] = field(default_factory=Counter)
     runs: list[tuple[str, reads.Run]] = field(default_factory=list)
+    #: Audience memberships that changed: (profile id, journey, member now).
+    members: list[tuple[bytes, str, bool]] = field(default_factory=list)
 
     @property
     def busy(self) -> bool:
         """Whether the plan changes anything (more than the position)."""
-        return bool(self.saves or self.patches or self.jobs or self.counts or self.runs)
+        return bool(self.saves or self.patches or self.jobs or self.counts or self.runs or self.members)
+
+    def members_of(self, pid: bytes) -> set[str]:
+        """The profile's audience memberships as this cycle leaves them so far."""
+        out = audiences.members_of(self.space, pid)
+        for saved, id, member in self.members:
+            if saved == pid:
+                (out.add if member else out.discard)(id)
+        return out
     traces: list[tuple[bytes, str, list[Step]]] = field(default_factory=list)
     #: The instances ``saves`` holds so far, by profile and journey (`instances_of`).
     latest: dict[bytes, dict[str, Instance]] = field(default_factory=dict)
@@ -123,6 +137,11 @@ class Journeys(Actor):
         self._to_move: dict[tuple[str, str], tuple[Journey, bytes | None]] = {}
         self._by_event: dict[str, dict[str, list[str]]] = {}  # sandbox -> event type -> ids
         self._reads: dict[str, list[str]] = {}  # sandbox -> ids of live read-audience journeys
+        self._audiences: dict[str, list[str]] = {}  # sandbox -> ids of live audience journeys
+        #: Audience journeys gone live again: their first read of who matches starts over.
+        self._fresh: set[tuple[str, str]] = set()
+        #: Number of the last change feed entry evaluated (`server.journeys.audiences`).
+        self.changes_position = 0
         self._compiled: dict[tuple[str, str, int], Journey] = {}
         self._stale: set[str] = set()  # sandboxes whose journeys changed
 
@@ -189,13 +208,18 @@ class Journeys(Actor):
         self._next_timers: dict[str, int | None] = {}
         with store.env.begin() as txn:
             stored = txn.get(_POSITION, db=store.db("meta"))
+            changes = txn.get(_CHANGES, db=store.db("meta"))
             last = txn.cursor(db=store.db("events"))
             end = keys.seq_of(last.key()) if last.last() else 0
+            last = txn.cursor(db=store.db("changes"))
+            self.changes_position = (msgspec.msgpack.decode(changes) if changes is not None
+                                     else keys.seq_of(last.key()) if last.last() else 0)
+        store.on_change = self._wake_up
         # The first start follows the log from its end: earlier events were never for journeys.
         self.position = msgspec.msgpack.decode(stored) if stored is not None else end
         self.log_end = max(self.log_end, end)
         if stored is None:  # durable now: a crash before the first cycle must not skip what comes after
-            await store.write(_commit, [], {}, self.position, 0)
+            await store.write(_commit, [], {}, (self.position, self.changes_position), 0)
         for space in store.spaces():
             self._index(space)
 
@@ -221,6 +245,18 @@ class Journeys(Actor):
                     by_event.setdefault(journey.spec.entry.event, []).append(journey.id)
         self._live[space.name], self._states[space.name], self._by_event[space.name] = live, states, by_event
         self._reads[space.name] = [id for id, journey in live.items() if journey.spec.entry.read]
+        audience = [id for id, journey in live.items() if journey.spec.entry.audience]
+        if space.name in self._audiences:  # went live again since the last index: memberships are stale
+            before_live = set(self._audiences[space.name])
+            self._fresh.update((space.name, id) for id in audience if id not in before_live)
+        self._audiences[space.name] = audience
+        store = space.store
+        watched = {store.space(name).number for name, ids in self._audiences.items() if ids}
+        store.watched = frozenset(watched)
+
+    def _wake_up(self) -> None:
+        """The store committed profile writes of a watched sandbox (its change feed grew)."""
+        self._wake.set()
 
     def _journey(self, space: Space, id: str, version: int) -> Journey | None:
         key = (space.name, id, version)
@@ -250,25 +286,27 @@ class Journeys(Actor):
             space = store.space_of(sandbox_of(pid))
             if space is not None:
                 self._on_event(self._plan(plans, space), pid, type_, data, now)
-        fired = self._stop_instances(plans, now) + self._move_instances(plans)
+        changed, changes = audiences.read_changes(store, self.changes_position, BATCH)
+        fired = self._qualify(plans, [pid for pid, _, _ in events] + changed, now)
+        fired += self._stop_instances(plans, now) + self._move_instances(plans)
         for space in store.spaces():
             due, self._next_timers[space.name] = instances.due(space, now, BATCH)
             for wake, pid, journey in due:
                 self._on_timer(self._plan(plans, space), pid, journey, wake, now)
                 fired += 1
-        fired += self._read_audiences(plans, now)
-        if not events and not fired and position == self.position:
+        fired += self._read_audiences(plans, now) + self._backfill(plans, now)
+        if not events and not fired and position == self.position and changes == self.changes_position:
             return None
         if not any(plan.busy for plan in plans.values()) and now - self._saved_us < _SAVE_POSITION_US:
             # Only the position moved (events no journey wanted): kept in memory, stored at most
             # once a second, so that ingestion's commits carry no engine write each.
-            self.position = position
+            self.position, self.changes_position = position, changes
             return position
         execution = secrets.token_hex(8)
         staged = self._stage(plans, execution)
         minute = self.server.reporting.minute()
-        await store.write(_commit, list(plans.values()), staged, position, minute)
-        self.position, self._saved_us = position, now
+        await store.write(_commit, list(plans.values()), staged, (position, changes), minute)
+        self.position, self.changes_position, self._saved_us = position, changes, now
         self.timers_fired += fired
         for plan in plans.values():
             self.server.reporting.counted(plan.counts, minute)
@@ -359,6 +397,71 @@ class Journeys(Actor):
                     every = duration_us(entry.every) if entry.every else 0
                     run = reads.Run(next_us=run.next_us + every if every else 0, last_us=now)
                 plan.runs.append((id, run))
+        return read
+
+    def _qualify(self, plans: dict[str, _Plan], pids: list[bytes], now: int) -> int:
+        """Evaluate the audiences of the profiles that changed (an event, a write in the change
+        feed) in sandboxes with audience journeys; the profiles evaluated."""
+        assert self.server is not None
+        evaluated = 0
+        for pid in dict.fromkeys(pids):
+            space = self.server.store.space_of(sandbox_of(pid))
+            if space is not None and self._audiences.get(space.name):
+                self._on_change(self._plan(plans, space), pid, now)
+                evaluated += 1
+        return evaluated
+
+    def _on_change(self, plan: _Plan, pid: bytes, now: int) -> None:
+        """Enter the profile where it starts (or stops, ``on: exit``) matching an audience."""
+        space = plan.space
+        profile = _profile(space, pid)
+        members = plan.members_of(pid)
+        if profile is None:  # deleted: it matches nothing now, and enters nothing
+            plan.members.extend((pid, id, False) for id in members)
+            return
+        histories: list[audiences.History] = []
+        for id in self._audiences[space.name]:
+            journey = self._live[space.name][id]
+            member = audiences.matches(journey, space, pid, _attributes(profile), histories, now)
+            if member == (id in members):
+                continue
+            plan.members.append((pid, id, member))
+            if member != (journey.spec.entry.on == "enter") or not audiences.backfilled(space, journey, pid):
+                continue  # not a qualification (or the first read of who matched has not reached it)
+            if self._enters(journey, plan.instances_of(pid).get(id), profile, {}, now):
+                self.entered += 1
+                self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
+                              Happened("enter", type="audience"), now)
+
+    def _backfill(self, plans: dict[str, _Plan], now: int) -> int:
+        """Record who already matches the audience of an audience journey that went live (or
+        changed its audience), `BACKFILL` profiles a cycle at most, entering nobody; the
+        profiles read."""
+        assert self.server is not None
+        read = 0
+        for name, ids in self._audiences.items():
+            space = self.server.store.space(name)
+            for id in ids:
+                journey = self._live[name][id]
+                source = journey.spec.entry.audience or ""
+                run = reads.get_run(space, id)
+                if run is not None and run.source == source and run.next_us == 0 and (name, id) not in self._fresh:
+                    continue
+                if run is None or run.source != source or (name, id) in self._fresh:
+                    self._fresh.discard((name, id))
+                    run = reads.Run(next_us=now, running=True, source=source)
+                limit = BACKFILL - read
+                page = reads.page(space, run, limit)
+                plan = self._plan(plans, space)
+                for pid, profile in page:
+                    member = audiences.matches(journey, space, pid, _attributes(profile), [], now)
+                    if member != (id in plan.members_of(pid)):
+                        plan.members.append((pid, id, member))
+                read += len(page)
+                run.after = page[-1][0] if page else run.after
+                plan.runs.append((id, run if len(page) == limit else reads.Run(next_us=0, source=source)))
+                if read >= BACKFILL:
+                    return read
         return read
 
     def _plan(self, plans: dict[str, _Plan], space: Space) -> _Plan:
@@ -485,7 +588,10 @@ class Journeys(Actor):
         assert self.server is not None
         world = LiveWorld(self.server, plan, pid, profile, journey)
         old_wake = instance.wake_us
-        moved, steps = advance(journey, instance, happened, now, _attributes(profile), world)
+        attributes = _attributes(profile)
+        if self._audiences.get(plan.space.name):  # ``'vip' in profile.audiences``: those it matches
+            attributes["audiences"] = sorted(plan.members_of(pid))
+        moved, steps = advance(journey, instance, happened, now, attributes, world)
         self.steps += len(steps)
         plan.saves.append((pid, moved, old_wake))
         if journey.test and steps:
@@ -525,9 +631,10 @@ class Journeys(Actor):
         }
 
 
-def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[DeliveryJob], list[bytes]]], position: int,
-            minute: int) -> None:
-    """Store op: every sandbox's plan of the cycle, and the position past its events."""
+def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[DeliveryJob], list[bytes]]],
+            positions: tuple[int, int], minute: int) -> None:
+    """Store op: every sandbox's plan of the cycle, and the positions past its events and its
+    change feed entries (which go)."""
     for plan in plans:
         w.space, w.dbs = plan.space, plan.space.dbs  # this op spans the cycle's sandboxes
         jobs, keys_ = staged[plan.space.name]
@@ -544,6 +651,8 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
                 w.save(pid, record)
         for id, run in plan.runs:
             reads.put_run(w, id, run)
+        for pid, id, member in plan.members:
+            audiences.set_member(w, pid, id, member)
         for pid, journey, steps in plan.traces:
             instances.trace(w, pid, journey, steps)
         for key, job in zip(keys_, jobs):
@@ -551,7 +660,10 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
                                        job.tracking or {}, job.profile)
             w.txn.put(key, outbox.encode_entry(entry), db=w.dbs["outbox"])
         store_counts(w, plan.counts, minute)
+    position, changes = positions
     w.txn.put(_POSITION, msgspec.msgpack.encode(position), db=w.dbs["meta"])
+    w.txn.put(_CHANGES, msgspec.msgpack.encode(changes), db=w.dbs["meta"])
+    audiences.drop_changes(w, changes)
 
 
 def _profile(space: Space, pid: bytes) -> ProfileRecord | None:

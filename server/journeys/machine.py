@@ -121,6 +121,8 @@ class Journey:
             self.conditions["goal"] = compile_condition("$.journey.goal.condition", spec.goal.condition)
         if spec.entry.condition is not None:
             self.conditions["entry"] = compile_condition("$.journey.entry.condition", spec.entry.condition)
+        if spec.entry.audience is not None:
+            self.conditions["audience"] = compile_condition("$.journey.entry.audience", spec.entry.audience)
 
     def wait_us(self, us: int) -> int:
         """A wait's length, shortened in test mode."""

@@ -32,6 +32,9 @@ class Run(msgspec.Struct, kw_only=True):
     #: When it last entered profiles (for the rate).
     last_us: int = 0
     entered: int = 0
+    #: For an audience entry, this is the read of who already matches, and ``source`` the
+    #: audience it is for (`server.journeys.audiences`).
+    source: str = ""
 
 
 _run_decoder = msgspec.msgpack.Decoder(Run)

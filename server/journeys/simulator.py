@@ -17,6 +17,7 @@ from typing import Any
 
 from protocols import api
 from server.channels import AppRecord, Channel
+from server.journeys import audiences
 from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter
 from server.messages.content import Compiled, ConfigRecord, MessageRecord, context_for, exclusion, to_delivery
 from server.messages.pipeline import PLATFORMS, reachable
@@ -131,10 +132,20 @@ def _entry(journey: Journey, world: _World, pending: list[tuple[int, int, api.Si
     (with the reason in ``out``)."""
     entry = journey.spec.entry
     condition = compile_condition("$.journey.entry.condition", entry.condition) if entry.condition else None
-    if entry.event is None:  # an audience, read or qualified: the profile as it is at the start
-        source = entry.audience if entry.audience is not None else None
-        test = compile_condition("$.journey.entry.audience", source) if source else condition
-        if test is not None and not _holds(test, world, {}):
+    if entry.audience is not None:  # as if the profile, as it is at the start, just qualified
+        history = audiences.History()
+        while pending and pending[0][0] <= start_us:  # the events before the start: its history
+            at_us, _, event = pending.pop(0)
+            summary = history[event.type] = dict(history[event.type])
+            summary["count"] += 1
+            summary["last"] = audiences.iso(at_us)  # in time order
+        member = _holds(journey.conditions["audience"], world, {}, audiences.context(world.attributes(), history, start_us))
+        if member != (entry.on == "enter"):
+            out.reason = f"the profile {'does not match' if entry.on == 'enter' else 'matches'} the audience"
+            return None, start_us
+        return enter(journey, Happened("enter"), start_us), start_us
+    if entry.event is None:  # a read audience: the profile as it is at the start
+        if condition is not None and not _holds(condition, world, {}):
             out.reason = "the profile does not match the entry's condition"
             return None, start_us
         return enter(journey, Happened("enter"), start_us), start_us
@@ -146,9 +157,9 @@ def _entry(journey: Journey, world: _World, pending: list[tuple[int, int, api.Si
     return None, start_us
 
 
-def _holds(condition: Any, world: _World, event: dict[str, Any]) -> bool:
+def _holds(condition: Any, world: _World, event: dict[str, Any], context: dict[str, Any] | None = None) -> bool:
     try:
-        return bool(condition.test({"profile": world.attributes(), "event": event}))
+        return bool(condition.test(context or {"profile": world.attributes(), "event": event}))
     except TemplateError:
         return False
 

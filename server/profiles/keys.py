@@ -12,6 +12,7 @@ their keys are built: ``apps`` in `server.delivery.apps`, ``configs`` and ``mess
     events       seq (u64 BE)            -> versioned event: profile id, ts, type, data
     event_ids    utf-8 client event id   -> stored at, µs (u64 BE)
     event_id_log seq (u64 BE)            -> stored at, µs (u64 BE) + utf-8 client event id
+    changes      number (u64 BE)         -> profile id: the change feed (`server.journeys.audiences`)
 
 Integers are fixed-width big-endian so byte order is numeric order. ``events`` is the log, in
 commit order: appending to it dirties a few sequential pages per commit, whatever profiles

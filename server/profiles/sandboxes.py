@@ -51,11 +51,11 @@ DEFAULT = "default"
 #: Most sandboxes a store holds (LMDB opens its named databases up front: this bounds them).
 MAX_SANDBOXES = 32
 #: The server's own databases, shared by every sandbox.
-SHARED_DATABASES = ("meta", "events", "keys", "sandboxes")
+SHARED_DATABASES = ("meta", "events", "keys", "sandboxes", "changes")
 #: The databases each sandbox has its own of.
 SANDBOX_DATABASES = ("identities", "profiles", "tokens", "apps", "configs", "messages", "reports", "executions",
                      "outbox", "live", "uniques", "journeys", "journey_states", "instances", "timers", "push_log",
-                     "journey_runs", "journey_traces", "event_ids", "event_id_log")
+                     "journey_runs", "journey_traces", "event_ids", "event_id_log", "audience_members")
 #: A sandbox name: lower case letters, digits and dashes, starting with a letter.
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}\Z"
 _NAME = re.compile(NAME_PATTERN)

@@ -9,6 +9,7 @@ commits the next one gathers, so the batch size follows the load.
 
 Experience events are appended to a log in commit order (``events``, keyed by sequence
 number): an acknowledged ingest costs a few sequential pages whatever profiles it touches.
+Profiles written in a sandbox an audience journey watches go to a change feed (``changes``).
 Each profile's time-ordered view of its events is an in-memory index derived from the log
 (`server.profiles.index`), updated after each commit and rebuilt from the log when the store opens.
 
@@ -156,6 +157,11 @@ class ProfileStore(Actor):
         self._lock: IO[str] | None = None
         self._next_pid = 1
         self._next_seq = 1
+        self._next_change = 1
+        #: Sandboxes (numbers) whose profile writes go to the change feed (`log_changes`), and
+        #: what is called after a commit that added to it (the journey engine sets both).
+        self.watched: frozenset[int] = frozenset()
+        self.on_change: Callable[[], None] | None = None
         self.index = EventIndex()
         self.commits = 0
         self.writes = 0
@@ -271,6 +277,7 @@ class ProfileStore(Actor):
                                     str(self.path))
             self._next_pid = msgspec.msgpack.decode(txn.get(b"next_pid", db=meta) or b"\x01")
             self._next_seq = msgspec.msgpack.decode(txn.get(b"next_seq", db=meta) or b"\x01")
+            self._next_change = msgspec.msgpack.decode(txn.get(b"next_change", db=meta) or b"\x01")
             compact = sealing.compact_pending(txn, meta)
         if len(keyring.keys) > 1 and self.sealed:
             self.keyring = sealing.drop_old_keys(keyring)
@@ -349,6 +356,8 @@ class ProfileStore(Actor):
                 ops[0].future.fail(ServerError(f"internal error while writing: {exc!r}"))
                 return
         results, writer = outcome
+        if writer.changed and self.on_change is not None:
+            self.on_change()
         for record, dbs in writer.opened:  # sandboxes created: their handles are valid now
             self._add_space(record, dbs)
         # The commit is durable: index what it logged (only this thread changes the index).
@@ -367,6 +376,13 @@ class ProfileStore(Actor):
         # when that thread takes its next job (a refusal would keep its op's data alive).
         results.clear()
 
+    def _log_changes(self, txn: lmdb.Transaction[bytes], changed: list[bytes]) -> None:
+        """Append the profiles written by a commit's ops to the change feed, each once."""
+        pids, first = list(dict.fromkeys(changed)), self._next_change
+        self._next_change += len(pids)
+        txn.cursor(db=self._dbs["changes"]).putmulti([(keys.seq_key(first + n), p) for n, p in enumerate(pids)], append=True)
+        txn.put(b"next_change", _meta_encoder.encode(self._next_change), db=self._dbs["meta"])
+
     def _grow(self) -> None:
         env = self.env
         size = env.info()["map_size"] * 2
@@ -378,7 +394,7 @@ class ProfileStore(Actor):
         """Runs in a worker thread: one write transaction, one nested transaction per op."""
         env = self.env
         results: list[tuple[bool, Any]] = []
-        pid, seq = self._next_pid, self._next_seq
+        pid, seq, change = self._next_pid, self._next_seq, self._next_change
         started = time.perf_counter()
         txn = env.begin(write=True)
         try:
@@ -410,16 +426,18 @@ class ProfileStore(Actor):
                 txn.put(b"next_pid", _meta_encoder.encode(self._next_pid), db=meta)
             if self._next_seq != seq:
                 txn.put(b"next_seq", _meta_encoder.encode(self._next_seq), db=meta)
+            if writer.changed:
+                self._log_changes(txn, writer.changed)
         except BaseException:
             txn.abort()
             # Nothing was committed: hand the numbers out again.
-            self._next_pid, self._next_seq = pid, seq
+            self._next_pid, self._next_seq, self._next_change = pid, seq, change
             raise
         applied = time.perf_counter()
         try:
             txn.commit()
         except BaseException:
-            self._next_pid, self._next_seq = pid, seq
+            self._next_pid, self._next_seq, self._next_change = pid, seq, change
             raise
         committed = time.perf_counter()
         self.apply_seconds += applied - started
@@ -506,13 +524,16 @@ class Writer:
         self.index_adds: list[Entry] = []
         self.index_removes: list[Entry] = []
         self.index_drops: list[bytes] = []
+        #: Profiles written (saved or deleted) in a watched sandbox: the change feed's entries.
+        self.changed: list[bytes] = []
 
-    def mark(self) -> tuple[int, int, int, int]:
-        return len(self.index_adds), len(self.index_removes), len(self.index_drops), len(self.opened)
+    def mark(self) -> tuple[int, int, int, int, int]:
+        return len(self.index_adds), len(self.index_removes), len(self.index_drops), len(self.opened), len(self.changed)
 
-    def rollback(self, mark: tuple[int, int, int, int]) -> None:
+    def rollback(self, mark: tuple[int, int, int, int, int]) -> None:
         """Forget the index work of an op whose nested transaction was aborted."""
-        adds, removes, drops, opened = mark
+        adds, removes, drops, opened, changed = mark
+        del self.changed[changed:]
         del self.opened[opened:]
         del self.index_adds[adds:]
         del self.index_removes[removes:]
@@ -557,12 +578,12 @@ class Writer:
                 field="$.attributes",
             )
         self.txn.put(pid, value, db=self.dbs["profiles"])
+        self.touched(pid)
 
-    def next_seq(self) -> int:
-        store = self.store
-        seq = store._next_seq
-        store._next_seq = seq + 1
-        return seq
+    def touched(self, pid: bytes) -> None:
+        """``pid`` 's profile changed: logged in the change feed if its sandbox is watched."""
+        if self.space is not None and self.space.number in self.store.watched:
+            self.changed.append(pid)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ def delete_profile(w: Writer, identity: str) -> tuple[list[str], int, int]:
         txn.delete(keys.seq_key(seq), db=dbs["events"])
     w.index_drops.append(pid)
     txn.delete(pid, db=dbs["profiles"])
+    w.touched(pid)
     return record.identities, len(record.registrations), len(seqs)
 
 

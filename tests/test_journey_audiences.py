@@ -1,0 +1,134 @@
+"""Audience-qualification entries through the real server, the real LMDB and the mock FCM: a
+profile enters when it starts matching an audience (an attribute written, an event that makes
+its history match), or when it stops (``on: exit``); those who matched when the journey went
+live do not enter; the store's change feed is written only for sandboxes with an audience
+journey, and emptied as the engine reads it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from protocols import api
+from protocols.trio_client import Client, open_client
+from server import Server
+from server.journeys import audiences, reads
+
+from .test_journey_engine import ACCOUNT, admin, fcm, ingest, person, pushed, server_for, setup  # noqa: F401 (fixture)
+
+GOLD: dict[str, Any] = {
+    "id": "gold",
+    "entry": {"audience": "profile.tier == 'gold'"},
+    "nodes": [
+        {"type": "condition", "id": "vip", "branches": [{"when": "'gold' in profile.audiences", "next": "hello"}]},
+        {"type": "push", "id": "hello", "message": "hello", "next": "done"},
+        {"type": "end", "id": "done"},
+    ],
+}
+
+
+@pytest.fixture
+async def shop(tmp_path: Path, fcm: Any) -> AsyncIterator[tuple[Server, Client]]:  # noqa: F811
+    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
+    await admin(fcm, "clear_accepted")
+    await admin(fcm, "set_faults", accept_any_token=True)
+    server = server_for(tmp_path / "data", fcm)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)
+        async with open_client(server.addresses[0]) as client:
+            yield server, client
+        server.request_stop()
+
+
+async def publish(client: Client, flow: dict[str, Any]) -> None:
+    await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec)))
+
+
+async def settled(server: Server, journey: str) -> None:
+    """Once the journey's first read of who matches is done."""
+    space = server.store.default
+    with trio.fail_after(10):
+        while (run := reads.get_run(space, journey)) is None or run.next_us != 0:
+            await trio.sleep(0.02)
+
+
+async def members(server: Server, identity: str) -> set[str]:
+    pid, _ = server.store.default.find_profile(identity)
+    return audiences.members_of(server.store.default, pid)
+
+
+async def until_member(server: Server, identity: str, journeys: set[str]) -> None:
+    with trio.fail_after(10):
+        while await members(server, identity) != journeys:
+            await trio.sleep(0.02)
+
+
+async def test_a_profile_enters_when_it_starts_matching_and_not_when_it_matched_at_publish(shop: Any, fcm: Any) -> None:  # noqa: F811
+    server, client = shop
+    await person(client, "crm:ana", "tok-ana")
+    await person(client, "crm:bob", "tok-bob")
+    await client.call(api.PatchProfile(identity="crm:ana", patch={"tier": "gold"}))
+    await setup(client, fcm, GOLD)
+    await settled(server, "gold")
+    assert await members(server, "crm:ana") == {"gold"}  # matched already: a member, not entered
+    await client.call(api.PatchProfile(identity="crm:bob", patch={"tier": "gold"}))
+    [(token, title, envelope)] = await pushed(fcm, 1, timeout=10)
+    assert (token, title, envelope["j"], envelope["n"]) == ("tok-bob", "Hello bob", "gold", "hello")
+    # a write that does not change whether ana matches enters nothing; bob leaving the audience
+    # is recorded (and a later return would enter him again only if re-entrance allowed it)
+    await client.call(api.PatchProfile(identity="crm:ana", patch={"city": "Lyon"}))
+    await client.call(api.PatchProfile(identity="crm:bob", patch={"tier": "silver"}))
+    await until_member(server, "crm:bob", set())
+    assert await members(server, "crm:ana") == {"gold"}
+    report = await client.call(api.GetReport(journey="gold"))
+    assert report.totals["entered"] == 1 and len(await admin(fcm, "accepted")) == 1
+    with trio.fail_after(10):  # the change feed is emptied as the engine reads it
+        while _feed(server):
+            await trio.sleep(0.02)
+
+
+async def test_on_exit_enters_a_profile_when_it_stops_matching(shop: Any, fcm: Any) -> None:  # noqa: F811
+    server, client = shop
+    lapsed = {**GOLD, "id": "lapsed", "entry": {"audience": "profile.tier == 'gold'", "on": "exit"},
+              "nodes": GOLD["nodes"][1:]}
+    await person(client, "crm:ana", "tok-ana")
+    await client.call(api.PatchProfile(identity="crm:ana", patch={"tier": "gold"}))
+    await setup(client, fcm, lapsed)
+    await settled(server, "lapsed")
+    await client.call(api.PatchProfile(identity="crm:ana", patch={"tier": None}))
+    [(token, _, envelope)] = await pushed(fcm, 1, timeout=10)
+    assert (token, envelope["j"]) == ("tok-ana", "lapsed")
+
+
+async def test_events_that_make_a_profile_s_history_match_enter_it(shop: Any, fcm: Any) -> None:  # noqa: F811
+    server, client = shop
+    loyal = {**GOLD, "id": "loyal", "entry": {"audience": "events.purchase.count >= 2 and events.purchase.last > '2000'"},
+             "nodes": GOLD["nodes"][1:]}
+    await person(client, "crm:ana", "tok-ana")
+    await setup(client, fcm, loyal)
+    await settled(server, "loyal")
+    await ingest(client, "crm:ana", "purchase", total=10)
+    await ingest(client, "crm:ana", "app.opened")
+    await trio.sleep(0.3)  # one purchase: not yet
+    assert await admin(fcm, "accepted") == []
+    await ingest(client, "crm:ana", "purchase", total=12)
+    [(token, _, envelope)] = await pushed(fcm, 1, timeout=10)
+    assert (token, envelope["j"]) == ("tok-ana", "loyal")
+
+
+async def test_only_a_sandbox_with_an_audience_journey_writes_the_change_feed(shop: Any, fcm: Any) -> None:  # noqa: F811
+    server, client = shop
+    await setup(client, fcm)  # an event-entry journey only
+    await person(client, "crm:ana", "tok-ana")
+    await client.call(api.PatchProfile(identity="crm:ana", patch={"tier": "gold"}))
+    assert server.store.watched == frozenset() and _feed(server) == 0
+
+
+def _feed(server: Server) -> int:
+    with server.store.env.begin() as txn:
+        return int(txn.stat(server.store.db("changes"))["entries"])
