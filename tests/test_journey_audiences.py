@@ -18,6 +18,8 @@ from protocols import api
 from protocols.trio_client import Client, open_client
 from server import Server
 from server.journeys import audiences, reads
+from server.journeys.engine import Journeys
+from server.profiles.store import ProfileStore
 
 from .test_journey_engine import ACCOUNT, admin, fcm, ingest, person, pushed, server_for, setup  # noqa: F401 (fixture)
 
@@ -132,3 +134,38 @@ async def test_only_a_sandbox_with_an_audience_journey_writes_the_change_feed(sh
 def _feed(server: Server) -> int:
     with server.store.env.begin() as txn:
         return int(txn.stat(server.store.db("changes"))["entries"])
+
+
+async def test_a_write_committed_before_a_crash_is_evaluated_after_it(tmp_path: Path, fcm: Any,  # noqa: F811
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The change feed is durable with the write, and so is the set of sandboxes it is kept for
+    (the store reads it back at open, before the engine starts)."""
+    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
+    await admin(fcm, "clear_accepted")
+    await admin(fcm, "set_faults", accept_any_token=True)
+
+    async def stuck(self: Journeys) -> None:
+        return None  # the engine does not get to the change before the "crash"
+
+    for start in range(2):
+        server = server_for(tmp_path / "data", fcm)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.run)
+            async with open_client(server.addresses[0]) as client:
+                if start == 0:
+                    await person(client, "crm:bob", "tok-bob")
+                    await setup(client, fcm, GOLD)
+                    await settled(server, "gold")
+                    monkeypatch.setattr(Journeys, "_cycle", stuck)
+                    await client.call(api.PatchProfile(identity="crm:bob", patch={"tier": "gold"}))
+                    assert _feed(server) == 1
+                else:
+                    [(token, _, envelope)] = await pushed(fcm, 1, timeout=10)
+                    assert (token, envelope["j"]) == ("tok-bob", "gold")
+            server.request_stop()  # the engine commits nothing at a stop: as a kill
+        monkeypatch.undo()
+    store = ProfileStore(tmp_path / "data", clock=lambda: 1)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(store.run)
+        assert store.watched == frozenset({0})
+        nursery.cancel_scope.cancel()

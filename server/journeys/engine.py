@@ -663,6 +663,7 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
     position, changes = positions
     w.txn.put(_POSITION, msgspec.msgpack.encode(position), db=w.dbs["meta"])
     w.txn.put(_CHANGES, msgspec.msgpack.encode(changes), db=w.dbs["meta"])
+    w.txn.put(b"watched", msgspec.msgpack.encode(sorted(w.store.watched)), db=w.dbs["meta"])  # read at open
     audiences.drop_changes(w, changes)
 
 

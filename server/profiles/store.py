@@ -158,8 +158,8 @@ class ProfileStore(Actor):
         self._next_pid = 1
         self._next_seq = 1
         self._next_change = 1
-        #: Sandboxes (numbers) whose profile writes go to the change feed (`log_changes`), and
-        #: what is called after a commit that added to it (the journey engine sets both).
+        #: Sandboxes (numbers) whose profile writes go to the change feed (read back at open, as the
+        #: journey engine stored it), and what is called after a commit that fed it (its wake-up).
         self.watched: frozenset[int] = frozenset()
         self.on_change: Callable[[], None] | None = None
         self.index = EventIndex()
@@ -278,6 +278,7 @@ class ProfileStore(Actor):
             self._next_pid = msgspec.msgpack.decode(txn.get(b"next_pid", db=meta) or b"\x01")
             self._next_seq = msgspec.msgpack.decode(txn.get(b"next_seq", db=meta) or b"\x01")
             self._next_change = msgspec.msgpack.decode(txn.get(b"next_change", db=meta) or b"\x01")
+            self.watched = frozenset(msgspec.msgpack.decode(txn.get(b"watched", db=meta) or b"\x90"))
             compact = sealing.compact_pending(txn, meta)
         if len(keyring.keys) > 1 and self.sealed:
             self.keyring = sealing.drop_old_keys(keyring)
