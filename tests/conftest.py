@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from plugins.fcm.mock import MockFcmProcess
 from protocols.trio_client import Client, open_client
 from server import Server, load_config
 from server.testing import ServerProcess
@@ -36,6 +37,13 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 async def client(server: Server) -> AsyncIterator[Client]:
     async with open_client(server.addresses[0]) as c:
         yield c
+
+
+@pytest.fixture(scope="module")
+def fcm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MockFcmProcess]:
+    """The mock FCM in its own process, one per test module (tests set its project and faults)."""
+    with MockFcmProcess(tmp_path_factory.mktemp("fcm")) as mock:
+        yield mock
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from server.journeys import audiences, reads
 from server.journeys.engine import Journeys
 from server.profiles.store import ProfileStore
 
-from .test_journey_engine import ACCOUNT, admin, fcm, ingest, person, pushed, server_for, setup  # noqa: F401 (fixture)
+from .test_journey_engine import ACCOUNT, admin, ingest, person, pushed, server_for, setup
 
 GOLD: dict[str, Any] = {
     "id": "gold",
@@ -35,7 +35,7 @@ GOLD: dict[str, Any] = {
 
 
 @pytest.fixture
-async def shop(tmp_path: Path, fcm: Any) -> AsyncIterator[tuple[Server, Client]]:  # noqa: F811
+async def shop(tmp_path: Path, fcm: Any) -> AsyncIterator[tuple[Server, Client]]:
     await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
     await admin(fcm, "clear_accepted")
     await admin(fcm, "set_faults", accept_any_token=True)
@@ -70,7 +70,7 @@ async def until_member(server: Server, identity: str, journeys: set[str]) -> Non
             await trio.sleep(0.02)
 
 
-async def test_a_profile_enters_when_it_starts_matching_and_not_when_it_matched_at_publish(shop: Any, fcm: Any) -> None:  # noqa: F811
+async def test_a_profile_enters_when_it_starts_matching_and_not_when_it_matched_at_publish(shop: Any, fcm: Any) -> None:
     server, client = shop
     await person(client, "crm:ana", "tok-ana")
     await person(client, "crm:bob", "tok-bob")
@@ -94,7 +94,7 @@ async def test_a_profile_enters_when_it_starts_matching_and_not_when_it_matched_
             await trio.sleep(0.02)
 
 
-async def test_on_exit_enters_a_profile_when_it_stops_matching(shop: Any, fcm: Any) -> None:  # noqa: F811
+async def test_on_exit_enters_a_profile_when_it_stops_matching(shop: Any, fcm: Any) -> None:
     server, client = shop
     lapsed = {**GOLD, "id": "lapsed", "entry": {"audience": "profile.tier == 'gold'", "on": "exit"},
               "nodes": GOLD["nodes"][1:]}
@@ -107,7 +107,7 @@ async def test_on_exit_enters_a_profile_when_it_stops_matching(shop: Any, fcm: A
     assert (token, envelope["j"]) == ("tok-ana", "lapsed")
 
 
-async def test_events_that_make_a_profile_s_history_match_enter_it(shop: Any, fcm: Any) -> None:  # noqa: F811
+async def test_events_that_make_a_profile_s_history_match_enter_it(shop: Any, fcm: Any) -> None:
     server, client = shop
     loyal = {**GOLD, "id": "loyal", "entry": {"audience": "events.purchase.count >= 2 and events.purchase.last > '2000'"},
              "nodes": GOLD["nodes"][1:]}
@@ -123,7 +123,7 @@ async def test_events_that_make_a_profile_s_history_match_enter_it(shop: Any, fc
     assert (token, envelope["j"]) == ("tok-ana", "loyal")
 
 
-async def test_only_a_sandbox_with_an_audience_journey_writes_the_change_feed(shop: Any, fcm: Any) -> None:  # noqa: F811
+async def test_only_a_sandbox_with_an_audience_journey_writes_the_change_feed(shop: Any, fcm: Any) -> None:
     server, client = shop
     await setup(client, fcm)  # an event-entry journey only
     await person(client, "crm:ana", "tok-ana")
@@ -136,7 +136,7 @@ def _feed(server: Server) -> int:
         return int(txn.stat(server.store.db("changes"))["entries"])
 
 
-async def test_a_write_committed_before_a_crash_is_evaluated_after_it(tmp_path: Path, fcm: Any,  # noqa: F811
+async def test_a_write_committed_before_a_crash_is_evaluated_after_it(tmp_path: Path, fcm: Any,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The change feed is durable with the write, and so is the set of sandboxes it is kept for
     (the store reads it back at open, before the engine starts)."""

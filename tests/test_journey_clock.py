@@ -22,7 +22,7 @@ from protocols.trio_client import Client, open_client
 from server import Server
 
 from .conftest import make_config
-from .test_journey_engine import ACCOUNT, admin, fcm, ingest, person, pushed, setup  # noqa: F401 (fixture)
+from .test_journey_engine import ACCOUNT, admin, ingest, person, pushed, setup
 
 #: The virtual clock's zero: 22:00 in Tokyo, 08:00 in New York.
 BASE_US = int(datetime.fromisoformat("2026-12-08T13:00:00+00:00").timestamp() * 1e6)
@@ -47,13 +47,13 @@ def clock(mock_clock: trio.testing.MockClock) -> trio.testing.MockClock:
     return mock_clock
 
 
-def server_on(data: Path, fcm: Any, clock: trio.testing.MockClock) -> Server:  # noqa: F811
+def server_on(data: Path, fcm: Any, clock: trio.testing.MockClock) -> Server:
     config = make_config(data, fcm={"url": fcm.url, "token_uri": fcm.token_uri, "ca_file": str(fcm.ca_file),
                                     "retry_min_s": 0.05})
     return Server(config, clock=lambda: BASE_US + int(clock.current_time() * 1e6))
 
 
-async def started(data: Path, fcm: Any, clock: trio.testing.MockClock,  # noqa: F811
+async def started(data: Path, fcm: Any, clock: trio.testing.MockClock,
                   body: Callable[[Server, Client], Any]) -> None:
     server = server_on(data, fcm, clock)
     async with trio.open_nursery() as nursery:
@@ -64,7 +64,7 @@ async def started(data: Path, fcm: Any, clock: trio.testing.MockClock,  # noqa: 
 
 
 @pytest.fixture
-async def shop(tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> AsyncIterator[tuple[Server, Client]]:  # noqa: F811
+async def shop(tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> AsyncIterator[tuple[Server, Client]]:
     await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
     await admin(fcm, "clear_accepted")
     await admin(fcm, "set_faults", accept_any_token=True)
@@ -91,7 +91,7 @@ async def until(predicate: Callable[[], Any], timeout: float = 10) -> None:
 
 
 async def test_a_day_long_wait_resumes_across_a_restart_and_a_reaction_times_out(
-        tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> None:  # noqa: F811
+        tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> None:
     await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
     await admin(fcm, "clear_accepted")
     await admin(fcm, "set_faults", accept_any_token=True)
@@ -123,7 +123,7 @@ async def _ignored(client: Client) -> bool:
 
 @pytest.mark.parametrize("action", ["queue", "discard"])
 async def test_quiet_hours_hold_or_discard_a_push_in_the_recipient_s_own_time_zone(
-        shop: Any, fcm: Any, clock: trio.testing.MockClock, action: str) -> None:  # noqa: F811
+        shop: Any, fcm: Any, clock: trio.testing.MockClock, action: str) -> None:
     server, client = shop
     quiet = {"id": "quiet", "entry": {"event": "app.installed"},
              "quiet_hours": {"start": "21:00", "end": "07:00", "action": action},
@@ -148,7 +148,7 @@ async def _exited(client: Client, journey: str, node: str, reason: str) -> bool:
 
 
 async def test_a_profile_enters_again_only_after_the_re_entrance_period(
-        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:  # noqa: F811
+        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
     server, client = shop
     again = {"id": "again", "entry": {"event": "app.installed"}, "reentrance": {"allowed": True, "after": "1d"},
              "nodes": [{"type": "push", "id": "hello", "message": "hello"}]}
@@ -167,7 +167,7 @@ async def test_a_profile_enters_again_only_after_the_re_entrance_period(
 
 
 async def test_close_lets_instances_finish_stop_ends_them_and_pause_holds_their_timers(
-        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:  # noqa: F811
+        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
     server, client = shop
     await setup(client, fcm, {**DAILY, "id": "closed", "entry": {"event": "closed.start"}})
     for id in ("stopped", "paused"):

@@ -18,7 +18,7 @@ import msgspec
 import pytest
 import trio
 
-from plugins.fcm.mock import MockFcmProcess, ServiceAccount
+from plugins.fcm.mock import ServiceAccount
 from protocols import api
 from protocols.errors import CallError, Status
 from protocols.trio_client import Client, open_client
@@ -44,12 +44,6 @@ FLOW: dict[str, Any] = {
         {"type": "end", "id": "done"},
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def fcm(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with MockFcmProcess(tmp_path_factory.mktemp("fcm")) as mock:
-        yield mock
 
 
 async def admin(mock: Any, name: str, *args: Any, **kwargs: Any) -> Any:

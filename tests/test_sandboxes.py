@@ -14,7 +14,7 @@ import msgspec
 import pytest
 import trio
 
-from plugins.fcm.mock import MockFcmProcess, ServiceAccount
+from plugins.fcm.mock import ServiceAccount
 from protocols import api
 from protocols.errors import CallError, ConnectionClosed, Status
 from protocols.trio_client import Client, open_client
@@ -28,12 +28,6 @@ from .conftest import make_config
 
 APP = "com.acme.shop"
 ACCOUNTS = {"default": ServiceAccount.generate("acme-push"), "dev": ServiceAccount.generate("acme-dev")}
-
-
-@pytest.fixture(scope="module")
-def fcm(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    with MockFcmProcess(tmp_path_factory.mktemp("fcm")) as mock:
-        yield mock
 
 
 async def admin(mock: Any, name: str, *args: Any) -> Any:
