@@ -15,6 +15,11 @@ event); reactions, exits and goals: the event's profile's own instances (one key
 Audience entries: the profiles that an event or the store's change feed says changed are
 evaluated against the sandbox's audience journeys (`server.journeys.audiences`); read
 audiences: pages of profiles at their rate (`server.journeys.reads`).
+
+Why one module of over 600 lines: a cycle's parts (events, timers, stops, moves, reads, the
+guard each trigger runs under) all fill the same `_Plan` that one commit stores, and each
+must see what the others staged before it; the pieces that stand alone (the machine, the
+world, instances, reads, catalog) are modules of their own.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -104,6 +110,22 @@ class _Plan:
     #: The instances ``saves`` holds so far, by profile and journey (`instances_of`).
     latest: dict[bytes, dict[str, Instance]] = field(default_factory=dict)
     indexed: int = 0
+    #: Timers whose trigger was quarantined with no instance to end: (wake µs, profile id, journey).
+    dropped_timers: list[tuple[int, bytes, str]] = field(default_factory=list)
+
+    def mark(self) -> tuple[int, ...]:
+        """Where the plan's lists are: a trigger's partial changes are what comes after."""
+        return (len(self.saves), len(self.patches), len(self.pushes), len(self.jobs), len(self.traces),
+                len(self.runs), len(self.members))
+
+    def rollback(self, mark: tuple[int, ...]) -> None:
+        """Drop what was added since ``mark`` (a quarantined trigger's partial changes)."""
+        lists: tuple[list[Any], ...] = (self.saves, self.patches, self.pushes, self.jobs, self.traces, self.runs,
+                                        self.members)
+        for items, length in zip(lists, mark):
+            del items[length:]
+        if self.indexed > len(self.saves):  # `latest` holds instances just dropped: built again
+            self.latest, self.indexed = {}, 0
 
     def instances_of(self, pid: bytes) -> dict[str, Instance]:
         """The profile's instances as this cycle leaves them so far: the stored ones, then the
@@ -128,6 +150,8 @@ class Journeys(Actor):
         self.steps = 0
         self.entered = 0
         self.timers_fired = 0
+        #: Triggers whose handling raised (a bug): dropped, their instance ended (`_guard`).
+        self.quarantined = 0
         self._saved_us = 0
         self._wake = trio.Event()
         self._live: dict[str, dict[str, Journey]] = {}  # sandbox -> id -> live version
@@ -285,14 +309,17 @@ class Journeys(Actor):
         for pid, type_, data in events:
             space = store.space_of(sandbox_of(pid))
             if space is not None:
-                self._on_event(self._plan(plans, space), pid, type_, data, now)
+                plan = self._plan(plans, space)
+                self._guard(plan, f"event {type_}", pid, None, now,
+                            lambda: self._on_event(plan, pid, type_, data, now))
         changed, changes = audiences.read_changes(store, self.changes_position, BATCH)
         fired = self._qualify(plans, [pid for pid, _, _ in events] + changed, now)
         fired += self._stop_instances(plans, now) + self._move_instances(plans)
         for space in store.spaces():
             due, self._next_timers[space.name] = instances.due(space, now, BATCH)
             for wake, pid, journey in due:
-                self._on_timer(self._plan(plans, space), pid, journey, wake, now)
+                plan = self._plan(plans, space)
+                self._guard(plan, "timer", pid, journey, now, lambda: self._on_timer(plan, pid, journey, wake, now), wake)
                 fired += 1
         fired += self._read_audiences(plans, now) + self._backfill(plans, now)
         if not events and not fired and position == self.position and changes == self.changes_position:
@@ -324,20 +351,20 @@ class Journeys(Actor):
         for name, id in list(self._to_stop):
             space = self.server.store.space(name)
             found, rest = instances.of_journey(space, id, BATCH - ended)
+            plan = self._plan(plans, space)
             for pid, instance in found:
-                plan = self._plan(plans, space)
-                instance = plan.instances_of(pid).get(id, instance)
-                if instance.ended:  # an event of this cycle ended it already
-                    continue
-                stopped = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
-                plan.saves.append((pid, stopped, instance.wake_us))
-                plan.counts[(name, "", 0, id, instance.node, "", "", "exited", "stopped")] += 1
+                self._guard(plan, "stop", pid, id, now, lambda: self._stop_one(plan, pid, instance, now))
             ended += len(found)
             if rest is None:
                 self._to_stop.discard((name, id))
             if ended >= BATCH:
                 break
         return ended
+
+    def _stop_one(self, plan: _Plan, pid: bytes, instance: Instance, now: int) -> None:
+        instance = plan.instances_of(pid).get(instance.journey, instance)
+        if not instance.ended:  # else an event of this cycle ended it already
+            self._stopped(plan, pid, instance, instance.wake_us, now)
 
     def _move_instances(self, plans: dict[str, _Plan]) -> int:
         """Move the instances waiting in an older version of a journey published with
@@ -350,14 +377,8 @@ class Journeys(Actor):
             found, after = instances.of_journey(space, id, BATCH - moved, before=journey.version, after=after)
             plan = self._plan(plans, space)
             for pid, instance in found:
-                instance = plan.instances_of(pid).get(id, instance)  # as this cycle left it
-                old = self._journey(space, id, instance.version)
-                node = journey.nodes.get(instance.node)
-                same = old is not None and type(node) is type(old.nodes.get(instance.node))
-                if instance.waiting and not instance.ended and same:
-                    plan.saves.append(
-                        (pid, msgspec.structs.replace(instance, version=journey.version), instance.wake_us))
-                    moved += 1
+                self._guard(plan, "move", pid, id, space.clock(), lambda: self._move_one(plan, pid, instance, journey))
+            moved += len(found)
             if after is None:
                 del self._to_move[(name, id)]
             else:
@@ -365,11 +386,19 @@ class Journeys(Actor):
                 break  # the rest next cycle
         return moved
 
+    def _move_one(self, plan: _Plan, pid: bytes, instance: Instance, journey: Journey) -> None:
+        instance = plan.instances_of(pid).get(journey.id, instance)  # as this cycle left it
+        old = self._journey(plan.space, journey.id, instance.version)
+        node = journey.nodes.get(instance.node)
+        same = old is not None and type(node) is type(old.nodes.get(instance.node))
+        if instance.waiting and not instance.ended and same:
+            plan.saves.append((pid, msgspec.structs.replace(instance, version=journey.version), instance.wake_us))
+
     def _read_audiences(self, plans: dict[str, _Plan], now: int) -> int:
         """Enter the next profiles of each read under way, within its rate (`server.journeys.reads`);
         the profiles read."""
         assert self.server is not None
-        entered = read = 0
+        read = 0
         for name, ids in self._reads.items():
             space = self.server.store.space(name)
             for id in ids:
@@ -384,12 +413,7 @@ class Journeys(Actor):
                 read += len(page)
                 plan = self._plan(plans, space)
                 for pid, profile in page:
-                    previous = plan.instances_of(pid).get(id)
-                    if self._enters(journey, previous, profile, {}, now):
-                        self.entered += 1
-                        entered += 1
-                        self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
-                                      Happened("enter", type="read"), now)
+                    self._guard(plan, "read", pid, id, now, lambda: self._read_one(plan, pid, profile, journey, now))
                 if page:
                     run.after, run.last_us = page[-1][0], now
                     run.entered += len(page)
@@ -407,7 +431,8 @@ class Journeys(Actor):
         for pid in dict.fromkeys(pids):
             space = self.server.store.space_of(sandbox_of(pid))
             if space is not None and self._audiences.get(space.name):
-                self._on_change(self._plan(plans, space), pid, now)
+                plan = self._plan(plans, space)
+                self._guard(plan, "change", pid, None, now, lambda: self._on_change(plan, pid, now))
                 evaluated += 1
         return evaluated
 
@@ -454,15 +479,64 @@ class Journeys(Actor):
                 page = reads.page(space, run, limit)
                 plan = self._plan(plans, space)
                 for pid, profile in page:
-                    member = audiences.matches(journey, space, pid, _attributes(profile), [], now)
-                    if member != (id in plan.members_of(pid)):
-                        plan.members.append((pid, id, member))
+                    self._guard(plan, "audience read", pid, None, now,
+                                lambda: self._record_member(plan, pid, profile, journey, now))
                 read += len(page)
                 run.after = page[-1][0] if page else run.after
                 plan.runs.append((id, run if len(page) == limit else reads.Run(next_us=0, source=source)))
                 if read >= BACKFILL:
                     return read
         return read
+
+    @staticmethod
+    def _record_member(plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, now: int) -> None:
+        """Whether the profile matches the journey's audience, recorded (a first read's part)."""
+        member = audiences.matches(journey, plan.space, pid, _attributes(profile), [], now)
+        if member != (journey.id in plan.members_of(pid)):
+            plan.members.append((pid, journey.id, member))
+
+    def _read_one(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, now: int) -> None:
+        if self._enters(journey, plan.instances_of(pid).get(journey.id), profile, {}, now):
+            self.entered += 1
+            self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
+                          Happened("enter", type="read"), now)
+
+    def _guard(self, plan: _Plan, what: str, pid: bytes, journey: str | None, now: int, run: Callable[[], None],
+               wake: int = 0) -> None:
+        """Carry out one trigger (an event, or its part for one journey; a timer; a profile
+        read; a stop or move of one instance) so that a bug costs that trigger only: on an
+        unexpected exception its partial changes leave the plan (a push is never staged
+        without its step), it is logged and counted (``quarantined``), its instance ends with
+        reason ``error``, and the cycle goes on. Raising instead would crash the actor, whose
+        restart meets the same trigger again, forever."""
+        mark, counts = plan.mark(), plan.counts
+        plan.counts = Counter()
+        try:
+            run()
+        except Exception:
+            plan.rollback(mark)
+            plan.counts = counts
+            self.quarantined += 1
+            log.exception("journeys: the %s of profile %s%s raised: quarantined", what, pid.hex(),
+                          f" in journey {journey}" if journey else "")
+            self._end_in_error(plan, pid, journey, wake, now)
+        else:
+            counts.update(plan.counts)
+            plan.counts = counts
+
+    def _end_in_error(self, plan: _Plan, pid: bytes, journey: str | None, wake: int, now: int) -> None:
+        """A quarantined trigger's instance ends (reason error, counted as exited); its timer goes."""
+        if wake and journey is not None:
+            plan.dropped_timers.append((wake, pid, journey))
+        try:
+            instance = plan.instances_of(pid).get(journey) if journey is not None else None
+        except Exception:  # its instances cannot be read: the trigger is dropped, nothing more
+            log.exception("journeys: the instances of profile %s cannot be read", pid.hex())
+            return
+        if instance is not None and not instance.ended:
+            ended = msgspec.structs.replace(instance, ended_us=now, reason="error", waiting="", wake_us=0)
+            plan.saves.append((pid, ended, instance.wake_us))
+            plan.counts[(plan.space.name, "", 0, instance.journey, instance.node, "", "", "exited", "error")] += 1
 
     def _plan(self, plans: dict[str, _Plan], space: Space) -> _Plan:
         plan = plans.get(space.name)
@@ -516,21 +590,34 @@ class Journeys(Actor):
         except msgspec.DecodeError:
             data = {}
         happened = Happened("event", type=type_, data=data)
-        states = self._states.get(space.name, {})
         for id, instance in running.items():
             journey = self._journey(space, id, instance.version)
             if journey is None or instance.ended:
                 continue
-            if states.get(id) == "stopped":  # a stop not carried out to it yet (a crash came first)
-                self._stopped(plan, pid, instance, instance.wake_us, now)
-            else:
-                self._advance(plan, pid, profile, journey, instance, happened, now)
+            self._guard(plan, f"event {type_}", pid, id, now,
+                        lambda: self._on_instance(plan, pid, profile, journey, instance, happened, now))
         for id in entries:
-            journey = self._live[space.name][id]
-            if self._enters(journey, running.get(id), profile, data, now):
-                self.entered += 1
-                self._advance(plan, pid, profile, journey, enter(journey, happened, now),
-                              Happened("enter", type=type_), now)
+            self._guard(plan, f"event {type_}", pid, id, now,
+                        lambda: self._on_entry(plan, pid, profile, self._live[space.name][id], running.get(id),
+                                               happened, now))
+
+    def _on_instance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
+                     happened: Happened, now: int) -> None:
+        """What an event does to one running instance of its profile."""
+        if self._states.get(plan.space.name, {}).get(journey.id) == "stopped":
+            # a stop not carried out to it yet (a crash came first)
+            self._stopped(plan, pid, instance, instance.wake_us, now)
+        else:
+            self._advance(plan, pid, profile, journey, instance, happened, now)
+
+    def _on_entry(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, previous: Instance | None,
+                  happened: Happened, now: int) -> None:
+        """An event of an entry's type: its profile enters if it may (``previous``: its
+        instance before the event)."""
+        if self._enters(journey, previous, profile, happened.data, now):
+            self.entered += 1
+            self._advance(plan, pid, profile, journey, enter(journey, happened, now),
+                          Happened("enter", type=happened.type), now)
 
     def _enters(self, journey: Journey, previous: Instance | None, profile: ProfileRecord, data: dict[str, Any],
                 now: int) -> bool:
@@ -627,7 +714,7 @@ class Journeys(Actor):
         return {
             "live_journeys": self.live_journeys, "log_end": self.log_end, "position": self.position,
             "events_seen": self.events_seen, "hints_dropped": self.hints_dropped, "entered": self.entered,
-            "steps": self.steps, "timers_fired": self.timers_fired,
+            "steps": self.steps, "timers_fired": self.timers_fired, "quarantined": self.quarantined,
         }
 
 
@@ -643,6 +730,8 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
             if "pending" in instance.pushes.values():
                 instance.pushes = {n: (execution if x == "pending" else x) for n, x in instance.pushes.items()}
             instances.save(w, pid, instance, old_wake)
+        for wake, pid, journey in plan.dropped_timers:
+            w.txn.delete(instances.timer_key(wake, pid, journey), db=w.dbs["timers"])
         for pid, patch in plan.patches:
             value = w.txn.get(pid, db=w.dbs["profiles"])
             if value is not None:

@@ -1,0 +1,68 @@
+"""The live journey engine's harder cases, through the real server and LMDB (the fixtures of
+`test_journey_engine`): a trigger whose handling raises is quarantined and the others go on."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+import trio
+
+from protocols import api
+from server.journeys import engine
+
+from .test_journey_engine import person, pushed, shop  # noqa: F401 (fixtures)
+
+#: Profiles wait for a tap, then get the offer.
+TAPS: dict[str, Any] = {
+    "id": "taps", "entry": {"event": "go"},
+    "nodes": [{"type": "reaction", "id": "react", "event": "tap", "timeout": "1h", "next": "offer"},
+              {"type": "push", "id": "offer", "message": "offer", "next": "done"}, {"type": "end", "id": "done"}],
+}
+
+
+async def report(client: Any, journey: str, **filters: Any) -> api.Report:
+    return await client.call(api.GetReport(journey=journey, **filters))
+
+
+async def until(check: Any, timeout: float = 10) -> None:
+    with trio.fail_after(timeout):
+        while not await check():
+            await trio.sleep(0.02)
+
+
+async def test_a_trigger_that_raises_is_quarantined_and_the_others_go_on(shop: Any, fcm: Any,
+                                                                       monkeypatch: Any) -> None:
+    """A bug met by one profile's event must not crash the engine (its restart would meet the
+    same event again, forever): that instance ends with reason error, nothing of its trigger
+    is committed (no push), and the other profiles of the same cycle move."""
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert(TAPS, api.JourneySpec)))
+    names = ("a", "b", "c")
+    for name in names:
+        await person(client, f"crm:{name}", f"tok-{name}")
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="go") for n in names]))
+    await until(lambda: _total(client, "taps", "entered", 3))
+    real = engine.advance
+
+    def advance(journey: Any, instance: Any, happened: Any, at: int, profile: Any, world: Any) -> Any:
+        if happened.type == "tap" and profile.get("name") == "b":
+            world.update({"broken": True})  # a partial change, dropped with the trigger
+            raise RuntimeError("a bug")
+        return real(journey, instance, happened, at, profile, world)
+
+    monkeypatch.setattr(engine, "advance", advance)
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="tap") for n in names]))
+    await until(lambda: _total(client, "taps", "exited", 3))
+    assert (await report(client, "taps", node="react")).reasons["exited"] == {"error": 1}
+    assert sorted(token for token, _, _ in await pushed(fcm, 2)) == ["tok-a", "tok-c"]
+    assert server.journeys.details()["quarantined"] == 1
+    assert "broken" not in (await client.call(api.GetProfile(identity="crm:b"))).attributes
+    await person(client, "crm:d", "tok-d")  # the engine still runs
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:d", type="go"),
+                                               api.Event(identity="crm:d", type="tap")]))
+    await pushed(fcm, 3)
+
+
+async def _total(client: Any, journey: str, metric: str, count: int) -> bool:
+    return (await report(client, journey)).totals.get(metric, 0) >= count
