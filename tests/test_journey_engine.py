@@ -283,6 +283,32 @@ async def test_a_cap_counts_the_deliveries_of_messages_send_and_of_other_journey
             await trio.sleep(0.05)
     assert report.reasons["excluded"] == {"FrequencyCapped": 1}
     assert (await client.call(api.GetReport(journey="capped", node="done"))).reasons["exited"] == {"end": 1}
+
+
+async def test_a_cap_counts_the_deliveries_of_push_send_to_a_token_or_an_identity(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    capped = {"id": "once", "entry": {"event": "once.start"}, "caps": [{"max": 1, "per": "day"}],
+              "nodes": [{"type": "push", "id": "offer", "message": "offer", "next": "done"}, {"type": "end", "id": "done"}]}
+    await client.call(api.PublishJourney(journey=msgspec.convert(capped, api.JourneySpec)))
+    await person(client, "crm:tk", "tok-tk")
+    await person(client, "crm:id", "tok-id")
+    await person(client, "crm:free", "tok-free")
+    content = api.PushContent(title="direct")
+    by_token = await client.call(api.SendPush(app=APP, token="tok-tk", platform="fcm", content=content))
+    by_identity = await client.call(api.SendPush(app=APP, identity="crm:id", content=content))
+    assert [o.status for o in by_token.outcomes + by_identity.outcomes] == ["sent", "sent"]
+    for identity in ("crm:tk", "crm:id", "crm:free"):
+        await ingest(client, identity, "once.start")
+    with trio.fail_after(10):
+        while (report := await client.call(api.GetReport(journey="once", node="done"))).totals.get("exited") != 3:
+            await trio.sleep(0.05)
+    with trio.fail_after(10):  # the push staged in the exit's cycle, delivered a moment later
+        while (offer := await client.call(api.GetReport(journey="once", node="offer"))).totals.get("delivered") != 1:
+            await trio.sleep(0.05)
+    assert offer.reasons["excluded"] == {"FrequencyCapped": 2}  # the profiles push.send delivered to
+    accepted = await admin(fcm, "accepted")
+    assert sorted((a["token"], a["message"]["notification"]["title"]) for a in accepted) == [
+        ("tok-free", "free, 20% off"), ("tok-id", "direct"), ("tok-tk", "direct")]
 async def test_two_entry_events_of_a_profile_in_one_cycle_enter_it_once(shop: Any, fcm: Any) -> None:
     """The engine takes the events of one cycle together: the second event of a profile must
     see the instance the first one made (not the stored instances only)."""

@@ -19,6 +19,7 @@ from plugins.fcm.mock import ServiceAccount
 from protocols import api
 from protocols.errors import CallError, Status
 from protocols.trio_client import Client
+from server import Server, hookimpl
 
 ACCOUNT = ServiceAccount.generate("acme-push")
 APP = "com.acme.shop"
@@ -129,6 +130,38 @@ async def test_a_cap_excludes_the_push_beyond_it_and_the_instance_goes_on(shop: 
     assert [(s.node, s.kind, s.excluded) for s in sim.steps if s.node in ("hello", "offer")] == [
         ("hello", "enter", None), ("hello", "push", None), ("offer", "excluded", "FrequencyCapped")]
     assert sim.reason == "end"
+
+
+class Holdout:
+    """A rule plugin: the profiles in the holdout group get no offer."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, Any], str, int, str, dict[str, Any]]] = []
+
+    @hookimpl
+    def pigeon_exclude(self, identity: str, attributes: dict[str, Any], message: api.MessageSpec, version: int,
+                       config: api.ChannelConfig, event: dict[str, Any]) -> str | None:
+        self.calls.append((identity, dict(attributes), message.id, version, config.name, event))
+        return "Holdout" if message.id == "offer" and attributes.get("holdout") else None
+
+
+async def test_a_plugin_s_rule_excludes_a_push_with_its_reason_as_a_live_send(server: Server, shop: Client) -> None:
+    holdout = Holdout()
+    server.plugins.pm.register(holdout, name="holdout")
+    try:
+        sim = await simulate(shop, journey(), {"identities": ["crm:h"], "name": "Ana", "holdout": True,
+                                               "registrations": TOKEN}, event(INSTALLED, "app.installed", src="ad"))
+        let_through = await simulate(shop, journey(), {"name": "Bo", "registrations": TOKEN},
+                                     event(INSTALLED, "app.installed"))
+    finally:
+        server.plugins.pm.unregister(holdout)
+    assert [(s.node, s.kind, s.excluded) for s in sim.steps if s.node in ("hello", "offer")] == [
+        ("hello", "enter", None), ("hello", "push", None), ("offer", "excluded", "Holdout")]
+    assert [s.detail for s in sim.steps if s.kind == "excluded"] == ["excluded by a plugin's rule (Holdout)"]
+    attributes = {"name": "Ana", "holdout": True}
+    assert holdout.calls[:2] == [("crm:h", attributes, "hello", 1, "push", {"src": "ad"}),
+                                 ("crm:h", attributes, "offer", 1, "push", {"src": "ad"})]
+    assert [s.kind for s in let_through.steps if s.node == "offer"] == ["push"]
 
 
 async def test_exclusions_for_consent_and_a_missing_value_are_named(shop: Client) -> None:

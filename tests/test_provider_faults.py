@@ -16,7 +16,7 @@ import secrets
 import ssl
 import warnings
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,14 +108,18 @@ def apns_process(tmp_path_factory: pytest.TempPathFactory):
         yield mock
 
 
+def fresh(mock: Any) -> Any:
+    """``mock`` without faults, accepting any token, its accepted and its stats cleared."""
+    mock.admin.reset_faults()
+    mock.admin.set_faults(accept_any_token=True)
+    mock.admin.clear_accepted()
+    mock.admin.clear_stats()
+    return mock
+
+
 @pytest.fixture
 def apns(apns_process: MockApnsProcess) -> MockApnsProcess:
-    admin = apns_process.admin
-    admin.reset_faults()
-    admin.set_faults(accept_any_token=True)
-    admin.clear_accepted()
-    admin.clear_stats()
-    return apns_process
+    return fresh(apns_process)
 
 
 async def admin(mock: Any, name: str, *args: Any, **kwargs: Any) -> Any:
@@ -156,8 +160,13 @@ async def send(sender: ApnsSender, count: int, told: Told | None = None) -> list
     told = told or Told()
     with trio.fail_after(60):
         results = await sender.send(requests(count), told)
-    # Exactly one result a notification, told once, and the same as the one returned.
-    assert sorted(i for i, _ in told.told) == list(range(count))
+    return told_once(results, told)
+
+
+def told_once(results: list[DeliveryResult], told: Told) -> list[DeliveryResult]:
+    """``results``, once checked: exactly one result a notification, told once, and the same as
+    the one returned."""
+    assert sorted(i for i, _ in told.told) == list(range(len(results)))
     assert all(results[i] is r for i, r in told.told)
     assert told.waiting_now == 0
     return results
@@ -211,43 +220,6 @@ async def test_a_429_wave_opens_the_breaker_too(apns):
     assert {r.reason for r in results} <= {"TooManyRequests", "CircuitOpen"}
     assert sender.breaker is not None and sender.breaker.state == OPEN
     assert (await admin(apns, "stats"))["requests"] <= 100 + 10
-
-
-async def test_goaway_every_few_streams_every_notification_is_sent(apns):
-    await admin(apns, "set_faults", goaway_after_streams=7)
-    async with apns_sender(apns, breaker=CircuitBreaker()) as sender:
-        results = await send(sender, 200)
-        pool = sender.pool.statistics()
-    assert all(r.status == "sent" for r in results), {(r.reason, r.detail) for r in results if r.status != "sent"}
-    assert all(r.attempts <= MAX_ATTEMPTS for r in results)
-    assert pool.goaways >= 200 // 7 - 1
-    assert sender.breaker is not None and sender.breaker.opened == 0
-
-
-async def test_connections_reset_mid_stream_every_notification_settles_once(apns):
-    await admin(apns, "set_faults", reset_after_streams=20)
-    async with apns_sender(apns, breaker=CircuitBreaker(), streams_per_connection=10) as sender:
-        results = await send(sender, 200)
-    assert all(1 <= r.attempts <= MAX_ATTEMPTS for r in results), {(r.reason, r.attempts) for r in results}
-    assert sum(r.status == "sent" for r in results) >= 180
-    assert {r.reason for r in results if r.status != "sent"} <= {"ConnectionLost", "CircuitOpen"}
-    stats = await admin(apns, "stats")
-    assert stats["resets"] >= 1
-    assert len(await admin(apns, "accepted")) == stats["accepted"] <= sum(r.attempts for r in results)
-
-
-async def test_a_stall_fails_requests_after_the_timeout_then_the_breaker_opens_and_recovers(apns):
-    await admin(apns, "set_faults", stall=True)
-    breaker = CircuitBreaker(failures=5, cooldown=0.5, probe_timeout=2)
-    async with apns_sender(apns, breaker=breaker, request_timeout=0.5) as sender:
-        stalled = await send(sender, 20)
-        await admin(apns, "set_faults", stall=False)
-        await trio.sleep(0.6)
-        healed = await send(sender, 20)
-    assert {r.reason for r in stalled} <= {"ConnectionLost", "CircuitOpen"} and "CircuitOpen" in {r.reason for r in stalled}
-    assert "(last: ConnectionLost)" in next(r.detail for r in stalled if r.reason == "CircuitOpen")
-    assert breaker.opened >= 1 and sender.pool.timeouts >= 5
-    assert all(r.status == "sent" for r in healed) and breaker.state == CLOSED
 
 
 async def test_a_dead_endpoint_opens_the_breaker_after_a_few_connections(apns):
@@ -328,12 +300,7 @@ async def test_fcm_5xx_waves_open_the_breaker_without_waiting_for_the_retry_dela
 
 @pytest.fixture
 def fcm(fcm_process: MockFcmProcess) -> MockFcmProcess:
-    admin = fcm_process.admin
-    admin.reset_faults()
-    admin.set_faults(accept_any_token=True)
-    admin.clear_accepted()
-    admin.clear_stats()
-    return fcm_process
+    return fresh(fcm_process)
 
 
 @asynccontextmanager
@@ -358,54 +325,78 @@ async def send_fcm(sender: FcmSender, count: int) -> list[DeliveryResult]:
     with trio.fail_after(60):
         results = await sender.send([b'{"message": {"token": "t-%d", "data": {"n": "%d"}}}' % (i, i)
                                      for i in range(count)], None, told)
-    # Exactly one result a message, told once, and the same as the one returned.
-    assert sorted(i for i, _ in told.told) == list(range(count))
-    assert all(results[i] is r for i, r in told.told)
-    assert told.waiting_now == 0
-    return results
+    return told_once(results, told)
 
 
-async def test_fcm_goaway_every_few_streams_every_message_is_sent(fcm):
-    await admin(fcm, "set_faults", goaway_after_streams=7)
-    async with fcm_sender(fcm, breaker=CircuitBreaker()) as sender:
-        results = await send_fcm(sender, 200)
+# -- both providers: the storms each sender weathers alike ------------------------------------
+
+
+class Provider:
+    """A provider's mock (reset: the ``apns`` or ``fcm`` fixture) and its sender."""
+
+    def __init__(self, name: str, mock: Any) -> None:
+        self.name, self.mock = name, mock
+        #: The mock's count of the notifications it accepted.
+        self.accepted = "accepted" if name == "apns" else "successes"
+
+    def sender(self, **options: Any) -> AbstractAsyncContextManager[Any]:
+        return (apns_sender if self.name == "apns" else fcm_sender)(self.mock, **options)
+
+    async def send(self, sender: Any, count: int) -> list[DeliveryResult]:
+        return await (send(sender, count) if self.name == "apns" else send_fcm(sender, count))
+
+
+@pytest.fixture(params=["apns", "fcm"])
+def provider(request: pytest.FixtureRequest) -> Provider:
+    return Provider(request.param, request.getfixturevalue(request.param))
+
+
+async def test_goaway_every_few_streams_every_notification_is_sent_once(provider):
+    mock = provider.mock
+    await admin(mock, "set_faults", goaway_after_streams=7)
+    async with provider.sender(breaker=CircuitBreaker()) as sender:
+        results = await provider.send(sender, 200)
         pool = sender.pool.statistics()
     assert all(r.status == "sent" for r in results), {(r.reason, r.detail) for r in results if r.status != "sent"}
     assert all(1 <= r.attempts <= MAX_ATTEMPTS for r in results)
-    stats = await admin(fcm, "stats")
+    stats = await admin(mock, "stats")
     assert pool.goaways >= 200 // 7 - 1 and stats["goaways_sent"] >= 200 // 7 - 1
     # A stream beyond a GOAWAY's last stream id is refused unprocessed and tried again: every
-    # message reached FCM once, and no more.
+    # notification reached the provider once, and no more.
     assert stats["requests"] == 200 and stats["refused_streams"] >= 1
-    # Each message delivered once: the mock accepted each of them exactly once.
-    accepted = sorted(int(a["message"]["data"]["n"]) for a in await admin(fcm, "accepted"))
-    assert accepted == list(range(200))
+    # Each one delivered once: the mock accepted each of them (each its own token) exactly once.
+    assert len({a["token"] for a in await admin(mock, "accepted")}) == stats[provider.accepted] == 200
     assert sender.breaker is not None and sender.breaker.opened == 0
 
 
-async def test_fcm_connections_reset_mid_stream_every_message_settles_once(fcm):
-    await admin(fcm, "set_faults", reset_after_streams=20)
-    async with fcm_sender(fcm, breaker=CircuitBreaker(), streams_per_connection=10) as sender:
-        results = await send_fcm(sender, 200)
+async def test_connections_reset_mid_stream_every_notification_settles_once(provider):
+    mock = provider.mock
+    await admin(mock, "set_faults", reset_after_streams=20)
+    async with provider.sender(breaker=CircuitBreaker(), streams_per_connection=10) as sender:
+        results = await provider.send(sender, 200)
     assert all(1 <= r.attempts <= MAX_ATTEMPTS for r in results), {(r.reason, r.attempts) for r in results}
     assert sum(r.status == "sent" for r in results) >= 180
     assert {r.reason for r in results if r.status != "sent"} <= {"ConnectionLost", "CircuitOpen"}
-    stats = await admin(fcm, "stats")
+    stats = await admin(mock, "stats")
     assert stats["resets"] >= 1
-    assert len(await admin(fcm, "accepted")) == stats["successes"] <= sum(r.attempts for r in results)
+    assert len(await admin(mock, "accepted")) == stats[provider.accepted] <= sum(r.attempts for r in results)
 
 
-async def test_fcm_a_stall_fails_requests_after_the_timeout_then_the_breaker_opens_and_recovers(fcm):
-    await admin(fcm, "set_faults", stall=True)
+async def test_a_stall_fails_requests_after_the_timeout_then_the_breaker_opens_and_recovers(provider):
+    mock = provider.mock
+    await admin(mock, "set_faults", stall=True)
     breaker = CircuitBreaker(failures=5, cooldown=0.5, probe_timeout=2)
-    async with fcm_sender(fcm, breaker=breaker, request_timeout=0.5) as sender:
-        stalled = await send_fcm(sender, 20)
-        await admin(fcm, "set_faults", stall=False)
+    async with provider.sender(breaker=breaker, request_timeout=0.5) as sender:
+        stalled = await provider.send(sender, 20)
+        await admin(mock, "set_faults", stall=False)
         await trio.sleep(0.6)
-        healed = await send_fcm(sender, 20)
+        healed = await provider.send(sender, 20)
     assert {r.reason for r in stalled} <= {"ConnectionLost", "CircuitOpen"} and "CircuitOpen" in {r.reason for r in stalled}
+    assert "(last: ConnectionLost)" in next(r.detail for r in stalled if r.reason == "CircuitOpen")
     assert breaker.opened >= 1 and sender.pool.timeouts >= 5
     assert all(r.status == "sent" for r in healed) and breaker.state == CLOSED
+
+
 
 
 # -- end to end: a campaign, and a healthy app beside a failing one ---------------------------

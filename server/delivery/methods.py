@@ -68,10 +68,13 @@ async def push_send(server: Server, ctx: CallContext, req: api.SendPush) -> api.
         token = keys.normalize_token(req.platform, req.token)
         keys.token_key(req.app, token)  # the same length limit as registered tokens
         targets: list[tuple[str, str]] = [(token, req.platform)]
+        owner = space.find_token(req.app, token)
+        pid = b"" if owner is None else owner[0]  # its deliveries count for frequency caps
     else:
         assert req.identity is not None
+        pid, profile = space.find_profile(req.identity)
         registrations = [
-            r for r in space.get_profile(req.identity).registrations
+            r for r in profile.registrations
             if r.app == req.app and (req.platform is None or r.platform == req.platform)
         ]
         targets = [(r.token, r.platform) for r in registrations if r.state == "active"]
@@ -83,12 +86,12 @@ async def push_send(server: Server, ctx: CallContext, req: api.SendPush) -> api.
     jobs = [
         DeliveryJob(
             app=app, token=token, platform=platform, content=req.content, raw=req.raw, fcm_raw=req.fcm_raw,
-            apns=req.apns, fcm=req.fcm,
+            apns=req.apns, fcm=req.fcm, profile=pid,
         )
         for token, platform in targets
     ]
     # Counted as messages.send counts (targeted, then sent and the outcome), under no
-    # message, even if this call is cancelled meanwhile.
+    # message, and logged in the profile's push log, even if this call is cancelled meanwhile.
     results = await server.delivery.deliver(jobs, count=True)
     return api.PushSent(outcomes=[_outcome(token, platform, r) for (token, platform), r in zip(targets, results)])
 

@@ -5,10 +5,11 @@ tasks and sends it batches of `DeliveryJob` by registration platform. Every resu
 to the caller. The sending pipeline counts them in the reports itself, in the commit that
 settles the batch (`count_outcomes`), so that a crash can neither lose the counts nor count
 them twice; for a caller without an outbox (``push.send``) the actor counts them, targeted
-and outcome, whether or not the caller still waits (``count=True``). A token the provider
-says is dead is marked invalid on its profile (the store keeps a registration renewed after
-the provider's timestamp valid). A job whose platform no channel serves fails with
-``NoChannel``: nothing is dropped silently.
+and outcome, and logs those delivered to a known profile (`DeliveryJob.profile`) in its push
+log (`server.profiles.pushlog`: frequency caps count them), whether or not the caller still
+waits (``count=True``). A token the provider says is dead is marked invalid on its profile
+(the store keeps a registration renewed after the provider's timestamp valid). A job whose
+platform no channel serves fails with ``NoChannel``: nothing is dropped silently.
 
 Results are passed on as they come, not once a whole batch is settled: a channel that offers
 ``send_each(jobs, progress)`` (the APNs and FCM channels do; `server.delivery.sender.Progress`)
@@ -20,13 +21,14 @@ batch's successes are not held back by its slowest member.
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import Counter
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec.structs
 import trio
 
-from server.profiles import writes
+from server.profiles import pushlog, writes
 from server.profiles.store import ProfileStore
 from server.runtime.actor import Actor, Future
 from server.runtime.errors import ActorCrashed, ServerError
@@ -116,7 +118,8 @@ class Delivery(Actor):
 
         Args:
             count: count each job as ``targeted`` and its outcome in the reports (in a commit
-                of their own) before answering, even if the caller stopped waiting.
+                of their own), and log the jobs delivered to a known profile in its push log,
+                before answering, even if the caller stopped waiting.
         """
         request = DeliveryRequest(jobs, count)
         await self.send(request)
@@ -147,6 +150,7 @@ class Delivery(Actor):
         try:
             results = await self._deliver(request.jobs, request.progress)
             if request.count:
+                await self._log_pushes(request.jobs, results)
                 counts: Counter[ReportKey] = Counter()
                 count_targeted(counts, request.jobs)
                 count_outcomes(counts, request.jobs, results)
@@ -156,6 +160,20 @@ class Delivery(Actor):
             limiter.release()
             if not request.future.done:
                 request.future.fail(ActorCrashed("delivery stopped before the notifications were settled"))
+
+    async def _log_pushes(self, jobs: list[DeliveryJob], results: list[DeliveryResult]) -> None:
+        """Log the jobs delivered to a known profile in its push log, under one id of the call
+        (a profile's devices are one push)."""
+        by_sandbox: dict[str, set[bytes]] = {}
+        for job, result in zip(jobs, results):
+            if result.status == "sent" and job.profile:
+                by_sandbox.setdefault(job.app.sandbox, set()).add(job.profile)
+        sender = f"push.send:{secrets.token_hex(8)}"
+        for sandbox, pids in by_sandbox.items():
+            try:
+                await self.store.space(sandbox).write(pushlog.log_each, sorted(pids), sender)
+            except ServerError as exc:  # the results stand; caps will not count these pushes
+                log.error("could not log %d pushes in the push log: %s", len(pids), exc)
 
     async def _deliver(self, jobs: list[DeliveryJob], progress: Progress | None) -> list[DeliveryResult]:
         self.batches += 1

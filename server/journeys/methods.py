@@ -19,6 +19,7 @@ from server.journeys import catalog, definition, instances, simulator
 from server.journeys.machine import Journey
 from server.messages.catalog import get_version
 from server.messages.content import decode_message
+from server.messages.pipeline import Rules
 from server.profiles.keys import identity_key as normalize_identity, normalize_token
 from server.profiles.records import ConsentRecord, ProfileRecord, RegistrationRecord
 from server.runtime.errors import InvalidArgument, NotFound
@@ -110,6 +111,7 @@ async def simulate_journey(server: Server, ctx: CallContext, req: api.SimulateJo
         app=lambda app: get_app(space, app) or AppRecord(app=app, sandbox=space.name),
         channel=server.delivery.by_platform.get,
         compiled=lambda record: catalog.compiled(space, record),
+        rules=Rules.of(server),
     )
     return simulator.simulate(journey, profile, req.events, world, start_us=start_us, until_us=until_us)
 

@@ -2,7 +2,8 @@
 
 It runs the engine's own state machine (`server.journeys.machine`) with a `World` that renders
 each push exactly as the providers would get it (the message's templates, the channel's
-payload for each registration) and sends nothing, applies profile updates to its copy of the
+payload for each registration) and sends nothing, asks the ``pigeon_exclude`` rules as a live
+send does (`server.messages.pipeline.Rules`), applies profile updates to its copy of the
 profile, and counts its own pushes for the caps. Time moves from one thing to the next: the
 profile's events, given with their times, and the instance's timers; so a 30-day wait takes
 no time at all.
@@ -20,7 +21,7 @@ from server.channels import AppRecord, Channel
 from server.journeys import audiences
 from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter
 from server.messages.content import Compiled, ConfigRecord, MessageRecord, context_for, exclusion, to_delivery
-from server.messages.pipeline import PLATFORMS, reachable
+from server.messages.pipeline import PLATFORMS, Rules, reachable
 from server.profiles.records import ProfileRecord
 from server.profiles.writes import merge_patch
 from server.runtime.errors import InvalidArgument
@@ -43,6 +44,8 @@ class Catalog:
     app: Callable[[str], AppRecord]
     channel: Callable[[str], Channel | None]
     compiled: Callable[[MessageRecord], Compiled]
+    #: The plugins' exclusion rules (None: no plugin has any).
+    rules: Rules | None = None
 
 
 @dataclass
@@ -63,6 +66,10 @@ class _World:
         active, reason = reachable(self.profile, config, set(config.apps), platforms)
         if reason is not None:
             return f"no registration to push to ({reason})", reason
+        if self.catalog.rules is not None:
+            reason = self.catalog.rules.reason(self.profile, record.message, record.version, config, instance.event)
+            if reason is not None:
+                return f"excluded by a plugin's rule ({reason})", reason
         context = Scope(context_for(attributes=self.profile.attributes, identities=self.profile.identities,
                                     event=instance.event, message=record.message, version=record.version,
                                     journey={"id": self.journey.id, "version": self.journey.version,

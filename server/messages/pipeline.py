@@ -68,7 +68,7 @@ from server.templates import Condition, Scope, TemplateError, compile_condition
 if TYPE_CHECKING:
     from server.runtime.app import Server
 
-__all__ = ["Pipeline", "PLATFORMS", "reachable", "resume", "recover"]
+__all__ = ["Pipeline", "PLATFORMS", "Rules", "reachable", "resume", "recover"]
 
 log = logging.getLogger("pigeon.pipeline")
 
@@ -160,9 +160,7 @@ class Pipeline:
             self.tracking["t"] = 1  # not counted in reports
         self.apps: dict[str, AppRecord | None] = {app: get_app(space, app) for app in config.apps}
         self.platforms = {p for name in config.platforms for p in PLATFORMS[name]}
-        hook = server.plugins.pm.hook.pigeon_exclude
-        self._rules = hook if hook.get_hookimpls() else None  # the frequency-cap step
-        self._rule_failed = False
+        self._rules = Rules.of(server)  # the frequency-cap step
         self.state = resume or ExecutionRecord(
             execution=self.execution, message=self.spec.id, version=record.version, identities=identities or [],
             audience=audience, test=test, event=event,
@@ -238,15 +236,6 @@ class Pipeline:
             profiles = page
             state.after = page[-1][0]
         return await self._stage(profiles, audience)
-
-    def _rule_reason(self, reason: Any) -> str:
-        """A plugin's exclusion reason, as reported (a bad one is named once, not trusted)."""
-        if isinstance(reason, str) and _REASON.fullmatch(reason):
-            return reason
-        if not self._rule_failed:
-            log.error("a pigeon_exclude plugin returned %r, not a reason code: reported as ExcludedByRule", reason)
-        self._rule_failed = True
-        return "ExcludedByRule"
 
     def _snapshot(self) -> ExecutionRecord:
         """A copy of the execution to stage (`stage_batch` changes its outcome counts)."""
@@ -332,17 +321,9 @@ class Pipeline:
         if reason is not None:
             return reason
         if self._rules is not None:
-            try:
-                reason = self._rules(identity=profile.identities[0] if profile.identities else "",
-                                     attributes=profile.attributes, message=self.spec, version=self.record.version,
-                                     config=self.config, event=self.event)
-            except Exception:  # a plugin's bug excludes the profile, and is told once
-                if not self._rule_failed:
-                    log.exception("a pigeon_exclude plugin failed: the profiles it fails on are excluded as RuleError")
-                self._rule_failed = True
-                return "RuleError"
-            if reason:
-                return self._rule_reason(reason)
+            reason = self._rules.reason(profile, self.spec, self.record.version, self.config, self.event)
+            if reason is not None:
+                return reason
         try:
             content = self.compiled.render(context)
         except InvalidArgument as exc:
@@ -390,6 +371,47 @@ def _first(exc: BaseException) -> BaseException:
 
 
 _REASON = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class Rules:
+    """The ``pigeon_exclude`` rules (`server.hookspecs`) as one send asks them; the journey
+    simulator asks them the same way (the same arguments, the same outcome). A plugin that raises
+    excludes the profile as ``RuleError``, one that returns something that is not a reason code
+    as ``ExcludedByRule``; either is logged once per `Rules`. `Rules.of` is None when no plugin
+    implements the hook (nothing to ask)."""
+
+    def __init__(self, hook: Any) -> None:
+        self._hook = hook
+        self._failed = False
+
+    @classmethod
+    def of(cls, server: Server) -> Rules | None:
+        hook = server.plugins.pm.hook.pigeon_exclude
+        return cls(hook) if hook.get_hookimpls() else None
+
+    def reason(self, profile: ProfileRecord, message: api.MessageSpec, version: int, config: api.ChannelConfig,
+               event: dict[str, Any]) -> str | None:
+        """Why a rule excludes the profile from ``message`` (its ``version``, sent through
+        ``config`` with ``event``), or None."""
+        try:
+            reason = self._hook(identity=profile.identities[0] if profile.identities else "",
+                                attributes=profile.attributes, message=message, version=version, config=config,
+                                event=event)
+        except Exception:  # a plugin's bug excludes the profile, and is told once
+            if not self._failed:
+                log.exception("a pigeon_exclude plugin failed: the profiles it fails on are excluded as RuleError")
+            self._failed = True
+            return "RuleError"
+        if not reason:
+            return None
+        if isinstance(reason, str) and _REASON.fullmatch(reason):
+            return reason
+        if not self._failed:  # a bad reason is named once, not trusted
+            log.error("a pigeon_exclude plugin returned %r, not a reason code: reported as ExcludedByRule", reason)
+        self._failed = True
+        return "ExcludedByRule"
+
+
 #: Characters of an exclusion's detail kept in a `api.SendResult` (a template's error can be long).
 _MAX_DETAIL = 500
 

@@ -1,18 +1,22 @@
 """The pushes delivered to each profile, which frequency caps count.
 
 Database ``push_log`` (each sandbox's): profile id (8) + µs (u64 BE) + what sent it (utf-8: a
-journey id, or an execution of ``messages.send``) -> b"". A delivery is logged when its result
-is settled (`server.messages.outbox.settle_batch`), whoever sent it, so a journey's cap counts
-every journey's pushes and ``messages.send`` 's alike; entries older than `KEPT_US` (the
-longest cap's period, a month) go as new ones come.
+journey id, an execution of ``messages.send``, or ``push.send:`` and an id of the call) -> b"".
+A delivery is logged when its result is settled (`server.messages.outbox.settle_batch`; for
+``push.send``, by the delivery actor: `log_each`), whoever sent it, so a journey's cap counts
+every journey's pushes, ``messages.send`` 's and ``push.send`` 's alike (a push.send to a token
+counts for the profile the token is registered to). Entries older than `KEPT_US` (the longest
+cap's period, a month) go as new ones come.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from server.profiles.sandboxes import Space
 from server.profiles.store import Writer
 
-__all__ = ["KEPT_US", "log", "count_since"]
+__all__ = ["KEPT_US", "log", "log_each", "count_since"]
 
 #: The longest a cap looks back (a month), and so what the log keeps.
 KEPT_US = 30 * 86_400_000_000
@@ -28,6 +32,12 @@ def log(w: Writer, pid: bytes, at_us: int, sender: str) -> None:
         while cursor.key()[:8] == pid and cursor.key()[:16] < limit:
             if not cursor.delete():
                 break
+
+
+def log_each(w: Writer, pids: Iterable[bytes], sender: str) -> None:
+    """Store op: pushes delivered now to the profiles ``pids`` by ``sender``."""
+    for pid in pids:
+        log(w, pid, w.now, sender)
 
 
 def count_since(space: Space, pid: bytes, since_us: int) -> int:

@@ -203,10 +203,11 @@ class Space:
                 found = cursor.next()
         return out
 
-    def find_token(self, app: str, token: str) -> ProfileRecord | None:
+    def find_token(self, app: str, token: str) -> tuple[bytes, ProfileRecord] | None:
+        """The profile the token is registered to for ``app``, and its id; None if none is."""
         with self.env.begin() as txn:
             pid = txn.get(keys.token_key(app, token), db=self.dbs["tokens"])
-            return None if pid is None else decode_profile(txn.get(pid, db=self.dbs["profiles"]))
+            return None if pid is None else (bytes(pid), decode_profile(txn.get(pid, db=self.dbs["profiles"])))
 
     def read_events(
         self,
