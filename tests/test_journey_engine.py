@@ -22,7 +22,7 @@ from plugins.fcm.mock import ServiceAccount
 from protocols import api
 from protocols.errors import CallError, Status
 from protocols.trio_client import Client, open_client
-from server import Server
+from server import Server, hookimpl
 from server.journeys import engine, machine
 from server.journeys.engine import Journeys
 
@@ -417,3 +417,27 @@ async def test_a_stop_the_engine_did_not_finish_before_a_crash_ends_and_counts_e
                     assert len(await pushed(fcm, 3)) == 3  # no offer
             server.request_stop()
         monkeypatch.undo()
+
+
+class Holdout:
+    """A rule plugin: the profiles in the holdout group get no offer."""
+
+    @hookimpl
+    def pigeon_exclude(self, attributes: dict[str, Any], message: api.MessageSpec) -> str | None:
+        return "Holdout" if message.id == "offer" and attributes.get("holdout") else None
+
+
+async def test_a_plugin_s_rule_excludes_a_journey_s_push_as_it_excludes_a_send_s(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    server.plugins.pm.register(Holdout(), name="holdout")
+    flow = {"id": "held", "entry": {"event": "held.start"},
+            "nodes": [{"type": "push", "id": "offer", "message": "offer", "next": "hello"},
+                      {"type": "push", "id": "hello", "message": "hello"}]}
+    await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec)))
+    await person(client, "crm:h", "tok-h")
+    await client.call(api.PatchProfile(identity="crm:h", patch={"holdout": True}))
+    await ingest(client, "crm:h", "held.start")
+    [(_, title, _)] = await pushed(fcm, 1, timeout=5)
+    assert title == "Hello h"  # the offer excluded, the journey went on
+    report = await client.call(api.GetReport(journey="held", node="offer"))
+    assert (report.totals.get("excluded"), report.reasons.get("excluded")) == (1, {"Holdout": 1})

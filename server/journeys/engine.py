@@ -41,6 +41,7 @@ from server.journeys.definition import duration_us
 from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter
 from server.journeys.world import LiveWorld
 from server.messages import outbox
+from server.messages.pipeline import Rules
 from server.profiles import keys
 from server.profiles.records import ProfileRecord, decode_event, decode_profile
 from server.profiles.sandboxes import Space, sandbox_of
@@ -168,6 +169,18 @@ class Journeys(Actor):
         self.changes_position = 0
         self._compiled: dict[tuple[str, str, int], Journey] = {}
         self._stale: set[str] = set()  # sandboxes whose journeys changed
+        self._rules: tuple[tuple[Any, ...], Rules | None] = ((), None)
+
+    @property
+    def rules(self) -> Rules | None:
+        """The plugins' ``pigeon_exclude`` rules its pushes are checked against (`LiveWorld`),
+        as registered now (one `Rules` while they stay the same: it tells a plugin's bug once)."""
+        assert self.server is not None
+        hook = self.server.plugins.pm.hook.pigeon_exclude
+        impls = tuple(hook.get_hookimpls())
+        if impls != self._rules[0]:
+            self._rules = (impls, Rules(hook) if impls else None)
+        return self._rules[1]
 
     @property
     def live_journeys(self) -> int:

@@ -1,7 +1,7 @@
 """The journey machine's world, live: what a push, a cap and an update do for the engine.
 
 A push is rendered for the profile (the message version the journey pinned, its channel
-configuration's registrations and consent) and its jobs added to the cycle's plan, which the
+configuration's registrations and consent, the plugins' ``pigeon_exclude`` rules) and its jobs added to the cycle's plan, which the
 engine stages in the outbox in the cycle's commit; an exclusion is counted at its node. A cap
 counts the pushes delivered to the profile (`server.profiles.pushlog`) and those of this
 cycle; an update patches the profile the machine sees and is applied in the commit.
@@ -50,6 +50,9 @@ class LiveWorld:
             return exc.message, "MessageGone"
         platforms = {p for name in config.platforms for p in PLATFORMS[name]}
         active, reason = reachable(self.profile, config, set(config.apps), platforms)
+        rules = server.journeys.rules
+        if reason is None and rules is not None:  # the plugins' rules, asked as a send asks them
+            reason = rules.reason(self.profile, record.message, record.version, config, instance.event)
         tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "n": node.id}
         head = envelope_key(tracking)
         if reason is None:
