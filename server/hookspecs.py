@@ -66,10 +66,9 @@ def pigeon_exclude(  # type: ignore[empty-body]
     a holdout group, a suppression list); the pipeline's last step before personalization.
 
     Called once per profile of every send, test sends included, and of every journey push
-    (live, and in ``journeys.simulate``, whose ``event`` is the one the profile entered on),
-    only when some plugin
-    implements it (keep it fast: a send may ask 10,000 times a second; read what you need into
-    memory beforehand). The first implementation to return a reason wins; the profile is then
+    (live, and in ``journeys.simulate``; ``event`` is the one the profile entered on), only
+    when some plugin implements it (keep it fast: a send may ask 10,000 times a second; read
+    what you need into memory beforehand). The first implementation to return a reason wins; the profile is then
     counted under ``excluded`` with that reason (AJO's name for rule exclusions is
     ``ExcludedForControlRules``), and nothing is sent to it. An implementation that raises
     excludes the profile as ``RuleError`` (logged once per send).
