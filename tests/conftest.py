@@ -4,11 +4,13 @@ kill -9 and clients on other event loops). Everything listens on 127.0.0.1, port
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from plugins.fcm.mock import MockFcmProcess
 from protocols.trio_client import Client, open_client
@@ -37,6 +39,23 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
 async def client(server: Server) -> AsyncIterator[Client]:
     async with open_client(server.addresses[0]) as c:
         yield c
+
+
+@pytest.fixture
+def clock(mock_clock: trio.testing.MockClock) -> trio.testing.MockClock:
+    """Trio's mock clock at real speed (sockets, threads and child processes behave as they
+    do), for tests that jump it over long waits (a server given ``clock_of(clock)``)."""
+    mock_clock.rate = 1
+    return mock_clock
+
+
+#: The mock clock's zero, as a server's time (`clock_of`): 22:00 in Tokyo, 08:00 in New York.
+BASE_US = int(datetime.fromisoformat("2026-12-08T13:00:00+00:00").timestamp() * 1e6)
+
+
+def clock_of(clock: trio.testing.MockClock) -> Callable[[], int]:
+    """A server clock (µs) that follows ``clock`` from `BASE_US` (any thread may read it)."""
+    return lambda: BASE_US + int(clock.current_time() * 1e6)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ versus stop versus pause."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,8 @@ from protocols import api
 from protocols.trio_client import Client, open_client
 from server import Server
 
-from .conftest import make_config
-from .test_journey_engine import ACCOUNT, admin, ingest, person, pushed, setup
+from .test_journey_engine import ACCOUNT, admin, ingest, person, pushed, server_for, setup
 
-#: The virtual clock's zero: 22:00 in Tokyo, 08:00 in New York.
-BASE_US = int(datetime.fromisoformat("2026-12-08T13:00:00+00:00").timestamp() * 1e6)
 HOUR, DAY = 3600, 86400
 DAILY: dict[str, Any] = {
     "id": "daily",
@@ -41,21 +37,9 @@ DAILY: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def clock(mock_clock: trio.testing.MockClock) -> trio.testing.MockClock:
-    mock_clock.rate = 1  # real speed, so that sockets, threads and the mock provider behave; jumped over waits
-    return mock_clock
-
-
-def server_on(data: Path, fcm: Any, clock: trio.testing.MockClock) -> Server:
-    config = make_config(data, fcm={"url": fcm.url, "token_uri": fcm.token_uri, "ca_file": str(fcm.ca_file),
-                                    "retry_min_s": 0.05})
-    return Server(config, clock=lambda: BASE_US + int(clock.current_time() * 1e6))
-
-
 async def started(data: Path, fcm: Any, clock: trio.testing.MockClock,
                   body: Callable[[Server, Client], Any]) -> None:
-    server = server_on(data, fcm, clock)
+    server = server_for(data, fcm, clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         async with open_client(server.addresses[0]) as client:
@@ -68,7 +52,7 @@ async def shop(tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> Async
     await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
     await admin(fcm, "clear_accepted")
     await admin(fcm, "set_faults", accept_any_token=True)
-    server = server_on(tmp_path / "data", fcm, clock)
+    server = server_for(tmp_path / "data", fcm, clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         async with open_client(server.addresses[0]) as client:

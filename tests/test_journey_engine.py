@@ -17,6 +17,7 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from plugins.fcm.mock import ServiceAccount
 from protocols import api
@@ -26,7 +27,7 @@ from server import Server, hookimpl
 from server.journeys import engine, machine
 from server.journeys.engine import Journeys
 
-from .conftest import make_config
+from .conftest import clock_of, make_config
 
 APP = "com.acme.shop"
 ACCOUNT = ServiceAccount.generate("acme-push")
@@ -50,17 +51,20 @@ async def admin(mock: Any, name: str, *args: Any, **kwargs: Any) -> Any:
     return await trio.to_thread.run_sync(functools.partial(getattr(mock.admin, name), *args, **kwargs))
 
 
-def server_for(data: Path, fcm: Any) -> Server:
-    return Server(make_config(data, fcm={"url": fcm.url, "token_uri": fcm.token_uri, "ca_file": str(fcm.ca_file),
-                                         "retry_min_s": 0.05}))
+def server_for(data: Path, fcm: Any, clock: trio.testing.MockClock | None = None) -> Server:
+    config = make_config(data, fcm={"url": fcm.url, "token_uri": fcm.token_uri, "ca_file": str(fcm.ca_file),
+                                    "retry_min_s": 0.05})
+    if clock is None:
+        return Server(config)
+    return Server(config, clock=clock_of(clock))
 
 
 @pytest.fixture
-async def shop(tmp_path: Path, fcm: Any) -> AsyncIterator[tuple[Server, Client]]:
+async def shop(tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> AsyncIterator[tuple[Server, Client]]:
     await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
     await admin(fcm, "clear_accepted")
     await admin(fcm, "set_faults", accept_any_token=True)
-    server = server_for(tmp_path / "data", fcm)
+    server = server_for(tmp_path / "data", fcm, clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         async with open_client(server.addresses[0]) as client:
@@ -108,12 +112,14 @@ async def ingest(client: Client, identity: str, type: str, **data: Any) -> None:
     await client.call(api.IngestEvents(events=[api.Event(identity=identity, type=type, data=data)]))
 
 
-async def test_an_install_gets_hello_then_the_offer_and_an_open_of_it_moves_the_reaction(shop: Any, fcm: Any) -> None:
+async def test_an_install_gets_hello_then_the_offer_and_an_open_of_it_moves_the_reaction(
+        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
     server, client = shop
     await person(client, "crm:ana", "tok-ana")
     await ingest(client, "crm:ana", "app.installed")
     [(token, title, envelope)] = await pushed(fcm, 1, timeout=5)
     assert (token, title, envelope["j"], envelope["n"]) == ("tok-ana", "Hello ana", "welcome", "hello")
+    clock.jump(2)
     offer = (await pushed(fcm, 2))[1]  # after the 2 s wait
     assert offer[1] == "ana, 20% off" and offer[2]["n"] == "offer"
     await ingest(client, "crm:ana", "pushTracking.applicationOpened", _p=offer[2])
@@ -138,13 +144,15 @@ async def test_an_install_gets_hello_then_the_offer_and_an_open_of_it_moves_the_
     assert (await client.call(api.GetReport(journey="welcome", node="offer"))).totals.get("delivered") == 1
 
 
-async def test_an_exit_event_interrupts_the_wait_and_no_offer_is_sent(shop: Any, fcm: Any) -> None:
+async def test_an_exit_event_interrupts_the_wait_and_no_offer_is_sent(shop: Any, fcm: Any,
+                                                                      clock: trio.testing.MockClock) -> None:
     server, client = shop
     await person(client, "crm:bo", "tok-bo")
     await ingest(client, "crm:bo", "app.installed")
     await pushed(fcm, 1, timeout=5)
     await ingest(client, "crm:bo", "purchase")
-    await trio.sleep(3.5)  # past the wait
+    clock.jump(3)  # past the wait
+    await trio.sleep(0.5)
     assert (await client.call(api.GetReport(journey="welcome", node="wait"))).reasons["exited"] == {"exit": 1}
     assert [t for t, _, _ in await pushed(fcm, 1)] == ["tok-bo"]
     # one instance per profile and journey: installing again does not enter again
@@ -153,14 +161,16 @@ async def test_an_exit_event_interrupts_the_wait_and_no_offer_is_sent(shop: Any,
     assert len(await pushed(fcm, 1)) == 1
 
 
-async def test_a_stop_ends_every_instance(shop: Any, fcm: Any) -> None:
+async def test_a_stop_ends_every_instance(shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
     server, client = shop
     for n in range(5):
         await person(client, f"crm:p{n}", f"tok-{n}")
         await ingest(client, f"crm:p{n}", "app.installed")
     await pushed(fcm, 5, timeout=5)
     await client.call(api.StopJourney(id="welcome"))
-    await trio.sleep(3.5)
+    await trio.sleep(0.3)
+    clock.jump(3)
+    await trio.sleep(0.5)
     report = await client.call(api.GetReport(journey="welcome", node="wait"))
     assert report.reasons["exited"] == {"stopped": 5}
     assert len(await pushed(fcm, 5)) == 5  # no offer: they were all stopped in their wait
@@ -169,12 +179,13 @@ async def test_a_stop_ends_every_instance(shop: Any, fcm: Any) -> None:
     assert len(await pushed(fcm, 5)) == 5
 
 
-async def test_a_restart_resumes_the_waits_and_a_timer_due_meanwhile_fires_once(tmp_path: Path, fcm: Any) -> None:
+async def test_a_restart_resumes_the_waits_and_a_timer_due_meanwhile_fires_once(tmp_path: Path, fcm: Any,
+                                                                                clock: trio.testing.MockClock) -> None:
     await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
     await admin(fcm, "clear_accepted")
     await admin(fcm, "set_faults", accept_any_token=True)
     for start in range(2):
-        server = server_for(tmp_path / "data", fcm)
+        server = server_for(tmp_path / "data", fcm, clock)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
             async with open_client(server.addresses[0]) as client:
@@ -186,13 +197,13 @@ async def test_a_restart_resumes_the_waits_and_a_timer_due_meanwhile_fires_once(
                     await pushed(fcm, 3, timeout=5)
                 else:
                     offers = await pushed(fcm, 6)
-                    await trio.sleep(1)
+                    await trio.sleep(0.5)
                     assert sorted(t for t, title, _ in await pushed(fcm, 6) if "off" in title) == [
                         "tok-r0", "tok-r1", "tok-r2"]
                     assert len(offers) == 6
             server.request_stop()
         if start == 0:
-            await trio.sleep(2.5)  # the waits fall due while the server is down
+            clock.jump(2.5)  # the waits fall due while the server is down
 
 
 async def test_a_read_audience_enters_every_matching_profile_once_at_its_rate(shop: Any, fcm: Any) -> None:
@@ -215,7 +226,8 @@ async def test_a_read_audience_enters_every_matching_profile_once_at_its_rate(sh
     assert (report.totals["entered"], report.totals["delivered"]) == (20, 20)
 
 
-async def test_a_test_mode_instance_s_trace_is_the_simulator_s_for_the_same_inputs(shop: Any, fcm: Any) -> None:
+async def test_a_test_mode_instance_s_trace_is_the_simulator_s_for_the_same_inputs(
+        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
     server, client = shop
     flow = {**FLOW, "id": "trial", "test": True, "nodes": [
         {"type": "push", "id": "hello", "message": "hello", "next": "wait"},
@@ -230,9 +242,11 @@ async def test_a_test_mode_instance_s_trace_is_the_simulator_s_for_the_same_inpu
     await person(client, "crm:x", "tok-x")  # not a test profile: it does not enter the test journey
     await ingest(client, "crm:x", "app.installed")
     await ingest(client, "crm:t", "app.installed")
-    with trio.fail_after(30):
+    with trio.fail_after(30):  # (trio's deadlines are on the mock clock too: the jump counts)
         while (live := await trace(client, "trial", "crm:t")) is None or live.outcome != "ended":
-            await trio.sleep(0.2)
+            if live is not None and live.node == "wait" and clock.current_time() < 10:
+                clock.jump(10)
+            await trio.sleep(0.1)
     simulated = await client.call(api.SimulateJourney(id="trial", identity="crm:t", events=[
         api.SimulatedEvent(at=live.steps[0].at, type="app.installed")]))
     assert [(s.node, s.kind, s.detail.split(" until ")[0]) for s in live.steps] == [
@@ -243,7 +257,8 @@ async def test_a_test_mode_instance_s_trace_is_the_simulator_s_for_the_same_inpu
         await client.call(api.TraceJourney(id="trial", identity="crm:x"))
 
 
-async def test_a_new_version_published_with_move_waiting_takes_the_waiting_instances(shop: Any, fcm: Any) -> None:
+async def test_a_new_version_published_with_move_waiting_takes_the_waiting_instances(
+        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
     server, client = shop
     await client.call(api.PublishMessage(message=api.MessageSpec(
         id="better", channel="push", content=api.MessageContent(title="a better offer"))))
@@ -261,6 +276,8 @@ async def test_a_new_version_published_with_move_waiting_takes_the_waiting_insta
             {"type": "wait", "id": "wait", "duration": "3s", "next": "offer"},
             {"type": "push", "id": "offer", "message": "better"}]}
         await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec), move_waiting=move))
+    await trio.sleep(0.3)
+    clock.jump(3)
     titles = {envelope["j"]: title for _, title, envelope in await pushed(fcm, 2)}
     assert titles == {"moved": "a better offer", "stays": "ana, 20% off".replace("ana", "m")}
     moved = await client.call(api.GetReport(journey="moved", node="offer"))
@@ -300,7 +317,7 @@ async def test_a_cap_counts_the_deliveries_of_push_send_to_a_token_or_an_identit
     for identity in ("crm:tk", "crm:id", "crm:free"):
         await ingest(client, identity, "once.start")
     with trio.fail_after(10):
-        while (report := await client.call(api.GetReport(journey="once", node="done"))).totals.get("exited") != 3:
+        while (await client.call(api.GetReport(journey="once", node="done"))).totals.get("exited") != 3:
             await trio.sleep(0.05)
     with trio.fail_after(10):  # the push staged in the exit's cycle, delivered a moment later
         while (offer := await client.call(api.GetReport(journey="once", node="offer"))).totals.get("delivered") != 1:
@@ -384,7 +401,7 @@ async def test_the_entry_condition_is_compiled_once_not_per_event(tmp_path: Path
 
 
 async def test_a_stop_the_engine_did_not_finish_before_a_crash_ends_and_counts_everyone_after(
-        tmp_path: Path, fcm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, fcm: Any, monkeypatch: pytest.MonkeyPatch, clock: trio.testing.MockClock) -> None:
     """The instances a stop had not ended yet when the server died (the engine ends 500 a
     cycle) are ended after the restart by their next event or timer, with reason stopped,
     counted as exited, and send nothing more."""
@@ -394,7 +411,7 @@ async def test_a_stop_the_engine_did_not_finish_before_a_crash_ends_and_counts_e
     flow = {**FLOW, "nodes": [{**n, "duration": "4s"} if n["id"] == "wait" else n for n in FLOW["nodes"]]}
     monkeypatch.setattr(Journeys, "_stop_instances", lambda self, plans, now: 0)  # killed before it ran
     for start in range(2):
-        server = server_for(tmp_path / "data", fcm)
+        server = server_for(tmp_path / "data", fcm, clock)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.run)
             async with open_client(server.addresses[0]) as client:
@@ -411,7 +428,8 @@ async def test_a_stop_the_engine_did_not_finish_before_a_crash_ends_and_counts_e
                     with trio.fail_after(2):
                         while not (await client.call(api.GetReport(journey="welcome"))).totals.get("exited"):
                             await trio.sleep(0.05)
-                    await trio.sleep(4.5)  # the others' timers
+                    clock.jump(4.5)  # the others' timers
+                    await trio.sleep(0.5)
                     report = await client.call(api.GetReport(journey="welcome", node="wait"))
                     assert report.reasons.get("exited") == {"stopped": 3}
                     assert len(await pushed(fcm, 3)) == 3  # no offer
