@@ -459,3 +459,22 @@ async def test_a_plugin_s_rule_excludes_a_journey_s_push_as_it_excludes_a_send_s
     assert title == "Hello h"  # the offer excluded, the journey went on
     report = await client.call(api.GetReport(journey="held", node="offer"))
     assert (report.totals.get("excluded"), report.reasons.get("excluded")) == (1, {"Holdout": 1})
+
+
+async def test_a_push_to_an_app_deleted_since_fails_at_its_node_and_the_journey_goes_on(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    flow = {"id": "orphan", "entry": {"event": "orphan.start"},
+            "nodes": [{"type": "push", "id": "offer", "message": "offer", "next": "mark"},
+                      {"type": "update", "id": "mark", "patch": {"after": "offer"}}]}
+    await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec)))
+    await person(client, "crm:o", "tok-o")
+    await client.call(api.DeleteApp(app=APP))
+    await ingest(client, "crm:o", "orphan.start")
+    with trio.fail_after(10):
+        while (await client.call(api.GetProfile(identity="crm:o"))).attributes.get("after") != "offer":
+            await trio.sleep(0.05)
+    with trio.fail_after(10):
+        while not (report := await client.call(api.GetReport(journey="orphan", node="offer"))).totals.get("sent"):
+            await trio.sleep(0.05)
+    assert report.reasons["failed"] == {"CredentialsReplaced": 1}  # as messages.send's: "replaced or deleted"
+    assert await admin(fcm, "accepted") == []
