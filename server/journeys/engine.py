@@ -326,7 +326,7 @@ class Journeys(Actor):
                 self._guard(plan, f"event {type_}", pid, None, now,
                             lambda: self._on_event(plan, pid, type_, data, now))
         changed, changes = audiences.read_changes(store, self.changes_position, BATCH)
-        fired = self._qualify(plans, [pid for pid, _, _ in events] + changed, now)
+        fired = self._qualify(plans, [(pid, type_) for pid, type_, _ in events] + [(pid, None) for pid in changed], now)
         fired += self._stop_instances(plans, now) + self._move_instances(plans)
         for space in store.spaces():
             due, self._next_timers[space.name] = instances.due(space, now, BATCH)
@@ -436,29 +436,44 @@ class Journeys(Actor):
                 plan.runs.append((id, run))
         return read
 
-    def _qualify(self, plans: dict[str, _Plan], pids: list[bytes], now: int) -> int:
-        """Evaluate the audiences of the profiles that changed (an event, a write in the change
-        feed) in sandboxes with audience journeys; the profiles evaluated."""
+    def _qualify(self, plans: dict[str, _Plan], changes: list[tuple[bytes, str | None]], now: int) -> int:
+        """Evaluate the audiences of the profiles that changed, in sandboxes with audience
+        journeys: (profile id, the type of an event of it, or None for a write in the change
+        feed); the profiles evaluated."""
         assert self.server is not None
+        by_profile: dict[bytes, set[str] | None] = {}
+        for pid, type_ in changes:
+            types = by_profile.setdefault(pid, set())
+            if types is not None:
+                if type_ is None:
+                    by_profile[pid] = None  # written: every audience
+                else:
+                    types.add(type_)
         evaluated = 0
-        for pid in dict.fromkeys(pids):
+        for pid, types in by_profile.items():
             space = self.server.store.space_of(sandbox_of(pid))
             if space is not None and self._audiences.get(space.name):
                 plan = self._plan(plans, space)
-                self._guard(plan, "change", pid, None, now, lambda: self._on_change(plan, pid, now))
+                self._guard(plan, "change", pid, None, now, lambda: self._on_change(plan, pid, types, now))
                 evaluated += 1
         return evaluated
 
-    def _on_change(self, plan: _Plan, pid: bytes, now: int) -> None:
-        """Enter the profile where it starts (or stops, ``on: exit``) matching an audience."""
+    def _on_change(self, plan: _Plan, pid: bytes, types: set[str] | None, now: int) -> None:
+        """Enter the profile where it starts (or stops, ``on: exit``) matching an audience;
+        ``types``: the types of the events that are all that changed it (None: it was written),
+        so only the audiences counting those can change."""
         space = plan.space
+        ids = [id for id in self._audiences[space.name]
+               if types is None or audiences.counts_any(self._live[space.name][id], types)]
+        if not ids:
+            return
         profile = _profile(space, pid)
         members = plan.members_of(pid)
         if profile is None:  # deleted: it matches nothing now, and enters nothing
             plan.members.extend((pid, id, False) for id in members)
             return
         histories: list[audiences.History] = []
-        for id in self._audiences[space.name]:
+        for id in ids:
             journey = self._live[space.name][id]
             member = audiences.matches(journey, space, pid, _attributes(profile), histories, now)
             if member == (id in members):
