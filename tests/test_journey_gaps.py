@@ -66,3 +66,34 @@ async def test_a_trigger_that_raises_is_quarantined_and_the_others_go_on(shop: A
 
 async def _total(client: Any, journey: str, metric: str, count: int) -> bool:
     return (await report(client, journey)).totals.get(metric, 0) >= count
+
+
+async def test_a_paused_journey_holds_its_moves_applies_its_exits_and_queues_or_refuses_entries(
+        shop: Any, fcm: Any) -> None:
+    """While paused an event does not move an instance (no reaction), an exit event still takes
+    its profile out, and an entry is held (``paused_entries: queue``) and entered on resume, or
+    refused and counted (the default)."""
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert(
+        {**TAPS, "exit": [{"event": "quit"}], "paused_entries": "queue"}, api.JourneySpec)))
+    await client.call(api.PublishJourney(journey=msgspec.convert({**TAPS, "id": "refusing"}, api.JourneySpec)))
+    for name in ("a", "b", "e"):
+        await person(client, f"crm:{name}", f"tok-{name}")
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="go") for n in "ae"]))
+    await until(lambda: _total(client, "taps", "entered", 2))
+    for id in ("taps", "refusing"):
+        await client.call(api.PauseJourney(id=id))
+    await client.call(api.IngestEvents(events=[
+        api.Event(identity="crm:a", type="tap"), api.Event(identity="crm:e", type="quit"),
+        api.Event(identity="crm:b", type="go")]))
+    await until(lambda: _total(client, "refusing", "refused", 1))
+    await until(lambda: _total(client, "taps", "exited", 1))
+    assert (await report(client, "refusing")).reasons["refused"] == {"paused": 1}
+    taps = await report(client, "taps")
+    assert (taps.totals["entered"], taps.reasons["exited"], taps.totals.get("targeted")) == (2, {"exit": 1}, None)
+    await client.call(api.ResumeJourney(id="taps"))
+    await until(lambda: _total(client, "taps", "entered", 3))  # b, held, enters now
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:b", type="tap")]))
+    assert [token for token, _, _ in await pushed(fcm, 1)] == ["tok-b"]  # a's tap while paused moved nothing
+    a = await client.call(api.TraceJourney(id="taps", identity="crm:a"))
+    assert (a.outcome, a.node) == ("waiting", "react")

@@ -12,6 +12,9 @@ instance once. Then the pushes are delivered, in the background, as ``messages.s
 
 Entries: an event entry indexed by event type per sandbox (no scan of all journeys per
 event); reactions, exits and goals: the event's profile's own instances (one key range).
+A paused journey's instances do not move (its timers are held, an event applies only its
+exits and goal) and its entries are refused or held (`server.journeys.queue`) and entered
+when it resumes.
 What is not here yet: audience and read-audience entries, ``move_waiting``, per-node journey
 metrics beyond the pushes' counts, caps counted on delivery (they count pushes staged).
 
@@ -35,9 +38,9 @@ import trio
 
 from protocols import api
 from server.channels import DeliveryJob
-from server.journeys import catalog, instances, reads
+from server.journeys import catalog, instances, queue, reads
 from server.journeys.definition import duration_us
-from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter
+from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter, hold
 from server.journeys.world import LiveWorld
 from server.messages import outbox
 from server.profiles import keys
@@ -87,11 +90,16 @@ class _Plan:
     jobs: list[DeliveryJob] = field(default_factory=list)
     counts: Counter[ReportKey] = field(default_factory=Counter)
     runs: list[tuple[str, reads.Run]] = field(default_factory=list)
+    #: Entries held while their journey is paused (journey, `queue.encode` d entry), and the
+    #: held entries taken (journey, key, size).
+    queued: list[tuple[str, bytes]] = field(default_factory=list)
+    unqueued: list[tuple[str, bytes, int]] = field(default_factory=list)
 
     @property
     def busy(self) -> bool:
         """Whether the plan changes anything (more than the position)."""
-        return bool(self.saves or self.patches or self.jobs or self.counts or self.runs)
+        return bool(self.saves or self.patches or self.jobs or self.counts or self.runs or self.queued
+                    or self.unqueued)
     traces: list[tuple[bytes, str, list[Step]]] = field(default_factory=list)
     #: The instances ``saves`` holds so far, by profile and journey (`instances_of`).
     latest: dict[bytes, dict[str, Instance]] = field(default_factory=dict)
@@ -102,11 +110,12 @@ class _Plan:
     def mark(self) -> tuple[int, ...]:
         """Where the plan's lists are: a trigger's partial changes are what comes after."""
         return (len(self.saves), len(self.patches), len(self.pushes), len(self.jobs), len(self.traces),
-                len(self.runs))
+                len(self.runs), len(self.queued))
 
     def rollback(self, mark: tuple[int, ...]) -> None:
         """Drop what was added since ``mark`` (a quarantined trigger's partial changes)."""
-        lists: tuple[list[Any], ...] = (self.saves, self.patches, self.pushes, self.jobs, self.traces, self.runs)
+        lists: tuple[list[Any], ...] = (self.saves, self.patches, self.pushes, self.jobs, self.traces, self.runs,
+                                        self.queued)
         for items, length in zip(lists, mark):
             del items[length:]
         if self.indexed > len(self.saves):  # `latest` holds instances just dropped: built again
@@ -148,10 +157,11 @@ class Journeys(Actor):
         self._reads: dict[str, list[str]] = {}  # sandbox -> ids of live read-audience journeys
         self._compiled: dict[tuple[str, str, int], Journey] = {}
         self._stale: set[str] = set()  # sandboxes whose journeys changed
+        self._held: set[tuple[str, str]] = set()  # journeys holding entries (`server.journeys.queue`)
 
     @property
     def live_journeys(self) -> int:
-        return sum(len(j) for j in self._live.values())
+        return sum(1 for states in self._states.values() for state in states.values() if state == "live")
 
     def events_committed(self, last_seq: int, count: int) -> None:
         """Called by ingestion after a commit; never blocks the caller."""
@@ -231,8 +241,10 @@ class Journeys(Actor):
             states[info.journey.id] = info.state
             if info.state == "stopped" and before.get(info.journey.id, "stopped") != "stopped":
                 self._to_stop.add((space.name, info.journey.id))
-            if info.state != "live" or info.live_version is None:
-                continue
+            if queue.tally(space, info.journey.id).count:
+                self._held.add((space.name, info.journey.id))
+            if info.state not in ("live", "paused") or info.live_version is None:
+                continue  # a paused journey's entries are refused or held: `_on_entry`
             old = self._live.get(space.name, {}).get(info.journey.id)
             journey = self._journey(space, info.journey.id, info.live_version)
             if (journey is not None and old is not None and old.version < journey.version
@@ -280,9 +292,10 @@ class Journeys(Actor):
             due, self._next_timers[space.name] = instances.due(space, now, BATCH)
             for wake, pid, journey in due:
                 plan = self._plan(plans, space)
-                self._guard(plan, "timer", pid, journey, now, lambda: self._on_timer(plan, pid, journey, wake, now), wake)
+                self._guard(plan, "timer", pid, journey, now, lambda: self._on_timer(plan, pid, journey, wake, now),
+                            wake)
                 fired += 1
-        fired += self._read_audiences(plans, now)
+        fired += self._read_audiences(plans, now) + self._drain_held(plans, now)
         if not events and not fired and position == self.position:
             return None
         if not any(plan.busy for plan in plans.values()) and now - self._saved_us < _SAVE_POSITION_US:
@@ -364,6 +377,8 @@ class Journeys(Actor):
             space = self.server.store.space(name)
             for id in ids:
                 journey = self._live[name][id]
+                if self._states[name].get(id) == "paused":
+                    continue  # the read goes on when the journey resumes
                 entry = journey.spec.entry
                 run = reads.get_run(space, id) or reads.Run(next_us=int(entry.at.timestamp() * 1e6) if entry.at else now)
                 if run.next_us == 0 or now < run.next_us:
@@ -389,6 +404,63 @@ class Journeys(Actor):
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
                           Happened("enter", type="read"), now)
+
+    def _hold_entry(self, plan: _Plan, pid: bytes, journey: Journey, happened: Happened) -> None:
+        """An entry while its journey is paused: refused (counted, reason paused), or held
+        (``paused_entries: queue``) within the queue's bounds (`server.journeys.queue`)."""
+        where = (plan.space.name, "", 0, journey.id, journey.first, "", "", "refused")
+        if journey.spec.paused_entries != "queue":
+            plan.counts[(*where, "paused")] += 1
+            return
+        item = queue.encode(pid, happened.type, msgspec.msgpack.encode(happened.data))
+        held = queue.tally(plan.space, journey.id)
+        mine = [len(queued) for id, queued in plan.queued if id == journey.id]
+        if held.count + len(mine) >= queue.MAX_HELD or held.bytes + sum(mine) + len(item) > queue.MAX_HELD_BYTES:
+            plan.counts[(*where, "paused_queue_full")] += 1
+            return
+        plan.queued.append((journey.id, item))
+        self._held.add((plan.space.name, journey.id))
+
+    def _drain_held(self, plans: dict[str, _Plan], now: int) -> int:
+        """Enter the entries held while a journey was paused, now that it is live, in order, at
+        its pace (`BATCH` a cycle at most); those of a journey closed or stopped meanwhile are
+        refused (the reason: its state). Returns the entries taken."""
+        assert self.server is not None
+        taken = 0
+        for name, id in list(self._held):
+            state = self._states.get(name, {}).get(id, "gone")
+            if state == "paused":
+                continue
+            space = self.server.store.space(name)
+            limit = BATCH - taken
+            found = queue.take(space, id, limit)
+            if len(found) < limit:
+                self._held.discard((name, id))
+            plan = self._plan(plans, space)
+            journey = self._live.get(name, {}).get(id)
+            for key, size, held in found:
+                plan.unqueued.append((id, key, size))
+                if state != "live" or journey is None:
+                    plan.counts[(name, "", 0, id, journey.first if journey else "", "", "", "refused", state)] += 1
+                else:
+                    self._guard(plan, "held entry", held.pid, id, now,
+                                lambda: self._enter_held(plan, journey, held, now))
+            taken += len(found)
+            if taken >= BATCH:
+                break
+        return taken
+
+    def _enter_held(self, plan: _Plan, journey: Journey, held: queue.Held, now: int) -> None:
+        """A held entry: its profile enters now if it still may."""
+        profile = _profile(plan.space, held.pid)
+        if profile is None:
+            return
+        try:
+            data = _data_decoder.decode(held.data)
+        except msgspec.DecodeError:
+            data = {}
+        self._on_entry(plan, held.pid, profile, journey, plan.instances_of(held.pid).get(journey.id),
+                       Happened("event", type=held.type, data=data), now)
 
     def _guard(self, plan: _Plan, what: str, pid: bytes, journey: str | None, now: int, run: Callable[[], None],
                wake: int = 0) -> None:
@@ -493,9 +565,11 @@ class Journeys(Actor):
     def _on_instance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                      happened: Happened, now: int) -> None:
         """What an event does to one running instance of its profile."""
-        if self._states.get(plan.space.name, {}).get(journey.id) == "stopped":
-            # a stop not carried out to it yet (a crash came first)
+        state = self._states.get(plan.space.name, {}).get(journey.id)
+        if state == "stopped":  # a stop not carried out to it yet (a crash came first)
             self._stopped(plan, pid, instance, instance.wake_us, now)
+        elif state == "paused":  # goals and exits only: it does not move
+            self._advance(plan, pid, profile, journey, instance, happened, now, how=hold)
         else:
             self._advance(plan, pid, profile, journey, instance, happened, now)
 
@@ -504,6 +578,9 @@ class Journeys(Actor):
         """An event of an entry's type: its profile enters if it may (``previous``: its
         instance before the event)."""
         if self._enters(journey, previous, profile, happened.data, now):
+            if self._states.get(plan.space.name, {}).get(journey.id) == "paused":
+                self._hold_entry(plan, pid, journey, happened)
+                return
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, happened, now),
                           Happened("enter", type=happened.type), now)
@@ -560,11 +637,11 @@ class Journeys(Actor):
         plan.counts[(plan.space.name, "", 0, instance.journey, instance.node, "", "", "exited", "stopped")] += 1
 
     def _advance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
-                 happened: Happened, now: int) -> None:
+                 happened: Happened, now: int, how: Callable[..., tuple[Instance, list[Step]]] | None = None) -> None:
         assert self.server is not None
         world = LiveWorld(self.server, plan, pid, profile, journey)
         old_wake = instance.wake_us
-        moved, steps = advance(journey, instance, happened, now, _attributes(profile), world)
+        moved, steps = (how or advance)(journey, instance, happened, now, _attributes(profile), world)
         self.steps += len(steps)
         plan.saves.append((pid, moved, old_wake))
         if journey.test and steps:
@@ -625,6 +702,7 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
                 w.save(pid, record)
         for id, run in plan.runs:
             reads.put_run(w, id, run)
+        _commit_held(w, plan)
         for pid, journey, steps in plan.traces:
             instances.trace(w, pid, journey, steps)
         for key, job in zip(keys_, jobs):
@@ -633,6 +711,20 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
             w.txn.put(key, outbox.encode_entry(entry), db=w.dbs["outbox"])
         store_counts(w, plan.counts, minute)
     w.txn.put(_POSITION, msgspec.msgpack.encode(position), db=w.dbs["meta"])
+
+
+def _commit_held(w: Writer, plan: _Plan) -> None:
+    """Store op step: the entries a paused journey holds now, and those entered or refused."""
+    added: dict[str, list[bytes]] = {}
+    for id, item in plan.queued:
+        added.setdefault(id, []).append(item)
+    for id, items in added.items():
+        queue.add(w, id, items)
+    taken: dict[str, list[tuple[bytes, int]]] = {}
+    for id, key, size in plan.unqueued:
+        taken.setdefault(id, []).append((key, size))
+    for id, keys_ in taken.items():
+        queue.remove(w, id, keys_)
 
 
 def _profile(space: Space, pid: bytes) -> ProfileRecord | None:
