@@ -97,3 +97,17 @@ async def test_a_paused_journey_holds_its_moves_applies_its_exits_and_queues_or_
     assert [token for token, _, _ in await pushed(fcm, 1)] == ["tok-b"]  # a's tap while paused moved nothing
     a = await client.call(api.TraceJourney(id="taps", identity="crm:a"))
     assert (a.outcome, a.node) == ("waiting", "react")
+
+
+async def test_entries_over_the_journeys_entry_rate_are_refused_and_counted(shop: Any, fcm: Any) -> None:
+    """``entry_rate`` caps the profiles entered a second whatever the entry: of five entry
+    events at once, a second's worth (2) enter, the others are refused (reason entry_rate)."""
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert({**TAPS, "entry_rate": 2}, api.JourneySpec)))
+    names = [f"r{n}" for n in range(5)]
+    for name in names:
+        await person(client, f"crm:{name}", f"tok-{name}")
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="go") for n in names]))
+    await until(lambda: _total(client, "taps", "refused", 3))
+    taps = await report(client, "taps")
+    assert (taps.totals["entered"], taps.reasons["refused"]) == (2, {"entry_rate": 3})

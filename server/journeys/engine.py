@@ -38,7 +38,7 @@ import trio
 
 from protocols import api
 from server.channels import DeliveryJob
-from server.journeys import catalog, instances, queue, reads
+from server.journeys import catalog, instances, pace, queue, reads
 from server.journeys.definition import duration_us
 from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter, hold
 from server.journeys.world import LiveWorld
@@ -158,6 +158,7 @@ class Journeys(Actor):
         self._compiled: dict[tuple[str, str, int], Journey] = {}
         self._stale: set[str] = set()  # sandboxes whose journeys changed
         self._held: set[tuple[str, str]] = set()  # journeys holding entries (`server.journeys.queue`)
+        self._buckets: dict[tuple[str, str], pace.Bucket] = {}  # journeys with an entry_rate
 
     @property
     def live_journeys(self) -> int:
@@ -384,7 +385,7 @@ class Journeys(Actor):
                 if run.next_us == 0 or now < run.next_us:
                     continue
                 run = msgspec.structs.replace(run, running=True)
-                limit = reads.allowance(run, entry.rate, now, BATCH - read)
+                limit = reads.allowance(run, min(entry.rate, journey.spec.entry_rate or entry.rate), now, BATCH - read)
                 page = reads.page(space, run, limit)
                 read += len(page)
                 plan = self._plan(plans, space)
@@ -404,6 +405,21 @@ class Journeys(Actor):
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
                           Happened("enter", type="read"), now)
+
+    def _bucket(self, space: Space, journey: Journey, now: int) -> pace.Bucket | None:
+        """The journey's entry_rate bucket (None: no cap), made again when the rate changed."""
+        rate = journey.spec.entry_rate
+        if rate is None:
+            return None
+        bucket = self._buckets.get((space.name, journey.id))
+        if bucket is None or bucket.rate != rate:
+            bucket = self._buckets[(space.name, journey.id)] = pace.Bucket(rate, now)
+        return bucket
+
+    def _paced(self, space: Space, journey: Journey, now: int) -> bool:
+        """Whether the journey's entry_rate lets one more profile enter now (counted if so)."""
+        bucket = self._bucket(space, journey, now)
+        return bucket is None or bucket.take(now)
 
     def _hold_entry(self, plan: _Plan, pid: bytes, journey: Journey, happened: Happened) -> None:
         """An entry while its journey is paused: refused (counted, reason paused), or held
@@ -432,12 +448,15 @@ class Journeys(Actor):
             if state == "paused":
                 continue
             space = self.server.store.space(name)
-            limit = BATCH - taken
+            journey = self._live.get(name, {}).get(id)
+            bucket = self._bucket(space, journey, now) if journey is not None and state == "live" else None
+            limit = min(BATCH - taken, bucket.available(now) if bucket is not None else BATCH)
+            if limit <= 0:
+                continue  # its pace: the rest in a later cycle
             found = queue.take(space, id, limit)
             if len(found) < limit:
                 self._held.discard((name, id))
             plan = self._plan(plans, space)
-            journey = self._live.get(name, {}).get(id)
             for key, size, held in found:
                 plan.unqueued.append((id, key, size))
                 if state != "live" or journey is None:
@@ -580,6 +599,9 @@ class Journeys(Actor):
         if self._enters(journey, previous, profile, happened.data, now):
             if self._states.get(plan.space.name, {}).get(journey.id) == "paused":
                 self._hold_entry(plan, pid, journey, happened)
+                return
+            if not self._paced(plan.space, journey, now):
+                plan.counts[(plan.space.name, "", 0, journey.id, journey.first, "", "", "refused", "entry_rate")] += 1
                 return
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, happened, now),
