@@ -9,6 +9,7 @@ import msgspec
 import trio
 
 from protocols import api
+from server.cli import output
 from server.journeys import engine
 
 from .test_journey_engine import fcm, person, pushed, shop  # noqa: F401 (fixtures)
@@ -111,3 +112,27 @@ async def test_entries_over_the_journeys_entry_rate_are_refused_and_counted(shop
     await until(lambda: _total(client, "taps", "refused", 3))
     taps = await report(client, "taps")
     assert (taps.totals["entered"], taps.reasons["refused"]) == (2, {"entry_rate": 3})
+
+
+async def test_the_instances_waiting_now_are_counted_per_version_and_node(shop: Any, fcm: Any) -> None:
+    """``journeys.get`` says how many instances wait at each node now (kept in the commit that
+    moves them), and ``pigeon journeys report`` shows it."""
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert(TAPS, api.JourneySpec)))
+    for name in ("a", "b"):
+        await person(client, f"crm:{name}", f"tok-{name}")
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="go") for n in "ab"]))
+    await until(lambda: _total(client, "taps", "entered", 2))
+    info = await client.call(api.GetJourney(id="taps"))
+    assert (info.waiting, info.running) == ({"react": 2}, 2)
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:a", type="tap")]))  # a: offer, then done
+    await until(lambda: _total(client, "taps", "exited", 1))
+    info = await client.call(api.GetJourney(id="taps"))
+    assert (info.waiting, info.running) == ({"react": 1}, 1)
+    rows = [(node, await report(client, "taps", node=node.id)) for node in info.journey.nodes]
+    table = output.show_journey_report(info, rows).splitlines()
+    assert table[1].split()[-1] == "WAITING" and table[2].split()[::len(table[2].split()) - 1] == ["react", "1"]
+    await client.call(api.StopJourney(id="taps"))
+    await until(lambda: _total(client, "taps", "exited", 2))
+    assert {j.journey.id: j.running for j in (await client.call(api.ListJourneys())).journeys} == {
+        "taps": 0, "welcome": 0}

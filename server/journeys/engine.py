@@ -38,7 +38,7 @@ import trio
 
 from protocols import api
 from server.channels import DeliveryJob
-from server.journeys import catalog, instances, pace, queue, reads
+from server.journeys import catalog, gauges, instances, pace, queue, reads
 from server.journeys.definition import duration_us
 from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter, hold
 from server.journeys.world import LiveWorld
@@ -231,6 +231,8 @@ class Journeys(Actor):
         if stored is None:  # durable now: a crash before the first cycle must not skip what comes after
             await store.write(_commit, [], {}, self.position, 0)
         for space in store.spaces():
+            if not gauges.built(space):  # a store from before the gauges: counted once
+                await space.write(gauges.build, instances.decode)
             self._index(space)
 
     def _index(self, space: Space) -> None:
