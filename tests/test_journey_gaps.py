@@ -136,3 +136,21 @@ async def test_the_instances_waiting_now_are_counted_per_version_and_node(shop: 
     await until(lambda: _total(client, "taps", "exited", 2))
     assert {j.journey.id: j.running for j in (await client.call(api.ListJourneys())).journeys} == {
         "taps": 0, "welcome": 0}
+
+
+async def test_a_closed_journey_is_finished_once_its_last_instance_ended(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert(TAPS, api.JourneySpec)))
+    await person(client, "crm:a", "tok-a")
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:a", type="go")]))
+    await until(lambda: _total(client, "taps", "entered", 1))
+    await client.call(api.CloseJourney(id="taps"))
+    await client.call(api.CloseJourney(id="welcome"))  # nobody in it: finished at once
+    await until(lambda: _state(client, "welcome", "finished"))
+    assert (await client.call(api.GetJourney(id="taps"))).state == "closed"  # a still waits
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:a", type="tap")]))
+    await until(lambda: _state(client, "taps", "finished"))
+
+
+async def _state(client: Any, journey: str, state: str) -> bool:
+    return (await client.call(api.GetJourney(id=journey))).state == state

@@ -67,6 +67,8 @@ IN_DELIVERY = 8
 _POSITION = b"journeys_position"
 #: How long the position may move in memory before it is stored, when nothing else is.
 _SAVE_POSITION_US = 1_000_000
+#: How often closed journeys are checked for their last instance (`Journeys._finish`).
+_FINISH_CHECK_US = 1_000_000
 _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 #: Exclusions the machine decides itself (the world counts those of its pushes).
 _MACHINE_EXCLUSIONS = ("FrequencyCapped", "QuietHours")
@@ -147,6 +149,7 @@ class Journeys(Actor):
         #: Triggers whose handling raised (a bug): dropped, their instance ended (`_guard`).
         self.quarantined = 0
         self._saved_us = 0
+        self._finish_checked_us = 0
         self._wake = trio.Event()
         self._live: dict[str, dict[str, Journey]] = {}  # sandbox -> id -> live version
         self._states: dict[str, dict[str, str]] = {}  # sandbox -> id -> lifecycle state
@@ -282,6 +285,9 @@ class Journeys(Actor):
             self._stale.discard(name)
             self._index(store.space(name))
         now = store.clock()
+        if now - self._finish_checked_us >= _FINISH_CHECK_US:
+            self._finish_checked_us = now
+            await self._finish()
         plans: dict[str, _Plan] = {}
         events, position = self._read_events()
         for pid, type_, data in events:
@@ -319,6 +325,23 @@ class Journeys(Actor):
                 await self._deliveries.acquire()
                 self._nursery.start_soon(self._deliver, plan.space, execution, jobs, keys_)
         return position
+
+    async def _finish(self) -> None:
+        """A closed journey with no instance running left (`server.journeys.gauges`) is
+        finished: the end of its lifecycle (`catalog`)."""
+        assert self.server is not None
+        for name, states in list(self._states.items()):
+            for id, state in list(states.items()):
+                space = self.server.store.space(name)
+                if state != "closed" or gauges.running(space, id):
+                    continue
+                try:
+                    await space.write(catalog.change_state, id, "finish")
+                except ServerError as exc:  # published or stopped meanwhile: not finished
+                    log.info("journey %s: not finished: %s", id, exc)
+                else:
+                    log.info("journey %s: finished (closed, and its last instance ended)", id)
+                self.changed(space)
 
     def _stop_instances(self, plans: dict[str, _Plan], now: int) -> int:
         """End the instances of the journeys stopped since the last cycle (`BATCH` at most;
