@@ -1424,6 +1424,11 @@ class JourneyInfo(Response):
     state: JourneyState
     #: The version profiles enter (the latest that is not a draft), if any.
     live_version: int | None = None
+    #: ``journeys.get`` and ``journeys.list``: this version's instances running now, by the
+    #: node where they are (nodes with none left out).
+    waiting: dict[str, int] = {}
+    #: ``journeys.get`` and ``journeys.list``: the instances running now, all versions.
+    running: int = 0
 
 
 class JourneyList(Response):

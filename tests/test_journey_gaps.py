@@ -9,6 +9,7 @@ import msgspec
 import trio
 
 from protocols import api
+from server.cli import output
 from server.journeys import engine
 
 from .test_journey_engine import person, pushed, shop  # noqa: F401 (fixtures)
@@ -66,3 +67,90 @@ async def test_a_trigger_that_raises_is_quarantined_and_the_others_go_on(shop: A
 
 async def _total(client: Any, journey: str, metric: str, count: int) -> bool:
     return (await report(client, journey)).totals.get(metric, 0) >= count
+
+
+async def test_a_paused_journey_holds_its_moves_applies_its_exits_and_queues_or_refuses_entries(
+        shop: Any, fcm: Any) -> None:
+    """While paused an event does not move an instance (no reaction), an exit event still takes
+    its profile out, and an entry is held (``paused_entries: queue``) and entered on resume, or
+    refused and counted (the default)."""
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert(
+        {**TAPS, "exit": [{"event": "quit"}], "paused_entries": "queue"}, api.JourneySpec)))
+    await client.call(api.PublishJourney(journey=msgspec.convert({**TAPS, "id": "refusing"}, api.JourneySpec)))
+    for name in ("a", "b", "e"):
+        await person(client, f"crm:{name}", f"tok-{name}")
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="go") for n in "ae"]))
+    await until(lambda: _total(client, "taps", "entered", 2))
+    for id in ("taps", "refusing"):
+        await client.call(api.PauseJourney(id=id))
+    await client.call(api.IngestEvents(events=[
+        api.Event(identity="crm:a", type="tap"), api.Event(identity="crm:e", type="quit"),
+        api.Event(identity="crm:b", type="go")]))
+    await until(lambda: _total(client, "refusing", "refused", 1))
+    await until(lambda: _total(client, "taps", "exited", 1))
+    assert (await report(client, "refusing")).reasons["refused"] == {"paused": 1}
+    taps = await report(client, "taps")
+    assert (taps.totals["entered"], taps.reasons["exited"], taps.totals.get("targeted")) == (2, {"exit": 1}, None)
+    await client.call(api.ResumeJourney(id="taps"))
+    await until(lambda: _total(client, "taps", "entered", 3))  # b, held, enters now
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:b", type="tap")]))
+    assert [token for token, _, _ in await pushed(fcm, 1)] == ["tok-b"]  # a's tap while paused moved nothing
+    a = await client.call(api.TraceJourney(id="taps", identity="crm:a"))
+    assert (a.outcome, a.node) == ("waiting", "react")
+
+
+async def test_entries_over_the_journeys_entry_rate_are_refused_and_counted(shop: Any, fcm: Any) -> None:
+    """``entry_rate`` caps the profiles entered a second whatever the entry: of five entry
+    events at once, a second's worth (2) enter, the others are refused (reason entry_rate)."""
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert({**TAPS, "entry_rate": 2}, api.JourneySpec)))
+    names = [f"r{n}" for n in range(5)]
+    for name in names:
+        await person(client, f"crm:{name}", f"tok-{name}")
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="go") for n in names]))
+    await until(lambda: _total(client, "taps", "refused", 3))
+    taps = await report(client, "taps")
+    assert (taps.totals["entered"], taps.reasons["refused"]) == (2, {"entry_rate": 3})
+
+
+async def test_the_instances_waiting_now_are_counted_per_version_and_node(shop: Any, fcm: Any) -> None:
+    """``journeys.get`` says how many instances wait at each node now (kept in the commit that
+    moves them), and ``pigeon journeys report`` shows it."""
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert(TAPS, api.JourneySpec)))
+    for name in ("a", "b"):
+        await person(client, f"crm:{name}", f"tok-{name}")
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="go") for n in "ab"]))
+    await until(lambda: _total(client, "taps", "entered", 2))
+    info = await client.call(api.GetJourney(id="taps"))
+    assert (info.waiting, info.running) == ({"react": 2}, 2)
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:a", type="tap")]))  # a: offer, then done
+    await until(lambda: _total(client, "taps", "exited", 1))
+    info = await client.call(api.GetJourney(id="taps"))
+    assert (info.waiting, info.running) == ({"react": 1}, 1)
+    rows = [(node, await report(client, "taps", node=node.id)) for node in info.journey.nodes]
+    table = output.show_journey_report(info, rows).splitlines()
+    assert table[1].split()[-1] == "WAITING" and table[2].split()[::len(table[2].split()) - 1] == ["react", "1"]
+    await client.call(api.StopJourney(id="taps"))
+    await until(lambda: _total(client, "taps", "exited", 2))
+    assert {j.journey.id: j.running for j in (await client.call(api.ListJourneys())).journeys} == {
+        "taps": 0, "welcome": 0}
+
+
+async def test_a_closed_journey_is_finished_once_its_last_instance_ended(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert(TAPS, api.JourneySpec)))
+    await person(client, "crm:a", "tok-a")
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:a", type="go")]))
+    await until(lambda: _total(client, "taps", "entered", 1))
+    await client.call(api.CloseJourney(id="taps"))
+    await client.call(api.CloseJourney(id="welcome"))  # nobody in it: finished at once
+    await until(lambda: _state(client, "welcome", "finished"))
+    assert (await client.call(api.GetJourney(id="taps"))).state == "closed"  # a still waits
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:a", type="tap")]))
+    await until(lambda: _state(client, "taps", "finished"))
+
+
+async def _state(client: Any, journey: str, state: str) -> bool:
+    return (await client.call(api.GetJourney(id=journey))).state == state

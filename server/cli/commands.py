@@ -303,10 +303,9 @@ def simulate_request(args: argparse.Namespace) -> api.SimulateJourney:
 async def journey_report(client: Client, args: argparse.Namespace) -> None:
     """``journeys report``: a journey's counts node by node, once or whenever they change."""
     window: Literal["live", "all_time"] = "live" if args.live else "all_time"
-    with trio.fail_after(args.timeout):
-        info = await client.call(api.GetJourney(id=args.id))
     while True:
         with trio.fail_after(args.timeout):
+            info = await client.call(api.GetJourney(id=args.id))  # its waiting instances now
             rows = [(node, await client.call(api.GetReport(journey=args.id, node=node.id, window=window)))
                     for node in info.journey.nodes]
         print(to_json({n.id: r for n, r in rows}) if args.json else show_journey_report(info, rows), flush=True)

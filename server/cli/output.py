@@ -273,8 +273,9 @@ _JOURNEY_COLUMNS = ("entered", "exited", "targeted", "excluded", "sent", "delive
 def show_journey_report(info: api.JourneyInfo, rows: list[tuple[api.JourneyNode, api.Report]]) -> str:
     """A journey's counts, a row per node, then why instances exited and pushes were excluded."""
     table_rows = [[node.id, type(node).__name__.removesuffix("Node").lower(),
-                   *(str(report.totals.get(c, 0)) for c in _JOURNEY_COLUMNS)] for node, report in rows]
-    out = [show_journey(info), table(table_rows, ["NODE", "TYPE", *(c.upper() for c in _JOURNEY_COLUMNS)])]
+                   *(str(report.totals.get(c, 0)) for c in _JOURNEY_COLUMNS), str(info.waiting.get(node.id, 0))]
+                  for node, report in rows]
+    out = [f"{show_journey(info)}; {info.running} running now", table(table_rows, ["NODE", "TYPE", *(c.upper() for c in _JOURNEY_COLUMNS), "WAITING"])]
     for node, report in rows:
         for metric in ("exited", "excluded", "failed"):
             reasons = report.reasons.get(metric)

@@ -62,6 +62,8 @@ TRANSITIONS: dict[str, tuple[frozenset[str], str]] = {
     "stop": (frozenset({"live", "paused", "closed", "finished"}), "stopped"),
     "pause": (frozenset({"live"}), "paused"),
     "resume": (frozenset({"paused"}), "live"),
+    #: The engine's, not a method's: a closed journey whose last instance ended.
+    "finish": (frozenset({"closed"}), "finished"),
 }
 
 
@@ -153,4 +155,4 @@ def change_state(w: Writer, id: str, verb: str) -> StateRecord:
     return state
 
 
-_PAST = {"close": "closed", "stop": "stopped", "pause": "paused", "resume": "resumed"}
+_PAST = {"close": "closed", "stop": "stopped", "pause": "paused", "resume": "resumed", "finish": "finished"}

@@ -15,6 +15,9 @@ event); reactions, exits and goals: the event's profile's own instances (one key
 Audience entries: the profiles that an event or the store's change feed says changed are
 evaluated against the sandbox's audience journeys (`server.journeys.audiences`); read
 audiences: pages of profiles at their rate (`server.journeys.reads`).
+A paused journey's instances do not move (its timers are held, an event applies only its
+exits and goal) and its entries are refused or held (`server.journeys.queue`) and entered
+when it resumes.
 
 Why one module of over 600 lines: a cycle's parts (events, timers, stops, moves, reads, the
 guard each trigger runs under) all fill the same `_Plan` that one commit stores, and each
@@ -36,9 +39,9 @@ import trio
 
 from protocols import api
 from server.channels import DeliveryJob
-from server.journeys import audiences, catalog, instances, reads
+from server.journeys import audiences, catalog, gauges, instances, pace, queue, reads
 from server.journeys.definition import duration_us
-from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter
+from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter, hold
 from server.journeys.world import LiveWorld
 from server.messages import outbox
 from server.messages.pipeline import Rules
@@ -69,6 +72,8 @@ _POSITION = b"journeys_position"
 _CHANGES = b"journeys_changes"
 #: How long the position may move in memory before it is stored, when nothing else is.
 _SAVE_POSITION_US = 1_000_000
+#: How often closed journeys are checked for their last instance (`Journeys._finish`).
+_FINISH_CHECK_US = 1_000_000
 _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 #: Exclusions the machine decides itself (the world counts those of its pushes).
 _MACHINE_EXCLUSIONS = ("FrequencyCapped", "QuietHours")
@@ -94,11 +99,22 @@ class _Plan:
     runs: list[tuple[str, reads.Run]] = field(default_factory=list)
     #: Audience memberships that changed: (profile id, journey, member now).
     members: list[tuple[bytes, str, bool]] = field(default_factory=list)
+    #: Entries held while their journey is paused (journey, `queue.encode` d entry), and the
+    #: held entries taken (journey, key, size).
+    queued: list[tuple[str, bytes]] = field(default_factory=list)
+    unqueued: list[tuple[str, bytes, int]] = field(default_factory=list)
+    traces: list[tuple[bytes, str, list[Step]]] = field(default_factory=list)
+    #: The instances ``saves`` holds so far, by profile and journey (`instances_of`).
+    latest: dict[bytes, dict[str, Instance]] = field(default_factory=dict)
+    indexed: int = 0
+    #: Timers whose trigger was quarantined with no instance to end: (wake µs, profile id, journey).
+    dropped_timers: list[tuple[int, bytes, str]] = field(default_factory=list)
 
     @property
     def busy(self) -> bool:
         """Whether the plan changes anything (more than the position)."""
-        return bool(self.saves or self.patches or self.jobs or self.counts or self.runs or self.members)
+        return bool(self.saves or self.patches or self.jobs or self.counts or self.runs or self.members
+                    or self.queued or self.unqueued)
 
     def members_of(self, pid: bytes) -> set[str]:
         """The profile's audience memberships as this cycle leaves them so far."""
@@ -107,22 +123,16 @@ class _Plan:
             if saved == pid:
                 (out.add if member else out.discard)(id)
         return out
-    traces: list[tuple[bytes, str, list[Step]]] = field(default_factory=list)
-    #: The instances ``saves`` holds so far, by profile and journey (`instances_of`).
-    latest: dict[bytes, dict[str, Instance]] = field(default_factory=dict)
-    indexed: int = 0
-    #: Timers whose trigger was quarantined with no instance to end: (wake µs, profile id, journey).
-    dropped_timers: list[tuple[int, bytes, str]] = field(default_factory=list)
 
     def mark(self) -> tuple[int, ...]:
         """Where the plan's lists are: a trigger's partial changes are what comes after."""
         return (len(self.saves), len(self.patches), len(self.pushes), len(self.jobs), len(self.traces),
-                len(self.runs), len(self.members))
+                len(self.runs), len(self.members), len(self.queued))
 
     def rollback(self, mark: tuple[int, ...]) -> None:
         """Drop what was added since ``mark`` (a quarantined trigger's partial changes)."""
         lists: tuple[list[Any], ...] = (self.saves, self.patches, self.pushes, self.jobs, self.traces, self.runs,
-                                        self.members)
+                                        self.members, self.queued)
         for items, length in zip(lists, mark):
             del items[length:]
         if self.indexed > len(self.saves):  # `latest` holds instances just dropped: built again
@@ -154,6 +164,7 @@ class Journeys(Actor):
         #: Triggers whose handling raised (a bug): dropped, their instance ended (`_guard`).
         self.quarantined = 0
         self._saved_us = 0
+        self._finish_checked_us = 0
         self._wake = trio.Event()
         self._live: dict[str, dict[str, Journey]] = {}  # sandbox -> id -> live version
         self._states: dict[str, dict[str, str]] = {}  # sandbox -> id -> lifecycle state
@@ -169,6 +180,8 @@ class Journeys(Actor):
         self.changes_position = 0
         self._compiled: dict[tuple[str, str, int], Journey] = {}
         self._stale: set[str] = set()  # sandboxes whose journeys changed
+        self._held: set[tuple[str, str]] = set()  # journeys holding entries (`server.journeys.queue`)
+        self._buckets: dict[tuple[str, str], pace.Bucket] = {}  # journeys with an entry_rate
         self._rules: tuple[tuple[Any, ...], Rules | None] = ((), None)
 
     @property
@@ -184,7 +197,7 @@ class Journeys(Actor):
 
     @property
     def live_journeys(self) -> int:
-        return sum(len(j) for j in self._live.values())
+        return sum(1 for states in self._states.values() for state in states.values() if state == "live")
 
     def events_committed(self, last_seq: int, count: int) -> None:
         """Called by ingestion after a commit; never blocks the caller."""
@@ -258,6 +271,8 @@ class Journeys(Actor):
         if stored is None:  # durable now: a crash before the first cycle must not skip what comes after
             await store.write(_commit, [], {}, (self.position, self.changes_position), 0)
         for space in store.spaces():
+            if not gauges.built(space):  # a store from before the gauges: counted once
+                await space.write(gauges.build, instances.decode)
             self._index(space)
 
     def _index(self, space: Space) -> None:
@@ -269,8 +284,10 @@ class Journeys(Actor):
             states[info.journey.id] = info.state
             if info.state == "stopped" and before.get(info.journey.id, "stopped") != "stopped":
                 self._to_stop.add((space.name, info.journey.id))
-            if info.state != "live" or info.live_version is None:
-                continue
+            if queue.tally(space, info.journey.id).count:
+                self._held.add((space.name, info.journey.id))
+            if info.state not in ("live", "paused") or info.live_version is None:
+                continue  # a paused journey's entries are refused or held: `_on_entry`
             old = self._live.get(space.name, {}).get(info.journey.id)
             journey = self._journey(space, info.journey.id, info.live_version)
             if (journey is not None and old is not None and old.version < journey.version
@@ -317,6 +334,9 @@ class Journeys(Actor):
             self._stale.discard(name)
             self._index(store.space(name))
         now = store.clock()
+        if now - self._finish_checked_us >= _FINISH_CHECK_US:
+            self._finish_checked_us = now
+            await self._finish()
         plans: dict[str, _Plan] = {}
         events, position = self._read_events()
         for pid, type_, data in events:
@@ -332,9 +352,10 @@ class Journeys(Actor):
             due, self._next_timers[space.name] = instances.due(space, now, BATCH)
             for wake, pid, journey in due:
                 plan = self._plan(plans, space)
-                self._guard(plan, "timer", pid, journey, now, lambda: self._on_timer(plan, pid, journey, wake, now), wake)
+                self._guard(plan, "timer", pid, journey, now, lambda: self._on_timer(plan, pid, journey, wake, now),
+                            wake)
                 fired += 1
-        fired += self._read_audiences(plans, now) + self._backfill(plans, now)
+        fired += self._read_audiences(plans, now) + self._backfill(plans, now) + self._drain_held(plans, now)
         if not events and not fired and position == self.position and changes == self.changes_position:
             return None
         if not any(plan.busy for plan in plans.values()) and now - self._saved_us < _SAVE_POSITION_US:
@@ -355,6 +376,23 @@ class Journeys(Actor):
                 await self._deliveries.acquire()
                 self._nursery.start_soon(self._deliver, plan.space, execution, jobs, keys_)
         return position
+
+    async def _finish(self) -> None:
+        """A closed journey with no instance running left (`server.journeys.gauges`) is
+        finished: the end of its lifecycle (`catalog`)."""
+        assert self.server is not None
+        for name, states in list(self._states.items()):
+            for id, state in list(states.items()):
+                space = self.server.store.space(name)
+                if state != "closed" or gauges.running(space, id):
+                    continue
+                try:
+                    await space.write(catalog.change_state, id, "finish")
+                except ServerError as exc:  # published or stopped meanwhile: not finished
+                    log.info("journey %s: not finished: %s", id, exc)
+                else:
+                    log.info("journey %s: finished (closed, and its last instance ended)", id)
+                self.changed(space)
 
     def _stop_instances(self, plans: dict[str, _Plan], now: int) -> int:
         """End the instances of the journeys stopped since the last cycle (`BATCH` at most;
@@ -416,12 +454,14 @@ class Journeys(Actor):
             space = self.server.store.space(name)
             for id in ids:
                 journey = self._live[name][id]
+                if self._states[name].get(id) == "paused":
+                    continue  # the read goes on when the journey resumes
                 entry = journey.spec.entry
                 run = reads.get_run(space, id) or reads.Run(next_us=int(entry.at.timestamp() * 1e6) if entry.at else now)
                 if run.next_us == 0 or now < run.next_us:
                     continue
                 run = msgspec.structs.replace(run, running=True)
-                limit = reads.allowance(run, entry.rate, now, BATCH - read)
+                limit = reads.allowance(run, min(entry.rate, journey.spec.entry_rate or entry.rate), now, BATCH - read)
                 page = reads.page(space, run, limit)
                 read += len(page)
                 plan = self._plan(plans, space)
@@ -481,10 +521,8 @@ class Journeys(Actor):
             plan.members.append((pid, id, member))
             if member != (journey.spec.entry.on == "enter") or not audiences.backfilled(space, journey, pid):
                 continue  # not a qualification (or the first read of who matched has not reached it)
-            if self._enters(journey, plan.instances_of(pid).get(id), profile, {}, now):
-                self.entered += 1
-                self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
-                              Happened("enter", type="audience"), now)
+            self._on_entry(plan, pid, profile, journey, plan.instances_of(pid).get(id),
+                           Happened("audience", type="audience"), now)
 
     def _backfill(self, plans: dict[str, _Plan], now: int) -> int:
         """Record who already matches the audience of an audience journey that went live (or
@@ -528,6 +566,81 @@ class Journeys(Actor):
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
                           Happened("enter", type="read"), now)
+
+    def _bucket(self, space: Space, journey: Journey, now: int) -> pace.Bucket | None:
+        """The journey's entry_rate bucket (None: no cap), made again when the rate changed."""
+        rate = journey.spec.entry_rate
+        if rate is None:
+            return None
+        bucket = self._buckets.get((space.name, journey.id))
+        if bucket is None or bucket.rate != rate:
+            bucket = self._buckets[(space.name, journey.id)] = pace.Bucket(rate, now)
+        return bucket
+
+    def _paced(self, space: Space, journey: Journey, now: int) -> bool:
+        """Whether the journey's entry_rate lets one more profile enter now (counted if so)."""
+        bucket = self._bucket(space, journey, now)
+        return bucket is None or bucket.take(now)
+
+    def _hold_entry(self, plan: _Plan, pid: bytes, journey: Journey, happened: Happened) -> None:
+        """An entry while its journey is paused: refused (counted, reason paused), or held
+        (``paused_entries: queue``) within the queue's bounds (`server.journeys.queue`)."""
+        where = (plan.space.name, "", 0, journey.id, journey.first, "", "", "refused")
+        if journey.spec.paused_entries != "queue":
+            plan.counts[(*where, "paused")] += 1
+            return
+        item = queue.encode(pid, happened.type, msgspec.msgpack.encode(happened.data))
+        held = queue.tally(plan.space, journey.id)
+        mine = [len(queued) for id, queued in plan.queued if id == journey.id]
+        if held.count + len(mine) >= queue.MAX_HELD or held.bytes + sum(mine) + len(item) > queue.MAX_HELD_BYTES:
+            plan.counts[(*where, "paused_queue_full")] += 1
+            return
+        plan.queued.append((journey.id, item))
+        self._held.add((plan.space.name, journey.id))
+
+    def _drain_held(self, plans: dict[str, _Plan], now: int) -> int:
+        """Enter the entries held while a journey was paused, now that it is live, in order, at
+        its pace (`BATCH` a cycle at most); those of a journey closed or stopped meanwhile are
+        refused (the reason: its state). Returns the entries taken."""
+        assert self.server is not None
+        taken = 0
+        for name, id in list(self._held):
+            state = self._states.get(name, {}).get(id, "gone")
+            if state == "paused":
+                continue
+            space = self.server.store.space(name)
+            journey = self._live.get(name, {}).get(id)
+            bucket = self._bucket(space, journey, now) if journey is not None and state == "live" else None
+            limit = min(BATCH - taken, bucket.available(now) if bucket is not None else BATCH)
+            if limit <= 0:
+                continue  # its pace: the rest in a later cycle
+            found = queue.take(space, id, limit)
+            if len(found) < limit:
+                self._held.discard((name, id))
+            plan = self._plan(plans, space)
+            for key, size, held in found:
+                plan.unqueued.append((id, key, size))
+                if state != "live" or journey is None:
+                    plan.counts[(name, "", 0, id, journey.first if journey else "", "", "", "refused", state)] += 1
+                else:
+                    self._guard(plan, "held entry", held.pid, id, now,
+                                lambda: self._enter_held(plan, journey, held, now))
+            taken += len(found)
+            if taken >= BATCH:
+                break
+        return taken
+
+    def _enter_held(self, plan: _Plan, journey: Journey, held: queue.Held, now: int) -> None:
+        """A held entry: its profile enters now if it still may."""
+        profile = _profile(plan.space, held.pid)
+        if profile is None:
+            return
+        try:
+            data = _data_decoder.decode(held.data)
+        except msgspec.DecodeError:
+            data = {}
+        self._on_entry(plan, held.pid, profile, journey, plan.instances_of(held.pid).get(journey.id),
+                       Happened("event", type=held.type, data=data), now)
 
     def _guard(self, plan: _Plan, what: str, pid: bytes, journey: str | None, now: int, run: Callable[[], None],
                wake: int = 0) -> None:
@@ -632,17 +745,25 @@ class Journeys(Actor):
     def _on_instance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                      happened: Happened, now: int) -> None:
         """What an event does to one running instance of its profile."""
-        if self._states.get(plan.space.name, {}).get(journey.id) == "stopped":
-            # a stop not carried out to it yet (a crash came first)
+        state = self._states.get(plan.space.name, {}).get(journey.id)
+        if state == "stopped":  # a stop not carried out to it yet (a crash came first)
             self._stopped(plan, pid, instance, instance.wake_us, now)
+        elif state == "paused":  # goals and exits only: it does not move
+            self._advance(plan, pid, profile, journey, instance, happened, now, how=hold)
         else:
             self._advance(plan, pid, profile, journey, instance, happened, now)
 
     def _on_entry(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, previous: Instance | None,
                   happened: Happened, now: int) -> None:
-        """An event of an entry's type: its profile enters if it may (``previous``: its
-        instance before the event)."""
+        """An event of an entry's type, or an audience's change: its profile enters if it may
+        (``previous``: its instance before), at the journey's pace."""
         if self._enters(journey, previous, profile, happened.data, now):
+            if self._states.get(plan.space.name, {}).get(journey.id) == "paused":
+                self._hold_entry(plan, pid, journey, happened)
+                return
+            if not self._paced(plan.space, journey, now):
+                plan.counts[(plan.space.name, "", 0, journey.id, journey.first, "", "", "refused", "entry_rate")] += 1
+                return
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, happened, now),
                           Happened("enter", type=happened.type), now)
@@ -699,14 +820,14 @@ class Journeys(Actor):
         plan.counts[(plan.space.name, "", 0, instance.journey, instance.node, "", "", "exited", "stopped")] += 1
 
     def _advance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
-                 happened: Happened, now: int) -> None:
+                 happened: Happened, now: int, how: Callable[..., tuple[Instance, list[Step]]] | None = None) -> None:
         assert self.server is not None
         world = LiveWorld(self.server, plan, pid, profile, journey)
         old_wake = instance.wake_us
         attributes = _attributes(profile)
         if self._audiences.get(plan.space.name):  # ``'vip' in profile.audiences``: those it matches
             attributes["audiences"] = sorted(plan.members_of(pid))
-        moved, steps = advance(journey, instance, happened, now, attributes, world)
+        moved, steps = (how or advance)(journey, instance, happened, now, attributes, world)
         self.steps += len(steps)
         plan.saves.append((pid, moved, old_wake))
         if journey.test and steps:
@@ -770,6 +891,7 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
             reads.put_run(w, id, run)
         for pid, id, member in plan.members:
             audiences.set_member(w, pid, id, member)
+        _commit_held(w, plan)
         for pid, journey, steps in plan.traces:
             instances.trace(w, pid, journey, steps)
         for key, job in zip(keys_, jobs):
@@ -782,6 +904,20 @@ def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[Delivery
     w.txn.put(_CHANGES, msgspec.msgpack.encode(changes), db=w.dbs["meta"])
     w.txn.put(b"watched", msgspec.msgpack.encode(sorted(w.store.watched)), db=w.dbs["meta"])  # read at open
     audiences.drop_changes(w, changes)
+
+
+def _commit_held(w: Writer, plan: _Plan) -> None:
+    """Store op step: the entries a paused journey holds now, and those entered or refused."""
+    added: dict[str, list[bytes]] = {}
+    for id, item in plan.queued:
+        added.setdefault(id, []).append(item)
+    for id, items in added.items():
+        queue.add(w, id, items)
+    taken: dict[str, list[tuple[bytes, int]]] = {}
+    for id, key, size in plan.unqueued:
+        taken.setdefault(id, []).append((key, size))
+    for id, keys_ in taken.items():
+        queue.remove(w, id, keys_)
 
 
 def _profile(space: Space, pid: bytes) -> ProfileRecord | None:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import msgspec
 import msgspec.structs
 
+from server.journeys import gauges
 from server.journeys.machine import Instance, Step
 from server.profiles.records import unversioned
 from server.profiles.sandboxes import Space
 from server.profiles.store import Writer
 
 __all__ = ["instance_key", "timer_key", "save", "instances_of", "of_journey", "due", "trace", "read_trace",
-           "MAX_TRACE"]
+           "MAX_TRACE", "decode"]
 
 _V1 = b"\x01"
 _encoder = msgspec.msgpack.Encoder()
@@ -43,13 +44,20 @@ def _decode(value: bytes) -> Instance:
     return _decoder.decode(memoryview(value)[1:])
 
 
+decode = _decode
+
+
 def save(w: Writer, pid: bytes, instance: Instance, old_wake_us: int) -> None:
-    """Store op step: the instance as it is now, its timer moved from ``old_wake_us``."""
+    """Store op step: the instance as it is now, its timer moved from ``old_wake_us``, and
+    the gauges of where it was and is (`server.journeys.gauges`: its stored record read here)."""
+    key = instance_key(pid, instance.journey)
+    old = w.txn.get(key, db=w.dbs["instances"])
+    gauges.moved(w, None if old is None else _decode(old), instance)
     if old_wake_us and old_wake_us != instance.wake_us:
         w.txn.delete(timer_key(old_wake_us, pid, instance.journey), db=w.dbs["timers"])
     if instance.wake_us and instance.wake_us != old_wake_us:
         w.txn.put(timer_key(instance.wake_us, pid, instance.journey), b"", db=w.dbs["timers"])
-    w.txn.put(instance_key(pid, instance.journey), _V1 + _encoder.encode(instance), db=w.dbs["instances"])
+    w.txn.put(key, _V1 + _encoder.encode(instance), db=w.dbs["instances"])
 
 
 #: Steps kept per test-mode instance.

@@ -28,7 +28,8 @@ from protocols import api
 from server.journeys.definition import duration_us
 from server.templates import Condition, TemplateError, compile_condition
 
-__all__ = ["Journey", "Instance", "Step", "World", "Happened", "enter", "advance", "TEST_WAIT_US"]
+__all__ = ["Journey", "Instance", "Step", "World", "Happened", "enter", "advance", "hold",
+           "TEST_WAIT_US"]
 
 #: In test mode a wait lasts at most this long.
 TEST_WAIT_US = 10_000_000
@@ -177,6 +178,23 @@ def advance(journey: Journey, instance: Instance, happened: Happened, at_us: int
     if target is None:
         return inst, steps  # still waiting (an event it does not react to)
     return _walk(journey, inst, target, at_us, profile, world, steps)
+
+
+def hold(journey: Journey, instance: Instance, happened: Happened, at_us: int, profile: dict[str, Any],
+         world: World) -> tuple[Instance, list[Step]]:
+    """What an event does to ``instance`` while its journey is paused: its goal and exit
+    criteria apply (a conversion is one whatever the journey's state; an exit event takes the
+    profile out), but it does not move (a reaction does not happen; the event is not kept)."""
+    steps: list[Step] = []
+    inst = msgspec.structs.replace(instance, pushes=dict(instance.pushes))
+    if inst.ended or happened.kind != "event":
+        return inst, steps
+    if _goal(journey, happened, profile, inst, at_us):
+        steps.append(Step(at_us=at_us, node=inst.node, kind="goal", detail=happened.type))
+    reason = _exit(journey, happened, profile, inst, at_us)
+    if reason is not None:
+        return _end(inst, steps, at_us, "exit", reason)
+    return inst, steps
 
 
 def _context(journey: Journey, inst: Instance, profile: dict[str, Any], at_us: int,

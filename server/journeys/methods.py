@@ -15,7 +15,7 @@ from protocols import api
 from server.api.registry import CallContext, Methods
 from server.channels import AppRecord
 from server.delivery.apps import get_app
-from server.journeys import catalog, definition, instances, simulator
+from server.journeys import catalog, definition, gauges, instances, simulator
 from server.journeys.machine import Journey
 from server.messages.catalog import get_version
 from server.messages.content import decode_message
@@ -58,12 +58,21 @@ async def publish_journey(server: Server, ctx: CallContext, req: api.PublishJour
 
 @methods(api.GetJourney, scope="admin")
 async def get_journey(server: Server, ctx: CallContext, req: api.GetJourney) -> api.JourneyInfo:
-    return catalog.get_journey(server.space(ctx), req.id, req.version)
+    space = server.space(ctx)
+    return _gauged(space, catalog.get_journey(space, req.id, req.version))
 
 
 @methods(api.ListJourneys, scope="admin")
 async def list_journeys(server: Server, ctx: CallContext, req: api.ListJourneys) -> api.JourneyList:
-    return api.JourneyList(journeys=catalog.list_journeys(server.space(ctx)))
+    space = server.space(ctx)
+    return api.JourneyList(journeys=[_gauged(space, info) for info in catalog.list_journeys(space)])
+
+
+def _gauged(space: Space, info: api.JourneyInfo) -> api.JourneyInfo:
+    """``info`` with the instances running now (`server.journeys.gauges`)."""
+    waiting = gauges.waiting(space, info.journey.id)
+    return msgspec.structs.replace(info, waiting=waiting.get(info.version, {}),
+                                   running=sum(sum(nodes.values()) for nodes in waiting.values()))
 
 
 async def _change(server: Server, ctx: CallContext, id: str, verb: str) -> api.JourneyInfo:

@@ -55,7 +55,8 @@ SHARED_DATABASES = ("meta", "events", "keys", "sandboxes", "changes")
 #: The databases each sandbox has its own of.
 SANDBOX_DATABASES = ("identities", "profiles", "tokens", "apps", "configs", "messages", "reports", "executions",
                      "outbox", "live", "uniques", "journeys", "journey_states", "instances", "timers", "push_log",
-                     "journey_runs", "journey_traces", "event_ids", "event_id_log", "audience_members")
+                     "journey_runs", "journey_traces", "event_ids", "event_id_log", "audience_members",
+                     "journey_queue", "journey_gauges")
 #: A sandbox name: lower case letters, digits and dashes, starting with a letter.
 NAME_PATTERN = r"^[a-z][a-z0-9-]{0,31}\Z"
 _NAME = re.compile(NAME_PATTERN)

@@ -62,7 +62,7 @@ __all__ = ["Reporting", "ReportEvent", "ReportKey", "add_counts", "store_counts"
 log = logging.getLogger("pigeon.reporting")
 
 METRICS = ("targeted", "excluded", "sent", "delivered", "failed", "bounced", "replayed", "received", "opened",
-           "unique_opened", "action", "dismissed", "entered", "exited", "goal")
+           "unique_opened", "action", "dismissed", "entered", "exited", "goal", "refused")
 
 
 def counted(tracking: dict[str, Any] | None) -> bool:
