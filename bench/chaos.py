@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import signal
 import tempfile
 import time
@@ -53,6 +52,7 @@ from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.errors import PigeonProtocolError
 from protocols.trio_client import open_client
+from bench import _crash
 from bench._journey_books import read_journey_folder
 from server.journeys import engine
 from server.messages.pipeline import BATCH, IN_FLIGHT
@@ -64,7 +64,6 @@ __all__ = ["chaos", "check_folder", "main"]
 
 APP = "com.acme.shop"
 ACCOUNT = ServiceAccount.generate("acme-chaos")
-_REPLAYING = re.compile(r"delivering (\d+) notifications again")
 #: Events per acknowledged batch, and writers ingesting at once.
 _BATCH_EVENTS = 50
 _WRITERS = 4
@@ -217,10 +216,6 @@ def _accepted_by_message(mock: MockFcmProcess) -> dict[str, Counter[str]]:
     return out
 
 
-def _replayed(log: list[str]) -> int:
-    return sum(int(m.group(1)) for line in log if (m := _REPLAYING.search(line)))
-
-
 def check_folder(folder: Path) -> list[str]:
     """What is inconsistent in a stopped server's data folder (nothing, normally)."""
     problems: list[str] = []
@@ -278,12 +273,12 @@ async def chaos(folder: Path, *, kills: int, profiles: int, seed: int, max_delay
                     server.start()
                 delivering = (lambda: mock.admin.stats()["successes"]) if round_ < in_delivery else None
                 delays.append(await _round(server, books, rng, round_, profiles, max_delay, delivering))
-                replays.append((_replayed(server.log), len(books.sends)))  # what this start replayed; sends so far
+                replays.append((_crash.replays(server.log), len(books.sends)))  # what this start replayed; sends so far
             server.start()
             await _settle(server.address, mock, books.sends, profiles)
             found = await _stored_events(server.address, sorted(books.events))
             reports = await _reports(server.address, books.sends)
-            replays.append((_replayed(server.log), len(books.sends)))
+            replays.append((_crash.replays(server.log), len(books.sends)))
             server.stop()
         finally:
             server.kill()

@@ -41,7 +41,8 @@ from typing import Any
 import msgspec
 import trio
 
-from bench._journey_books import accepted_by_node, left_at_kill, read_journey_folder, replays
+from bench._crash import replays
+from bench._journey_books import accepted_by_node, left_at_kill, read_journey_folder
 from bench.chaos import check_folder
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
