@@ -4,7 +4,6 @@ mock FCM: what `bench.journey_crash` and `bench.chaos` check."""
 from __future__ import annotations
 
 import json
-import re
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -16,9 +15,8 @@ from plugins.fcm.mock import MockFcmProcess
 from server.journeys.machine import Instance
 from server.profiles.records import decode_profile
 
-__all__ = ["left_at_kill", "read_journey_folder", "accepted_by_node", "replays"]
+__all__ = ["left_at_kill", "read_journey_folder", "accepted_by_node"]
 
-_REPLAYING = re.compile(r"delivering (\d+) notifications again")
 _instance = msgspec.msgpack.Decoder(Instance)
 
 
@@ -72,8 +70,3 @@ def accepted_by_node(mock: MockFcmProcess, journey: str) -> dict[str, Counter[st
         if tracking.get("j") == journey:
             out.setdefault(tracking.get("n", ""), Counter())[message["token"]] += 1
     return out
-
-
-def replays(log: list[str]) -> int:
-    """What a start delivered again, from its log."""
-    return sum(int(m.group(1)) for line in log if (m := _REPLAYING.search(line)))

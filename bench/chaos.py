@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
-import signal
 import tempfile
 import time
 from collections import Counter
@@ -53,6 +51,8 @@ from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.errors import PigeonProtocolError
 from protocols.trio_client import open_client
+from bench import _crash
+from bench._crash import fcm_and_server, register_tokens, sigkill, successes, wait_for_delivery
 from bench._journey_books import read_journey_folder
 from server.journeys import engine
 from server.messages.pipeline import BATCH, IN_FLIGHT
@@ -64,7 +64,6 @@ __all__ = ["chaos", "check_folder", "main"]
 
 APP = "com.acme.shop"
 ACCOUNT = ServiceAccount.generate("acme-chaos")
-_REPLAYING = re.compile(r"delivering (\d+) notifications again")
 #: Events per acknowledged batch, and writers ingesting at once.
 _BATCH_EVENTS = 50
 _WRITERS = 4
@@ -89,14 +88,7 @@ async def _setup(address: str, mock: MockFcmProcess, profiles: int) -> None:
         await client.call(api.PublishMessage(message=api.MessageSpec(
             id="greeting", channel="all", content=api.MessageContent(title="Welcome {{ profile.identities[0] }}"))))
         await client.call(api.PublishJourney(journey=msgspec.convert(GREET, api.JourneySpec)))
-
-        async def register(start: int) -> None:
-            for i in range(start, profiles, 20):
-                await client.call(api.RegisterToken(identity=f"crm:{i}", app=APP, platform="fcm", token=f"tok-{i}"))
-
-        async with trio.open_nursery() as nursery:
-            for start in range(20):
-                nursery.start_soon(register, start)
+        await register_tokens(client, APP, profiles)
 
 
 class _Books:
@@ -141,10 +133,10 @@ async def _campaign(address: str, books: _Books, message: str) -> None:
 
 
 async def _round(server: ServerProcess, books: _Books, rng: random.Random, round_: int, profiles: int,
-                 max_delay: float, delivering: Callable[[], int] | None) -> float:
-    """Load the server, kill it after a random delay (with ``delivering``, the provider's count
-    of accepted notifications: a random delay once the round's first notification arrived, so
-    that the kill falls in a delivery); the delay."""
+                 max_delay: float, delivering: MockFcmProcess | None) -> float:
+    """Load the server, kill it after a random delay (with ``delivering``, the provider: a
+    random delay once the round's first notification arrived, so that the kill falls in a
+    delivery); the delay."""
     delay = rng.uniform(0.2, max_delay) if delivering is None else rng.uniform(0.0, 0.3)
 
     async def quietly(fn: Callable[..., Any], *args: Any) -> None:
@@ -159,13 +151,9 @@ async def _round(server: ServerProcess, books: _Books, rng: random.Random, round
             nursery.start_soon(quietly, _writer, server.address, books, random.Random(rng.random()), round_ * 100 + w,
                                profiles)
         if delivering is not None:
-            before = await trio.to_thread.run_sync(delivering)
-            with trio.move_on_after(30):
-                while await trio.to_thread.run_sync(delivering) == before:
-                    await trio.sleep(0.01)
+            await wait_for_delivery(delivering, await trio.to_thread.run_sync(successes, delivering), 30)
         await trio.sleep(delay)
-        server.signal(signal.SIGKILL)
-        await trio.to_thread.run_sync(server.wait)
+        await sigkill(server)
         nursery.cancel_scope.cancel()
     return delay
 
@@ -183,7 +171,7 @@ async def _settle(address: str, mock: MockFcmProcess, messages: list[str], profi
             whole = all(t.get("targeted", 0) in (0, profiles) and t.get("sent", 0) + t.get("excluded", 0)
                         == t.get("targeted", 0) for t in reports.values())
             whole = whole and journey.get("sent", 0) + journey.get("excluded", 0) == journey.get("targeted", 0)
-            now = (await trio.to_thread.run_sync(lambda: mock.admin.stats()["successes"]), reports, journey)
+            now = (await trio.to_thread.run_sync(successes, mock), reports, journey)
             if whole and now == last:
                 return
             last = now if whole else None
@@ -215,10 +203,6 @@ def _accepted_by_message(mock: MockFcmProcess) -> dict[str, Counter[str]]:
         tracking = json.loads(message.get("data", {}).get("_p", "{}"))
         out.setdefault(tracking.get("m", ""), Counter())[message["token"]] += 1
     return out
-
-
-def _replayed(log: list[str]) -> int:
-    return sum(int(m.group(1)) for line in log if (m := _REPLAYING.search(line)))
 
 
 def check_folder(folder: Path) -> list[str]:
@@ -264,29 +248,20 @@ async def chaos(folder: Path, *, kills: int, profiles: int, seed: int, max_delay
     replays: list[tuple[int, int]] = []
     delays = []
     started = time.monotonic()
-    config = {"projects": {"acme-chaos": {"service_accounts": [ACCOUNT.spec()]}}}
-    with MockFcmProcess(folder / "fcm", config=config) as mock:
-        mock.admin.set_faults(accept_any_token=True, latency_ms=latency_ms)
-        env = {"PIGEON_FCM__URL": mock.url, "PIGEON_FCM__TOKEN_URI": mock.token_uri,
-               "PIGEON_FCM__CA_FILE": str(mock.ca_file)}
-        server = ServerProcess(folder / "data", env=env)
+    async with fcm_and_server(folder, ACCOUNT, "acme-chaos", latency_ms) as (mock, server):
+        await _setup(server.address, mock, profiles)
+        for round_ in range(kills):
+            if round_:
+                server.start()
+            delivering = mock if round_ < in_delivery else None
+            delays.append(await _round(server, books, rng, round_, profiles, max_delay, delivering))
+            replays.append((_crash.replays(server.log), len(books.sends)))  # what this start replayed; sends so far
         server.start()
-        try:
-            await _setup(server.address, mock, profiles)
-            for round_ in range(kills):
-                if round_:
-                    server.start()
-                delivering = (lambda: mock.admin.stats()["successes"]) if round_ < in_delivery else None
-                delays.append(await _round(server, books, rng, round_, profiles, max_delay, delivering))
-                replays.append((_replayed(server.log), len(books.sends)))  # what this start replayed; sends so far
-            server.start()
-            await _settle(server.address, mock, books.sends, profiles)
-            found = await _stored_events(server.address, sorted(books.events))
-            reports = await _reports(server.address, books.sends)
-            replays.append((_replayed(server.log), len(books.sends)))
-            server.stop()
-        finally:
-            server.kill()
+        await _settle(server.address, mock, books.sends, profiles)
+        found = await _stored_events(server.address, sorted(books.events))
+        reports = await _reports(server.address, books.sends)
+        replays.append((_crash.replays(server.log), len(books.sends)))
+        server.stop()
         accepted = _accepted_by_message(mock)
     journey_problems, journey = _judge_journey(books, reports.pop(f"journey:{JOURNEY}"),
                                                read_journey_folder(folder / "data", JOURNEY),

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import signal
 import tempfile
 import time
 from collections import Counter
@@ -41,7 +40,8 @@ from typing import Any
 import msgspec
 import trio
 
-from bench._journey_books import accepted_by_node, left_at_kill, read_journey_folder, replays
+from bench._crash import fcm_and_server, register_tokens, replays, sigkill, successes, wait_for_delivery
+from bench._journey_books import accepted_by_node, left_at_kill, read_journey_folder
 from bench.chaos import check_folder
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
@@ -77,14 +77,7 @@ async def _setup(address: str, mock: MockFcmProcess, profiles: int, wait_s: floa
             await client.call(api.PublishMessage(message=api.MessageSpec(
                 id=name, channel="push", content=api.MessageContent(title=title))))
         await client.call(api.PublishJourney(journey=msgspec.convert(flow(wait_s), api.JourneySpec)))
-
-        async def register(start: int) -> None:
-            for i in range(start, profiles, 20):
-                await client.call(api.RegisterToken(identity=f"crm:{i}", app=APP, platform="fcm", token=f"tok-{i}"))
-
-        async with trio.open_nursery() as nursery:
-            for start in range(20):
-                nursery.start_soon(register, start)
+        await register_tokens(client, APP, profiles)
 
 
 async def _sign_up(address: str, profiles: int, spread_s: float) -> None:
@@ -97,19 +90,6 @@ async def _sign_up(address: str, profiles: int, spread_s: float) -> None:
             result = await client.call(api.IngestEvents(events=[
                 api.Event(identity=f"crm:{i}", type="signup", data={"n": i}) for i in batch]))
             assert result.accepted == len(batch), result.rejected
-
-
-def _successes(mock: MockFcmProcess) -> int:
-    return int(mock.admin.stats()["successes"])
-
-
-async def _wait_for_delivery(mock: MockFcmProcess, beyond: int, timeout: float) -> bool:
-    """Wait until the provider accepted more than ``beyond`` (False: not within ``timeout``)."""
-    with trio.move_on_after(timeout):
-        while await trio.to_thread.run_sync(_successes, mock) <= beyond:
-            await trio.sleep(0.01)
-        return True
-    return False
 
 
 async def _reports(address: str) -> dict[str, api.Report]:
@@ -136,7 +116,7 @@ async def _settle(address: str, mock: MockFcmProcess, profiles: int, timeout: fl
             if ended is None and totals.get("exited", 0) >= profiles:
                 ended = time.monotonic() - started
             whole = ended is not None and totals.get("sent", 0) + totals.get("excluded", 0) == totals.get("targeted")
-            now = (await trio.to_thread.run_sync(_successes, mock), totals)
+            now = (await trio.to_thread.run_sync(successes, mock), totals)
             if whole and now == last:
                 break
             last = now if whole else None
@@ -147,13 +127,12 @@ async def _kill_after_delivery(server: ServerProcess, mock: MockFcmProcess, rng:
                                max_delay: float, timeout: float) -> dict[str, Any]:
     """Once the provider accepted more than ``beyond`` (or after ``timeout``), SIGKILL the
     server after a random delay; what it left (`left_at_kill`) and the provider's count then."""
-    delivering = await _wait_for_delivery(mock, beyond, timeout)
+    delivering = await wait_for_delivery(mock, beyond, timeout)
     delay = rng.uniform(0.0, max_delay)
     await trio.sleep(delay)
-    server.signal(signal.SIGKILL)
-    await trio.to_thread.run_sync(server.wait)
+    await sigkill(server)
     return {"delay_s": round(delay, 2), "after_a_delivery": delivering,
-            "provider_accepted": await trio.to_thread.run_sync(_successes, mock), **left_at_kill(server.data)}
+            "provider_accepted": await trio.to_thread.run_sync(successes, mock), **left_at_kill(server.data)}
 
 
 async def journey_crash(folder: Path, *, profiles: int, kills: int, seed: int, wait_s: float = 12.0,
@@ -164,31 +143,22 @@ async def journey_crash(folder: Path, *, profiles: int, kills: int, seed: int, w
     at_kills: list[dict[str, Any]] = []
     starts: list[dict[str, Any]] = []
     started = time.monotonic()
-    config = {"projects": {"acme-jcrash": {"service_accounts": [ACCOUNT.spec()]}}}
-    with MockFcmProcess(folder / "fcm", config=config) as mock:
-        mock.admin.set_faults(accept_any_token=True, latency_ms=latency_ms)
-        env = {"PIGEON_FCM__URL": mock.url, "PIGEON_FCM__TOKEN_URI": mock.token_uri,
-               "PIGEON_FCM__CA_FILE": str(mock.ca_file)}
-        server = ServerProcess(folder / "data", env=env)
-        server.start()
-        try:
-            await _setup(server.address, mock, profiles, wait_s)
-            await _sign_up(server.address, profiles, spread_s)
-            beyond = profiles  # the first kill once the offers reach the provider (the hellos came first)
-            for kill in range(kills):
-                timeout = wait_s + 60 if kill == 0 else 10
-                at_kills.append(await _kill_after_delivery(server, mock, rng, beyond, max_delay, timeout))
-                if kill:
-                    starts[-1]["replayed"] = replays(server.log)  # what the start before this kill delivered again
-                beyond = await trio.to_thread.run_sync(_successes, mock)
-                starts.append(await _restart(server, mock, beyond))
-            ended = await _settle(server.address, mock, profiles, timeout=120 + profiles / 100)
-            reports = await _reports(server.address)
-            server.stop()
-            if kills:
-                starts[-1]["replayed"] = replays(server.log)
-        finally:
-            server.kill()
+    async with fcm_and_server(folder, ACCOUNT, "acme-jcrash", latency_ms) as (mock, server):
+        await _setup(server.address, mock, profiles, wait_s)
+        await _sign_up(server.address, profiles, spread_s)
+        beyond = profiles  # the first kill once the offers reach the provider (the hellos came first)
+        for kill in range(kills):
+            timeout = wait_s + 60 if kill == 0 else 10
+            at_kills.append(await _kill_after_delivery(server, mock, rng, beyond, max_delay, timeout))
+            if kill:
+                starts[-1]["replayed"] = replays(server.log)  # what the start before this kill delivered again
+            beyond = await trio.to_thread.run_sync(successes, mock)
+            starts.append(await _restart(server, mock, beyond))
+        ended = await _settle(server.address, mock, profiles, timeout=120 + profiles / 100)
+        reports = await _reports(server.address)
+        server.stop()
+        if kills:
+            starts[-1]["replayed"] = replays(server.log)
         accepted = await trio.to_thread.run_sync(accepted_by_node, mock, JOURNEY)
     stored = read_journey_folder(folder / "data", JOURNEY)
     result = judge(profiles, stored, accepted, reports, at_kills, starts, check_folder(folder / "data"))
@@ -203,7 +173,7 @@ async def _restart(server: ServerProcess, mock: MockFcmProcess, before: int) -> 
     t0 = time.monotonic()
     await trio.to_thread.run_sync(server.start)
     ready = time.monotonic() - t0
-    delivered = await _wait_for_delivery(mock, before, 10)
+    delivered = await wait_for_delivery(mock, before, 10)
     return {"ready_s": round(ready, 2),
             "first_delivery_s": round(time.monotonic() - t0, 2) if delivered else None}
 

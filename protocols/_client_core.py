@@ -265,18 +265,9 @@ def route_events(
 class BatchBook:
     """The bookkeeping of an event batcher, shared by both clients; nothing here waits.
 
-    Attributes:
-        accepted: events acknowledged as durable.
-        rejected: ``(event, rejection)`` for each event the server refused.
-        failed: `BatchFailed` errors for batches whose call failed.
-        retried: batches sent again because the server shed them (RESOURCE_EXHAUSTED with a
-            retry hint: nothing of them was stored).
-        duplicates: events the server did not store because it had stored one with the same id
-            (`api.IngestResult.duplicates`).
-
-    An event added without an ``id`` gets a random one (`new_event_id`; with ``ids=False``,
-    none), so that a batch sent again (after a shed, or by the caller after a `BatchFailed`)
-    is stored once within the server's window.
+    It holds the batcher's results (``accepted``, ``rejected``, ``failed``, ``retried``,
+    ``duplicates``: what they are is told once, in `BatcherResults`) and gives an event added
+    without an ``id`` a random one (`new_event_id`; with ``ids=False``, none).
     """
 
     def __init__(self, *, batch_size: int, max_in_flight: int, linger: float, ids: bool = True) -> None:
@@ -362,28 +353,54 @@ MAX_RETRY_DELAY_S = 30.0
 
 
 class BatcherResults:
-    """The results of an event batcher, from its `BatchBook`."""
+    """What the event batchers of both clients (``EventBatcher``) share: their results, from
+    their `BatchBook`, and what they promise.
+
+    A batcher groups events into ``events.ingest`` calls and keeps several in flight. Use it
+    as an async context manager; ``add`` waits when ``max_in_flight`` batches are outstanding
+    (backpressure), a partial batch is sent after ``linger`` seconds, and leaving the block
+    sends the rest and waits for every acknowledgement. Leaving it with an exception cancels
+    the batches still in flight instead. With ``call_timeout``, a batch not acknowledged
+    within that many seconds fails with DEADLINE_EXCEEDED.
+
+    Each event added without an ``id`` gets a unique one (the time and 10 random bytes; an
+    event that has one keeps it; ``ids=False``: none), so that a batch sent again is stored
+    once within the server's window (``ingest.dedupe_window_s``, 24 hours by default). The
+    batcher does not reconnect: when a batch fails without an answer (a broken connection,
+    ``call_timeout``), its events may or may not be stored, and the caller may send
+    ``BatchFailed.events`` again, on a new connection, without storing any twice.
+    """
 
     _book: BatchBook
 
     @property
     def retried(self) -> int:
+        """Batches sent again because the server shed them: a RESOURCE_EXHAUSTED with a retry
+        hint stored nothing, so the batch waits for the hint (doubled at each refusal up to 8
+        times, with jitter, at most 30 s; within ``call_timeout``) and is sent again, holding
+        its place in ``max_in_flight`` meanwhile."""
         return self._book.retried
 
     @property
     def accepted(self) -> int:
+        """Events acknowledged as durable."""
         return self._book.accepted
 
     @property
     def duplicates(self) -> int:
+        """Events the server did not store because it had stored an event with the same id
+        within its window (``IngestResult.duplicates``)."""
         return self._book.duplicates
 
     @property
     def rejected(self) -> list[tuple[api.Event, api.Rejection]]:
+        """``(event, rejection)`` for each event the server refused, the event as sent (with its id)."""
         return self._book.rejected
 
     @property
     def failed(self) -> list[BatchFailed]:
+        """`BatchFailed` errors for batches whose call failed (leaving the block raises the
+        first of them)."""
         return self._book.failed
 
 

@@ -387,34 +387,9 @@ async def open_client(
 
 
 class EventBatcher(BatcherResults):
-    """Groups events into ``events.ingest`` calls and keeps several in flight.
-
-    Use it as an async context manager; `add` waits when ``max_in_flight`` batches are
-    outstanding (backpressure), a partial batch is sent after ``linger`` seconds, and leaving
-    the block sends the rest and waits for every acknowledgement. Leaving it with an
-    exception cancels the batches still in flight instead. With ``call_timeout``, a batch not
-    acknowledged within that many seconds fails with DEADLINE_EXCEEDED.
-
-    Attributes:
-        accepted: events acknowledged as durable.
-        rejected: ``(event, rejection)`` for each event the server refused, the event as sent
-            (with its id).
-        failed: `BatchFailed` errors for batches whose call failed (leaving the block raises
-            the first of them).
-        retried: batches sent again because the server shed them: a RESOURCE_EXHAUSTED with
-            a retry hint stored nothing, so the batch waits for the hint (doubled at each
-            refusal up to 8 times, with jitter, at most 30 s; within ``call_timeout``) and is
-            sent again, holding its place in ``max_in_flight`` meanwhile.
-        duplicates: events the server did not store because it had stored an event with the
-            same id within its window (``IngestResult.duplicates``).
-
-    Each event added without an ``id`` gets a unique one (the time and 10 random bytes; an
-    event that has one keeps it; ``ids=False``: none), so that a batch sent again is stored
-    once within the server's window (``ingest.dedupe_window_s``, 24 hours by default). The
-    batcher does not reconnect: when a batch fails without an answer (a broken connection,
-    ``call_timeout``), its events may or may not be stored, and the caller may send
-    ``BatchFailed.events`` again, on a new connection, without storing any twice.
-    """
+    """Groups events into ``events.ingest`` calls and keeps several in flight, on asyncio
+    (`Client.event_batcher`). What it does and promises, and its results, are told once for
+    both clients' batchers: `protocols._client_core.BatcherResults`."""
 
     def __init__(
         self, client: Client, *, batch_size: int, max_in_flight: int, linger: float, call_timeout: float | None = None,

@@ -326,6 +326,8 @@ async def test_a_cap_counts_the_deliveries_of_push_send_to_a_token_or_an_identit
     accepted = await admin(fcm, "accepted")
     assert sorted((a["token"], a["message"]["notification"]["title"]) for a in accepted) == [
         ("tok-free", "free, 20% off"), ("tok-id", "direct"), ("tok-tk", "direct")]
+
+
 async def test_two_entry_events_of_a_profile_in_one_cycle_enter_it_once(shop: Any, fcm: Any) -> None:
     """The engine takes the events of one cycle together: the second event of a profile must
     see the instance the first one made (not the stored instances only)."""

@@ -8,12 +8,12 @@ on each answer so that the send is still going when the server is killed."""
 
 from __future__ import annotations
 
-import re
 import signal
 import time
 
 import trio
 
+from bench._crash import redeliveries
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.errors import PigeonProtocolError
@@ -106,12 +106,11 @@ async def test_a_send_killed_midway_resumes_after_the_restart_with_bounded_dupli
     # At most the batches in flight (4 of 500 profiles) were staged and unsettled when the
     # server died; every one of those was delivered again, whether or not it had reached FCM.
     assert 0 <= duplicates <= replayed <= BATCH * IN_FLIGHT
-    assert (replayed > 0) == any("delivering" in line and "again" in line for line in server.log)
+    assert (replayed > 0) == bool(redeliveries(server.log))
 
 
 MANY = 20_000
 NO_TOKEN = 20  # every 20th profile has no token: excluded (NoTokenForApp)
-_REPLAYING = re.compile(r"delivering (\d+) notifications again")
 
 
 async def _accepted_reach(mock: MockFcmProcess, count: int) -> None:
@@ -123,7 +122,7 @@ async def _accepted_reach(mock: MockFcmProcess, count: int) -> None:
 async def _replaying(server: ServerProcess) -> int:
     """How many notifications the server, just started, delivers again (from its log)."""
     with trio.fail_after(10):
-        while not (found := [int(m.group(1)) for line in server.log if (m := _REPLAYING.search(line))]):
+        while not (found := redeliveries(server.log)):
             await trio.sleep(0.01)
     return found[0]
 
@@ -175,7 +174,7 @@ async def test_three_kills_during_a_send_keep_the_books_exact_and_the_duplicates
             server.kill()
             log += server.log
         accepted = [a["token"] for a in mock.admin.accepted()]
-    in_flight = [int(m.group(1)) for line in log if (m := _REPLAYING.search(line))]
+    in_flight = redeliveries(log)
     totals = report.totals
     replayed, duplicates = totals.get("replayed", 0), len(accepted) - len(tokens)
     print(f"three kills: {totals}, provider accepted {len(accepted)}, duplicates {duplicates}, "

@@ -465,7 +465,7 @@ async def recover(server: Server) -> None:
     found = [(space, *outbox.leftovers(space, running)) for space in store.spaces()]
     server.outbox_read.set()
     for space, staged, pending in found:
-        if staged:
+        if staged:  # the crash benches and tests read this line (bench._crash.REPLAYING)
             log.warning("delivering %d notifications again that were staged when the server stopped "
                         "(some may reach the provider twice)%s", len(staged), _in(space))
             # Keys are the execution, the batch and the index: a batch's entries are together.
