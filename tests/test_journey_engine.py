@@ -480,3 +480,22 @@ async def test_a_push_to_an_app_deleted_since_fails_at_its_node_and_the_journey_
             await trio.sleep(0.05)
     assert report.reasons["failed"] == {"CredentialsReplaced": 1}  # as messages.send's: "replaced or deleted"
     assert await admin(fcm, "accepted") == []
+
+
+async def test_an_exclusion_reads_the_same_in_a_live_trace_and_a_simulated_one(shop: Any, fcm: Any) -> None:
+    server, client = shop
+    flow = {"id": "quiet", "test": True, "entry": {"event": "quiet.start"},
+            "nodes": [{"type": "push", "id": "hello", "message": "hello", "next": "done"}, {"type": "end", "id": "done"}]}
+    await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec)))
+    await client.call(api.UpsertProfile(identity="crm:q", attributes={"name": "q", "testProfile": True}))
+    await client.call(api.RegisterToken(identity="crm:q", app=APP, platform="fcm", token="tok-q"))
+    await client.call(api.SetConsent(identity="crm:q", app=APP, push="out"))
+    await ingest(client, "crm:q", "quiet.start")
+    with trio.fail_after(10):
+        while (live := await trace(client, "quiet", "crm:q")) is None or live.outcome != "ended":
+            await trio.sleep(0.05)
+    simulated = await client.call(api.SimulateJourney(id="quiet", identity="crm:q", events=[
+        api.SimulatedEvent(at=live.steps[0].at, type="quiet.start")]))
+    assert [(s.kind, s.detail, s.excluded) for s in live.steps] == [
+        (s.kind, s.detail, s.excluded) for s in simulated.steps]
+    assert ("excluded", "no push (NoConsent)", "NoConsent") in [(s.kind, s.detail, s.excluded) for s in live.steps]

@@ -115,6 +115,11 @@ async def run_demo(data: str | None, profiles: int, out: Out = print) -> int:
     return 0
 
 
+def _settled_counts(totals: dict[str, int]) -> bool:
+    """Whether every notification targeted has its outcome (excluded, delivered or failed)."""
+    return totals.get("excluded", 0) + totals.get("sent", 0) >= totals.get("targeted", 0)
+
+
 async def _journey(client: Client, people: list[_Person], apns: MockApnsProcess, fcm: MockFcmProcess, out: Out) -> None:
     """A journey: entered on a sign-up event, a push, a reaction to its open (3 s), a reminder
     to those who did not open it, under quiet hours (set apart from now: the demo must not
@@ -143,6 +148,8 @@ async def _journey(client: Client, people: list[_Person], apns: MockApnsProcess,
     with trio.move_on_after(15):  # the reactions time out, the reminders go, everyone ends
         while (await client.call(api.GetReport(journey=JOURNEY))).totals.get("exited", 0) < len(people):
             await trio.sleep(0.1)
+        while not _settled_counts((await client.call(api.GetReport(journey=JOURNEY, node="reminder"))).totals):
+            await trio.sleep(0.1)  # the reminders staged as their instances ended are settled a moment later
     info = await client.call(api.GetJourney(id=JOURNEY))
     rows = [(node, await client.call(api.GetReport(journey=JOURNEY, node=node.id))) for node in info.journey.nodes]
     out(show_journey_report(info, rows))

@@ -65,7 +65,7 @@ class _World:
         platforms = {p for name in config.platforms for p in PLATFORMS[name]}
         active, reason = reachable(self.profile, config, set(config.apps), platforms)
         if reason is not None:
-            return f"no registration to push to ({reason})", reason
+            return f"no push ({reason})", reason
         if self.catalog.rules is not None:
             reason = self.catalog.rules.reason(self.profile, record.message, record.version, config, instance.event)
             if reason is not None:

@@ -50,9 +50,11 @@ class LiveWorld:
             return exc.message, "MessageGone"
         platforms = {p for name in config.platforms for p in PLATFORMS[name]}
         active, reason = reachable(self.profile, config, set(config.apps), platforms)
+        detail = f"no push ({reason})"
         rules = server.journeys.rules
         if reason is None and rules is not None:  # the plugins' rules, asked as a send asks them
             reason = rules.reason(self.profile, record.message, record.version, config, instance.event)
+            detail = f"excluded by a plugin's rule ({reason})"
         tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "n": node.id}
         head = envelope_key(tracking)
         if reason is None:
@@ -62,12 +64,12 @@ class LiveWorld:
             try:
                 rendered = to_delivery(record.message, server.catalog.compiled(space, record).render(context))
             except InvalidArgument as exc:
-                reason = exclusion(exc)
+                reason, detail = exclusion(exc), exc.message
         if reason is not None:
             if head is not None:
                 self.plan.counts[(space.name, *head, "", "", "targeted", "")] += 1
                 self.plan.counts[(space.name, *head, "", "", "excluded", reason)] += 1
-            return f"no push ({reason})", reason
+            return detail, reason  # the simulator's words for it too
         instance.pushes[node.id] = "pending"  # the cycle's execution id, set when staged
         for registration in active:
             app = get_app(space, registration.app) or AppRecord(app=registration.app, sandbox=space.name)
