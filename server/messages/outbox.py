@@ -123,10 +123,11 @@ def stage_batch(w: Writer, state: ExecutionRecord, entries: list[tuple[bytes, by
 
 
 def settle_batch(w: Writer, outcomes: Outcomes, execution: str, keys: list[bytes], counts: Counter[ReportKey],
-                 minute: int, delivered: Sequence[bytes] = ()) -> None:
+                 minute: int, delivered: Sequence[tuple[bytes, str]] = ()) -> None:
     """Store op: the batch delivered: out of the outbox, its outcomes added to the execution's
     counts, its report counts (``sent``, ``delivered``, ...) into the reports, and the profiles
-    ``delivered`` to (ids) into their push logs (frequency caps count them).
+    ``delivered`` to (ids, with the push: `pushlog.push_of`) into their push logs (frequency
+    caps count them).
 
     Only the batch's own outcomes are added: the cursor, and the counts of the profiles
     staged, are the staging's alone (a batch settled while the next one is being prepared
@@ -140,8 +141,8 @@ def settle_batch(w: Writer, outcomes: Outcomes, execution: str, keys: list[bytes
         outcomes.add_to(record.result)
         w.txn.put(key, _encoder.encode(record), db=w.dbs["executions"])
     store_counts(w, counts, minute)
-    for pid in delivered:
-        pushlog.log(w, pid, w.now, execution)
+    for pid, push in delivered:
+        pushlog.log(w, pid, w.now, push)
 
 
 def end_execution(w: Writer, execution: str) -> None:
@@ -230,7 +231,8 @@ async def _settle(server: Server, space: Space, execution: str, jobs: list[Deliv
         part.count(result)
     count_outcomes(counts, [jobs[i] for i, _ in chunk], [result for _, result in chunk])
     minute = server.reporting.minute()
-    delivered = [jobs[i].profile for i, result in chunk if result.status == "sent" and jobs[i].profile]
+    delivered = [(jobs[i].profile, pushlog.push_of(execution, jobs[i].tracking)) for i, result in chunk
+                 if result.status == "sent" and jobs[i].profile]
     await space.write(settle_batch, part, execution, [keys[i] for i, _ in chunk], counts, minute, delivered)
     server.reporting.counted(counts, minute)
     part.add_to_outcomes(outcomes)

@@ -1,7 +1,9 @@
 """The pushes delivered to each profile, which frequency caps count.
 
-Database ``push_log`` (each sandbox's): profile id (8) + µs (u64 BE) + what sent it (utf-8: a
-journey id, an execution of ``messages.send``, or ``push.send:`` and an id of the call) -> b"".
+Database ``push_log`` (each sandbox's): profile id (8) + µs (u64 BE) + the push (utf-8: a
+journey cycle's execution with the journey and node, an execution of ``messages.send``, or
+``push.send:`` and an id of the call: `push_of`) -> b"". A push counts once per profile,
+however many of its devices it reached and in however many commits they were settled.
 A delivery is logged when its result is settled (`server.messages.outbox.settle_batch`; for
 ``push.send``, by the delivery actor: `log_each`), whoever sent it, so a journey's cap counts
 every journey's pushes, ``messages.send`` 's and ``push.send`` 's alike (a push.send to a token
@@ -12,26 +14,45 @@ cap's period, a month) go as new ones come.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from server.profiles.sandboxes import Space
 from server.profiles.store import Writer
 
-__all__ = ["KEPT_US", "log", "log_each", "count_since"]
+__all__ = ["KEPT_US", "push_of", "log", "log_each", "count_since"]
 
 #: The longest a cap looks back (a month), and so what the log keeps.
 KEPT_US = 30 * 86_400_000_000
 
 
+def push_of(execution: str, tracking: dict[str, Any] | None) -> str:
+    """What a delivery is a push of: the execution, and for a journey's push its journey and
+    node (one cycle's execution carries the pushes of several nodes and journeys)."""
+    if tracking and tracking.get("n"):
+        return f"{execution}/{tracking.get('j', '')}/{tracking['n']}"
+    return execution
+
+
 def log(w: Writer, pid: bytes, at_us: int, sender: str) -> None:
-    """Store op step: a push delivered to the profile; its entries older than a month go."""
+    """Store op step: a push (``sender``) delivered to the profile, logged once however many
+    of its devices it reached, in however many commits; its entries older than a month go."""
     db = w.dbs["push_log"]
-    w.txn.put(pid + at_us.to_bytes(8, "big") + sender.encode(), b"", db=db)
+    tail = sender.encode()
+    cutoff = max(0, at_us - KEPT_US).to_bytes(8, "big")
     cursor = w.txn.cursor(db=db)
-    if cursor.set_range(pid):
-        limit = pid + max(0, at_us - KEPT_US).to_bytes(8, "big")
-        while cursor.key()[:8] == pid and cursor.key()[:16] < limit:
-            if not cursor.delete():
-                break
+    found = cursor.set_range(pid)
+    while found:
+        key = cursor.key()
+        if key[:8] != pid:
+            break
+        if key[8:16] < cutoff:
+            cursor.delete()  # and on to the next
+            found = bool(cursor.key())
+        elif key[16:] == tail:
+            return  # another device of the same push
+        else:
+            found = cursor.next()
+    w.txn.put(pid + at_us.to_bytes(8, "big") + tail, b"", db=db)
 
 
 def log_each(w: Writer, pids: Iterable[bytes], sender: str) -> None:
