@@ -154,3 +154,21 @@ async def test_a_closed_journey_is_finished_once_its_last_instance_ended(shop: A
 
 async def _state(client: Any, journey: str, state: str) -> bool:
     return (await client.call(api.GetJourney(id=journey))).state == state
+
+
+async def test_a_second_event_in_the_same_cycle_sees_the_update_the_first_made(shop: Any, fcm: Any) -> None:
+    """The engine takes a cycle's events together: the profile the second event's instance sees
+    must hold the update node's patch made on the first (not the stored profile only)."""
+    server, client = shop
+    flow = {"id": "marks", "entry": {"event": "go"}, "nodes": [
+        {"type": "update", "id": "mark", "patch": {"step": "one"}, "next": "react"},
+        {"type": "reaction", "id": "react", "event": "tap", "timeout": "1h", "next": "check"},
+        {"type": "condition", "id": "check", "branches": [{"when": "profile.step == 'one'", "next": "offer"}],
+         "otherwise": "done"},
+        {"type": "push", "id": "offer", "message": "offer", "next": "done"}, {"type": "end", "id": "done"}]}
+    await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec)))
+    await person(client, "crm:a", "tok-a")
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:a", type="go"),
+                                               api.Event(identity="crm:a", type="tap")]))
+    await until(lambda: _total(client, "marks", "exited", 1))
+    assert (await report(client, "marks", node="offer")).totals.get("targeted") == 1

@@ -108,6 +108,21 @@ class _Plan:
     indexed: int = 0
     #: Timers whose trigger was quarantined with no instance to end: (wake µs, profile id, journey).
     dropped_timers: list[tuple[int, bytes, str]] = field(default_factory=list)
+    #: The profiles read this cycle, with its ``patches`` (`profile`).
+    profiles: dict[bytes, ProfileRecord | None] = field(default_factory=dict)
+
+    def profile(self, pid: bytes, read: ProfileRecord | None = None) -> ProfileRecord | None:
+        """The profile as this cycle leaves it so far: stored (or ``read`` from a scan), with
+        the cycle's patches (an update node's patch made by a first event of the profile must
+        be seen by its second, in the same cycle). The update nodes patch the record returned."""
+        if pid not in self.profiles:
+            record = read if read is not None else _profile(self.space, pid)
+            if record is not None:
+                for patched, patch in self.patches:
+                    if patched == pid:
+                        record.attributes = merge_patch(record.attributes, patch)
+            self.profiles[pid] = record
+        return self.profiles[pid]
 
     def mark(self) -> tuple[int, ...]:
         """Where the plan's lists are: a trigger's partial changes are what comes after."""
@@ -118,6 +133,8 @@ class _Plan:
         """Drop what was added since ``mark`` (a quarantined trigger's partial changes)."""
         lists: tuple[list[Any], ...] = (self.saves, self.patches, self.pushes, self.jobs, self.traces, self.runs,
                                         self.queued)
+        for pid, _ in self.patches[mark[1]:]:  # its record holds a patch dropped: read again
+            self.profiles.pop(pid, None)
         for items, length in zip(lists, mark):
             del items[length:]
         if self.indexed > len(self.saves):  # `latest` holds instances just dropped: built again
@@ -425,7 +442,9 @@ class Journeys(Actor):
                 plan.runs.append((id, run))
         return read
 
-    def _read_one(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, now: int) -> None:
+    def _read_one(self, plan: _Plan, pid: bytes, read: ProfileRecord, journey: Journey, now: int) -> None:
+        profile = plan.profile(pid, read)
+        assert profile is not None
         if self._enters(journey, plan.instances_of(pid).get(journey.id), profile, {}, now):
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
@@ -496,7 +515,7 @@ class Journeys(Actor):
 
     def _enter_held(self, plan: _Plan, journey: Journey, held: queue.Held, now: int) -> None:
         """A held entry: its profile enters now if it still may."""
-        profile = _profile(plan.space, held.pid)
+        profile = plan.profile(held.pid)
         if profile is None:
             return
         try:
@@ -587,7 +606,7 @@ class Journeys(Actor):
         running = plan.instances_of(pid)
         if not entries and all(instance.ended for instance in running.values()):
             return  # nothing this event could enter or move: the profile is not read
-        profile = _profile(space, pid)
+        profile = plan.profile(pid)
         if profile is None:
             return
         try:
@@ -600,11 +619,12 @@ class Journeys(Actor):
             if journey is None or instance.ended:
                 continue
             self._guard(plan, f"event {type_}", pid, id, now,
-                        lambda: self._on_instance(plan, pid, profile, journey, instance, happened, now))
+                        lambda: self._on_instance(plan, pid, plan.profile(pid) or profile, journey, instance, happened,
+                                                  now))
         for id in entries:
             self._guard(plan, f"event {type_}", pid, id, now,
-                        lambda: self._on_entry(plan, pid, profile, self._live[space.name][id], running.get(id),
-                                               happened, now))
+                        lambda: self._on_entry(plan, pid, plan.profile(pid) or profile, self._live[space.name][id],
+                                               running.get(id), happened, now))
 
     def _on_instance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                      happened: Happened, now: int) -> None:
@@ -658,7 +678,7 @@ class Journeys(Actor):
     def _on_timer(self, plan: _Plan, pid: bytes, id: str, wake: int, now: int) -> None:
         space = plan.space
         instance = plan.instances_of(pid).get(id)
-        profile = _profile(space, pid)
+        profile = plan.profile(pid)
         if instance is None or instance.ended or instance.wake_us != wake or profile is None:
             if instance is not None and instance.wake_us != wake:
                 plan.saves.append((pid, instance, wake))  # a stale timer: its key goes
