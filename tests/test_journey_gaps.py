@@ -10,7 +10,7 @@ import trio
 
 from protocols import api
 from server.cli import output
-from server.journeys import engine
+from server.journeys import engine, instances
 
 from .test_journey_engine import fcm, person, pushed, shop  # noqa: F401 (fixtures)
 
@@ -172,3 +172,29 @@ async def test_a_second_event_in_the_same_cycle_sees_the_update_the_first_made(s
                                                api.Event(identity="crm:a", type="tap")]))
     await until(lambda: _total(client, "marks", "exited", 1))
     assert (await report(client, "marks", node="offer")).totals.get("targeted") == 1
+
+
+async def test_a_stop_over_many_cycles_goes_on_where_its_scan_was(shop: Any, fcm: Any, monkeypatch: Any) -> None:
+    """A stop ends `engine.BATCH` instances a cycle; each next cycle must scan on from the last
+    one ended, not from the first instance again (quadratic in the instances)."""
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert(TAPS, api.JourneySpec)))
+    names = [f"s{n}" for n in range(5)]
+    for name in names:
+        await person(client, f"crm:{name}", f"tok-{name}")
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="go") for n in names]))
+    await until(lambda: _total(client, "taps", "entered", 5))
+    scans: list[bytes | None] = []
+    real = instances.of_journey
+
+    def of_journey(space: Any, journey: str, limit: int, **kwargs: Any) -> Any:
+        if journey == "taps" and kwargs.get("before") is None:
+            scans.append(kwargs.get("after"))
+        return real(space, journey, limit, **kwargs)
+
+    monkeypatch.setattr(engine, "BATCH", 2)
+    monkeypatch.setattr(instances, "of_journey", of_journey)
+    await client.call(api.StopJourney(id="taps"))
+    await until(lambda: _total(client, "taps", "exited", 5))
+    assert (await report(client, "taps")).reasons["exited"] == {"stopped": 5}
+    assert len(scans) == 3 and scans[0] is None and None not in scans[1:] and scans[1] != scans[2]

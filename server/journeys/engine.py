@@ -171,6 +171,8 @@ class Journeys(Actor):
         self._live: dict[str, dict[str, Journey]] = {}  # sandbox -> id -> live version
         self._states: dict[str, dict[str, str]] = {}  # sandbox -> id -> lifecycle state
         self._to_stop: set[tuple[str, str]] = set()  # stopped journeys whose instances must end
+        #: Where each stop's scan of the instances is (the last profile id ended; None: from the start).
+        self._stop_after: dict[tuple[str, str], bytes | None] = {}
         #: Journeys whose waiting instances move to a new version, and where the scan is.
         self._to_move: dict[tuple[str, str], tuple[Journey, bytes | None]] = {}
         self._by_event: dict[str, dict[str, list[str]]] = {}  # sandbox -> event type -> ids
@@ -264,6 +266,7 @@ class Journeys(Actor):
             states[info.journey.id] = info.state
             if info.state == "stopped" and before.get(info.journey.id, "stopped") != "stopped":
                 self._to_stop.add((space.name, info.journey.id))
+                self._stop_after[(space.name, info.journey.id)] = None
             if queue.tally(space, info.journey.id).count:
                 self._held.add((space.name, info.journey.id))
             if info.state not in ("live", "paused") or info.live_version is None:
@@ -362,18 +365,21 @@ class Journeys(Actor):
 
     def _stop_instances(self, plans: dict[str, _Plan], now: int) -> int:
         """End the instances of the journeys stopped since the last cycle (`BATCH` at most;
-        the rest next cycle)."""
+        the rest next cycle, the scan going on where it was: from the start each cycle, a stop
+        of many instances rescanned those it had ended)."""
         assert self.server is not None
         ended = 0
         for name, id in list(self._to_stop):
             space = self.server.store.space(name)
-            found, rest = instances.of_journey(space, id, BATCH - ended)
+            found, rest = instances.of_journey(space, id, BATCH - ended, after=self._stop_after.get((name, id)))
             plan = self._plan(plans, space)
             for pid, instance in found:
                 self._guard(plan, "stop", pid, id, now, lambda: self._stop_one(plan, pid, instance, now))
             ended += len(found)
+            self._stop_after[(name, id)] = rest
             if rest is None:
                 self._to_stop.discard((name, id))
+                del self._stop_after[(name, id)]
             if ended >= BATCH:
                 break
         return ended
