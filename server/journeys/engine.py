@@ -67,8 +67,6 @@ IN_DELIVERY = 8
 _POSITION = b"journeys_position"
 #: How long the position may move in memory before it is stored, when nothing else is.
 _SAVE_POSITION_US = 1_000_000
-#: How often closed journeys are checked for their last instance (`Journeys._finish`).
-_FINISH_CHECK_US = 1_000_000
 _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 #: Exclusions the machine decides itself (the world counts those of its pushes).
 _MACHINE_EXCLUSIONS = ("FrequencyCapped", "QuietHours")
@@ -166,7 +164,9 @@ class Journeys(Actor):
         #: Triggers whose handling raised (a bug): dropped, their instance ended (`_guard`).
         self.quarantined = 0
         self._saved_us = 0
-        self._finish_checked_us = 0
+        #: Whether a closed journey may have no instance left (`_finish`): its state changed,
+        #: or a commit ended one of its instances.
+        self._finish_due = True
         self._wake = trio.Event()
         self._live: dict[str, dict[str, Journey]] = {}  # sandbox -> id -> live version
         self._states: dict[str, dict[str, str]] = {}  # sandbox -> id -> lifecycle state
@@ -281,6 +281,7 @@ class Journeys(Actor):
                 if journey.spec.entry.event is not None:
                     by_event.setdefault(journey.spec.entry.event, []).append(journey.id)
         self._live[space.name], self._states[space.name], self._by_event[space.name] = live, states, by_event
+        self._finish_due = True
         self._reads[space.name] = [id for id, journey in live.items() if journey.spec.entry.read]
 
     def _journey(self, space: Space, id: str, version: int) -> Journey | None:
@@ -305,8 +306,8 @@ class Journeys(Actor):
             self._stale.discard(name)
             self._index(store.space(name))
         now = store.clock()
-        if now - self._finish_checked_us >= _FINISH_CHECK_US:
-            self._finish_checked_us = now
+        if self._finish_due:
+            self._finish_due = False
             await self._finish()
         plans: dict[str, _Plan] = {}
         events, position = self._read_events()
@@ -337,6 +338,9 @@ class Journeys(Actor):
         minute = self.server.reporting.minute()
         await store.write(_commit, list(plans.values()), staged, position, minute)
         self.position, self._saved_us = position, now
+        self._finish_due = self._finish_due or any(
+            instance.ended and self._states.get(plan.space.name, {}).get(instance.journey) == "closed"
+            for plan in plans.values() for _, instance, _ in plan.saves)
         self.timers_fired += fired
         for plan in plans.values():
             self.server.reporting.counted(plan.counts, minute)
