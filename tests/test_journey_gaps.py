@@ -198,3 +198,22 @@ async def test_a_stop_over_many_cycles_goes_on_where_its_scan_was(shop: Any, fcm
     await until(lambda: _total(client, "taps", "exited", 5))
     assert (await report(client, "taps")).reasons["exited"] == {"stopped": 5}
     assert len(scans) == 3 and scans[0] is None and None not in scans[1:] and scans[1] != scans[2]
+
+
+async def test_a_journeys_counts_are_per_version(shop: Any, fcm: Any) -> None:
+    """Entries, exits and pushes count under the version of the instance (``journey_version``
+    of ``reports.get``); without it, every version's, under the journey's id."""
+    server, client = shop
+    for name in ("a", "b"):
+        await person(client, f"crm:{name}", f"tok-{name}")
+    for version, name in ((1, "a"), (2, "b")):
+        await client.call(api.PublishJourney(journey=msgspec.convert(TAPS, api.JourneySpec)))
+        await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{name}", type="go")]))
+        await until(lambda: _total(client, "taps", "entered", version))
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:b", type="tap")]))
+    await pushed(fcm, 1)
+    await until(lambda: _total(client, "taps", "delivered", 1))
+    one, two, both = [await report(client, "taps", journey_version=v) for v in (1, 2, None)]
+    assert (one.totals, two.totals.get("entered"), two.totals.get("delivered")) == ({"entered": 1}, 1, 1)
+    assert (both.totals["entered"], both.totals["delivered"], list(both.by_journey)) == (2, 1, ["taps"])
+    assert (await report(client, "taps", node="offer", journey_version=2)).totals["targeted"] == 1

@@ -48,7 +48,7 @@ from server.profiles.records import ProfileRecord, decode_event, decode_profile
 from server.profiles.sandboxes import Space, sandbox_of
 from server.profiles.store import Writer
 from server.profiles.writes import merge_patch
-from server.reports.reporting import ReportKey, count_targeted, store_counts
+from server.reports.reporting import ReportKey, count_targeted, journey_dimension, store_counts
 from server.runtime.actor import Actor
 from server.runtime.errors import ActorError, ResourceExhausted, ServerError
 from server.templates import TemplateError
@@ -478,7 +478,8 @@ class Journeys(Actor):
     def _hold_entry(self, plan: _Plan, pid: bytes, journey: Journey, happened: Happened) -> None:
         """An entry while its journey is paused: refused (counted, reason paused), or held
         (``paused_entries: queue``) within the queue's bounds (`server.journeys.queue`)."""
-        where = (plan.space.name, "", 0, journey.id, journey.first, "", "", "refused")
+        where = (plan.space.name, "", 0, journey_dimension(journey.id, journey.version), journey.first, "", "",
+                 "refused")
         if journey.spec.paused_entries != "queue":
             plan.counts[(*where, "paused")] += 1
             return
@@ -514,7 +515,8 @@ class Journeys(Actor):
             for key, size, held in found:
                 plan.unqueued.append((id, key, size))
                 if state != "live" or journey is None:
-                    plan.counts[(name, "", 0, id, journey.first if journey else "", "", "", "refused", state)] += 1
+                    where = (journey_dimension(id, journey.version), journey.first) if journey else (id, "")
+                    plan.counts[(name, "", 0, *where, "", "", "refused", state)] += 1
                 else:
                     self._guard(plan, "held entry", held.pid, id, now,
                                 lambda: self._enter_held(plan, journey, held, now))
@@ -570,7 +572,8 @@ class Journeys(Actor):
         if instance is not None and not instance.ended:
             ended = msgspec.structs.replace(instance, ended_us=now, reason="error", waiting="", wake_us=0)
             plan.saves.append((pid, ended, instance.wake_us))
-            plan.counts[(plan.space.name, "", 0, instance.journey, instance.node, "", "", "exited", "error")] += 1
+            plan.counts[(plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node,
+                         "", "", "exited", "error")] += 1
 
     def _plan(self, plans: dict[str, _Plan], space: Space) -> _Plan:
         plan = plans.get(space.name)
@@ -656,7 +659,8 @@ class Journeys(Actor):
                 self._hold_entry(plan, pid, journey, happened)
                 return
             if not self._paced(plan.space, journey, now):
-                plan.counts[(plan.space.name, "", 0, journey.id, journey.first, "", "", "refused", "entry_rate")] += 1
+                plan.counts[(plan.space.name, "", 0, journey_dimension(journey.id, journey.version), journey.first, "",
+                             "", "refused", "entry_rate")] += 1
                 return
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, happened, now),
@@ -711,7 +715,8 @@ class Journeys(Actor):
         stopped, counted as exited, as there)."""
         ended = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
         plan.saves.append((pid, ended, old_wake))
-        plan.counts[(plan.space.name, "", 0, instance.journey, instance.node, "", "", "exited", "stopped")] += 1
+        plan.counts[(plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node, "",
+                     "", "exited", "stopped")] += 1
 
     def _advance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                  happened: Happened, now: int, how: Callable[..., tuple[Instance, list[Step]]] | None = None) -> None:
@@ -723,7 +728,7 @@ class Journeys(Actor):
         plan.saves.append((pid, moved, old_wake))
         if journey.test and steps:
             plan.traces.append((pid, journey.id, steps))
-        where = (plan.space.name, "", 0, journey.id)
+        where = (plan.space.name, "", 0, journey_dimension(journey.id, journey.version))
         for step in steps:
             if step.kind == "enter":
                 plan.counts[(*where, step.node, "", "", "entered", "")] += 1
@@ -732,7 +737,8 @@ class Journeys(Actor):
             elif step.kind == "excluded" and step.push in _MACHINE_EXCLUSIONS:  # the world counted its own
                 node = journey.nodes[step.node]
                 assert isinstance(node, api.PushNode)
-                head = (plan.space.name, node.message, node.version or 0, journey.id, node.id)
+                head = (plan.space.name, node.message, node.version or 0, journey_dimension(journey.id, journey.version),
+                        node.id)
                 plan.counts[(*head, "", "", "targeted", "")] += 1
                 plan.counts[(*head, "", "", "excluded", step.push)] += 1
         if moved.ended:

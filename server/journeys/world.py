@@ -50,7 +50,8 @@ class LiveWorld:
             return exc.message, "MessageGone"
         platforms = {p for name in config.platforms for p in PLATFORMS[name]}
         active, reason = reachable(self.profile, config, set(config.apps), platforms)
-        tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "n": node.id}
+        tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "jv": self.journey.version,
+                    "n": node.id}
         head = envelope_key(tracking)
         if reason is None:
             context = Scope(context_for(attributes=self.profile.attributes, identities=self.profile.identities,
