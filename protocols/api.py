@@ -1113,6 +1113,9 @@ class GetReport(Request[Report], frozen=True):
     node: Name | None = None
     app: AppId | None = None
     platform: Platform | None = None
+    #: Only the counts of this version of the journey (counts from before versions were
+    #: counted have none).
+    journey_version: Version | None = None
     #: ``all_time`` (stored) or ``live`` (the last 24 hours, by minute).
     window: Literal["live", "all_time"] = "all_time"
 
@@ -1128,6 +1131,9 @@ class WatchReport(StreamRequest[Report], frozen=True):
     node: Name | None = None
     app: AppId | None = None
     platform: Platform | None = None
+    #: Only the counts of this version of the journey (counts from before versions were
+    #: counted have none).
+    journey_version: Version | None = None
     window: Literal["live", "all_time"] = "all_time"
     interval_s: Annotated[float, msgspec.Meta(ge=0.1, le=3600)] = 1.0
 

@@ -10,7 +10,7 @@ import trio
 
 from protocols import api
 from server.cli import output
-from server.journeys import engine
+from server.journeys import engine, instances
 
 from .test_journey_engine import person, pushed, shop  # noqa: F401 (fixtures)
 
@@ -154,3 +154,66 @@ async def test_a_closed_journey_is_finished_once_its_last_instance_ended(shop: A
 
 async def _state(client: Any, journey: str, state: str) -> bool:
     return (await client.call(api.GetJourney(id=journey))).state == state
+
+
+async def test_a_second_event_in_the_same_cycle_sees_the_update_the_first_made(shop: Any, fcm: Any) -> None:
+    """The engine takes a cycle's events together: the profile the second event's instance sees
+    must hold the update node's patch made on the first (not the stored profile only)."""
+    server, client = shop
+    flow = {"id": "marks", "entry": {"event": "go"}, "nodes": [
+        {"type": "update", "id": "mark", "patch": {"step": "one"}, "next": "react"},
+        {"type": "reaction", "id": "react", "event": "tap", "timeout": "1h", "next": "check"},
+        {"type": "condition", "id": "check", "branches": [{"when": "profile.step == 'one'", "next": "offer"}],
+         "otherwise": "done"},
+        {"type": "push", "id": "offer", "message": "offer", "next": "done"}, {"type": "end", "id": "done"}]}
+    await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec)))
+    await person(client, "crm:a", "tok-a")
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:a", type="go"),
+                                               api.Event(identity="crm:a", type="tap")]))
+    await until(lambda: _total(client, "marks", "exited", 1))
+    assert (await report(client, "marks", node="offer")).totals.get("targeted") == 1
+
+
+async def test_a_stop_over_many_cycles_goes_on_where_its_scan_was(shop: Any, fcm: Any, monkeypatch: Any) -> None:
+    """A stop ends `engine.BATCH` instances a cycle; each next cycle must scan on from the last
+    one ended, not from the first instance again (quadratic in the instances)."""
+    server, client = shop
+    await client.call(api.PublishJourney(journey=msgspec.convert(TAPS, api.JourneySpec)))
+    names = [f"s{n}" for n in range(5)]
+    for name in names:
+        await person(client, f"crm:{name}", f"tok-{name}")
+    await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{n}", type="go") for n in names]))
+    await until(lambda: _total(client, "taps", "entered", 5))
+    scans: list[bytes | None] = []
+    real = instances.of_journey
+
+    def of_journey(space: Any, journey: str, limit: int, **kwargs: Any) -> Any:
+        if journey == "taps" and kwargs.get("before") is None:
+            scans.append(kwargs.get("after"))
+        return real(space, journey, limit, **kwargs)
+
+    monkeypatch.setattr(engine, "BATCH", 2)
+    monkeypatch.setattr(instances, "of_journey", of_journey)
+    await client.call(api.StopJourney(id="taps"))
+    await until(lambda: _total(client, "taps", "exited", 5))
+    assert (await report(client, "taps")).reasons["exited"] == {"stopped": 5}
+    assert len(scans) == 3 and scans[0] is None and None not in scans[1:] and scans[1] != scans[2]
+
+
+async def test_a_journeys_counts_are_per_version(shop: Any, fcm: Any) -> None:
+    """Entries, exits and pushes count under the version of the instance (``journey_version``
+    of ``reports.get``); without it, every version's, under the journey's id."""
+    server, client = shop
+    for name in ("a", "b"):
+        await person(client, f"crm:{name}", f"tok-{name}")
+    for version, name in ((1, "a"), (2, "b")):
+        await client.call(api.PublishJourney(journey=msgspec.convert(TAPS, api.JourneySpec)))
+        await client.call(api.IngestEvents(events=[api.Event(identity=f"crm:{name}", type="go")]))
+        await until(lambda: _total(client, "taps", "entered", version))
+    await client.call(api.IngestEvents(events=[api.Event(identity="crm:b", type="tap")]))
+    await pushed(fcm, 1)
+    await until(lambda: _total(client, "taps", "delivered", 1))
+    one, two, both = [await report(client, "taps", journey_version=v) for v in (1, 2, None)]
+    assert (one.totals, two.totals.get("entered"), two.totals.get("delivered")) == ({"entered": 1}, 1, 1)
+    assert (both.totals["entered"], both.totals["delivered"], list(both.by_journey)) == (2, 1, ["taps"])
+    assert (await report(client, "taps", node="offer", journey_version=2)).totals["targeted"] == 1

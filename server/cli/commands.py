@@ -305,8 +305,9 @@ async def journey_report(client: Client, args: argparse.Namespace) -> None:
     window: Literal["live", "all_time"] = "live" if args.live else "all_time"
     while True:
         with trio.fail_after(args.timeout):
-            info = await client.call(api.GetJourney(id=args.id))  # its waiting instances now
-            rows = [(node, await client.call(api.GetReport(journey=args.id, node=node.id, window=window)))
+            info = await client.call(api.GetJourney(id=args.id, version=args.version))  # its waiting instances now
+            rows = [(node, await client.call(api.GetReport(journey=args.id, node=node.id, window=window,
+                                                           journey_version=args.version)))
                     for node in info.journey.nodes]
         print(to_json({n.id: r for n, r in rows}) if args.json else show_journey_report(info, rows), flush=True)
         if args.watch is None:

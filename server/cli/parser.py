@@ -384,6 +384,8 @@ def _journeys(tree: _Tree) -> None:
     p = tree.command(journeys, "report", "a journey's counts node by node: entered, exited (why), pushes and their "
                      "outcomes, opens, goals", commands.journey_report)
     p.add_argument("id")
+    p.add_argument("--version", type=int, help="that version's nodes, counts and waiting instances (default: the "
+                   "latest version's nodes, every version's counts)")
     p.add_argument("--live", action="store_true", help="the last 24 hours (default: all time)")
     p.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
                    help="print it again every SECONDS (default 2) until interrupted")

@@ -50,7 +50,7 @@ from server.profiles.records import ProfileRecord, decode_event, decode_profile
 from server.profiles.sandboxes import Space, sandbox_of
 from server.profiles.store import Writer
 from server.profiles.writes import merge_patch
-from server.reports.reporting import ReportKey, count_targeted, store_counts
+from server.reports.reporting import ReportKey, count_targeted, journey_dimension, store_counts
 from server.runtime.actor import Actor
 from server.runtime.errors import ActorError, ResourceExhausted, ServerError
 from server.templates import TemplateError
@@ -72,8 +72,6 @@ _POSITION = b"journeys_position"
 _CHANGES = b"journeys_changes"
 #: How long the position may move in memory before it is stored, when nothing else is.
 _SAVE_POSITION_US = 1_000_000
-#: How often closed journeys are checked for their last instance (`Journeys._finish`).
-_FINISH_CHECK_US = 1_000_000
 _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 #: Exclusions the machine decides itself (the world counts those of its pushes).
 _MACHINE_EXCLUSIONS = ("FrequencyCapped", "QuietHours")
@@ -109,6 +107,21 @@ class _Plan:
     indexed: int = 0
     #: Timers whose trigger was quarantined with no instance to end: (wake µs, profile id, journey).
     dropped_timers: list[tuple[int, bytes, str]] = field(default_factory=list)
+    #: The profiles read this cycle, with its ``patches`` (`profile`).
+    profiles: dict[bytes, ProfileRecord | None] = field(default_factory=dict)
+
+    def profile(self, pid: bytes, read: ProfileRecord | None = None) -> ProfileRecord | None:
+        """The profile as this cycle leaves it so far: stored (or ``read`` from a scan), with
+        the cycle's patches (an update node's patch made by a first event of the profile must
+        be seen by its second, in the same cycle). The update nodes patch the record returned."""
+        if pid not in self.profiles:
+            record = read if read is not None else _profile(self.space, pid)
+            if record is not None:
+                for patched, patch in self.patches:
+                    if patched == pid:
+                        record.attributes = merge_patch(record.attributes, patch)
+            self.profiles[pid] = record
+        return self.profiles[pid]
 
     @property
     def busy(self) -> bool:
@@ -133,6 +146,8 @@ class _Plan:
         """Drop what was added since ``mark`` (a quarantined trigger's partial changes)."""
         lists: tuple[list[Any], ...] = (self.saves, self.patches, self.pushes, self.jobs, self.traces, self.runs,
                                         self.members, self.queued)
+        for pid, _ in self.patches[mark[1]:]:  # its record holds a patch dropped: read again
+            self.profiles.pop(pid, None)
         for items, length in zip(lists, mark):
             del items[length:]
         if self.indexed > len(self.saves):  # `latest` holds instances just dropped: built again
@@ -164,11 +179,15 @@ class Journeys(Actor):
         #: Triggers whose handling raised (a bug): dropped, their instance ended (`_guard`).
         self.quarantined = 0
         self._saved_us = 0
-        self._finish_checked_us = 0
+        #: Whether a closed journey may have no instance left (`_finish`): its state changed,
+        #: or a commit ended one of its instances.
+        self._finish_due = True
         self._wake = trio.Event()
         self._live: dict[str, dict[str, Journey]] = {}  # sandbox -> id -> live version
         self._states: dict[str, dict[str, str]] = {}  # sandbox -> id -> lifecycle state
         self._to_stop: set[tuple[str, str]] = set()  # stopped journeys whose instances must end
+        #: Where each stop's scan of the instances is (the last profile id ended; None: from the start).
+        self._stop_after: dict[tuple[str, str], bytes | None] = {}
         #: Journeys whose waiting instances move to a new version, and where the scan is.
         self._to_move: dict[tuple[str, str], tuple[Journey, bytes | None]] = {}
         self._by_event: dict[str, dict[str, list[str]]] = {}  # sandbox -> event type -> ids
@@ -284,6 +303,7 @@ class Journeys(Actor):
             states[info.journey.id] = info.state
             if info.state == "stopped" and before.get(info.journey.id, "stopped") != "stopped":
                 self._to_stop.add((space.name, info.journey.id))
+                self._stop_after[(space.name, info.journey.id)] = None
             if queue.tally(space, info.journey.id).count:
                 self._held.add((space.name, info.journey.id))
             if info.state not in ("live", "paused") or info.live_version is None:
@@ -298,6 +318,7 @@ class Journeys(Actor):
                 if journey.spec.entry.event is not None:
                     by_event.setdefault(journey.spec.entry.event, []).append(journey.id)
         self._live[space.name], self._states[space.name], self._by_event[space.name] = live, states, by_event
+        self._finish_due = True
         self._reads[space.name] = [id for id, journey in live.items() if journey.spec.entry.read]
         audience = [id for id, journey in live.items() if journey.spec.entry.audience]
         if space.name in self._audiences:  # went live again since the last index: memberships are stale
@@ -334,8 +355,8 @@ class Journeys(Actor):
             self._stale.discard(name)
             self._index(store.space(name))
         now = store.clock()
-        if now - self._finish_checked_us >= _FINISH_CHECK_US:
-            self._finish_checked_us = now
+        if self._finish_due:
+            self._finish_due = False
             await self._finish()
         plans: dict[str, _Plan] = {}
         events, position = self._read_events()
@@ -368,6 +389,9 @@ class Journeys(Actor):
         minute = self.server.reporting.minute()
         await store.write(_commit, list(plans.values()), staged, (position, changes), minute)
         self.position, self.changes_position, self._saved_us = position, changes, now
+        self._finish_due = self._finish_due or any(
+            instance.ended and self._states.get(plan.space.name, {}).get(instance.journey) == "closed"
+            for plan in plans.values() for _, instance, _ in plan.saves)
         self.timers_fired += fired
         for plan in plans.values():
             self.server.reporting.counted(plan.counts, minute)
@@ -396,18 +420,21 @@ class Journeys(Actor):
 
     def _stop_instances(self, plans: dict[str, _Plan], now: int) -> int:
         """End the instances of the journeys stopped since the last cycle (`BATCH` at most;
-        the rest next cycle)."""
+        the rest next cycle, the scan going on where it was: from the start each cycle, a stop
+        of many instances rescanned those it had ended)."""
         assert self.server is not None
         ended = 0
         for name, id in list(self._to_stop):
             space = self.server.store.space(name)
-            found, rest = instances.of_journey(space, id, BATCH - ended)
+            found, rest = instances.of_journey(space, id, BATCH - ended, after=self._stop_after.get((name, id)))
             plan = self._plan(plans, space)
             for pid, instance in found:
                 self._guard(plan, "stop", pid, id, now, lambda: self._stop_one(plan, pid, instance, now))
             ended += len(found)
+            self._stop_after[(name, id)] = rest
             if rest is None:
                 self._to_stop.discard((name, id))
+                del self._stop_after[(name, id)]
             if ended >= BATCH:
                 break
         return ended
@@ -507,7 +534,7 @@ class Journeys(Actor):
                if types is None or audiences.counts_any(self._live[space.name][id], types)]
         if not ids:
             return
-        profile = _profile(space, pid)
+        profile = plan.profile(pid)
         members = plan.members_of(pid)
         if profile is None:  # deleted: it matches nothing now, and enters nothing
             plan.members.extend((pid, id, False) for id in members)
@@ -561,7 +588,9 @@ class Journeys(Actor):
         if member != (journey.id in plan.members_of(pid)):
             plan.members.append((pid, journey.id, member))
 
-    def _read_one(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, now: int) -> None:
+    def _read_one(self, plan: _Plan, pid: bytes, read: ProfileRecord, journey: Journey, now: int) -> None:
+        profile = plan.profile(pid, read)
+        assert profile is not None
         if self._enters(journey, plan.instances_of(pid).get(journey.id), profile, {}, now):
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, Happened("enter"), now),
@@ -585,7 +614,8 @@ class Journeys(Actor):
     def _hold_entry(self, plan: _Plan, pid: bytes, journey: Journey, happened: Happened) -> None:
         """An entry while its journey is paused: refused (counted, reason paused), or held
         (``paused_entries: queue``) within the queue's bounds (`server.journeys.queue`)."""
-        where = (plan.space.name, "", 0, journey.id, journey.first, "", "", "refused")
+        where = (plan.space.name, "", 0, journey_dimension(journey.id, journey.version), journey.first, "", "",
+                 "refused")
         if journey.spec.paused_entries != "queue":
             plan.counts[(*where, "paused")] += 1
             return
@@ -621,7 +651,8 @@ class Journeys(Actor):
             for key, size, held in found:
                 plan.unqueued.append((id, key, size))
                 if state != "live" or journey is None:
-                    plan.counts[(name, "", 0, id, journey.first if journey else "", "", "", "refused", state)] += 1
+                    where = (journey_dimension(id, journey.version), journey.first) if journey else (id, "")
+                    plan.counts[(name, "", 0, *where, "", "", "refused", state)] += 1
                 else:
                     self._guard(plan, "held entry", held.pid, id, now,
                                 lambda: self._enter_held(plan, journey, held, now))
@@ -632,7 +663,7 @@ class Journeys(Actor):
 
     def _enter_held(self, plan: _Plan, journey: Journey, held: queue.Held, now: int) -> None:
         """A held entry: its profile enters now if it still may."""
-        profile = _profile(plan.space, held.pid)
+        profile = plan.profile(held.pid)
         if profile is None:
             return
         try:
@@ -677,7 +708,8 @@ class Journeys(Actor):
         if instance is not None and not instance.ended:
             ended = msgspec.structs.replace(instance, ended_us=now, reason="error", waiting="", wake_us=0)
             plan.saves.append((pid, ended, instance.wake_us))
-            plan.counts[(plan.space.name, "", 0, instance.journey, instance.node, "", "", "exited", "error")] += 1
+            plan.counts[(plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node,
+                         "", "", "exited", "error")] += 1
 
     def _plan(self, plans: dict[str, _Plan], space: Space) -> _Plan:
         plan = plans.get(space.name)
@@ -723,7 +755,7 @@ class Journeys(Actor):
         running = plan.instances_of(pid)
         if not entries and all(instance.ended for instance in running.values()):
             return  # nothing this event could enter or move: the profile is not read
-        profile = _profile(space, pid)
+        profile = plan.profile(pid)
         if profile is None:
             return
         try:
@@ -736,11 +768,12 @@ class Journeys(Actor):
             if journey is None or instance.ended:
                 continue
             self._guard(plan, f"event {type_}", pid, id, now,
-                        lambda: self._on_instance(plan, pid, profile, journey, instance, happened, now))
+                        lambda: self._on_instance(plan, pid, plan.profile(pid) or profile, journey, instance, happened,
+                                                  now))
         for id in entries:
             self._guard(plan, f"event {type_}", pid, id, now,
-                        lambda: self._on_entry(plan, pid, profile, self._live[space.name][id], running.get(id),
-                                               happened, now))
+                        lambda: self._on_entry(plan, pid, plan.profile(pid) or profile, self._live[space.name][id],
+                                               running.get(id), happened, now))
 
     def _on_instance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                      happened: Happened, now: int) -> None:
@@ -762,7 +795,8 @@ class Journeys(Actor):
                 self._hold_entry(plan, pid, journey, happened)
                 return
             if not self._paced(plan.space, journey, now):
-                plan.counts[(plan.space.name, "", 0, journey.id, journey.first, "", "", "refused", "entry_rate")] += 1
+                plan.counts[(plan.space.name, "", 0, journey_dimension(journey.id, journey.version), journey.first, "",
+                             "", "refused", "entry_rate")] += 1
                 return
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, happened, now),
@@ -794,7 +828,7 @@ class Journeys(Actor):
     def _on_timer(self, plan: _Plan, pid: bytes, id: str, wake: int, now: int) -> None:
         space = plan.space
         instance = plan.instances_of(pid).get(id)
-        profile = _profile(space, pid)
+        profile = plan.profile(pid)
         if instance is None or instance.ended or instance.wake_us != wake or profile is None:
             if instance is not None and instance.wake_us != wake:
                 plan.saves.append((pid, instance, wake))  # a stale timer: its key goes
@@ -817,7 +851,8 @@ class Journeys(Actor):
         stopped, counted as exited, as there)."""
         ended = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
         plan.saves.append((pid, ended, old_wake))
-        plan.counts[(plan.space.name, "", 0, instance.journey, instance.node, "", "", "exited", "stopped")] += 1
+        plan.counts[(plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node, "",
+                     "", "exited", "stopped")] += 1
 
     def _advance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                  happened: Happened, now: int, how: Callable[..., tuple[Instance, list[Step]]] | None = None) -> None:
@@ -832,7 +867,7 @@ class Journeys(Actor):
         plan.saves.append((pid, moved, old_wake))
         if journey.test and steps:
             plan.traces.append((pid, journey.id, steps))
-        where = (plan.space.name, "", 0, journey.id)
+        where = (plan.space.name, "", 0, journey_dimension(journey.id, journey.version))
         for step in steps:
             if step.kind == "enter":
                 plan.counts[(*where, step.node, "", "", "entered", "")] += 1
@@ -841,7 +876,8 @@ class Journeys(Actor):
             elif step.kind == "excluded" and step.push in _MACHINE_EXCLUSIONS:  # the world counted its own
                 node = journey.nodes[step.node]
                 assert isinstance(node, api.PushNode)
-                head = (plan.space.name, node.message, node.version or 0, journey.id, node.id)
+                head = (plan.space.name, node.message, node.version or 0, journey_dimension(journey.id, journey.version),
+                        node.id)
                 plan.counts[(*head, "", "", "targeted", "")] += 1
                 plan.counts[(*head, "", "", "excluded", step.push)] += 1
         if moved.ended:

@@ -55,7 +55,8 @@ class LiveWorld:
         if reason is None and rules is not None:  # the plugins' rules, asked as a send asks them
             reason = rules.reason(self.profile, record.message, record.version, config, instance.event)
             detail = f"excluded by a plugin's rule ({reason})"
-        tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "n": node.id}
+        tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "jv": self.journey.version,
+                    "n": node.id}
         head = envelope_key(tracking)
         if reason is None:
             context = Scope(context_for(attributes=self.profile.attributes, identities=self.profile.identities,

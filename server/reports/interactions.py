@@ -15,7 +15,7 @@ import msgspec
 
 from protocols import api
 from server.profiles.store import InEvent
-from server.reports.reporting import ReportEvent, counted
+from server.reports.reporting import ReportEvent, counted, journey_dimension
 
 __all__ = ["INTERACTIONS", "push_interactions"]
 
@@ -66,7 +66,7 @@ def push_interactions(events: list[InEvent], sandbox: str = "default") -> list[R
             sandbox=sandbox,
             message=tracking["m"],
             version=version if isinstance(version, int) else 0,
-            journey=str(tracking.get("j", "")),
+            journey=journey_dimension(str(tracking.get("j", "")), tracking.get("jv")),
             node=str(tracking.get("n", "")),
             app=str(data.get("app", "")),
             platform=str(data.get("platform", "")),

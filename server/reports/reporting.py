@@ -57,7 +57,7 @@ if TYPE_CHECKING:
     from server.profiles.store import ProfileStore, Writer
 
 __all__ = ["Reporting", "ReportEvent", "ReportKey", "add_counts", "store_counts", "METRICS", "counted",
-           "envelope_key", "count_targeted", "count_outcomes"]
+           "envelope_key", "count_targeted", "count_outcomes", "journey_dimension", "split_journey"]
 
 log = logging.getLogger("pigeon.reporting")
 
@@ -70,15 +70,28 @@ def counted(tracking: dict[str, Any] | None) -> bool:
     return not (tracking and tracking.get("t"))
 
 
+def journey_dimension(journey: str, version: Any) -> str:
+    """A report key's journey: the journey's id, then ``#`` and its version when known (a name
+    has no ``#``). So counts are per journey version with no tenth dimension, and a key from
+    before (or of no journey) is the id alone, version 0; `split_journey` undoes it."""
+    return f"{journey}#{version}" if journey and isinstance(version, int) and version > 0 else journey
+
+
+def split_journey(dimension: str) -> tuple[str, int]:
+    """A report key's journey and its version (0: unknown)."""
+    journey, _, version = dimension.partition("#")
+    return journey, int(version) if version.isdigit() else 0
+
+
 def envelope_key(tracking: dict[str, Any] | None) -> tuple[str, int, str, str] | None:
-    """The message, version, journey and node a notification with this envelope is counted
-    under (None: not counted, a test send's)."""
+    """The message, version, journey (`journey_dimension`: with the envelope's ``jv``) and node
+    a notification with this envelope is counted under (None: not counted, a test send's)."""
     if not counted(tracking):
         return None
     tracking = tracking or {}
     version = tracking.get("v", 0)
-    return (str(tracking.get("m", "")), version if isinstance(version, int) else 0, str(tracking.get("j", "")),
-            str(tracking.get("n", "")))
+    return (str(tracking.get("m", "")), version if isinstance(version, int) else 0,
+            journey_dimension(str(tracking.get("j", "")), tracking.get("jv")), str(tracking.get("n", "")))
 
 
 class ReportEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -343,14 +356,16 @@ class Reporting(Actor):
 
     def report(self, query: api.GetReport | api.WatchReport, sandbox: str = "default") -> api.Report:
         """The counts of ``sandbox`` that match the query's filters, totalled and grouped."""
-        filters = [(i, value) for i, value in enumerate((sandbox, query.message, query.version, query.journey,
+        filters = [(i, value) for i, value in enumerate((sandbox, query.message, query.version, None,
                                                           query.node, query.app, query.platform)) if value is not None]
+        journeys = query.journey, query.journey_version
 
         def add(counts: Counter[ReportKey]) -> None:
             for key, n in counts.items():
-                if any(key[i] != value for i, value in filters):
+                if any(key[i] != value for i, value in filters) or not _journey_matches(key[3], *journeys):
                     continue
-                _, _, _, journey, _, app, platform, outcome, reason = key
+                _, _, _, dimension, _, app, platform, outcome, reason = key
+                journey = split_journey(dimension)[0]
                 out.totals[outcome] = out.totals.get(outcome, 0) + n
                 if reason:
                     per = out.reasons.setdefault(outcome, {})
@@ -384,3 +399,12 @@ class Reporting(Actor):
             if reason:
                 reasons[f"{outcome}:{reason}"] = n
         return {"outcomes": dict(totals), "reasons": reasons}
+
+
+def _journey_matches(dimension: str, journey: str | None, version: int | None) -> bool:
+    """Whether a key's journey (`journey_dimension`) passes the ``journey`` and
+    ``journey_version`` filters."""
+    if journey is None and version is None:
+        return True
+    id, of = split_journey(dimension)
+    return (journey is None or id == journey) and (version is None or of == version)
