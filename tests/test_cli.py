@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -123,6 +124,8 @@ def test_health_and_stats(server_process):
     r = pigeon(server_process.address, "stats")
     assert r.returncode == 0
     assert "ACTOR" in r.stdout and "store" in r.stdout and "listener" in r.stdout
+    assert re.search(r"journeys: 0 live, 0 entered, 0 steps, 0 timers fired, 0 quarantined; event log read to \d+ of "
+                     r"\d+", r.stdout), r.stdout
     stats = json.loads(pigeon(server_process.address, "stats", "--json").stdout)
     assert {a["name"] for a in stats["actors"]} >= {"store", "ingestion", "journeys", "delivery", "reporting", "listener"}
 

@@ -107,6 +107,12 @@ def show_stats(s: api.Stats) -> str:
         f"{s.store.events} events; {s.store.used_bytes / 2**20:.1f} of {s.store.map_size / 2**20:.0f} MiB map; "
         f"{s.store.commits} commits for {s.store.writes} writes",
     ]
+    journeys = next((a.details for a in s.actors if a.name == "journeys" and a.details), None)
+    if journeys is not None:
+        out.append(f"journeys: {journeys.get('live_journeys', 0)} live, {journeys.get('entered', 0)} entered, "
+                   f"{journeys.get('steps', 0)} steps, {journeys.get('timers_fired', 0)} timers fired, "
+                   f"{journeys.get('quarantined', 0)} quarantined; event log read to {journeys.get('position', 0)} "
+                   f"of {journeys.get('log_end', 0)}")
     if s.methods:
         out += [
             "",
