@@ -175,3 +175,49 @@ async def test_close_lets_instances_finish_stop_ends_them_and_pause_holds_their_
     offers = await pushed(fcm, 5)
     assert [envelope["j"] for _, _, envelope in offers[4:]] == ["paused"]
     assert "tok-bob" not in {token for token, _, _ in offers}
+
+
+async def test_a_wait_until_a_local_time_a_split_a_goal_and_the_journey_s_timeout(
+        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
+    server, client = shop
+    morning = {"id": "morning", "entry": {"event": "go"}, "timeout": "2d", "goal": {"event": "purchase"},
+               "nodes": [{"type": "split", "id": "ab", "paths": [{"percent": 50, "next": "nine"},
+                                                                 {"percent": 50, "next": "nine"}]},
+                         {"type": "wait", "id": "nine", "time": "09:00", "days": ["wed"], "next": "hello"},
+                         {"type": "push", "id": "hello", "message": "hello", "next": "long"},
+                         {"type": "wait", "id": "long", "duration": "3d", "next": "offer"},
+                         {"type": "push", "id": "offer", "message": "offer"}]}
+    await setup(client, fcm, morning)
+    await person(client, "crm:ana", "tok-ana")
+    await client.call(api.PatchProfile(identity="crm:ana", patch={"timezone": "Europe/Paris"}))
+    await ingest(client, "crm:ana", "go")  # Tuesday 14:00 in Paris: waits for Wednesday 09:00 there
+    clock.jump(19 * HOUR - 60)  # 08:59 on Wednesday in Paris
+    await trio.sleep(0.5)
+    assert await admin(fcm, "accepted") == []
+    clock.jump(61)
+    [(_, title, _)] = await pushed(fcm, 1)
+    assert title == "Hello ana"
+    await ingest(client, "crm:ana", "purchase")  # a conversion, at the node where it waits
+    await until(lambda: _counted(client, "morning", "long", "goal"))
+    clock.jump(DAY + 5 * HOUR)  # 2 days since it entered: out at once, in the middle of the 3-day wait
+    await until(lambda: _exited(client, "morning", "long", "timeout"))
+    assert len(await pushed(fcm, 1)) == 1
+
+
+async def _counted(client: Client, journey: str, node: str, metric: str) -> bool:
+    return (await report(client, node, journey)).totals.get(metric) == 1
+
+
+async def test_entries_are_taken_between_the_journey_s_start_and_end(
+        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
+    server, client = shop
+    window = {"id": "window", "entry": {"event": "go"}, "start": "2026-12-08T14:00:00Z", "end": "2026-12-08T15:00:00Z",
+              "reentrance": {"allowed": True}, "nodes": [{"type": "push", "id": "hello", "message": "hello"}]}
+    await setup(client, fcm, window)
+    await person(client, "crm:ana", "tok-ana")
+    for jump in (0, HOUR, HOUR):  # 13:00 (before the start), 14:00 (in), 15:00 (the end: out)
+        clock.jump(jump)
+        await ingest(client, "crm:ana", "go")
+        await trio.sleep(0.3)
+    assert len(await pushed(fcm, 1)) == 1
+    assert (await report(client, "hello", "window")).totals["entered"] == 1

@@ -177,7 +177,11 @@ def advance(journey: Journey, instance: Instance, happened: Happened, at_us: int
     target = _resume(journey, inst, happened, at_us, profile, steps)
     if target is None:
         return inst, steps  # still waiting (an event it does not react to)
-    return _walk(journey, inst, target, at_us, profile, world, steps)
+    inst, steps = _walk(journey, inst, target, at_us, profile, world, steps)
+    if inst.waiting:  # its timer falls due at the journey's timeout at the latest, which ends it then
+        deadline = inst.entered_us + journey.timeout_us
+        inst.wake_us = min(inst.wake_us, deadline) if inst.wake_us else deadline
+    return inst, steps
 
 
 def hold(journey: Journey, instance: Instance, happened: Happened, at_us: int, profile: dict[str, Any],
