@@ -221,3 +221,17 @@ async def test_entries_are_taken_between_the_journey_s_start_and_end(
         await trio.sleep(0.3)
     assert len(await pushed(fcm, 1)) == 1
     assert (await report(client, "hello", "window")).totals["entered"] == 1
+
+
+async def test_an_exit_condition_met_by_a_profile_write_takes_it_out_of_its_wait_at_once(
+        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
+    server, client = shop
+    await setup(client, fcm, {**DAILY, "exit": [{"condition": "profile.unsubscribed"}]})
+    await person(client, "crm:ana", "tok-ana")
+    await ingest(client, "crm:ana", "app.installed")
+    await pushed(fcm, 1, timeout=5)
+    await client.call(api.PatchProfile(identity="crm:ana", patch={"unsubscribed": True}))  # no event: a write
+    await until(lambda: _exited(client, "daily", "wait", "exit"))
+    clock.jump(DAY + 1)
+    await trio.sleep(0.5)
+    assert len(await pushed(fcm, 1)) == 1  # no offer

@@ -55,7 +55,7 @@ _NODE = st.one_of(
                           optional={"push": _NAMES, "event": st.just("tap"), "condition": _EXPRESSIONS,
                                     "next": _NAMES, "timeout_next": _NAMES}),
     st.fixed_dictionaries({"type": st.just("update"), "patch": st.dictionaries(st.sampled_from(["n", "tier"]),
-                                                                              st.one_of(st.integers(), _EXPRESSIONS))},
+                                                                              st.one_of(st.integers(-2**63, 2**63 - 1), _EXPRESSIONS))},
                           optional={"next": _NAMES}),
     st.fixed_dictionaries({"type": st.just("end")}),
 )
@@ -119,7 +119,7 @@ def _engine(connection: _Connection) -> dict[str, Any]:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
 @given(spec=journeys(), profile=st.dictionaries(st.sampled_from(["n", "tier", "timezone"]),
-                                                st.one_of(st.integers(), st.text(max_size=8), st.none())))
+                                                st.one_of(st.integers(-2**63, 2**63 - 1), st.text(max_size=8), st.none())))
 def test_a_random_journey_is_accepted_and_runs_or_is_refused_naming_its_field(
         connection: _Connection, spec: dict[str, Any], profile: dict[str, Any]) -> None:
     try:

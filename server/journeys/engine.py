@@ -193,6 +193,7 @@ class Journeys(Actor):
         self._by_event: dict[str, dict[str, list[str]]] = {}  # sandbox -> event type -> ids
         self._reads: dict[str, list[str]] = {}  # sandbox -> ids of live read-audience journeys
         self._audiences: dict[str, list[str]] = {}  # sandbox -> ids of live audience journeys
+        self._exit_watch: dict[str, bool] = {}  # sandbox -> a live journey exits on a condition
         #: Audience journeys gone live again: their first read of who matches starts over.
         self._fresh: set[tuple[str, str]] = set()
         #: Number of the last change feed entry evaluated (`server.journeys.audiences`).
@@ -325,8 +326,11 @@ class Journeys(Actor):
             before_live = set(self._audiences[space.name])
             self._fresh.update((space.name, id) for id in audience if id not in before_live)
         self._audiences[space.name] = audience
+        # the journeys whose exit criteria are conditions over the profile: a write may take it out
+        self._exit_watch[space.name] = any(c.event is None for j in live.values() for c in j.spec.exit)
         store = space.store
-        watched = {store.space(name).number for name, ids in self._audiences.items() if ids}
+        watched = {store.space(name).number for name in self._audiences
+                   if self._audiences[name] or self._exit_watch.get(name)}
         store.watched = frozenset(watched)
 
     def _wake_up(self) -> None:
@@ -519,7 +523,7 @@ class Journeys(Actor):
         evaluated = 0
         for pid, types in by_profile.items():
             space = self.server.store.space_of(sandbox_of(pid))
-            if space is not None and self._audiences.get(space.name):
+            if space is not None and (self._audiences.get(space.name) or self._exit_watch.get(space.name)):
                 plan = self._plan(plans, space)
                 self._guard(plan, "change", pid, None, now, lambda: self._on_change(plan, pid, types, now))
                 evaluated += 1
@@ -528,9 +532,12 @@ class Journeys(Actor):
     def _on_change(self, plan: _Plan, pid: bytes, types: set[str] | None, now: int) -> None:
         """Enter the profile where it starts (or stops, ``on: exit``) matching an audience;
         ``types``: the types of the events that are all that changed it (None: it was written),
-        so only the audiences counting those can change."""
+        so only the audiences counting those can change). A write may also meet an exit
+        condition of the profile's instances (`_exit_on_write`)."""
         space = plan.space
-        ids = [id for id in self._audiences[space.name]
+        if types is None and self._exit_watch.get(space.name):
+            self._exit_on_write(plan, pid, now)
+        ids = [id for id in self._audiences.get(space.name, [])
                if types is None or audiences.counts_any(self._live[space.name][id], types)]
         if not ids:
             return
@@ -550,6 +557,17 @@ class Journeys(Actor):
                 continue  # not a qualification (or the first read of who matched has not reached it)
             self._on_entry(plan, pid, profile, journey, plan.instances_of(pid).get(id),
                            Happened("audience", type="audience"), now)
+
+    def _exit_on_write(self, plan: _Plan, pid: bytes, now: int) -> None:
+        """The profile was written: its instances in journeys with an exit criterion that is a
+        condition alone check it now, not at the profile's next event."""
+        profile = plan.profile(pid)
+        if profile is None:
+            return
+        for id, instance in plan.instances_of(pid).items():
+            journey = self._journey(plan.space, id, instance.version)
+            if journey is not None and not instance.ended and any(c.event is None for c in journey.spec.exit):
+                self._on_instance(plan, pid, profile, journey, instance, Happened("change"), now)
 
     def _backfill(self, plans: dict[str, _Plan], now: int) -> int:
         """Record who already matches the audience of an audience journey that went live (or

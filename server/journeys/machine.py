@@ -77,7 +77,8 @@ class Step(msgspec.Struct, kw_only=True, omit_defaults=True):
 @dataclass
 class Happened:
     """What moves an instance: it enters (``kind`` "enter"), its timer falls due ("timer"),
-    or an event of its profile arrives ("event": ``type`` and ``data``)."""
+    an event of its profile arrives ("event": ``type`` and ``data``), or its profile is
+    written ("change": only an exit criterion's condition is checked)."""
 
     kind: str
     type: str = ""
@@ -172,6 +173,9 @@ def advance(journey: Journey, instance: Instance, happened: Happened, at_us: int
         reason = _exit(journey, happened, profile, inst, at_us)
         if reason is not None:
             return _end(inst, steps, at_us, "exit", reason)
+    elif happened.kind == "change":  # the profile was written: an exit condition may now hold
+        reason = _exit(journey, happened, profile, inst, at_us)
+        return _end(inst, steps, at_us, "exit", reason) if reason is not None else (inst, steps)
     if at_us - inst.entered_us >= journey.timeout_us:
         return _end(inst, steps, at_us, "timeout", f"running for {journey.spec.timeout}")
     target = _resume(journey, inst, happened, at_us, profile, steps)
@@ -191,7 +195,7 @@ def hold(journey: Journey, instance: Instance, happened: Happened, at_us: int, p
     profile out), but it does not move (a reaction does not happen; the event is not kept)."""
     steps: list[Step] = []
     inst = msgspec.structs.replace(instance, pushes=dict(instance.pushes))
-    if inst.ended or happened.kind != "event":
+    if inst.ended or happened.kind not in ("event", "change"):
         return inst, steps
     if _goal(journey, happened, profile, inst, at_us):
         steps.append(Step(at_us=at_us, node=inst.node, kind="goal", detail=happened.type))
