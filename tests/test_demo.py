@@ -34,7 +34,7 @@ def test_pigeon_demo_runs_the_whole_flow(tmp_path):
     assert unique_opened == opened  # one device per profile, each opened once at most
     # the journey: everyone entered at hello and ended at done; those who did not open got the reminder
     rows = {line.split()[0]: [int(v) for v in line.split()[2:]] for line in out.splitlines()
-            if line.split()[:1] and line.split()[0] in ("hello", "opened", "reminder", "done") and len(line.split()) == 13}
+            if line.split()[:1] and line.split()[0] in ("hello", "opened", "reminder", "done") and len(line.split()) == 13}  # with WAITING
     hello, reminder, done = rows["hello"], rows["reminder"], rows["done"]
     assert (hello[0], done[1]) == (14, 14)  # entered, exited
     assert hello[2] == hello[3] + hello[4] and hello[4] == hello[5] + hello[6]  # targeted, excluded, sent, ...

@@ -18,6 +18,10 @@ audiences: pages of profiles at their rate (`server.journeys.reads`).
 A paused journey's instances do not move (its timers are held, an event applies only its
 exits and goal) and its entries are refused or held (`server.journeys.queue`) and entered
 when it resumes.
+Each trigger runs under a guard (`Journeys._guard`): a bug met by one is quarantined, not
+met again after a restart. ``entry_rate`` is a token bucket per journey (`server.journeys.pace`);
+the instances running per version and node are gauges kept by the commit
+(`server.journeys.gauges`), and a closed journey with none left becomes finished.
 
 Why one module of over 600 lines: a cycle's parts (events, timers, stops, moves, reads, the
 guard each trigger runs under) all fill the same `_Plan` that one commit stores, and each

@@ -81,7 +81,8 @@ class _World:
         rendered = to_delivery(record.message, content)
         execution = f"sim-{node.id}"
         instance.pushes[node.id] = execution
-        tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "n": node.id, "x": execution}
+        tracking = {"m": record.message.id, "v": record.version, "j": self.journey.id, "jv": self.journey.version,
+                    "n": node.id, "x": execution}  # as the live world's
         pushes = []
         for registration in active:
             job = rendered.job(self.catalog.app(registration.app), registration.token, registration.platform, tracking)
