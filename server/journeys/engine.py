@@ -24,7 +24,7 @@ the instances running per version and node are gauges kept by the commit
 (`server.journeys.gauges`), and a closed journey with none left becomes finished.
 
 Why one module of over 600 lines: a cycle's parts (events, timers, stops, moves, reads, the
-guard each trigger runs under) all fill the same `_Plan` that one commit stores, and each
+guard each trigger runs under) all fill the same `Plan` that one commit stores, and each
 must see what the others staged before it; the pieces that stand alone (the machine, the
 world, instances, reads, catalog) are modules of their own.
 """
@@ -35,7 +35,6 @@ import logging
 import secrets
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -46,15 +45,14 @@ from server.channels import DeliveryJob
 from server.journeys import audiences, catalog, gauges, instances, pace, queue, reads
 from server.journeys.definition import duration_us
 from server.journeys.machine import Happened, Instance, Journey, Step, advance, enter, hold
+from server.journeys.plan import CHANGES, POSITION, Plan, attributes, commit
 from server.journeys.world import LiveWorld
 from server.messages import outbox
 from server.messages.pipeline import Rules
 from server.profiles import keys
-from server.profiles.records import ProfileRecord, decode_event, decode_profile
+from server.profiles.records import ProfileRecord, decode_event
 from server.profiles.sandboxes import Space, sandbox_of
-from server.profiles.store import Writer
-from server.profiles.writes import merge_patch
-from server.reports.reporting import ReportKey, count_targeted, journey_dimension, store_counts
+from server.reports.reporting import count_targeted, journey_dimension
 from server.runtime.actor import Actor
 from server.runtime.errors import ActorError, ResourceExhausted, ServerError
 from server.templates import TemplateError
@@ -72,10 +70,8 @@ BATCH = 500
 BACKFILL = 2_000
 #: Cycles whose pushes may be in delivery at once.
 IN_DELIVERY = 8
-_POSITION = b"journeys_position"
-_CHANGES = b"journeys_changes"
 #: How long the position may move in memory before it is stored, when nothing else is.
-_SAVE_POSITION_US = 1_000_000
+_SAVEPOSITION_US = 1_000_000
 _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 #: Exclusions the machine decides itself (the world counts those of its pushes).
 _MACHINE_EXCLUSIONS = ("FrequencyCapped", "QuietHours")
@@ -86,85 +82,6 @@ class EventsCommitted(msgspec.Struct, frozen=True):
 
     last_seq: int
     count: int
-
-
-@dataclass
-class _Plan:
-    """What a cycle commits in one sandbox."""
-
-    space: Space
-    saves: list[tuple[bytes, Instance, int]] = field(default_factory=list)
-    patches: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
-    pushes: list[tuple[bytes, int, str]] = field(default_factory=list)
-    jobs: list[DeliveryJob] = field(default_factory=list)
-    counts: Counter[ReportKey] = field(default_factory=Counter)
-    runs: list[tuple[str, reads.Run]] = field(default_factory=list)
-    #: Audience memberships that changed: (profile id, journey, member now).
-    members: list[tuple[bytes, str, bool]] = field(default_factory=list)
-    #: Entries held while their journey is paused (journey, `queue.encode` d entry), and the
-    #: held entries taken (journey, key, size).
-    queued: list[tuple[str, bytes]] = field(default_factory=list)
-    unqueued: list[tuple[str, bytes, int]] = field(default_factory=list)
-    traces: list[tuple[bytes, str, list[Step]]] = field(default_factory=list)
-    #: The instances ``saves`` holds so far, by profile and journey (`instances_of`).
-    latest: dict[bytes, dict[str, Instance]] = field(default_factory=dict)
-    indexed: int = 0
-    #: Timers whose trigger was quarantined with no instance to end: (wake µs, profile id, journey).
-    dropped_timers: list[tuple[int, bytes, str]] = field(default_factory=list)
-    #: The profiles read this cycle, with its ``patches`` (`profile`).
-    profiles: dict[bytes, ProfileRecord | None] = field(default_factory=dict)
-
-    def profile(self, pid: bytes, read: ProfileRecord | None = None) -> ProfileRecord | None:
-        """The profile as this cycle leaves it so far: stored (or ``read`` from a scan), with
-        the cycle's patches (an update node's patch made by a first event of the profile must
-        be seen by its second, in the same cycle). The update nodes patch the record returned."""
-        if pid not in self.profiles:
-            record = read if read is not None else _profile(self.space, pid)
-            if record is not None:
-                for patched, patch in self.patches:
-                    if patched == pid:
-                        record.attributes = merge_patch(record.attributes, patch)
-            self.profiles[pid] = record
-        return self.profiles[pid]
-
-    @property
-    def busy(self) -> bool:
-        """Whether the plan changes anything (more than the position)."""
-        return bool(self.saves or self.patches or self.jobs or self.counts or self.runs or self.members
-                    or self.queued or self.unqueued)
-
-    def members_of(self, pid: bytes) -> set[str]:
-        """The profile's audience memberships as this cycle leaves them so far."""
-        out = audiences.members_of(self.space, pid)
-        for saved, id, member in self.members:
-            if saved == pid:
-                (out.add if member else out.discard)(id)
-        return out
-
-    def mark(self) -> tuple[int, ...]:
-        """Where the plan's lists are: a trigger's partial changes are what comes after."""
-        return (len(self.saves), len(self.patches), len(self.pushes), len(self.jobs), len(self.traces),
-                len(self.runs), len(self.members), len(self.queued))
-
-    def rollback(self, mark: tuple[int, ...]) -> None:
-        """Drop what was added since ``mark`` (a quarantined trigger's partial changes)."""
-        lists: tuple[list[Any], ...] = (self.saves, self.patches, self.pushes, self.jobs, self.traces, self.runs,
-                                        self.members, self.queued)
-        for pid, _ in self.patches[mark[1]:]:  # its record holds a patch dropped: read again
-            self.profiles.pop(pid, None)
-        for items, length in zip(lists, mark):
-            del items[length:]
-        if self.indexed > len(self.saves):  # `latest` holds instances just dropped: built again
-            self.latest, self.indexed = {}, 0
-
-    def instances_of(self, pid: bytes) -> dict[str, Instance]:
-        """The profile's instances as this cycle leaves them so far: the stored ones, then the
-        cycle's own saves (a second event of the profile, or a timer, in the same cycle must
-        see what the first did: not enter it again, not move it from where it was)."""
-        for saved, instance, _ in self.saves[self.indexed:]:
-            self.latest.setdefault(saved, {})[instance.journey] = instance
-        self.indexed = len(self.saves)
-        return {**instances.instances_of(self.space, pid), **self.latest.get(pid, {})}
 
 
 class Journeys(Actor):
@@ -281,8 +198,8 @@ class Journeys(Actor):
         store = self.server.store
         self._next_timers: dict[str, int | None] = {}
         with store.env.begin() as txn:
-            stored = txn.get(_POSITION, db=store.db("meta"))
-            changes = txn.get(_CHANGES, db=store.db("meta"))
+            stored = txn.get(POSITION, db=store.db("meta"))
+            changes = txn.get(CHANGES, db=store.db("meta"))
             last = txn.cursor(db=store.db("events"))
             end = keys.seq_of(last.key()) if last.last() else 0
             last = txn.cursor(db=store.db("changes"))
@@ -293,7 +210,7 @@ class Journeys(Actor):
         self.position = msgspec.msgpack.decode(stored) if stored is not None else end
         self.log_end = max(self.log_end, end)
         if stored is None:  # durable now: a crash before the first cycle must not skip what comes after
-            await store.write(_commit, [], {}, (self.position, self.changes_position), 0)
+            await store.write(commit, [], {}, (self.position, self.changes_position), 0)
         for space in store.spaces():
             if not gauges.built(space):  # a store from before the gauges: counted once
                 await space.write(gauges.build, instances.decode)
@@ -366,7 +283,7 @@ class Journeys(Actor):
         if self._finish_due:
             self._finish_due = False
             await self._finish()
-        plans: dict[str, _Plan] = {}
+        plans: dict[str, Plan] = {}
         events, position = self._read_events()
         for pid, type_, data in events:
             space = store.space_of(sandbox_of(pid))
@@ -387,7 +304,7 @@ class Journeys(Actor):
         fired += self._read_audiences(plans, now) + self._backfill(plans, now) + self._drain_held(plans, now)
         if not events and not fired and position == self.position and changes == self.changes_position:
             return None
-        if not any(plan.busy for plan in plans.values()) and now - self._saved_us < _SAVE_POSITION_US:
+        if not any(plan.busy for plan in plans.values()) and now - self._saved_us < _SAVEPOSITION_US:
             # Only the position moved (events no journey wanted): kept in memory, stored at most
             # once a second, so that ingestion's commits carry no engine write each.
             self.position, self.changes_position = position, changes
@@ -395,7 +312,7 @@ class Journeys(Actor):
         execution = secrets.token_hex(8)
         staged = self._stage(plans, execution)
         minute = self.server.reporting.minute()
-        await store.write(_commit, list(plans.values()), staged, (position, changes), minute)
+        await store.write(commit, list(plans.values()), staged, (position, changes), minute)
         self.position, self.changes_position, self._saved_us = position, changes, now
         self._finish_due = self._finish_due or any(
             instance.ended and self._states.get(plan.space.name, {}).get(instance.journey) == "closed"
@@ -426,7 +343,7 @@ class Journeys(Actor):
                     log.info("journey %s: finished (closed, and its last instance ended)", id)
                 self.changed(space)
 
-    def _stop_instances(self, plans: dict[str, _Plan], now: int) -> int:
+    def _stop_instances(self, plans: dict[str, Plan], now: int) -> int:
         """End the instances of the journeys stopped since the last cycle (`BATCH` at most;
         the rest next cycle, the scan going on where it was: from the start each cycle, a stop
         of many instances rescanned those it had ended)."""
@@ -447,12 +364,12 @@ class Journeys(Actor):
                 break
         return ended
 
-    def _stop_one(self, plan: _Plan, pid: bytes, instance: Instance, now: int) -> None:
+    def _stop_one(self, plan: Plan, pid: bytes, instance: Instance, now: int) -> None:
         instance = plan.instances_of(pid).get(instance.journey, instance)
         if not instance.ended:  # else an event of this cycle ended it already
             self._stopped(plan, pid, instance, instance.wake_us, now)
 
-    def _move_instances(self, plans: dict[str, _Plan]) -> int:
+    def _move_instances(self, plans: dict[str, Plan]) -> int:
         """Move the instances waiting in an older version of a journey published with
         ``move_waiting`` to its new version, where a node of the same id and type waits
         (`BATCH` at most a cycle); the others stay on their version."""
@@ -472,7 +389,7 @@ class Journeys(Actor):
                 break  # the rest next cycle
         return moved
 
-    def _move_one(self, plan: _Plan, pid: bytes, instance: Instance, journey: Journey) -> None:
+    def _move_one(self, plan: Plan, pid: bytes, instance: Instance, journey: Journey) -> None:
         instance = plan.instances_of(pid).get(journey.id, instance)  # as this cycle left it
         old = self._journey(plan.space, journey.id, instance.version)
         node = journey.nodes.get(instance.node)
@@ -480,7 +397,7 @@ class Journeys(Actor):
         if instance.waiting and not instance.ended and same:
             plan.saves.append((pid, msgspec.structs.replace(instance, version=journey.version), instance.wake_us))
 
-    def _read_audiences(self, plans: dict[str, _Plan], now: int) -> int:
+    def _read_audiences(self, plans: dict[str, Plan], now: int) -> int:
         """Enter the next profiles of each read under way, within its rate (`server.journeys.reads`);
         the profiles read."""
         assert self.server is not None
@@ -511,7 +428,7 @@ class Journeys(Actor):
                 plan.runs.append((id, run))
         return read
 
-    def _qualify(self, plans: dict[str, _Plan], changes: list[tuple[bytes, str | None]], now: int) -> int:
+    def _qualify(self, plans: dict[str, Plan], changes: list[tuple[bytes, str | None]], now: int) -> int:
         """Evaluate the audiences of the profiles that changed, in sandboxes with audience
         journeys: (profile id, the type of an event of it, or None for a write in the change
         feed); the profiles evaluated."""
@@ -533,7 +450,7 @@ class Journeys(Actor):
                 evaluated += 1
         return evaluated
 
-    def _on_change(self, plan: _Plan, pid: bytes, types: set[str] | None, now: int) -> None:
+    def _on_change(self, plan: Plan, pid: bytes, types: set[str] | None, now: int) -> None:
         """Enter the profile where it starts (or stops, ``on: exit``) matching an audience;
         ``types``: the types of the events that are all that changed it (None: it was written),
         so only the audiences counting those can change). A write may also meet an exit
@@ -553,7 +470,7 @@ class Journeys(Actor):
         histories: list[audiences.History] = []
         for id in ids:
             journey = self._live[space.name][id]
-            member = audiences.matches(journey, space, pid, _attributes(profile), histories, now)
+            member = audiences.matches(journey, space, pid, attributes(profile), histories, now)
             if member == (id in members):
                 continue
             plan.members.append((pid, id, member))
@@ -562,7 +479,7 @@ class Journeys(Actor):
             self._on_entry(plan, pid, profile, journey, plan.instances_of(pid).get(id),
                            Happened("audience", type="audience"), now)
 
-    def _exit_on_write(self, plan: _Plan, pid: bytes, now: int) -> None:
+    def _exit_on_write(self, plan: Plan, pid: bytes, now: int) -> None:
         """The profile was written: its instances in journeys with an exit criterion that is a
         condition alone check it now, not at the profile's next event."""
         profile = plan.profile(pid)
@@ -573,7 +490,7 @@ class Journeys(Actor):
             if journey is not None and not instance.ended and any(c.event is None for c in journey.spec.exit):
                 self._on_instance(plan, pid, profile, journey, instance, Happened("change"), now)
 
-    def _backfill(self, plans: dict[str, _Plan], now: int) -> int:
+    def _backfill(self, plans: dict[str, Plan], now: int) -> int:
         """Record who already matches the audience of an audience journey that went live (or
         changed its audience), `BACKFILL` profiles a cycle at most, entering nobody; the
         profiles read."""
@@ -604,13 +521,13 @@ class Journeys(Actor):
         return read
 
     @staticmethod
-    def _record_member(plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, now: int) -> None:
+    def _record_member(plan: Plan, pid: bytes, profile: ProfileRecord, journey: Journey, now: int) -> None:
         """Whether the profile matches the journey's audience, recorded (a first read's part)."""
-        member = audiences.matches(journey, plan.space, pid, _attributes(profile), [], now)
+        member = audiences.matches(journey, plan.space, pid, attributes(profile), [], now)
         if member != (journey.id in plan.members_of(pid)):
             plan.members.append((pid, journey.id, member))
 
-    def _read_one(self, plan: _Plan, pid: bytes, read: ProfileRecord, journey: Journey, now: int) -> None:
+    def _read_one(self, plan: Plan, pid: bytes, read: ProfileRecord, journey: Journey, now: int) -> None:
         profile = plan.profile(pid, read)
         assert profile is not None
         if self._enters(journey, plan.instances_of(pid).get(journey.id), profile, {}, now):
@@ -633,7 +550,7 @@ class Journeys(Actor):
         bucket = self._bucket(space, journey, now)
         return bucket is None or bucket.take(now)
 
-    def _hold_entry(self, plan: _Plan, pid: bytes, journey: Journey, happened: Happened) -> None:
+    def _hold_entry(self, plan: Plan, pid: bytes, journey: Journey, happened: Happened) -> None:
         """An entry while its journey is paused: refused (counted, reason paused), or held
         (``paused_entries: queue``) within the queue's bounds (`server.journeys.queue`)."""
         where = (plan.space.name, "", 0, journey_dimension(journey.id, journey.version), journey.first, "", "",
@@ -650,7 +567,7 @@ class Journeys(Actor):
         plan.queued.append((journey.id, item))
         self._held.add((plan.space.name, journey.id))
 
-    def _drain_held(self, plans: dict[str, _Plan], now: int) -> int:
+    def _drain_held(self, plans: dict[str, Plan], now: int) -> int:
         """Enter the entries held while a journey was paused, now that it is live, in order, at
         its pace (`BATCH` a cycle at most); those of a journey closed or stopped meanwhile are
         refused (the reason: its state). Returns the entries taken."""
@@ -683,7 +600,7 @@ class Journeys(Actor):
                 break
         return taken
 
-    def _enter_held(self, plan: _Plan, journey: Journey, held: queue.Held, now: int) -> None:
+    def _enter_held(self, plan: Plan, journey: Journey, held: queue.Held, now: int) -> None:
         """A held entry: its profile enters now if it still may."""
         profile = plan.profile(held.pid)
         if profile is None:
@@ -695,7 +612,7 @@ class Journeys(Actor):
         self._on_entry(plan, held.pid, profile, journey, plan.instances_of(held.pid).get(journey.id),
                        Happened("event", type=held.type, data=data), now)
 
-    def _guard(self, plan: _Plan, what: str, pid: bytes, journey: str | None, now: int, run: Callable[[], None],
+    def _guard(self, plan: Plan, what: str, pid: bytes, journey: str | None, now: int, run: Callable[[], None],
                wake: int = 0) -> None:
         """Carry out one trigger (an event, or its part for one journey; a timer; a profile
         read; a stop or move of one instance) so that a bug costs that trigger only: on an
@@ -718,7 +635,7 @@ class Journeys(Actor):
             counts.update(plan.counts)
             plan.counts = counts
 
-    def _end_in_error(self, plan: _Plan, pid: bytes, journey: str | None, wake: int, now: int) -> None:
+    def _end_in_error(self, plan: Plan, pid: bytes, journey: str | None, wake: int, now: int) -> None:
         """A quarantined trigger's instance ends (reason error, counted as exited); its timer goes."""
         if wake and journey is not None:
             plan.dropped_timers.append((wake, pid, journey))
@@ -733,10 +650,10 @@ class Journeys(Actor):
             plan.counts[(plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node,
                          "", "", "exited", "error")] += 1
 
-    def _plan(self, plans: dict[str, _Plan], space: Space) -> _Plan:
+    def _plan(self, plans: dict[str, Plan], space: Space) -> Plan:
         plan = plans.get(space.name)
         if plan is None:
-            plan = plans[space.name] = _Plan(space)
+            plan = plans[space.name] = Plan(space)
         return plan
 
     async def _deliver(self, space: Space, execution: str, jobs: list[DeliveryJob], keys_: list[bytes]) -> None:
@@ -771,7 +688,7 @@ class Journeys(Actor):
 
     # -- what an event and a timer do -------------------------------------------------------
 
-    def _on_event(self, plan: _Plan, pid: bytes, type_: str, raw: msgspec.Raw, now: int) -> None:
+    def _on_event(self, plan: Plan, pid: bytes, type_: str, raw: msgspec.Raw, now: int) -> None:
         space = plan.space
         entries = self._by_event.get(space.name, {}).get(type_, [])
         running = plan.instances_of(pid)
@@ -797,7 +714,7 @@ class Journeys(Actor):
                         lambda: self._on_entry(plan, pid, plan.profile(pid) or profile, self._live[space.name][id],
                                                running.get(id), happened, now))
 
-    def _on_instance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
+    def _on_instance(self, plan: Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                      happened: Happened, now: int) -> None:
         """What an event does to one running instance of its profile."""
         state = self._states.get(plan.space.name, {}).get(journey.id)
@@ -808,7 +725,7 @@ class Journeys(Actor):
         else:
             self._advance(plan, pid, profile, journey, instance, happened, now)
 
-    def _on_entry(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, previous: Instance | None,
+    def _on_entry(self, plan: Plan, pid: bytes, profile: ProfileRecord, journey: Journey, previous: Instance | None,
                   happened: Happened, now: int) -> None:
         """An event of an entry's type, or an audience's change: its profile enters if it may
         (``previous``: its instance before), at the journey's pace."""
@@ -843,11 +760,11 @@ class Journeys(Actor):
         if condition is None:
             return True
         try:
-            return condition.test({"profile": _attributes(profile), "event": data})
+            return condition.test({"profile": attributes(profile), "event": data})
         except TemplateError:
             return False
 
-    def _on_timer(self, plan: _Plan, pid: bytes, id: str, wake: int, now: int) -> None:
+    def _on_timer(self, plan: Plan, pid: bytes, id: str, wake: int, now: int) -> None:
         space = plan.space
         instance = plan.instances_of(pid).get(id)
         profile = plan.profile(pid)
@@ -868,7 +785,7 @@ class Journeys(Actor):
             return
         self._advance(plan, pid, profile, journey, instance, Happened("timer"), now)
 
-    def _stopped(self, plan: _Plan, pid: bytes, instance: Instance, old_wake: int, now: int) -> None:
+    def _stopped(self, plan: Plan, pid: bytes, instance: Instance, old_wake: int, now: int) -> None:
         """End an instance of a stopped journey that `_stop_instances` did not reach (reason
         stopped, counted as exited, as there)."""
         ended = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
@@ -876,15 +793,15 @@ class Journeys(Actor):
         plan.counts[(plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node, "",
                      "", "exited", "stopped")] += 1
 
-    def _advance(self, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
+    def _advance(self, plan: Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                  happened: Happened, now: int, how: Callable[..., tuple[Instance, list[Step]]] | None = None) -> None:
         assert self.server is not None
         world = LiveWorld(self.server, plan, pid, profile, journey)
         old_wake = instance.wake_us
-        attributes = _attributes(profile)
+        seen = attributes(profile)
         if self._audiences.get(plan.space.name):  # ``'vip' in profile.audiences``: those it matches
-            attributes["audiences"] = sorted(plan.members_of(pid))
-        moved, steps = (how or advance)(journey, instance, happened, now, attributes, world)
+            seen["audiences"] = sorted(plan.members_of(pid))
+        moved, steps = (how or advance)(journey, instance, happened, now, seen, world)
         self.steps += len(steps)
         plan.saves.append((pid, moved, old_wake))
         if journey.test and steps:
@@ -905,7 +822,7 @@ class Journeys(Actor):
         if moved.ended:
             plan.counts[(*where, moved.node, "", "", "exited", moved.reason)] += 1
 
-    def _stage(self, plans: dict[str, _Plan], execution: str) -> dict[str, tuple[list[DeliveryJob], list[bytes]]]:
+    def _stage(self, plans: dict[str, Plan], execution: str) -> dict[str, tuple[list[DeliveryJob], list[bytes]]]:
         """Each sandbox's jobs with their outbox keys (all under ``execution``, batch per sandbox)."""
         out = {}
         for batch, plan in enumerate(plans.values()):
@@ -923,67 +840,3 @@ class Journeys(Actor):
             "events_seen": self.events_seen, "hints_dropped": self.hints_dropped, "entered": self.entered,
             "steps": self.steps, "timers_fired": self.timers_fired, "quarantined": self.quarantined,
         }
-
-
-def _commit(w: Writer, plans: list[_Plan], staged: dict[str, tuple[list[DeliveryJob], list[bytes]]],
-            positions: tuple[int, int], minute: int) -> None:
-    """Store op: every sandbox's plan of the cycle, and the positions past its events and its
-    change feed entries (which go)."""
-    for plan in plans:
-        w.space, w.dbs = plan.space, plan.space.dbs  # this op spans the cycle's sandboxes
-        jobs, keys_ = staged[plan.space.name]
-        execution = keys_[0][:8].hex() if keys_ else ""
-        for pid, instance, old_wake in plan.saves:
-            if "pending" in instance.pushes.values():
-                instance.pushes = {n: (execution if x == "pending" else x) for n, x in instance.pushes.items()}
-            instances.save(w, pid, instance, old_wake)
-        for wake, pid, journey in plan.dropped_timers:
-            w.txn.delete(instances.timer_key(wake, pid, journey), db=w.dbs["timers"])
-        for pid, patch in plan.patches:
-            value = w.txn.get(pid, db=w.dbs["profiles"])
-            if value is not None:
-                record = decode_profile(value)
-                record.attributes = merge_patch(record.attributes, patch)
-                w.save(pid, record)
-        for id, run in plan.runs:
-            reads.put_run(w, id, run)
-        for pid, id, member in plan.members:
-            audiences.set_member(w, pid, id, member)
-        _commit_held(w, plan)
-        for pid, journey, steps in plan.traces:
-            instances.trace(w, pid, journey, steps)
-        for key, job in zip(keys_, jobs):
-            entry = outbox.OutboxEntry(job.app.app, job.token, job.platform, job.content, job.apns, job.fcm,
-                                       job.tracking or {}, job.profile)
-            w.txn.put(key, outbox.encode_entry(entry), db=w.dbs["outbox"])
-        store_counts(w, plan.counts, minute)
-    position, changes = positions
-    w.txn.put(_POSITION, msgspec.msgpack.encode(position), db=w.dbs["meta"])
-    w.txn.put(_CHANGES, msgspec.msgpack.encode(changes), db=w.dbs["meta"])
-    w.txn.put(b"watched", msgspec.msgpack.encode(sorted(w.store.watched)), db=w.dbs["meta"])  # read at open
-    audiences.drop_changes(w, changes)
-
-
-def _commit_held(w: Writer, plan: _Plan) -> None:
-    """Store op step: the entries a paused journey holds now, and those entered or refused."""
-    added: dict[str, list[bytes]] = {}
-    for id, item in plan.queued:
-        added.setdefault(id, []).append(item)
-    for id, items in added.items():
-        queue.add(w, id, items)
-    taken: dict[str, list[tuple[bytes, int]]] = {}
-    for id, key, size in plan.unqueued:
-        taken.setdefault(id, []).append((key, size))
-    for id, keys_ in taken.items():
-        queue.remove(w, id, keys_)
-
-
-def _profile(space: Space, pid: bytes) -> ProfileRecord | None:
-    with space.env.begin() as txn:
-        value = txn.get(pid, db=space.db("profiles"))
-    return None if value is None else decode_profile(value)
-
-
-def _attributes(profile: ProfileRecord) -> dict[str, Any]:
-    return {**profile.attributes, "identities": profile.identities}
-

@@ -25,7 +25,7 @@ from server.runtime.errors import InvalidArgument, ServerError
 from server.templates import Scope
 
 if TYPE_CHECKING:
-    from server.journeys.engine import _Plan
+    from server.journeys.plan import Plan
     from server.runtime.app import Server
 
 __all__ = ["LiveWorld"]
@@ -36,7 +36,7 @@ _CAP_US = {"hour": 3_600_000_000, "day": 86_400_000_000, "week": 7 * 86_400_000_
 class LiveWorld:
     """The machine's world, live: pushes rendered and staged in the cycle's plan."""
 
-    def __init__(self, server: Server, plan: _Plan, pid: bytes, profile: ProfileRecord, journey: Journey) -> None:
+    def __init__(self, server: Server, plan: Plan, pid: bytes, profile: ProfileRecord, journey: Journey) -> None:
         self.server, self.plan, self.pid, self.profile, self.journey = server, plan, pid, profile, journey
 
     def push(self, instance: Instance, node: api.PushNode, at_us: int) -> tuple[Any, str | None]:
