@@ -23,10 +23,12 @@ met again after a restart. ``entry_rate`` is a token bucket per journey (`server
 the instances running per version and node are gauges kept by the commit
 (`server.journeys.gauges`), and a closed journey with none left becomes finished.
 
-Why one module of over 600 lines: a cycle's parts (events, timers, stops, moves, reads, the
-guard each trigger runs under) all fill the same `Plan` that one commit stores, and each
-must see what the others staged before it; the pieces that stand alone (the machine, the
-world, instances, reads, catalog) are modules of their own.
+Why one module of over 600 lines: a cycle's parts (events, timers, stops, moves, reads,
+audience changes, held entries, the guard each trigger runs under) all fill the same `Plan`
+that one commit stores (`server.journeys.plan`), and each reads and changes the engine's view
+of the live journeys (their index by event type, pace, holds, memberships) that this actor
+keeps; the pieces that stand alone (the machine, the world, the plan and its commit,
+instances, audiences, reads, the queue, gauges, catalog) are modules of their own.
 """
 
 from __future__ import annotations
