@@ -6,7 +6,6 @@ journey, and emptied as the engine reads it."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from server.journeys import audiences, reads
 from server.journeys.engine import Journeys
 from server.profiles.store import ProfileStore
 
-from .test_journey_engine import ACCOUNT, admin, ingest, person, pushed, server_for, setup
+from .test_journey_engine import admin, ingest, person, pushed, reset, served, server_for, setup  # noqa: F401 (served: a fixture)
 
 GOLD: dict[str, Any] = {
     "id": "gold",
@@ -32,19 +31,6 @@ GOLD: dict[str, Any] = {
         {"type": "end", "id": "done"},
     ],
 }
-
-
-@pytest.fixture
-async def shop(tmp_path: Path, fcm: Any) -> AsyncIterator[tuple[Server, Client]]:
-    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
-    await admin(fcm, "clear_accepted")
-    await admin(fcm, "set_faults", accept_any_token=True)
-    server = server_for(tmp_path / "data", fcm)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        async with open_client(server.addresses[0]) as client:
-            yield server, client
-        server.request_stop()
 
 
 async def publish(client: Client, flow: dict[str, Any]) -> None:
@@ -70,8 +56,8 @@ async def until_member(server: Server, identity: str, journeys: set[str]) -> Non
             await trio.sleep(0.02)
 
 
-async def test_a_profile_enters_when_it_starts_matching_and_not_when_it_matched_at_publish(shop: Any, fcm: Any) -> None:
-    server, client = shop
+async def test_a_profile_enters_when_it_starts_matching_and_not_when_it_matched_at_publish(served: Any, fcm: Any) -> None:
+    server, client = served
     await person(client, "crm:ana", "tok-ana")
     await person(client, "crm:bob", "tok-bob")
     await client.call(api.PatchProfile(identity="crm:ana", patch={"tier": "gold"}))
@@ -94,8 +80,8 @@ async def test_a_profile_enters_when_it_starts_matching_and_not_when_it_matched_
             await trio.sleep(0.02)
 
 
-async def test_on_exit_enters_a_profile_when_it_stops_matching(shop: Any, fcm: Any) -> None:
-    server, client = shop
+async def test_on_exit_enters_a_profile_when_it_stops_matching(served: Any, fcm: Any) -> None:
+    server, client = served
     lapsed = {**GOLD, "id": "lapsed", "entry": {"audience": "profile.tier == 'gold'", "on": "exit"},
               "nodes": GOLD["nodes"][1:]}
     await person(client, "crm:ana", "tok-ana")
@@ -107,8 +93,8 @@ async def test_on_exit_enters_a_profile_when_it_stops_matching(shop: Any, fcm: A
     assert (token, envelope["j"]) == ("tok-ana", "lapsed")
 
 
-async def test_events_that_make_a_profile_s_history_match_enter_it(shop: Any, fcm: Any) -> None:
-    server, client = shop
+async def test_events_that_make_a_profile_s_history_match_enter_it(served: Any, fcm: Any) -> None:
+    server, client = served
     loyal = {**GOLD, "id": "loyal", "entry": {"audience": "events.purchase.count >= 2 and events.purchase.last > '2000'"},
              "nodes": GOLD["nodes"][1:]}
     await person(client, "crm:ana", "tok-ana")
@@ -123,8 +109,8 @@ async def test_events_that_make_a_profile_s_history_match_enter_it(shop: Any, fc
     assert (token, envelope["j"]) == ("tok-ana", "loyal")
 
 
-async def test_only_a_sandbox_with_an_audience_journey_writes_the_change_feed(shop: Any, fcm: Any) -> None:
-    server, client = shop
+async def test_only_a_sandbox_with_an_audience_journey_writes_the_change_feed(served: Any, fcm: Any) -> None:
+    server, client = served
     await setup(client, fcm)  # an event-entry journey only
     await person(client, "crm:ana", "tok-ana")
     await client.call(api.PatchProfile(identity="crm:ana", patch={"tier": "gold"}))
@@ -140,9 +126,7 @@ async def test_a_write_committed_before_a_crash_is_evaluated_after_it(tmp_path: 
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The change feed is durable with the write, and so is the set of sandboxes it is kept for
     (the store reads it back at open, before the engine starts)."""
-    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
-    await admin(fcm, "clear_accepted")
-    await admin(fcm, "set_faults", accept_any_token=True)
+    await reset(fcm)
 
     async def stuck(self: Journeys) -> None:
         return None  # the engine does not get to the change before the "crash"
@@ -172,10 +156,10 @@ async def test_a_write_committed_before_a_crash_is_evaluated_after_it(tmp_path: 
 
 
 async def test_only_events_of_the_types_an_audience_counts_read_a_profile_s_history(
-        shop: Any, fcm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+        served: Any, fcm: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading a profile's history costs about 1.4 µs per event it has (up to 1,000): an event
     of a type the audience does not name cannot change whether the profile matches."""
-    server, client = shop
+    server, client = served
     loyal = {**GOLD, "id": "loyal", "entry": {"audience": "events['app.purchase'].count >= 2"},
              "nodes": GOLD["nodes"][1:]}
     await person(client, "crm:ana", "tok-ana")

@@ -7,7 +7,7 @@ versus stop versus pause."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from protocols import api
 from protocols.trio_client import Client, open_client
 from server import Server
 
-from .test_journey_engine import ACCOUNT, admin, ingest, person, pushed, server_for, setup
+from .test_journey_engine import admin, ingest, person, pushed, reset, served, server_for, setup  # noqa: F401 (served: a fixture)
 
 HOUR, DAY = 3600, 86400
 DAILY: dict[str, Any] = {
@@ -47,19 +47,6 @@ async def started(data: Path, fcm: Any, clock: trio.testing.MockClock,
         server.request_stop()
 
 
-@pytest.fixture
-async def shop(tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> AsyncIterator[tuple[Server, Client]]:
-    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
-    await admin(fcm, "clear_accepted")
-    await admin(fcm, "set_faults", accept_any_token=True)
-    server = server_for(tmp_path / "data", fcm, clock)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.run)
-        async with open_client(server.addresses[0]) as client:
-            yield server, client
-        server.request_stop()
-
-
 async def publish(client: Client, flow: dict[str, Any]) -> None:
     await client.call(api.PublishJourney(journey=msgspec.convert(flow, api.JourneySpec)))
 
@@ -76,9 +63,7 @@ async def until(predicate: Callable[[], Any], timeout: float = 10) -> None:
 
 async def test_a_day_long_wait_resumes_across_a_restart_and_a_reaction_times_out(
         tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> None:
-    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
-    await admin(fcm, "clear_accepted")
-    await admin(fcm, "set_faults", accept_any_token=True)
+    await reset(fcm)
 
     async def first(server: Server, client: Client) -> None:
         await setup(client, fcm, DAILY)
@@ -107,8 +92,8 @@ async def _ignored(client: Client) -> bool:
 
 @pytest.mark.parametrize("action", ["queue", "discard"])
 async def test_quiet_hours_hold_or_discard_a_push_in_the_recipient_s_own_time_zone(
-        shop: Any, fcm: Any, clock: trio.testing.MockClock, action: str) -> None:
-    server, client = shop
+        served: Any, fcm: Any, clock: trio.testing.MockClock, action: str) -> None:
+    server, client = served
     quiet = {"id": "quiet", "entry": {"event": "app.installed"},
              "quiet_hours": {"start": "21:00", "end": "07:00", "action": action},
              "nodes": [{"type": "push", "id": "hello", "message": "hello"}]}
@@ -132,8 +117,8 @@ async def _exited(client: Client, journey: str, node: str, reason: str) -> bool:
 
 
 async def test_a_profile_enters_again_only_after_the_re_entrance_period(
-        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
-    server, client = shop
+        served: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
+    server, client = served
     again = {"id": "again", "entry": {"event": "app.installed"}, "reentrance": {"allowed": True, "after": "1d"},
              "nodes": [{"type": "push", "id": "hello", "message": "hello"}]}
     await setup(client, fcm, again)
@@ -151,8 +136,8 @@ async def test_a_profile_enters_again_only_after_the_re_entrance_period(
 
 
 async def test_close_lets_instances_finish_stop_ends_them_and_pause_holds_their_timers(
-        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
-    server, client = shop
+        served: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
+    server, client = served
     await setup(client, fcm, {**DAILY, "id": "closed", "entry": {"event": "closed.start"}})
     for id in ("stopped", "paused"):
         await publish(client, {**DAILY, "id": id, "entry": {"event": f"{id}.start"}})
@@ -178,8 +163,8 @@ async def test_close_lets_instances_finish_stop_ends_them_and_pause_holds_their_
 
 
 async def test_a_wait_until_a_local_time_a_split_a_goal_and_the_journey_s_timeout(
-        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
-    server, client = shop
+        served: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
+    server, client = served
     morning = {"id": "morning", "entry": {"event": "go"}, "timeout": "2d", "goal": {"event": "purchase"},
                "nodes": [{"type": "split", "id": "ab", "paths": [{"percent": 50, "next": "nine"},
                                                                  {"percent": 50, "next": "nine"}]},
@@ -209,8 +194,8 @@ async def _counted(client: Client, journey: str, node: str, metric: str) -> bool
 
 
 async def test_entries_are_taken_between_the_journey_s_start_and_end(
-        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
-    server, client = shop
+        served: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
+    server, client = served
     window = {"id": "window", "entry": {"event": "go"}, "start": "2026-12-08T14:00:00Z", "end": "2026-12-08T15:00:00Z",
               "reentrance": {"allowed": True}, "nodes": [{"type": "push", "id": "hello", "message": "hello"}]}
     await setup(client, fcm, window)
@@ -224,8 +209,8 @@ async def test_entries_are_taken_between_the_journey_s_start_and_end(
 
 
 async def test_an_exit_condition_met_by_a_profile_write_takes_it_out_of_its_wait_at_once(
-        shop: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
-    server, client = shop
+        served: Any, fcm: Any, clock: trio.testing.MockClock) -> None:
+    server, client = served
     await setup(client, fcm, {**DAILY, "exit": [{"condition": "profile.unsubscribed"}]})
     await person(client, "crm:ana", "tok-ana")
     await ingest(client, "crm:ana", "app.installed")

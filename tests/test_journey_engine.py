@@ -59,18 +59,30 @@ def server_for(data: Path, fcm: Any, clock: trio.testing.MockClock | None = None
     return Server(config, clock=clock_of(clock))
 
 
-@pytest.fixture
-async def shop(tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> AsyncIterator[tuple[Server, Client]]:
+async def reset(fcm: Any) -> None:
+    """The mock FCM with the shop's project, nothing accepted yet, any token taken."""
     await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
     await admin(fcm, "clear_accepted")
     await admin(fcm, "set_faults", accept_any_token=True)
+
+
+@pytest.fixture
+async def served(tmp_path: Path, fcm: Any, clock: trio.testing.MockClock) -> AsyncIterator[tuple[Server, Client]]:
+    """A server on the mock clock, the mock FCM `reset`, a client; no app or journey yet."""
+    await reset(fcm)
     server = server_for(tmp_path / "data", fcm, clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run)
         async with open_client(server.addresses[0]) as client:
-            await setup(client, fcm)
             yield server, client
         server.request_stop()
+
+
+@pytest.fixture
+async def shop(served: tuple[Server, Client], fcm: Any) -> tuple[Server, Client]:
+    """`served`, with the shop's app, messages and the journey ``welcome`` (`FLOW`)."""
+    await setup(served[1], fcm)
+    return served
 
 
 async def setup(client: Client, fcm: Any, flow: dict[str, Any] = FLOW) -> None:
@@ -181,9 +193,7 @@ async def test_a_stop_ends_every_instance(shop: Any, fcm: Any, clock: trio.testi
 
 async def test_a_restart_resumes_the_waits_and_a_timer_due_meanwhile_fires_once(tmp_path: Path, fcm: Any,
                                                                                 clock: trio.testing.MockClock) -> None:
-    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
-    await admin(fcm, "clear_accepted")
-    await admin(fcm, "set_faults", accept_any_token=True)
+    await reset(fcm)
     for start in range(2):
         server = server_for(tmp_path / "data", fcm, clock)
         async with trio.open_nursery() as nursery:
@@ -346,9 +356,7 @@ async def test_events_acknowledged_before_the_engines_first_commit_are_taken_aft
     """The first start follows the log from its end: that position must be durable at once,
     or a crash before the engine's first commit makes the next start skip the events
     acknowledged meanwhile (it would take the log's end then as where to start)."""
-    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
-    await admin(fcm, "clear_accepted")
-    await admin(fcm, "set_faults", accept_any_token=True)
+    await reset(fcm)
 
     async def stuck(self: Journeys) -> None:
         return None  # the engine does not get to the events before the "crash"
@@ -407,9 +415,7 @@ async def test_a_stop_the_engine_did_not_finish_before_a_crash_ends_and_counts_e
     """The instances a stop had not ended yet when the server died (the engine ends 500 a
     cycle) are ended after the restart by their next event or timer, with reason stopped,
     counted as exited, and send nothing more."""
-    await admin(fcm, "set_project", "acme-push", [ACCOUNT.spec()])
-    await admin(fcm, "clear_accepted")
-    await admin(fcm, "set_faults", accept_any_token=True)
+    await reset(fcm)
     flow = {**FLOW, "nodes": [{**n, "duration": "4s"} if n["id"] == "wait" else n for n in FLOW["nodes"]]}
     monkeypatch.setattr(Journeys, "_stop_instances", lambda self, plans, now: 0)  # killed before it ran
     for start in range(2):

@@ -12,7 +12,7 @@ from protocols import api
 from server.cli import output
 from server.journeys import engine, instances
 
-from .test_journey_engine import person, pushed, shop  # noqa: F401 (fixtures)
+from .test_journey_engine import person, pushed, served, shop  # noqa: F401 (fixtures)
 
 #: Profiles wait for a tap, then get the offer.
 TAPS: dict[str, Any] = {
