@@ -81,6 +81,8 @@ class _Plan:
     jobs: list[DeliveryJob] = field(default_factory=list)
     counts: Counter[ReportKey] = field(default_factory=Counter)
     runs: list[tuple[str, reads.Run]] = field(default_factory=list)
+    #: What the cycle's pushes read once (`server.journeys.world`): messages, apps.
+    memo: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def busy(self) -> bool:
