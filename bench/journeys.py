@@ -46,7 +46,7 @@ from typing import Any
 import lmdb
 import msgspec
 
-from ._harness import Latencies, machine, tree_cpu, write_results
+from ._harness import Latencies, machine, own_cpu, tree_cpu, write_results
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.asyncio_client import Client, open_client, run
@@ -79,8 +79,12 @@ async def _stats(client: Client) -> tuple[float, dict[str, Any]]:
     return stats.process.cpu_user_s + stats.process.cpu_system_s, details
 
 
+#: ``--baseline DIR``: the server modules of the checkout in DIR (git archive REV | tar -x -C DIR).
+BASELINE: dict[str, str] = {}
+
+
 def _server(folder: Path, env: dict[str, str] | None = None) -> ServerProcess:
-    return ServerProcess(folder, env={"PIGEON_STORE__SYNC": "true", **(env or {})})
+    return ServerProcess(folder, env={"PIGEON_STORE__SYNC": "true", **BASELINE, **(env or {})})
 
 
 def _db_bytes(folder: Path, names: tuple[str, ...]) -> dict[str, dict[str, int]]:
@@ -295,6 +299,7 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
         stats = await monitor.call(api.GetStats())
         pid = stats.process.pid
         cpu0, details0 = await _stats(monitor)
+        commits0, own0 = (stats.store.commits if stats.store else 0), own_cpu()
         mock0 = sum(tree_cpu(fcm.pid).values()) if fcm.pid else 0.0
         successes0 = (await asyncio.to_thread(fcm.admin.stats)).get("successes", 0)
         started = time.perf_counter()
@@ -306,15 +311,20 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
                 break
             await asyncio.sleep(0.2)
         cpu, details = await _stats(monitor)
+        stats = await monitor.call(api.GetStats())
+        commits, own = (stats.store.commits if stats.store else 0) - commits0, own_cpu() - own0
         mock = (sum(tree_cpu(fcm.pid).values()) if fcm.pid else 0.0) - mock0
         memory = _memory(pid)
     accepted = await asyncio.to_thread(fcm.admin.accepted)
     latencies = Latencies()
+    windows: dict[int, Latencies] = {}  # by 5 s of send time
     counted = 0
     for item in accepted:
         t = int(item["message"]["data"]["t"])
         if t >= measured_ns:
-            latencies.record((item["received_at_ns"] - t) / 1e9)
+            latency = (item["received_at_ns"] - t) / 1e9
+            latencies.record(latency)
+            windows.setdefault((t - measured_ns) // 5_000_000_000, Latencies()).record(latency)
             counted += 1
     lat = latencies.summary()
     return {
@@ -323,9 +333,11 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
         "events_per_second": round(sent / wall), "measured_pushes": counted,
         "event_to_provider_ms": {k: round(lat[k], 1) for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")},
         "ingest_ack_ms": {k: round(v, 1) for k, v in acks.summary().items() if k != "count"},
+        "p99_ms_by_5s": [round(windows[w].summary()["p99_ms"], 1) for w in sorted(windows)],
         "server_cpu_us_per_event": round((cpu - cpu0) / max(1, sent) * 1e6, 1),
         "server_cpu_share": round((cpu - cpu0) / wall, 2),
         "mock_cpu_us_per_push": round(mock / max(1, len(accepted)) * 1e6, 1), "server_memory": memory,
+        "store_commits_per_second": round(commits / wall), "client_cpu_share": round(own / wall, 2),
     }
 
 
@@ -369,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="each events round (default 30)")
     parser.add_argument("--rounds", type=int, help="events rounds (default 3)")
     parser.add_argument("--event-profiles", type=int, default=10_000, help="profiles with a token")
+    parser.add_argument("--baseline", metavar="DIR", help="run the server of the checkout in DIR instead")
     parser.add_argument("--out", help="results file (default bench/results/journeys.json; --quick: /tmp)")
     args = parser.parse_args(argv)
     profiles = args.profiles or (20_000 if args.quick else 1_000_000)
@@ -376,7 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds or (5.0 if args.quick else 30.0)
     rounds = args.rounds or (2 if args.quick else 3)
     event_profiles = min(args.event_profiles, 2_000) if args.quick else args.event_profiles
-    results: dict[str, Any] = {"machine": machine(), "cpus": os.cpu_count()}
+    if args.baseline:  # that checkout's server modules before this one's
+        BASELINE.update(PYTHONSAFEPATH="1", PYTHONPATH=str(Path(args.baseline).resolve()))
+    results: dict[str, Any] = {"machine": machine(), "baseline": args.baseline, "loadavg_at_start": os.getloadavg()}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="pigeon-bench-journeys-") as tmp:
         if args.only in (None, "audience"):
