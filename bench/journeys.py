@@ -83,6 +83,12 @@ async def _stats(client: Client) -> tuple[float, dict[str, Any]]:
 BASELINE: dict[str, str] = {}
 
 
+def _store(stats: api.Stats) -> dict[str, float]:
+    """The writer's seconds so far: applying ops, committing (fsync)."""
+    details = next(a.details for a in stats.actors if a.name == "store")
+    return {"apply": details["apply_seconds"], "fsync": details["commit_seconds"]}
+
+
 def _server(folder: Path, env: dict[str, str] | None = None) -> ServerProcess:
     return ServerProcess(folder, env={"PIGEON_STORE__SYNC": "true", **BASELINE, **(env or {})})
 
@@ -299,12 +305,23 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
         stats = await monitor.call(api.GetStats())
         pid = stats.process.pid
         cpu0, details0 = await _stats(monitor)
-        commits0, own0 = (stats.store.commits if stats.store else 0), own_cpu()
+        commits0, own0, store0 = (stats.store.commits if stats.store else 0), own_cpu(), _store(stats)
         mock0 = sum(tree_cpu(fcm.pid).values()) if fcm.pid else 0.0
         successes0 = (await asyncio.to_thread(fcm.admin.stats)).get("successes", 0)
         started = time.perf_counter()
+        backlog: list[tuple[int, int]] = []  # each 0.5 s: events the engine has not read, pushes not received
+
+        async def sample() -> None:
+            while True:
+                await asyncio.sleep(0.5)
+                _, d = await _stats(monitor)
+                received = (await asyncio.to_thread(fcm.admin.stats)).get("successes", 0) - successes0
+                backlog.append((d["log_end"] - d["position"], d["entered"] - details0["entered"] - received))
+
+        sampler = asyncio.get_running_loop().create_task(sample())
         sent, problems, measured_ns, acks = await _send(client, rate, seconds, profiles)
         wall = time.perf_counter() - started
+        sampler.cancel()
         deadline = time.perf_counter() + 30
         while time.perf_counter() < deadline:
             if (await asyncio.to_thread(fcm.admin.stats)).get("successes", 0) - successes0 >= sent - problems:
@@ -313,6 +330,7 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
         cpu, details = await _stats(monitor)
         stats = await monitor.call(api.GetStats())
         commits, own = (stats.store.commits if stats.store else 0) - commits0, own_cpu() - own0
+        store = {k: v - store0[k] for k, v in _store(stats).items()}
         mock = (sum(tree_cpu(fcm.pid).values()) if fcm.pid else 0.0) - mock0
         memory = _memory(pid)
     accepted = await asyncio.to_thread(fcm.admin.accepted)
@@ -337,7 +355,11 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
         "server_cpu_us_per_event": round((cpu - cpu0) / max(1, sent) * 1e6, 1),
         "server_cpu_share": round((cpu - cpu0) / wall, 2),
         "mock_cpu_us_per_push": round(mock / max(1, len(accepted)) * 1e6, 1), "server_memory": memory,
-        "store_commits_per_second": round(commits / wall), "client_cpu_share": round(own / wall, 2),
+        "store_commits_per_second": round(commits / wall),
+        "engine_lag_events_max": max((b[0] for b in backlog), default=0),
+        "entered_not_received_max": max((b[1] for b in backlog), default=0),
+        "store_ms_per_commit": {k: round(v / max(1, commits) * 1000, 2) for k, v in store.items()},
+        "store_writer_busy_share": round(sum(store.values()) / wall, 2), "client_cpu_share": round(own / wall, 2),
     }
 
 
