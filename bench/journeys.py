@@ -221,7 +221,7 @@ async def audience(folder: Path, profiles: int, due_after: float) -> dict[str, A
         server.kill()
     waiting = disk["instances"]["entries"]
     return {
-        "profiles": profiles, "load_s": round(load_s, 1), "journey": audience_journey(due_s), "entry": entry,
+        "profiles": profiles, "load_s": round(load_s, 1), "loadavg_1min_at_end": round(os.getloadavg()[0], 2), "journey": audience_journey(due_s), "entry": entry,
         "waiting": {
             "instances": waiting, "timers": disk["timers"]["entries"],
             "disk_bytes_per_instance": round((disk["instances"]["bytes"] + disk["timers"]["bytes"]) / max(1, waiting), 1),
@@ -355,7 +355,7 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
         "server_cpu_us_per_event": round((cpu - cpu0) / max(1, sent) * 1e6, 1),
         "server_cpu_share": round((cpu - cpu0) / wall, 2),
         "mock_cpu_us_per_push": round(mock / max(1, len(accepted)) * 1e6, 1), "server_memory": memory,
-        "store_commits_per_second": round(commits / wall),
+        "store_commits_per_second": round(commits / wall), "loadavg_1min_after": round(os.getloadavg()[0], 2),
         "engine_lag_events_max": max((b[0] for b in backlog), default=0),
         "entered_not_received_max": max((b[1] for b in backlog), default=0),
         "store_ms_per_commit": {k: round(v / max(1, commits) * 1000, 2) for k, v in store.items()},
