@@ -21,13 +21,18 @@ on that folder, its memory with the N waiting and idle; then, at T, the rate at 
 engine fires the N timers (``timers_fired``, polled every 0.1 s, from T to the last one) and
 its CPU per timer.
 
-**events** (target 3). The mock FCM (own process, TLS + HTTP/2, any token accepted) and
-``profiles`` profiles with an Android token; the journey ``purchase``: entry event
+**events** (target 3). A mock provider (``--provider``: the mock APNs, sandbox, by default, or
+the mock FCM; its own ``--mock-workers`` processes, TLS + HTTP/2, any token accepted) and
+``--event-profiles`` profiles with a token; the journey ``purchase``: entry event
 ``purchase`` (re-entrance allowed), a push whose data carries the event's ``t``, an end.
 Batches of ``rate / 100`` events go every 10 ms on a fixed schedule (open loop: a late batch
 is not made up by a later one), each event stamped with its scheduled send time; the latency
 of an event is the mock's receive time of its push minus that stamp. The first 2 s are a
-warm-up, not counted. Rounds repeat on the same server; medians are reported.
+warm-up, not counted. Rounds repeat on the same server; medians are reported; then one round
+at each of ``--also-rates``. Beside the latencies, each round samples every 0.5 s the engine's
+lag (events after its position) and the pushes entered but not yet received by the mock, and
+reports the writer's milliseconds per commit (apply, fsync) and the 1-minute load average:
+the machine is shared, and the server needs its CPU on time.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import lmdb
 import msgspec
 
 from ._harness import Latencies, machine, own_cpu, tree_cpu, write_results
+from plugins.apns.mock import MockApnsProcess, SigningKey
 from plugins.fcm.mock import MockFcmProcess, ServiceAccount
 from protocols import api
 from protocols.asyncio_client import Client, open_client, run
@@ -247,10 +253,54 @@ def purchase_journey() -> dict[str, Any]:
     }
 
 
-async def _setup_events(address: str, fcm: MockFcmProcess, account: ServiceAccount, profiles: int) -> None:
+class _Provider:
+    """The mock provider of the events phase: the mock APNs (sandbox) or the mock FCM, in its
+    own process, every token accepted, every accepted push recorded."""
+
+    def __init__(self, kind: str, folder: Path, workers: int) -> None:
+        self.kind = kind
+        if kind == "apns":
+            self.key = SigningKey.generate(key_id="BENCHKEY01", team_id="BENCHTEAM1")
+            self.mock: MockApnsProcess | MockFcmProcess = MockApnsProcess(
+                folder / "apns", environment="sandbox", workers=workers, config={
+                    "keys": [self.key.spec()], "accept_any_token": True, "faults": {"record_accepted": True}})
+        else:
+            self.account = ServiceAccount.generate(PROJECT)
+            self.mock = MockFcmProcess(folder / "fcm", workers=workers, config={
+                "projects": {PROJECT: {"service_accounts": [self.account.spec()]}},
+                "faults": {"accept_any_token": True, "record_accepted": True}})
+
+    def env(self) -> dict[str, str]:
+        m = self.mock
+        if isinstance(m, MockApnsProcess):
+            return {"PIGEON_APNS__SANDBOX__ADDRESS": m.address, "PIGEON_APNS__SANDBOX__CA_FILE": str(m.ca_file)}
+        return {"PIGEON_FCM__URL": m.url, "PIGEON_FCM__TOKEN_URI": m.token_uri, "PIGEON_FCM__CA_FILE": str(m.ca_file)}
+
+    async def register(self, client: Client) -> None:
+        if isinstance(self.mock, MockApnsProcess):
+            await client.call(api.RegisterIosApp(app=APP, environment="sandbox", auth=api.ApnsTokenAuth(
+                key_pem=self.key.private_key_pem, key_id=self.key.key_id, team_id=self.key.team_id)))
+        else:
+            await client.call(api.RegisterAndroidApp(app=APP, service_account=self.account.info(self.mock.token_uri)))
+
+    def token(self, i: int) -> tuple[api.Platform, str]:
+        return ("apns-sandbox", f"{i:064x}") if self.kind == "apns" else ("fcm", f"tok-{i:08d}")
+
+    def received(self) -> int:
+        stats = self.mock.admin.stats()
+        return int(stats.get("accepted" if self.kind == "apns" else "successes", 0))
+
+    def stamps(self) -> list[tuple[int, int]]:
+        """(the event's ``t``, received at ns) of each accepted push."""
+        if self.kind == "apns":
+            return [(int(a["payload"]["t"]), a["received_at_ns"]) for a in self.mock.admin.accepted()]
+        return [(int(a["message"]["data"]["t"]), a["received_at_ns"]) for a in self.mock.admin.accepted()]
+
+
+async def _setup_events(address: str, provider: _Provider, profiles: int) -> None:
     async with open_client(address) as client:
-        await client.call(api.RegisterAndroidApp(app=APP, service_account=account.info(fcm.token_uri)))
-        await client.call(api.PublishConfig(config=api.ChannelConfig(name="push", apps=[APP], platforms=["android"])))
+        await provider.register(client)
+        await client.call(api.PublishConfig(config=api.ChannelConfig(name="push", apps=[APP])))
         await client.call(api.PublishMessage(message=api.MessageSpec(id="thanks", channel="push", content=api.MessageContent(
             title="Thanks for your order of {{ event.sku }}", body="It ships today.", data={"t": "{{ event.t }}"}))))
         await client.call(api.PublishJourney(journey=_spec(purchase_journey())))
@@ -258,12 +308,13 @@ async def _setup_events(address: str, fcm: MockFcmProcess, account: ServiceAccou
 
         async def worker() -> None:
             for i in indexes:
-                await client.call(api.RegisterToken(identity=f"crm:{i}", app=APP, platform="fcm", token=f"tok-{i:08d}"))
+                platform, token = provider.token(i)
+                await client.call(api.RegisterToken(identity=f"crm:{i}", app=APP, platform=platform, token=token))
 
         await asyncio.gather(*(worker() for _ in range(64)))
 
 
-async def _send(client: Client, rate: int, seconds: float, profiles: int) -> tuple[int, int, float, Latencies]:
+async def _send(client: Client, rate: int, seconds: float, profiles: int) -> tuple[int, int, int, Latencies]:
     """Open loop: ``rate / 100`` events every 10 ms for ``seconds`` (+ the warm-up); events sent,
     rejected or failed, the measured window's start (ns), and the acks' latencies from schedule."""
     per_tick = max(1, round(rate * TICK_S))
@@ -299,7 +350,8 @@ async def _send(client: Client, rate: int, seconds: float, profiles: int) -> tup
     return n, problems, start_ns + int(WARMUP_S * 1e9), acks
 
 
-async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, profiles: int) -> dict[str, Any]:
+async def _round(address: str, provider: _Provider, rate: int, seconds: float, profiles: int) -> dict[str, Any]:
+    fcm = provider.mock
     fcm.admin.clear_accepted()
     async with open_client(address) as client, open_client(address) as monitor:
         stats = await monitor.call(api.GetStats())
@@ -307,7 +359,7 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
         cpu0, details0 = await _stats(monitor)
         commits0, own0, store0 = (stats.store.commits if stats.store else 0), own_cpu(), _store(stats)
         mock0 = sum(tree_cpu(fcm.pid).values()) if fcm.pid else 0.0
-        successes0 = (await asyncio.to_thread(fcm.admin.stats)).get("successes", 0)
+        successes0 = await asyncio.to_thread(provider.received)
         started = time.perf_counter()
         backlog: list[tuple[int, int]] = []  # each 0.5 s: events the engine has not read, pushes not received
 
@@ -315,7 +367,7 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
             while True:
                 await asyncio.sleep(0.5)
                 _, d = await _stats(monitor)
-                received = (await asyncio.to_thread(fcm.admin.stats)).get("successes", 0) - successes0
+                received = await asyncio.to_thread(provider.received) - successes0
                 backlog.append((d["log_end"] - d["position"], d["entered"] - details0["entered"] - received))
 
         sampler = asyncio.get_running_loop().create_task(sample())
@@ -324,7 +376,7 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
         sampler.cancel()
         deadline = time.perf_counter() + 30
         while time.perf_counter() < deadline:
-            if (await asyncio.to_thread(fcm.admin.stats)).get("successes", 0) - successes0 >= sent - problems:
+            if await asyncio.to_thread(provider.received) - successes0 >= sent - problems:
                 break
             await asyncio.sleep(0.2)
         cpu, details = await _stats(monitor)
@@ -333,14 +385,13 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
         store = {k: v - store0[k] for k, v in _store(stats).items()}
         mock = (sum(tree_cpu(fcm.pid).values()) if fcm.pid else 0.0) - mock0
         memory = _memory(pid)
-    accepted = await asyncio.to_thread(fcm.admin.accepted)
+    accepted = await asyncio.to_thread(provider.stamps)
     latencies = Latencies()
     windows: dict[int, Latencies] = {}  # by 5 s of send time
     counted = 0
-    for item in accepted:
-        t = int(item["message"]["data"]["t"])
+    for t, received_ns in accepted:
         if t >= measured_ns:
-            latency = (item["received_at_ns"] - t) / 1e9
+            latency = (received_ns - t) / 1e9
             latencies.record(latency)
             windows.setdefault((t - measured_ns) // 5_000_000_000, Latencies()).record(latency)
             counted += 1
@@ -363,23 +414,29 @@ async def _round(address: str, fcm: MockFcmProcess, rate: int, seconds: float, p
     }
 
 
-async def events(folder: Path, profiles: int, rate: int, seconds: float, rounds: int) -> dict[str, Any]:
-    account = ServiceAccount.generate(PROJECT)
-    config = {"projects": {PROJECT: {"service_accounts": [account.spec()]}},
-              "faults": {"accept_any_token": True, "record_accepted": True}}
-    with MockFcmProcess(folder / "fcm", config=config) as fcm:
-        env = {"PIGEON_FCM__URL": fcm.url, "PIGEON_FCM__TOKEN_URI": fcm.token_uri, "PIGEON_FCM__CA_FILE": str(fcm.ca_file)}
-        server = _server(folder / "data", env)
+def _say(what: str, r: dict[str, Any]) -> None:
+    print(f"{what}: {r['events_per_second']:,} events/s, {r['pushes_received']:,} pushes of {r['events_sent']:,}, "
+          f"event -> provider {r['event_to_provider_ms']}, {r['server_cpu_us_per_event']} µs server CPU an event, "
+          f"load {r['loadavg_1min_after']}", file=sys.stderr)
+
+
+async def events(folder: Path, profiles: int, rate: int, seconds: float, rounds: int, kind: str,
+                 workers: int, also: list[int]) -> dict[str, Any]:
+    provider = _Provider(kind, folder, workers)
+    with provider.mock:
+        server = _server(folder / "data", provider.env())
         server.start(timeout=60)
         try:
-            await _setup_events(server.address, fcm, account, profiles)
+            await _setup_events(server.address, provider, profiles)
             out = []
             for n in range(rounds):
-                r = await _round(server.address, fcm, rate, seconds, profiles)
+                r = await _round(server.address, provider, rate, seconds, profiles)
                 out.append(r)
-                print(f"events round {n + 1}: {r['events_per_second']:,} events/s, {r['pushes_received']:,} pushes "
-                      f"of {r['events_sent']:,}, event -> provider {r['event_to_provider_ms']}, "
-                      f"{r['server_cpu_us_per_event']} µs server CPU an event", file=sys.stderr)
+                _say(f"events round {n + 1}", r)
+            lower = []
+            for other in also:  # one round at each lower rate: where the latency stands below the target's
+                lower.append({"rate": other, **await _round(server.address, provider, other, seconds, profiles)})
+                _say(f"events at {other:,}/s", lower[-1])
         finally:
             server.stop()
             server.kill()
@@ -387,7 +444,8 @@ async def events(folder: Path, profiles: int, rate: int, seconds: float, rounds:
               "server_cpu_us_per_event": statistics.median(r["server_cpu_us_per_event"] for r in out)}
     for k in ("p50_ms", "p99_ms", "max_ms"):
         median[f"event_to_provider_{k}"] = statistics.median(r["event_to_provider_ms"][k] for r in out)
-    return {"profiles": profiles, "rate": rate, "seconds": seconds, "warmup_s": WARMUP_S, "rounds": out,
+    return {"provider": f"mock {kind}", "mock_workers": workers, "profiles": profiles, "rate": rate, "seconds": seconds, "warmup_s": WARMUP_S,
+            "rounds": out, "lower_rates": lower,
             "journey": purchase_journey(), "median": median}
 
 
@@ -402,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=5000, help="events/s of the events phase")
     parser.add_argument("--seconds", type=float, help="each events round (default 30)")
     parser.add_argument("--rounds", type=int, help="events rounds (default 3)")
+    parser.add_argument("--provider", choices=("apns", "fcm"), default="apns", help="the mock of the events phase")
+    parser.add_argument("--also-rates", default="1000,2500", help="one events round at each (default 1000,2500)")
+    parser.add_argument("--mock-workers", type=int, default=2, help="the mock's processes (default 2)")
     parser.add_argument("--event-profiles", type=int, default=10_000, help="profiles with a token")
     parser.add_argument("--baseline", metavar="DIR", help="run the server of the checkout in DIR instead")
     parser.add_argument("--out", help="results file (default bench/results/journeys.json; --quick: /tmp)")
@@ -419,7 +480,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.only in (None, "audience"):
             results["audience"] = run(audience(Path(tmp) / "a", profiles, due_after))
         if args.only in (None, "events"):
-            results["events"] = run(events(Path(tmp) / "e", event_profiles, args.rate, seconds, rounds))
+            results["events"] = run(events(Path(tmp) / "e", event_profiles, args.rate, seconds, rounds, args.provider, args.mock_workers,
+                                                [int(r) for r in args.also_rates.split(",") if r]))
     results["seconds"] = round(time.perf_counter() - started, 1)
     out = args.out if args.out or not args.quick else "/tmp/journeys-quick.json"
     path = write_results("journeys", results, out)
