@@ -60,6 +60,8 @@ class Plan:
     dropped_timers: list[tuple[int, bytes, str]] = field(default_factory=list)
     #: The profiles read this cycle, with its ``patches`` (`profile`).
     profiles: dict[bytes, ProfileRecord | None] = field(default_factory=dict)
+    #: What the cycle's pushes read once (`server.journeys.world`): messages, apps.
+    memo: dict[Any, Any] = field(default_factory=dict)
 
     def profile(self, pid: bytes, read: ProfileRecord | None = None) -> ProfileRecord | None:
         """The profile as this cycle leaves it so far: stored (or ``read`` from a scan), with

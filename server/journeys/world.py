@@ -1,10 +1,12 @@
 """The journey machine's world, live: what a push, a cap and an update do for the engine.
 
 A push is rendered for the profile (the message version the journey pinned, its channel
-configuration's registrations and consent, the plugins' ``pigeon_exclude`` rules) and its jobs added to the cycle's plan, which the
-engine stages in the outbox in the cycle's commit; an exclusion is counted at its node. A cap
-counts the pushes delivered to the profile (`server.profiles.pushlog`) and those of this
-cycle; an update patches the profile the machine sees and is applied in the commit.
+configuration's registrations and consent, the plugins' ``pigeon_exclude`` rules) and its
+jobs added to the cycle's plan, which the engine stages in the outbox in the cycle's commit;
+an exclusion is counted at its node. A cap counts the pushes delivered to the profile
+(`server.profiles.pushlog`) and those of this cycle; an update patches the profile the
+machine sees and is applied in the commit. A cycle reads a message version, its channel
+configuration and an app once (the plan's ``memo``), not once a push.
 """
 
 from __future__ import annotations
@@ -43,13 +45,18 @@ class LiveWorld:
         server = self.server
         assert node.version is not None
         space = self.plan.space
-        try:
-            record = server.catalog.message(space, node.message, node.version)
-            config = server.catalog.config(space, record.message.channel).config
-        except ServerError as exc:  # deleted since: this push is excluded, the journey goes on
-            return exc.message, "MessageGone"
-        platforms = {p for name in config.platforms for p in PLATFORMS[name]}
-        active, reason = reachable(self.profile, config, set(config.apps), platforms)
+        memo = self.plan.memo  # what the cycle's pushes read once: the message, its channel, the apps
+        found = memo.get((node.message, node.version))
+        if found is None:
+            try:
+                record = server.catalog.message(space, node.message, node.version)
+                config = server.catalog.config(space, record.message.channel).config
+            except ServerError as exc:  # deleted since: this push is excluded, the journey goes on
+                return exc.message, "MessageGone"
+            platforms = {p for name in config.platforms for p in PLATFORMS[name]}
+            found = memo[(node.message, node.version)] = (record, config, set(config.apps), platforms)
+        record, config, apps, platforms = found
+        active, reason = reachable(self.profile, config, apps, platforms)
         detail = f"no push ({reason})"
         rules = server.journeys.rules
         if reason is None and rules is not None:  # the plugins' rules, asked as a send asks them
@@ -73,7 +80,10 @@ class LiveWorld:
             return detail, reason  # the simulator's words for it too
         instance.pushes[node.id] = "pending"  # the cycle's execution id, set when staged
         for registration in active:
-            app = get_app(space, registration.app) or AppRecord(app=registration.app, sandbox=space.name)
+            app = memo.get(registration.app)
+            if app is None:
+                app = memo[registration.app] = (get_app(space, registration.app)
+                                                 or AppRecord(app=registration.app, sandbox=space.name))
             job = rendered.job(app, registration.token, registration.platform, dict(tracking))
             job.profile = self.pid
             self.plan.jobs.append(job)
