@@ -322,9 +322,10 @@ async def _send(client: Client, rate: int, seconds: float, profiles: int) -> tup
     acks = Latencies()
     tasks: set[asyncio.Task[None]] = set()
     problems = 0
-    start_ns = time.time_ns() + 50_000_000
     loop = asyncio.get_running_loop()
     start_loop = loop.time() + 0.05
+    warmup_ticks = int(WARMUP_S / TICK_S)
+    threshold = 0
 
     async def one(batch: list[api.Event], at: float) -> None:
         nonlocal problems
@@ -339,7 +340,12 @@ async def _send(client: Client, rate: int, seconds: float, profiles: int) -> tup
     for tick in range(ticks):
         at = start_loop + tick * TICK_S
         await asyncio.sleep(max(0.0, at - loop.time()))
-        t = start_ns + tick * int(TICK_S * 1e9)
+        # The scheduled send time on the wall clock the mock stamps with, read now: this VM's
+        # wall clock drifts from the monotonic one (5 ms a second, and steps), so a stamp made
+        # from the round's start would drift by as much.
+        t = time.time_ns() - int((loop.time() - at) * 1e9)
+        if tick == warmup_ticks:
+            threshold = t  # the first measured event's stamp
         batch = [api.Event(identity=f"crm:{(n + k) % profiles}", type="purchase",
                            data={"t": t, "sku": f"sku-{(n + k) % 97}"}) for k in range(per_tick)]
         n += per_tick
@@ -347,7 +353,7 @@ async def _send(client: Client, rate: int, seconds: float, profiles: int) -> tup
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     await asyncio.gather(*tasks)
-    return n, problems, start_ns + int(WARMUP_S * 1e9), acks
+    return n, problems, threshold, acks
 
 
 async def _round(address: str, provider: _Provider, rate: int, seconds: float, profiles: int) -> dict[str, Any]:
