@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -558,13 +557,13 @@ class Journeys(Actor):
         where = (plan.space.name, "", 0, journey_dimension(journey.id, journey.version), journey.first, "", "",
                  "refused")
         if journey.spec.paused_entries != "queue":
-            plan.counts[(*where, "paused")] += 1
+            plan.count((*where, "paused"))
             return
         item = queue.encode(pid, happened.type, msgspec.msgpack.encode(happened.data))
         held = queue.tally(plan.space, journey.id)
         mine = [len(queued) for id, queued in plan.queued if id == journey.id]
         if held.count + len(mine) >= queue.MAX_HELD or held.bytes + sum(mine) + len(item) > queue.MAX_HELD_BYTES:
-            plan.counts[(*where, "paused_queue_full")] += 1
+            plan.count((*where, "paused_queue_full"))
             return
         plan.queued.append((journey.id, item))
         self._held.add((plan.space.name, journey.id))
@@ -593,7 +592,7 @@ class Journeys(Actor):
                 plan.unqueued.append((id, key, size))
                 if state != "live" or journey is None:
                     where = (journey_dimension(id, journey.version), journey.first) if journey else (id, "")
-                    plan.counts[(name, "", 0, *where, "", "", "refused", state)] += 1
+                    plan.count((name, "", 0, *where, "", "", "refused", state))
                 else:
                     self._guard(plan, "held entry", held.pid, id, now,
                                 lambda: self._enter_held(plan, journey, held, now))
@@ -622,20 +621,15 @@ class Journeys(Actor):
         without its step), it is logged and counted (``quarantined``), its instance ends with
         reason ``error``, and the cycle goes on. Raising instead would crash the actor, whose
         restart meets the same trigger again, forever."""
-        mark, counts = plan.mark(), plan.counts
-        plan.counts = Counter()
+        mark = plan.mark()
         try:
             run()
         except Exception:
             plan.rollback(mark)
-            plan.counts = counts
             self.quarantined += 1
             log.exception("journeys: the %s of profile %s%s raised: quarantined", what, pid.hex(),
                           f" in journey {journey}" if journey else "")
             self._end_in_error(plan, pid, journey, wake, now)
-        else:
-            counts.update(plan.counts)
-            plan.counts = counts
 
     def _end_in_error(self, plan: Plan, pid: bytes, journey: str | None, wake: int, now: int) -> None:
         """A quarantined trigger's instance ends (reason error, counted as exited); its timer goes."""
@@ -649,8 +643,8 @@ class Journeys(Actor):
         if instance is not None and not instance.ended:
             ended = msgspec.structs.replace(instance, ended_us=now, reason="error", waiting="", wake_us=0)
             plan.saves.append((pid, ended, instance.wake_us))
-            plan.counts[(plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node,
-                         "", "", "exited", "error")] += 1
+            plan.count((plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node,
+                         "", "", "exited", "error"))
 
     def _plan(self, plans: dict[str, Plan], space: Space) -> Plan:
         plan = plans.get(space.name)
@@ -736,8 +730,8 @@ class Journeys(Actor):
                 self._hold_entry(plan, pid, journey, happened)
                 return
             if not self._paced(plan.space, journey, now):
-                plan.counts[(plan.space.name, "", 0, journey_dimension(journey.id, journey.version), journey.first, "",
-                             "", "refused", "entry_rate")] += 1
+                plan.count((plan.space.name, "", 0, journey_dimension(journey.id, journey.version), journey.first, "",
+                             "", "refused", "entry_rate"))
                 return
             self.entered += 1
             self._advance(plan, pid, profile, journey, enter(journey, happened, now),
@@ -792,8 +786,8 @@ class Journeys(Actor):
         stopped, counted as exited, as there)."""
         ended = msgspec.structs.replace(instance, ended_us=now, reason="stopped", waiting="", wake_us=0)
         plan.saves.append((pid, ended, old_wake))
-        plan.counts[(plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node, "",
-                     "", "exited", "stopped")] += 1
+        plan.count((plan.space.name, "", 0, journey_dimension(instance.journey, instance.version), instance.node, "",
+                     "", "exited", "stopped"))
 
     def _advance(self, plan: Plan, pid: bytes, profile: ProfileRecord, journey: Journey, instance: Instance,
                  happened: Happened, now: int, how: Callable[..., tuple[Instance, list[Step]]] | None = None) -> None:
@@ -811,18 +805,18 @@ class Journeys(Actor):
         where = (plan.space.name, "", 0, journey_dimension(journey.id, journey.version))
         for step in steps:
             if step.kind == "enter":
-                plan.counts[(*where, step.node, "", "", "entered", "")] += 1
+                plan.count((*where, step.node, "", "", "entered", ""))
             elif step.kind == "goal":
-                plan.counts[(*where, step.node, "", "", "goal", "")] += 1
+                plan.count((*where, step.node, "", "", "goal", ""))
             elif step.kind == "excluded" and step.push in _MACHINE_EXCLUSIONS:  # the world counted its own
                 node = journey.nodes[step.node]
                 assert isinstance(node, api.PushNode)
                 head = (plan.space.name, node.message, node.version or 0, journey_dimension(journey.id, journey.version),
                         node.id)
-                plan.counts[(*head, "", "", "targeted", "")] += 1
-                plan.counts[(*head, "", "", "excluded", step.push)] += 1
+                plan.count((*head, "", "", "targeted", ""))
+                plan.count((*head, "", "", "excluded", step.push))
         if moved.ended:
-            plan.counts[(*where, moved.node, "", "", "exited", moved.reason)] += 1
+            plan.count((*where, moved.node, "", "", "exited", moved.reason))
 
     def _stage(self, plans: dict[str, Plan], execution: str) -> dict[str, tuple[list[DeliveryJob], list[bytes]]]:
         """Each sandbox's jobs with their outbox keys (all under ``execution``, batch per sandbox)."""
@@ -832,6 +826,7 @@ class Journeys(Actor):
             for job in plan.jobs:
                 assert job.tracking is not None
                 job.tracking["x"] = execution
+            plan.counts.update(plan.tally)  # the cycle's counts, as the triggers that stayed made them
             count_targeted(plan.counts, plan.jobs)
             out[plan.space.name] = (plan.jobs, keys_)
         return out

@@ -44,6 +44,10 @@ class Plan:
     patches: list[tuple[bytes, dict[str, Any]]] = field(default_factory=list)
     pushes: list[tuple[bytes, int, str]] = field(default_factory=list)
     jobs: list[DeliveryJob] = field(default_factory=list)
+    #: The report counts the cycle's triggers made, one key each (`count`): a list, so that a
+    #: quarantined trigger's are dropped with its other changes; summed into ``counts`` when
+    #: the cycle is staged.
+    tally: list[ReportKey] = field(default_factory=list)
     counts: Counter[ReportKey] = field(default_factory=Counter)
     runs: list[tuple[str, reads.Run]] = field(default_factory=list)
     #: Audience memberships that changed: (profile id, journey, member now).
@@ -79,8 +83,12 @@ class Plan:
     @property
     def busy(self) -> bool:
         """Whether the plan changes anything (more than the position)."""
-        return bool(self.saves or self.patches or self.jobs or self.counts or self.runs or self.members
+        return bool(self.saves or self.patches or self.jobs or self.tally or self.counts or self.runs or self.members
                     or self.queued or self.unqueued)
+
+    def count(self, key: ReportKey) -> None:
+        """One more of ``key`` in the reports (see ``tally``)."""
+        self.tally.append(key)
 
     def members_of(self, pid: bytes) -> set[str]:
         """The profile's audience memberships as this cycle leaves them so far."""
@@ -93,12 +101,12 @@ class Plan:
     def mark(self) -> tuple[int, ...]:
         """Where the plan's lists are: a trigger's partial changes are what comes after."""
         return (len(self.saves), len(self.patches), len(self.pushes), len(self.jobs), len(self.traces),
-                len(self.runs), len(self.members), len(self.queued))
+                len(self.runs), len(self.members), len(self.queued), len(self.tally))
 
     def rollback(self, mark: tuple[int, ...]) -> None:
         """Drop what was added since ``mark`` (a quarantined trigger's partial changes)."""
         lists: tuple[list[Any], ...] = (self.saves, self.patches, self.pushes, self.jobs, self.traces, self.runs,
-                                        self.members, self.queued)
+                                        self.members, self.queued, self.tally)
         for pid, _ in self.patches[mark[1]:]:  # its record holds a patch dropped: read again
             self.profiles.pop(pid, None)
         for items, length in zip(lists, mark):

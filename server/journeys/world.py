@@ -75,8 +75,8 @@ class LiveWorld:
                 reason, detail = exclusion(exc), exc.message
         if reason is not None:
             if head is not None:
-                self.plan.counts[(space.name, *head, "", "", "targeted", "")] += 1
-                self.plan.counts[(space.name, *head, "", "", "excluded", reason)] += 1
+                self.plan.count((space.name, *head, "", "", "targeted", ""))
+                self.plan.count((space.name, *head, "", "", "excluded", reason))
             return detail, reason  # the simulator's words for it too
         instance.pushes[node.id] = "pending"  # the cycle's execution id, set when staged
         for registration in active:

@@ -19,10 +19,13 @@ from typing import Any
 from server.profiles.sandboxes import Space
 from server.profiles.store import Writer
 
-__all__ = ["KEPT_US", "push_of", "log", "log_each", "count_since"]
+__all__ = ["KEPT_US", "RECENT", "push_of", "log", "log_each", "count_since"]
 
 #: The longest a cap looks back (a month), and so what the log keeps.
 KEPT_US = 30 * 86_400_000_000
+#: A profile's latest entries a delivery is compared with (the devices of one push settle
+#: within moments of each other; a scan of all its entries cost a month of them per delivery).
+RECENT = 16
 
 
 def push_of(execution: str, tracking: dict[str, Any] | None) -> str:
@@ -35,24 +38,25 @@ def push_of(execution: str, tracking: dict[str, Any] | None) -> str:
 
 def log(w: Writer, pid: bytes, at_us: int, sender: str) -> None:
     """Store op step: a push (``sender``) delivered to the profile, logged once however many
-    of its devices it reached, in however many commits; its entries older than a month go."""
+    of its devices it reached (their results settle close together: the profile's latest
+    `RECENT` entries are looked at); its entries older than a month go."""
     db = w.dbs["push_log"]
     tail = sender.encode()
-    cutoff = max(0, at_us - KEPT_US).to_bytes(8, "big")
     cursor = w.txn.cursor(db=db)
-    found = cursor.set_range(pid)
-    while found:
-        key = cursor.key()
-        if key[:8] != pid:
+    # its latest entries, newest first: back from the first key after the profile's range
+    found = cursor.prev() if cursor.set_range(pid + b"\xff" * 9) else cursor.last()
+    for _ in range(RECENT):
+        if not found or cursor.key()[:8] != pid:
             break
-        if key[8:16] < cutoff:
-            cursor.delete()  # and on to the next
-            found = bool(cursor.key())
-        elif key[16:] == tail:
+        if cursor.key()[16:] == tail:
             return  # another device of the same push
-        else:
-            found = cursor.next()
+        found = cursor.prev()
     w.txn.put(pid + at_us.to_bytes(8, "big") + tail, b"", db=db)
+    if cursor.set_range(pid):
+        limit = pid + max(0, at_us - KEPT_US).to_bytes(8, "big")
+        while cursor.key()[:8] == pid and cursor.key()[:16] < limit:
+            if not cursor.delete():
+                break
 
 
 def log_each(w: Writer, pids: Iterable[bytes], sender: str) -> None:
