@@ -452,10 +452,10 @@ class Journeys(Actor):
         return evaluated
 
     def _on_change(self, plan: Plan, pid: bytes, types: set[str] | None, now: int) -> None:
-        """Enter the profile where it starts (or stops, ``on: exit``) matching an audience;
-        ``types``: the types of the events that are all that changed it (None: it was written),
-        so only the audiences counting those can change). A write may also meet an exit
-        condition of the profile's instances (`_exit_on_write`)."""
+        """Enter the profile where it starts (or stops, ``on: exit``) matching an audience.
+        ``types``: the types of the events that are all that changed it, so that only the
+        audiences counting those can change (None: it was written). A write may also meet an
+        exit condition of the profile's instances (`_exit_on_write`)."""
         space = plan.space
         if types is None and self._exit_watch.get(space.name):
             self._exit_on_write(plan, pid, now)
