@@ -72,7 +72,7 @@ BACKFILL = 2_000
 #: Cycles whose pushes may be in delivery at once.
 IN_DELIVERY = 8
 #: How long the position may move in memory before it is stored, when nothing else is.
-_SAVEPOSITION_US = 1_000_000
+_SAVE_POSITION_US = 1_000_000
 _data_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 #: Exclusions the machine decides itself (the world counts those of its pushes).
 _MACHINE_EXCLUSIONS = ("FrequencyCapped", "QuietHours")
@@ -305,7 +305,7 @@ class Journeys(Actor):
         fired += self._read_audiences(plans, now) + self._backfill(plans, now) + self._drain_held(plans, now)
         if not events and not fired and position == self.position and changes == self.changes_position:
             return None
-        if not any(plan.busy for plan in plans.values()) and now - self._saved_us < _SAVEPOSITION_US:
+        if not any(plan.busy for plan in plans.values()) and now - self._saved_us < _SAVE_POSITION_US:
             # Only the position moved (events no journey wanted): kept in memory, stored at most
             # once a second, so that ingestion's commits carry no engine write each.
             self.position, self.changes_position = position, changes
