@@ -9,7 +9,7 @@ commits the next one gathers, so the batch size follows the load.
 
 Experience events are appended to a log in commit order (``events``, keyed by sequence
 number): an acknowledged ingest costs a few sequential pages whatever profiles it touches.
-Profiles written in a sandbox an audience journey watches go to a change feed (``changes``).
+Profiles written in a sandbox the journey engine watches go to a change feed (``changes``).
 Each profile's time-ordered view of its events is an in-memory index derived from the log
 (`server.profiles.index`), updated after each commit and rebuilt from the log when the store opens.
 
