@@ -293,7 +293,10 @@ class Journeys(Actor):
                 self._guard(plan, f"event {type_}", pid, None, now,
                             lambda: self._on_event(plan, pid, type_, data, now))
         changed, changes = audiences.read_changes(store, self.changes_position, BATCH)
-        fired = self._qualify(plans, [(pid, type_) for pid, type_, _ in events] + [(pid, None) for pid in changed], now)
+        fired = 0
+        if store.watched:  # a sandbox has an audience journey or an exit condition: its changes count
+            fired = self._qualify(plans, [(pid, type_) for pid, type_, _ in events] + [(pid, None) for pid in changed],
+                                  now)
         fired += self._stop_instances(plans, now) + self._move_instances(plans)
         for space in store.spaces():
             due, self._next_timers[space.name] = instances.due(space, now, BATCH)
