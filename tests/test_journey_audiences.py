@@ -20,7 +20,7 @@ from server.journeys import audiences, reads
 from server.journeys.engine import Journeys
 from server.profiles.store import ProfileStore
 
-from .test_journey_engine import admin, ingest, person, pushed, reset, served, server_for, setup  # noqa: F401 (served: a fixture)
+from .test_journey_engine import admin, ingest, person, pushed, reset, served, server_for, setup, stalled  # noqa: F401 (served: a fixture)
 
 GOLD: dict[str, Any] = {
     "id": "gold",
@@ -128,9 +128,6 @@ async def test_a_write_committed_before_a_crash_is_evaluated_after_it(tmp_path: 
     (the store reads it back at open, before the engine starts)."""
     await reset(fcm)
 
-    async def stuck(self: Journeys) -> None:
-        return None  # the engine does not get to the change before the "crash"
-
     for start in range(2):
         server = server_for(tmp_path / "data", fcm)
         async with trio.open_nursery() as nursery:
@@ -140,7 +137,7 @@ async def test_a_write_committed_before_a_crash_is_evaluated_after_it(tmp_path: 
                     await person(client, "crm:bob", "tok-bob")
                     await setup(client, fcm, GOLD)
                     await settled(server, "gold")
-                    monkeypatch.setattr(Journeys, "_cycle", stuck)
+                    monkeypatch.setattr(Journeys, "_cycle", stalled)  # the change is not evaluated before the "crash"
                     await client.call(api.PatchProfile(identity="crm:bob", patch={"tier": "gold"}))
                     assert _feed(server) == 1
                 else:

@@ -294,11 +294,22 @@ async def test_a_new_version_published_with_move_waiting_takes_the_waiting_insta
     assert moved.totals.get("delivered") == 1
 
 
+def capped(id: str, most: int) -> api.JourneySpec:
+    """A journey entered on ``<id>.start`` that pushes the offer, at most ``most`` a day."""
+    return msgspec.convert({"id": id, "entry": {"event": f"{id}.start"}, "caps": [{"max": most, "per": "day"}],
+                            "nodes": [{"type": "push", "id": "offer", "message": "offer", "next": "done"},
+                                      {"type": "end", "id": "done"}]}, api.JourneySpec)
+
+
+async def stalled(self: Journeys) -> None:
+    """A journey engine cycle that does nothing: as a crash before the engine got to what was
+    committed (monkeypatched over `Journeys._cycle`)."""
+    return None
+
+
 async def test_a_cap_counts_the_deliveries_of_messages_send_and_of_other_journeys(shop: Any, fcm: Any) -> None:
     server, client = shop
-    capped = {"id": "capped", "entry": {"event": "capped.start"}, "caps": [{"max": 2, "per": "day"}],
-              "nodes": [{"type": "push", "id": "offer", "message": "offer", "next": "done"}, {"type": "end", "id": "done"}]}
-    await client.call(api.PublishJourney(journey=msgspec.convert(capped, api.JourneySpec)))
+    await client.call(api.PublishJourney(journey=capped("capped", 2)))
     await person(client, "crm:c", "tok-c")
     await ingest(client, "crm:c", "app.installed")  # journey welcome: hello (1 delivered)
     await pushed(fcm, 1)
@@ -314,9 +325,7 @@ async def test_a_cap_counts_the_deliveries_of_messages_send_and_of_other_journey
 
 async def test_a_cap_counts_the_deliveries_of_push_send_to_a_token_or_an_identity(shop: Any, fcm: Any) -> None:
     server, client = shop
-    capped = {"id": "once", "entry": {"event": "once.start"}, "caps": [{"max": 1, "per": "day"}],
-              "nodes": [{"type": "push", "id": "offer", "message": "offer", "next": "done"}, {"type": "end", "id": "done"}]}
-    await client.call(api.PublishJourney(journey=msgspec.convert(capped, api.JourneySpec)))
+    await client.call(api.PublishJourney(journey=capped("once", 1)))
     await person(client, "crm:tk", "tok-tk")
     await person(client, "crm:id", "tok-id")
     await person(client, "crm:free", "tok-free")
@@ -357,11 +366,7 @@ async def test_events_acknowledged_before_the_engines_first_commit_are_taken_aft
     or a crash before the engine's first commit makes the next start skip the events
     acknowledged meanwhile (it would take the log's end then as where to start)."""
     await reset(fcm)
-
-    async def stuck(self: Journeys) -> None:
-        return None  # the engine does not get to the events before the "crash"
-
-    monkeypatch.setattr(Journeys, "_cycle", stuck)
+    monkeypatch.setattr(Journeys, "_cycle", stalled)  # the engine does not get to the events before the "crash"
     for start in range(2):
         server = server_for(tmp_path / "data", fcm)
         async with trio.open_nursery() as nursery:
